@@ -1,0 +1,1 @@
+"""dist_ckpt: distributed, multi-rank checkpoints for PyTorch jobs."""
