@@ -1,0 +1,191 @@
+"""The agent: every rank's DEALER connection to the coordinator.
+
+An I/O thread owns the socket (ZeroMQ sockets are not thread-safe). Callers
+on any thread queue messages with :meth:`Agent.send` and wait for the
+coordinator's answer about one save with :meth:`Agent.wait`. While a save is
+active the I/O thread sends heartbeats; if the coordinator stays silent past
+``heartbeat_timeout_s`` every waiter on that save gets a
+:class:`~dist_ckpt.errors.CoordinatorTimeout` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from . import wire
+from .config import Config
+from .errors import CheckpointError, CoordinatorTimeout, WireError
+
+log = logging.getLogger(__name__)
+
+
+class _Silence:
+    """Mailbox marker: the coordinator has not answered for too long."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+
+class Agent:
+    """Connect ``rank`` to the coordinator at ``endpoint``.
+
+    Args:
+        endpoint: ``tcp://host:port`` of the coordinator.
+        secret: per-job HMAC key.
+        job: job id.
+        rank: this rank.
+        config: heartbeat settings and limits.
+    """
+
+    def __init__(self, endpoint: str, secret: bytes, job: str, rank: int, config: Config) -> None:
+        self.endpoint, self.job, self.rank = endpoint, job, rank
+        self._secret, self._config = secret, config
+        self._limits = wire.Limits(max_frame=config.max_message_bytes, max_total=config.max_message_bytes)
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IDENTITY, f"r{rank}-{os.getpid()}-{os.urandom(4).hex()}".encode())
+        self._sock.connect(endpoint)
+        self._wake_addr = f"inproc://dist_ckpt-agent-{id(self)}"
+        self._wake_recv = self._ctx.socket(zmq.PAIR)
+        self._wake_recv.bind(self._wake_addr)
+        self._wake_send = self._ctx.socket(zmq.PAIR)
+        self._wake_send.connect(self._wake_addr)
+        self._wake_lock = threading.Lock()
+        self._outbox: queue.SimpleQueue[wire.Message] = queue.SimpleQueue()
+        self._mailboxes: dict[str, queue.SimpleQueue[Any]] = {}
+        self._active: dict[str, str] = {}  # ckpt -> phase, for heartbeats
+        self._lock = threading.Lock()
+        self._last_heard = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"dist_ckpt-agent-{rank}", daemon=True)
+        self._thread.start()
+
+    # -- caller side --------------------------------------------------------
+
+    def begin(self, ckpt: str, phase: str) -> None:
+        """Start (or move) heartbeats for save ``ckpt``."""
+        with self._lock:
+            self._mailboxes.setdefault(ckpt, queue.SimpleQueue())
+            if ckpt not in self._active:
+                self._last_heard = max(self._last_heard, time.monotonic())
+            self._active[ckpt] = phase
+
+    def end(self, ckpt: str) -> None:
+        """Stop heartbeats for ``ckpt`` and forget its mailbox."""
+        with self._lock:
+            self._active.pop(ckpt, None)
+            self._mailboxes.pop(ckpt, None)
+
+    def send(self, msg: wire.Message) -> None:
+        """Queue ``msg`` for the coordinator (any thread)."""
+        self._outbox.put(msg)
+        with self._wake_lock:
+            self._wake_send.send(b"", zmq.NOBLOCK)
+
+    def wait(self, ckpt: str, expect: type, phase: str, timeout: float) -> Any:
+        """Wait for a message of type ``expect`` about save ``ckpt``.
+
+        Raises:
+            CheckpointError: the coordinator aborted the save (lists each rank's cause).
+            CoordinatorTimeout: no answer within ``timeout`` or the coordinator went silent.
+        """
+        with self._lock:
+            box = self._mailboxes.setdefault(ckpt, queue.SimpleQueue())
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CoordinatorTimeout(f"rank {self.rank}: no {expect.__name__} from the coordinator at {self.endpoint} within {timeout:.0f} s (save {ckpt}, phase {phase})")
+            try:
+                msg = box.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            if isinstance(msg, _Silence):
+                raise CoordinatorTimeout(f"rank {self.rank}: the coordinator (rank 0) at {self.endpoint} has not answered for {msg.seconds:.1f} s (save {ckpt}, phase {phase}); it is presumed dead")
+            if isinstance(msg, wire.Aborted):
+                raise CheckpointError(f"save {ckpt} aborted by the coordinator; failed rank(s):", msg.reasons)
+            if isinstance(msg, expect):
+                return msg
+
+    def close(self) -> None:
+        """Stop the I/O thread and close the sockets."""
+        self._stop.set()
+        with self._wake_lock:
+            try:
+                self._wake_send.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        self._thread.join(timeout=10)
+        for s in (self._sock, self._wake_recv, self._wake_send):
+            s.close(linger=0)
+        self._ctx.term()
+
+    # -- I/O thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake_recv, zmq.POLLIN)
+        interval = self._config.heartbeat_interval_s
+        next_beat = time.monotonic() + interval
+        while not self._stop.is_set():
+            try:
+                events = dict(poller.poll(max(1, int(1000 * min(interval, next_beat - time.monotonic())))))
+                if self._wake_recv in events:
+                    while self._wake_recv.poll(0):
+                        self._wake_recv.recv()
+                while True:
+                    try:
+                        msg = self._outbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._sock.send_multipart(wire.encode(msg, self._secret), copy=False)
+                if self._sock in events:
+                    self._receive()
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._beat(now)
+                    next_beat = now + interval
+            except Exception:
+                log.exception("[rank %d] agent I/O error (continuing)", self.rank)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = wire.decode(frames, self._secret, self._limits)
+            except WireError as e:
+                log.warning("[rank %d] dropped a malformed message from the coordinator: %s", self.rank, e)
+                continue
+            if msg.job != self.job or msg.rank != self.rank:
+                continue
+            self._last_heard = time.monotonic()
+            with self._lock:
+                box = self._mailboxes.get(msg.ckpt)
+            if box is not None and not isinstance(msg, wire.HeartbeatAck):
+                box.put(msg)
+
+    def _beat(self, now: float) -> None:
+        with self._lock:
+            active = dict(self._active)
+            boxes = {c: self._mailboxes.get(c) for c in active}
+        if not active:
+            return
+        silent = now - self._last_heard
+        if silent > self._config.heartbeat_timeout_s:
+            for box in boxes.values():
+                if box is not None:
+                    box.put(_Silence(silent))
+        for ckpt, phase in active.items():
+            self._sock.send_multipart(wire.encode(wire.Heartbeat(self.job, ckpt, self.rank, phase), self._secret), copy=False)

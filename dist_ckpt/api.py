@@ -1,0 +1,92 @@
+"""The DCP-style functional API: ``save``, ``async_save``, ``load``, ``verify``.
+
+The functions share one sync and one async checkpointer per process group,
+created on first use (every rank calls them together, as with DCP).
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+import torch.distributed as dist
+
+from .checkpointer import AsyncCheckpointer, CheckpointReader, CheckpointWriter, DefaultStager, SyncCheckpointer
+from .config import Config
+from .loader import load_into
+from .session import Session
+
+_lock = threading.Lock()
+_defaults: dict[tuple, tuple[Session, SyncCheckpointer, AsyncCheckpointer]] = {}
+
+
+def _default(process_group: dist.ProcessGroup | None = None) -> tuple[Session, SyncCheckpointer, AsyncCheckpointer]:
+    initialized = dist.is_available() and dist.is_initialized()
+    key = (id(dist.group.WORLD) if initialized else None, id(process_group))
+    with _lock:
+        if key not in _defaults:
+            session = Session(Config.from_env(), process_group)
+            writer = CheckpointWriter(session=session)
+            reader = CheckpointReader(session.rank_info, session.config)
+            sync = SyncCheckpointer(writer, reader)
+            stager = DefaultStager(session.rank_info, session.config)
+            _defaults[key] = (session, sync, AsyncCheckpointer(stager, writer, reader))
+        return _defaults[key]
+
+
+def save(state_dict: Any, path: str, *, overwrite: bool = False, process_group: dist.ProcessGroup | None = None) -> None:
+    """Save ``state_dict`` to ``path`` on all ranks; returns once committed everywhere.
+
+    Args:
+        state_dict: nested dicts/lists/tuples of tensors, DTensors, plain values and
+            objects with ``state_dict()``/``load_state_dict()``.
+        path: checkpoint directory (must not exist unless ``overwrite``).
+        overwrite: write the new checkpoint beside the old one and swap them.
+
+    Raises:
+        CheckpointError: any rank failed (the same error on every rank).
+        StateDictError: a value cannot be stored (names its key path).
+    """
+    _, sync, asyn = _default(process_group)
+    asyn.wait()  # one save in flight per process: let a pending async save finish first
+    sync.save(path, state_dict, overwrite=overwrite)
+
+
+def async_save(state_dict: Any, path: str, *, overwrite: bool = False, process_group: dist.ProcessGroup | None = None) -> tuple[Future, Future]:
+    """Start a background save; returns ``(stage_future, write_future)``.
+
+    After ``stage_future.result()`` the caller may modify the tensors;
+    ``write_future.result()`` returns once the checkpoint is committed for all
+    ranks and raises :class:`CheckpointError` on every rank if any failed.
+    """
+    _, _, asyn = _default(process_group)
+    return asyn.save(path, state_dict, overwrite=overwrite)
+
+
+def load(state_dict: Any, path: str, *, strict: bool = True, allow_pickle: bool = False, verify_checksums: bool = True) -> Any:
+    """Load ``path`` into ``state_dict`` in place and return it.
+
+    Tensors and DTensor local shards are filled in place (any layout and world
+    size); plain values are replaced in the caller's dicts and lists; objects
+    with ``load_state_dict`` get their loaded state. No collective is called.
+
+    Raises:
+        CheckpointNotFound: no committed checkpoint at ``path``.
+        LoadMismatchError: (strict) missing or unexpected keys; any shape/dtype mismatch.
+        ChecksumError: stored bytes do not match their checksum.
+    """
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    config = Config.from_env(allow_pickle=allow_pickle, verify_checksums=verify_checksums)
+    return load_into(state_dict, path, rank, config, strict=strict)
+
+
+def _close_defaults() -> None:
+    with _lock:
+        for session, sync, asyn in _defaults.values():
+            asyn.close()
+        _defaults.clear()
+
+
+atexit.register(_close_defaults)

@@ -1,0 +1,269 @@
+"""Checkpointer classes with the names and call shapes of
+``torch.distributed.checkpoint._experimental``, backed by dist_ckpt's stager,
+writer, coordinator and reader.
+
+Which thread runs what (per rank)::
+
+    caller thread      expand Stateful → describe → launch staging copies      (no I/O)
+    stager thread      CPU copies / wait for the CUDA event → stage future done
+    writer thread      plan request → write own files → Done → wait Committed → write future done
+    agent thread       ZeroMQ I/O and heartbeats
+    coordinator thread (rank 0) plan, merge, commit
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import Config
+from .describe import Described, describe
+from .flatten import expand_stateful
+from .loader import load_full, load_into
+from .saver import report_failure, run_save
+from .session import RankInfo, Session
+from .stager import Stager
+
+log = logging.getLogger(__name__)
+
+STATE_DICT = dict[str, Any]
+
+
+class WriterHook(abc.ABC):  # noqa: B024 - both hooks are optional
+    """Called on every rank around the commit of each save."""
+
+    def pre_commit(self, path: str, **kwargs: Any) -> None:
+        """After this rank's files are written, before it reports Done."""
+
+    def post_commit(self, path: str, **kwargs: Any) -> None:
+        """After the coordinator committed the checkpoint for all ranks."""
+
+
+@dataclass
+class StagedState:
+    """A state dict after staging: its description and the host tensors to write."""
+
+    described: Described
+    host: list[torch.Tensor]
+    ready: Future
+
+
+class CheckpointStager(abc.ABC):
+    """Copies a state dict off the device; ``stage`` returns at once with a future."""
+
+    @abc.abstractmethod
+    def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> StagedState: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class DefaultStager(CheckpointStager):
+    """Reusable (pinned when CUDA is present) host arena; see :mod:`dist_ckpt.stager`.
+
+    Args:
+        rank_info: this rank.
+        config: settings (``allow_pickle``).
+        pin_memory: force pinned (True) or pageable (False) memory; default: pinned iff CUDA.
+    """
+
+    def __init__(self, rank_info: RankInfo | None = None, config: Config | None = None, pin_memory: bool | None = None) -> None:
+        self._rank = rank_info.global_rank if rank_info else (dist.get_rank() if dist.is_initialized() else 0)
+        self._config = config or Config.from_env()
+        self.stager = Stager(pin_memory)
+
+    def describe(self, state_dict: STATE_DICT) -> Described:
+        expanded, _ = expand_stateful(state_dict)
+        return describe(expanded, self._rank, self._config.allow_pickle)
+
+    def prepare(self, state_dict: STATE_DICT) -> None:
+        """Allocate the host arena for ``state_dict`` now, so the first save is as fast as later ones."""
+        self.stager.prepare(self.describe(state_dict).tensors)
+
+    def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> StagedState:
+        described = self.describe(state_dict)
+        host, ready = self.stager.stage(described.tensors)
+        return StagedState(described, host, ready)
+
+    def close(self) -> None:
+        self.stager = Stager(self.stager.pin)  # drop the arena
+
+
+class CheckpointWriter:
+    """Writes this rank's part of a save and waits for the global commit.
+
+    Args:
+        config: settings.
+        rank_info: this rank (taken from the session when omitted).
+        barrier: unused; the coordinator's commit is the barrier. Kept for call-shape compatibility.
+        commit_hook: :class:`WriterHook` called around the commit.
+        session: the session to save through (created when omitted).
+    """
+
+    def __init__(self, config: Config | None = None, rank_info: RankInfo | None = None, barrier: Any = None, commit_hook: WriterHook | None = None, session: Session | None = None) -> None:
+        self.session = session or Session(config or Config.from_env())
+        self.rank_info = self.session.rank_info
+        self.commit_hook = commit_hook
+        self._owns_session = session is None
+
+    def write(self, path: str, state: STATE_DICT | StagedState, *, ckpt: str | None = None, overwrite: bool = False, **kwargs: Any) -> None:
+        """Save ``state`` (a state dict, or a :class:`StagedState`) to ``path``; blocks until committed."""
+        ckpt = ckpt if ckpt is not None else self.session.next_save_id()
+        if not isinstance(state, StagedState):
+            try:
+                expanded, _ = expand_stateful(state)
+                described = describe(expanded, self.session.rank, self.session.config.allow_pickle)
+            except Exception as e:
+                report_failure(self.session, ckpt, "describe", e)
+                raise
+            state = StagedState(described, described.tensors, _done_future())
+        run_save(self.session, ckpt, path, state.described, state.host, overwrite, ready=state.ready.result, hook=self.commit_hook)
+
+    def close(self) -> None:
+        if self._owns_session:
+            self.session.close()
+
+
+class CheckpointReader:
+    """Reads checkpoints for one rank (no communication with other ranks)."""
+
+    def __init__(self, rank_info: RankInfo | None = None, config: Config | None = None) -> None:
+        self.rank = rank_info.global_rank if rank_info else (dist.get_rank() if dist.is_initialized() else 0)
+        self.config = config or Config.from_env()
+
+    def read(self, path: str, state_dict: STATE_DICT | None = None, *, map_location: Any = None, strict: bool = False, **kwargs: Any) -> tuple[Any, list[str]]:
+        """Load ``path`` into ``state_dict`` (in place), or as full tensors when None.
+
+        Returns:
+            ``(state_dict, [])``; with ``strict=False`` keys absent from the checkpoint are left as they were.
+        """
+        if state_dict is None:
+            return load_full(path, self.rank, self.config, map_location), []
+        return load_into(state_dict, path, self.rank, self.config, strict=strict), []
+
+    def close(self) -> None:
+        pass
+
+
+def _done_future() -> Future:
+    f: Future = Future()
+    f.set_result(None)
+    return f
+
+
+class Checkpointer(abc.ABC):
+    """Save and load checkpoints; ``save`` returns ``(stage_future, write_future)`` or None."""
+
+    @abc.abstractmethod
+    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> tuple[Future, Future] | None: ...
+
+    def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None, strict: bool = False, **kwargs: Any) -> Any:
+        """Load ``path`` into ``state_dict`` in place (or return full tensors when None)."""
+        return self.reader.read(path, state_dict, map_location=default_map_location, strict=strict)[0]
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    reader: CheckpointReader
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SyncCheckpointer(Checkpointer):
+    """Blocking saves: ``save`` returns once the checkpoint is committed for all ranks."""
+
+    def __init__(self, writer: CheckpointWriter, reader: CheckpointReader) -> None:
+        self.writer, self.reader = writer, reader
+
+    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> None:
+        self.writer.write(path, state_dict, **kwargs)
+        return None
+
+    def close(self) -> None:
+        self.writer.close()
+        self.reader.close()
+
+
+class AsyncCheckpointer(Checkpointer):
+    """Background saves: ``save`` returns ``(stage_future, write_future)`` at once.
+
+    ``stage_future`` completes once the state is copied off the device (the caller may then
+    mutate it); ``write_future`` once the checkpoint is committed for all ranks, or fails on
+    every rank with :class:`~dist_ckpt.errors.CheckpointError`. A new save first waits for the
+    previous one (the staging arena is reused).
+    """
+
+    def __init__(self, checkpoint_stager: DefaultStager, checkpoint_process: "CheckpointWriter | Any", reader: CheckpointReader) -> None:
+        self.stager, self.writer, self.reader = checkpoint_stager, checkpoint_process, reader
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dist_ckpt-writer")
+        self._pending: Future | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def prepare(self, state_dict: STATE_DICT) -> None:
+        """Allocate staging memory for ``state_dict`` ahead of the first save."""
+        self.stager.prepare(state_dict)
+
+    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> tuple[Future, Future]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("save() on a closed checkpointer")
+            self._wait_previous()
+            ckpt = self.writer.session.next_save_id()
+            try:
+                staged = self.stager.stage(state_dict)
+            except Exception as e:
+                report_failure(self.writer.session, ckpt, "describe", e)
+                raise
+            write = self._executor.submit(self.writer.write, path, staged, ckpt=ckpt, **kwargs)
+            self._pending = write
+            return staged.ready, write
+
+    def _wait_previous(self) -> None:
+        if self._pending is not None:
+            try:
+                self._pending.result()
+            except Exception:  # already delivered to the caller through that save's future
+                pass
+            self._pending = None
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) has finished."""
+        with self._lock:
+            self._wait_previous()
+
+    def close(self) -> None:
+        """Wait for the save in flight, then stop the writer thread, sockets and buffers."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wait_previous()
+            self._executor.shutdown(wait=True)
+            self.writer.close()
+            self.stager.close()
+            self.reader.close()
+
+
+def make_sync_checkpointer(config: Config | None = None, rank_info: RankInfo | None = None, commit_hook: WriterHook | None = None) -> SyncCheckpointer:
+    """A :class:`SyncCheckpointer` with its own session (all ranks must call this together)."""
+    writer = CheckpointWriter(config, rank_info, commit_hook=commit_hook)
+    return SyncCheckpointer(writer, CheckpointReader(writer.rank_info, writer.session.config))
+
+
+def make_async_checkpointer(config: Config | None = None, rank_info: RankInfo | None = None, commit_hook: WriterHook | None = None, pin_memory: bool | None = None) -> AsyncCheckpointer:
+    """An :class:`AsyncCheckpointer` with its own session (all ranks must call this together)."""
+    writer = CheckpointWriter(config, rank_info, commit_hook=commit_hook)
+    stager = DefaultStager(writer.rank_info, writer.session.config, pin_memory)
+    return AsyncCheckpointer(stager, writer, CheckpointReader(writer.rank_info, writer.session.config))

@@ -1,0 +1,59 @@
+"""Settings shared by every API, validated once at construction."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Config:
+    """How a checkpointer saves and loads.
+
+    Attributes:
+        timeout_s: longest wait for every rank to reach a save and finish it.
+        heartbeat_interval_s: how often a rank with a save in flight pings the coordinator.
+        heartbeat_timeout_s: silence after which a rank (or the coordinator) counts as dead.
+        writer_threads: data files written in parallel per rank.
+        reader_threads: parallel ranged reads per rank on load.
+        verify_checksums: check xxh3 of every chunk read in full on load.
+        allow_pickle: store values that are neither tensors nor msgpack-native by pickling
+            them, and accept such values on load. Off by default: loading a pickle from an
+            untrusted checkpoint can execute code.
+        coordinator: ``tcp://host:port`` the coordinator binds; default: the job's interface
+            towards ``MASTER_ADDR`` with a free port (``DIST_CKPT_COORDINATOR`` overrides).
+        max_message_bytes: largest coordinator message accepted.
+    """
+
+    timeout_s: float = 600.0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 30.0
+    writer_threads: int = 2
+    reader_threads: int = 4
+    verify_checksums: bool = True
+    allow_pickle: bool = False
+    coordinator: str | None = None
+    max_message_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.heartbeat_interval_s <= 0:
+            raise ValueError("timeout_s and heartbeat_interval_s must be positive")
+        if self.heartbeat_timeout_s < 2 * self.heartbeat_interval_s:
+            raise ValueError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must be at least twice heartbeat_interval_s ({self.heartbeat_interval_s})")
+        if self.writer_threads < 1 or self.reader_threads < 1:
+            raise ValueError("writer_threads and reader_threads must be >= 1")
+        if self.coordinator is not None and not self.coordinator.startswith("tcp://"):
+            raise ValueError(f"coordinator must look like tcp://host:port, got {self.coordinator!r}")
+
+    @staticmethod
+    def from_env(**overrides: object) -> "Config":
+        """Defaults, then ``DIST_CKPT_*`` environment variables, then ``overrides``."""
+        env: dict[str, object] = {}
+        if os.environ.get("DIST_CKPT_COORDINATOR"):
+            env["coordinator"] = os.environ["DIST_CKPT_COORDINATOR"]
+        for name, cast in (("timeout_s", float), ("heartbeat_interval_s", float), ("heartbeat_timeout_s", float), ("writer_threads", int), ("reader_threads", int)):
+            value = os.environ.get(f"DIST_CKPT_{name.upper()}")
+            if value:
+                env[name] = cast(value)
+        env.update({k: v for k, v in overrides.items() if v is not None})
+        return Config(**env)  # type: ignore[arg-type]

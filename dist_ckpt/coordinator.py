@@ -1,0 +1,283 @@
+"""The coordinator: rank 0's thread that plans, merges and commits every save.
+
+It owns a ROUTER socket and its own ``zmq.Context`` and never touches the
+training process group. One save moves through these phases::
+
+    plan    every rank sends PlanRequest(description)   -> plan (or reuse the cached plan)
+            coordinator creates <path>.tmp-<job>-<seq>/data, replies PlanReply to all
+    write   ranks write their own files, send Heartbeat while busy, then Done or Failed
+    commit  all Done -> validate records against the plan -> MANIFEST -> rename -> fsync
+            -> Committed to every rank;   any Failed / silent rank / timeout -> Aborted
+
+Input is never trusted: a message that fails authentication or validation is
+dropped and counted in :attr:`Coordinator.dropped` (by reason), logged once
+per reason, and the coordinator keeps serving.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+
+from . import wire
+from .commit import CommitRequest, commit_checkpoint, prepare_tmp_dir
+from .config import Config
+from .errors import DistCkptError, WireError
+from .planner import PlanCache, RankDescription, SavePlan, plan_save
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Save:
+    """Book-keeping of one save at the coordinator."""
+
+    ckpt: str
+    started: float
+    phase: str = "plan"
+    path: str = ""
+    overwrite: bool = False
+    descs: dict[int, RankDescription] = field(default_factory=dict)
+    digests: dict[int, int] = field(default_factory=dict)
+    plan: SavePlan | None = None
+    tmp_path: str = ""
+    done: dict[int, wire.Done] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    last_seen: dict[int, float] = field(default_factory=dict)
+
+
+class Coordinator:
+    """Serve saves for ``world_size`` ranks on a ROUTER socket bound to ``bind``.
+
+    Args:
+        world_size: number of ranks taking part in every save.
+        job: job id carried in every message.
+        secret: HMAC key shared with every rank.
+        bind: ``tcp://host:port`` (port 0 or ``*``: pick a free one).
+        storage_for: returns the storage backend for a checkpoint path.
+        config: timeouts and limits.
+    """
+
+    def __init__(self, world_size: int, job: str, secret: bytes, bind: str, storage_for: Callable[[str], tuple[Storage, str]], config: Config) -> None:
+        self.world_size = world_size
+        self.job = job
+        self._secret = secret
+        self._storage_for = storage_for
+        self._config = config
+        self._limits = wire.Limits(max_frame=config.max_message_bytes, max_total=config.max_message_bytes)
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + (1 << 20))
+        host, _, port = bind[len("tcp://") :].rpartition(":")
+        if port in ("0", "*", ""):
+            port_n = self._sock.bind_to_random_port(f"tcp://{host}")
+        else:
+            self._sock.bind(bind)
+            port_n = int(port)
+        self.endpoint = f"tcp://{host}:{port_n}"
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self._identity: dict[int, bytes] = {}
+        self._saves: dict[str, _Save] = {}
+        self._finished: collections.OrderedDict[str, wire.Message] = collections.OrderedDict()
+        self._cache = PlanCache()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="dist_ckpt-coordinator", daemon=True)
+        self._thread.start()
+        log.info("[rank 0] coordinator for %d ranks listening on %s", world_size, self.endpoint)
+
+    def close(self) -> None:
+        """Stop serving and close the socket; saves in flight are abandoned."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    # -- event loop ---------------------------------------------------------
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            try:
+                if poller.poll(100):
+                    while True:
+                        try:
+                            frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_frames(frames)
+                self._check_deadlines(time.monotonic())
+            except Exception:  # the coordinator must outlive any bug in one save's handling
+                log.exception("[rank 0] coordinator error (continuing)")
+
+    def _drop(self, reason: str, detail: str) -> None:
+        self.dropped[reason] += 1
+        if self.dropped[reason] == 1:
+            log.warning("[rank 0] coordinator dropped a message (%s): %s; further drops of this kind are only counted", reason, detail)
+
+    def _on_frames(self, frames: list) -> None:
+        if len(frames) < 2:
+            return self._drop("frames", "no identity frame")
+        identity = bytes(frames[0].buffer)
+        try:
+            msg = wire.decode(frames[1:], self._secret, self._limits, max_rank=self.world_size)
+        except WireError as e:
+            return self._drop(getattr(e, "reason", "invalid"), str(e))
+        if msg.job != self.job:
+            return self._drop("job", f"message for job {msg.job!r}")
+        known = self._identity.setdefault(msg.rank, identity)
+        if known != identity:
+            return self._drop("identity", f"a second peer claims rank {msg.rank}")
+        handler = self._HANDLERS.get(type(msg))
+        if handler is None:
+            return self._drop("type", f"{type(msg).__name__} is not sent to the coordinator")
+        handler(self, msg)
+
+    def _send(self, rank: int, msg: wire.Message) -> None:
+        identity = self._identity.get(rank)
+        if identity is not None:
+            self._sock.send_multipart([identity, *wire.encode(msg, self._secret)], copy=False)
+
+    def _save_for(self, msg: Any) -> _Save | None:
+        save = self._saves.get(msg.ckpt)
+        if save is None:
+            if msg.ckpt in self._finished:
+                outcome = self._finished[msg.ckpt]
+                if isinstance(msg, wire.PlanRequest) and isinstance(outcome, wire.Aborted):
+                    self._send(msg.rank, wire.Aborted(self.job, msg.ckpt, msg.rank, outcome.reasons))
+                else:
+                    self._drop("stale", f"{type(msg).__name__} from rank {msg.rank} for finished save {msg.ckpt}")
+                return None
+            if not isinstance(msg, (wire.PlanRequest, wire.Failed)):
+                self._drop("unknown-save", f"{type(msg).__name__} from rank {msg.rank} for unknown save {msg.ckpt}")
+                return None
+            save = self._saves[msg.ckpt] = _Save(msg.ckpt, time.monotonic())
+        save.last_seen[msg.rank] = time.monotonic()
+        return save
+
+    # -- handlers -----------------------------------------------------------
+
+    def _on_plan_request(self, msg: wire.PlanRequest) -> None:
+        save = self._save_for(msg)
+        if save is None:
+            return
+        if save.phase != "plan" or msg.rank in save.descs:
+            return self._drop("replay", f"duplicate PlanRequest from rank {msg.rank} for {msg.ckpt}")
+        try:
+            desc = RankDescription.from_msgpack(msg.desc, msg.rank)
+        except WireError as e:
+            save.failed[msg.rank] = f"invalid description: {e}"
+            desc = RankDescription(msg.rank, ())
+        if msg.world_size != self.world_size:
+            save.failed[msg.rank] = f"thinks the world has {msg.world_size} ranks, the coordinator serves {self.world_size}"
+        if save.descs and msg.path != save.path:
+            save.failed[msg.rank] = f"saves to {msg.path!r} while rank(s) {sorted(save.descs)} save to {save.path!r}"
+        save.path = save.path or msg.path
+        save.overwrite = save.overwrite or msg.overwrite
+        save.descs[msg.rank] = desc
+        save.digests[msg.rank] = msg.desc_digest
+        if len(save.descs) == self.world_size:
+            self._plan(save)
+
+    def _plan(self, save: _Save) -> None:
+        if save.failed:
+            return self._abort(save, dict(save.failed))
+        t0 = time.perf_counter()
+        key = tuple(sorted(save.digests.items()))
+        plan = self._cache.lookup(key)
+        same = plan is not None
+        try:
+            if plan is None:
+                plan = plan_save([save.descs[r] for r in range(self.world_size)])
+                self._cache.store(key, plan)
+            storage, path = self._storage_for(save.path)
+            save.tmp_path = prepare_tmp_dir(storage, path, f"{self.job[:8]}-{save.ckpt}", overwrite=save.overwrite)
+        except (DistCkptError, OSError) as e:
+            return self._abort(save, {0: f"planning failed: {e}"})
+        save.plan, save.phase = plan, "write"
+        log.info("[rank 0] plan for save %s: %s in %.3f s, %.1f MB to write", save.ckpt, "cached" if same else "new", time.perf_counter() - t0, sum(plan.bytes_per_rank.values()) / 1e6)
+        for r in range(self.world_size):
+            self._send(r, wire.PlanReply(self.job, save.ckpt, r, save.tmp_path, same, plan.to_msgpack_for(r)))
+
+    def _on_heartbeat(self, msg: wire.Heartbeat) -> None:
+        if self._save_for(msg) is not None:
+            self._send(msg.rank, wire.HeartbeatAck(self.job, msg.ckpt, msg.rank))
+
+    def _on_done(self, msg: wire.Done) -> None:
+        save = self._save_for(msg)
+        if save is None:
+            return
+        if save.phase != "write" or msg.rank in save.done or msg.rank in save.failed:
+            return self._drop("replay", f"Done from rank {msg.rank} for {msg.ckpt} in phase {save.phase}")
+        save.done[msg.rank] = msg
+        self._maybe_finish(save)
+
+    def _on_failed(self, msg: wire.Failed) -> None:
+        save = self._save_for(msg)
+        if save is None:
+            return
+        save.failed[msg.rank] = f"{msg.error} (phase {msg.phase})"
+        if save.phase == "plan":
+            return self._abort(save, dict(save.failed))
+        self._maybe_finish(save)
+
+    _HANDLERS: dict[type, Callable[["Coordinator", Any], None]] = {
+        wire.PlanRequest: _on_plan_request,
+        wire.Heartbeat: _on_heartbeat,
+        wire.Done: _on_done,
+        wire.Failed: _on_failed,
+    }
+
+    # -- ending a save --------------------------------------------------------
+
+    def _maybe_finish(self, save: _Save) -> None:
+        if len(save.done) + len(save.failed) < self.world_size:
+            return
+        if save.failed:
+            return self._abort(save, dict(save.failed))
+        save.phase = "commit"
+        storage, path = self._storage_for(save.path)
+        request = CommitRequest(path, save.tmp_path, save.overwrite, self.world_size, save.descs, save.plan, save.done)  # type: ignore[arg-type]
+        try:
+            commit_checkpoint(storage, request)
+        except (DistCkptError, OSError) as e:
+            log.error("[rank 0] commit of save %s to %s failed: %s", save.ckpt, path, e)
+            return self._abort(save, {0: f"commit failed: {e}"})
+        self._end(save, lambda r: wire.Committed(self.job, save.ckpt, r, path))
+
+    def _abort(self, save: _Save, reasons: dict[int, str]) -> None:
+        log.error("[rank 0] save %s to %s aborted: %s", save.ckpt, save.path, "; ".join(f"rank {r}: {m}" for r, m in sorted(reasons.items())))
+        if save.tmp_path:
+            storage, _ = self._storage_for(save.path)
+            storage.remove_tree(save.tmp_path)
+        self._end(save, lambda r: wire.Aborted(self.job, save.ckpt, r, reasons))
+
+    def _end(self, save: _Save, make: Callable[[int], wire.Message]) -> None:
+        del self._saves[save.ckpt]
+        self._finished[save.ckpt] = make(0)
+        while len(self._finished) > 64:
+            self._finished.popitem(last=False)
+        for r in sorted(save.descs):
+            self._send(r, make(r))
+
+    def _check_deadlines(self, now: float) -> None:
+        cfg = self._config
+        for save in list(self._saves.values()):
+            if save.phase == "plan" and now - save.started > cfg.timeout_s:
+                missing = sorted(set(range(self.world_size)) - set(save.descs))
+                self._abort(save, {r: f"did not reach the save within {cfg.timeout_s:.0f} s (phase plan)" for r in missing})
+                continue
+            silent = {r: now - t for r, t in save.last_seen.items() if r not in save.done and r not in save.failed and now - t > cfg.heartbeat_timeout_s}
+            if silent:
+                self._abort(save, {r: f"sent no heartbeat for {s:.1f} s (phase {save.phase}); presumed dead" for r, s in silent.items()})
+            elif save.phase == "write" and now - save.started > cfg.timeout_s:
+                slow = sorted(set(range(self.world_size)) - set(save.done) - set(save.failed))
+                self._abort(save, {r: f"did not finish writing within {cfg.timeout_s:.0f} s" for r in slow})

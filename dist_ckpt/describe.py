@@ -1,0 +1,113 @@
+"""Describe: what this rank holds, as metadata, without touching tensor bytes.
+
+Turns a state dict into a :class:`~dist_ckpt.planner.RankDescription` (one box
+per tensor: a DTensor's local chunk from ``__create_chunk_list__()``, a plain
+tensor as one full box, replicated by default as in DCP), the local tensors in
+the same order, and the non-tensor values, checked to be msgpack-native.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .dtypes import dtype_name
+from .errors import PickleNotAllowed, StateDictError
+from .flatten import KeyPath, flatten, format_path
+from .manifest import Pickled
+from .planner import RankDescription, TensorDesc
+
+_NATIVE = (int, float, str, bytes, bool, type(None))
+
+
+@dataclass(frozen=True)
+class RankLocal:
+    """Wrap a value to store it for this rank only (e.g. RNG state, a data loader position).
+
+    On load, rank ``r`` gets back what rank ``r`` saved.
+    """
+
+    value: Any
+
+
+def rank_local(value: Any) -> RankLocal:
+    """Mark ``value`` (tensor or plain value) as rank-local in a state dict."""
+    return RankLocal(value)
+
+
+@dataclass
+class Described:
+    """The result of :func:`describe` (tensors aligned with ``desc.tensors``)."""
+
+    desc: RankDescription
+    tensors: list[torch.Tensor]
+    objects: dict[KeyPath, Any]
+    local_objects: dict[KeyPath, Any]
+    structure: Any
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+def local_box(t: torch.Tensor, key: KeyPath) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """``(local data, offsets, sizes)`` of a plain tensor or DTensor in its global tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        chunks = t.__create_chunk_list__()
+        local = t.to_local()
+        if len(chunks) != 1:
+            raise StateDictError(f"{format_path(key)}: DTensor with {len(chunks)} local chunks is not supported")
+        offsets, sizes = tuple(int(x) for x in chunks[0].offsets), tuple(int(x) for x in chunks[0].sizes)
+        if math.prod(sizes) != local.numel():
+            raise StateDictError(f"{format_path(key)}: DTensor local shard has {local.numel()} elements but its chunk box {list(sizes)} has {math.prod(sizes)}")
+        return local.reshape(sizes) if local.numel() else local.new_empty(sizes), offsets, sizes
+    return t, (0,) * t.dim(), tuple(t.shape)
+
+
+def check_object(value: Any, key: KeyPath, allow_pickle: bool) -> Any:
+    """Return ``value`` if msgpack-native, its :class:`Pickled` form if allowed, else raise."""
+    if type(value) in _NATIVE and not (type(value) is int and not -(1 << 63) <= value < (1 << 64)):
+        return value
+    if not allow_pickle:
+        raise PickleNotAllowed(
+            f"{format_path(key)}: value of type {type(value).__name__} is neither a tensor nor msgpack-native "
+            "(int, float, str, bytes, bool, None, lists/tuples/dicts of them); convert it, or pass allow_pickle=True "
+            "to store it pickled (loading it then needs allow_pickle=True too)"
+        )
+    try:
+        return Pickled(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception as e:
+        raise StateDictError(f"{format_path(key)}: cannot pickle {type(value).__name__}: {e}") from e
+
+
+def describe(state_dict: Any, rank: int, allow_pickle: bool = False) -> Described:
+    """Describe this rank's (already Stateful-expanded) state dict.
+
+    Raises:
+        StateDictError: a key or value cannot be checkpointed; names its key path.
+    """
+    leaves, structure = flatten(state_dict)
+    descs: list[TensorDesc] = []
+    tensors: list[torch.Tensor] = []
+    objects: dict[KeyPath, Any] = {}
+    local_objects: dict[KeyPath, Any] = {}
+    for key, value in leaves.items():
+        owner = None
+        if isinstance(value, RankLocal):
+            owner, value = rank, value.value
+        if isinstance(value, torch.Tensor):
+            data, offsets, sizes = local_box(value, key)
+            shape = tuple(int(s) for s in value.shape)
+            descs.append(TensorDesc(key, dtype_name(value.dtype, format_path(key)), shape, offsets, sizes, owner))
+            tensors.append(data)
+        elif owner is not None:
+            local_objects[key] = check_object(value, key, allow_pickle)
+        else:
+            objects[key] = check_object(value, key, allow_pickle)
+    return Described(RankDescription(rank, tuple(descs)), tensors, objects, local_objects, structure)

@@ -1,0 +1,302 @@
+"""The global manifest: frozen, versioned dataclasses and their msgpack form.
+
+The manifest is the only metadata of a checkpoint. It is written last, by the
+coordinator, and its presence marks the checkpoint committed. Decoding treats
+the bytes as untrusted: every field is type-checked and every chunk table is
+checked for bounds, alignment and exact coverage before anything reads data.
+
+Chunk tables are *columnar* (one little-endian array per field) rather than a
+list of maps: a 4096-rank job has millions of chunks, and decoding them as
+Python objects would take seconds and gigabytes (see docs/format.md).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import msgpack
+import numpy as np
+
+from . import boxes
+from .dtypes import is_dtype_name, itemsize
+from .errors import ManifestError
+from .flatten import KeyPath, check_structure
+
+FORMAT = "dist_ckpt"
+VERSION = 1
+ALIGN = 4096
+PICKLE_EXT = 1  # msgpack ExtType code of an opted-in pickled object
+_MAX_INT = 1 << 62  # offsets, sizes and byte counts stay far below int64 overflow
+
+# Column name -> (numpy dtype, values per chunk: "ndim" or 1)
+_COLUMNS: dict[str, tuple[str, str | int]] = {
+    "offsets": ("<i8", "ndim"),
+    "sizes": ("<i8", "ndim"),
+    "file": ("<i4", 1),
+    "offset": ("<i8", 1),
+    "nbytes": ("<i8", 1),
+    "xxh3": ("<u8", 1),
+}
+
+
+@dataclass(frozen=True)
+class Pickled:
+    """An opted-in pickled object, still as bytes: unpickled only by an opted-in load."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkTable:
+    """The chunks of one tensor, column by column (row ``i`` is chunk ``i``)."""
+
+    offsets: np.ndarray  # (n, ndim) int64: where the chunk starts in the global tensor
+    sizes: np.ndarray  # (n, ndim) int64: its extent
+    file: np.ndarray  # (n,) int32: index into Manifest.files
+    offset: np.ndarray  # (n,) int64: byte offset in that file, 4 KiB aligned
+    nbytes: np.ndarray  # (n,) int64: prod(sizes) * itemsize
+    xxh3: np.ndarray  # (n,) uint64: xxh3-64 of those bytes
+
+    def __len__(self) -> int:
+        return len(self.file)
+
+    @staticmethod
+    def empty(ndim: int) -> "ChunkTable":
+        z = np.zeros((0, ndim), np.int64)
+        return ChunkTable(z, z.copy(), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint64))
+
+    @staticmethod
+    def concat(tables: list["ChunkTable"], ndim: int) -> "ChunkTable":
+        if not tables:
+            return ChunkTable.empty(ndim)
+        return ChunkTable(*(np.concatenate([getattr(t, c) for t in tables]) for c in _COLUMNS))
+
+    def to_msgpack_obj(self) -> dict:
+        out: dict[str, Any] = {"n": len(self)}
+        for name, (dt, _) in _COLUMNS.items():
+            out[name] = np.ascontiguousarray(getattr(self, name), dtype=dt).tobytes()
+        return out
+
+    @staticmethod
+    def from_msgpack_obj(obj: Any, ndim: int, where: str) -> "ChunkTable":
+        _expect(obj, dict, f"{where}.chunks")
+        n = obj.get("n")
+        if type(n) is not int or not 0 <= n < _MAX_INT:
+            raise ManifestError(f"{where}.chunks.n must be a non-negative int, got {n!r}")
+        cols = {}
+        for name, (dt, per) in _COLUMNS.items():
+            raw = obj.get(name)
+            count = n * (ndim if per == "ndim" else 1)
+            if not isinstance(raw, bytes) or len(raw) != count * np.dtype(dt).itemsize:
+                raise ManifestError(f"{where}.chunks.{name} must be {count} x {dt} bytes, got {type(raw).__name__} of {len(raw) if isinstance(raw, bytes) else '?'}")
+            arr = np.frombuffer(raw, dtype=dt).astype(dt[1:], copy=False)
+            cols[name] = arr.reshape(n, ndim) if per == "ndim" else arr
+        return ChunkTable(**cols)
+
+
+@dataclass(frozen=True, eq=False)
+class TensorEntry:
+    """One global tensor: its dtype name, global shape and chunk table."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: ChunkTable
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class LocalSection:
+    """Values one rank marked rank-local: stored for that rank only."""
+
+    tensors: Mapping[KeyPath, TensorEntry] = field(default_factory=dict)
+    objects: Mapping[KeyPath, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class Manifest:
+    """Everything needed to read a checkpoint back (format version 1)."""
+
+    world_size: int
+    files: tuple[str, ...]
+    tensors: Mapping[KeyPath, TensorEntry]
+    objects: Mapping[KeyPath, Any]
+    structure: Any
+    local: Mapping[int, LocalSection] = field(default_factory=dict)
+    user_meta: Mapping[str, Any] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+
+    def to_msgpack(self) -> bytes:
+        """Encode as a msgpack map (see docs/format.md)."""
+        return msgpack.packb(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "created": self.created,
+                "world_size": self.world_size,
+                "user_meta": dict(self.user_meta),
+                "files": list(self.files),
+                "tensors": _tensors_obj(self.tensors),
+                "objects": _objects_obj(self.objects),
+                "local": {r: {"tensors": _tensors_obj(s.tensors), "objects": _objects_obj(s.objects)} for r, s in self.local.items()},
+                "structure": self.structure,
+            },
+            default=_pack_default,
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> "Manifest":
+        """Decode and validate untrusted manifest bytes.
+
+        Raises:
+            ManifestError: not msgpack, wrong format or version, a missing or
+                ill-typed field, or a chunk table that is out of bounds,
+                misaligned, overlapping or leaves a gap. Never executes code:
+                pickled objects stay :class:`Pickled` bytes.
+        """
+        try:
+            obj = msgpack.unpackb(data, strict_map_key=False, raw=False, ext_hook=_ext_hook, object_pairs_hook=_pairs)
+        except ManifestError:
+            raise
+        except Exception as e:  # msgpack raises many types on garbage; all mean "not a manifest"
+            raise ManifestError(f"MANIFEST is not valid msgpack ({type(e).__name__}: {e})") from e
+        return _decode(obj)
+
+    def keys(self) -> list[KeyPath]:
+        return list(self.tensors) + list(self.objects)
+
+
+def _pack_default(obj: Any) -> Any:
+    if isinstance(obj, Pickled):
+        return msgpack.ExtType(PICKLE_EXT, obj.data)
+    raise TypeError(f"cannot encode {type(obj).__name__} in a manifest")
+
+
+def _pairs(pairs: list) -> dict:
+    # Key paths are msgpack arrays used as map keys: make them hashable tuples.
+    return {tuple(k) if isinstance(k, list) else k: v for k, v in pairs}
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == PICKLE_EXT:
+        return Pickled(data)
+    raise ManifestError(f"unknown msgpack extension type {code} in MANIFEST")
+
+
+def _tensors_obj(tensors: Mapping[KeyPath, TensorEntry]) -> dict:
+    return {tuple(k): {"dtype": e.dtype, "shape": list(e.shape), "chunks": e.chunks.to_msgpack_obj()} for k, e in tensors.items()}
+
+
+def _objects_obj(objects: Mapping[KeyPath, Any]) -> dict:
+    return {tuple(k): v for k, v in objects.items()}
+
+
+def _expect(value: Any, typ: type | tuple[type, ...], what: str) -> None:
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is int:
+        names = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+        raise ManifestError(f"{what} must be {names}, got {type(value).__name__}")
+
+
+def _key(k: Any, what: str) -> KeyPath:
+    if not isinstance(k, tuple) or not all(isinstance(p, (str, int)) and not isinstance(p, bool) for p in k):
+        raise ManifestError(f"{what}: key path must be an array of str/int, got {k!r:.80}")
+    return k
+
+
+def _decode(obj: Any) -> Manifest:
+    _expect(obj, dict, "MANIFEST")
+    missing = [f for f in ("format", "version", "world_size", "files", "tensors", "objects", "structure") if f not in obj]
+    if obj.get("format") != FORMAT:
+        raise ManifestError(f"not a dist_ckpt MANIFEST (format={obj.get('format')!r:.40})")
+    if obj.get("version") != VERSION:
+        raise ManifestError(f"MANIFEST version {obj.get('version')!r:.20} is not supported; this dist_ckpt reads version {VERSION}")
+    if missing:
+        raise ManifestError(f"MANIFEST lacks field(s) {', '.join(missing)}")
+    ws = obj["world_size"]
+    if type(ws) is not int or not 0 < ws < (1 << 31):
+        raise ManifestError(f"world_size must be a positive int, got {ws!r:.40}")
+    files = obj["files"]
+    _expect(files, list, "files")
+    for f in files:
+        if not isinstance(f, str) or f.startswith("/") or ".." in f.split("/") or not f:
+            raise ManifestError(f"data file name {f!r:.80} must be a relative path inside the checkpoint")
+    user_meta = obj.get("user_meta", {})
+    _expect(user_meta, dict, "user_meta")
+    created = obj.get("created", 0.0)
+    _expect(created, (int, float), "created")
+    structure = obj["structure"]
+    check_structure(structure)
+    local_obj = obj.get("local", {})
+    _expect(local_obj, dict, "local")
+    local = {}
+    for r, sec in local_obj.items():
+        if type(r) is not int or not 0 <= r < ws:
+            raise ManifestError(f"local section for rank {r!r:.20} outside world_size {ws}")
+        _expect(sec, dict, f"local[{r}]")
+        local[r] = LocalSection(_decode_tensors(sec.get("tensors", {}), len(files), f"local[{r}]"), _decode_objects(sec.get("objects", {}), f"local[{r}]"))
+    return Manifest(
+        world_size=ws,
+        files=tuple(files),
+        tensors=_decode_tensors(obj["tensors"], len(files), "tensors"),
+        objects=_decode_objects(obj["objects"], "objects"),
+        structure=structure,
+        local=local,
+        user_meta=user_meta,
+        created=float(created),
+    )
+
+
+def _decode_objects(objs: Any, where: str) -> dict[KeyPath, Any]:
+    _expect(objs, dict, where)
+    return {_key(k, where): v for k, v in objs.items()}
+
+
+def _decode_tensors(tensors: Any, nfiles: int, where: str) -> dict[KeyPath, TensorEntry]:
+    _expect(tensors, dict, where)
+    out = {}
+    for k, e in tensors.items():
+        key = _key(k, where)
+        out[key] = decode_tensor_entry(e, nfiles, f"{where}[{list(key)!r:.120}]")
+    return out
+
+
+def decode_tensor_entry(e: Any, nfiles: int, where: str) -> TensorEntry:
+    """Decode one tensor entry and check its chunk table (bounds, sizes, alignment, cover)."""
+    _expect(e, dict, where)
+    dtype = e.get("dtype")
+    if not is_dtype_name(dtype):
+        raise ManifestError(f"{where}: unknown dtype {dtype!r:.40}")
+    shape = e.get("shape")
+    if not isinstance(shape, list) or len(shape) > 64 or not all(type(s) is int and 0 <= s < _MAX_INT for s in shape):
+        raise ManifestError(f"{where}: shape must be an array of non-negative ints, got {shape!r:.80}")
+    shape = tuple(shape)
+    if math.prod(shape) * itemsize(dtype) >= _MAX_INT:
+        raise ManifestError(f"{where}: shape {list(shape)} is too large")
+    chunks = ChunkTable.from_msgpack_obj(e.get("chunks"), len(shape), where)
+    problem = _chunk_problem(chunks, shape, itemsize(dtype), nfiles)
+    if problem:
+        raise ManifestError(f"{where}: {problem}")
+    return TensorEntry(dtype, shape, chunks)
+
+
+def _chunk_problem(c: ChunkTable, shape: tuple[int, ...], isz: int, nfiles: int) -> str | None:
+    if len(c) == 0:
+        return None if math.prod(shape) == 0 else "no chunks for a non-empty tensor"
+    if (c.offsets < 0).any() or (c.sizes < 0).any() or (c.offsets >= _MAX_INT).any() or (c.sizes >= _MAX_INT).any():
+        return "a chunk has a negative or overflowing offset or size"
+    if (c.file < 0).any() or (c.file >= nfiles).any():
+        return f"a chunk names a data file index outside [0, {nfiles})"
+    if (c.offset < 0).any() or (c.offset % ALIGN).any() or (c.offset >= _MAX_INT).any():
+        return f"a chunk's file offset is negative, overflowing or not {ALIGN}-aligned"
+    shp = np.asarray(shape, np.int64)
+    if len(shape) and ((c.offsets + c.sizes) > shp).any():
+        return f"a chunk lies outside shape {list(shape)}"
+    if (boxes.box_volume(c.sizes) * isz != c.nbytes).any():
+        return "a chunk's nbytes does not match its sizes and dtype"
+    return boxes.cover_problem(shape, c.offsets, c.sizes)

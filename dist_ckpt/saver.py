@@ -1,0 +1,123 @@
+"""The order of a save's steps on one rank, shared by every save API.
+
+``describe`` (caller thread) → ``stage`` (async only) → :func:`run_save`:
+plan request → write own chunks → Done → wait for Committed. Sync and async
+saves call the same :func:`run_save`; they differ only in which thread runs
+it and whether the bytes come from the stager's arena or the tensors
+themselves. No step calls a torch collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+from . import wire
+from .buffers import tensor_memoryview
+from .commit import encode_objects, encode_records
+from .describe import Described
+from .errors import CheckpointError, CoordinatorTimeout
+from .planner import SavePlan
+from .session import Session
+from .storage import get_storage
+from .writer import WriteItem, write_items
+
+if TYPE_CHECKING:
+    from .checkpointer import WriterHook
+
+log = logging.getLogger(__name__)
+
+
+def host_bytes(t: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
+    """A contiguous CPU version of ``t`` (no copy when it already is one) and its bytes."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        t = t.detach().to("cpu").contiguous()
+    return t, tensor_memoryview(t)
+
+
+def report_failure(session: Session, ckpt: str, phase: str, error: BaseException) -> None:
+    """Tell the coordinator this rank cannot take part in save ``ckpt`` (others then abort at once)."""
+    log.error("[rank %d] save %s failed in phase %s: %s", session.rank, ckpt, phase, error)
+    session.agent.send(wire.Failed(session.job, ckpt, session.rank, phase, f"{type(error).__name__}: {error}"))
+
+
+def run_save(
+    session: Session,
+    ckpt: str,
+    path: str,
+    described: Described,
+    host: Sequence[torch.Tensor],
+    overwrite: bool = False,
+    ready: Callable[[], object] | None = None,
+    hook: "WriterHook | None" = None,
+) -> str:
+    """Save this rank's part of checkpoint ``ckpt`` and wait until it is committed.
+
+    Args:
+        session: this rank's session (agent, rank, config).
+        ckpt: save id, the same on every rank.
+        path: final checkpoint directory.
+        described: metadata of this rank's state.
+        host: tensors aligned with ``described.tensors`` whose bytes are written
+            (staged copies, or the originals for a sync save).
+        overwrite: replace an existing checkpoint at ``path``.
+        ready: called after the plan arrives and before writing (an async save
+            waits for staging here); an exception from it fails the save.
+        hook: ``pre_commit(path)`` before reporting Done, ``post_commit(path)`` after Committed.
+
+    Returns:
+        ``path``, once the coordinator has committed the checkpoint for all ranks.
+
+    Raises:
+        CheckpointError: this or another rank failed; lists every failed rank.
+        CoordinatorTimeout: the coordinator went silent or the deadline passed.
+    """
+    agent, cfg, rank = session.agent, session.config, session.rank
+    phase = "plan"
+    t0 = time.perf_counter()
+    agent.begin(ckpt, phase)
+    try:
+        try:
+            blob = described.desc.to_msgpack()
+            agent.send(wire.PlanRequest(session.job, ckpt, rank, path, session.world_size, described.desc.digest(), blob, overwrite))
+            reply = agent.wait(ckpt, wire.PlanReply, phase, cfg.timeout_s)
+            assigned = SavePlan.parse_rank_plan(reply.plan, len(described.desc.tensors))
+            t_plan = time.perf_counter()
+            phase = "write"
+            agent.begin(ckpt, phase)
+            if ready is not None:
+                phase = "stage"
+                ready()
+                phase = "write"
+            storage, _ = get_storage(path)
+            keep = [host_bytes(host[i]) for i in assigned]
+            items = [WriteItem(i, mv) for i, (_, mv) in zip(assigned, keep)]
+            records = write_items(storage, reply.tmp_path, rank, items, cfg.writer_threads)
+            del keep
+            if hook is not None:
+                hook.pre_commit(path)
+            structure = described.structure if rank == 0 else None
+            agent.send(wire.Done(session.job, ckpt, rank, encode_records(records), encode_objects(described.objects if rank == 0 else {}, described.local_objects, structure)))
+        except (CheckpointError, CoordinatorTimeout):
+            raise
+        except Exception as e:
+            report_failure(session, ckpt, phase, e)
+            try:
+                agent.wait(ckpt, wire.Committed, "abort", cfg.heartbeat_timeout_s * 2)
+            except CheckpointError as everyone:
+                raise everyone from e
+            raise CheckpointError(f"save {ckpt} failed on rank {rank}", {rank: f"{type(e).__name__}: {e}"}) from e
+        phase = "commit"
+        agent.begin(ckpt, phase)
+        agent.wait(ckpt, wire.Committed, phase, cfg.timeout_s)
+        if hook is not None:
+            hook.post_commit(path)
+        dt = time.perf_counter() - t0
+        nbytes = sum(r.nbytes for r in records)
+        log.info("[rank %d] save %s committed at %s: wrote %.1f MB; plan %.3f s, write+commit %.3f s, total %.3f s", rank, ckpt, path, nbytes / 1e6, t_plan - t0, dt - (t_plan - t0), dt)
+        return path
+    finally:
+        agent.end(ckpt)

@@ -1,0 +1,115 @@
+"""The stager: copy a rank's tensors off the device into reusable host buffers.
+
+One arena of host memory (pinned when CUDA is available) is allocated on the
+first save, or ahead of it by :meth:`Stager.prepare`, and reused by every
+later save; it grows only when the state grows. Device tensors are copied with
+``non_blocking=True`` on a side CUDA stream that first waits on the current
+stream, so the copies see every kernel queued before the save; the stage
+future completes on the stream's event. CPU tensors are copied by a
+background thread, so the caller's thread only launches work.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_ALIGN = 64  # every slice starts cache-line aligned, so ``view(dtype)`` is always legal
+
+
+def _layout(tensors: Sequence[torch.Tensor]) -> tuple[list[int], int]:
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    return offsets, total
+
+
+class Stager:
+    """Host buffer pool plus the copy engine (one per checkpointer)."""
+
+    def __init__(self, pin_memory: bool | None = None) -> None:
+        self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._arena = torch.empty(0, dtype=torch.uint8)
+        self._stream: torch.cuda.Stream | None = None
+        self.allocations = 0  # how many times the arena was (re)allocated, for tests and logs
+
+    @property
+    def capacity(self) -> int:
+        return self._arena.numel()
+
+    def prepare(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Allocate (and touch) the arena for these tensors ahead of the first save."""
+        _, total = _layout(tensors)
+        self._ensure(total)
+
+    def _ensure(self, total: int) -> None:
+        if total <= self.capacity:
+            return
+        t0 = time.perf_counter()
+        size = int(total * 1.125) if self.capacity else total  # headroom once the state has grown
+        self._arena = torch.empty(0, dtype=torch.uint8)  # free the old arena before allocating
+        self._arena = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+        self._arena.zero_()  # touch every page now, not during the first save's copies
+        self.allocations += 1
+        log.info("staging arena: %.1f MB %s in %.3f s", size / 1e6, "pinned" if self.pin else "pageable", time.perf_counter() - t0)
+
+    def views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Contiguous host tensors in the arena shaped like ``tensors`` (grows the arena if needed)."""
+        offsets, total = _layout(tensors)
+        self._ensure(total)
+        out = []
+        for t, off in zip(tensors, offsets):
+            n = t.numel() * t.element_size()
+            out.append(self._arena[off : off + n].view(t.dtype).view(t.shape))
+        return out
+
+    def stage(self, tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], Future]:
+        """Start copying ``tensors`` into the arena.
+
+        Returns:
+            ``(host copies, future)``: the future completes (or fails) once every
+            copy is done; after that the caller may modify the originals.
+        """
+        dst = self.views(tensors)
+        fut: Future = Future()
+        cuda_pairs = [(d, s) for d, s in zip(dst, tensors) if s.device.type == "cuda"]
+        cpu_pairs = [(d, s) for d, s in zip(dst, tensors) if s.device.type != "cuda"]
+        event = self._launch_cuda(cuda_pairs) if cuda_pairs else None
+        t0 = time.perf_counter()
+        nbytes = sum(d.numel() * d.element_size() for d in dst)
+
+        def finish() -> None:
+            try:
+                for d, s in cpu_pairs:
+                    d.copy_(s)
+                if event is not None:
+                    event.synchronize()
+                dt = time.perf_counter() - t0
+                log.info("staged %.1f MB in %.3f s (%.2f GB/s)", nbytes / 1e6, dt, nbytes / max(dt, 1e-9) / 1e9)
+                fut.set_result(None)
+            except BaseException as e:  # surface on the future, never lost in the thread
+                log.error("staging failed: %s", e)
+                fut.set_exception(e)
+
+        threading.Thread(target=finish, name="dist_ckpt-stager", daemon=True).start()
+        return dst, fut
+
+    def _launch_cuda(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> "torch.cuda.Event":
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            for d, s in pairs:
+                d.copy_(s, non_blocking=True)
+                s.record_stream(self._stream)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return event

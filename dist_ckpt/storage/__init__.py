@@ -1,0 +1,109 @@
+"""Storage backends: where checkpoint bytes go.
+
+A backend is a small set of path-level operations; everything above it
+(layout, commit order, checksums) is the same for every backend. Backends are
+chosen by URL scheme in :func:`get_storage` (plain paths and ``file://`` are
+the local filesystem).
+
+Call order during one save (which rank runs each step):
+
+1. (coordinator) ``makedirs(tmp/data)`` for the temporary checkpoint directory.
+2. (every rank) ``open_write(tmp/data/rNNNNN.bin)`` → ``pwrite`` … → ``sync`` →
+   ``close``; a writer never touches another rank's file.
+3. (coordinator) ``write_atomic(tmp/MANIFEST, bytes)``, then
+   ``rename_dir(tmp, final)``; the rename is the commit point.
+4. (coordinator, on abort) ``remove_tree(tmp)``.
+
+During a load every rank only calls ``read_bytes(MANIFEST)`` and
+``open_read(data file)`` → ``preadv`` … → ``close``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+
+class WriteHandle(abc.ABC):
+    """An open data file being written by one thread of one rank."""
+
+    @abc.abstractmethod
+    def pwrite(self, data: memoryview, offset: int) -> None:
+        """Write all of ``data`` at ``offset`` (short writes are retried)."""
+
+    @abc.abstractmethod
+    def sync(self) -> None:
+        """Make every byte written so far durable (fsync)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the handle; idempotent."""
+
+
+class ReadHandle(abc.ABC):
+    """An open data file being read; safe to use from several threads."""
+
+    @abc.abstractmethod
+    def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
+        """Fill ``buffers`` in order from ``offset``; returns bytes read (short at EOF)."""
+
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Length of the file in bytes."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the handle; idempotent."""
+
+
+class Storage(abc.ABC):
+    """Path-level operations a checkpoint needs (see the module docstring for call order)."""
+
+    @abc.abstractmethod
+    def makedirs(self, path: str) -> None: ...
+
+    @abc.abstractmethod
+    def open_write(self, path: str) -> WriteHandle: ...
+
+    @abc.abstractmethod
+    def open_read(self, path: str) -> ReadHandle: ...
+
+    @abc.abstractmethod
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Write ``data`` to a temporary sibling, fsync, rename over ``path``, fsync the directory."""
+
+    @abc.abstractmethod
+    def read_bytes(self, path: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def rename_dir(self, src: str, dst: str) -> None:
+        """Atomically rename directory ``src`` to ``dst`` (which must not exist) and fsync the parent."""
+
+    @abc.abstractmethod
+    def remove_tree(self, path: str) -> None:
+        """Remove ``path`` and everything below it; a missing path is not an error."""
+
+    @abc.abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abc.abstractmethod
+    def listdir(self, path: str) -> list[str]: ...
+
+
+def get_storage(path: str) -> tuple[Storage, str]:
+    """Pick the backend for ``path`` by URL scheme.
+
+    Returns:
+        ``(storage, path)`` with the scheme stripped from the path.
+
+    Raises:
+        ValueError: the scheme has no backend.
+    """
+    from .local import LocalStorage
+
+    if "://" in path:
+        scheme, rest = path.split("://", 1)
+        if scheme == "file":
+            return LocalStorage(), rest
+        raise ValueError(f"no storage backend for scheme {scheme!r} in {path!r} (supported: plain paths, file://)")
+    return LocalStorage(), path

@@ -1,0 +1,144 @@
+"""Manifest encode/decode and validation (pure, no processes)."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dist_ckpt.errors import ManifestError
+from dist_ckpt.manifest import ALIGN, ChunkTable, LocalSection, Manifest, Pickled, TensorEntry
+
+
+def table(boxes, itemsize=4, file=0):
+    off = np.array([b[0] for b in boxes], np.int64).reshape(len(boxes), -1)
+    siz = np.array([b[1] for b in boxes], np.int64).reshape(len(boxes), -1)
+    nbytes = np.prod(siz, axis=1) * itemsize if siz.shape[1] else np.full(len(boxes), itemsize)
+    pos = np.concatenate([[0], np.cumsum(-(-nbytes // ALIGN) * ALIGN)[:-1]]).astype(np.int64)
+    return ChunkTable(off, siz, np.full(len(boxes), file, np.int32), pos, nbytes.astype(np.int64), np.arange(len(boxes), dtype=np.uint64))
+
+
+def make(tensors=None, objects=None, **kw):
+    tensors = tensors if tensors is not None else {("w",): TensorEntry("float32", (4, 4), table([((0, 0), (2, 4)), ((2, 0), (2, 4))]))}
+    return Manifest(world_size=2, files=("data/r00000.bin",), tensors=tensors, objects=objects or {("step",): 3}, structure=["d", ["w", "step"], [0, 0]], **kw)
+
+
+def raw(m: Manifest) -> dict:
+    return msgpack.unpackb(m.to_msgpack(), strict_map_key=False, object_pairs_hook=lambda p: {tuple(k) if isinstance(k, list) else k: v for k, v in p})
+
+
+def repack(obj: dict) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def test_round_trip_keeps_every_field():
+    m = make(local={1: LocalSection({("rng",): TensorEntry("uint8", (8,), table([((0,), (8,))], 1))}, {("seed",): 7})}, user_meta={"step": 10})
+    back = Manifest.from_msgpack(m.to_msgpack())
+    assert back.world_size == 2 and back.files == m.files and back.user_meta == {"step": 10}
+    assert back.objects == {("step",): 3}
+    e = back.tensors[("w",)]
+    assert e.dtype == "float32" and e.shape == (4, 4)
+    for col in ("offsets", "sizes", "file", "offset", "nbytes", "xxh3"):
+        assert np.array_equal(getattr(e.chunks, col), getattr(m.tensors[("w",)].chunks, col))
+    assert back.local[1].objects == {("seed",): 7} and back.local[1].tensors[("rng",)].shape == (8,)
+    assert back.structure == m.structure
+
+
+def test_int_and_str_keys_stay_distinct():
+    m = make(objects={("state", 0): 1, ("state", "0"): 2})
+    back = Manifest.from_msgpack(m.to_msgpack())
+    assert back.objects == {("state", 0): 1, ("state", "0"): 2}
+
+
+def test_pickled_objects_stay_bytes_on_decode():
+    back = Manifest.from_msgpack(make(objects={("o",): Pickled(b"\x80\x04N.")}).to_msgpack())
+    assert back.objects[("o",)] == Pickled(b"\x80\x04N.")
+
+
+def test_zero_d_and_empty_tensors():
+    t = {("s",): TensorEntry("int64", (), table([((), ())], 8)), ("e",): TensorEntry("float32", (0, 3), ChunkTable.empty(2))}
+    back = Manifest.from_msgpack(make(tensors=t).to_msgpack())
+    assert back.tensors[("s",)].shape == () and len(back.tensors[("e",)].chunks) == 0
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda o: o.update(format="other"), "not a dist_ckpt MANIFEST"),
+        (lambda o: o.update(version=2), "version 2 is not supported"),
+        (lambda o: o.pop("tensors"), r"lacks field\(s\) tensors"),
+        (lambda o: o.update(world_size="2"), "world_size must be a positive int"),
+        (lambda o: o.update(files=["/etc/passwd"]), "relative path"),
+        (lambda o: o.update(files=["../x"]), "relative path"),
+        (lambda o: o["tensors"][("w",)].update(dtype="float33"), "unknown dtype"),
+        (lambda o: o["tensors"][("w",)].update(shape=[4, -4]), "non-negative ints"),
+        (lambda o: o["tensors"][("w",)]["chunks"].update(n=3), "must be"),
+        (lambda o: o["tensors"][("w",)]["chunks"].update(offset=np.array([0, 100], "<i8").tobytes()), "aligned"),
+        (lambda o: o["tensors"][("w",)]["chunks"].update(offsets=np.array([0, 0, 1, 0], "<i8").tobytes()), "gap"),
+        (lambda o: o["tensors"][("w",)]["chunks"].update(offsets=np.array([0, 0, 3, 0], "<i8").tobytes()), "outside shape"),
+        (lambda o: o["tensors"][("w",)]["chunks"].update(offsets=np.array([0, 0, -2, 0], "<i8").tobytes()), "negative"),
+        (lambda o: o["tensors"][("w",)]["chunks"].update(sizes=np.array([2, 4, 1 << 62, 4], "<i8").tobytes()), "overflowing"),
+        (lambda o: o["tensors"][("w",)]["chunks"].update(nbytes=np.array([32, 31], "<i8").tobytes()), "nbytes"),
+        (lambda o: o["tensors"][("w",)]["chunks"].update(file=np.array([0, 5], "<i4").tobytes()), "file index"),
+        (lambda o: o.update(structure=["x"]), "structure|tag|node"),
+        (lambda o: o.update(local={9: {}}), "outside world_size"),
+    ],
+)
+def test_invalid_manifests_raise_precise_errors(mutate, message):
+    obj = raw(make())
+    mutate(obj)
+    with pytest.raises(ManifestError, match=message):
+        Manifest.from_msgpack(repack(obj))
+
+
+def test_overlapping_chunks_are_rejected():
+    t = {("w",): TensorEntry("float32", (4, 4), table([((0, 0), (3, 4)), ((2, 0), (2, 4))]))}
+    with pytest.raises(ManifestError, match="gap|overlap|outside"):
+        Manifest.from_msgpack(make(tensors=t).to_msgpack())
+    t = {("w",): TensorEntry("float32", (4, 4), table([((0, 0), (4, 4)), ((0, 0), (2, 2))]))}
+    with pytest.raises(ManifestError, match="overlap"):
+        Manifest.from_msgpack(make(tensors=t).to_msgpack())
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1", b"garbage that is not msgpack", msgpack.packb([1, 2]), msgpack.packb({"format": "dist_ckpt"})])
+def test_garbage_and_truncated_manifests(data):
+    with pytest.raises(ManifestError):
+        Manifest.from_msgpack(data)
+
+
+def test_truncated_manifest():
+    data = make().to_msgpack()
+    for n in (1, len(data) // 2, len(data) - 1):
+        with pytest.raises(ManifestError):
+            Manifest.from_msgpack(data[:n])
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=16),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6) | st.integers(0, 5), c, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(st.binary(max_size=200), _values.map(lambda v: msgpack.packb(v, use_bin_type=True))))
+def test_fuzz_decoder_only_raises_manifest_error(data):
+    try:
+        Manifest.from_msgpack(data)
+    except ManifestError:
+        pass
+
+
+@settings(max_examples=2_000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_fuzz_mutated_valid_manifest(data):
+    blob = bytearray(make().to_msgpack())
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(blob) - 1))
+        blob[i] = data.draw(st.integers(0, 255))
+    try:
+        Manifest.from_msgpack(bytes(blob))
+    except ManifestError:
+        pass
