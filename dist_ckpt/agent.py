@@ -124,7 +124,8 @@ class Agent:
             except zmq.ZMQError:
                 pass
         self._thread.join(timeout=10)
-        for s in (self._sock, self._wake_recv, self._wake_send):
+        self._sock.close(linger=2000)  # deliver a last queued Done/Failed
+        for s in (self._wake_recv, self._wake_send):
             s.close(linger=0)
         self._ctx.term()
 
@@ -156,6 +157,15 @@ class Agent:
                     next_beat = now + interval
             except Exception:
                 log.exception("[rank %d] agent I/O error (continuing)", self.rank)
+        self._flush()
+
+    def _flush(self) -> None:
+        while True:
+            try:
+                msg = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            self._sock.send_multipart(wire.encode(msg, self._secret), copy=False)
 
     def _receive(self) -> None:
         while True:

@@ -86,6 +86,7 @@ def _close_defaults() -> None:
     with _lock:
         for session, sync, asyn in _defaults.values():
             asyn.close()
+            session.close()
         _defaults.clear()
 
 

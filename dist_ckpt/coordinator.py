@@ -94,10 +94,15 @@ class Coordinator:
         log.info("[rank 0] coordinator for %d ranks listening on %s", world_size, self.endpoint)
 
     def close(self) -> None:
-        """Stop serving and close the socket; saves in flight are abandoned."""
+        """Stop serving and close the socket; saves in flight are abandoned.
+
+        Replies already queued are still delivered (up to 5 s) to ranks that are alive.
+        """
         self._stop.set()
         self._thread.join(timeout=10)
-        self._sock.close(linger=0)
+        # Linger: the last Committed/Aborted may still be queued for other ranks
+        # when rank 0's own save has returned and its process is exiting.
+        self._sock.close(linger=5000)
         self._ctx.term()
 
     # -- event loop ---------------------------------------------------------

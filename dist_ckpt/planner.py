@@ -409,7 +409,7 @@ def _unique_boxes(tab: _Table, ndim: int) -> tuple[np.ndarray, ...]:
     off, siz = tab.boxes(rows, ndim)
     keep = (siz != 0).all(axis=1)  # empty boxes cover nothing; negative ones stay for the cover check
     gid, rank, idx, off, siz = tab.gid[rows[keep]], tab.rank[rows[keep]], tab.idx[rows[keep]], off[keep], siz[keep]
-    order = np.lexsort((idx, rank, *siz.T[::-1], *off.T[::-1], gid))
+    order = np.lexsort((*siz.T[::-1], *off.T[::-1], gid))  # stable: ties stay in (rank, index) order
     gid, rank, idx, off, siz = gid[order], rank[order], idx[order], off[order], siz[order]
     new_box = np.ones(len(gid), dtype=bool)
     new_box[1:] = (gid[1:] != gid[:-1]) | (off[1:] != off[:-1]).any(axis=1) | (siz[1:] != siz[:-1]).any(axis=1)

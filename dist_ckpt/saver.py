@@ -76,6 +76,9 @@ def run_save(
         CoordinatorTimeout: the coordinator went silent or the deadline passed.
     """
     agent, cfg, rank = session.agent, session.config, session.rank
+    # The coordinator enforces the deadlines and names the late ranks; a rank's
+    # own wait is only the backstop for a coordinator that cannot answer.
+    backstop = cfg.timeout_s + cfg.heartbeat_timeout_s
     phase = "plan"
     t0 = time.perf_counter()
     agent.begin(ckpt, phase)
@@ -83,7 +86,7 @@ def run_save(
         try:
             blob = described.desc.to_msgpack()
             agent.send(wire.PlanRequest(session.job, ckpt, rank, path, session.world_size, described.desc.digest(), blob, overwrite))
-            reply = agent.wait(ckpt, wire.PlanReply, phase, cfg.timeout_s)
+            reply = agent.wait(ckpt, wire.PlanReply, phase, backstop)
             assigned = SavePlan.parse_rank_plan(reply.plan, len(described.desc.tensors))
             t_plan = time.perf_counter()
             phase = "write"
@@ -112,7 +115,7 @@ def run_save(
             raise CheckpointError(f"save {ckpt} failed on rank {rank}", {rank: f"{type(e).__name__}: {e}"}) from e
         phase = "commit"
         agent.begin(ckpt, phase)
-        agent.wait(ckpt, wire.Committed, phase, cfg.timeout_s)
+        agent.wait(ckpt, wire.Committed, phase, backstop)
         if hook is not None:
             hook.post_commit(path)
         dt = time.perf_counter() - t0

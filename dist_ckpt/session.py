@@ -65,6 +65,7 @@ class Session:
         self.rank = dist.get_rank(process_group) if distributed else 0
         self.world_size = dist.get_world_size(process_group) if distributed else 1
         self.coordinator: Coordinator | None = None
+        self._closed = False
         self._seq = itertools.count()
         n = next(_counter)
         if self.rank == 0:
@@ -89,7 +90,10 @@ class Session:
         return str(next(self._seq))
 
     def close(self) -> None:
-        """Close the agent and (rank 0) the coordinator."""
+        """Close the agent and (rank 0) the coordinator; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self.agent.close()
         if self.coordinator is not None:
             self.coordinator.close()

@@ -1,0 +1,33 @@
+"""Shared pieces of the multi-rank tests: meshes, DTensors, global reference tensors."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+PLACEMENTS = {
+    "shard0": ((None,), lambda: [Shard(0)]),
+    "shard1": ((None,), lambda: [Shard(1)]),
+    "replicate": ((None,), lambda: [Replicate()]),
+    "rep_shard0_2d": ((2, 2), lambda: [Replicate(), Shard(0)]),
+    "shard0_shard1_2d": ((2, 2), lambda: [Shard(0), Shard(1)]),
+}
+
+
+def global_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The same tensor on every rank (seeded by name)."""
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def mesh_for(world: int, shape: tuple) -> object:
+    if shape == (None,):
+        return init_device_mesh("cpu", (world,))
+    return init_device_mesh("cpu", shape)
+
+
+def dtensor(t: torch.Tensor, world: int, layout: str) -> DTensor:
+    """Distribute ``t`` (present on every rank) without communication."""
+    mesh_shape, placements = PLACEMENTS[layout]
+    return distribute_tensor(t, mesh_for(world, mesh_shape), placements(), src_data_rank=None)

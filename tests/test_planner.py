@@ -1,0 +1,462 @@
+"""Save planning: dedup, coverage, writer assignment and the description wire format."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dist_ckpt.errors import CheckpointError, WireError
+from dist_ckpt.planner import (
+    PlanCache,
+    PlanError,
+    RankDescription,
+    SavePlan,
+    TensorDesc,
+    plan_save,
+)
+
+
+def shard_boxes(shape, mesh, placements):
+    """Per-rank ``(offsets, sizes)`` as DTensor places a tensor (row-major ranks).
+
+    ``placements[i]`` is the tensor dim sharded over mesh dim ``i`` (split like
+    ``torch.chunk``, trailing ranks possibly empty) or ``None`` for Replicate.
+    """
+    out = []
+    for coord in np.ndindex(*mesh):
+        off, siz = [0] * len(shape), list(shape)
+        for md, d in enumerate(placements):
+            if d is not None:
+                c = -(-siz[d] // mesh[md])
+                start = min(coord[md] * c, siz[d])
+                off[d], siz[d] = off[d] + start, max(0, min(c, siz[d] - start))
+        out.append((tuple(off), tuple(siz)))
+    return out
+
+
+def describe(tensors, mesh, dtype="float32"):
+    """RankDescriptions for ``{key: (shape, placements)}`` laid out on ``mesh``."""
+    nranks = math.prod(mesh)
+    per_rank = [[] for _ in range(nranks)]
+    for key, (shape, placements) in tensors.items():
+        for r, (off, siz) in enumerate(shard_boxes(shape, mesh, placements)):
+            per_rank[r].append(TensorDesc(key, dtype, tuple(shape), off, siz))
+    return [RankDescription(r, tuple(ts)) for r, ts in enumerate(per_rank)]
+
+
+def written(descs, plan):
+    """``{(key, owner): [(rank, offsets, sizes), ...]}`` of what the plan writes."""
+    out = {}
+    for d in descs:
+        for i in plan.writes[d.rank]:
+            t = d.tensors[i]
+            out.setdefault((t.key, t.owner), []).append((d.rank, t.offsets, t.sizes))
+    return out
+
+
+def check_written_bytes(descs, plan, itemsize=4):
+    for d in descs:
+        expect = sum(math.prod(d.tensors[i].sizes) * itemsize for i in plan.writes[d.rank])
+        assert plan.bytes_per_rank[d.rank] == expect
+
+
+# --------------------------------------------------------------------------- dedup and balance
+
+
+def test_replicated_written_once_by_a_holder_and_balanced():
+    sizes = [1000, 900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 7]
+    tensors = {("model", f"p{i}"): ((n, 3), [None]) for i, n in enumerate(sizes)}
+    descs = describe(tensors, (4,))
+    plan = plan_save(descs)
+    w = written(descs, plan)
+    assert sorted(k for k, _ in w) == sorted(tensors)
+    assert all(len(v) == 1 for v in w.values())  # each replicated tensor written exactly once
+    check_written_bytes(descs, plan)
+    loads = sorted(plan.bytes_per_rank.values())
+    assert sum(loads) == sum(sizes) * 3 * 4
+    assert loads[-1] - loads[0] <= max(sizes) * 3 * 4  # greedy LPT bound
+    assert all(v > 0 for v in loads)  # every rank got work
+    # biggest goes to rank 0 (all loads equal: lowest rank wins), next to rank 1, ...
+    assert [w[(("model", f"p{i}"), None)][0][0] for i in range(4)] == [0, 1, 2, 3]
+
+
+def test_plan_is_deterministic_and_order_independent():
+    tensors = {("w", i): ((10 + i, 4), [None]) for i in range(20)}
+    descs = describe(tensors, (4,))
+    shuffled = descs[:]
+    random.Random(0).shuffle(shuffled)
+    assert plan_save(descs) == plan_save(shuffled) == plan_save(descs)
+
+
+def test_replicated_zero_dim_tensor():
+    descs = describe({("step",): ((), [None])}, (4,), dtype="int64")
+    plan = plan_save(descs)
+    assert sum(len(v) for v in plan.writes.values()) == 1
+    assert plan.bytes_per_rank == {0: 8, 1: 0, 2: 0, 3: 0}
+
+
+# --------------------------------------------------------------------------- sharded layouts
+
+
+@pytest.mark.parametrize(
+    "shape, mesh, placements",
+    [
+        ((16, 6), (4,), [0]),  # Shard(0)
+        ((6, 16), (4,), [1]),  # Shard(1)
+        ((8, 12), (2, 3), [0, 1]),  # 2-D mesh [Shard(0), Shard(1)]
+        ((8, 12), (2, 3), [1, 0]),  # 2-D mesh [Shard(1), Shard(0)]
+        ((16, 4), (2, 2), [0, 0]),  # [Shard(0), Shard(0)]: nested split of one dim
+        ((173, 5), (4,), [0]),  # uneven: 44, 44, 44, 41
+        ((5, 3), (4,), [0]),  # 2, 2, 1, 0: an empty shard
+        ((2, 3, 4), (2, 4), [0, 1]),  # empty shards on a 2-D mesh
+    ],
+)
+def test_sharded_each_rank_writes_its_own_box(shape, mesh, placements):
+    descs = describe({("x",): (shape, placements)}, mesh)
+    plan = plan_save(descs)
+    for d in descs:
+        t = d.tensors[0]
+        assert plan.writes[d.rank] == ((0,) if math.prod(t.sizes) else ())
+        assert plan.bytes_per_rank[d.rank] == math.prod(t.sizes) * 4
+    assert sum(plan.bytes_per_rank.values()) == math.prod(shape) * 4
+
+
+def test_uneven_torch_chunk_split():
+    descs = describe({("x",): ((173, 10), [0])}, (4,))
+    assert [d.tensors[0].sizes[0] for d in descs] == [44, 44, 44, 41]
+    plan = plan_save(descs)
+    assert [plan.bytes_per_rank[r] for r in range(4)] == [n * 10 * 4 for n in (44, 44, 44, 41)]
+
+
+def test_hsdp_replicate_then_shard_dedups_between_replicas():
+    # mesh (2 replicas, 4 shards): [Replicate, Shard(0)]; each shard written once, replicas share the work
+    tensors = {("p", i): ((64, 8), [None, 0]) for i in range(6)}
+    descs = describe(tensors, (2, 4))
+    plan = plan_save(descs)
+    w = written(descs, plan)
+    for key in tensors:
+        boxes = sorted((o, s) for _, o, s in w[(key, None)])
+        assert boxes == sorted(set(shard_boxes((64, 8), (1, 4), [None, 0])))
+    check_written_bytes(descs, plan)
+    assert set(plan.bytes_per_rank.values()) == {3 * 16 * 8 * 4}  # perfectly balanced
+
+
+def test_empty_tensor_writes_nothing():
+    descs = describe({("e",): ((0, 4), [0]), ("f",): ((0,), [None])}, (3,))
+    plan = plan_save(descs)
+    assert all(v == () for v in plan.writes.values())
+    assert set(plan.bytes_per_rank.values()) == {0}
+
+
+def test_rank_holding_several_chunks_of_one_tensor():
+    t = lambda o, s: TensorDesc(("x",), "float32", (4, 2), o, s)
+    descs = [RankDescription(0, (t((0, 0), (1, 2)), t((3, 0), (1, 2)))), RankDescription(1, (t((1, 0), (2, 2)),))]
+    plan = plan_save(descs)
+    assert plan.writes == {0: (0, 1), 1: (0,)}
+
+
+def test_descriptions_with_gaps_in_rank_numbers():
+    descs = describe({("x",): ((4,), [None])}, (1,))
+    descs = [RankDescription(7, descs[0].tensors), RankDescription(3, descs[0].tensors)]
+    plan = plan_save(descs)
+    assert plan.writes == {3: (0,), 7: ()}
+
+
+def reference_plan(descs, itemsize=4):
+    """Straightforward dict-based statement of the rules, to compare plan_save against."""
+    descs = sorted(descs, key=lambda d: d.rank)
+    order, holders = {}, {}
+    for d in descs:
+        for i, t in enumerate(d.tensors):
+            order.setdefault((t.key, t.owner), len(order))
+            if math.prod(t.sizes):
+                hs = holders.setdefault((t.key, t.owner, t.offsets, t.sizes), {})
+                hs.setdefault(d.rank, i)  # a rank holding a box twice: its first index
+    load = {d.rank: 0 for d in descs}
+    writes = {d.rank: [] for d in descs}
+    nbytes = {b: math.prod(b[3]) * itemsize for b in holders}
+    for b, hs in holders.items():
+        if len(hs) == 1:
+            ((r, i),) = hs.items()
+            load[r] += nbytes[b]
+            writes[r].append(i)
+    shared = sorted((b for b, hs in holders.items() if len(hs) > 1), key=lambda b: (-nbytes[b], order[(b[0], b[1])], b[2], b[3]))
+    for b in shared:
+        r = min(sorted(holders[b]), key=lambda r: load[r])
+        load[r] += nbytes[b]
+        writes[r].append(holders[b][r])
+    return SavePlan({r: tuple(sorted(w)) for r, w in writes.items()}, load)
+
+
+@st.composite
+def random_jobs(draw):
+    mesh = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=2)))
+    tensors = {}
+    for i in range(draw(st.integers(1, 6))):
+        ndim = draw(st.integers(0, 3))
+        shape = tuple(draw(st.lists(st.integers(0, 12), min_size=ndim, max_size=ndim)))
+        tensors[("t", i)] = (shape, [draw(st.sampled_from([None, *range(ndim)])) for _ in mesh])
+    return tensors, mesh
+
+
+@settings(max_examples=300, deadline=None)
+@given(random_jobs())
+def test_plan_matches_reference_and_covers_each_element_once(job):
+    tensors, mesh = job
+    descs = describe(tensors, mesh)
+    plan = plan_save(descs)
+    assert plan == reference_plan(descs)
+    for key, (shape, _) in tensors.items():
+        hits = np.zeros(shape, dtype=np.int64)
+        for d in descs:
+            for i in plan.writes[d.rank]:
+                t = d.tensors[i]
+                if t.key == key:
+                    hits[tuple(slice(o, o + s) for o, s in zip(t.offsets, t.sizes))] += 1
+        assert (hits == 1).all()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_dtype_disagreement_names_key_ranks_and_values():
+    descs = describe({("model", "layers", 0, "w"): ((4, 4), [None])}, (3,))
+    bad = descs[2].tensors[0]
+    descs[2] = RankDescription(2, (TensorDesc(bad.key, "float16", bad.shape, bad.offsets, bad.sizes),))
+    with pytest.raises(PlanError) as ei:
+        plan_save(descs)
+    msg = str(ei.value)
+    assert "model.layers[0].w" in msg and "ranks 0, 1" in msg and "rank 2" in msg
+    assert "float32" in msg and "float16" in msg
+    assert ei.value.key == ("model", "layers", 0, "w") and set(ei.value.ranks) == {0, 1, 2}
+    assert isinstance(ei.value, CheckpointError)
+
+
+def test_shape_disagreement():
+    descs = describe({("x",): ((8,), [0])}, (2,))
+    descs[1] = RankDescription(1, (TensorDesc(("x",), "float32", (9,), (4,), (4,)),))
+    with pytest.raises(PlanError, match=r"x disagrees.*rank 0 holds dtype float32 shape \[8\].*rank 1 holds dtype float32 shape \[9\]"):
+        plan_save(descs)
+
+
+def test_partially_overlapping_boxes_name_the_ranks():
+    t = lambda o, s: TensorDesc(("opt", "m"), "float32", (10, 2), o, s)
+    descs = [RankDescription(0, (t((0, 0), (4, 2)),)), RankDescription(1, (t((4, 0), (3, 2)),)), RankDescription(2, (t((5, 0), (5, 2)),))]
+    with pytest.raises(PlanError, match=r"opt\.m .*overlap.*ranks 1, 2") as ei:
+        plan_save(descs)
+    assert set(ei.value.ranks) == {1, 2}
+
+
+def test_gap_is_an_error():
+    descs = describe({("x",): ((8, 2), [0])}, (4,))
+    del_rank = RankDescription(3, ())
+    with pytest.raises(PlanError, match=r"x \(shape \[8, 2\]\): chunks leave a gap"):
+        plan_save(descs[:3] + [del_rank])
+
+
+def test_duplicate_rank_is_an_error():
+    descs = describe({("x",): ((4,), [None])}, (2,))
+    with pytest.raises(PlanError, match="duplicate rank descriptions: rank 1"):
+        plan_save(descs + [descs[1]])
+
+
+def test_unknown_dtype_is_a_plan_error():
+    with pytest.raises(PlanError, match="unknown dtype 'float7'"):
+        plan_save([RankDescription(0, (TensorDesc(("x",), "float7", (2,), (0,), (2,)),))])
+
+
+@pytest.mark.parametrize(
+    "offsets, sizes, match",
+    [
+        ((1, 0), (4, 2), "lies outside shape"),  # full-size box at a wrong offset
+        ((0, 0), (-4, 2), "negative offset or size"),
+        ((0,), (4,), "do not match shape"),
+    ],
+)
+def test_malformed_local_descriptions(offsets, sizes, match):
+    with pytest.raises(PlanError, match=match):
+        plan_save([RankDescription(0, (TensorDesc(("x",), "float32", (4, 2), offsets, sizes),))])
+
+
+# --------------------------------------------------------------------------- rank-local tensors
+
+
+def test_rank_local_tensors_written_by_owner_never_deduped():
+    descs = [
+        RankDescription(r, (TensorDesc(("rng",), "uint8", (16,), (0,), (16,), owner=r), TensorDesc(("buf",), "int64", (r + 1,), (0,), (r + 1,), owner=r)))
+        for r in range(4)
+    ]
+    plan = plan_save(descs)
+    assert plan.writes == {r: (0, 1) for r in range(4)}
+    assert plan.bytes_per_rank == {r: 16 + 8 * (r + 1) for r in range(4)}
+
+
+def test_key_both_global_and_rank_local_is_an_error():
+    descs = [RankDescription(0, (TensorDesc(("k",), "uint8", (4,), (0,), (4,), owner=0),)), RankDescription(1, (TensorDesc(("k",), "uint8", (4,), (0,), (4,)),))]
+    with pytest.raises(PlanError, match=r"k is rank-local on rank 0 but global on rank 1"):
+        plan_save(descs)
+
+
+def test_owner_must_be_the_describing_rank():
+    with pytest.raises(PlanError, match="described by rank 1 is owned by rank 0"):
+        plan_save([RankDescription(1, (TensorDesc(("k",), "uint8", (4,), (0,), (4,), owner=0),))])
+
+
+# --------------------------------------------------------------------------- wire format
+
+keys = st.lists(st.one_of(st.text(max_size=8), st.integers(-(2**63), 2**64 - 1)), max_size=4).map(tuple)
+DTYPES = ["float32", "bfloat16", "int64", "bool", "uint8", "complex64"]
+
+
+@st.composite
+def tensor_descs(draw, rank):
+    shape = tuple(draw(st.lists(st.integers(0, 50), max_size=4)))
+    off = tuple(draw(st.integers(0, d)) for d in shape)
+    siz = tuple(draw(st.integers(0, d - o)) for d, o in zip(shape, off))
+    owner = draw(st.sampled_from([None, rank]))
+    return TensorDesc(draw(keys), draw(st.sampled_from(DTYPES)), shape, off, siz, owner)
+
+
+@st.composite
+def rank_descs(draw):
+    rank = draw(st.integers(0, 5000))
+    return RankDescription(rank, tuple(draw(st.lists(tensor_descs(rank), max_size=6))))
+
+
+@settings(max_examples=300, deadline=None)
+@given(rank_descs())
+def test_description_round_trip(desc):
+    data = desc.to_msgpack()
+    back = RankDescription.from_msgpack(data, desc.rank)
+    assert back == desc
+    assert all(type(t.key) is tuple and type(t.shape) is tuple for t in back.tensors)
+    assert back.digest() == desc.digest() == __import__("xxhash").xxh3_64_intdigest(data)
+
+
+def test_digest_changes_with_content():
+    a = RankDescription(0, (TensorDesc(("x",), "float32", (4,), (0,), (4,)),))
+    b = RankDescription(0, (TensorDesc(("x",), "float32", (4,), (0,), (2,)),))
+    assert a.digest() != b.digest()
+
+
+msgpack_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=6), st.binary(max_size=6)),
+    lambda inner: st.one_of(st.lists(inner, max_size=7), st.dictionaries(st.text(max_size=3), inner, max_size=3)),
+    max_leaves=30,
+)
+
+
+@st.composite
+def garbage(draw):
+    kind = draw(st.integers(0, 3))
+    if kind == 0:
+        return draw(st.binary(max_size=200))
+    if kind == 1:
+        return msgpack.packb(draw(msgpack_values), use_bin_type=True)
+    if kind == 2:  # a structurally plausible description with random fields
+        row = draw(st.lists(msgpack_values, min_size=5, max_size=7))
+        return msgpack.packb([1, [row]], use_bin_type=True)
+    data = bytearray(draw(rank_descs()).to_msgpack())  # a valid one, mutated
+    for _ in range(draw(st.integers(1, 4))):
+        if data:
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    return bytes(data[: draw(st.integers(0, len(data)))] if draw(st.booleans()) else data)
+
+
+@settings(max_examples=2500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(garbage(), st.integers(0, 8))
+def test_from_msgpack_only_raises_wire_error(data, rank):
+    try:
+        desc = RankDescription.from_msgpack(data, rank)
+    except WireError:
+        return
+    for t in desc.tensors:  # whatever got through is fully valid
+        assert len(t.shape) == len(t.offsets) == len(t.sizes)
+        assert all(o + s <= d for o, s, d in zip(t.offsets, t.sizes, t.shape))
+        assert t.owner in (None, rank)
+
+
+def _row(key=("x",), dtype="float32", shape=(4,), off=(0,), siz=(4,), owner=None):
+    return msgpack.packb([1, [[list(key), dtype, list(shape), list(off), list(siz), owner]]])
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b"\xc1", "not valid msgpack"),
+        (_row() + b"\x00", "not valid msgpack"),
+        (msgpack.packb({"a": 1}), r"\[version, rows\]"),
+        (msgpack.packb([2, []]), "unsupported description version 2"),
+        (_row(dtype="float7"), "tensor x: unknown dtype 'float7'"),
+        (_row(shape=(4, 4)), r"differ in length"),
+        (_row(off=(1,)), r"offsets \[1\] sizes \[4\] lies outside shape \[4\]"),
+        (_row(off=(-1,)), r"offsets must hold non-negative ints below 2\*\*62, got -1"),
+        (_row(siz=(True,)), r"sizes must hold non-negative ints below 2\*\*62, got True"),
+        (_row(shape=(2.0,)), r"shape must hold non-negative ints below 2\*\*62, got 2.0"),
+        (_row(shape=(2**64 - 1,)), "got 18446744073709551615"),
+        (_row(shape=(2**62 - 1,), off=(2**62 - 1,), siz=(2**62 - 1,)), "lies outside shape"),
+        (_row(shape=(2**40, 2**40), off=(0, 0), siz=(0, 0)), "too large"),
+        (_row(owner=1), r"owner must be None or this rank \(0\), got 1"),
+        (_row(owner=False), "owner must be None"),
+        (_row(key=(1.5,)), "key path must be a list of str and int"),
+        (msgpack.packb([1, [[["x"], "float32"]]]), "must be \\[key, dtype"),
+    ],
+)
+def test_from_msgpack_rejects_with_precise_message(data, match):
+    with pytest.raises(WireError, match=match):
+        RankDescription.from_msgpack(data, 0)
+
+
+def test_from_msgpack_rejects_non_bytes():
+    with pytest.raises(WireError, match="must be bytes"):
+        RankDescription.from_msgpack("text", 0)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- rank plan wire and cache
+
+
+def test_rank_plan_round_trip():
+    descs = describe({("a", i): ((8, 2), [None]) for i in range(9)}, (3,))
+    plan = plan_save(descs)
+    for d in descs:
+        assert SavePlan.parse_rank_plan(plan.to_msgpack_for(d.rank), len(d.tensors)) == plan.writes[d.rank]
+    assert SavePlan.parse_rank_plan(plan.to_msgpack_for(99), 0) == ()
+
+
+@pytest.mark.parametrize("obj", [[3, 1], [1, 1], [-1], [5], [True], "x", {"a": 1}, [1.0], None])
+def test_rank_plan_garbage(obj):
+    with pytest.raises(WireError):
+        SavePlan.parse_rank_plan(msgpack.packb(obj), 5)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=64))
+def test_rank_plan_random_bytes_only_wire_error(data):
+    try:
+        out = SavePlan.parse_rank_plan(data, 10)
+    except WireError:
+        return
+    assert list(out) == sorted(set(out)) and all(0 <= i < 10 for i in out)
+
+
+def test_plan_cache_hit_and_miss():
+    descs = describe({("x",): ((8,), [0])}, (2,))
+    digests = {d.rank: d.digest() for d in descs}
+    cache = PlanCache()
+    assert cache.lookup(digests) is None
+    plan = plan_save(descs)
+    cache.store(digests, plan)
+    assert cache.lookup(dict(reversed(digests.items()))) is plan
+    assert cache.lookup([(1, digests[1]), (0, digests[0])]) is plan
+    assert cache.lookup({0: digests[0], 1: digests[1] ^ 1}) is None  # one rank changed
+    assert cache.lookup({0: digests[0]}) is None  # a rank missing
+    assert cache.lookup({**digests, 2: 0}) is None  # an extra rank
+    new = plan_save(descs[:1] + [RankDescription(1, descs[1].tensors)])
+    cache.store({0: 1, 1: 2}, new)
+    assert cache.lookup(digests) is None and cache.lookup({0: 1, 1: 2}) is new
