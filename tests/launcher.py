@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -38,7 +39,9 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, env: dict[s
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         value = fn(rank, world, *args)
-        results.put((rank, "ok", value))
+        # Plain pickle copies tensor bytes; the queue's own pickler would pass
+        # file descriptors that die with this process.
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:
         results.put((rank, "err", traceback.format_exc()))
     finally:
@@ -86,7 +89,10 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 6
                     if r not in out and r not in errors and results.empty():
                         errors[r] = f"died with exit code {p.exitcode}"
             continue
-        (out if status == "ok" else errors)[rank] = value
+        if status == "ok":
+            out[rank] = pickle.loads(value)
+        else:
+            errors[rank] = value
     for r, p in enumerate(procs):
         p.join(timeout=max(0.1, deadline - time.monotonic()) if r in out or r in errors else 0.1)
         if p.is_alive():
