@@ -28,6 +28,7 @@ from .checkpointer import (
     make_sync_checkpointer,
 )
 from .config import Config
+from .process import CheckpointProcess
 from .describe import RankLocal, rank_local
 from .errors import (
     CheckpointError,
@@ -50,7 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "save", "async_save", "load", "Config", "rank_local", "RankLocal", "RankInfo",
     "Checkpointer", "SyncCheckpointer", "AsyncCheckpointer", "CheckpointStager", "DefaultStager",
-    "CheckpointWriter", "WriterHook", "CheckpointReader", "make_sync_checkpointer", "make_async_checkpointer",
+    "CheckpointWriter", "WriterHook", "CheckpointProcess", "CheckpointReader", "make_sync_checkpointer", "make_async_checkpointer",
     "DistCkptError", "CheckpointError", "CheckpointNotFound", "ChecksumError", "CoordinatorTimeout",
     "DataFileError", "LoadMismatchError", "ManifestError", "PickleNotAllowed", "StateDictError",
     "StorageError", "WireError",

@@ -18,7 +18,7 @@ import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,9 +27,11 @@ from .config import Config
 from .describe import Described, describe
 from .flatten import expand_stateful
 from .loader import load_full, load_into
-from .saver import report_failure, run_save
+from .process import CheckpointProcess
+from .saver import WriteFn, report_failure, run_save
 from .session import RankInfo, Session
 from .stager import Stager
+from .writer import WriteRecord
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ class StagedState:
     described: Described
     host: list[torch.Tensor]
     ready: Future
+    arena: torch.Tensor | None = None  # the stager's buffer holding ``host``
+    shm_name: str | None = None  # its shared-memory name (process mode)
 
 
 class CheckpointStager(abc.ABC):
@@ -74,10 +78,10 @@ class DefaultStager(CheckpointStager):
         pin_memory: force pinned (True) or pageable (False) memory; default: pinned iff CUDA.
     """
 
-    def __init__(self, rank_info: RankInfo | None = None, config: Config | None = None, pin_memory: bool | None = None) -> None:
+    def __init__(self, rank_info: RankInfo | None = None, config: Config | None = None, pin_memory: bool | None = None, shared_memory: bool = False) -> None:
         self._rank = rank_info.global_rank if rank_info else (dist.get_rank() if dist.is_initialized() else 0)
         self._config = config or Config.from_env()
-        self.stager = Stager(pin_memory)
+        self.stager = Stager(pin_memory, shared_memory)
 
     def describe(self, state_dict: STATE_DICT) -> Described:
         expanded, _ = expand_stateful(state_dict)
@@ -90,10 +94,10 @@ class DefaultStager(CheckpointStager):
     def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> StagedState:
         described = self.describe(state_dict)
         host, ready = self.stager.stage(described.tensors)
-        return StagedState(described, host, ready)
+        return StagedState(described, host, ready, self.stager.arena, self.stager.shm.name if self.stager.shm else None)
 
     def close(self) -> None:
-        self.stager = Stager(self.stager.pin)  # drop the arena
+        self.stager.close()
 
 
 class CheckpointWriter:
@@ -105,12 +109,14 @@ class CheckpointWriter:
         barrier: unused; the coordinator's commit is the barrier. Kept for call-shape compatibility.
         commit_hook: :class:`WriterHook` called around the commit.
         session: the session to save through (created when omitted).
+        process: write staged saves in this :class:`CheckpointProcess` instead of writer threads.
     """
 
-    def __init__(self, config: Config | None = None, rank_info: RankInfo | None = None, barrier: Any = None, commit_hook: WriterHook | None = None, session: Session | None = None) -> None:
+    def __init__(self, config: Config | None = None, rank_info: RankInfo | None = None, barrier: Any = None, commit_hook: WriterHook | None = None, session: Session | None = None, process: CheckpointProcess | None = None) -> None:
         self.session = session or Session(config or Config.from_env())
         self.rank_info = self.session.rank_info
         self.commit_hook = commit_hook
+        self.process = process
         self._owns_session = session is None
 
     def write(self, path: str, state: STATE_DICT | StagedState, *, ckpt: str | None = None, overwrite: bool = False, **kwargs: Any) -> None:
@@ -124,9 +130,23 @@ class CheckpointWriter:
                 report_failure(self.session, ckpt, "describe", e)
                 raise
             state = StagedState(described, described.tensors, _done_future())
-        run_save(self.session, ckpt, path, state.described, state.host, overwrite, ready=state.ready.result, hook=self.commit_hook)
+        write = self._process_write(state) if self.process is not None and state.shm_name is not None else None
+        run_save(self.session, ckpt, path, state.described, state.host, overwrite, ready=state.ready.result, hook=self.commit_hook, write=write)
+
+    def _process_write(self, state: StagedState) -> WriteFn:
+        process, arena = self.process, state.arena
+        assert process is not None and arena is not None
+        base = arena.data_ptr()
+
+        def write(tmp_path: str, path: str, rank: int, assigned: Sequence[int], host: Sequence[torch.Tensor], threads: int) -> list[WriteRecord]:
+            items = [(i, host[i].data_ptr() - base, host[i].numel() * host[i].element_size()) for i in assigned]
+            return process.write(state.shm_name, arena.numel(), tmp_path, path, items, threads)
+
+        return write
 
     def close(self) -> None:
+        if self.process is not None:
+            self.process.close()
         if self._owns_session:
             self.session.close()
 
@@ -262,8 +282,26 @@ def make_sync_checkpointer(config: Config | None = None, rank_info: RankInfo | N
     return SyncCheckpointer(writer, CheckpointReader(writer.rank_info, writer.session.config))
 
 
-def make_async_checkpointer(config: Config | None = None, rank_info: RankInfo | None = None, commit_hook: WriterHook | None = None, pin_memory: bool | None = None) -> AsyncCheckpointer:
-    """An :class:`AsyncCheckpointer` with its own session (all ranks must call this together)."""
+def make_async_checkpointer(
+    config: Config | None = None,
+    rank_info: RankInfo | None = None,
+    commit_hook: WriterHook | None = None,
+    pin_memory: bool | None = None,
+    mode: str = "thread",
+    subprocess_init_fn: Callable[..., None] | None = None,
+    subprocess_init_args: tuple = (),
+) -> AsyncCheckpointer:
+    """An :class:`AsyncCheckpointer` with its own session (all ranks must call this together).
+
+    Args:
+        mode: ``"thread"`` (writer threads in this process) or ``"process"`` (a
+            :class:`CheckpointProcess` per rank, fed through a shared-memory arena).
+        subprocess_init_fn: process mode: called in the subprocess at start.
+    """
+    if mode not in ("thread", "process"):
+        raise ValueError(f"mode must be 'thread' or 'process', got {mode!r}")
     writer = CheckpointWriter(config, rank_info, commit_hook=commit_hook)
-    stager = DefaultStager(writer.rank_info, writer.session.config, pin_memory)
+    if mode == "process":
+        writer.process = CheckpointProcess(writer.rank_info, subprocess_init_fn=subprocess_init_fn, subprocess_init_args=subprocess_init_args)
+    stager = DefaultStager(writer.rank_info, writer.session.config, pin_memory, shared_memory=mode == "process")
     return AsyncCheckpointer(stager, writer, CheckpointReader(writer.rank_info, writer.session.config))

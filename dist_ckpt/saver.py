@@ -23,7 +23,7 @@ from .errors import CheckpointError, CoordinatorTimeout
 from .planner import SavePlan
 from .session import Session
 from .storage import get_storage
-from .writer import WriteItem, write_items
+from .writer import WriteItem, WriteRecord, write_items
 
 if TYPE_CHECKING:
     from .checkpointer import WriterHook
@@ -36,6 +36,16 @@ def host_bytes(t: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
     if t.device.type != "cpu" or not t.is_contiguous():
         t = t.detach().to("cpu").contiguous()
     return t, tensor_memoryview(t)
+
+
+WriteFn = Callable[[str, str, int, Sequence[int], Sequence[torch.Tensor], int], list[WriteRecord]]
+
+
+def write_here(tmp_path: str, path: str, rank: int, assigned: Sequence[int], host: Sequence[torch.Tensor], threads: int) -> list[WriteRecord]:
+    """Write ``host[i]`` for every assigned ``i`` with writer threads in this process."""
+    storage, _ = get_storage(path)
+    keep = [host_bytes(host[i]) for i in assigned]  # keeps any contiguous copies alive while writing
+    return write_items(storage, tmp_path, rank, [WriteItem(i, mv) for i, (_, mv) in zip(assigned, keep)], threads)
 
 
 def report_failure(session: Session, ckpt: str, phase: str, error: BaseException) -> None:
@@ -53,6 +63,7 @@ def run_save(
     overwrite: bool = False,
     ready: Callable[[], object] | None = None,
     hook: "WriterHook | None" = None,
+    write: "WriteFn | None" = None,
 ) -> str:
     """Save this rank's part of checkpoint ``ckpt`` and wait until it is committed.
 
@@ -67,6 +78,8 @@ def run_save(
         ready: called after the plan arrives and before writing (an async save
             waits for staging here); an exception from it fails the save.
         hook: ``pre_commit(path)`` before reporting Done, ``post_commit(path)`` after Committed.
+        write: writes the assigned chunks and returns their records; default
+            :func:`write_here` (writer threads in this process).
 
     Returns:
         ``path``, once the coordinator has committed the checkpoint for all ranks.
@@ -95,11 +108,7 @@ def run_save(
                 phase = "stage"
                 ready()
                 phase = "write"
-            storage, _ = get_storage(path)
-            keep = [host_bytes(host[i]) for i in assigned]
-            items = [WriteItem(i, mv) for i, (_, mv) in zip(assigned, keep)]
-            records = write_items(storage, reply.tmp_path, rank, items, cfg.writer_threads)
-            del keep
+            records = (write or write_here)(reply.tmp_path, path, rank, assigned, host, cfg.writer_threads)
             if hook is not None:
                 hook.pre_commit(path)
             structure = described.structure if rank == 0 else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from multiprocessing import shared_memory
 from concurrent.futures import Future
 from typing import Sequence
 
@@ -35,8 +36,10 @@ def _layout(tensors: Sequence[torch.Tensor]) -> tuple[list[int], int]:
 class Stager:
     """Host buffer pool plus the copy engine (one per checkpointer)."""
 
-    def __init__(self, pin_memory: bool | None = None) -> None:
+    def __init__(self, pin_memory: bool | None = None, shared: bool = False) -> None:
         self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.shared = shared  # arena in shared memory, for a CheckpointProcess
+        self.shm: shared_memory.SharedMemory | None = None
         self._arena = torch.empty(0, dtype=torch.uint8)
         self._stream: torch.cuda.Stream | None = None
         self.allocations = 0  # how many times the arena was (re)allocated, for tests and logs
@@ -44,6 +47,23 @@ class Stager:
     @property
     def capacity(self) -> int:
         return self._arena.numel()
+
+    def _release_shm(self) -> None:
+        if self.shm is not None:
+            self._arena = torch.empty(0, dtype=torch.uint8)
+            self.shm.close()
+            self.shm.unlink()
+            self.shm = None
+
+    def close(self) -> None:
+        """Free the arena (and unlink its shared memory)."""
+        self._release_shm()
+        self._arena = torch.empty(0, dtype=torch.uint8)
+
+    @property
+    def arena(self) -> torch.Tensor:
+        """The whole host buffer (views handed out by :meth:`views` live inside it)."""
+        return self._arena
 
     def prepare(self, tensors: Sequence[torch.Tensor]) -> None:
         """Allocate (and touch) the arena for these tensors ahead of the first save."""
@@ -56,7 +76,17 @@ class Stager:
         t0 = time.perf_counter()
         size = int(total * 1.125) if self.capacity else total  # headroom once the state has grown
         self._arena = torch.empty(0, dtype=torch.uint8)  # free the old arena before allocating
-        self._arena = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+        if self.shared:
+            self._release_shm()
+            # Named POSIX shared memory: a CheckpointProcess attaches by name, so
+            # no tensor bytes and no file descriptors cross a pipe.
+            self.shm = shared_memory.SharedMemory(create=True, size=size)
+            arena = torch.frombuffer(self.shm.buf, dtype=torch.uint8)
+            if self.pin:  # pinned *and* shared: register the shared pages with CUDA
+                torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), size, 0)
+            self._arena = arena
+        else:
+            self._arena = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
         self._arena.zero_()  # touch every page now, not during the first save's copies
         self.allocations += 1
         log.info("staging arena: %.1f MB %s in %.3f s", size / 1e6, "pinned" if self.pin else "pageable", time.perf_counter() - t0)

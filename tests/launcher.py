@@ -73,7 +73,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 6
     """
     results = _CTX.Queue()
     port = free_port()
-    procs = [_CTX.Process(target=_entry, args=(fn, r, world, port, env or {}, results, args), daemon=True) for r in range(world)]
+    procs = [_CTX.Process(target=_entry, args=(fn, r, world, port, env or {}, results, args), daemon=False) for r in range(world)]
     for p in procs:
         p.start()
     out: dict[int, Any] = {}

@@ -1,0 +1,135 @@
+"""``CheckpointProcess``: the writer in a subprocess, fed through shared memory.
+
+Process mode moves file writing and hashing out of the training process (no
+GIL contention, no page-cache pressure accounting against the trainer). The
+subprocess is spawned once per rank and attaches the staging arena (named
+POSIX shared memory) by name: no tensor bytes cross the pipe; it re-attaches
+only when the arena grows. Each save then sends a small
+request — ``(tmp_path, rank, [(tag, arena offset, nbytes)], threads)`` — and
+gets the chunk records back. Planning, ``Done`` and the wait for ``Committed``
+stay in the parent's writer thread, which owns the coordinator connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import traceback
+from multiprocessing import shared_memory
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.multiprocessing as tmp
+
+from .errors import DistCkptError, StorageError
+from .session import RankInfo
+from .writer import WriteRecord
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointProcessError(DistCkptError):
+    """The checkpoint subprocess failed or died."""
+
+
+def _main(rank: int, requests: Any, responses: Any, init_fn: Callable[..., None] | None, init_args: tuple) -> None:
+    from . import storage as storage_mod  # looked up per write, so an init_fn may swap the backend
+    from .buffers import tensor_memoryview
+    from .writer import WriteItem, write_items
+
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank} writer-process] %(message)s")
+    arena: torch.Tensor | None = None
+    shm: shared_memory.SharedMemory | None = None
+    try:
+        if init_fn is not None:
+            init_fn(*init_args)
+        responses.put(("ready", None))
+    except BaseException as e:
+        responses.put(("err", (type(e).__name__, str(e), traceback.format_exc())))
+        return
+    while True:
+        kind, payload = requests.get()
+        if kind == "stop":
+            arena = None
+            if shm is not None:
+                shm.close()
+            return
+        if kind == "arena":
+            arena = None
+            if shm is not None:
+                shm.close()
+            shm = shared_memory.SharedMemory(name=payload[0])
+            arena = torch.frombuffer(shm.buf, dtype=torch.uint8)[: payload[1]]
+            continue
+        try:
+            tmp_path, path, items, threads = payload
+            assert arena is not None, "no staging arena received"
+            view = tensor_memoryview(arena)
+            work = [WriteItem(tag, view[off : off + n]) for tag, off, n in items]
+            storage, _ = storage_mod.get_storage(path)
+            records = write_items(storage, tmp_path, rank, work, threads)
+            responses.put(("ok", [(r.tag, r.file, r.offset, r.nbytes, r.xxh3) for r in records]))
+        except BaseException as e:  # surfaces in the parent's write future
+            responses.put(("err", (type(e).__name__, str(e), traceback.format_exc())))
+
+
+class CheckpointProcess:
+    """One writer subprocess for this rank.
+
+    Args:
+        rank_info: this rank.
+        config: unused beyond timeouts; kept for call-shape compatibility.
+        subprocess_init_fn: called in the subprocess before it serves (e.g. logging setup).
+        subprocess_init_args: its arguments.
+        init_timeout_s: how long to wait for the subprocess to start.
+    """
+
+    def __init__(self, rank_info: RankInfo, config: Any = None, subprocess_init_fn: Callable[..., None] | None = None, subprocess_init_args: tuple = (), init_timeout_s: float = 60.0) -> None:
+        self.rank = rank_info.global_rank
+        ctx = tmp.get_context("spawn")
+        self._requests, self._responses = ctx.Queue(), ctx.Queue()
+        self._proc = ctx.Process(target=_main, args=(self.rank, self._requests, self._responses, subprocess_init_fn, subprocess_init_args), daemon=True, name=f"dist_ckpt-writer-{self.rank}")
+        self._proc.start()
+        self._arena: tuple[str, int] | None = None
+        self._receive("start", init_timeout_s)
+        log.info("[rank %d] checkpoint process %d started", self.rank, self._proc.pid)
+
+    def _receive(self, what: str, timeout: float | None = None) -> Any:
+        waited = 0.0
+        while True:
+            try:
+                kind, payload = self._responses.get(timeout=1.0)
+                break
+            except queue.Empty:
+                waited += 1.0
+                if not self._proc.is_alive():
+                    raise CheckpointProcessError(f"rank {self.rank}: checkpoint process died (exit code {self._proc.exitcode}) during {what}") from None
+                if timeout is not None and waited >= timeout:
+                    raise CheckpointProcessError(f"rank {self.rank}: checkpoint process did not answer within {timeout:.0f} s ({what})") from None
+        if kind == "err":
+            name, message, tb = payload
+            log.error("[rank %d] checkpoint process failed during %s:\n%s", self.rank, what, tb)
+            if name in ("StorageError", "OSError", "PermissionError", "FileNotFoundError"):
+                raise StorageError(f"{message} (in the checkpoint process)")
+            raise CheckpointProcessError(f"{name}: {message} (in the checkpoint process)")
+        return payload
+
+    def write(self, shm_name: str, size: int, tmp_path: str, path: str, items: Sequence[tuple[int, int, int]], threads: int) -> list[WriteRecord]:
+        """Write ``items`` (tag, arena byte offset, nbytes) from the shared arena ``shm_name``; returns records."""
+        if self._arena != (shm_name, size):
+            self._requests.put(("arena", (shm_name, size)))  # the subprocess attaches by name
+            self._arena = (shm_name, size)
+        self._requests.put(("write", (tmp_path, path, list(items), threads)))
+        return [WriteRecord(*r) for r in self._receive("write")]
+
+    def close(self) -> None:
+        """Stop the subprocess (waits for it, then kills it if it hangs)."""
+        if self._proc.is_alive():
+            self._requests.put(("stop", None))
+            self._proc.join(timeout=30)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join()
+        for q in (self._requests, self._responses):
+            q.close()
+            q.join_thread()

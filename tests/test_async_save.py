@@ -1,0 +1,147 @@
+"""Async saves: stager snapshot, background writer, commit barrier (thread and process modes)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+import dist_ckpt as dc
+from dist_helpers import dtensor, global_tensor
+from launcher import run_ranks
+
+FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "30"}
+MODES = ["thread", "process"]
+
+
+def _mutate_after_stage(rank, world, path, mode):
+    ck = dc.make_async_checkpointer(mode=mode)
+    try:
+        w = dtensor(global_tensor("w", (64, 16)), world, "shard0")
+        sd = {"w": w, "r": global_tensor("r", (8,)), "step": 1}
+        stage_f, write_f = ck.save(path, sd)
+        stage_f.result(timeout=30)
+        w.to_local().add_(1000.0)  # the optimizer step after staging
+        sd["r"].zero_()
+        write_f.result(timeout=60)
+        stage_f2, write_f2 = ck.save(path + "-b", sd)  # back to back: the second sees the mutation
+        write_f2.result(timeout=60)
+    finally:
+        ck.close()
+    return True
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("world", [2, 4])
+def test_checkpoint_holds_values_from_stage_time(tmp_path, mode, world):
+    path = str(tmp_path / "ck")
+    run_ranks(_mutate_after_stage, world, path, mode, env=FAST, timeout=120)
+    full = dc.make_sync_checkpointer().load(path)
+    assert torch.equal(full["w"], global_tensor("w", (64, 16))) and torch.equal(full["r"], global_tensor("r", (8,)))
+    second = dc.make_sync_checkpointer().load(path + "-b")
+    assert torch.equal(second["w"], global_tensor("w", (64, 16)) + 1000.0) and torch.equal(second["r"], torch.zeros(8))
+
+
+def _break_storage_in_this_process():
+    import dist_ckpt.saver as saver
+    import dist_ckpt.storage as storage_mod
+    from dist_ckpt.storage.local import LocalStorage, LocalWriteHandle
+
+    class Full(LocalWriteHandle):
+        def pwrite(self, data, offset):
+            raise OSError(28, "No space left on device (injected)")
+
+    class FullStorage(LocalStorage):
+        def open_write(self, p):
+            return Full(p)
+
+    storage_mod.get_storage = saver.get_storage = lambda p: (FullStorage(), p)
+
+
+def _failing_background_write(rank, world, path, mode):
+    init = _break_storage_in_this_process if rank == 1 else None
+    if mode == "thread" and rank == 1:
+        _break_storage_in_this_process()
+    ck = dc.make_async_checkpointer(mode=mode, subprocess_init_fn=init)
+    try:
+        stage_f, write_f = ck.save(path, {"w": dtensor(global_tensor("w", (64, 16)), world, "shard0")})
+        stage_f.result(timeout=30)
+        try:
+            write_f.result(timeout=60)
+        except dc.CheckpointError as e:
+            return sorted(e.failures), str(e)
+        return [], "no error"
+    finally:
+        ck.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_background_write_failure_surfaces_on_every_rank(tmp_path, mode):
+    path = str(tmp_path / "ck")
+    out = run_ranks(_failing_background_write, 2, path, mode, env=FAST, timeout=120)
+    for rank, (failed, msg) in out.items():
+        assert failed == [1] and "No space left on device" in msg, (rank, msg)
+    assert not os.path.exists(path)
+
+
+def _rss_over_saves(rank, world, root, n):
+    import gc
+
+    import psutil
+
+    proc = psutil.Process()
+    ck = dc.make_async_checkpointer()
+    sd = {"w": dtensor(global_tensor("w", (1024, 256)), world, "shard0"), "m": dtensor(global_tensor("m", (1024, 256)), world, "shard0"), "step": 0}
+    ck.prepare(sd)
+    rss = []
+    try:
+        for i in range(n):
+            sd["step"] = i
+            _, write_f = ck.save(f"{root}/s{i}", sd)
+            write_f.result(timeout=60)
+            gc.collect()
+            rss.append(proc.memory_info().rss)
+        allocations = ck.stager.stager.allocations
+    finally:
+        ck.close()
+    return rss, allocations
+
+
+def test_host_memory_stays_flat_over_30_async_saves(tmp_path):
+    out = run_ranks(_rss_over_saves, 2, str(tmp_path), 30, env=FAST, timeout=240)
+    for rank, (rss, allocations) in out.items():
+        assert allocations == 1, "the staging arena must be allocated once and reused"
+        assert rss[-1] <= rss[1] * 1.05, (rank, rss[1], rss[-1])
+
+
+def _close_leaves_nothing(rank, world, path, mode):
+    before = {t.name for t in threading.enumerate()}
+    ck = dc.make_async_checkpointer(mode=mode)
+    _, write_f = ck.save(path, {"w": global_tensor("w", (32, 4))})
+    ck.close()  # waits for the save in flight
+    assert write_f.done() and write_f.exception() is None
+    left = {t.name for t in threading.enumerate()} - before
+    import multiprocessing
+
+    return sorted(left), [p.name for p in multiprocessing.active_children()]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_close_waits_and_leaves_nothing_running(tmp_path, mode):
+    out = run_ranks(_close_leaves_nothing, 2, str(tmp_path / "ck"), mode, env=FAST, timeout=120)
+    for rank, (threads, children) in out.items():
+        assert threads == [] and not [c for c in children if c.startswith("dist_ckpt")], (rank, threads, children)
+    assert os.path.exists(tmp_path / "ck" / "MANIFEST")
+
+
+def test_single_process_async_functional_api(tmp_path):
+    t = torch.arange(10.0)
+    stage_f, write_f = dc.async_save({"t": t}, str(tmp_path / "ck"))
+    stage_f.result()
+    t.zero_()
+    write_f.result(timeout=60)
+    dc.save({"t": t}, str(tmp_path / "ck2"))  # a sync save after an async one in the same process
+    assert torch.equal(dc.load({"t": torch.empty(10)}, str(tmp_path / "ck"))["t"], torch.arange(10.0))
+    assert torch.equal(dc.load({"t": torch.empty(10)}, str(tmp_path / "ck2"))["t"], torch.zeros(10))
