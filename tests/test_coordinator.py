@@ -1,0 +1,213 @@
+"""The coordinator in one process with real ZeroMQ sockets: plan, cache, merge, abort, hostile peers."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from dist_ckpt import wire
+from dist_ckpt.agent import Agent
+from dist_ckpt.config import Config
+from dist_ckpt.coordinator import Coordinator
+from dist_ckpt.describe import describe
+from dist_ckpt.errors import CheckpointError
+from dist_ckpt.loader import load_full
+from dist_ckpt.saver import run_save
+from dist_ckpt.storage import get_storage
+
+pytestmark = pytest.mark.timeout(60)
+SECRET = os.urandom(32)
+CFG = Config(heartbeat_interval_s=0.1, heartbeat_timeout_s=1.5, timeout_s=5.0)
+
+
+@dataclass
+class Job:
+    coordinator: Coordinator
+    ranks: list[SimpleNamespace]
+
+    def close(self) -> None:
+        for r in self.ranks:
+            r.agent.close()
+        self.coordinator.close()
+
+
+@pytest.fixture
+def job():
+    jobs = []
+
+    def make(world: int = 2, config: Config = CFG) -> Job:
+        coord = Coordinator(world, "job1", SECRET, "tcp://127.0.0.1:0", get_storage, config)
+        ranks = [SimpleNamespace(agent=Agent(coord.endpoint, SECRET, "job1", r, config), config=config, rank=r, world_size=world, job="job1") for r in range(world)]
+        jobs.append(Job(coord, ranks))
+        return jobs[-1]
+
+    yield make
+    for j in jobs:
+        j.close()
+
+
+def shards(world: int, value: float = 1.0) -> list[dict]:
+    """Row shards of one (4*world, 3) tensor plus a replicated tensor, as plain per-rank state."""
+    from dist_ckpt.planner import TensorDesc
+
+    out = []
+    for r in range(world):
+        out.append({"rows": torch.full((4, 3), value + r), "rep": torch.arange(5.0), "step": 3})
+    return out
+
+
+def described(rank: int, world: int, sd: dict):
+    d = describe(sd, rank)
+    # make "rows" a row shard of a (4*world, 3) global tensor
+    tensors = tuple(t if t.key != ("rows",) else type(t)(t.key, t.dtype, (4 * world, 3), (4 * rank, 0), (4, 3), None) for t in d.desc.tensors)
+    d.desc = type(d.desc)(rank, tensors)
+    return d
+
+
+def save_all(job: Job, path: str, ckpt: str, states: list[dict]) -> list[object]:
+    results: list[object] = [None] * len(job.ranks)
+
+    def one(r: int) -> None:
+        try:
+            d = described(r, len(job.ranks), states[r])
+            results[r] = run_save(job.ranks[r], ckpt, path, d, d.tensors)
+        except Exception as e:  # collected and asserted by the test
+            results[r] = e
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in range(len(job.ranks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_plan_write_merge_commit(job, tmp_path):
+    j = job(2)
+    path = str(tmp_path / "ck")
+    assert save_all(j, path, "0", shards(2)) == [path, path]
+    full = load_full(path, 0, CFG)
+    assert torch.equal(full["rows"], torch.cat([torch.full((4, 3), 1.0), torch.full((4, 3), 2.0)]))
+    assert torch.equal(full["rep"], torch.arange(5.0)) and full["step"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_plan_is_cached_while_descriptions_are_unchanged(job, tmp_path, caplog):
+    j = job(2)
+    caplog.set_level("INFO", logger="dist_ckpt.coordinator")
+    save_all(j, str(tmp_path / "a"), "0", shards(2))
+    save_all(j, str(tmp_path / "b"), "1", shards(2, value=5.0))  # same boxes, new values
+    states = shards(2)
+    states[1]["extra"] = torch.zeros(2)  # rank 1's description changes
+    save_all(j, str(tmp_path / "c"), "2", states)
+    plans = [r.getMessage() for r in caplog.records if "plan for save" in r.getMessage()]
+    assert ["new" in plans[0], "cached" in plans[1], "new" in plans[2]] == [True, True, True], plans
+
+
+def test_replicated_tensor_written_by_one_rank(job, tmp_path):
+    j = job(2)
+    path = str(tmp_path / "ck")
+    save_all(j, path, "0", shards(2))
+    from dist_ckpt.loader import read_manifest
+
+    m, _, _ = read_manifest(path)
+    assert len(m.tensors[("rep",)].chunks) == 1
+
+
+def test_failed_rank_aborts_the_save_on_every_rank(job, tmp_path):
+    j = job(2)
+    path = str(tmp_path / "ck")
+    j.ranks[1].agent.begin("0", "plan")
+    d0 = described(0, 2, shards(2)[0])
+    errs: list[object] = []
+    t = threading.Thread(target=lambda: errs.append(_catch(lambda: run_save(j.ranks[0], "0", path, d0, d0.tensors))))
+    t.start()
+    j.ranks[1].agent.send(wire.Failed("job1", "0", 1, "stage", "CUDA error: out of memory"))
+    t.join(20)
+    (e,) = errs
+    assert isinstance(e, CheckpointError) and e.failures == {1: "CUDA error: out of memory (phase stage)"}
+    assert not os.path.exists(path) and os.listdir(tmp_path) == []
+
+
+def _catch(fn):
+    try:
+        return fn()
+    except Exception as e:
+        return e
+
+
+def test_silent_rank_aborts_after_heartbeat_timeout(job, tmp_path):
+    j = job(2)
+    path = str(tmp_path / "ck")
+    d1 = described(1, 2, shards(2)[1])
+    # rank 1 asks for a plan, then dies: its agent stops (no heartbeats, no Done)
+    j.ranks[1].agent.send(wire.PlanRequest("job1", "0", 1, path, 2, d1.desc.digest(), d1.desc.to_msgpack(), False))
+    time.sleep(0.3)
+    j.ranks[1].agent.close()
+    j.ranks = j.ranks[:1]
+    d0 = described(0, 2, shards(2)[0])
+    t0 = time.monotonic()
+    e = _catch(lambda: run_save(j.ranks[0], "0", path, d0, d0.tensors))
+    assert isinstance(e, CheckpointError) and 1 in e.failures and "no heartbeat" in e.failures[1], e
+    assert time.monotonic() - t0 < 5
+    assert not os.path.exists(path)
+
+
+def _raw_peer(endpoint: str, identity: bytes | None = None) -> zmq.Socket:
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    if identity:
+        s.setsockopt(zmq.IDENTITY, identity)
+    s.connect(endpoint)
+    return s
+
+
+def test_hostile_peers_are_dropped_and_counted_and_the_save_succeeds(job, tmp_path):
+    j = job(2)
+    coord = j.coordinator
+    path = str(tmp_path / "ck")
+    assert save_all(j, str(tmp_path / "first"), "0", shards(2)) == [str(tmp_path / "first")] * 2
+    evil = _raw_peer(coord.endpoint)
+    d = described(0, 2, shards(2)[0])
+    good_done = wire.encode(wire.Done("job1", "0", 0, b"x", b"y"), SECRET)
+    attacks = [
+        [b"garbage"],  # one frame
+        [b"\x93\x01\x02", b"\x00" * 32],  # not authenticated
+        wire.encode(wire.Heartbeat("job1", "0", 0, "write"), os.urandom(32)),  # wrong secret
+        [b"h" * (1 << 21), b"\x00" * 32],  # oversized header
+        wire.encode(wire.Done("other-job", "0", 1, b"", b""), SECRET),  # another job
+        good_done,  # a Done for rank 0 from a peer that is not rank 0's socket
+        [*wire.encode(wire.Heartbeat("job1", "1", 0, "plan"), SECRET)[:1], b"\x01" * 32],  # tampered MAC
+    ]
+    for frames in attacks:
+        evil.send_multipart(frames)
+    # confused (or replaying) real peers: a Done of the finished save "0", a Done for an unknown save
+    j.ranks[0].agent.send(wire.Done("job1", "0", 0, b"x", b"y"))
+    j.ranks[1].agent.send(wire.Done("job1", "99", 1, b"", b""))
+    # out-of-range rank: signed correctly but rank 7 of a 2-rank job
+    hdr = msgpack.packb({"v": 1, "t": "hb", "job": "job1", "ckpt": "1", "rank": 7, "phase": "plan"})
+    import hashlib
+    import hmac as hmac_mod
+
+    mac = hmac_mod.new(SECRET, len(hdr).to_bytes(8, "little") + hdr, hashlib.sha256).digest()
+    evil.send_multipart([hdr, mac])
+    # a second process claiming rank 0 (authenticated: it knows the secret)
+    impostor = _raw_peer(coord.endpoint, b"impostor")
+    impostor.send_multipart(wire.encode(wire.PlanRequest("job1", "1", 0, path, 2, d.desc.digest(), d.desc.to_msgpack(), False), SECRET))
+    time.sleep(0.5)
+    assert save_all(j, path, "1", shards(2)) == [path, path]
+    dropped = dict(coord.dropped)
+    for reason in ("mac", "frames", "size", "stale", "unknown-save", "job", "identity", "rank"):
+        assert any(reason in k for k in dropped), (reason, dropped)
+    assert sum(dropped.values()) >= 10
+    evil.close()
+    impostor.close()
