@@ -143,12 +143,7 @@ class Agent:
                 if self._wake_recv in events:
                     while self._wake_recv.poll(0):
                         self._wake_recv.recv()
-                while True:
-                    try:
-                        msg = self._outbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    self._sock.send_multipart(wire.encode(msg, self._secret), copy=False)
+                self._flush()
                 if self._sock in events:
                     self._receive()
                 now = time.monotonic()
@@ -160,6 +155,7 @@ class Agent:
         self._flush()
 
     def _flush(self) -> None:
+        """Send everything queued by callers."""
         while True:
             try:
                 msg = self._outbox.get_nowait()

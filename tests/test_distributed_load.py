@@ -121,17 +121,22 @@ def test_ranks_load_at_different_times_without_waiting(tmp_path):
     assert out[0][0] < out[1][0] - out[1][1]
 
 
-def _fsdp_train_save(rank, world, path):
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+def _fsdp_model():
     from torch.distributed.fsdp import fully_shard
 
-    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
     fully_shard(model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def _fsdp_train_save(rank, world, path):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    torch.manual_seed(0)
+    model, opt = _fsdp_model()
     for _ in range(2):
         model(torch.randn(4, 16, generator=torch.Generator().manual_seed(rank))).sum().backward()
         opt.step()
@@ -145,15 +150,9 @@ def _fsdp_train_save(rank, world, path):
 
 def _fsdp_load_train(rank, world, path, full, moments):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(123)  # different init: everything must come from the checkpoint
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model, opt = _fsdp_model()
     model(torch.randn(4, 16)).sum().backward()
     opt.step()  # materialise optimizer state so it can be loaded into
     opt.zero_grad()
