@@ -28,6 +28,7 @@ from .checkpointer import (
     make_sync_checkpointer,
 )
 from .config import Config
+from .convert import ConvertError, convert
 from .process import CheckpointProcess
 from .describe import RankLocal, rank_local
 from .errors import (
@@ -45,6 +46,7 @@ from .errors import (
     WireError,
 )
 from .session import RankInfo
+from .verify import BadChunk, VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -54,5 +56,5 @@ __all__ = [
     "CheckpointWriter", "WriterHook", "CheckpointProcess", "CheckpointReader", "make_sync_checkpointer", "make_async_checkpointer",
     "DistCkptError", "CheckpointError", "CheckpointNotFound", "ChecksumError", "CoordinatorTimeout",
     "DataFileError", "LoadMismatchError", "ManifestError", "PickleNotAllowed", "StateDictError",
-    "StorageError", "WireError",
+    "StorageError", "WireError", "verify", "VerifyReport", "BadChunk", "convert", "ConvertError",
 ]

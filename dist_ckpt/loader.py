@@ -75,7 +75,7 @@ def _object_value(value: Any, key: KeyPath, allow_pickle: bool) -> Any:
     return value
 
 
-def _entry(manifest: Manifest, rank: int, key: KeyPath) -> tuple[TensorEntry | None, Any, bool]:
+def entry_for(manifest: Manifest, rank: int, key: KeyPath) -> tuple[TensorEntry | None, Any, bool]:
     """(tensor entry, object value, found) for ``key``, rank-local section first."""
     sec = manifest.local.get(rank)
     if sec is not None:
@@ -110,7 +110,7 @@ def load_into(state_dict: Any, path: str, rank: int, config: Config, strict: boo
     missing = []
     for key, value in leaves.items():
         target = value.value if isinstance(value, RankLocal) else value
-        entry, obj, found = _entry(manifest, rank, key)
+        entry, obj, found = entry_for(manifest, rank, key)
         if not found:
             missing.append(key)
         elif isinstance(target, torch.Tensor):
@@ -161,7 +161,7 @@ def load_full(path: str, rank: int, config: Config, map_location: Any = None, st
     leaves: dict[KeyPath, Any] = {}
     tasks = []
     for key in list(manifest.tensors) + list(manifest.objects) + (list(manifest.local[rank].tensors) + list(manifest.local[rank].objects) if rank in manifest.local else []):
-        entry, obj, _ = _entry(manifest, rank, key)
+        entry, obj, _ = entry_for(manifest, rank, key)
         if entry is None:
             leaves[key] = _object_value(obj, key, config.allow_pickle)
             continue

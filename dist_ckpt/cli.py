@@ -1,0 +1,471 @@
+"""The ``dist-ckpt`` command: list, inspect, verify, convert and clean up checkpoints.
+
+Every subcommand is a small function ``_cmd_<name>(args) -> exit code`` over
+the library (:mod:`dist_ckpt.loader`, :mod:`dist_ckpt.verify`,
+:mod:`dist_ckpt.convert`). Exit codes: 0 success, 1 a failed check or a
+refused operation (message on stderr as ``dist-ckpt: error: ...``, no
+traceback), 2 bad arguments (argparse). ``inspect`` never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import textwrap
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+from .commit import MANIFEST
+from .errors import DistCkptError, ManifestError
+from .flatten import KeyPath, format_path
+from .loader import read_manifest
+from .manifest import Manifest, Pickled, TensorEntry
+
+PROG = "dist-ckpt"
+STEP_RE = re.compile(r"^step-(\d{8,})$")  # as CheckpointManager names them (more digits past 99,999,999)
+
+
+# -- formatting -------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_age(seconds: float) -> str:
+    """``5400`` -> ``"1h"`` (coarse, for listings)."""
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(0, int(seconds))}s"
+
+
+def _value_text(value: Any) -> str:
+    """A stored object for display; pickled bytes are described, never unpickled."""
+    if isinstance(value, Pickled):
+        return f"<pickled {len(value.data)} bytes>"
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _jsonable(value: Any) -> Any:
+    """A decoded msgpack value as strict JSON (bytes and pickles described, non-finite floats as text)."""
+    if isinstance(value, Pickled):
+        return {"pickled_bytes": len(value.data)}
+    if isinstance(value, bytes):
+        return {"bytes": len(value)}
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@contextmanager
+def _progress_bar(desc: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr (off when not a TTY)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is a nicety: work without it
+        yield lambda done, total: None
+        return
+
+    bar = tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=None if enabled else True, leave=False)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+# -- ls ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Dir:
+    name: str
+    state: str  # committed | incomplete | old | invalid
+    size: int
+    world_size: int | None
+    time: float  # manifest creation, else directory mtime
+    step: int | None
+
+
+def _dir_size(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass  # removed while walking
+    return total
+
+
+def _describe_dir(root: str, name: str) -> _Dir | None:
+    """The checkpoint directory ``root/name``, or None when it does not look like one."""
+    path = os.path.join(root, name)
+    m = STEP_RE.match(name)
+    has_manifest = os.path.isfile(os.path.join(path, MANIFEST))
+    looks = m or has_manifest or ".tmp-" in name or ".old-" in name or os.path.isdir(os.path.join(path, "data"))
+    if not os.path.isdir(path) or not looks:
+        return None
+    world, created = None, os.stat(path).st_mtime
+    if ".tmp-" in name or not has_manifest:
+        state = "incomplete"
+    else:
+        state = "old" if ".old-" in name else "committed"
+        try:
+            manifest, _, _ = read_manifest(path)
+            world, created = manifest.world_size, manifest.created
+        except ManifestError:
+            state = "invalid"
+    return _Dir(name, state, _dir_size(path), world, created, int(m.group(1)) if m else None)
+
+
+def _scan(root: str) -> list[_Dir]:
+    if not os.path.isdir(root):
+        raise FileNotFoundError(2, "no such directory", root)
+    found = (_describe_dir(root, n) for n in sorted(os.listdir(root)))
+    return [d for d in found if d is not None]
+
+
+def _newest(dirs: Sequence[_Dir]) -> _Dir | None:
+    """The newest committed checkpoint: highest step, else (no step dirs) latest creation."""
+    committed = [d for d in dirs if d.state == "committed"]
+    steps = [d for d in committed if d.step is not None]
+    if steps:
+        return max(steps, key=lambda d: d.step or 0)
+    return max(committed, key=lambda d: d.time, default=None)
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    dirs = _scan(args.root)
+    if not dirs:
+        print(f"no checkpoints in {args.root}")
+        return 0
+    newest, now = _newest(dirs), time.time()
+    width = max(len(d.name) for d in dirs)
+    print(f"  {'NAME':<{width}}  {'STATE':<10}  {'SIZE':>10}  {'WORLD':>5}  AGE")
+    for d in dirs:
+        mark = "*" if d is newest else " "
+        world = str(d.world_size) if d.world_size is not None else "-"
+        print(f"{mark} {d.name:<{width}}  {d.state:<10}  {human_bytes(d.size):>10}  {world:>5}  {human_age(now - d.time)}")
+    if newest is not None:
+        print(f"newest committed: {newest.name}")
+    return 0
+
+
+# -- inspect ----------------------------------------------------------------------
+
+
+def _part(key: str | int) -> str:
+    return f"[{key}]" if type(key) is int else (key if key.isidentifier() else repr(key))
+
+
+def _rank_local(manifest: Manifest, key: KeyPath) -> list[tuple[int, TensorEntry | None, Any]]:
+    out = []
+    for r, sec in sorted(manifest.local.items()):
+        if key in sec.tensors:
+            out.append((r, sec.tensors[key], None))
+        elif key in sec.objects:
+            out.append((r, None, sec.objects[key]))
+    return out
+
+
+def _tensor_text(e: TensorEntry) -> str:
+    n = len(e.chunks)
+    return f"{e.dtype} {list(e.shape)}  {n} chunk{'s' if n != 1 else ''}  {human_bytes(e.nbytes)}"
+
+
+def _leaf_text(manifest: Manifest, key: KeyPath) -> str:
+    if key in manifest.tensors:
+        return _tensor_text(manifest.tensors[key])
+    if key in manifest.objects:
+        return "= " + _value_text(manifest.objects[key])
+    per_rank = _rank_local(manifest, key)
+    if not per_rank:
+        return "(missing from the manifest)"
+    r, entry, obj = per_rank[0]
+    first = _tensor_text(entry) if entry is not None else "= " + _value_text(obj)
+    return f"rank-local on {len(per_rank)} rank(s); rank {r}: {first}"
+
+
+def _tree_lines(manifest: Manifest, node: Any, path: KeyPath, depth: int, out: list[tuple[str, str]]) -> None:
+    """``(indented name, description)`` per line, walking the structure (format in dist_ckpt.flatten)."""
+    if node == 0:
+        out.append(("  " * max(0, depth - 1) + (_part(path[-1]) if path else "<root>"), _leaf_text(manifest, path)))
+        return
+    tag, keys, children = (node[0], node[1], node[2]) if node[0] == "d" else (node[0], range(len(node[1])), node[1])
+    if path:
+        empty = {"d": "{}", "l": "[]", "t": "()"}[tag] if not children else ""
+        out.append(("  " * (depth - 1) + _part(path[-1]), empty))
+    for k, child in zip(keys, children):
+        _tree_lines(manifest, child, path + (k,), depth + 1, out)
+
+
+def _inspect_json(manifest: Manifest, root: str) -> dict[str, Any]:
+    sections: list[tuple[int | None, Any]] = [(None, manifest)] + sorted(manifest.local.items())
+    tensors, objects = [], []
+    for rank, sec in sections:
+        for key, e in sec.tensors.items():
+            tensors.append({"key": list(key), "name": format_path(key), "rank": rank, "dtype": e.dtype, "shape": list(e.shape), "chunks": len(e.chunks), "nbytes": e.nbytes})
+        for key, v in sec.objects.items():
+            kind = "pickled" if isinstance(v, Pickled) else type(v).__name__
+            objects.append({"key": list(key), "name": format_path(key), "rank": rank, "type": kind, "value": _jsonable(v)})
+    return {
+        "path": root, "format_version": 1, "world_size": manifest.world_size, "created": manifest.created,
+        "files": list(manifest.files), "nbytes": sum(t["nbytes"] for t in tensors), "user_meta": _jsonable(dict(manifest.user_meta)),
+        "tensors": tensors, "objects": objects, "structure": manifest.structure,
+    }
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    manifest, root, _ = read_manifest(args.ckpt)
+    if args.json:
+        print(json.dumps(_inspect_json(manifest, root), indent=1))
+        return 0
+    info = _inspect_json(manifest, root)
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.created))
+    print(f"checkpoint  {root}")
+    print(f"committed   {created} ({human_age(time.time() - manifest.created)} ago), world size {manifest.world_size}")
+    print(f"data        {len(info['tensors'])} tensors, {human_bytes(info['nbytes'])} in {len(manifest.files)} file(s); {len(info['objects'])} objects")
+    if manifest.user_meta:
+        print(f"user_meta   {_value_text(dict(manifest.user_meta))}")
+    lines: list[tuple[str, str]] = []
+    _tree_lines(manifest, manifest.structure, (), 0, lines)
+    width = min(60, max((len(name) for name, _ in lines), default=0))
+    print()
+    for name, desc in lines:
+        print(f"{name:<{width}}  {desc}".rstrip())
+    return 0
+
+
+# -- verify -----------------------------------------------------------------------
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    with _progress_bar("verify", not args.no_progress) as progress:
+        report = verify(args.ckpt, workers=args.workers, progress=progress)
+    rate = report.bytes_checked / max(report.seconds, 1e-9)
+    summary = f"{report.chunks_checked} chunks, {human_bytes(report.bytes_checked)} checked in {report.seconds:.2f} s ({human_bytes(rate)}/s)"
+    if report.ok:
+        print(f"OK  {report.path}: {summary}")
+        return 0
+    print(f"FAILED  {report.path}: {len(report.bad)} bad chunk(s) of {summary}")
+    for b in report.bad:
+        owner = f" (rank {b.rank})" if b.rank is not None else ""
+        print(f"  {format_path(b.key)}{owner}  file {b.file}  offset {b.offset}  {b.nbytes} bytes  {b.reason}: {b.detail}")
+    return 1
+
+
+# -- convert ----------------------------------------------------------------------
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    with _progress_bar("convert", not args.no_progress) as progress:
+        result = convert(args.src, args.dst, args.to, trust_pickle=args.trust_pickle, pickle_objects=args.pickle_objects, rank=args.rank, progress=progress)
+    print(f"wrote {result.dst} ({result.to}) from {result.src_format}: {result.tensors} tensors, {human_bytes(result.nbytes)}, {result.objects} objects")
+    if result.skipped:
+        print(f"{PROG}: warning: {len(result.skipped)} value(s) not representable in {result.to} were left out: {', '.join(result.skipped[:20])}", file=sys.stderr)
+    return 0
+
+
+# -- gc ---------------------------------------------------------------------------
+
+
+def gc_plan(root: str, keep_last: int | None, min_age: float = 0.0) -> list[tuple[str, str]]:
+    """``(directory name, reason)`` for everything ``gc`` removes under ``root``.
+
+    Removed: unfinished saves (``*.tmp-*``), ``*.old-*`` left by an overwrite
+    whose final directory is committed (without it the old one is the only
+    complete copy and is kept), step directories without MANIFEST, and with
+    ``keep_last`` committed ``step-*`` directories beyond the newest
+    ``keep_last``. The newest committed step is never removed. Directories
+    modified less than ``min_age`` seconds ago are left alone (a save may be
+    writing them).
+    """
+    dirs = _scan(root)
+    newest = _newest(dirs)
+    committed = {d.name for d in dirs if d.state in ("committed", "invalid")}
+    now = time.time()
+    out = []
+    for d in dirs:
+        if d is newest or now - os.stat(os.path.join(root, d.name)).st_mtime < min_age:
+            continue
+        if ".tmp-" in d.name:
+            out.append((d.name, "unfinished save"))
+        elif ".old-" in d.name and d.name.split(".old-", 1)[0] in committed:
+            out.append((d.name, f"left over from an overwrite of {d.name.split('.old-', 1)[0]}"))
+        elif d.step is not None and d.state == "incomplete":
+            out.append((d.name, f"no {MANIFEST} (never committed)"))
+    if keep_last is not None:
+        steps = sorted((d for d in dirs if d.step is not None and d.state in ("committed", "invalid")), key=lambda d: d.step or 0)
+        out += [(d.name, f"retention: keeping the last {keep_last}") for d in steps[: max(0, len(steps) - keep_last)] if d is not newest]
+    return out
+
+
+def _remove(path: str) -> None:
+    """Remove ``path``; a committed one is first renamed to ``*.tmp-delete-*``.
+
+    The rename un-commits it atomically, so a crash half-way through the
+    removal never leaves a MANIFEST beside missing data.
+    """
+    doomed = path
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        doomed = f"{path}.tmp-delete-{uuid.uuid4().hex[:8]}"
+        os.rename(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    plan = gc_plan(args.root, args.keep_last, args.min_age)
+    if not plan:
+        print(f"nothing to remove in {args.root}")
+        return 0
+    freed = 0
+    for name, reason in plan:
+        path = os.path.join(args.root, name)
+        size = _dir_size(path)
+        if not args.dry_run:
+            _remove(path)
+        freed += size
+        print(f"{'would remove' if args.dry_run else 'removed'} {name}  ({reason}, {human_bytes(size)})")
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{len(plan)} director{'y' if len(plan) == 1 else 'ies'}, {verb} {human_bytes(freed)}")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _ckpt_path(text: str) -> str:
+    """A path or URL with a storage backend (checked here so that a bad scheme is a usage error)."""
+    from .storage import get_storage
+
+    try:
+        get_storage(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _sub(subs: Any, name: str, help: str, examples: str) -> argparse.ArgumentParser:
+    return subs.add_parser(name, help=help, description=help, epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dist-ckpt`` argument parser (one subparser per command)."""
+    from .convert import FORMATS, trust_message
+
+    p = argparse.ArgumentParser(prog=PROG, description="Inspect, verify, convert and clean up dist_ckpt checkpoints.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n  dist-ckpt ls /ckpts\n  dist-ckpt verify /ckpts/step-00001000\n  dist-ckpt <command> --help")
+    subs = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = _sub(subs, "ls", "List the checkpoints under ROOT: state, size, world size, age; * marks the newest committed.",
+             "  dist-ckpt ls /ckpts\n\nSTATE is committed (has MANIFEST), incomplete (no MANIFEST, or a .tmp- save), old (moved\naside by an interrupted overwrite) or invalid (unreadable MANIFEST).")
+    s.add_argument("root", metavar="ROOT", help="directory holding step-XXXXXXXX checkpoint directories")
+    s.set_defaults(func=_cmd_ls)
+
+    s = _sub(subs, "inspect", "Show a checkpoint's keys as a tree: dtype, global shape, chunks, bytes, and its values.",
+             "  dist-ckpt inspect /ckpts/step-00001000\n  dist-ckpt inspect /ckpts/step-00001000 --json | jq '.tensors[].name'\n\nPickled values are shown as <pickled N bytes> and are never unpickled.")
+    s.add_argument("ckpt", metavar="CKPT", type=_ckpt_path, help="checkpoint directory")
+    s.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    s.set_defaults(func=_cmd_inspect)
+
+    s = _sub(subs, "verify", "Re-read every chunk and check its xxh3-64 checksum; exit 1 listing bad chunks.",
+             "  dist-ckpt verify /ckpts/step-00001000\n  dist-ckpt verify /ckpts/step-00001000 --workers 16 --no-progress")
+    s.add_argument("ckpt", metavar="CKPT", type=_ckpt_path, help="checkpoint directory")
+    s.add_argument("--workers", type=_positive, default=4, help="reader/hasher threads (default 4)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_verify)
+
+    s = _sub(subs, "convert", "Convert a checkpoint between dist_ckpt, DCP, torch.save and safetensors.",
+             "  dist-ckpt convert /ckpts/step-00001000 /tmp/dcp --to dcp\n"
+             "  dist-ckpt convert /ckpts/step-00001000 model.pt --to torch\n"
+             "  dist-ckpt convert /ckpts/step-00001000 model.safetensors --to safetensors\n"
+             "  dist-ckpt convert /dcp/checkpoint /ckpts/step-00000000 --to dist_ckpt --trust-pickle\n"
+             "  dist-ckpt convert model.pt /ckpts/step-00000000 --to dist_ckpt --trust-pickle\n\n"
+             "SRC is detected: a dist_ckpt checkpoint, a DCP directory (.metadata) or a torch.save file.\n\n"
+             + textwrap.fill(f"--trust-pickle: {trust_message('dcp')}. The same holds for torch.save input.", 88, break_on_hyphens=False) + "\n\n"
+             "The torch output needs the whole checkpoint in memory; the others hold about one tensor\nat a time.")
+    s.add_argument("src", metavar="SRC", type=_ckpt_path, help="input checkpoint (format detected)")
+    s.add_argument("dst", metavar="DST", type=_ckpt_path, help="output path (must not exist)")
+    s.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    s.add_argument("--trust-pickle", action="store_true", help="allow unpickling: needed to read DCP or torch.save input (it can execute code)")
+    s.add_argument("--pickle-objects", action="store_true", help="(--to dist_ckpt) store values that are not msgpack-native pickled instead of refusing")
+    s.add_argument("--rank", type=int, default=0, help="(dist_ckpt input) whose rank-local values to take (default 0)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_convert)
+
+    s = _sub(subs, "gc", "Remove unfinished saves and, with --keep-last, old committed steps; never the newest committed step.",
+             "  dist-ckpt gc /ckpts --dry-run\n  dist-ckpt gc /ckpts --keep-last 3\n  dist-ckpt gc /ckpts --min-age 3600   # while a job may be saving")
+    s.add_argument("root", metavar="ROOT", help="directory holding step-XXXXXXXX checkpoint directories")
+    s.add_argument("--keep-last", type=_positive, default=None, metavar="N", help="keep only the newest N committed step directories")
+    s.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+    s.add_argument("--min-age", type=float, default=0.0, metavar="SECONDS", help="leave directories modified more recently than this alone (default 0)")
+    s.set_defaults(func=_cmd_gc)
+    return p
+
+
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, DistCkptError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dist-ckpt`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or bad arguments (2)
+        return e.code if isinstance(e.code, int) else 0
+    try:
+        return int(args.func(args))
+    except (DistCkptError, OSError) as e:
+        print(f"{PROG}: error: {_error_text(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

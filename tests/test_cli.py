@@ -1,0 +1,181 @@
+"""The ``dist-ckpt`` command: help, ls, inspect, verify, gc, exit codes and error messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dist_ckpt as dc
+from dist_ckpt.cli import main
+from dist_ckpt.commit import MANIFEST
+from dist_ckpt.loader import read_manifest
+
+COMMANDS = ["ls", "inspect", "verify", "convert", "gc"]
+
+
+class Trap:
+    """Unpickling this creates ``path``: proof that something unpickled it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def _save(path: str, step: int = 1) -> None:
+    dc.save({"model": {"w": torch.randn(8, 3), "layers": [torch.arange(4)]}, "step": step, "empty": {}}, path)
+
+
+@pytest.fixture
+def root(tmp_path):
+    """step 1 and 2 committed, an unfinished save, a step dir never committed, an unrelated dir."""
+    r = tmp_path / "ckpts"
+    r.mkdir()
+    _save(str(r / "step-00000001"), 1)
+    _save(str(r / "step-00000002"), 2)
+    (r / "step-00000003.tmp-abc123" / "data").mkdir(parents=True)
+    (r / "step-00000004" / "data").mkdir(parents=True)
+    (r / "notes").mkdir()
+    return r
+
+
+def test_help_of_every_command_has_examples(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(c in out for c in COMMANDS)
+    for c in COMMANDS:
+        assert main([c, "--help"]) == 0
+        assert "examples:" in capsys.readouterr().out
+
+
+def test_console_script_runs():
+    exe = os.path.join(os.path.dirname(sys.executable), "dist-ckpt")
+    res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "verify" in res.stdout and "convert" in res.stdout
+
+
+def test_bad_arguments_exit_2(capsys, tmp_path):
+    assert main([]) == 2
+    assert main(["verify"]) == 2
+    assert main(["gc", str(tmp_path), "--keep-last", "0"]) == 2
+    assert main(["convert", "a", "b", "--to", "zip"]) == 2
+    assert main(["inspect", "s3://bucket/ck"]) == 2
+    assert "no storage backend" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_without_traceback(tmp_path, capsys):
+    for argv in (["inspect", str(tmp_path / "nope")], ["verify", str(tmp_path / "nope")], ["ls", str(tmp_path / "nope")]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("dist-ckpt: error:") and "nope" in err and "Traceback" not in err
+    (tmp_path / "half").mkdir()
+    assert main(["inspect", str(tmp_path / "half")]) == 1
+    assert "incomplete" in capsys.readouterr().err
+
+
+def test_ls_shows_states_and_marks_newest(root, capsys):
+    assert main(["ls", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line[2:].split()[0]: line for line in lines[1:] if line[2:].startswith("step-")}
+    assert set(rows) == {"step-00000001", "step-00000002", "step-00000003.tmp-abc123", "step-00000004"}
+    assert rows["step-00000002"].startswith("* ") and "committed" in rows["step-00000002"]
+    assert rows["step-00000001"].startswith("  ") and rows["step-00000001"].split()[1] == "committed"
+    assert rows["step-00000003.tmp-abc123"].split()[1] == "incomplete" and rows["step-00000004"].split()[1] == "incomplete"
+    assert rows["step-00000002"].split()[-2] == "1"  # world size
+    assert "notes" not in "\n".join(lines) and lines[-1] == "newest committed: step-00000002"
+
+
+def test_inspect_tree_and_pickled_values_stay_pickled(tmp_path, capsys):
+    path, marker = str(tmp_path / "ck"), str(tmp_path / "unpickled")
+    ck = dc.make_sync_checkpointer(dc.Config(allow_pickle=True))
+    ck.save(path, {"model": {"w": torch.zeros(8, 3), "layers": [torch.arange(4)]}, "trap": Trap(marker), "step": 5, "blob": b"xyz", "empty": {},
+                   "rng": dc.rank_local(torch.zeros(3)), "pos": dc.rank_local(17)})
+    ck.close()
+    size = len(read_manifest(path)[0].objects[("trap",)].data)
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    lines = [line.rstrip() for line in out.splitlines()]
+    assert any(line.startswith("model") for line in lines)
+    assert any(line.strip().startswith("w") and "float32 [8, 3]" in line and "1 chunk" in line and "96 B" in line for line in lines)
+    assert any(line.strip().startswith("[0]") and "int64 [4]" in line for line in lines)
+    assert f"<pickled {size} bytes>" in out and "= 5" in out and "<3 bytes>" in out and "{}" in out
+    assert "rank-local on 1 rank(s); rank 0: float32 [3]" in out and "rank-local on 1 rank(s); rank 0: = 17" in out
+    assert main(["inspect", path, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert not os.path.exists(marker)
+    tensors = {tuple(t["key"]): t for t in info["tensors"]}
+    assert tensors[("model", "w")] == {"key": ["model", "w"], "name": "model.w", "rank": None, "dtype": "float32", "shape": [8, 3], "chunks": 1, "nbytes": 96}
+    objects = {tuple(o["key"]): o for o in info["objects"]}
+    assert objects[("trap",)]["type"] == "pickled" and objects[("trap",)]["value"] == {"pickled_bytes": size}
+    assert objects[("step",)]["value"] == 5 and info["world_size"] == 1 and info["nbytes"] == 96 + 32 + 12
+    assert tensors[("rng",)]["rank"] == 0 and objects[("pos",)] == {"key": ["pos"], "name": "pos", "rank": 0, "type": "int", "value": 17}
+
+
+def test_verify_clean_and_corrupt(tmp_path, capsys):
+    path = str(tmp_path / "ck")
+    _save(path)
+    assert main(["verify", path, "--workers", "2"]) == 0
+    assert capsys.readouterr().out.startswith("OK")
+    m, _, _ = read_manifest(path)
+    e = m.tensors[("model", "w")]
+    name, offset = m.files[int(e.chunks.file[0])], int(e.chunks.offset[0])
+    with open(os.path.join(path, name), "r+b") as f:
+        f.seek(offset + 5)
+        b = f.read(1)
+        f.seek(offset + 5)
+        f.write(bytes([b[0] ^ 0x80]))
+    assert main(["verify", path, "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAILED") and f"model.w  file {name}  offset {offset}" in out and "checksum mismatch" in out
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_verify_missing_or_truncated_data_file(tmp_path, capsys, damage):
+    path = str(tmp_path / "ck")
+    _save(path)
+    data = os.path.join(path, read_manifest(path)[0].files[0])
+    if damage == "missing":
+        os.remove(data)
+    else:
+        os.truncate(data, 50)  # inside the first chunk: every chunk is cut
+    assert main(["verify", path]) == 1
+    out = capsys.readouterr().out
+    assert f"file {damage}" in out and "model.w  file data/" in out
+
+
+def test_gc_dry_run_then_remove(root, capsys):
+    (root / "step-00000002.old-xyz").mkdir()  # its final dir is committed: a leftover
+    (root / "step-00000009.old-xyz").mkdir()  # no final dir: the only copy, kept
+    before = sorted(os.listdir(root))
+    assert main(["gc", str(root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert sorted(os.listdir(root)) == before
+    assert "would remove step-00000003.tmp-abc123" in out and "would remove step-00000004" in out and "would remove step-00000002.old-xyz" in out
+    assert main(["gc", str(root)]) == 0
+    assert sorted(os.listdir(root)) == ["notes", "step-00000001", "step-00000002", "step-00000009.old-xyz"]
+    assert main(["gc", str(root), "--keep-last", "1"]) == 0
+    assert "removed step-00000001" in capsys.readouterr().out
+    assert sorted(os.listdir(root)) == ["notes", "step-00000002", "step-00000009.old-xyz"]
+    assert os.path.isfile(root / "step-00000002" / MANIFEST)
+
+
+def test_gc_never_removes_newest_committed(tmp_path, capsys):
+    r = tmp_path / "ckpts"
+    r.mkdir()
+    _save(str(r / "step-00000005"), 5)
+    (r / "step-00000007").mkdir()  # a newer step, but never committed
+    assert main(["gc", str(r), "--keep-last", "1"]) == 0
+    assert sorted(os.listdir(r)) == ["step-00000005"]
+    assert main(["gc", str(r), "--keep-last", "1"]) == 0
+    assert "nothing to remove" in capsys.readouterr().out
+
+
+def test_gc_min_age_spares_fresh_tmp_dirs(root, capsys):
+    assert main(["gc", str(root), "--min-age", "3600"]) == 0
+    assert "step-00000003.tmp-abc123" in os.listdir(root)
