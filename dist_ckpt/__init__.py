@@ -29,6 +29,7 @@ from .checkpointer import (
 )
 from .config import Config
 from .convert import ConvertError, convert
+from .manager import CheckpointManager
 from .process import CheckpointProcess
 from .describe import RankLocal, rank_local
 from .errors import (
@@ -51,7 +52,7 @@ from .verify import BadChunk, VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "save", "async_save", "load", "Config", "rank_local", "RankLocal", "RankInfo",
+    "save", "async_save", "load", "CheckpointManager", "Config", "rank_local", "RankLocal", "RankInfo",
     "Checkpointer", "SyncCheckpointer", "AsyncCheckpointer", "CheckpointStager", "DefaultStager",
     "CheckpointWriter", "WriterHook", "CheckpointProcess", "CheckpointReader", "make_sync_checkpointer", "make_async_checkpointer",
     "DistCkptError", "CheckpointError", "CheckpointNotFound", "ChecksumError", "CoordinatorTimeout",

@@ -1,0 +1,415 @@
+"""CheckpointManager: numbered checkpoints for a training loop, with retention.
+
+Layout under ``root``::
+
+    step-00000100/            a committed checkpoint (it has a MANIFEST)
+    step-00000200.tmp-<id>/   a save in flight, or left behind by a crash
+    step-00000100.old-<id>/   the old copy during an overwrite's swap
+
+Call order and which rank runs each step (every rank calls the public methods
+together, in the same order; the manager itself calls no torch collective)::
+
+    __init__   (all ranks) create the checkpointer session (the store hands out
+               the coordinator's endpoint); (rank 0) collect what crashed runs
+               left behind: see :func:`stale_entries`
+    save       (all ranks) wait for the previous save and its retention;
+               (rank 0) remove an incomplete ``step-N`` the save would collide with;
+               (all ranks) start the save through the checkpointer
+    commit     (rank 0, after ``write_future`` completes, in the writer thread)
+               read the committed size, apply retention; every rank logs its figures
+    load       (all ranks) wait for the save in flight, read the newest (or given)
+               committed step; no communication
+    close      (all ranks) wait for the save in flight, close the checkpointer
+
+Only rank 0 creates or removes directories, and only at points where no other
+rank can be reading what it removes: stale entries at start (before any save
+of this job), incomplete ones before the save that replaces them, and old
+steps strictly after a commit. A step removed by retention is first renamed to
+``step-N.tmp-delete-*``, which un-commits it atomically: a crash half-way
+through a delete never leaves a MANIFEST beside missing data. Retention runs
+in the background on rank 0, so other ranks may already have moved on: load
+an older step explicitly only if the policy keeps it (e.g. ``keep_every``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .checkpointer import AsyncCheckpointer, SyncCheckpointer, make_async_checkpointer, make_sync_checkpointer
+from .commit import MANIFEST
+from .config import Config
+from .errors import CheckpointNotFound
+from .loader import read_manifest
+from .manifest import Manifest
+from .storage import Storage, get_storage
+
+log = logging.getLogger(__name__)
+
+_STEP_RE = re.compile(r"^step-(\d{8,})$")
+_TMP_RE = re.compile(r"^step-(\d{8,})\.tmp-.+$")
+_OLD_RE = re.compile(r"^step-(\d{8,})\.old-.+$")
+
+
+def step_dir_name(step: int) -> str:
+    """``step-<8 digits>`` (more digits past 99,999,999)."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"step-{step:08d}"
+
+
+# -- what is on disk (pure decisions over a listing) ------------------------------
+
+
+@dataclass(frozen=True)
+class RootListing:
+    """What a checkpoint root holds, by kind.
+
+    Attributes:
+        committed: steps whose ``step-N`` directory has a MANIFEST, ascending.
+        incomplete: steps whose ``step-N`` directory has no MANIFEST.
+        tmp: ``step-N.tmp-*`` entry names (saves in flight or crashed, deletes interrupted).
+        old: ``step-N.old-*`` entry names with their step (an overwrite's old copy).
+    """
+
+    committed: tuple[int, ...] = ()
+    incomplete: tuple[int, ...] = ()
+    tmp: tuple[str, ...] = ()
+    old: tuple[tuple[str, int], ...] = ()
+
+
+def scan(storage: Storage, root: str) -> RootListing:
+    """List ``root`` (missing root: empty listing); entries of other names are ignored."""
+    if not storage.exists(root):
+        return RootListing()
+    committed, incomplete, tmp, old = [], [], [], []
+    for name in storage.listdir(root):
+        if m := _STEP_RE.match(name):
+            (committed if storage.exists(f"{root}/{name}/{MANIFEST}") else incomplete).append(int(m.group(1)))
+        elif _TMP_RE.match(name):
+            tmp.append(name)
+        elif m := _OLD_RE.match(name):
+            old.append((name, int(m.group(1))))
+    return RootListing(tuple(sorted(committed)), tuple(sorted(incomplete)), tuple(tmp), tuple(old))
+
+
+def stale_entries(listing: RootListing) -> list[str]:
+    """Entry names a crashed run left behind that are safe to remove at start.
+
+    - every ``step-N.tmp-*``: no save of this job is in flight yet, and a
+      temporary directory is never loaded;
+    - ``step-N.old-*`` only when ``step-N`` is committed (otherwise the old copy
+      is the complete one, and load falls back to it);
+    - ``step-N`` without MANIFEST when N is older than the newest committed step
+      (a newer one may still be a save of another writer; a later save of that
+      step removes it first).
+    """
+    committed = set(listing.committed)
+    newest = max(committed, default=-1)
+    out = list(listing.tmp)
+    out += [name for name, step in listing.old if step in committed]
+    out += [step_dir_name(s) for s in listing.incomplete if s < newest]
+    return sorted(out)
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Which committed steps to keep.
+
+    Attributes:
+        keep_last: keep the newest ``keep_last`` committed steps (None: keep all).
+        keep_every: also keep, forever, every step divisible by ``keep_every``.
+    """
+
+    keep_last: int | None = 3
+    keep_every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 or None, got {self.keep_last}")
+        if self.keep_every is not None and self.keep_every < 1:
+            raise ValueError(f"keep_every must be >= 1 or None, got {self.keep_every}")
+
+    def to_delete(self, committed: Iterable[int], protect: Iterable[int] = ()) -> list[int]:
+        """Committed steps to remove; the newest and every step in ``protect`` are always kept."""
+        steps = sorted(set(committed))
+        if self.keep_last is None or not steps:
+            return []
+        keep = set(steps[-self.keep_last :]) | {steps[-1]} | set(protect)
+        if self.keep_every is not None:
+            keep |= {s for s in steps if s % self.keep_every == 0}
+        return [s for s in steps if s not in keep]
+
+
+# -- figures ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SaveStats:
+    """Figures of one committed save, as seen by this rank.
+
+    Attributes:
+        step: the training step saved.
+        blocked_ms: from ``save()`` being called until the state was staged and the
+            caller may mutate it (``waited_ms`` included).
+        waited_ms: of which waiting for the previous save to commit.
+        total_s: from the start of this save until it was committed for all ranks.
+        nbytes: bytes of tensor data in the checkpoint (rank 0, read from the
+            MANIFEST; None on other ranks).
+        deleted: steps removed by retention after this commit (rank 0).
+    """
+
+    step: int
+    blocked_ms: float
+    waited_ms: float
+    total_s: float
+    nbytes: int | None = None
+    deleted: tuple[int, ...] = field(default=())
+
+    @property
+    def gbps(self) -> float | None:
+        """Checkpoint bytes over total seconds, in GB/s (None without ``nbytes``)."""
+        if self.nbytes is None or self.total_s <= 0:
+            return None
+        return self.nbytes / self.total_s / 1e9
+
+    def line(self) -> str:
+        size = ""
+        if self.nbytes is not None:
+            size = f", {self.nbytes / 1e9:.2f} GB" if self.nbytes >= 1e9 else f", {self.nbytes / 1e6:.1f} MB"
+            size += f" at {self.gbps:.3f} GB/s"
+        gone = f"; retention removed {list(self.deleted)}" if self.deleted else ""
+        waited = f" ({self.waited_ms:.1f} ms waiting for the previous save)" if self.waited_ms >= 1 else ""
+        return f"step {self.step}: blocked {self.blocked_ms:.1f} ms{waited}, total {self.total_s:.3f} s{size}{gone}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "blocked_ms": self.blocked_ms, "waited_ms": self.waited_ms, "total_s": self.total_s, "nbytes": self.nbytes, "gbps": self.gbps, "deleted": list(self.deleted)}
+
+
+def checkpoint_bytes(path: str) -> int:
+    """Bytes of tensor data (global and rank-local) in the committed checkpoint at ``path``."""
+    manifest, _, _ = read_manifest(path)
+    total = sum(e.nbytes for e in manifest.tensors.values())
+    return total + sum(e.nbytes for sec in manifest.local.values() for e in sec.tensors.values())
+
+
+def _done() -> Future:
+    f: Future = Future()
+    f.set_result(None)
+    return f
+
+
+# -- the manager -------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Save every N steps to ``root/step-<8 digits>``, resume from the newest, keep a few.
+
+    Every rank constructs it and calls ``save``/``load``/``close`` together, in
+    the same order. One manager per root per job: at construction rank 0
+    removes temporary directories under ``root`` (see :func:`stale_entries`).
+
+    Args:
+        root: directory holding the step directories (created on rank 0; ``file://`` allowed).
+        keep_last: keep the newest ``keep_last`` committed steps (None: all).
+        keep_every: also keep every step divisible by this forever.
+        async_save: ``save`` returns ``(stage_future, write_future)`` at once; otherwise it
+            blocks until the checkpoint is committed and returns None.
+        config: checkpointer settings (default: :meth:`Config.from_env`).
+
+    Raises:
+        ValueError: a bad ``keep_last`` / ``keep_every``.
+    """
+
+    def __init__(self, root: str, keep_last: int | None = 3, keep_every: int | None = None, async_save: bool = True, config: Config | None = None) -> None:
+        self.policy = RetentionPolicy(keep_last, keep_every)
+        self.root = root.rstrip("/")
+        self._storage, self._root = get_storage(self.root)
+        self.async_save = async_save
+        self._ckpt: AsyncCheckpointer | SyncCheckpointer = make_async_checkpointer(config) if async_save else make_sync_checkpointer(config)
+        self.rank = self._ckpt.writer.session.rank
+        self.history: list[SaveStats] = []
+        self._pending: Future = _done()
+        self._lock = threading.Lock()
+        self._closed = False
+        if self.rank == 0:
+            self._storage.makedirs(self._root)
+            self._remove(stale_entries(scan(self._storage, self._root)), "stale entries left by an earlier run")
+
+    # -- queries (any rank, no communication) --
+
+    def path_for(self, step: int) -> str:
+        """The directory of ``step`` (committed or not)."""
+        return f"{self.root}/{step_dir_name(step)}"
+
+    def steps(self) -> list[int]:
+        """Committed steps, ascending."""
+        return list(scan(self._storage, self._root).committed)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None; temporary and incomplete directories never count."""
+        committed = self.steps()
+        return committed[-1] if committed else None
+
+    def manifest(self, step: int | None = None) -> Manifest:
+        """The validated MANIFEST of ``step`` (newest committed when None): world size, keys, user_meta.
+
+        Raises:
+            CheckpointNotFound: no such committed step.
+        """
+        return read_manifest(self.path_for(self._committed_or_latest(step)))[0]
+
+    def _committed_or_latest(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointNotFound(f"no committed checkpoint under {self.root} (no step-<N> directory with a {MANIFEST})")
+        return step
+
+    @property
+    def last_stats(self) -> SaveStats | None:
+        """Figures of the newest committed save of this manager."""
+        return self.history[-1] if self.history else None
+
+    # -- saving --
+
+    def prepare(self, state_dict: Any) -> None:
+        """(async) Allocate staging memory for ``state_dict`` now, so the first save is as fast as later ones."""
+        if isinstance(self._ckpt, AsyncCheckpointer):
+            self._ckpt.prepare(state_dict)
+
+    def save(self, step: int, state_dict: Any, *, overwrite: bool = False) -> tuple[Future, Future] | None:
+        """Save ``state_dict`` as ``step``; first waits for the previous save (and its retention).
+
+        Returns:
+            async: ``(stage_future, write_future)``: mutate the state only after
+            ``stage_future.result()``; ``write_future.result()`` returns once the step
+            is committed for all ranks. sync: None, once committed.
+
+        Raises:
+            CheckpointError: (sync) the save failed on some rank (the same error on every rank).
+            RuntimeError: the manager is closed.
+        """
+        t_call = time.perf_counter()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("save() on a closed CheckpointManager")
+            self._pending.result()
+            path = self.path_for(step)
+            if self.rank == 0:
+                self._clear_incomplete(step)
+            t_start = time.perf_counter()
+            if isinstance(self._ckpt, SyncCheckpointer):
+                try:
+                    self._ckpt.save(path, state_dict, overwrite=overwrite)
+                except Exception as e:
+                    self._after_write(step, path, t_call, t_start, time.perf_counter(), e)
+                    raise
+                self._after_write(step, path, t_call, t_start, time.perf_counter(), None)
+                return None
+            return self._start_async(step, path, state_dict, overwrite, t_call, t_start)
+
+    def _start_async(self, step: int, path: str, state_dict: Any, overwrite: bool, t_call: float, t_start: float) -> tuple[Future, Future]:
+        stage_f, write_f = self._ckpt.save(path, state_dict, overwrite=overwrite)  # type: ignore[misc]
+        staged_at: list[float] = []
+        stage_f.add_done_callback(lambda _: staged_at.append(time.perf_counter()))
+        pending: Future = Future()
+        self._pending = pending
+
+        def on_written(f: Future) -> None:  # runs in the writer thread once the save is decided
+            try:
+                self._after_write(step, path, t_call, t_start, staged_at[0] if staged_at else time.perf_counter(), f.exception())
+            finally:
+                pending.set_result(None)
+
+        write_f.add_done_callback(on_written)
+        return stage_f, write_f
+
+    def _after_write(self, step: int, path: str, t_call: float, t_start: float, t_staged: float, error: BaseException | None) -> None:
+        """Record and log the save's figures; (rank 0, committed only) apply retention. Never raises:
+        a failed size read or delete must not break the training loop."""
+        if error is not None:
+            log.error("[rank %d] checkpoint step %d failed; retention skipped: %s", self.rank, step, error)
+            return
+        total_s = time.perf_counter() - t_start
+        nbytes, deleted = None, ()
+        if self.rank == 0:
+            try:
+                nbytes = checkpoint_bytes(path)
+            except Exception as e:
+                log.warning("[rank 0] checkpoint step %d: cannot read its size from the manifest: %s", step, e)
+            try:
+                deleted = tuple(self._apply_retention(step))
+            except Exception:
+                log.exception("[rank 0] retention after step %d failed; the next commit retries it", step)
+        stats = SaveStats(step, (t_staged - t_call) * 1e3, (t_start - t_call) * 1e3, total_s, nbytes, deleted)
+        self.history.append(stats)
+        log.log(logging.INFO if self.rank == 0 else logging.DEBUG, "[rank %d] checkpoint %s", self.rank, stats.line())
+
+    def _apply_retention(self, just_committed: int) -> list[int]:
+        """(rank 0, after a commit) Remove committed steps the policy does not keep."""
+        doomed = self.policy.to_delete(self.steps(), protect=(just_committed,))
+        for step in doomed:
+            # Un-commit atomically first, then delete at leisure (see the module docstring).
+            trash = f"{self._root}/{step_dir_name(step)}.tmp-delete-{uuid.uuid4().hex[:8]}"
+            self._storage.rename_dir(f"{self._root}/{step_dir_name(step)}", trash)
+            self._storage.remove_tree(trash)
+        return doomed
+
+    def _clear_incomplete(self, step: int) -> None:
+        """(rank 0, before saving ``step``) Remove an uncommitted ``step-N`` the save would collide with."""
+        name = step_dir_name(step)
+        if self._storage.exists(f"{self._root}/{name}") and not self._storage.exists(f"{self._root}/{name}/{MANIFEST}"):
+            self._remove([name], f"an incomplete directory in the way of saving step {step}")
+
+    def _remove(self, names: list[str], why: str) -> None:
+        if not names:
+            return
+        for name in names:
+            self._storage.remove_tree(f"{self._root}/{name}")
+        log.info("[rank 0] removed %d %s under %s: %s", len(names), why, self.root, ", ".join(names[:10]) + (" …" if len(names) > 10 else ""))
+
+    def wait(self) -> None:
+        """Block until the save in flight is decided and (rank 0) its retention is done."""
+        with self._lock:
+            self._pending.result()
+
+    # -- loading --
+
+    def load(self, state_dict: Any, step: int | None = None, *, strict: bool = True) -> int:
+        """Load ``step`` (the newest committed one when None) into ``state_dict`` in place.
+
+        Waits for the save in flight first. No communication between ranks.
+
+        Returns:
+            The step loaded.
+
+        Raises:
+            CheckpointNotFound: no committed checkpoint under ``root`` (or ``step`` is not committed).
+            LoadMismatchError: (strict) keys, shapes or dtypes differ from the checkpoint.
+        """
+        self.wait()
+        step = self._committed_or_latest(step)
+        self._ckpt.load(self.path_for(step), state_dict, strict=strict)
+        return step
+
+    def close(self) -> None:
+        """Wait for the save in flight (and its retention), then close the checkpointer; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._pending.result()
+            self._ckpt.close()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
