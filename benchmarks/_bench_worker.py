@@ -1,0 +1,675 @@
+"""One rank of the side-by-side checkpoint benchmark (see ``bench_checkpoint.py``).
+
+Launched by ``bench_checkpoint.py`` through ``torchrun``; every rank builds the
+same FSDP-like state (DTensor ``Shard(0)`` parameters and two Adam moments, one
+replicated plain tensor, a few plain values), then times, interleaved within
+each repetition, dist_ckpt, DCP, per-rank ``torch.save`` and raw disk I/O.
+Rank 0 writes every per-repetition figure to ``--out`` as JSON; the driver
+takes the medians and prints the table.
+
+Modes:
+    ``main``     (world N) sync save, async save, load at the same world size;
+                 leaves one checkpoint per library under ``<dir>/src`` for ...
+    ``reshard``  (world M) loads ``<dir>/src`` into this job's own Shard(0) layout.
+
+Timing rule: every timed step starts after a barrier, each rank measures its
+own wall time, and the step's time is the maximum over ranks (the job waits for
+the slowest rank). Throughput = the state's logical bytes / that time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import mmap
+import os
+import shutil
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import psutil
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+import dist_ckpt as dc
+
+MiB = 1 << 20
+IO_PIECE = 16 * MiB  # write/read size of the raw disk ceiling measurement
+LOG = logging.getLogger("bench")
+
+# ---------------------------------------------------------------- the state
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter (its two Adam moments have the same shape and dtype)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+# (share of the parameter bytes, columns, dtype); a 1-D entry has columns 0.
+_LAYOUT = [
+    (0.24, 4096, torch.float32), (0.18, 1024, torch.float32), (0.14, 2048, torch.float32),
+    (0.12, 1024, torch.bfloat16), (0.10, 512, torch.float32), (0.08, 4096, torch.float32),
+    (0.07, 1024, torch.float32), (0.07, 2048, torch.float32),
+]
+_SMALL = 12  # 1-D norm/bias vectors of 1024..12288 elements: per-tensor overhead matters too
+
+
+def state_spec(total_bytes: int) -> tuple[list[ParamSpec], tuple[int, int]]:
+    """Parameters and the replicated tensor's shape for a state of about ``total_bytes``.
+
+    Depends on ``total_bytes`` only, never on the world size, so a checkpoint
+    saved by N ranks loads into the state built by M ranks.
+    """
+    replicated = (max(1, total_bytes // 64 // (4 * 1024)), 1024)  # ~1.6 %, e.g. a RoPE cache
+    small = [ParamSpec(f"layers.{i}.norm.weight", (1024 * (1 + i),), torch.float32) for i in range(_SMALL)]
+    rest = total_bytes - replicated[0] * 1024 * 4 - 3 * sum(math.prod(p.shape) * 4 for p in small)
+    per_param_bytes = max(rest // 3, 0)
+    big = []
+    for i, (share, cols, dtype) in enumerate(_LAYOUT):
+        item = torch.empty(0, dtype=dtype).element_size()
+        rows = max(1, int(per_param_bytes * share) // (cols * item))
+        big.append(ParamSpec(f"layers.{i}.proj.weight", (rows, cols), dtype))
+    return big + small, replicated
+
+
+def _pattern(offset: int, shape: tuple[int, ...], global_cols: int, salt: int, dtype: torch.dtype) -> torch.Tensor:
+    """Deterministic values of a block starting at global row ``offset`` (exact in ``dtype``)."""
+    mod = 251 if dtype == torch.bfloat16 else 1_000_003
+    rows = torch.arange(offset, offset + shape[0], dtype=torch.int64)
+    if len(shape) == 1:
+        return ((rows * 7 + salt) % mod).to(dtype)
+    cols = torch.arange(shape[1], dtype=torch.int64)
+    return ((rows[:, None] * (global_cols + 1) + cols[None, :] + salt) % mod).to(dtype)
+
+
+def _fill(t: torch.Tensor, row0: int, global_cols: int, salt: int) -> None:
+    """Fill ``t`` (a row block) with the pattern, in slabs to bound the int64 temporary."""
+    slab = max(1, (8 * MiB) // max(1, (t.shape[1] if t.dim() == 2 else 1) * 8))
+    for r in range(0, t.shape[0], slab):
+        block = t[r : r + slab]
+        block.copy_(_pattern(row0 + r, tuple(block.shape), global_cols, salt, t.dtype))
+
+
+def _check(t: torch.Tensor, row0: int, global_cols: int, salt: int) -> bool:
+    slab = max(1, (8 * MiB) // max(1, (t.shape[1] if t.dim() == 2 else 1) * 8))
+    host = t.cpu()
+    for r in range(0, host.shape[0], slab):
+        block = host[r : r + slab]
+        if not torch.equal(block, _pattern(row0 + r, tuple(block.shape), global_cols, salt, t.dtype)):
+            return False
+    return True
+
+
+def _row0(dt: DTensor) -> int:
+    return int(dt.__create_chunk_list__()[0].offsets[0])
+
+
+def _sharded(spec: ParamSpec, mesh: DeviceMesh, device: str) -> DTensor:
+    full = torch.empty(spec.shape, dtype=spec.dtype, device=device)  # never touched: pages stay virtual
+    return distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None)
+
+
+def build_state(total_bytes: int, mesh: DeviceMesh, device: str, fill: bool) -> dict[str, Any]:
+    """The FSDP-like state dict: ``fill`` writes the pattern, else zeros (a load target)."""
+    params, rep_shape = state_spec(total_bytes)
+    model, optim = {}, {}
+    for i, p in enumerate(params):
+        tensors = {}
+        for j, slot in enumerate(("param", "exp_avg", "exp_avg_sq")):
+            dt = _sharded(p, mesh, device)
+            local = dt.to_local()
+            if fill:
+                _fill(local, _row0(dt), p.shape[-1] if len(p.shape) == 2 else 0, 97 * i + 31 * j)
+            else:
+                local.zero_()
+            tensors[slot] = dt
+        model[p.name] = tensors.pop("param")
+        optim[p.name] = tensors
+    rep = torch.empty(rep_shape, dtype=torch.float32, device=device)
+    if fill:
+        _fill(rep, 0, rep_shape[1], 12345)
+    else:
+        rep.zero_()
+    return {
+        "model": model,
+        "optim": {"state": optim, "param_groups": [{"lr": 3e-4 if fill else 0.0, "weight_decay": 0.1 if fill else 0.0}]},
+        "extra": {"rope_cache": rep, "step": 1234 if fill else 0, "lr": 3e-4 if fill else 0.0},
+    }
+
+
+def verify_state(sd: dict[str, Any], total_bytes: int) -> bool:
+    """True when every tensor and plain value of ``sd`` holds what ``build_state(fill=True)`` put there."""
+    params, rep_shape = state_spec(total_bytes)
+    for i, p in enumerate(params):
+        cols = p.shape[-1] if len(p.shape) == 2 else 0
+        slots = [sd["model"][p.name], sd["optim"]["state"][p.name]["exp_avg"], sd["optim"]["state"][p.name]["exp_avg_sq"]]
+        for j, dt in enumerate(slots):
+            if not _check(dt.to_local(), _row0(dt), cols, 97 * i + 31 * j):
+                LOG.error("verify: %s slot %d differs", p.name, j)
+                return False
+    extra = sd["extra"]
+    if not _check(extra["rope_cache"], 0, rep_shape[1], 12345):
+        LOG.error("verify: rope_cache differs")
+        return False
+    ok = extra["step"] == 1234 and extra["lr"] == 3e-4 and sd["optim"]["param_groups"][0]["lr"] == 3e-4
+    if not ok:
+        LOG.error("verify: plain values differ: step=%r lr=%r param_groups=%r", extra["step"], extra["lr"], sd["optim"]["param_groups"])
+    return ok
+
+
+def zero_state(sd: dict[str, Any]) -> None:
+    """Reset a load target so a load that writes nothing is caught by :func:`verify_state`."""
+    for t in _tensors(sd):
+        (t.to_local() if isinstance(t, DTensor) else t).zero_()
+    sd["extra"]["step"], sd["extra"]["lr"] = 0, 0.0
+    sd["optim"]["param_groups"] = [{"lr": 0.0, "weight_decay": 0.0}]
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def state_nbytes(sd: dict[str, Any]) -> tuple[int, int]:
+    """``(logical bytes of the whole state, bytes this rank holds)``."""
+    total = local = 0
+    for t in _tensors(sd):
+        total += t.numel() * t.element_size()
+        lt = t.to_local() if isinstance(t, DTensor) else t
+        local += lt.numel() * lt.element_size()
+    return total, local
+
+
+def local_state(obj: Any) -> Any:
+    """The state with every DTensor replaced by its local shard (what per-rank torch.save writes)."""
+    if isinstance(obj, DTensor):
+        return obj.to_local()
+    if isinstance(obj, dict):
+        return {k: local_state(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [local_state(v) for v in obj]
+    return obj
+
+
+def copy_into(dst: Any, src: Any) -> None:
+    """Copy a torch.load'ed local state into the target state (tensors in place, values replaced)."""
+    for k, v in src.items():
+        if isinstance(v, dict):
+            copy_into(dst[k], v)
+        elif isinstance(v, torch.Tensor):
+            (dst[k].to_local() if isinstance(dst[k], DTensor) else dst[k]).copy_(v)
+        else:
+            dst[k] = v
+
+
+# ---------------------------------------------------------------- measurement
+
+
+class PeakRSS:
+    """Peak resident set size of this process over a block (Linux ``clear_refs`` + ``VmHWM``).
+
+    Falls back to sampling RSS every 5 ms where the kernel refuses the reset.
+    """
+
+    def __init__(self) -> None:
+        self.proc = psutil.Process()
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _hwm() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise OSError("no VmHWM")
+
+    def __enter__(self) -> "PeakRSS":
+        self.start = self.peak = self.proc.memory_info().rss
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._hwm()
+        except OSError:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        else:
+            self.peak = max(self.peak, self._hwm())
+
+
+class Bench:
+    """This rank's view of the job: timing across ranks, cleanup, page-cache control."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = args.device
+        self.dropped_caches: bool | None = None  # None: not attempted yet
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
+
+    def max_over_ranks(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # CPU tensor: goes through gloo on every backend
+        return t.tolist()
+
+    def timed(self, fn: Callable[[], Any]) -> dict[str, float]:
+        """Run ``fn`` on every rank at once; its wall time and peak RSS, max over ranks.
+
+        ``fn`` may return a dict of extra per-rank seconds (e.g. ``blocked_s``), also max-reduced.
+        """
+        self.settle()
+        self.sync()
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            extra = fn()
+            extra = extra if isinstance(extra, dict) else {}  # dcp.save returns its Metadata
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+        keys = sorted(extra)
+        vals = self.max_over_ranks([elapsed, mem.peak / MiB, (mem.peak - mem.start) / MiB] + [extra[k] for k in keys])
+        out = {"s": vals[0], "peak_rss_mb": vals[1], "rss_growth_mb": vals[2]}
+        out.update(zip(keys, vals[3:]))
+        return out
+
+    def settle(self) -> None:
+        """Let the previous step's writeback, journal commit and discards finish before timing the next.
+
+        The disk here is mounted with ``discard``: deleting a checkpoint trims its
+        blocks at the next journal commit, which would otherwise land inside
+        whichever step runs next.
+        """
+        if self.rank == 0:
+            os.sync()
+        dist.barrier()
+        time.sleep(self.args.settle)
+
+    def remove(self, paths: list[str]) -> None:
+        """Delete checkpoints once every rank is done with them (rank 0 deletes), then settle."""
+        dist.barrier()
+        if self.rank == 0:
+            for path in paths:
+                shutil.rmtree(path, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        self.settle()
+
+    def drop_caches(self) -> None:
+        """Empty the page cache before a load (root only), so loads read the disk."""
+        if self.args.no_drop_caches:
+            self.dropped_caches = False
+            dist.barrier()
+            return
+        ok = 1.0
+        if self.rank == 0:
+            try:
+                os.sync()
+                with open("/proc/sys/vm/drop_caches", "w") as f:
+                    f.write("3\n")
+            except OSError as e:
+                ok = 0.0
+                if self.dropped_caches is None:
+                    LOG.warning("cannot drop the page cache (%s): loads may be served from memory", e)
+        ok = -self.max_over_ranks([-ok])[0]  # the barrier, and rank 0's answer for everyone
+        self.dropped_caches = bool(ok) and self.dropped_caches is not False
+
+
+# ---------------------------------------------------------------- the contenders
+
+
+def raw_write(path: str, nbytes: int, direct: bool) -> int:
+    """Write ``nbytes`` in ``IO_PIECE`` pieces and fsync (the disk ceiling); returns bytes written.
+
+    With ``direct`` (O_DIRECT) the last piece is rounded up to 4 KiB.
+    """
+    buf = mmap.mmap(-1, IO_PIECE)  # page-aligned, as O_DIRECT needs
+    buf.write(os.urandom(IO_PIECE))
+    view = memoryview(buf)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags, 0o644)
+    offset = 0
+    try:
+        while offset < nbytes:
+            n = min(IO_PIECE, nbytes - offset)
+            n = -(-n // 4096) * 4096 if direct else n
+            offset += os.pwrite(fd, view[:n], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        view.release()
+        buf.close()
+    return offset
+
+
+def raw_read(path: str) -> int:
+    buf = bytearray(IO_PIECE)
+    view = memoryview(buf)
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            total += n
+    return total
+
+
+def torch_save_fsync(sd: dict[str, Any], path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(local_state(sd), f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _result_of(res: Any) -> tuple[Callable[[], Any], Callable[[], Any] | None]:
+    """(wait for the write, wait for staging or None) of whatever ``dcp.async_save`` returned."""
+    staging = getattr(res, "staging_completion", None)
+    upload = getattr(res, "upload_completion", res)
+    return upload.result, (staging.result if staging is not None else None)
+
+
+def dcp_async(sd: dict[str, Any], path: str, stager: Any = None) -> dict[str, float]:
+    """DCP ``async_save``: blocked = until it returns, plus until staging completes when it returns a staging future."""
+    t0 = time.perf_counter()
+    res = dcp.async_save(sd, checkpoint_id=path, async_stager=stager) if stager is not None else dcp.async_save(sd, checkpoint_id=path)
+    wait_write, wait_stage = _result_of(res)
+    if wait_stage is not None:
+        wait_stage()
+    blocked = time.perf_counter() - t0
+    wait_write()
+    return {"blocked_s": blocked, "total_s": time.perf_counter() - t0}
+
+
+def dc_async(ck: Any, sd: dict[str, Any], path: str) -> dict[str, float]:
+    """dist_ckpt: blocked = from ``ck.save`` until ``stage_future.result()`` returns."""
+    t0 = time.perf_counter()
+    stage_f, write_f = ck.save(path, sd)
+    stage_f.result()
+    blocked = time.perf_counter() - t0
+    write_f.result()
+    return {"blocked_s": blocked, "total_s": time.perf_counter() - t0}
+
+
+def make_dcp_stager(device: str) -> Any:
+    """DCP's ``DefaultStager``: async staging into cached (pinned on CUDA) host memory.
+
+    Pinned memory and non-blocking copies need CUDA. Shared memory is off: only
+    DCP's process-based executor needs it, and /dev/shm is often small in containers.
+    """
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    cuda = device == "cuda"
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=cuda))
+
+
+def rotate(items: list[str], rep: int) -> list[str]:
+    """Each repetition starts with a different contender, so none always runs first."""
+    k = rep % len(items)
+    return items[k:] + items[:k]
+
+
+# ---------------------------------------------------------------- the phases
+
+
+def staging_ceiling(local_bytes: int) -> dict[str, float]:
+    """Pinned (and pageable) device→host copy bandwidth of this rank's bytes (CUDA only)."""
+    src = torch.empty(local_bytes, dtype=torch.uint8, device="cuda")
+    out = {}
+    for name, pin in (("pinned", True), ("pageable", False)):
+        dst = torch.empty(local_bytes, dtype=torch.uint8, pin_memory=pin)
+        dst.zero_()
+        dst.copy_(src, non_blocking=pin)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            dst.copy_(src, non_blocking=pin)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        out[f"d2h_{name}_GBps"] = local_bytes / statistics.median(times) / 1e9
+        del dst
+    return out
+
+
+SYNC_SAVES = ["dist_ckpt", "dcp", "torch_save", "disk", "disk_direct"]
+ASYNC_SAVES = ["dist_ckpt", "dcp", "dcp_stager"]
+LOADS = ["dist_ckpt", "dcp", "torch_load", "disk"]
+
+
+class SavePhase:
+    """The save steps of the main job: each contender once per repetition, in rotating order.
+
+    A repetition's checkpoints are deleted at its end, so a delete (and the
+    discards it causes) never overlaps a timed step, unless the disk cannot hold
+    a whole repetition; then each is deleted right after its step. The last
+    repetition's sync checkpoints stay under ``<dir>/src`` as the load sources.
+    """
+
+    def __init__(self, b: Bench, sd: dict[str, Any], total: int) -> None:
+        self.b, self.sd, self.total = b, sd, total
+        self.root, self.src = b.args.dir, f"{b.args.dir}/src"
+        self.trash: list[str] = []
+        self.ck = dc.make_async_checkpointer()  # created once, as a training job would
+        t0 = time.perf_counter()
+        self.ck.prepare(sd)
+        self.prepare_s = b.max_over_ranks([time.perf_counter() - t0])[0]
+        self.stager_error: str | None = None
+        self.dcp_stager = None
+        try:
+            self.dcp_stager = make_dcp_stager(b.device)
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            self.stager_error = f"{type(e).__name__}: {e}"
+        need = total * (len(SYNC_SAVES) + len(ASYNC_SAVES) + 4) * 2
+        self.defer = b.max_over_ranks([0.0 if shutil.disk_usage(self.root).free > need else 1.0])[0] == 0.0
+
+    def _mkdir(self, path: str) -> None:
+        if self.b.rank == 0:
+            os.makedirs(path, exist_ok=True)
+        dist.barrier()
+
+    def _discard(self, path: str) -> None:
+        self.trash.append(path)
+        if not self.defer:
+            self.end_rep()
+
+    def end_rep(self) -> None:
+        self.b.remove(self.trash)
+        self.trash.clear()
+
+    def sync_save(self, name: str, last: bool) -> dict[str, float]:
+        b, sd = self.b, self.sd
+        path = f"{self.src if last else self.root + '/scratch'}/{name}"
+        if name == "dist_ckpt":
+            r = b.timed(lambda: dc.save(sd, path))
+        elif name == "dcp":
+            r = b.timed(lambda: dcp.save(sd, checkpoint_id=path))
+        elif name == "torch_save":
+            self._mkdir(path)
+            r = b.timed(lambda: torch_save_fsync(sd, f"{path}/rank{b.rank:05d}.pt"))
+        else:  # disk, disk_direct: this rank's share of the bytes in 16 MiB writes, fsync'd
+            self._mkdir(path)
+            per_rank = -(-self.total // b.world)
+            r = b.timed(lambda: {"bytes": raw_write(f"{path}/rank{b.rank:05d}.bin", per_rank, name == "disk_direct")})
+            r["bytes"] *= b.world
+        if not last or name == "disk_direct":
+            self._discard(path)
+        return r
+
+    def async_save(self, name: str, rep: int) -> dict[str, float]:
+        path = f"{self.root}/scratch/async_{name}_{rep}"
+        if name == "dist_ckpt":
+            r = self.b.timed(lambda: dc_async(self.ck, self.sd, path))
+        else:
+            r = self.b.timed(lambda: dcp_async(self.sd, path, self.dcp_stager if name == "dcp_stager" else None))
+        self._discard(path)
+        return r
+
+    def close(self) -> None:
+        self.ck.close()
+        if self.dcp_stager is not None:
+            self.dcp_stager.close()
+
+
+def run_saves(b: Bench, sd: dict[str, Any], total: int, res: dict[str, Any]) -> None:
+    """Sync and async saves, interleaved per repetition; fills ``res``."""
+    reps = b.args.reps
+    phase = SavePhase(b, sd, total)
+    res["dc_prepare_s"] = phase.prepare_s
+    async_names = [n for n in ASYNC_SAVES if n != "dcp_stager" or phase.dcp_stager is not None]
+    for rep in range(reps):
+        for name in rotate(SYNC_SAVES, rep):
+            r = phase.sync_save(name, last=rep == reps - 1)
+            res["sync"].setdefault(name, []).append(r)
+            progress(b, f"rep {rep + 1}/{reps} sync save  {name:<12} {r['s']:.3f} s")
+        for name in rotate(async_names, rep):
+            r = phase.async_save(name, rep)
+            res["async"].setdefault(name, []).append(r)
+            progress(b, f"rep {rep + 1}/{reps} async save {name:<12} blocked {r['blocked_s']:.3f} s, total {r['total_s']:.3f} s")
+        phase.end_rep()
+    res["dcp_stager_error"] = phase.stager_error
+    phase.close()
+
+
+def run_main(b: Bench, sd: dict[str, Any], total: int, local: int) -> dict[str, Any]:
+    """The main job: (CUDA) staging ceiling, saves, then loads at the same world size."""
+    res: dict[str, Any] = {"sync": {}, "async": {}, "load": {}}
+    if b.rank == 0:
+        for d in ("src/torch_save", "src/disk", "scratch"):
+            os.makedirs(f"{b.args.dir}/{d}", exist_ok=True)
+    dist.barrier()
+    if b.device == "cuda":
+        ceiling = staging_ceiling(local)  # the slowest rank's bandwidth counts
+        res["staging_ceiling"] = dict(zip(ceiling, (-v for v in b.max_over_ranks([-x for x in ceiling.values()]))))
+    run_saves(b, sd, total, res)
+    target = build_state(b.args.total_bytes, sd_mesh(sd), b.device, fill=False)
+    res["load"] = run_loads(b, target, LOADS, b.args.reps)
+    return res
+
+
+def sd_mesh(sd: dict[str, Any]) -> DeviceMesh:
+    return next(iter(sd["model"].values())).device_mesh
+
+
+def load_once(b: Bench, target: dict[str, Any], name: str) -> dict[str, float] | None:
+    """Load the ``<dir>/src`` checkpoint of contender ``name`` into ``target``."""
+    src = f"{b.args.dir}/src"
+    if name == "dist_ckpt":
+        dc.load(target, f"{src}/dist_ckpt")
+    elif name == "dcp":
+        dcp.load(target, checkpoint_id=f"{src}/dcp")
+    elif name == "torch_load":
+        copy_into(target, torch.load(f"{src}/torch_save/rank{b.rank:05d}.pt", weights_only=True, map_location=b.device))
+    else:
+        return {"bytes": raw_read(f"{src}/disk/rank{b.rank:05d}.bin")}
+    return None
+
+
+def run_loads(b: Bench, target: dict[str, Any], names: list[str], reps: int) -> dict[str, list[dict[str, float]]]:
+    """Load each source checkpoint into ``target``, page cache dropped first; verify after each."""
+    out: dict[str, list[dict[str, float]]] = {}
+    for rep in range(reps):
+        for name in rotate(names, rep):
+            if name != "disk":
+                zero_state(target)
+            b.drop_caches()
+            r = b.timed(lambda: load_once(b, target, name))
+            if name == "disk":
+                r["bytes"] *= b.world
+            else:
+                r["verified"] = -b.max_over_ranks([-float(verify_state(target, b.args.total_bytes))])[0]
+            out.setdefault(name, []).append(r)
+            bad = "" if r.get("verified", 1) else "  VERIFY FAILED"
+            progress(b, f"rep {rep + 1}/{reps} load {b.args.saved_world}->{b.world} {name:<12} {r['s']:.3f} s{bad}")
+    return out
+
+
+def progress(b: Bench, msg: str) -> None:
+    if b.rank == 0:
+        print(f"[bench] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="one rank of benchmarks/bench_checkpoint.py (launched by it)")
+    p.add_argument("--mode", choices=["main", "reshard"], required=True)
+    p.add_argument("--dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--total-bytes", type=int, required=True)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--saved-world", type=int, required=True)
+    p.add_argument("--no-drop-caches", action="store_true")
+    p.add_argument("--settle", type=float, default=0.3)
+    p.add_argument("--log-level", default="WARNING")
+    return p.parse_args()
+
+
+def init_distributed(a: argparse.Namespace) -> None:
+    """Logging, threads and the process group (gloo on CPU; CPU gloo + NCCL on CUDA)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    logging.basicConfig(level=a.log_level.upper(), format=f"%(asctime)s r{rank} %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share the cores, as torchrun's OMP default
+    if a.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("cpu:gloo,cuda:nccl")  # DCP async_save needs a CPU backend
+    else:
+        dist.init_process_group("gloo")
+
+
+def main() -> None:
+    a = parse_args()
+    init_distributed(a)
+    b = Bench(a)
+    t0 = time.perf_counter()
+    sd = build_state(a.total_bytes, init_device_mesh(a.device, (b.world,)), a.device, fill=a.mode == "main")
+    total, local = state_nbytes(sd)
+    n_tensors = sum(1 for _ in _tensors(sd))
+    progress(b, f"world {b.world}: state of {total / MiB:.1f} MiB built in {time.perf_counter() - t0:.1f} s ({local / MiB:.1f} MiB on rank 0)")
+    if a.mode == "main":
+        res = run_main(b, sd, total, local)
+    else:
+        res = {"load": run_loads(b, sd, LOADS[:2], a.reps)}
+    res.update(world=b.world, total_bytes=total, local_bytes_rank0=local, n_tensors=n_tensors)
+    res["dropped_caches"] = b.dropped_caches
+    if b.rank == 0:
+        with open(a.out, "w") as f:
+            json.dump(res, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
