@@ -15,7 +15,8 @@ class Config:
         heartbeat_interval_s: how often a rank with a save in flight pings the coordinator.
         heartbeat_timeout_s: silence after which a rank (or the coordinator) counts as dead.
         writer_threads: data files written in parallel per rank.
-        reader_threads: parallel ranged reads per rank on load.
+        reader_threads: parallel ranged reads per rank on load (each walks its
+            files in offset order; more streams than a disk likes slow it down).
         verify_checksums: check xxh3 of every chunk read in full on load.
         allow_pickle: store values that are neither tensors nor msgpack-native by pickling
             them, and accept such values on load. Off by default: loading a pickle from an
@@ -29,7 +30,7 @@ class Config:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 30.0
     writer_threads: int = 2
-    reader_threads: int = 4
+    reader_threads: int = 2
     verify_checksums: bool = True
     allow_pickle: bool = False
     coordinator: str | None = None

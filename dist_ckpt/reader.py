@@ -112,6 +112,26 @@ def _run_op(files: _Files, task: ReadTask, op: ReadOp, verify: bool) -> int:
     return total
 
 
+def _sequential_segments(jobs: list[tuple[ReadTask, ReadOp]], threads: int) -> list[list[tuple[ReadTask, ReadOp]]]:
+    """Split reads into ``threads`` runs of similar size, each in file and offset order.
+
+    One thread walking a file front to back keeps the disk's access pattern
+    sequential; many threads hopping between files cost ~20% on one disk.
+    """
+    ordered = sorted(jobs, key=lambda j: (j[1].file, int(j[1].run_offsets[0]) if len(j[1].run_offsets) else 0))
+    total = sum(len(op.run_offsets) * op.run_nbytes for _, op in ordered)
+    share = max(1, -(-total // max(1, threads)))
+    segments: list[list[tuple[ReadTask, ReadOp]]] = [[]]
+    size = 0
+    for job in ordered:
+        if size >= share and len(segments) < threads:
+            segments.append([])
+            size = 0
+        segments[-1].append(job)
+        size += len(job[1].run_offsets) * job[1].run_nbytes
+    return [seg for seg in segments if seg]
+
+
 def read_tensors(storage: Storage, root: str, file_names: Sequence[str], tasks: Sequence[ReadTask], threads: int = 4, verify: bool = True, rank: int = 0) -> int:
     """Fill every task's destination; returns the bytes read.
 
@@ -126,12 +146,17 @@ def read_tensors(storage: Storage, root: str, file_names: Sequence[str], tasks: 
         for op in plan_reads(task.offsets, task.sizes, task.dst.element_size(), c.offsets, c.sizes, c.file, c.offset):
             jobs.append((task, op))
     files = _Files(storage, root, file_names)
+    segments = _sequential_segments(jobs, threads)
+
+    def run(segment: list[tuple[ReadTask, ReadOp]]) -> int:
+        return sum(_run_op(files, t, op, verify) for t, op in segment)
+
     try:
-        if threads <= 1 or len(jobs) <= 1:
-            total = sum(_run_op(files, t, op, verify) for t, op in jobs)
+        if len(segments) <= 1:
+            total = sum(run(seg) for seg in segments)
         else:
-            with ThreadPoolExecutor(threads, thread_name_prefix=f"dist_ckpt-r{rank}") as pool:
-                total = sum(pool.map(lambda j: _run_op(files, j[0], j[1], verify), jobs))
+            with ThreadPoolExecutor(len(segments), thread_name_prefix=f"dist_ckpt-r{rank}") as pool:
+                total = sum(pool.map(run, segments))
     finally:
         files.close()
     dt = time.perf_counter() - t0
