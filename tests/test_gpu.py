@@ -49,4 +49,6 @@ def test_staging_bandwidth_from_the_first_save_is_near_pinned_copy_speed(tmp_pat
     finally:
         ck.close()
     print(f"pinned D2H {pinned / 1e9:.1f} GB/s, first staging {staging / 1e9:.1f} GB/s ({staging / pinned:.0%})")
-    assert staging > 0  # the figure is reported, not asserted: timing is the benchmark's job
+    # the figure is printed, not asserted (timing is the benchmark's job); the content is checked
+    out = dc.load({"x": torch.empty(n // 4)}, str(tmp_path / "ck"))
+    assert bool((out["x"] == 1.0).all())
