@@ -41,36 +41,42 @@ def intersect(a_off: Sequence[int], a_size: Sequence[int], b_off: Sequence[int],
     return lo, tuple(h - l for l, h in zip(lo, hi))
 
 
-def cover_problem(shape: Sequence[int], offsets: np.ndarray, sizes: np.ndarray) -> str | None:
+def cover_problem(shape: Sequence[int], offsets: np.ndarray, sizes: np.ndarray, bounds_checked: bool = False) -> str | None:
     """Check that non-empty boxes tile ``shape`` exactly once.
 
     Returns ``None`` when they do, else a sentence naming the first problem
     (negative extent, out of bounds, overlap, gap). Empty boxes (any size 0)
-    are ignored: they cover nothing.
+    are ignored: they cover nothing. ``bounds_checked`` skips the checks for
+    negative and out-of-bounds boxes (the caller made them).
 
-    Runs in O(n log n) for grid-like tilings (every box one cell of the grid of
-    all box boundaries), which is what every DTensor placement produces; other
+    Boxes whole in every dim but one (``Shard(d)``, every FSDP checkpoint)
+    are checked by one sort along that dim. Otherwise it runs in O(n log n)
+    for grid-like tilings (every box one cell of the grid of all box
+    boundaries), which is what every DTensor placement produces; other
     tilings fall back to rasterising the boxes spanning several cells.
     """
     shape = tuple(int(s) for s in shape)
     ndim = len(shape)
     if offsets.shape != sizes.shape or (offsets.ndim == 2 and offsets.shape[1] != ndim):
         return f"chunk boxes have {offsets.shape[-1] if offsets.ndim == 2 else '?'} dims, tensor has {ndim}"
-    if (offsets < 0).any() or (sizes < 0).any():
-        return "a chunk has a negative offset or size"
     shp = np.asarray(shape, dtype=np.int64)
-    if ndim and ((offsets + sizes) > shp).any():
-        i = int(np.nonzero(((offsets + sizes) > shp).any(axis=1))[0][0])
-        return f"chunk at offsets {offsets[i].tolist()} sizes {sizes[i].tolist()} lies outside shape {list(shape)}"
+    if not bounds_checked:
+        if (offsets < 0).any() or (sizes < 0).any():
+            return "a chunk has a negative offset or size"
+        if ndim and ((offsets + sizes) > shp).any():
+            i = int(np.nonzero(((offsets + sizes) > shp).any(axis=1))[0][0])
+            return f"chunk at offsets {offsets[i].tolist()} sizes {sizes[i].tolist()} lies outside shape {list(shape)}"
     numel = math.prod(shape)
     keep = box_volume(sizes) > 0
-    off, siz = offsets[keep], sizes[keep]
+    off, siz = (offsets, sizes) if keep.all() else (offsets[keep], sizes[keep])
     if numel == 0:
         return None if len(off) == 0 else "a non-empty chunk in an empty tensor"
     if ndim == 0:
         return None if len(off) == 1 else f"a 0-d tensor needs exactly 1 chunk, got {len(off)}"
     if len(off) == 0:
         return "no chunk covers the tensor"
+    if _tiles_along_one_dim(shp, off, siz):
+        return None
     total = int(box_volume(siz).sum())
     bounds = []
     start_idx = np.empty_like(off)
@@ -100,6 +106,25 @@ def cover_problem(shape: Sequence[int], offsets: np.ndarray, sizes: np.ndarray) 
     if (counts == 0).any():
         return "chunks leave a gap: " + _describe_cell(np.nonzero(counts == 0)[0][0], grid, bounds)
     return None
+
+
+def _tiles_along_one_dim(shape: np.ndarray, off: np.ndarray, siz: np.ndarray) -> bool:
+    """Fast path for the common layout: boxes whole in every dim but one, chained along it.
+
+    (``Shard(d)`` on a 1-D mesh, and every FSDP checkpoint.) ``True`` means
+    the non-empty boxes tile ``shape`` exactly once; ``False`` means "not
+    shown here", and the general check decides and explains.
+    """
+    whole = ((off == 0) & (siz == shape)).all(axis=0)
+    split = np.flatnonzero(~whole)
+    if len(split) != 1:
+        return len(split) == 0 and len(off) == 1
+    d = int(split[0])
+    start, end = off[:, d], off[:, d] + siz[:, d]
+    if not (start[1:] >= start[:-1]).all():
+        order = np.argsort(start, kind="stable")
+        start, end = start[order], end[order]
+    return bool(start[0] == 0 and end[-1] == shape[d] and (start[1:] == end[:-1]).all())
 
 
 def _describe_cell(lin: int, grid: tuple[int, ...], bounds: list[np.ndarray]) -> str:

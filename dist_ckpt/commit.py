@@ -21,11 +21,10 @@ from typing import Any, Mapping
 import msgpack
 import numpy as np
 
-from . import wire
-from .dtypes import itemsize
 from .errors import CheckpointError, DistCkptError, WireError
-from .manifest import ALIGN, ChunkTable, LocalSection, Manifest, Pickled, TensorEntry, _ext_hook, _pack_default
-from .planner import RankDescription, SavePlan
+from .manifest import ALIGN, ChunkTable, LocalSection, Manifest, TensorEntry, _ext_hook, _pack_default
+from .layout import ChunkLayout
+from .planner import SavePlan
 from .storage import Storage
 from .writer import WriteRecord
 
@@ -42,28 +41,45 @@ class CheckpointExists(DistCkptError, FileExistsError):
 # -- Done payloads ------------------------------------------------------------
 
 
+@dataclass(frozen=True, eq=False)
+class Records:
+    """One rank's chunk records, column by column; ``tag`` indexes its description."""
+
+    files: list[str]
+    tag: np.ndarray  # int64
+    file: np.ndarray  # int32, index into ``files``
+    offset: np.ndarray  # int64
+    nbytes: np.ndarray  # int64
+    xxh3: np.ndarray  # uint64
+
+    def __len__(self) -> int:
+        return len(self.tag)
+
+
+_RECORD_COLUMNS = (("tag", "<i8"), ("file", "<i4"), ("offset", "<i8"), ("nbytes", "<i8"), ("xxh3", "<u8"))
+
+
 def encode_records(records: list[WriteRecord]) -> bytes:
     """Chunk records of one rank, columnar; ``tag`` is the index in its description."""
     files = sorted({r.file for r in records})
     fidx = {f: i for i, f in enumerate(files)}
-    return msgpack.packb({
-        "files": files,
-        "tag": np.array([r.tag for r in records], "<i8").tobytes(),
-        "file": np.array([fidx[r.file] for r in records], "<i4").tobytes(),
-        "offset": np.array([r.offset for r in records], "<i8").tobytes(),
-        "nbytes": np.array([r.nbytes for r in records], "<i8").tobytes(),
-        "xxh3": np.array([r.xxh3 for r in records], "<u8").tobytes(),
-    })
+    return encode_record_columns(files, [r.tag for r in records], [fidx[r.file] for r in records], [r.offset for r in records], [r.nbytes for r in records], [r.xxh3 for r in records])
 
 
-def decode_records(data: bytes, rank: int) -> tuple[list[str], dict[str, np.ndarray]]:
+def encode_record_columns(files: list[str], tag: Any, file: Any, offset: Any, nbytes: Any, xxh3: Any) -> bytes:
+    """The Done ``records`` payload from its columns (array-likes of equal length)."""
+    cols = dict(zip((n for n, _ in _RECORD_COLUMNS), (tag, file, offset, nbytes, xxh3)))
+    return msgpack.packb({"files": list(files), **{n: np.asarray(cols[n], dt).tobytes() for n, dt in _RECORD_COLUMNS}})
+
+
+def decode_records(data: bytes, rank: int) -> Records:
     """Decode and check one rank's records; raises WireError on anything malformed."""
     try:
         obj = msgpack.unpackb(data, raw=False)
         files = obj["files"]
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise ValueError("files must be a list of str")
-        cols = {name: np.frombuffer(obj[name], dt).astype(dt[1:]) for name, dt in (("tag", "<i8"), ("file", "<i4"), ("offset", "<i8"), ("nbytes", "<i8"), ("xxh3", "<u8"))}
+        cols = {name: np.frombuffer(obj[name], dt).astype(dt[1:]) for name, dt in _RECORD_COLUMNS}
     except Exception as e:
         raise WireError(f"rank {rank}: malformed chunk records: {e}") from e
     n = len(cols["tag"])
@@ -75,7 +91,7 @@ def decode_records(data: bytes, rank: int) -> tuple[list[str], dict[str, np.ndar
             raise WireError(f"rank {rank} reports data file {f!r}, which is not one of its own")
     if n and ((cols["file"] < 0).any() or (cols["file"] >= len(files)).any() or (cols["offset"] < 0).any() or (cols["offset"] % ALIGN).any()):
         raise WireError(f"rank {rank}: record file index or offset out of range or unaligned")
-    return files, cols
+    return Records(files, **cols)
 
 
 def encode_objects(objects: Mapping[tuple, Any], local: Mapping[tuple, Any], structure: Any) -> bytes:
@@ -113,76 +129,150 @@ def prepare_tmp_dir(storage: Storage, path: str, save_id: str, overwrite: bool) 
     return tmp
 
 
+class RecordTable:
+    """Every rank's chunk records of one save, put in manifest order as each Done arrives.
+
+    (coordinator) One per save, built from its plan; :meth:`add` per Done
+    checks the rank reported exactly its planned chunks, with the planned
+    sizes, and scatters file, offset and hash into the plan's
+    :class:`~dist_ckpt.planner.ChunkLayout` positions. Merging is then done
+    by the time the last rank reports.
+    """
+
+    def __init__(self, plan: SavePlan) -> None:
+        n = len(plan.layout.nbytes)
+        self.plan = plan
+        self.file = np.zeros(n, np.int32)  # index into the rank's own file list until files() rebases it
+        self.offset = np.zeros(n, np.int64)
+        self.xxh3 = np.zeros(n, np.uint64)
+        self._files: dict[int, list[str]] = {}
+        self._all_files: list[str] | None = None
+
+    def add(self, rank: int, rec: Records) -> None:
+        """Take one rank's records.
+
+        Raises:
+            WireError: the rank is not in the plan, reported chunks other than
+                those assigned to it, or a size that does not match its box;
+                names the rank and key.
+        """
+        where = self.plan.where(rank)
+        if where is None or rank in self._files:
+            raise WireError(f"rank {rank} is not expected to report chunks")
+        gi, row = where
+        group = self.plan.groups[gi]
+        assigned = np.flatnonzero(group.writes[row])
+        tag, order = rec.tag, None
+        if not np.array_equal(tag, assigned):  # writers report in plan order; anything else is sorted first
+            order = np.argsort(tag, kind="stable")
+            if not np.array_equal(tag[order], assigned):
+                wrote = tag[order].tolist()
+                raise WireError(f"rank {rank}: wrote chunks {wrote[:8]}{'…' if len(wrote) > 8 else ''} but was assigned {assigned[:8].tolist()}{'…' if len(assigned) > 8 else ''}")
+        pick = (lambda a: a) if order is None else (lambda a: a[order])  # noqa: E731
+        pos = self.plan.layout.positions(gi, row)
+        nbytes, want = pick(rec.nbytes), self.plan.layout.nbytes[pos]
+        if not np.array_equal(nbytes, want):
+            i = int(np.flatnonzero(nbytes != want)[0])
+            key = group.schema.keys[int(assigned[i])]
+            raise WireError(f"rank {rank}: key {list(key)}: wrote {int(nbytes[i])} bytes, its box needs {int(want[i])}")
+        self.file[pos] = pick(rec.file)
+        self.offset[pos] = pick(rec.offset)
+        self.xxh3[pos] = pick(rec.xxh3)
+        self._files[rank] = rec.files
+
+    def missing(self) -> list[int]:
+        """Ranks of the plan that have not reported."""
+        return [r for r in self.plan.ranks.tolist() if r not in self._files]
+
+    def files(self) -> list[str]:
+        """Every data file, by rank; the first call rebases each chunk's file index onto this list."""
+        if self._all_files is None:
+            if self.missing():
+                raise CheckpointError(f"commit refused: ranks {self.missing()[:16]} have not reported their chunks")
+            base = {}
+            out: list[str] = []
+            for rank in self.plan.ranks.tolist():
+                base[rank] = len(out)
+                out.extend(self._files[rank])
+            for gi, g in enumerate(self.plan.groups):
+                for row, rank in enumerate(g.ranks.tolist()):
+                    if base[rank]:
+                        self.file[self.plan.layout.positions(gi, row)] += base[rank]
+            self._all_files = out
+        return self._all_files
+
+
 @dataclass(frozen=True)
 class CommitRequest:
+    """Everything the coordinator commits: the plan, every rank's records and objects."""
+
     path: str
     tmp_path: str
     overwrite: bool
     world_size: int
-    descs: Mapping[int, RankDescription]
     plan: SavePlan
-    done: Mapping[int, wire.Done]
+    records: RecordTable
+    objects: Mapping[int, dict[str, Any]]  # by rank, from decode_objects
     user_meta: Mapping[str, Any] | None = None
 
 
 def build_manifest(req: CommitRequest) -> Manifest:
-    """Merge every rank's records into the manifest, checking them against the plan.
+    """The manifest of a save whose every rank has reported (the records are already merged).
 
     Raises:
-        CheckpointError: a rank reported chunks other than those assigned to it,
-            or a size that does not match its box; names the rank and key.
+        CheckpointError: a rank of the plan has not reported.
     """
-    all_files: list[str] = []
-    parts: dict[tuple, list[tuple[np.ndarray, ...]]] = {}
-    entries: dict[tuple, tuple[str, tuple[int, ...]]] = {}
-    for rank in range(req.world_size):
-        desc = req.descs[rank]
-        for t in desc.tensors:
-            entries.setdefault((t.owner, t.key), (t.dtype, t.shape))
-        files, cols = decode_records(req.done[rank].records, rank)
-        base = len(all_files)
-        all_files.extend(files)
-        tags = cols["tag"]
-        if sorted(tags.tolist()) != sorted(req.plan.writes.get(rank, ())):
-            raise CheckpointError("commit refused: a rank's records differ from its plan", {rank: f"wrote chunks {sorted(tags.tolist())[:8]}… but was assigned {sorted(req.plan.writes.get(rank, ()))[:8]}…"})
-        for i, tag in enumerate(tags.tolist()):
-            t = desc.tensors[tag]
-            want = int(np.prod(t.sizes, dtype=np.int64)) * itemsize(t.dtype)
-            if int(cols["nbytes"][i]) != want:
-                raise CheckpointError("commit refused: chunk size mismatch", {rank: f"key {list(t.key)}: wrote {int(cols['nbytes'][i])} bytes, box needs {want}"})
-            parts.setdefault((t.owner, t.key), []).append((np.asarray(t.offsets, np.int64), np.asarray(t.sizes, np.int64), base + int(cols["file"][i]), int(cols["offset"][i]), want, int(cols["xxh3"][i])))
+    plan, table = req.plan, req.records
+    files = table.files()
+    names = _entry_names(plan)
     tensors: dict[tuple, TensorEntry] = {}
     local: dict[int, dict[tuple, TensorEntry]] = {}
-    for (owner, key), (dtype, shape) in entries.items():
-        rows = parts.get((owner, key), [])
-        nd = len(shape)
-        table = ChunkTable(
-            np.array([r[0] for r in rows], np.int64).reshape(len(rows), nd),
-            np.array([r[1] for r in rows], np.int64).reshape(len(rows), nd),
-            np.array([r[2] for r in rows], np.int32),
-            np.array([r[3] for r in rows], np.int64),
-            np.array([r[4] for r in rows], np.int64),
-            np.array([r[5] for r in rows], np.uint64),
-        )
-        entry = TensorEntry(dtype, tuple(shape), table)
+    for (owner, key, dtype, shape), chunks in zip(names, _tables(plan.layout, table, [len(n[3]) for n in names])):
+        entry = TensorEntry(dtype, tuple(shape), chunks)
         if owner is None:
             tensors[key] = entry
         else:
             local.setdefault(owner, {})[key] = entry
-    payloads = {r: decode_objects(req.done[r].objects, r) for r in range(req.world_size)}
+    payloads = req.objects
     sections = {}
     for r in range(req.world_size):
         if local.get(r) or payloads[r]["local"]:
             sections[r] = LocalSection(local.get(r, {}), payloads[r]["local"])
     return Manifest(
         world_size=req.world_size,
-        files=tuple(all_files),
+        files=tuple(files),
         tensors=tensors,
         objects=payloads[0]["objects"],
         structure=payloads[0].get("structure"),
         local=sections,
         user_meta=dict(req.user_meta or {}),
     )
+
+
+def _entry_names(plan: SavePlan) -> list[tuple[int | None, tuple, str, tuple[int, ...]]]:
+    """``(owner, key, dtype, shape)`` of every manifest entry, in entry order (see PlanGroup)."""
+    names: list[tuple[int | None, tuple, str, tuple[int, ...]]] = [(None, k, d, s) for k, d, s in zip(plan.keys, plan.dtypes, plan.shapes)]
+    for g in plan.groups:
+        if g.local_keys:
+            first = {k: j for j, k in reversed(list(enumerate(g.schema.keys))) if g.schema.local[j]}
+            metas = [(k, g.schema.dtypes[first[k]], g.schema.shapes[first[k]]) for k in g.local_keys]
+            names.extend((rank, k, d, s) for rank in g.ranks.tolist() for k, d, s in metas)
+    return names
+
+
+def _tables(layout: ChunkLayout, table: RecordTable, ndims: list[int]) -> list[ChunkTable]:
+    """One chunk table per entry: views into the layout's boxes and the merged record columns."""
+    next_in = dict(layout.base)  # ndim -> flat position of its next entry's first chunk
+    out = []
+    for nd, n in zip(ndims, layout.counts.tolist()):
+        if not n:
+            out.append(ChunkTable.empty(nd))
+            continue
+        a = next_in[nd]
+        next_in[nd] = a + n
+        rows, boxes = slice(a, a + n), slice(a - layout.base[nd], a - layout.base[nd] + n)
+        out.append(ChunkTable(layout.offsets[nd][boxes], layout.sizes[nd][boxes], table.file[rows], table.offset[rows], layout.nbytes[rows], table.xxh3[rows]))
+    return out
 
 
 def commit_checkpoint(storage: Storage, req: CommitRequest) -> Manifest:

@@ -17,22 +17,42 @@ per reason, and the coordinator keeps serving.
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import xxhash
 import zmq
 
 from . import wire
-from .commit import CommitRequest, commit_checkpoint, prepare_tmp_dir
+from .commit import CommitRequest, RecordTable, commit_checkpoint, decode_objects, decode_records, prepare_tmp_dir
 from .config import Config
+from .description import RankColumns, SchemaCache, decode_description
 from .errors import DistCkptError, WireError
-from .planner import PlanCache, RankDescription, SavePlan, plan_save
+from .planner import PlanCache, SavePlan, plan_save
 from .storage import Storage
 
 log = logging.getLogger(__name__)
+
+try:
+    _malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc
+except (OSError, AttributeError):  # another libc: nothing to do
+    _malloc_trim = None
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere).
+
+    A save over thousands of ranks frees hundreds of MB of planning and
+    merging temporaries and ZeroMQ message buffers, which glibc would keep
+    mapped: the coordinator calls this while ranks write and after each
+    save, so its footprint between phases is what it actually holds.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 @dataclass
@@ -44,11 +64,13 @@ class _Save:
     phase: str = "plan"
     path: str = ""
     overwrite: bool = False
-    descs: dict[int, RankDescription] = field(default_factory=dict)
+    descs: dict[int, RankColumns | None] = field(default_factory=dict)  # None: the rank's description was invalid
     digests: dict[int, int] = field(default_factory=dict)
     plan: SavePlan | None = None
     tmp_path: str = ""
-    done: dict[int, wire.Done] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+    records: RecordTable | None = None  # every Done's records, merged as they arrive
+    objects: dict[int, dict[str, Any]] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     last_seen: dict[int, float] = field(default_factory=dict)
 
@@ -88,6 +110,7 @@ class Coordinator:
         self._saves: dict[str, _Save] = {}
         self._finished: collections.OrderedDict[str, wire.Message] = collections.OrderedDict()
         self._cache = PlanCache()
+        self._schemas = SchemaCache()  # FSDP ranks share one schema: decoded once, not once per rank
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="dist_ckpt-coordinator", daemon=True)
         self._thread.start()
@@ -176,11 +199,15 @@ class Coordinator:
             return
         if save.phase != "plan" or msg.rank in save.descs:
             return self._drop("replay", f"duplicate PlanRequest from rank {msg.rank} for {msg.ckpt}")
+        desc: RankColumns | None = None
         try:
-            desc = RankDescription.from_msgpack(msg.desc, msg.rank)
+            # Box values are checked for every rank at once by plan_save; the
+            # digest is checked here because the plan cache trusts it.
+            desc = decode_description(msg.desc, msg.rank, self._schemas)
+            if xxhash.xxh3_64_intdigest(msg.desc) != msg.desc_digest:
+                raise WireError(f"rank {msg.rank}: description digest does not match its bytes")
         except WireError as e:
             save.failed[msg.rank] = f"invalid description: {e}"
-            desc = RankDescription(msg.rank, ())
         if msg.world_size != self.world_size:
             save.failed[msg.rank] = f"thinks the world has {msg.world_size} ranks, the coordinator serves {self.world_size}"
         if save.descs and msg.path != save.path:
@@ -201,16 +228,21 @@ class Coordinator:
         same = plan is not None
         try:
             if plan is None:
-                plan = plan_save([save.descs[r] for r in range(self.world_size)])
+                self._cache.clear()  # free the old plan before building the new one
+                plan = plan_save([save.descs[r] for r in range(self.world_size)])  # type: ignore[misc] (no None: failed saves abort above)
                 self._cache.store(key, plan)
             storage, path = self._storage_for(save.path)
             save.tmp_path = prepare_tmp_dir(storage, path, f"{self.job[:8]}-{save.ckpt}", overwrite=save.overwrite)
         except (DistCkptError, OSError) as e:
             return self._abort(save, {0: f"planning failed: {e}"})
         save.plan, save.phase = plan, "write"
-        log.info("[rank 0] plan for save %s: %s in %.3f s, %.1f MB to write", save.ckpt, "cached" if same else "new", time.perf_counter() - t0, sum(plan.bytes_per_rank.values()) / 1e6)
+        save.records = RecordTable(plan)
+        save.descs = dict.fromkeys(save.descs)  # the plan holds what is needed; free the boxes
+        t1 = time.perf_counter()
         for r in range(self.world_size):
             self._send(r, wire.PlanReply(self.job, save.ckpt, r, save.tmp_path, same, plan.to_msgpack_for(r)))
+        log.info("[rank 0] plan for save %s: %s in %.3f s, replies %.3f s, %.1f MB to write", save.ckpt, "cached" if same else "new", t1 - t0, time.perf_counter() - t1, plan.loads.sum() / 1e6)
+        release_free_memory()  # while the ranks write: the planning temporaries are gone
 
     def _on_heartbeat(self, msg: wire.Heartbeat) -> None:
         if self._save_for(msg) is not None:
@@ -222,7 +254,13 @@ class Coordinator:
             return
         if save.phase != "write" or msg.rank in save.done or msg.rank in save.failed:
             return self._drop("replay", f"Done from rank {msg.rank} for {msg.ckpt} in phase {save.phase}")
-        save.done[msg.rank] = msg
+        try:  # decoded and merged as they arrive: the commit itself only writes
+            save.records.add(msg.rank, decode_records(msg.records, msg.rank))  # type: ignore[union-attr] (set with the plan)
+            save.objects[msg.rank] = decode_objects(msg.objects, msg.rank)
+        except WireError as e:
+            save.failed[msg.rank] = f"invalid Done payload: {e}"
+        else:
+            save.done.add(msg.rank)
         self._maybe_finish(save)
 
     def _on_failed(self, msg: wire.Failed) -> None:
@@ -250,7 +288,7 @@ class Coordinator:
             return self._abort(save, dict(save.failed))
         save.phase = "commit"
         storage, path = self._storage_for(save.path)
-        request = CommitRequest(path, save.tmp_path, save.overwrite, self.world_size, save.descs, save.plan, save.done)  # type: ignore[arg-type]
+        request = CommitRequest(path, save.tmp_path, save.overwrite, self.world_size, save.plan, save.records, save.objects)  # type: ignore[arg-type]
         try:
             commit_checkpoint(storage, request)
         except (DistCkptError, OSError) as e:
@@ -272,6 +310,8 @@ class Coordinator:
             self._finished.popitem(last=False)
         for r in sorted(save.descs):
             self._send(r, make(r))
+        save.records = None
+        release_free_memory()
 
     def _check_deadlines(self, now: float) -> None:
         cfg = self._config

@@ -1,6 +1,6 @@
 """Describe: what this rank holds, as metadata, without touching tensor bytes.
 
-Turns a state dict into a :class:`~dist_ckpt.planner.RankDescription` (one box
+Turns a state dict into a :class:`~dist_ckpt.description.RankDescription` (one box
 per tensor: a DTensor's local chunk from ``__create_chunk_list__()``, a plain
 tensor as one full box, replicated by default as in DCP), the local tensors in
 the same order, and the non-tensor values, checked to be msgpack-native.
@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
+from .description import RankDescription, TensorDesc
 from .dtypes import dtype_name
 from .errors import PickleNotAllowed, StateDictError
 from .flatten import KeyPath, flatten, format_path
 from .manifest import Pickled
-from .planner import RankDescription, TensorDesc
 
 _NATIVE = (int, float, str, bytes, bool, type(None))
 

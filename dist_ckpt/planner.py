@@ -7,49 +7,50 @@ Call order and who runs each step:
 
 1. (all ranks) describe the local tensors as a :class:`RankDescription` and
    send ``to_msgpack()`` (with its ``digest()``) to the coordinator;
-2. (coordinator) parse each with :meth:`RankDescription.from_msgpack`, then
-   :func:`plan_save` (or reuse a plan from :class:`PlanCache` when no digest
-   changed) and send every rank ``SavePlan.to_msgpack_for(rank)``;
+2. (coordinator) decode each with :func:`~dist_ckpt.description.decode_description`
+   (each distinct schema once), then :func:`plan_save` over all ranks at once
+   (or reuse a plan from :class:`PlanCache` when no digest changed) and send
+   every rank ``SavePlan.to_msgpack_for(rank)``;
 3. (all ranks) :meth:`SavePlan.parse_rank_plan` gives the indices to stage
    and write;
 4. (every rank, on load, no communication) :func:`plan_reads` per target
    tensor turns the manifest's chunk table into byte runs to read.
+
+Planning is vectorised over every rank's boxes: ranks that share a schema are
+one ``(ranks, boxes)`` int64 matrix, and the common layouts are recognised
+per tensor column without sorting — a tensor every rank holds whole
+(replicated), and a tensor split along one dimension in rank order (FSDP's
+``Shard(0)``: rank order is offset order). Anything else (HSDP replicas,
+2-D meshes, a key in several schemas, uneven or broken tilings) goes through
+the general path that sorts its boxes, deduplicates and checks the cover.
 """
 
 from __future__ import annotations
 
-import gc
-import math
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from operator import attrgetter
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import msgpack
 import numpy as np
-import xxhash
 
 from .boxes import KeyPath, box_volume, cover_problem
-from .dtypes import is_dtype_name, itemsize
-from .errors import CheckpointError, WireError
+from .description import (
+    PlanError,
+    RankColumns,
+    RankDescription,
+    Schema,
+    TensorDesc,
+    box_problem,
+    gc_paused,
+)
+from .dtypes import is_dtype_name
+from .errors import WireError
 from .flatten import format_path
+from .layout import BLOCK, ChunkLayout, blocks, chunk_layout
 
-_WIRE_VERSION = 1
-_MAX_NDIM = 64
-_MAX_INT = 2**62  # dims, offsets and byte counts stay far from int64 overflow
-
-
-class PlanError(CheckpointError):
-    """The ranks' descriptions cannot form one checkpoint (coordinator side).
-
-    ``key`` is the offending key path and ``ranks`` the ranks involved.
-    """
-
-    def __init__(self, message: str, key: KeyPath | None = None, ranks: Iterable[int] = ()) -> None:
-        super().__init__(message)
-        self.key = key
-        self.ranks = tuple(ranks)
+__all__ = ["PlanCache", "PlanError", "PlanGroup", "RankDescription", "ReadOp", "SavePlan", "TensorDesc", "plan_reads", "plan_save", "required_bytes"]
 
 
 def _fmt_ranks(ranks: Iterable[int], limit: int = 16) -> str:
@@ -58,182 +59,117 @@ def _fmt_ranks(ranks: Iterable[int], limit: int = 16) -> str:
     return f"rank{'s' if len(rs) != 1 else ''} {shown}" + (f" (+{len(rs) - limit} more)" if len(rs) > limit else "")
 
 
-# --------------------------------------------------------------------------- save side
+# --------------------------------------------------------------------------- the plan
 
 
-@dataclass(frozen=True, slots=True)
-class TensorDesc:
-    """One tensor (or one chunk of it) as one rank holds it.
+@dataclass(frozen=True, eq=False)
+class PlanGroup:
+    """The ranks that share one schema: their boxes and what each of them writes.
 
-    ``offsets``/``sizes`` place this rank's box in the global tensor of shape
-    ``shape``; a size of 0 makes an empty shard. ``owner`` is set for
-    rank-local tensors (stored per rank, never deduplicated across ranks).
+    Manifest entries are numbered: global tensors ``0 .. len(plan.keys)-1`` in
+    order of first appearance (by rank, then schema order), then the rank-local
+    tensors of each group, ``local_base + row * n_local + local_pos[column]``.
     """
 
-    key: KeyPath
-    dtype: str
-    shape: tuple[int, ...]
-    offsets: tuple[int, ...]
-    sizes: tuple[int, ...]
-    owner: int | None = None
+    schema: Schema
+    ranks: np.ndarray  # (R,) ascending
+    writes: np.ndarray  # (R, T) bool: row r writes its tensor (column) t
+    col_entry: np.ndarray  # (T,) entry of a global column; -1 for a rank-local one
+    local_pos: np.ndarray  # (T,) a rank-local column's key among the schema's local keys; -1 otherwise
+    local_keys: tuple[KeyPath, ...]  # distinct rank-local keys, in schema order
+    local_base: int
+
+    def entries(self, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Manifest entry of the chunk in column ``cols[i]`` of row ``rows[i]``."""
+        ent = self.col_entry[cols]
+        local = ent < 0
+        if local.any():
+            ent = ent.copy()
+            ent[local] = self.local_base + rows[local] * len(self.local_keys) + self.local_pos[cols[local]]
+        return ent
 
 
-@dataclass(frozen=True, slots=True)
-class RankDescription:
-    """Everything the coordinator needs from one rank to plan a save."""
-
-    rank: int
-    tensors: tuple[TensorDesc, ...]
-
-    def to_msgpack(self) -> bytes:
-        """Compact, deterministic encoding (the rank travels in the message header)."""
-        rows = [[t.key, t.dtype, t.shape, t.offsets, t.sizes, t.owner] for t in self.tensors]
-        return msgpack.packb([_WIRE_VERSION, rows], use_bin_type=True)
-
-    def digest(self) -> int:
-        """xxh3-64 of :meth:`to_msgpack`; equal digests mean an unchanged description."""
-        return xxhash.xxh3_64_intdigest(self.to_msgpack())
-
-    @classmethod
-    def from_msgpack(cls, data: bytes, rank: int) -> RankDescription:
-        """Decode and validate a description received from ``rank``.
-
-        Raises:
-            WireError: on anything malformed, naming the tensor row and field;
-                never any other exception type.
-        """
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise WireError(f"rank {rank}: description must be bytes, got {type(data).__name__}")
-        with _gc_paused():
-            try:
-                obj = msgpack.unpackb(data, raw=False, use_list=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
-            except Exception as e:  # msgpack raises a zoo of types on garbage
-                raise WireError(f"rank {rank}: description is not valid msgpack ({type(e).__name__}: {e})") from e
-            if not (type(obj) is tuple and len(obj) == 2 and type(obj[1]) is tuple):
-                raise WireError(f"rank {rank}: description must be [version, rows]")
-            if type(obj[0]) is not int or obj[0] != _WIRE_VERSION:
-                raise WireError(f"rank {rank}: unsupported description version {obj[0]!r}")
-            tensors = _parse_rows_fast(obj[1], rank)
-            if tensors is None:  # something is off: the row-by-row parser names it
-                tensors = tuple(_parse_row(row, i, rank) for i, row in enumerate(obj[1]))
-            return cls(rank, tensors)
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic collector while millions of small acyclic objects are built.
-
-    Otherwise it rescans every live object again and again (msgpack gives the
-    same advice for big messages): decoding measured 10x slower.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def _only(values: Iterable[Any], *types: type) -> bool:
-    """Every value's exact type is one of ``types`` (``bool`` is not ``int``)."""
-    return set(map(type, values)) <= set(types)
-
-
-def _parse_rows_fast(rows: list, rank: int) -> tuple[TensorDesc, ...] | None:
-    """Column-wise validation of the rows; ``None`` when any row may be invalid.
-
-    Accepts only what :func:`_parse_row` accepts (that one decides and
-    explains every doubtful case) and is several times faster: the
-    coordinator decodes one description per rank.
-    """
-    if not rows:
-        return ()
-    if not _only(rows, tuple) or set(map(len, rows)) != {6}:
-        return None
-    keys, dtypes, shapes, offs, sizs, owners = zip(*rows)
-    if not (_only(keys, tuple) and _only(chain.from_iterable(keys), str, int) and _only(dtypes, str) and _only(owners, type(None), int)):
-        return None
-    if not (all(map(is_dtype_name, set(dtypes))) and set(owners) <= {None, rank} and _only(chain(shapes, offs, sizs), tuple)):
-        return None
-    lens = np.fromiter(map(len, shapes), np.int64, len(rows))
-    if (lens > _MAX_NDIM).any() or list(map(len, offs)) != lens.tolist() or list(map(len, sizs)) != lens.tolist():
-        return None
-    flat = [list(chain.from_iterable(c)) for c in (shapes, offs, sizs)]
-    if not _only(chain.from_iterable(flat), int):
-        return None
-    try:
-        shp, off, siz = (np.array(f, dtype=np.int64) for f in flat)
-    except OverflowError:
-        return None
-    if any(((a < 0) | (a >= _MAX_INT)).any() for a in (shp, off, siz)) or (off + siz > shp).any():
-        return None
-    rows_of = np.repeat(np.arange(len(rows)), lens)
-    numel = np.ones(len(rows))
-    np.multiply.at(numel, rows_of, shp.astype(np.float64))
-    if (numel * 16 >= _MAX_INT / 4).any():  # near the limit: let the exact check decide
-        return None
-    return tuple(map(TensorDesc, keys, dtypes, shapes, offs, sizs, owners))
-
-
-def _ints(v: Any, what: str, where: str) -> tuple[int, ...]:
-    if type(v) is not tuple or len(v) > _MAX_NDIM:
-        raise WireError(f"{where}: {what} must be a list of at most {_MAX_NDIM} ints")
-    for x in v:
-        if type(x) is not int or not 0 <= x < _MAX_INT:
-            raise WireError(f"{where}: {what} must hold non-negative ints below 2**62, got {x!r}")
-    return v
-
-
-def _parse_row(row: Any, i: int, rank: int) -> TensorDesc:
-    where = f"rank {rank}: tensor #{i}"
-    if type(row) is not tuple or len(row) != 6:
-        raise WireError(f"{where}: must be [key, dtype, shape, offsets, sizes, owner]")
-    key, dtype, shape, offsets, sizes, owner = row
-    if type(key) is not tuple or not _only(key, str, int):
-        raise WireError(f"{where}: key path must be a list of str and int")
-    where = f"rank {rank}: tensor {format_path(key)}"
-    if not is_dtype_name(dtype):
-        raise WireError(f"{where}: unknown dtype {dtype!r}")
-    shape_t, off_t, siz_t = (_ints(v, n, where) for v, n in ((shape, "shape"), (offsets, "offsets"), (sizes, "sizes")))
-    if not len(shape_t) == len(off_t) == len(siz_t):
-        raise WireError(f"{where}: shape {list(shape_t)}, offsets {list(off_t)} and sizes {list(siz_t)} differ in length")
-    if any(o + s > d for o, s, d in zip(off_t, siz_t, shape_t)):
-        raise WireError(f"{where}: box at offsets {list(off_t)} sizes {list(siz_t)} lies outside shape {list(shape_t)}")
-    if math.prod(shape_t) * 16 >= _MAX_INT:
-        raise WireError(f"{where}: shape {list(shape_t)} is too large")
-    if owner is not None and (type(owner) is not int or owner != rank):
-        raise WireError(f"{where}: owner must be None or this rank ({rank}), got {owner!r}")
-    return TensorDesc(key, dtype, shape_t, off_t, siz_t, owner)
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SavePlan:
-    """Who writes what: ``writes[rank]`` indexes that rank's ``description.tensors``."""
+    """Who writes what, and where in the manifest each written chunk goes.
 
-    writes: dict[int, tuple[int, ...]]
-    bytes_per_rank: dict[int, int]
+    ``writes[rank]`` (built on demand) indexes that rank's described tensors.
+    """
+
+    ranks: np.ndarray  # (W,) ascending
+    loads: np.ndarray  # (W,) bytes each rank writes
+    groups: tuple[PlanGroup, ...]
+    keys: tuple[KeyPath, ...]  # global entries
+    dtypes: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    layout: ChunkLayout
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def where(self, rank: int) -> tuple[int, int] | None:
+        """``(group, row)`` of ``rank``, or ``None`` if it took no part."""
+        return self._row_of().get(rank)
+
+    @property
+    def n_entries(self) -> int:
+        return len(self.keys) + sum(len(g.ranks) * len(g.local_keys) for g in self.groups)
+
+    def _row_of(self) -> dict[int, tuple[int, int]]:
+        found = self._memo.get("rows")
+        if found is None:
+            found = self._memo["rows"] = {r: (gi, row) for gi, g in enumerate(self.groups) for row, r in enumerate(g.ranks.tolist())}
+        return found
+
+    @property
+    def writes(self) -> dict[int, tuple[int, ...]]:
+        """``{rank: indices of the tensors it writes}`` for every rank."""
+        found = self._memo.get("writes")
+        if found is None:
+            out = {}
+            for g in self.groups:
+                rows, cols = np.nonzero(g.writes)
+                bounds = np.searchsorted(rows, np.arange(len(g.ranks) + 1)).tolist()
+                out.update((r, tuple(cols[bounds[i] : bounds[i + 1]].tolist())) for i, r in enumerate(g.ranks.tolist()))
+            found = self._memo["writes"] = dict(sorted(out.items()))
+        return found
+
+    @property
+    def bytes_per_rank(self) -> dict[int, int]:
+        return dict(zip(self.ranks.tolist(), self.loads.tolist()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SavePlan) and self.writes == other.writes and self.bytes_per_rank == other.bytes_per_rank
 
     def to_msgpack_for(self, rank: int) -> bytes:
-        """The plan of one rank, as sent in the coordinator's reply."""
-        return msgpack.packb(list(self.writes.get(rank, ())), use_bin_type=True)
+        """The plan of one rank, as sent in the coordinator's reply: ``[n_tensors, bitmap]``."""
+        where = self._row_of().get(rank)
+        if where is None:
+            return msgpack.packb([0, b""], use_bin_type=True)
+        gi, row = where
+        bits = self._memo.get(("bits", gi))
+        if bits is None:  # one packbits per group, not per rank
+            bits = self._memo[("bits", gi)] = np.packbits(self.groups[gi].writes, axis=1, bitorder="little")
+        return msgpack.packb([self.groups[gi].writes.shape[1], bits[row].tobytes()], use_bin_type=True)
 
     @staticmethod
     def parse_rank_plan(data: bytes, n_tensors: int) -> tuple[int, ...]:
-        """Decode one rank's plan: strictly increasing indices below ``n_tensors``.
+        """Decode one rank's plan: the indices (below ``n_tensors``) it writes, ascending.
 
         Raises:
-            WireError: on anything else.
+            WireError: on anything that is not a plan for ``n_tensors`` tensors.
         """
         try:
-            obj = msgpack.unpackb(data, raw=False, use_list=True, max_bin_len=0, max_ext_len=0, max_map_len=0)
+            obj = msgpack.unpackb(data, raw=False, use_list=True, max_str_len=0, max_array_len=2, max_map_len=0, max_ext_len=0)
         except Exception as e:
             raise WireError(f"save plan is not valid msgpack ({type(e).__name__}: {e})") from e
-        if type(obj) is not list or not _only(obj, int):
-            raise WireError("save plan must be a list of tensor indices")
-        if obj and (obj[0] < 0 or obj[-1] >= n_tensors or any(a >= b for a, b in zip(obj, obj[1:]))):
-            raise WireError(f"save plan indices must be strictly increasing within [0, {n_tensors}), got {obj[:8]}{'...' if len(obj) > 8 else ''}")
-        return tuple(obj)
+        if type(obj) is not list or len(obj) != 2 or type(obj[0]) is not int or type(obj[1]) is not bytes:
+            raise WireError("save plan must be [n_tensors, bitmap]")
+        n, bits = obj
+        if n != n_tensors or len(bits) != -(-n // 8):
+            raise WireError(f"save plan is for {n} tensors in {len(bits)} bytes; this rank described {n_tensors}")
+        mask = np.unpackbits(np.frombuffer(bits, np.uint8), bitorder="little")
+        if mask[n:].any():
+            raise WireError("save plan sets bits past its last tensor")
+        return tuple(np.flatnonzero(mask).tolist())
 
 
 class PlanCache:
@@ -255,67 +191,15 @@ class PlanCache:
     def store(self, digests: Mapping[int, int] | Iterable[tuple[int, int]], plan: SavePlan) -> None:
         self._key, self._plan = self._norm(digests), plan
 
-
-class _Table:
-    """Every described tensor of every rank as flat columns (one row per TensorDesc).
-
-    Groups are global keys, or ``(key, owner)`` pairs for rank-local tensors;
-    metas are distinct ``(dtype, shape)`` pairs, both numbered in order of
-    first appearance. Built with C-level ``map`` calls: the coordinator may
-    gather millions of descriptions.
-    """
-
-    def __init__(self, descs: Sequence[RankDescription]) -> None:
-        self.descs = descs
-        self.groups: dict[tuple[KeyPath, int | None], int] = {}
-        self.metas: dict[tuple[str, tuple[int, ...]], int] = {}
-        self.group_first: list[int] = []  # first row of each group
-        cols: list[list[np.ndarray]] = [[], [], [], []]  # gid, meta, rank, index
-        self.offsets: list[tuple[int, ...]] = []
-        self.sizes: list[tuple[int, ...]] = []
-        for d in descs:
-            ts = d.tensors
-            cols[0].append(self._ids(self.groups, list(map(_KEY_OWNER, ts)), len(self.offsets), self.group_first))
-            cols[1].append(self._ids(self.metas, list(map(_DTYPE_SHAPE, ts)), len(self.offsets), []))
-            cols[2].append(np.full(len(ts), d.rank, dtype=np.int64))
-            cols[3].append(np.arange(len(ts), dtype=np.int64))
-            self.offsets.extend(map(_OFFSETS, ts))
-            self.sizes.extend(map(_SIZES, ts))
-        self.gid, self.meta, self.rank, self.idx = (np.concatenate(c) if c else np.zeros(0, np.int64) for c in cols)
-        self.meta_ndim = np.fromiter((len(s) for _, s in self.metas), np.int64, len(self.metas))
-        self.group_meta = self.meta[self.group_first]
-
-    @staticmethod
-    def _ids(table: dict, items: list, base: int, firsts: list[int]) -> np.ndarray:
-        ids = list(map(table.get, items))
-        if None in ids:  # first sight of some item: number it and remember its row
-            for j, k in enumerate(items):
-                if k not in table:
-                    table[k] = len(table)
-                    firsts.append(base + j)
-            ids = list(map(table.__getitem__, items))
-        return np.array(ids, dtype=np.int64)
-
-    def member(self, row: int) -> tuple[int, TensorDesc]:
-        """``(rank, desc)`` of one row (error paths)."""
-        d = self.descs[int(np.searchsorted([d.rank for d in self.descs], self.rank[row]))]
-        return d.rank, d.tensors[int(self.idx[row])]
-
-    def boxes(self, rows: np.ndarray, ndim: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(offsets, sizes)`` of ``rows``, all of ``ndim`` dims, as ``(n, ndim)`` arrays."""
-        sel = rows.tolist()
-        off = np.fromiter(chain.from_iterable(map(self.offsets.__getitem__, sel)), np.int64, len(sel) * ndim)
-        siz = np.fromiter(chain.from_iterable(map(self.sizes.__getitem__, sel)), np.int64, len(sel) * ndim)
-        return off.reshape(len(sel), ndim), siz.reshape(len(sel), ndim)
+    def clear(self) -> None:
+        """Forget the plan (a big one is worth freeing before its successor is built)."""
+        self._key, self._plan = None, None
 
 
-_KEY_OWNER = attrgetter("key", "owner")
-_DTYPE_SHAPE = attrgetter("dtype", "shape")
-_OFFSETS = attrgetter("offsets")
-_SIZES = attrgetter("sizes")
+# --------------------------------------------------------------------------- planning
 
 
-def plan_save(descs: Sequence[RankDescription]) -> SavePlan:
+def plan_save(descs: Sequence[RankDescription | RankColumns]) -> SavePlan:
     """Deduplicate identical boxes, check coverage and assign every box a writer.
 
     Each non-empty box of a global tensor is written once, by one of its
@@ -323,121 +207,413 @@ def plan_save(descs: Sequence[RankDescription]) -> SavePlan:
     greedily (biggest first, to the least-loaded holder, lowest rank on ties)
     to balance bytes. Rank-local tensors are written by their owner.
 
+    Args:
+        descs: one description per rank, per-tensor or columnar (the
+            coordinator's, decoded from the wire); any order.
+
     Raises:
-        PlanError: duplicate ranks; a key that disagrees on dtype or shape
-            across ranks, is both global and rank-local, or whose boxes do
-            not tile its shape exactly once.
+        PlanError: duplicate ranks; a box outside its tensor; a key that
+            disagrees on dtype or shape across ranks, is both global and
+            rank-local, or whose boxes do not tile its shape exactly once.
+            The error names the key and the ranks.
     """
-    with _gc_paused():
-        return _plan_save(sorted(descs, key=lambda d: d.rank))
+    with gc_paused():
+        cols = sorted((d if isinstance(d, RankColumns) else d.columns() for d in descs), key=attrgetter("rank"))
+        return _Planner(cols).plan()
 
 
-def _plan_save(descs: list[RankDescription]) -> SavePlan:
-    ranks = np.array([d.rank for d in descs], dtype=np.int64)
-    if len(np.unique(ranks)) != len(ranks):
-        raise PlanError(f"duplicate rank descriptions: {_fmt_ranks(ranks[1:][ranks[1:] == ranks[:-1]])}")
-    tab = _Table(descs)
-    _check_table(tab)
-    parts = [_unique_boxes(tab, ndim) for ndim in np.unique(tab.meta_ndim).tolist()]
-    u_gid, u_nbytes, u_count, h_rank, h_idx = (np.concatenate([p[i] for p in parts] + [np.zeros(0, np.int64)]) for i in range(5))
-    u_start = np.cumsum(u_count) - u_count  # holders of box u: rows u_start[u] : u_start[u] + u_count[u]
-    choice = u_start.copy()
-    shared = u_count > 1
-    load = np.zeros(len(ranks), dtype=np.int64)
-    np.add.at(load, np.searchsorted(ranks, h_rank[choice[~shared]]), u_nbytes[~shared])
-    loads, h_pos = load.tolist(), np.searchsorted(ranks, h_rank).tolist()
-    order = np.lexsort((u_gid, -u_nbytes))  # biggest first; ties in key order, then box order
-    for u in order[shared[order]].tolist():
-        s = int(u_start[u])
-        _, k = min(zip(map(loads.__getitem__, h_pos[s : s + u_count[u]]), range(s, s + u_count[u])))  # ties: lowest rank
-        loads[h_pos[k]] += int(u_nbytes[u])
-        choice[u] = k
-    w_rank, w_idx = h_rank[choice], h_idx[choice]
-    order = np.lexsort((w_idx, w_rank))
-    w_rank, w_idx = w_rank[order], w_idx[order]
-    bounds = np.searchsorted(w_rank, ranks).tolist() + [len(w_rank)]
-    writes = {r: tuple(w_idx[bounds[p] : bounds[p + 1]].tolist()) for p, r in enumerate(ranks.tolist())}
-    return SavePlan(writes, dict(zip(ranks.tolist(), loads)))
+@dataclass
+class _Shared:
+    """Boxes held by several ranks, waiting for the greedy assignment, in batches of arrays.
+
+    Batch ``k`` holds ``B`` boxes: ``nbytes``, ``entry`` and ``ordinal`` (box
+    order within its entry) of shape ``(B,)``, and the holders of box ``u`` at
+    ``pos[ptr[u] : ptr[u + 1]]`` (rank positions, ascending) with their tensor
+    indices in ``idx`` alongside.
+    """
+
+    batches: list[tuple[np.ndarray, ...]] = field(default_factory=list)
+
+    def add(self, nbytes: np.ndarray, entry: np.ndarray, ordinal: np.ndarray, ptr: np.ndarray, pos: np.ndarray, idx: np.ndarray) -> None:
+        if len(nbytes):
+            self.batches.append((nbytes, entry, ordinal, ptr, pos, idx))
+
+    def merged(self) -> tuple[np.ndarray, ...]:
+        """All batches as one: ``(nbytes, entry, ordinal, ptr, pos, idx)``."""
+        nbytes, entry, ordinal, ptrs, pos, idx = zip(*self.batches)
+        shift = np.cumsum([0] + [int(p[-1]) for p in ptrs[:-1]])
+        ptr = np.concatenate([[0]] + [p[1:] + k for p, k in zip(ptrs, shift)])
+        return (*(np.concatenate(c) for c in (nbytes, entry, ordinal)), ptr, np.concatenate(pos), np.concatenate(idx))
 
 
-def _check_table(tab: _Table) -> None:
-    """Per key: one dtype and shape, boxes of its rank, owner the describing rank, known dtype."""
-    bad = np.flatnonzero(tab.meta != tab.group_meta[tab.gid])
-    if len(bad):
-        _raise_disagreement(tab, int(tab.gid[bad[0]]))
-    lens = np.fromiter(chain(map(len, tab.offsets), map(len, tab.sizes)), np.int64, 2 * len(tab.gid)).reshape(2, -1)
-    bad = np.flatnonzero((lens != tab.meta_ndim[tab.meta]).any(axis=0))
-    if len(bad):
-        r, t = tab.member(int(bad[0]))
-        raise PlanError(f"tensor {format_path(t.key)} on rank {r}: box offsets {list(t.offsets)} sizes {list(t.sizes)} do not match shape {list(t.shape)}", t.key, [r])
-    local = np.array([o is not None for _, o in tab.groups], dtype=bool)
-    owner = np.array([o or 0 for _, o in tab.groups], dtype=np.int64)
-    bad = np.flatnonzero(local[tab.gid] & (owner[tab.gid] != tab.rank))
-    if len(bad):
-        r, t = tab.member(int(bad[0]))
-        raise PlanError(f"tensor {format_path(t.key)} described by rank {r} is owned by rank {t.owner}", t.key, [r, t.owner])
-    global_keys = {k for k, o in tab.groups if o is None}
-    for key, owner_ in tab.groups:
-        if owner_ is not None and key in global_keys:
-            rows = tab.gid == tab.groups[(key, None)]
-            raise PlanError(f"tensor {format_path(key)} is rank-local on rank {owner_} but global on {_fmt_ranks(tab.rank[rows])}", key, [owner_])
-    for (dtype, _), m in tab.metas.items():
+@dataclass
+class _Rows:
+    """Rows (rank, tensor) of the columns that take the general path, by ndim."""
+
+    entry: list[np.ndarray] = field(default_factory=list)
+    pos: list[np.ndarray] = field(default_factory=list)
+    idx: list[np.ndarray] = field(default_factory=list)
+    off: list[np.ndarray] = field(default_factory=list)
+    siz: list[np.ndarray] = field(default_factory=list)
+    isz: list[np.ndarray] = field(default_factory=list)
+
+
+class _Planner:
+    """One run of :func:`plan_save` over rank-sorted columnar descriptions."""
+
+    def __init__(self, cols: list[RankColumns]) -> None:
+        self.cols = cols
+        self.ranks = np.array([c.rank for c in cols], dtype=np.int64)
+        if len(self.ranks) and (self.ranks[1:] == self.ranks[:-1]).any():
+            raise PlanError(f"duplicate rank descriptions: {_fmt_ranks(self.ranks[1:][self.ranks[1:] == self.ranks[:-1]])}")
+        self.loads = np.zeros(len(cols), dtype=np.int64)
+        self.shared = _Shared()
+        self.rows: dict[int, _Rows] = {}
+        self.keys: dict[KeyPath, int] = {}
+        self.metas: list[tuple[str, tuple[int, ...]]] = []
+
+    def plan(self) -> SavePlan:
+        by_schema: dict[Schema, list[int]] = {}
+        for p, c in enumerate(self.cols):
+            by_schema.setdefault(c.schema, []).append(p)
+        members = list(by_schema.items())
+        for schema, pos in members:
+            _check_dtypes(schema, self.ranks[pos])
+        boxes = self.boxes = [np.stack([self.cols[p].boxes for p in pos]) for _, pos in members]
+        for (schema, pos), b in zip(members, boxes):
+            problem = box_problem(schema, b)
+            if problem is not None:
+                row, i, why = problem
+                key, rank = schema.keys[i], int(self.ranks[pos[row]])
+                raise PlanError(f"tensor {format_path(key)} on rank {rank}: {why}", key, [rank])
+        self.groups = self._number_entries(members)
+        self.key_list = tuple(self.keys)
+        # columns per global key in the whole job (+1 so that -1, "local", indexes safely)
+        self.refs = np.bincount(np.concatenate([g.col_entry[g.col_entry >= 0] for g in self.groups] + [np.zeros(0, np.int64)]), minlength=len(self.keys) + 1)
+        self.pos_group = np.zeros(len(self.ranks), np.int64)
+        self.pos_row = np.zeros(len(self.ranks), np.int64)
+        for gi, ((_, pos), g) in enumerate(zip(members, self.groups)):
+            self.pos_group[pos], self.pos_row[pos] = gi, np.arange(len(pos))
+        self.group_pos = [np.asarray(pos, np.int64) for _, pos in members]
+        for gi in range(len(self.groups)):
+            self._fast_columns(gi)
+        for nd in sorted(self.rows):
+            self._general(nd)
+        self._assign_shared()
+        dtypes, shapes = (tuple(c) for c in zip(*self.metas)) if self.metas else ((), ())
+        n_entries = len(self.keys) + sum(len(g.ranks) * len(g.local_keys) for g in self.groups)
+        layout = chunk_layout(self.groups, self.boxes, n_entries)
+        return SavePlan(self.ranks, self.loads, tuple(self.groups), self.key_list, dtypes, shapes, layout)
+
+    # -- entries ------------------------------------------------------------
+
+    def _number_entries(self, members: list[tuple[Schema, list[int]]]) -> list[PlanGroup]:
+        """Number global keys by first appearance; check they agree across schemas."""
+        groups, local_where = [], {}
+        for schema, pos in members:
+            col_entry = np.full(len(schema), -1, dtype=np.int64)
+            local_pos = np.full(len(schema), -1, dtype=np.int64)
+            local_keys: dict[KeyPath, int] = {}
+            local_meta: dict[KeyPath, tuple[str, tuple[int, ...]]] = {}
+            for j, (key, dtype, shape, local) in enumerate(zip(schema.keys, schema.dtypes, schema.shapes, schema.local)):
+                if local:
+                    local_pos[j] = local_keys.setdefault(key, len(local_keys))
+                    if local_meta.setdefault(key, (dtype, shape)) != (dtype, shape):
+                        raise PlanError(f"rank-local tensor {format_path(key)} is described twice with different dtype or shape on {_fmt_ranks(self.ranks[pos])}", key, self.ranks[pos].tolist())
+                    local_where.setdefault(key, int(self.ranks[pos[0]]))
+                    continue
+                gid = self.keys.setdefault(key, len(self.keys))
+                if gid == len(self.metas):
+                    self.metas.append((dtype, shape))
+                elif self.metas[gid] != (dtype, shape):
+                    self._raise_disagreement(key, members)
+                col_entry[j] = gid
+            groups.append(PlanGroup(schema, self.ranks[pos], np.zeros((len(pos), len(schema)), bool), col_entry, local_pos, tuple(local_keys), 0))
+        for key, rank in local_where.items():
+            if key in self.keys:
+                holders = [r for (s, pos) in members if key in s.keys and not s.local[s.keys.index(key)] for r in self.ranks[pos].tolist()]
+                raise PlanError(f"tensor {format_path(key)} is rank-local on rank {rank} but global on {_fmt_ranks(holders)}", key, [rank])
+        base = len(self.keys)
+        out = []
+        for g in groups:
+            out.append(PlanGroup(g.schema, g.ranks, g.writes, g.col_entry, g.local_pos, g.local_keys, base))
+            base += len(g.ranks) * len(g.local_keys)
+        return out
+
+    def _raise_disagreement(self, key: KeyPath, members: list[tuple[Schema, list[int]]]) -> None:
+        by_meta: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+        for schema, pos in members:
+            for k, dtype, shape, local in zip(schema.keys, schema.dtypes, schema.shapes, schema.local):
+                if k == key and not local:
+                    by_meta.setdefault((dtype, shape), []).extend(self.ranks[pos].tolist())
+        parts = [f"{_fmt_ranks(rs)} hold{'s' if len(set(rs)) == 1 else ''} dtype {dt} shape {list(sh)}" for (dt, sh), rs in by_meta.items()]
+        involved = sorted(set(chain.from_iterable(by_meta.values())))
+        raise PlanError(f"tensor {format_path(key)} disagrees across ranks: " + "; ".join(parts), key, involved)
+
+    def _entry_info(self, entry: int) -> tuple[KeyPath, tuple[int, ...], list[int]]:
+        """``(key, shape, [owner])`` of a manifest entry (error paths); no owner for global ones."""
+        if entry < len(self.keys):
+            return self.key_list[entry], self.metas[entry][1], []
+        g = next(g for g in reversed(self.groups) if g.local_base <= entry)
+        row, lp = divmod(entry - g.local_base, len(g.local_keys))
+        key = g.local_keys[lp]
+        return key, g.schema.shapes[g.schema.keys.index(key)], [int(g.ranks[row])]
+
+    # -- the common layouts, one vectorised pass per schema ----------------------
+
+    def _fast_columns(self, gi: int) -> None:
+        """Plan replicated, ``Shard``-in-rank-order and rank-local columns; queue the rest."""
+        g, pos, boxes = self.groups[gi], self.group_pos[gi], self.boxes[gi]
+        sch, n_rows = g.schema, len(g.ranks)
+        s, t = sch.width, len(sch)
+        off, siz = boxes[:, :s], boxes[:, s:]
+        full_dim = ((off == 0) & (siz == sch.shape_flat)).all(axis=0)  # (S,) every rank spans the whole dim
+        nonfull = np.bincount(sch.dim_tensor[~full_dim], minlength=t)
+        nbytes = sch.numel * sch.itemsize
+        empty = sch.numel == 0  # nothing to write, nothing to cover
+        glob = g.col_entry >= 0
+        alone = glob & (self.refs[np.maximum(g.col_entry, 0)] == 1)  # the key's only column in the job
+        dup_local = ~glob & (np.bincount(np.maximum(g.local_pos, 0), weights=~glob, minlength=len(g.local_keys))[np.maximum(g.local_pos, 0)] > 1)
+        replicated = alone & ~empty & (nonfull == 0)
+        local = ~glob & ~dup_local & ~empty & (nonfull == 0)
+        handled = empty | replicated | local
+        g.writes[:, local] = True
+        self.loads[pos] += int(nbytes[local].sum())
+        rep = np.flatnonzero(replicated)
+        if n_rows == 1:
+            g.writes[0, rep] = True
+            self.loads[pos[0]] += int(nbytes[rep].sum())
+        else:  # one box, every rank of the group holds it
+            self.shared.add(nbytes[rep], g.col_entry[rep], np.zeros(len(rep), np.int64), np.arange(len(rep) + 1) * n_rows, np.tile(pos, len(rep)), np.repeat(rep, n_rows))
+        slab = np.flatnonzero(alone & ~empty & (nonfull == 1))
+        if len(slab):
+            dim_of = np.full(len(sch), -1, dtype=np.int64)
+            split = np.flatnonzero(~full_dim)
+            dim_of[sch.dim_tensor[split]] = split
+            for blk in blocks(len(slab), BLOCK):
+                cols = slab[blk]
+                done = self._tiled(g, pos, boxes, cols, dim_of[cols])
+                done[~done] = self._tiled_sorted(g, pos, boxes, cols[~done], dim_of[cols[~done]])
+                handled[cols[done]] = True
+        rest = np.flatnonzero(~handled)
+        if len(rest):
+            self._queue_rows(g, pos, boxes, rest)
+
+    def _tiled(self, g: PlanGroup, pos: np.ndarray, boxes: np.ndarray, cols: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """Plan the columns split along one dim (``d``: its column in the boxes) whose boxes
+        tile it in rank order; return which did.
+
+        In rank order each non-empty box must start where the previous ones
+        end, the first at 0 and the last ending at the dim's extent: then the
+        boxes are distinct and tile the tensor, and each is written by its
+        rank. (``Shard(d)`` on a 1-D mesh, FSDP.)
+        """
+        sch, s = g.schema, g.schema.width
+        o, z = boxes[:, d], boxes[:, s + d]
+        held = z > 0  # the other dims are whole and non-zero
+        reach = np.maximum.accumulate(np.where(held, o + z, 0), axis=0)
+        starts_ok = np.empty_like(held)
+        starts_ok[0] = o[0] == 0
+        starts_ok[1:] = o[1:] == reach[:-1]
+        tiled = (starts_ok | ~held).all(axis=0) & (reach[-1] == sch.shape_flat[d])
+        c = cols[tiled]
+        g.writes[:, c] = held[:, tiled]
+        row_bytes = sch.itemsize[c] * (sch.numel[c] // sch.shape_flat[d[tiled]])
+        self.loads[pos] += z[:, tiled] @ row_bytes
+        return tiled
+
+    def _tiled_sorted(self, g: PlanGroup, pos: np.ndarray, boxes: np.ndarray, cols: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """Like :meth:`_tiled` after sorting each column's boxes by offset, so that equal
+        boxes (replicas: HSDP) are adjacent: the distinct boxes must tile the dim.
+        """
+        sch, s = g.schema, g.schema.width
+        o, z = boxes[:, d], boxes[:, s + d]
+        order = np.argsort(np.where(z > 0, o, np.iinfo(np.int64).max), axis=0, kind="stable")  # empty boxes last; ties in rank order
+        o, z = np.take_along_axis(o, order, 0), np.take_along_axis(z, order, 0)
+        held = z > 0
+        same = np.zeros_like(held)
+        same[1:] = held[1:] & (o[1:] == o[:-1]) & (z[1:] == z[:-1])  # the previous row's box again
+        new = held & ~same
+        reach = np.maximum.accumulate(np.where(held, o + z, 0), axis=0)
+        starts_ok = np.empty_like(held)
+        starts_ok[0] = o[0] == 0
+        starts_ok[1:] = o[1:] == reach[:-1]
+        ok = (starts_ok | ~new).all(axis=0) & held[0] & (reach[-1] == sch.shape_flat[d])
+        if ok.any():
+            self._plan_sorted(g, pos, cols[ok], d[ok], order[:, ok], z[:, ok], new[:, ok], held[:, ok])
+        return ok
+
+    def _plan_sorted(self, g: PlanGroup, pos: np.ndarray, cols: np.ndarray, d: np.ndarray, order: np.ndarray, z: np.ndarray, new: np.ndarray, held: np.ndarray) -> None:
+        """Writers of sorted, valid columns: a box held once is its rank's; the others are shared."""
+        sch = g.schema
+        # Column by column (transposed), runs of equal boxes are consecutive, holders in rank order.
+        new_t, held_t, order_t, z_t = (a.T.reshape(-1) for a in (new, held, order, z))
+        rows = np.flatnonzero(held_t)  # every held box, as a flat (column, sorted row)
+        first = np.flatnonzero(new_t[rows])  # where each distinct box's holders start in ``rows``
+        count = np.diff(np.append(first, len(rows)))
+        col = rows[first] // len(g.ranks)
+        nbytes = z_t[rows[first]] * (sch.itemsize[cols] * (sch.numel[cols] // sch.shape_flat[d]))[col]
+        holder_row = order_t[rows]
+        single = count == 1
+        g.writes[holder_row[first[single]], cols[col[single]]] = True
+        np.add.at(self.loads, pos[holder_row[first[single]]], nbytes[single])
+        multi = np.flatnonzero(~single)
+        members = _runs(first[multi], count[multi])
+        ordinal = np.arange(len(first)) - np.searchsorted(col, col)  # box order within its column
+        ptr = np.concatenate([[0], np.cumsum(count[multi])])
+        self.shared.add(nbytes[multi], g.col_entry[cols[col[multi]]], ordinal[multi], ptr, pos[holder_row[members]], np.repeat(cols[col[multi]], count[multi]))
+
+    def _queue_rows(self, g: PlanGroup, pos: np.ndarray, boxes: np.ndarray, cols: np.ndarray) -> None:
+        sch, s, n_rows = g.schema, g.schema.width, len(g.ranks)
+        for nd in np.unique(sch.ndim[cols]).tolist():
+            cs = cols[sch.ndim[cols] == nd]
+            dims = (sch.start[cs][:, None] + np.arange(nd)).reshape(-1)
+            rows = self.rows.setdefault(nd, _Rows())
+            rr = np.repeat(np.arange(n_rows), len(cs))
+            cc = np.tile(cs, n_rows)
+            rows.entry.append(g.entries(cc, rr))
+            rows.pos.append(pos[rr])
+            rows.idx.append(cc)
+            rows.off.append(boxes[:, dims].reshape(len(rr), nd))
+            rows.siz.append(boxes[:, s + dims].reshape(len(rr), nd))
+            rows.isz.append(sch.itemsize[cc])
+
+    # -- the general path ------------------------------------------------------
+
+    def _general(self, nd: int) -> None:
+        """Dedup the queued boxes with ``nd`` dims, check each entry's cover, plan them."""
+        q = self.rows.pop(nd)
+        entry, pos, idx, isz = (np.concatenate(c) for c in (q.entry, q.pos, q.idx, q.isz))
+        off, siz = np.concatenate(q.off), np.concatenate(q.siz)
+        order = np.lexsort((idx, pos, *siz.T[::-1], *off.T[::-1], entry))  # by entry, box, then holder rank
+        entry, pos, idx, isz, off, siz = entry[order], pos[order], idx[order], isz[order], off[order], siz[order]
+        keep = (siz != 0).all(axis=1)  # empty boxes cover nothing
+        k_entry, k_pos, k_idx, k_isz, k_off, k_siz = entry[keep], pos[keep], idx[keep], isz[keep], off[keep], siz[keep]
+        n = len(k_entry)
+        new_box = np.ones(n, dtype=bool)
+        new_box[1:] = (k_entry[1:] != k_entry[:-1]) | (k_off[1:] != k_off[:-1]).any(axis=1) | (k_siz[1:] != k_siz[:-1]).any(axis=1)
+        first = new_box.copy()
+        first[1:] |= k_pos[1:] != k_pos[:-1]  # a rank holding one box twice writes it once
+        k_entry, k_pos, k_idx, k_isz, k_off, k_siz, new_box = (a[first] for a in (k_entry, k_pos, k_idx, k_isz, k_off, k_siz, new_box))
+        start = np.flatnonzero(new_box)
+        count = np.diff(np.append(start, len(k_entry)))
+        u_entry, u_off, u_siz = k_entry[start], k_off[start], k_siz[start]
+        self._check_cover(entry[np.append(True, entry[1:] != entry[:-1])], entry, pos, u_entry, u_off, u_siz, lambda u: self.ranks[k_pos[start[u] : start[u] + count[u]]])
+        u_nbytes = box_volume(u_siz) * k_isz[start]
+        single = count == 1
+        w_pos, w_idx = k_pos[start[single]], k_idx[start[single]]
+        np.add.at(self.loads, w_pos, u_nbytes[single])
+        self._mark(w_pos, w_idx)
+        multi = np.flatnonzero(~single)
+        members = _runs(start[multi], count[multi])
+        ordinal = np.arange(len(u_entry)) - np.searchsorted(u_entry, u_entry)  # box order within its entry
+        self.shared.add(u_nbytes[multi], u_entry[multi], ordinal[multi], np.concatenate([[0], np.cumsum(count[multi])]), k_pos[members], k_idx[members])
+
+    def _check_cover(self, entries: np.ndarray, row_entry: np.ndarray, row_pos: np.ndarray, u_entry: np.ndarray, u_off: np.ndarray, u_siz: np.ndarray, holders) -> None:
+        """The unique boxes of each entry tile its shape exactly once; ``holders(u)`` are the ranks of box ``u``."""
+        los, his = np.searchsorted(u_entry, entries, side="left").tolist(), np.searchsorted(u_entry, entries, side="right").tolist()
+        for e, lo, hi in zip(entries.tolist(), los, his):
+            key, shape, owner = self._entry_info(e)
+            if hi - lo == 1 and u_siz[lo].tolist() == list(shape) and not u_off[lo].any():  # one full box
+                continue
+            problem = cover_problem(shape, u_off[lo:hi], u_siz[lo:hi])
+            if problem is not None:
+                overlap = _overlapping_ranks(u_off[lo:hi], u_siz[lo:hi], [holders(u) for u in range(lo, hi)]) if "overlap" in problem else None
+                involved = overlap if overlap is not None else self.ranks[row_pos[row_entry == e]]
+                raise PlanError(f"tensor {format_path(key)} (shape {list(shape)}): {problem}; boxes from {_fmt_ranks(involved)}", key, np.unique(involved).tolist())
+
+    def _mark(self, w_pos: np.ndarray, w_idx: np.ndarray) -> None:
+        """Record that the rank at position ``w_pos[i]`` writes its tensor ``w_idx[i]``."""
+        gid = self.pos_group[w_pos]
+        for gi in np.unique(gid).tolist():
+            sel = gid == gi
+            self.groups[gi].writes[self.pos_row[w_pos[sel]], w_idx[sel]] = True
+
+    def _assign_shared(self) -> None:
+        """Greedy: biggest box first, to its least-loaded holder (lowest rank on ties).
+
+        Exactly the sequential greedy, but boxes whose holders no earlier box
+        touches in between are assigned together (see :func:`_independent_prefix`):
+        with HSDP every replica group is its own little greedy, run in lock step.
+        """
+        if not self.shared.batches:
+            return
+        nbytes, entry, ordinal, ptr, hpos, hidx = self.shared.merged()
+        order = np.lexsort((ordinal, entry, -nbytes))  # ties in key order, then box order
+        chosen = np.empty(len(nbytes), np.int64)  # index into hpos of each box's writer
+        split = _independent_prefix(order, ptr, hpos, len(self.loads))
+        _assign_in_levels(order[:split], ptr, hpos, nbytes, self.loads, chosen)
+        if split < len(order):  # the rest one box at a time
+            loads, hpos_l, ptr_l, size = self.loads.tolist(), hpos.tolist(), ptr.tolist(), nbytes.tolist()
+            for u in order[split:].tolist():
+                a, b = ptr_l[u], ptr_l[u + 1]
+                held = [loads[h] for h in hpos_l[a:b]]
+                k = a + held.index(min(held))
+                loads[hpos_l[k]] += size[u]
+                chosen[u] = k
+            self.loads[:] = loads
+        self._mark(hpos[chosen], hidx[chosen])
+
+
+def _independent_prefix(order: np.ndarray, ptr: np.ndarray, hpos: np.ndarray, n_ranks: int) -> int:
+    """Length of the longest prefix of ``order`` whose boxes fall into independent groups.
+
+    A box's group is its first holder. In the prefix every rank only ever
+    holds boxes of one group, so groups share no rank and their greedy runs
+    cannot influence each other.
+    """
+    n = len(order)
+    count = np.diff(ptr)
+    at = np.empty(n, np.int64)
+    at[order] = np.arange(n)  # position of each box in the greedy order
+    pair_at = np.repeat(at, count)  # (box, holder) pairs
+    first = np.full(n_ranks, n, np.int64)
+    np.minimum.at(first, hpos, pair_at)  # each rank's first box in the order
+    group = hpos[ptr[:-1]]
+    conflict = group[np.repeat(np.arange(n), count)] != group[order[first[hpos]]]
+    return int(pair_at[conflict].min()) if conflict.any() else n
+
+
+def _assign_in_levels(boxes: np.ndarray, ptr: np.ndarray, hpos: np.ndarray, nbytes: np.ndarray, loads: np.ndarray, chosen: np.ndarray) -> None:
+    """The greedy over ``boxes`` (in order, independent groups), one level at a time.
+
+    Level ``t`` holds the ``t``-th box of every group: no two share a holder,
+    and everything they depend on is in earlier levels.
+    """
+    if not len(boxes):
+        return
+    group = hpos[ptr[boxes]]
+    by_group = np.argsort(group, kind="stable")
+    g = group[by_group]
+    run_start = np.maximum.accumulate(np.where(np.r_[True, g[1:] != g[:-1]], np.arange(len(g)), 0))
+    level = np.empty(len(boxes), np.int64)
+    level[by_group] = np.arange(len(g)) - run_start
+    by_level = np.argsort(level, kind="stable")
+    bounds = np.searchsorted(level[by_level], np.arange(int(level.max()) + 2))
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        u = boxes[by_level[a:b]]
+        count = ptr[u + 1] - ptr[u]
+        pairs = _runs(ptr[u], count)
+        held = loads[hpos[pairs]]
+        seg = np.cumsum(count) - count
+        low = np.repeat(np.minimum.reduceat(held, seg), count)
+        hit = np.flatnonzero(held == low)
+        first_hit = hit[np.r_[True, np.diff(np.searchsorted(seg, hit, side="right")) != 0]]  # first least-loaded holder of each box
+        chosen[u] = pairs[first_hit]
+        loads[hpos[pairs[first_hit]]] += nbytes[u]
+
+
+def _runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(starts[i], starts[i] + counts[i])``."""
+    offsets = np.cumsum(counts) - counts
+    return np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()), dtype=np.int64)
+
+
+def _check_dtypes(schema: Schema, ranks: np.ndarray) -> None:
+    for i, dtype in enumerate(schema.dtypes):
         if not is_dtype_name(dtype):
-            rows = np.flatnonzero(tab.meta == m)
-            key = tab.member(int(rows[0]))[1].key
-            raise PlanError(f"tensor {format_path(key)} has unknown dtype {dtype!r} on {_fmt_ranks(tab.rank[rows])}", key, np.unique(tab.rank[rows]).tolist())
-
-
-def _raise_disagreement(tab: _Table, gid: int) -> None:
-    rows = np.flatnonzero(tab.gid == gid)
-    metas = list(tab.metas)
-    by_meta: dict[tuple[str, tuple[int, ...]], list[int]] = {}
-    for row in rows.tolist():
-        by_meta.setdefault(metas[int(tab.meta[row])], []).append(int(tab.rank[row]))
-    key = list(tab.groups)[gid][0]
-    parts = [f"{_fmt_ranks(rs)} hold{'s' if len(set(rs)) == 1 else ''} dtype {dt} shape {list(sh)}" for (dt, sh), rs in by_meta.items()]
-    raise PlanError(f"tensor {format_path(key)} disagrees across ranks: " + "; ".join(parts), key, np.unique(tab.rank[rows]).tolist())
-
-
-def _unique_boxes(tab: _Table, ndim: int) -> tuple[np.ndarray, ...]:
-    """Dedup the non-empty boxes of every tensor with ``ndim`` dims; check each tensor is tiled.
-
-    Returns per unique box ``(gid, nbytes, holder count)``, ordered by key
-    then box, and per holder ``(rank, index)``, grouped by box, by rank.
-    """
-    rows = np.flatnonzero(tab.meta_ndim[tab.meta] == ndim)
-    off, siz = tab.boxes(rows, ndim)
-    keep = (siz != 0).all(axis=1)  # empty boxes cover nothing; negative ones stay for the cover check
-    gid, rank, idx, off, siz = tab.gid[rows[keep]], tab.rank[rows[keep]], tab.idx[rows[keep]], off[keep], siz[keep]
-    order = np.lexsort((*siz.T[::-1], *off.T[::-1], gid))  # stable: ties stay in (rank, index) order
-    gid, rank, idx, off, siz = gid[order], rank[order], idx[order], off[order], siz[order]
-    new_box = np.ones(len(gid), dtype=bool)
-    new_box[1:] = (gid[1:] != gid[:-1]) | (off[1:] != off[:-1]).any(axis=1) | (siz[1:] != siz[:-1]).any(axis=1)
-    keep = new_box.copy()
-    keep[1:] |= rank[1:] != rank[:-1]  # a rank holding one box twice writes it once
-    gid, rank, idx, off, siz, new_box = gid[keep], rank[keep], idx[keep], off[keep], siz[keep], new_box[keep]
-    start = np.flatnonzero(new_box)
-    count = np.diff(np.append(start, len(gid)))
-    groups = np.flatnonzero(tab.meta_ndim[tab.group_meta] == ndim)
-    _check_cover(tab, groups, gid[start], off[start], siz[start], lambda u: rank[start[u] : start[u] + count[u]])
-    isz = np.array([itemsize(dtype) for dtype, _ in tab.metas], dtype=np.int64)[tab.group_meta]
-    return gid[start], box_volume(siz[start]) * isz[gid[start]], count, rank, idx
-
-
-def _check_cover(tab: _Table, groups: np.ndarray, u_gid: np.ndarray, u_off: np.ndarray, u_siz: np.ndarray, holders: Callable[[int], np.ndarray]) -> None:
-    """The unique boxes of each group tile its shape exactly once; ``holders(u)`` are the ranks of box ``u``."""
-    metas, keys = list(tab.metas), list(tab.groups)
-    los, his = np.searchsorted(u_gid, groups, side="left").tolist(), np.searchsorted(u_gid, groups, side="right").tolist()
-    for g, lo, hi in zip(groups.tolist(), los, his):
-        shape = metas[int(tab.group_meta[g])][1]
-        if hi - lo == 1 and u_siz[lo].tolist() == list(shape) and not u_off[lo].any():  # one full box: the common case
-            continue
-        problem = cover_problem(shape, u_off[lo:hi], u_siz[lo:hi])
-        if problem is not None:
-            overlap = _overlapping_ranks(u_off[lo:hi], u_siz[lo:hi], [holders(u) for u in range(lo, hi)]) if "overlap" in problem else None
-            involved = overlap if overlap is not None else tab.rank[tab.gid == g]
-            key = keys[g][0]
-            raise PlanError(f"tensor {format_path(key)} (shape {list(shape)}): {problem}; boxes from {_fmt_ranks(involved)}", key, np.unique(involved).tolist())
+            key = schema.keys[i]
+            raise PlanError(f"tensor {format_path(key)} has unknown dtype {dtype!r} on {_fmt_ranks(ranks)}", key, ranks.tolist())
 
 
 def _overlapping_ranks(off: np.ndarray, siz: np.ndarray, holders: list[np.ndarray]) -> np.ndarray | None:
@@ -507,7 +683,7 @@ def plan_reads(
         return []
     lo = np.maximum(c_off, t_off)
     hi = np.minimum(c_off + c_siz, t_off + t_siz)
-    hits = np.flatnonzero((hi > lo).all(axis=1) & (c_siz > 0).all(axis=1))
+    hits = np.flatnonzero((hi > lo).all(axis=1))  # an empty chunk never satisfies this
     ops = [
         _read_op(int(c), int(chunk_files[c]), int(chunk_file_offsets[c]), itemsize, c_siz[c], lo[c] - c_off[c], hi[c] - lo[c], lo[c] - t_off)
         for c in hits

@@ -11,7 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dist_ckpt.commit import CommitRequest, Records, RecordTable, build_manifest
+from dist_ckpt.description import SchemaCache, decode_description
 from dist_ckpt.errors import CheckpointError, WireError
+from dist_ckpt.manifest import Manifest
 from dist_ckpt.planner import (
     PlanCache,
     PlanError,
@@ -147,6 +150,17 @@ def test_hsdp_replicate_then_shard_dedups_between_replicas():
     assert set(plan.bytes_per_rank.values()) == {3 * 16 * 8 * 4}  # perfectly balanced
 
 
+def test_hsdp_with_replicated_scalars_matches_reference():
+    # 4 replicas x 8 shards, uneven sizes, plus tensors every rank holds whole: replica groups are
+    # assigned in lock step until the first box that spans groups, then one by one (same result).
+    tensors = {("p", i): ((8 * (3 + i % 5) - i % 3, 4), [None, 0]) for i in range(24)}
+    tensors.update({("step", i): ((), [None, None]) for i in range(3)})
+    tensors[("big",)] = ((40, 40), [None, None])
+    descs = describe(tensors, (4, 8))
+    plan = plan_save(descs)
+    assert (plan.writes, plan.bytes_per_rank) == reference_plan(descs)
+
+
 def test_empty_tensor_writes_nothing():
     descs = describe({("e",): ((0, 4), [0]), ("f",): ((0,), [None])}, (3,))
     plan = plan_save(descs)
@@ -191,7 +205,7 @@ def reference_plan(descs, itemsize=4):
         r = min(sorted(holders[b]), key=lambda r: load[r])
         load[r] += nbytes[b]
         writes[r].append(holders[b][r])
-    return SavePlan({r: tuple(sorted(w)) for r, w in writes.items()}, load)
+    return {r: tuple(sorted(w)) for r, w in writes.items()}, load
 
 
 @st.composite
@@ -211,7 +225,9 @@ def test_plan_matches_reference_and_covers_each_element_once(job):
     tensors, mesh = job
     descs = describe(tensors, mesh)
     plan = plan_save(descs)
-    assert plan == reference_plan(descs)
+    assert (plan.writes, plan.bytes_per_rank) == reference_plan(descs)
+    cache = SchemaCache()  # the coordinator's path: wire bytes, one schema decoded for all ranks
+    assert plan_save([decode_description(d.to_msgpack(), d.rank, cache) for d in descs]) == plan
     for key, (shape, _) in tensors.items():
         hits = np.zeros(shape, dtype=np.int64)
         for d in descs:
@@ -220,6 +236,101 @@ def test_plan_matches_reference_and_covers_each_element_once(job):
                 if t.key == key:
                     hits[tuple(slice(o, o + s) for o, s in zip(t.offsets, t.sizes))] += 1
         assert (hits == 1).all()
+
+
+@st.composite
+def mixed_jobs(draw):
+    """Random jobs, then: rank labels shuffled (rank order no longer follows the mesh), a
+    replicated tensor only some ranks hold (several schemas), rank-local tensors on some ranks."""
+    tensors, mesh = draw(random_jobs())
+    descs = describe(tensors, mesh)
+    n = len(descs)
+    label = draw(st.permutations(range(n)))
+    extra = draw(st.sets(st.sampled_from(range(n))))
+    local = draw(st.sets(st.sampled_from(range(n))))
+    out = []
+    for d in descs:
+        r, ts = label[d.rank], list(d.tensors)
+        if d.rank in extra:
+            ts.insert(draw(st.integers(0, len(ts))), TensorDesc(("extra",), "float32", (3, 2), (0, 0), (3, 2)))
+        if d.rank in local:
+            ts.append(TensorDesc(("rng",), "float32", (r % 3 + 1,), (0,), (r % 3 + 1,), owner=r))
+        out.append(RankDescription(r, tuple(ts)))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(mixed_jobs())
+def test_mixed_jobs_match_reference(descs):
+    plan = plan_save(descs)
+    assert (plan.writes, plan.bytes_per_rank) == reference_plan(descs)
+    cache = SchemaCache()
+    assert plan_save([decode_description(d.to_msgpack(), d.rank, cache) for d in descs]) == plan
+
+
+def report_all(plan, descs, shuffle=None):
+    """A RecordTable with every rank's records as its writer would send them (``xxh3`` = rank * 1000 + tag)."""
+    table = RecordTable(plan)
+    for d in sorted(descs, key=lambda d: d.rank):
+        table.add(d.rank, records_of(plan, d, shuffle))
+    return table
+
+
+def records_of(plan, d, shuffle=None):
+    tags = np.array(plan.writes[d.rank], np.int64)
+    nbytes = np.array([math.prod(d.tensors[i].sizes) * 4 for i in tags], np.int64)
+    offset = np.cumsum(-(-nbytes // 4096) * 4096) - (-(-nbytes // 4096) * 4096)
+    order = shuffle.permutation(len(tags)) if shuffle is not None else np.arange(len(tags))
+    files = [f"data/r{d.rank:05d}.bin"] if len(tags) else []
+    return Records(files, tags[order], np.zeros(len(tags), np.int32), offset[order], nbytes[order], (d.rank * 1000 + tags[order]).astype(np.uint64))
+
+
+def commit(plan, table, world):
+    objects = {r: {"objects": {}, "local": {}, "structure": ["d", [], []]} for r in range(world)}
+    return build_manifest(CommitRequest("ck", "ck.tmp", False, world, plan, table, objects))
+
+
+@settings(max_examples=200, deadline=None)
+@given(mixed_jobs(), st.integers(0, 2**32 - 1), st.booleans())
+def test_manifest_from_plan_and_records(descs, seed, shuffle):
+    """Every written chunk lands in its key's table with its own box, file, offset and hash."""
+    plan = plan_save(descs)
+    m = commit(plan, report_all(plan, descs, np.random.default_rng(seed) if shuffle else None), len(descs))
+    back = Manifest.from_msgpack(m.to_msgpack())  # validates bounds, sizes and exact cover
+    expect: dict = {}
+    for d in descs:
+        for i in plan.writes[d.rank]:
+            t = d.tensors[i]
+            expect.setdefault((t.owner, t.key), set()).add((t.offsets, t.sizes, f"data/r{d.rank:05d}.bin", d.rank * 1000 + i))
+    got: dict = {}
+    sections = [(None, back.tensors)] + [(r, sec.tensors) for r, sec in back.local.items()]
+    for owner, tables in sections:
+        for key, e in tables.items():
+            c = e.chunks
+            got[(owner, key)] = {(tuple(c.offsets[j].tolist()), tuple(c.sizes[j].tolist()), back.files[c.file[j]], int(c.xxh3[j])) for j in range(len(c))}
+    assert {k: v for k, v in got.items() if v} == expect
+    described = {(t.owner, t.key) for d in descs for t in d.tensors}
+    assert set(got) == described  # empty tensors too
+
+
+def test_record_table_refuses_what_the_plan_did_not_assign():
+    descs = describe({("a", i): ((8, 2), [0]) for i in range(3)}, (4,))
+    plan = plan_save(descs)
+    table = RecordTable(plan)
+    good = records_of(plan, descs[1])
+    bad = Records(good.files, good.tag[:2], good.file[:2], good.offset[:2], good.nbytes[:2], good.xxh3[:2])
+    with pytest.raises(WireError, match=r"rank 1: wrote chunks \[0, 1\] but was assigned \[0, 1, 2\]"):
+        table.add(1, bad)
+    bad = Records(good.files, good.tag, good.file, good.offset, good.nbytes + np.array([0, 4, 0]), good.xxh3)
+    with pytest.raises(WireError, match=r"rank 1: key \['a', 1\]: wrote 20 bytes, its box needs 16"):
+        table.add(1, bad)
+    with pytest.raises(WireError, match="rank 9 is not expected"):
+        table.add(9, good)
+    table.add(1, good)
+    with pytest.raises(WireError, match="rank 1 is not expected"):  # twice
+        table.add(1, good)
+    with pytest.raises(CheckpointError, match=r"ranks \[0, 2, 3\] have not reported"):
+        commit(plan, table, 4)
 
 
 # --------------------------------------------------------------------------- errors
@@ -359,9 +470,9 @@ def garbage(draw):
         return draw(st.binary(max_size=200))
     if kind == 1:
         return msgpack.packb(draw(msgpack_values), use_bin_type=True)
-    if kind == 2:  # a structurally plausible description with random fields
-        row = draw(st.lists(msgpack_values, min_size=5, max_size=7))
-        return msgpack.packb([1, [row]], use_bin_type=True)
+    if kind == 2:  # a structurally plausible description: random schema columns, random boxes
+        columns = draw(st.lists(st.lists(msgpack_values, max_size=2), min_size=3, max_size=5))
+        return msgpack.packb([2, msgpack.packb(columns, use_bin_type=True), draw(st.binary(max_size=48))], use_bin_type=True)
     data = bytearray(draw(rank_descs()).to_msgpack())  # a valid one, mutated
     for _ in range(draw(st.integers(1, 4))):
         if data:
@@ -382,35 +493,73 @@ def test_from_msgpack_only_raises_wire_error(data, rank):
         assert t.owner in (None, rank)
 
 
-def _row(key=("x",), dtype="float32", shape=(4,), off=(0,), siz=(4,), owner=None):
-    return msgpack.packb([1, [[list(key), dtype, list(shape), list(off), list(siz), owner]]])
+def _wire(key=("x",), dtype="float32", shape=(4,), off=(0,), siz=(4,), local=False, boxes=None):
+    """A one-tensor description in the wire form, any field possibly wrong."""
+    schema = msgpack.packb([[key], [dtype], [list(shape)], [local]])
+    if boxes is None:
+        boxes = np.array([*off, *siz], "<i8").tobytes()
+    return msgpack.packb([2, schema, boxes])
 
 
 @pytest.mark.parametrize(
     "data, match",
     [
         (b"\xc1", "not valid msgpack"),
-        (_row() + b"\x00", "not valid msgpack"),
-        (msgpack.packb({"a": 1}), r"\[version, rows\]"),
-        (msgpack.packb([2, []]), "unsupported description version 2"),
-        (_row(dtype="float7"), "tensor x: unknown dtype 'float7'"),
-        (_row(shape=(4, 4)), r"differ in length"),
-        (_row(off=(1,)), r"offsets \[1\] sizes \[4\] lies outside shape \[4\]"),
-        (_row(off=(-1,)), r"offsets must hold non-negative ints below 2\*\*62, got -1"),
-        (_row(siz=(True,)), r"sizes must hold non-negative ints below 2\*\*62, got True"),
-        (_row(shape=(2.0,)), r"shape must hold non-negative ints below 2\*\*62, got 2.0"),
-        (_row(shape=(2**64 - 1,)), "got 18446744073709551615"),
-        (_row(shape=(2**62 - 1,), off=(2**62 - 1,), siz=(2**62 - 1,)), "lies outside shape"),
-        (_row(shape=(2**40, 2**40), off=(0, 0), siz=(0, 0)), "too large"),
-        (_row(owner=1), r"owner must be None or this rank \(0\), got 1"),
-        (_row(owner=False), "owner must be None"),
-        (_row(key=(1.5,)), "key path must be a list of str and int"),
-        (msgpack.packb([1, [[["x"], "float32"]]]), "must be \\[key, dtype"),
+        (_wire() + b"\x00", "not valid msgpack"),
+        (msgpack.packb({"a": 1}), "not valid msgpack"),
+        (msgpack.packb([2, b""]), r"must be \[version, schema, boxes\]"),
+        (msgpack.packb([1, b"", b""]), "unsupported description version 1"),
+        (msgpack.packb([2, 5, b""]), "schema and boxes must be binary"),
+        (msgpack.packb([2, msgpack.packb([[["x"]], ["float32"], [[4]]]), b""]), r"\[keys, dtypes, shapes, local\] of equal lengths"),
+        (msgpack.packb([2, msgpack.packb([[["x"]], ["float32"], [[4]], []]), b""]), "of equal lengths"),
+        (_wire(dtype="float7"), "tensor x: unknown dtype 'float7'"),
+        (_wire(shape=(4, 4)), "has 16 bytes of boxes, its schema needs 32"),
+        (_wire(boxes=b"\x00" * 15), "has 15 bytes of boxes"),
+        (_wire(off=(1,)), r"tensor x: box at offsets \[1\] sizes \[4\] lies outside shape \[4\]"),
+        (_wire(off=(-1,)), r"tensor x: box at offsets \[-1\] sizes \[4\] has a negative offset or size"),
+        (_wire(siz=(-(2**63),)), "negative offset or size"),
+        (_wire(shape=(True,), off=(0,), siz=(1,)), r"shape must hold non-negative ints below 2\*\*62, got True"),
+        (_wire(shape=(2.0,)), r"shape must hold non-negative ints below 2\*\*62, got 2.0"),
+        (_wire(shape=(-4,)), "got -4"),
+        (_wire(shape=(2**64 - 1,)), "got 18446744073709551615"),
+        (_wire(shape=(2**62 - 1,), off=(2**62 - 1,), siz=(2**62 - 1,)), "too large"),
+        (_wire(shape=(8,), off=(2**63 - 1,), siz=(2**63 - 1,)), "lies outside shape"),  # no int64 overflow
+        (_wire(shape=(2**40, 2**40), off=(0, 0), siz=(0, 0)), "too large"),
+        (_wire(local=1), "local must be true or false, got 1"),
+        (_wire(key=(1.5,)), "key path must be a list of str and int"),
+        (_wire(key=5), "key path must be a list of str and int"),
     ],
 )
 def test_from_msgpack_rejects_with_precise_message(data, match):
     with pytest.raises(WireError, match=match):
         RankDescription.from_msgpack(data, 0)
+
+
+def test_rank_local_flag_means_owned_by_the_sender():
+    data = _wire(local=True)
+    assert RankDescription.from_msgpack(data, 7).tensors[0].owner == 7
+    assert RankDescription.from_msgpack(data, 3).tensors[0].owner == 3
+
+
+def test_schema_is_decoded_once_and_shared():
+    descs = describe({("w", i): ((64, 8), [0]) for i in range(5)}, (8,))
+    cache = SchemaCache()
+    cols = [decode_description(d.to_msgpack(), d.rank, cache) for d in descs]
+    assert len({id(c.schema) for c in cols}) == 1
+    assert cols[3].boxes.tolist() == [24, 0] * 5 + [8, 8] * 5  # offsets of every tensor, then sizes
+    other = describe({("w", i): ((64, 8), [0]) for i in range(6)}, (8,))
+    assert decode_description(other[0].to_msgpack(), 0, cache).schema is not cols[0].schema
+
+
+def test_box_errors_from_the_wire_name_the_key_and_rank():
+    descs = describe({("opt", "m"): ((8, 2), [0])}, (4,))
+    bad = msgpack.unpackb(descs[2].to_msgpack())
+    bad[2] = np.array([6, 0, 4, 2], "<i8").tobytes()  # rank 2 claims rows 6..10 of an (8, 2) tensor
+    cache = SchemaCache()
+    cols = [decode_description(d.to_msgpack() if d.rank != 2 else msgpack.packb(bad), d.rank, cache) for d in descs]
+    with pytest.raises(PlanError, match=r"tensor opt\.m on rank 2: box at offsets \[6, 0\] sizes \[4, 2\] lies outside shape \[8, 2\]") as ei:
+        plan_save(cols)
+    assert ei.value.key == ("opt", "m") and ei.value.ranks == (2,)
 
 
 def test_from_msgpack_rejects_non_bytes():
@@ -429,7 +578,10 @@ def test_rank_plan_round_trip():
     assert SavePlan.parse_rank_plan(plan.to_msgpack_for(99), 0) == ()
 
 
-@pytest.mark.parametrize("obj", [[3, 1], [1, 1], [-1], [5], [True], "x", {"a": 1}, [1.0], None])
+@pytest.mark.parametrize(
+    "obj",
+    [[3, 1], [5, b"\x00\x00"], [4, b"\x00"], [5, b"\x20"], [5, b"\x80"], [-1, b""], [True, b"\x00"], [5.0, b"\x00"], [5, "x"], [5, b"\x00", 1], "x", {"a": 1}, None],
+)
 def test_rank_plan_garbage(obj):
     with pytest.raises(WireError):
         SavePlan.parse_rank_plan(msgpack.packb(obj), 5)

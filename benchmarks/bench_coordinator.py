@@ -1,0 +1,518 @@
+"""The coordinator at scale: thousands of simulated ranks on one machine.
+
+Drives the real :class:`dist_ckpt.coordinator.Coordinator` (in its own
+process, so its peak memory is its own) with ``--ranks`` simulated ranks, each
+a real DEALER socket sending real authenticated wire messages
+(:func:`dist_ckpt.wire.encode`), spread over a few worker processes. Every rank
+describes ``--tensors`` FSDP ``Shard(0)`` tensors (1-D and 2-D, some split
+unevenly) plus two replicated ones (a 0-d step counter and a small buffer).
+Ranks write no tensor bytes: after their plan arrives each creates its data
+file as a sparse file of the right length and reports Done with records
+pointing into it, so the manifest is valid.
+
+Two saves run with the same descriptions: the first plans, the second reuses
+the cached plan. Measured:
+
+* ``plan_s`` / ``plan_cached_s``: from the last PlanRequest sent to the last
+  PlanReply received;
+* ``commit_s`` / ``commit_cached_s``: from the last Done sent to the last
+  Committed received (records merged and checked, manifest written with fsync,
+  directory renamed);
+* ``manifest_mb``: size of ``MANIFEST`` on disk;
+* ``coordinator_peak_mb``: peak RSS of the coordinator's process (it imports
+  torch, like rank 0: ``coordinator_base_mb`` is its RSS before the first save);
+* ``load_plan_s``: one rank (a fresh process) reads and validates the manifest
+  (``loader.read_manifest``) and plans the reads of its shard of every tensor
+  (``planner.plan_reads``).
+
+Arrival (``--arrival``): ``straggler`` (default) sends every rank's request
+but one, waits until the coordinator is idle, then times from the last rank's
+request — the usual shape of a save, where ranks arrive spread out and the
+slowest one starts the clock. ``burst`` sends all requests at once and times
+from the last one sent, so the coordinator's backlog of decoding is included.
+
+Memory first touch (``--prefault-gib``): in a virtual machine whose host backs
+guest memory lazily, the first touch of never-used memory is a host page
+fault (measured ~18 us per 4 KiB page here, against well under 1 us on bare
+metal): the first plan of a fresh coordinator then spends ~0.4 s in the kernel
+for ~100 MB of new arrays. ``--prefault-gib 2`` touches and frees 2 GiB in the
+coordinator's process before it serves, which leaves those pages backed; the
+figures are then what the code costs rather than what this VM's memory costs.
+The coordinator's page faults and kernel-side time per step are reported in
+``coordinator_steps_s`` either way.
+
+Usage::
+
+    python benchmarks/bench_coordinator.py --ranks 4096 --tensors 1000
+
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psutil
+import zmq
+
+from dist_ckpt import wire
+from dist_ckpt.commit import MANIFEST, encode_objects, encode_record_columns
+from dist_ckpt.config import Config
+from dist_ckpt.coordinator import Coordinator
+from dist_ckpt.description import Schema, encode_description
+from dist_ckpt.flatten import flatten
+from dist_ckpt.loader import read_manifest
+from dist_ckpt.manifest import ALIGN
+from dist_ckpt.planner import SavePlan, plan_reads
+from dist_ckpt.storage import get_storage
+
+JOB = "bench-coordinator"
+SECRET = b"bench-coordinator-secret-0123456789"
+RECV_TIMEOUT_MS = int(os.environ.get("BENCH_RECV_TIMEOUT_S", "600")) * 1000
+NAMES = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w2", "mlp.w3", "attn_norm", "mlp_norm")
+
+
+# ---------------------------------------------------------------- the simulated job
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The tensors every rank describes: ``n_sharded`` Shard(0) ones, then the replicated ones."""
+
+    world: int
+    schema: Schema
+    n_sharded: int
+
+    @staticmethod
+    def make(world: int, n_tensors: int) -> Layout:
+        keys, shapes = [], []
+        for i in range(n_tensors):
+            layer, name = divmod(i, len(NAMES))
+            rows = world * (4 if name < 7 else 2) - i % 5  # every rank holds rows; some splits uneven
+            keys.append(("model", "layers", layer, NAMES[name]))
+            shapes.append((rows, 64 * (1 + i % 4)) if name < 7 else (rows,))
+        keys += [("optim", "step"), ("model", "rope", "inv_freq")]
+        shapes += [(), (64,)]
+        dtypes = ["float32"] * n_tensors + ["int64", "float32"]
+        return Layout(world, Schema.build(keys, dtypes, shapes, [False] * len(keys)), n_tensors)
+
+    def boxes(self, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(offsets, sizes)``, each ``(len(ranks), S)``: torch.chunk split of dim 0 for the sharded tensors."""
+        sch = self.schema
+        rows = sch.shape_flat[sch.start[: self.n_sharded]]
+        chunk = -(-rows // self.world)
+        start = np.minimum(ranks[:, None] * chunk, rows)
+        size = np.clip(rows - start, 0, chunk)
+        off = np.zeros((len(ranks), sch.width), np.int64)
+        siz = np.tile(sch.shape_flat, (len(ranks), 1))
+        off[:, sch.start[: self.n_sharded]] = start
+        siz[:, sch.start[: self.n_sharded]] = size
+        return off, siz
+
+    def nbytes(self, siz: np.ndarray) -> np.ndarray:
+        """``(ranks, T)`` bytes of each rank's box of each tensor."""
+        sch = self.schema
+        vol = np.ones((len(siz), len(sch)), np.int64)
+        has = sch.ndim > 0
+        vol[:, has] = np.multiply.reduceat(siz, sch.start[has], axis=1)
+        return vol * sch.itemsize
+
+    def structure(self) -> Any:
+        nested: dict = {}
+        for key in self.schema.keys + (("meta", "created_by"),):
+            node = nested
+            for k in key[:-1]:
+                node = node.setdefault(k, {})
+            node[key[-1]] = 0
+        return flatten(nested)[1]
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+# ---------------------------------------------------------------- processes
+
+
+def coordinator_main(conn: Any, world: int, root: str, prefault_gib: float) -> None:
+    """The coordinator's own process: serve, then report peak memory and its log lines."""
+    raise_fd_limit()
+    if prefault_gib:  # touch, then free: see --prefault-gib
+        np.ones(int(prefault_gib * 2**27))
+        with open("/proc/self/clear_refs", "w") as f:  # restart the peak-RSS count (VmHWM) from here
+            f.write("5")
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    log = logging.getLogger("dist_ckpt")
+    log.setLevel(logging.INFO)
+    log.addHandler(Keep())
+    steps = _time_steps()
+    cfg = Config(timeout_s=3600, heartbeat_interval_s=60, heartbeat_timeout_s=3600)
+    coord = Coordinator(world, JOB, SECRET, "tcp://127.0.0.1:0", get_storage, cfg)
+    samples: list[tuple[float, int]] = []  # (monotonic time, RSS): which phase peaks
+    stop = threading.Event()
+
+    def sample() -> None:
+        me = psutil.Process()
+        while not stop.wait(0.01):
+            samples.append((time.monotonic(), me.memory_info().rss))
+
+    threading.Thread(target=sample, daemon=True).start()
+    conn.send((coord.endpoint, psutil.Process().memory_info().rss))
+    while conn.recv() != "stop":  # "stats": what the coordinator holds (diagnostics)
+        conn.send({ckpt: (save.phase, len(save.descs), len(save.done), dict(list(save.failed.items())[:3])) for ckpt, save in list(coord._saves.items())})
+    peak = _peak_rss()
+    stop.set()
+    conn.send({"peak": peak, "dropped": dict(coord.dropped), "log": lines, "rss": samples, "steps": steps})
+    coord.close()
+
+
+def _time_steps() -> list[tuple[str, float, int]]:
+    """Wrap the coordinator's big steps to record their durations (this process only)."""
+    import dist_ckpt.commit as commit
+    import dist_ckpt.coordinator as coordinator
+    from dist_ckpt.manifest import Manifest
+    from dist_ckpt.storage.local import LocalStorage
+
+    steps: list[tuple[str, float, int]] = []  # (step, seconds, page faults in the process meanwhile)
+
+    def timed(name: str, fn: Any) -> Any:
+        def run(*a: Any, **k: Any) -> Any:
+            t, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            try:
+                return fn(*a, **k)
+            finally:
+                steps.append((name, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
+        return run
+
+    coordinator.plan_save = timed("plan_save", coordinator.plan_save)
+    coordinator.prepare_tmp_dir = timed("prepare_tmp_dir", coordinator.prepare_tmp_dir)
+    coordinator.release_free_memory = timed("release_free_memory", coordinator.release_free_memory)
+    commit.build_manifest = timed("build_manifest", commit.build_manifest)
+    Manifest.to_msgpack = timed("manifest_to_msgpack", Manifest.to_msgpack)
+    LocalStorage.write_atomic = timed("write_manifest_fsync", LocalStorage.write_atomic)
+    LocalStorage.rename_dir = timed("rename_dir_fsync", LocalStorage.rename_dir)
+    return steps
+
+
+def _peak_rss() -> int:
+    """Peak resident set of this process in bytes (VmHWM, which --prefault-gib resets)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Ranks:
+    """Simulated ranks ``lo .. hi-1`` of one worker process: one DEALER socket each."""
+
+    def __init__(self, layout: Layout, lo: int, hi: int, endpoint: str) -> None:
+        self.layout, self.ranks = layout, np.arange(lo, hi)
+        self.ctx = zmq.Context(io_threads=1)
+        self.ctx.set(zmq.MAX_SOCKETS, len(self.ranks) + 64)
+        self.socks = []
+        for _ in self.ranks:
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)
+            s.connect(endpoint)
+            self.socks.append(s)
+        off, self.siz = layout.boxes(self.ranks)
+        blob = layout.schema.blob
+        self.descs = [encode_description(blob, off[i], self.siz[i]) for i in range(len(self.ranks))]
+        self.row_bytes = layout.nbytes(self.siz)
+        self.outbox: list[list] = []
+        self.plans: list[tuple[int, ...]] = []
+        self.tmp_path = ""
+
+    def prepare_plan(self, ckpt: str, path: str) -> None:
+        world = self.layout.world
+        import xxhash
+
+        self.outbox = [wire.encode(wire.PlanRequest(JOB, ckpt, int(r), path, world, xxhash.xxh3_64_intdigest(d), d, False), SECRET) for r, d in zip(self.ranks, self.descs)]
+
+    def send(self, which: str) -> float:
+        """Send the prepared messages of ``which`` ranks ("all", "all_but_last", "last"); time of the last send."""
+        span = {"all": slice(None), "all_but_last": slice(0, -1), "last": slice(-1, None)}[which]
+        for sock, frames in list(zip(self.socks, self.outbox))[span]:
+            sock.send_multipart(frames, copy=False)
+        return time.monotonic()
+
+    def recv(self, kind: type) -> tuple[float, list[wire.Message]]:
+        """One message per rank; the time the last one arrived, then the messages.
+
+        Frames are only collected while waiting and authenticated afterwards,
+        so the simulated ranks take no CPU from the coordinator (they share
+        this machine's cores; real ranks would not).
+        """
+        frames = [sock.recv_multipart() for sock in self.socks]
+        t = time.monotonic()
+        out = []
+        for f in frames:
+            msg = wire.decode(f, SECRET)
+            if not isinstance(msg, kind):
+                raise RuntimeError(f"rank {msg.rank}: expected {kind.__name__}, got {msg}")
+            out.append(msg)
+        return t, out
+
+    def recv_plans(self) -> float:
+        t, replies = self.recv(wire.PlanReply)
+        n = len(self.layout.schema)
+        self.plans = [SavePlan.parse_rank_plan(m.plan, n) for m in replies]  # type: ignore[attr-defined]
+        self.tmp_path = replies[0].tmp_path  # type: ignore[attr-defined]
+        return t
+
+    def prepare_done(self, ckpt: str) -> None:
+        """Sparse data files of the right length, and Done messages pointing into them."""
+        os.makedirs(f"{self.tmp_path}/data", exist_ok=True)
+        objects = {("meta", "created_by"): "bench_coordinator"}
+        self.outbox = []
+        for i, r in enumerate(self.ranks.tolist()):
+            tags = np.array(self.plans[i], np.int64)
+            nbytes = self.row_bytes[i, tags]
+            padded = -(-nbytes // ALIGN) * ALIGN
+            offset = np.cumsum(padded) - padded
+            name = f"data/r{r:05d}.bin"
+            files = [name] if len(tags) else []
+            if len(tags):
+                with open(f"{self.tmp_path}/{name}", "wb") as f:
+                    f.truncate(int(offset[-1] + nbytes[-1]))
+            records = encode_record_columns(files, tags, np.zeros(len(tags)), offset, nbytes, np.zeros(len(tags), np.uint64))
+            objs = encode_objects(objects if r == 0 else {}, {}, self.layout.structure() if r == 0 else None)
+            self.outbox.append(wire.encode(wire.Done(JOB, ckpt, r, records, objs), SECRET))
+
+    def recv_committed(self) -> float:
+        return self.recv(wire.Committed)[0]
+
+
+def worker_main(conn: Any, world: int, n_tensors: int, lo: int, hi: int, endpoint: str) -> None:
+    """Serve the driver's commands for ranks ``lo .. hi-1`` until "exit"."""
+    raise_fd_limit()
+    ranks = Ranks(Layout.make(world, n_tensors), lo, hi, endpoint)
+    conn.send("ready")
+    while True:
+        cmd, *args = conn.recv()
+        if cmd == "exit":
+            break
+        conn.send(getattr(ranks, cmd)(*args))
+    for s in ranks.socks:
+        s.close(0)
+    ranks.ctx.term()
+
+
+def load_plan_main(conn: Any, path: str, world: int, n_tensors: int, rank: int) -> None:
+    """One rank loading: read and validate the manifest, plan the reads of its shard of every tensor."""
+    layout = Layout.make(world, n_tensors)
+    off, siz = layout.boxes(np.array([rank]))
+    sch = layout.schema
+    t0 = time.perf_counter()
+    manifest, _, _ = read_manifest(path)
+    t1 = time.perf_counter()
+    n_ops = 0
+    for i, key in enumerate(sch.keys):
+        e = manifest.tensors[key]
+        a, n = int(sch.start[i]), int(sch.ndim[i])
+        c = e.chunks
+        ops = plan_reads(off[0, a : a + n], siz[0, a : a + n], int(sch.itemsize[i]), c.offsets, c.sizes, c.file, c.offset)
+        n_ops += len(ops)
+    t2 = time.perf_counter()
+    conn.send({"read_manifest_s": t1 - t0, "plan_reads_s": t2 - t1, "load_plan_s": t2 - t0, "read_ops": n_ops, "chunks": sum(len(e.chunks) for e in manifest.tensors.values())})
+
+
+# ---------------------------------------------------------------- driver
+
+
+class Driver:
+    def __init__(self, world: int, n_tensors: int, procs: int, root: str, prefault_gib: float = 0.0) -> None:
+        self.world, self.n_tensors, self.root = world, n_tensors, root
+        self.marks: list[tuple[str, float]] = []
+        ctx = mp.get_context("fork")
+        self.ctx = ctx
+        self.coord_conn, child = ctx.Pipe()
+        self.coord = ctx.Process(target=coordinator_main, args=(child, world, root, prefault_gib), daemon=True)
+        self.coord.start()
+        endpoint, self.coord_base = self.coord_conn.recv()
+        bounds = np.linspace(0, world, procs + 1).astype(int).tolist()
+        self.workers = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            a, b = ctx.Pipe()
+            p = ctx.Process(target=worker_main, args=(b, world, n_tensors, lo, hi, endpoint), daemon=True)
+            p.start()
+            self.workers.append((p, a))
+        for _, c in self.workers:
+            assert c.recv() == "ready"
+        self.wait_connected(int(endpoint.rsplit(":", 1)[1]))
+
+    def wait_connected(self, port: int, timeout: float = 300.0) -> None:
+        """Until the coordinator holds one TCP connection per rank."""
+        proc = psutil.Process(self.coord.pid)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            n = sum(1 for c in proc.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+            if n >= self.world:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"only {n} of {self.world} ranks connected")
+
+    def call(self, conns: list[Any], *cmd: Any) -> list[Any]:
+        for c in conns:
+            c.send(cmd)
+        return [c.recv() for c in conns]
+
+    def wait_idle(self, quiet_s: float = 0.3) -> None:
+        """Until the coordinator process has used no CPU for ``quiet_s``."""
+        proc = psutil.Process(self.coord.pid)
+        cpu = lambda: sum(proc.cpu_times()[:2])  # noqa: E731
+        last, still = cpu(), 0.0
+        while still < quiet_s:
+            time.sleep(0.05)
+            now = cpu()
+            still = still + 0.05 if now - last < 0.004 else 0.0
+            last = now
+
+    def phase(self, prepare: tuple, recv: str, arrival: str) -> float:
+        """Send one message per rank, collect one reply per rank; seconds from the last send to the last reply."""
+        conns = [c for _, c in self.workers]
+        self.call(conns, *prepare)
+        if arrival == "burst":
+            sent = self.call(conns, "send", "all")
+            got = self.call(conns, recv)
+            return max(got) - max(sent)
+        self.call(conns[:-1], "send", "all")
+        self.call(conns[-1:], "send", "all_but_last")
+        self.wait_idle()
+        for c in conns[:-1]:
+            c.send((recv,))
+        last = conns[-1]
+        last.send(("send", "last"))
+        last.send((recv,))
+        t_sent = last.recv()
+        got = [c.recv() for c in conns]
+        return max(got) - t_sent
+
+    def save(self, ckpt: str, path: str, arrival: str) -> tuple[float, float]:
+        self.marks.append((f"plan{ckpt}", time.monotonic()))
+        plan_s = self.phase(("prepare_plan", ckpt, path), "recv_plans", arrival)
+        self.marks.append((f"commit{ckpt}", time.monotonic()))
+        commit_s = self.phase(("prepare_done", ckpt), "recv_committed", arrival)
+        self.marks.append(("end", time.monotonic()))
+        return plan_s, commit_s
+
+    def peaks(self, samples: list[tuple[float, int]]) -> dict[str, float]:
+        """Peak coordinator RSS (MiB) in each phase."""
+        out: dict[str, float] = {}
+        for (name, a), (_, b) in zip(self.marks, self.marks[1:]):
+            inside = [rss for t, rss in samples if a <= t < b]
+            if inside and name != "end":
+                out[name] = round(max(inside) / 2**20, 1)
+        return out
+
+    def close(self) -> dict:
+        for p, c in self.workers:
+            try:
+                c.send(("exit",))
+            except OSError:  # that worker died; its error is on stderr
+                pass
+        self.coord_conn.send("stop")
+        report = self.coord_conn.recv()
+        for p, _ in self.workers:
+            p.join(30)
+        self.coord.join(30)
+        return report
+
+    def load_plan(self, path: str, rank: int) -> dict:
+        a, b = self.ctx.Pipe()
+        p = self.ctx.Process(target=load_plan_main, args=(b, path, self.world, self.n_tensors, rank))
+        p.start()
+        out = a.recv()
+        p.join()
+        return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ranks", type=int, default=4096)
+    ap.add_argument("--tensors", type=int, default=1000, help="Shard(0) tensors per rank (plus 2 replicated)")
+    ap.add_argument("--procs", type=int, default=0, help="worker processes for the simulated ranks (default: one per 1024 ranks, 1..16)")
+    ap.add_argument("--arrival", choices=("straggler", "burst"), default="straggler")
+    ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temporary directory, removed)")
+    ap.add_argument("--prefault-gib", type=float, default=0.0, help="touch and free this much memory in the coordinator's process first (see the module docstring)")
+    args = ap.parse_args(argv)
+    hard = raise_fd_limit()
+    procs = args.procs or min(16, max(1, math.ceil(args.ranks / 1024)))
+    if args.ranks + 256 > hard:
+        sys.exit(f"{args.ranks} ranks need {args.ranks + 256} file descriptors in the coordinator; RLIMIT_NOFILE allows {hard}")
+    root = args.dir or tempfile.mkdtemp(prefix="bench_coordinator-")
+    os.makedirs(root, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        drv = Driver(args.ranks, args.tensors, procs, root, args.prefault_gib)
+        setup_s = time.perf_counter() - t0
+        try:
+            plan_s, commit_s = drv.save("0", f"{root}/ckpt-0", args.arrival)
+            plan_cached_s, commit_cached_s = drv.save("1", f"{root}/ckpt-1", args.arrival)
+        finally:
+            if sys.exc_info()[0] is not None:
+                drv.coord_conn.send("stats")
+                print("coordinator saves:", drv.coord_conn.recv(), file=sys.stderr)
+            report = drv.close()
+            if sys.exc_info()[0] is not None:
+                print("coordinator log:", *report["log"], f"dropped: {report['dropped']}", sep="\n  ", file=sys.stderr)
+        manifest_bytes = os.path.getsize(f"{root}/ckpt-1/{MANIFEST}")
+        load = drv.load_plan(f"{root}/ckpt-1", args.ranks // 3)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    result = {
+        "ranks": args.ranks,
+        "tensors": args.tensors,
+        "plan_s": round(plan_s, 4),
+        "plan_cached_s": round(plan_cached_s, 4),
+        "commit_s": round(commit_s, 4),
+        "manifest_mb": round(manifest_bytes / 2**20, 2),
+        "coordinator_peak_mb": round(report["peak"] / 2**20, 1),
+        "load_plan_s": round(load["load_plan_s"], 4),
+        "commit_cached_s": round(commit_cached_s, 4),
+        "coordinator_base_mb": round(drv.coord_base / 2**20, 1),
+        "coordinator_peak_mb_by_phase": drv.peaks(report["rss"]),
+        "read_manifest_s": round(load["read_manifest_s"], 4),
+        "plan_reads_s": round(load["plan_reads_s"], 4),
+        "chunks": load["chunks"],
+        "arrival": args.arrival,
+        "procs": procs,
+        "prefault_gib": args.prefault_gib,
+        "setup_s": round(setup_s, 2),
+        "dropped": report["dropped"],
+        "coordinator_log": [line for line in report["log"] if "plan for save" in line or "committed" in line],
+        "coordinator_steps_s": [(name, round(t, 3), faults) for name, t, faults in report["steps"]],
+    }
+    return result
+
+
+if __name__ == "__main__":
+    out = main()
+    for line in out.pop("coordinator_log"):
+        print("coordinator:", line)
+    print(json.dumps(out))
