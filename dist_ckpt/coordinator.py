@@ -148,7 +148,9 @@ class Coordinator:
 
     def _drop(self, reason: str, detail: str) -> None:
         self.dropped[reason] += 1
-        if self.dropped[reason] == 1:
+        if reason == "stale":  # e.g. a heartbeat crossing the Committed: routine
+            log.debug("[rank 0] coordinator dropped a stale message: %s", detail)
+        elif self.dropped[reason] == 1:
             log.warning("[rank 0] coordinator dropped a message (%s): %s; further drops of this kind are only counted", reason, detail)
 
     def _on_frames(self, frames: list) -> None:
@@ -167,7 +169,13 @@ class Coordinator:
         handler = self._HANDLERS.get(type(msg))
         if handler is None:
             return self._drop("type", f"{type(msg).__name__} is not sent to the coordinator")
-        handler(self, msg)
+        try:
+            handler(self, msg)
+        except Exception as e:  # a bug in handling one save must end that save, not stall every rank
+            log.exception("[rank 0] coordinator failed handling %s from rank %d for save %s", type(msg).__name__, msg.rank, msg.ckpt)
+            save = self._saves.get(msg.ckpt)
+            if save is not None:
+                self._abort(save, {0: f"coordinator error while handling {type(msg).__name__} from rank {msg.rank}: {type(e).__name__}: {e}"})
 
     def _send(self, rank: int, msg: wire.Message) -> None:
         identity = self._identity.get(rank)

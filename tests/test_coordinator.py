@@ -211,3 +211,18 @@ def test_hostile_peers_are_dropped_and_counted_and_the_save_succeeds(job, tmp_pa
     assert sum(dropped.values()) >= 10
     evil.close()
     impostor.close()
+
+
+def test_a_coordinator_bug_aborts_the_save_at_once(job, tmp_path, monkeypatch):
+    j = job(2)
+    import dist_ckpt.coordinator as coordinator_mod
+
+    def broken(*a, **k):
+        raise TypeError("injected planner bug")
+
+    monkeypatch.setattr(coordinator_mod, "plan_save", broken)
+    t0 = time.monotonic()
+    results = save_all(j, str(tmp_path / "ck"), "0", shards(2))
+    for e in results:
+        assert isinstance(e, CheckpointError) and "injected planner bug" in str(e), e
+    assert time.monotonic() - t0 < 5
