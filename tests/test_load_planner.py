@@ -15,22 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dist_ckpt.planner import ReadOp, plan_reads, required_bytes
+from test_planner import shard_boxes  # one definition of DTensor-like box placement
 
 ALIGN = 4096
-
-
-def shard_boxes(shape, mesh, placements):
-    """Per-rank ``(offsets, sizes)`` as DTensor places a tensor (see test_planner.shard_boxes)."""
-    out = []
-    for coord in np.ndindex(*mesh):
-        off, siz = [0] * len(shape), list(shape)
-        for md, d in enumerate(placements):
-            if d is not None:
-                c = -(-siz[d] // mesh[md])
-                start = min(coord[md] * c, siz[d])
-                off[d], siz[d] = off[d] + start, max(0, min(c, siz[d] - start))
-        out.append((tuple(off), tuple(siz)))
-    return out
 
 
 class Saved:
