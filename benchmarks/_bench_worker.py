@@ -673,3 +673,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Skip interpreter finalization: a gloo worker thread freeing the last collective's
+    # tensors then would abort the process (see exit_now in launch/train.py).
+    logging.shutdown()
+    os._exit(0)

@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -337,11 +338,35 @@ def main(argv: list[str] | None = None) -> int:
         if dist.get_rank() == 0:
             report(summary, args.summary_json)
         ok = summary["resume_check"] is None or summary["resume_check"].get("equal", True)
+        dist.barrier()  # a fence: gloo's workers have dropped the last collective's tensors
         return 0 if ok else 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def exit_now(code: int) -> None:
+    """Exit without interpreter finalization.
+
+    Gloo's worker threads may still hold the last collective's work object, whose tensors
+    own Python objects; freeing it needs the GIL, and a thread that asks for the GIL during
+    finalization is killed, which aborts the process ("terminate called without an active
+    exception", pytorch/pytorch#179291). Everything that matters is done and flushed here.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        rc = main()
+    except SystemExit as e:  # --help, usage errors, a bad argument combination
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        rc = 1
+    exit_now(rc)
