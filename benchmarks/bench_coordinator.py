@@ -14,7 +14,8 @@ Two saves run with the same descriptions: the first plans, the second reuses
 the cached plan. Measured:
 
 * ``plan_s`` / ``plan_cached_s``: from the last PlanRequest sent to the last
-  PlanReply received;
+  PlanReply received (the manifest layout of a new plan is built after the
+  replies, while ranks write: ``coordinator_steps_s`` shows its time);
 * ``commit_s`` / ``commit_cached_s``: from the last Done sent to the last
   Committed received (records merged and checked, manifest written with fsync,
   directory renamed);
@@ -206,7 +207,10 @@ def _time_steps() -> list[tuple[str, float, int]]:
                 steps.append((name, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
         return run
 
+    import dist_ckpt.planner as planner
+
     coordinator.plan_save = timed("plan_save", coordinator.plan_save)
+    planner.chunk_layout = timed("chunk_layout (while ranks write)", planner.chunk_layout)
     coordinator.prepare_tmp_dir = timed("prepare_tmp_dir", coordinator.prepare_tmp_dir)
     coordinator.release_free_memory = timed("release_free_memory", coordinator.release_free_memory)
     commit.build_manifest = timed("build_manifest", commit.build_manifest)

@@ -135,7 +135,7 @@ class RecordTable:
     (coordinator) One per save, built from its plan; :meth:`add` per Done
     checks the rank reported exactly its planned chunks, with the planned
     sizes, and scatters file, offset and hash into the plan's
-    :class:`~dist_ckpt.planner.ChunkLayout` positions. Merging is then done
+    :class:`~dist_ckpt.layout.ChunkLayout` positions. Merging is then done
     by the time the last rank reports.
     """
 
@@ -162,22 +162,21 @@ class RecordTable:
         gi, row = where
         group = self.plan.groups[gi]
         assigned = np.flatnonzero(group.writes[row])
-        tag, order = rec.tag, None
-        if not np.array_equal(tag, assigned):  # writers report in plan order; anything else is sorted first
-            order = np.argsort(tag, kind="stable")
-            if not np.array_equal(tag[order], assigned):
-                wrote = tag[order].tolist()
+        if not np.array_equal(rec.tag, assigned):  # writers report in plan order; anything else is sorted first
+            order = np.argsort(rec.tag, kind="stable")
+            rec = Records(rec.files, rec.tag[order], rec.file[order], rec.offset[order], rec.nbytes[order], rec.xxh3[order])
+            if not np.array_equal(rec.tag, assigned):
+                wrote = rec.tag.tolist()
                 raise WireError(f"rank {rank}: wrote chunks {wrote[:8]}{'…' if len(wrote) > 8 else ''} but was assigned {assigned[:8].tolist()}{'…' if len(assigned) > 8 else ''}")
-        pick = (lambda a: a) if order is None else (lambda a: a[order])  # noqa: E731
         pos = self.plan.layout.positions(gi, row)
-        nbytes, want = pick(rec.nbytes), self.plan.layout.nbytes[pos]
-        if not np.array_equal(nbytes, want):
-            i = int(np.flatnonzero(nbytes != want)[0])
+        want = self.plan.layout.nbytes[pos]
+        if not np.array_equal(rec.nbytes, want):
+            i = int(np.flatnonzero(rec.nbytes != want)[0])
             key = group.schema.keys[int(assigned[i])]
-            raise WireError(f"rank {rank}: key {list(key)}: wrote {int(nbytes[i])} bytes, its box needs {int(want[i])}")
-        self.file[pos] = pick(rec.file)
-        self.offset[pos] = pick(rec.offset)
-        self.xxh3[pos] = pick(rec.xxh3)
+            raise WireError(f"rank {rank}: key {list(key)}: wrote {int(rec.nbytes[i])} bytes, its box needs {int(want[i])}")
+        self.file[pos] = rec.file
+        self.offset[pos] = rec.offset
+        self.xxh3[pos] = rec.xxh3
         self._files[rank] = rec.files
 
     def missing(self) -> list[int]:

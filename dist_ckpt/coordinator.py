@@ -30,7 +30,7 @@ import zmq
 from . import wire
 from .commit import CommitRequest, RecordTable, commit_checkpoint, decode_objects, decode_records, prepare_tmp_dir
 from .config import Config
-from .description import RankColumns, SchemaCache, decode_description
+from .description import BoxStore, RankColumns, SchemaCache, decode_description
 from .errors import DistCkptError, WireError
 from .planner import PlanCache, SavePlan, plan_save
 from .storage import Storage
@@ -65,6 +65,7 @@ class _Save:
     path: str = ""
     overwrite: bool = False
     descs: dict[int, RankColumns | None] = field(default_factory=dict)  # None: the rank's description was invalid
+    boxes: BoxStore | None = None  # every rank's boxes, one matrix per schema
     digests: dict[int, int] = field(default_factory=dict)
     plan: SavePlan | None = None
     tmp_path: str = ""
@@ -211,9 +212,10 @@ class Coordinator:
         try:
             # Box values are checked for every rank at once by plan_save; the
             # digest is checked here because the plan cache trusts it.
-            desc = decode_description(msg.desc, msg.rank, self._schemas)
             if xxhash.xxh3_64_intdigest(msg.desc) != msg.desc_digest:
                 raise WireError(f"rank {msg.rank}: description digest does not match its bytes")
+            save.boxes = save.boxes or BoxStore(self.world_size)
+            desc = save.boxes.put(decode_description(msg.desc, msg.rank, self._schemas))
         except WireError as e:
             save.failed[msg.rank] = f"invalid description: {e}"
         if msg.world_size != self.world_size:
@@ -244,13 +246,15 @@ class Coordinator:
         except (DistCkptError, OSError) as e:
             return self._abort(save, {0: f"planning failed: {e}"})
         save.plan, save.phase = plan, "write"
-        save.records = RecordTable(plan)
-        save.descs = dict.fromkeys(save.descs)  # the plan holds what is needed; free the boxes
         t1 = time.perf_counter()
         for r in range(self.world_size):
             self._send(r, wire.PlanReply(self.job, save.ckpt, r, save.tmp_path, same, plan.to_msgpack_for(r)))
-        log.info("[rank 0] plan for save %s: %s in %.3f s, replies %.3f s, %.1f MB to write", save.ckpt, "cached" if same else "new", t1 - t0, time.perf_counter() - t1, plan.loads.sum() / 1e6)
-        release_free_memory()  # while the ranks write: the planning temporaries are gone
+        t2 = time.perf_counter()
+        # While the ranks write: place their chunks in the manifest (once per plan), free the boxes.
+        save.records = RecordTable(plan)
+        save.descs, save.boxes = dict.fromkeys(save.descs), None
+        release_free_memory()
+        log.info("[rank 0] plan for save %s: %s in %.3f s, replies %.3f s, layout %.3f s, %.1f MB to write", save.ckpt, "cached" if same else "new", t1 - t0, t2 - t1, time.perf_counter() - t2, plan.loads.sum() / 1e6)
 
     def _on_heartbeat(self, msg: wire.Heartbeat) -> None:
         if self._save_for(msg) is not None:
@@ -295,6 +299,7 @@ class Coordinator:
         if save.failed:
             return self._abort(save, dict(save.failed))
         save.phase = "commit"
+        release_free_memory()  # the Done messages' buffers, before the manifest is built: the coordinator's peak
         storage, path = self._storage_for(save.path)
         request = CommitRequest(path, save.tmp_path, save.overwrite, self.world_size, save.plan, save.records, save.objects)  # type: ignore[arg-type]
         try:

@@ -243,6 +243,7 @@ class RankColumns:
     rank: int
     schema: Schema
     boxes: np.ndarray
+    store: BoxStore | None = None  # when set, ``boxes`` is row ``rank`` of ``store.matrix(schema)``
 
     def to_description(self) -> RankDescription:
         """The per-tensor form (tests, tools and error paths; slow for big descriptions)."""
@@ -254,6 +255,32 @@ class RankColumns:
             off, siz = tuple(vals[a : a + n]), tuple(vals[sch.width + a : sch.width + a + n])
             tensors.append(TensorDesc(key, dtype, shape, off, siz, owner if local else None))
         return RankDescription(self.rank, tuple(tensors))
+
+
+class BoxStore:
+    """(coordinator) Every rank's boxes of one save: per schema, one matrix with row ``r`` for rank ``r``.
+
+    Rows of ranks that use another schema are never written, so they take no
+    memory (the matrices are zero-filled lazily by the OS). For an FSDP job
+    this is the one ``(ranks, 2S)`` matrix that planning works on, filled as
+    requests arrive, with no per-rank copy kept and none made at planning.
+    """
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self._matrices: dict[Schema, np.ndarray] = {}
+
+    def matrix(self, schema: Schema) -> np.ndarray:
+        m = self._matrices.get(schema)
+        if m is None:
+            m = self._matrices[schema] = np.zeros((self.world_size, 2 * schema.width), np.int64)
+        return m
+
+    def put(self, cols: RankColumns) -> RankColumns:
+        """Keep ``cols``'s boxes here; returns the same description, its boxes a row of the store."""
+        m = self.matrix(cols.schema)
+        m[cols.rank] = cols.boxes
+        return RankColumns(cols.rank, cols.schema, m[cols.rank], self)
 
 
 def encode_description(schema_blob: bytes, offsets: np.ndarray, sizes: np.ndarray) -> bytes:

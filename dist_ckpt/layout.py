@@ -64,9 +64,9 @@ class _Class:
     group: np.ndarray | None  # only when there are several groups
 
     @staticmethod
-    def empty(nd: int, n: int, nbytes: np.ndarray, groups: bool) -> _Class:
-        index = np.int32 if n < 2**31 else np.int64
-        return _Class(np.empty(n, np.int64), np.empty((n, nd), np.int64), np.empty((n, nd), np.int64), nbytes, np.empty(n, index), np.empty(n, np.int32) if groups else None)
+    def empty(nd: int, n: int, nbytes: np.ndarray, n_entries: int, groups: bool) -> _Class:
+        # 32-bit indices where they fit: every byte here is fresh memory for each new plan
+        return _Class(np.empty(n, _index(n_entries)), np.empty((n, nd), np.int64), np.empty((n, nd), np.int64), nbytes, np.empty(n, _index(n)), np.empty(n, np.int32) if groups else None)
 
     def sorted_by_entry(self) -> _Class:
         """Chunks of each entry together, in their order (already so unless a key spans schemas or is rank-local)."""
@@ -76,6 +76,11 @@ class _Class:
         self.nbytes[:] = self.nbytes[order]
         pick = lambda a: None if a is None else a[order]  # noqa: E731
         return _Class(pick(self.entry), pick(self.offsets), pick(self.sizes), self.nbytes, pick(self.where), pick(self.group))
+
+
+def _index(n: int) -> type:
+    """The smallest of int32 and int64 that indexes ``n`` items."""
+    return np.int32 if n < 2**31 else np.int64
 
 
 def chunk_layout(groups: list[PlanGroup], boxes: list[np.ndarray], n_entries: int) -> ChunkLayout:
@@ -95,11 +100,11 @@ def chunk_layout(groups: list[PlanGroup], boxes: list[np.ndarray], n_entries: in
     base, n = {}, 0
     for nd in sorted(totals):
         base[nd], n = n, n + totals[nd]
-    classes = {nd: _Class.empty(nd, totals[nd], nbytes[base[nd] : base[nd] + totals[nd]], len(groups) > 1) for nd in totals}
+    classes = {nd: _Class.empty(nd, totals[nd], nbytes[base[nd] : base[nd] + totals[nd]], n_entries, len(groups) > 1) for nd in totals}
     filled = dict.fromkeys(totals, 0)
     for gi, (g, b) in enumerate(zip(groups, boxes)):
         _fill(classes, filled, gi, g, b)
-    position = [np.empty(int(g.writes.sum()), np.int64) for g in groups]
+    position = [np.empty(int(g.writes.sum()), _index(n)) for g in groups]
     counts = np.zeros(n_entries, np.int64)
     for nd in sorted(classes):
         cls = classes[nd] = classes[nd].sorted_by_entry()
@@ -117,7 +122,7 @@ def _fill(classes: dict[int, _Class], filled: dict[int, int], gi: int, g: PlanGr
     sch, (n_rows, n_cols) = g.schema, g.writes.shape
     flat = boxes.reshape(-1)
     # row-major index of each written cell: the order a rank's records arrive in
-    rank_of = np.cumsum(g.writes.reshape(-1), dtype=np.int64 if g.writes.size >= 2**31 else np.int32) - 1
+    rank_of = np.cumsum(g.writes.reshape(-1), dtype=_index(g.writes.size)) - 1
     for nd in np.unique(sch.ndim).tolist():
         of_nd, dst = np.flatnonzero(sch.ndim == nd), classes[nd]
         for blk in blocks(len(of_nd)):

@@ -102,8 +102,21 @@ class SavePlan:
     keys: tuple[KeyPath, ...]  # global entries
     dtypes: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
-    layout: ChunkLayout
     _memo: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def layout(self) -> ChunkLayout:
+        """Where each written chunk lands in the manifest.
+
+        Built on first use from the boxes the plan was made from, which are
+        then dropped: the coordinator asks for it once the replies are out,
+        while the ranks write.
+        """
+        found = self._memo.get("layout")
+        if found is None:
+            boxes, n_entries = self._memo.pop("boxes")
+            found = self._memo["layout"] = chunk_layout(list(self.groups), boxes, n_entries)
+        return found
 
     def where(self, rank: int) -> tuple[int, int] | None:
         """``(group, row)`` of ``rank``, or ``None`` if it took no part."""
@@ -279,7 +292,7 @@ class _Planner:
         members = list(by_schema.items())
         for schema, pos in members:
             _check_dtypes(schema, self.ranks[pos])
-        boxes = self.boxes = [np.stack([self.cols[p].boxes for p in pos]) for _, pos in members]
+        boxes = self.boxes = [_stacked([self.cols[p] for p in pos]) for _, pos in members]
         for (schema, pos), b in zip(members, boxes):
             problem = box_problem(schema, b)
             if problem is not None:
@@ -302,8 +315,7 @@ class _Planner:
         self._assign_shared()
         dtypes, shapes = (tuple(c) for c in zip(*self.metas)) if self.metas else ((), ())
         n_entries = len(self.keys) + sum(len(g.ranks) * len(g.local_keys) for g in self.groups)
-        layout = chunk_layout(self.groups, self.boxes, n_entries)
-        return SavePlan(self.ranks, self.loads, tuple(self.groups), self.key_list, dtypes, shapes, layout)
+        return SavePlan(self.ranks, self.loads, tuple(self.groups), self.key_list, dtypes, shapes, {"boxes": (self.boxes, n_entries)})
 
     # -- entries ------------------------------------------------------------
 
@@ -607,6 +619,15 @@ def _runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Concatenation of ``arange(starts[i], starts[i] + counts[i])``."""
     offsets = np.cumsum(counts) - counts
     return np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()), dtype=np.int64)
+
+
+def _stacked(cols: list[RankColumns]) -> np.ndarray:
+    """The ``(ranks, 2S)`` boxes of ranks sharing a schema (ascending ranks): a view of their
+    :class:`~dist_ckpt.description.BoxStore` matrix when they fill consecutive rows of it."""
+    store, first = cols[0].store, cols[0].rank
+    if store is not None and all(c.store is store for c in cols) and cols[-1].rank - first == len(cols) - 1:
+        return store.matrix(cols[0].schema)[first : first + len(cols)]
+    return np.stack([c.boxes for c in cols])
 
 
 def _check_dtypes(schema: Schema, ranks: np.ndarray) -> None:

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dist_ckpt.commit import CommitRequest, Records, RecordTable, build_manifest
-from dist_ckpt.description import SchemaCache, decode_description
+from dist_ckpt.description import BoxStore, SchemaCache, decode_description
 from dist_ckpt.errors import CheckpointError, WireError
 from dist_ckpt.manifest import Manifest
 from dist_ckpt.planner import (
@@ -264,8 +264,8 @@ def mixed_jobs(draw):
 def test_mixed_jobs_match_reference(descs):
     plan = plan_save(descs)
     assert (plan.writes, plan.bytes_per_rank) == reference_plan(descs)
-    cache = SchemaCache()
-    assert plan_save([decode_description(d.to_msgpack(), d.rank, cache) for d in descs]) == plan
+    cache, store = SchemaCache(), BoxStore(len(descs))  # as the coordinator: one box matrix per schema
+    assert plan_save([store.put(decode_description(d.to_msgpack(), d.rank, cache)) for d in descs]) == plan
 
 
 def report_all(plan, descs, shuffle=None):
