@@ -109,6 +109,7 @@ def _write_file(storage: Storage, ckpt_dir: str, name: str, items: list[WriteIte
                 piece = data[start : start + PIECE]
                 h.update(piece)
                 handle.pwrite(piece, offset + start)
+                handle.start_writeback(offset + start, len(piece))
             records.append(WriteRecord(item.tag, name, offset, len(data), h.intdigest()))
             offset += -(-len(data) // ALIGN) * ALIGN if len(data) else 0
         handle.sync()

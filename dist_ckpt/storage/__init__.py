@@ -31,6 +31,14 @@ class WriteHandle(abc.ABC):
     def pwrite(self, data: memoryview, offset: int) -> None:
         """Write all of ``data`` at ``offset`` (short writes are retried)."""
 
+    def start_writeback(self, offset: int, nbytes: int) -> None:
+        """Hint: start sending these written bytes to the device now, without waiting.
+
+        Lets the device work while the next piece is hashed and copied, so
+        :meth:`sync` has less left to do. Durability still needs :meth:`sync`;
+        the default does nothing.
+        """
+
     @abc.abstractmethod
     def sync(self) -> None:
         """Make every byte written so far durable (fsync)."""
