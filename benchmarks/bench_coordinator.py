@@ -24,7 +24,7 @@ the cached plan. Measured:
   torch, like rank 0: ``coordinator_base_mb`` is its RSS before the first save);
 * ``load_plan_s``: one rank (a fresh process) reads and validates the manifest
   (``loader.read_manifest``) and plans the reads of its shard of every tensor
-  (``planner.plan_reads``).
+  (``read_planner.plan_reads``).
 
 Arrival (``--arrival``): ``straggler`` (default) sends every rank's request
 but one, waits until the coordinator is idle, then times from the last rank's
@@ -78,7 +78,8 @@ from dist_ckpt.description import Schema, encode_description
 from dist_ckpt.flatten import flatten
 from dist_ckpt.loader import read_manifest
 from dist_ckpt.manifest import ALIGN
-from dist_ckpt.planner import SavePlan, plan_reads
+from dist_ckpt.planner import SavePlan
+from dist_ckpt.read_planner import plan_reads
 from dist_ckpt.storage import get_storage
 
 JOB = "bench-coordinator"
