@@ -119,7 +119,7 @@ def chunk_layout(groups: list[PlanGroup], boxes: list[np.ndarray], n_entries: in
 
 def _fill(classes: dict[int, _Class], filled: dict[int, int], gi: int, g: PlanGroup, boxes: np.ndarray) -> None:
     """Append group ``g``'s written chunks to their classes: by tensor, then rank order."""
-    sch, (n_rows, n_cols) = g.schema, g.writes.shape
+    sch, n_cols = g.schema, g.writes.shape[1]
     flat = boxes.reshape(-1)
     # row-major index of each written cell: the order a rank's records arrive in
     rank_of = np.cumsum(g.writes.reshape(-1), dtype=_index(g.writes.size)) - 1

@@ -18,7 +18,9 @@ from dist_ckpt.verify import verify
 from dist_helpers import dtensor, global_tensor
 from launcher import run_ranks
 
-convert_mod = importlib.import_module("dist_ckpt.convert")  # the module, even if the package re-exports a function of the same name
+# the modules, even though dist_ckpt re-exports a function named convert
+convert_sources = importlib.import_module("dist_ckpt.convert.sources")
+convert_sinks = importlib.import_module("dist_ckpt.convert.sinks")
 
 LAYOUTS = {"w": ((16, 12), "shard0"), "v": ((8, 12), "shard1"), "r": ((6, 4), "replicate"), "g": ((8, 12), "shard0_shard1_2d")}
 
@@ -176,15 +178,15 @@ def test_torch_save_file_to_dist_ckpt(tmp_path):
 
 def test_converter_reads_one_tensor_at_a_time(ckpt, tmp_path, monkeypatch):
     calls = []
-    real = convert_mod.read_tensors
+    real = convert_sources.read_tensors
 
     def spy(storage, root, files, tasks, *a, **k):
         calls.append(len(tasks))
         return real(storage, root, files, tasks, *a, **k)
 
-    monkeypatch.setattr(convert_mod, "read_tensors", spy)
-    monkeypatch.setattr(convert_mod, "BATCH_BYTES", 1024)  # several data files
-    monkeypatch.setattr(convert_mod, "CHUNK_BYTES", 512)  # model.w split into dim-0 chunks
+    monkeypatch.setattr(convert_sources, "read_tensors", spy)
+    monkeypatch.setattr(convert_sinks, "BATCH_BYTES", 1024)  # several data files
+    monkeypatch.setattr(convert_sinks, "CHUNK_BYTES", 512)  # model.w split into dim-0 chunks
     result = convert(ckpt, str(tmp_path / "copy"), "dist_ckpt")
     assert calls == [1] * result.tensors == [1] * 6
     m, _, _ = read_manifest(str(tmp_path / "copy"))

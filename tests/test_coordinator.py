@@ -56,8 +56,6 @@ def job():
 
 def shards(world: int, value: float = 1.0) -> list[dict]:
     """Row shards of one (4*world, 3) tensor plus a replicated tensor, as plain per-rank state."""
-    from dist_ckpt.planner import TensorDesc
-
     out = []
     for r in range(world):
         out.append({"rows": torch.full((4, 3), value + r), "rep": torch.arange(5.0), "step": 3})

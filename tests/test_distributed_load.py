@@ -16,8 +16,6 @@ SHAPES = {"w": (37, 12), "v": (16, 9), "b": (23,)}
 
 
 def _state(world, layout_2d: bool = False, dim: int = 0):
-    from torch.distributed.tensor import Shard
-
     sd = {}
     for name, shape in SHAPES.items():
         t = global_tensor(name, shape)

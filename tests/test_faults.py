@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import signal
 import subprocess
 import time
@@ -67,7 +66,6 @@ def _kill_coordinator(rank, world, root):
     import dist_ckpt.saver as saver
 
     if rank == 0:
-        real = saver.write_items
 
         def die(storage, tmp, r, items, threads=2):
             os.kill(os.getpid(), signal.SIGKILL)

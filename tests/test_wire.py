@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from dist_ckpt import wire
 from dist_ckpt.errors import WireError
 from dist_ckpt.wire import (
-    PROTOCOL_VERSION,
     Aborted,
     BadMessage,
     Committed,
