@@ -78,7 +78,7 @@ from dist_ckpt.description import Schema, encode_description
 from dist_ckpt.flatten import flatten
 from dist_ckpt.loader import read_manifest
 from dist_ckpt.manifest import ALIGN
-from dist_ckpt.planner import SavePlan
+from dist_ckpt.plan import SavePlan
 from dist_ckpt.read_planner import plan_reads
 from dist_ckpt.storage import get_storage
 
@@ -208,10 +208,10 @@ def _time_steps() -> list[tuple[str, float, int]]:
                 steps.append((name, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
         return run
 
-    import dist_ckpt.planner as planner
+    import dist_ckpt.plan as plan
 
     coordinator.plan_save = timed("plan_save", coordinator.plan_save)
-    planner.chunk_layout = timed("chunk_layout (while ranks write)", planner.chunk_layout)
+    plan.chunk_layout = timed("chunk_layout (while ranks write)", plan.chunk_layout)
     coordinator.prepare_tmp_dir = timed("prepare_tmp_dir", coordinator.prepare_tmp_dir)
     coordinator.release_free_memory = timed("release_free_memory", coordinator.release_free_memory)
     commit.build_manifest = timed("build_manifest", commit.build_manifest)
@@ -358,6 +358,7 @@ class Driver:
         self.coord_conn, child = ctx.Pipe()
         self.coord = ctx.Process(target=coordinator_main, args=(child, world, root, prefault_gib), daemon=True)
         self.coord.start()
+        child.close()  # only the child holds its end now: its death ends our recv() with EOFError
         endpoint, self.coord_base = self.coord_conn.recv()
         bounds = np.linspace(0, world, procs + 1).astype(int).tolist()
         self.workers = []
@@ -365,6 +366,7 @@ class Driver:
             a, b = ctx.Pipe()
             p = ctx.Process(target=worker_main, args=(b, world, n_tensors, lo, hi, endpoint), daemon=True)
             p.start()
+            b.close()
             self.workers.append((p, a))
         for _, c in self.workers:
             assert c.recv() == "ready"
@@ -451,6 +453,7 @@ class Driver:
         a, b = self.ctx.Pipe()
         p = self.ctx.Process(target=load_plan_main, args=(b, path, self.world, self.n_tensors, rank))
         p.start()
+        b.close()
         out = a.recv()
         p.join()
         return out

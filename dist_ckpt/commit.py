@@ -24,7 +24,7 @@ import numpy as np
 from .errors import CheckpointError, DistCkptError, WireError
 from .manifest import ALIGN, ChunkTable, LocalSection, Manifest, TensorEntry, _ext_hook, _pack_default
 from .layout import ChunkLayout
-from .planner import SavePlan
+from .plan import SavePlan
 from .storage import Storage
 from .writer import WriteRecord
 

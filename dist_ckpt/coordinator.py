@@ -32,7 +32,8 @@ from .commit import CommitRequest, RecordTable, commit_checkpoint, decode_object
 from .config import Config
 from .description import BoxStore, RankColumns, SchemaCache, decode_description
 from .errors import DistCkptError, WireError
-from .planner import PlanCache, SavePlan, plan_save
+from .plan import PlanCache, SavePlan
+from .planner import plan_save
 from .storage import Storage
 
 log = logging.getLogger(__name__)

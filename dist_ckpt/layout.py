@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 if TYPE_CHECKING:
-    from .planner import PlanGroup
+    from .plan import PlanGroup
 
 BLOCK = 128  # tensors per vectorised pass: bounds the temporaries over thousands of ranks
 

@@ -20,7 +20,7 @@ from .buffers import tensor_memoryview
 from .commit import encode_objects, encode_records
 from .describe import Described
 from .errors import CheckpointError, CoordinatorTimeout
-from .planner import SavePlan
+from .plan import SavePlan
 from .session import Session
 from .storage import get_storage
 from .writer import WriteItem, WriteRecord, write_items

@@ -15,14 +15,8 @@ from dist_ckpt.commit import CommitRequest, Records, RecordTable, build_manifest
 from dist_ckpt.description import BoxStore, SchemaCache, decode_description
 from dist_ckpt.errors import CheckpointError, WireError
 from dist_ckpt.manifest import Manifest
-from dist_ckpt.planner import (
-    PlanCache,
-    PlanError,
-    RankDescription,
-    SavePlan,
-    TensorDesc,
-    plan_save,
-)
+from dist_ckpt.plan import PlanCache, SavePlan
+from dist_ckpt.planner import PlanError, RankDescription, TensorDesc, plan_save
 
 
 def shard_boxes(shape, mesh, placements):
