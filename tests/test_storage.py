@@ -73,3 +73,10 @@ def test_writeback_on_a_real_file_keeps_the_bytes(tmp_path):
     h.sync()
     h.close()
     assert (tmp_path / "f").read_bytes()[4096:] == payload
+
+
+def test_write_atomic_of_several_pieces_lands_whole_and_leaves_no_temporary(tmp_path):
+    data = bytes(range(251)) * ((2 * local.WRITEBACK_PIECE + 12345) // 251)
+    LocalStorage().write_atomic(str(tmp_path / "MANIFEST"), data)
+    assert (tmp_path / "MANIFEST").read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir()] == ["MANIFEST"]

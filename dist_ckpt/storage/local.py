@@ -14,6 +14,7 @@ from . import ReadHandle, Storage, WriteHandle
 log = logging.getLogger(__name__)
 
 SYNC_FILE_RANGE_WRITE = 2
+WRITEBACK_PIECE = 16 << 20  # bytes written before their writeback is started
 
 
 def _find_sync_file_range() -> "ctypes._CFuncPtr | None":
@@ -120,10 +121,16 @@ class LocalStorage(Storage):
 
     def write_atomic(self, path: str, data: bytes) -> None:
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        handle = LocalWriteHandle(tmp)
+        try:
+            view = memoryview(data).cast("B")
+            for start in range(0, len(view), WRITEBACK_PIECE):  # a manifest can be hundreds of MB
+                piece = view[start : start + WRITEBACK_PIECE]
+                handle.pwrite(piece, start)
+                handle.start_writeback(start, len(piece))
+            handle.sync()
+        finally:
+            handle.close()
         os.rename(tmp, path)
         fsync_dir(os.path.dirname(os.path.abspath(path)))
 
