@@ -31,3 +31,18 @@ def dtensor(t: torch.Tensor, world: int, layout: str) -> DTensor:
     """Distribute ``t`` (present on every rank) without communication."""
     mesh_shape, placements = PLACEMENTS[layout]
     return distribute_tensor(t, mesh_for(world, mesh_shape), placements(), src_data_rank=None)
+
+
+def failing_storage(errno_: int, text: str) -> object:
+    """A local storage whose data-file writes raise ``OSError(errno_, text)`` (fault injection)."""
+    from dist_ckpt.storage.local import LocalStorage, LocalWriteHandle
+
+    class Failing(LocalWriteHandle):
+        def pwrite(self, data, offset):
+            raise OSError(errno_, text)
+
+    class FailingStorage(LocalStorage):
+        def open_write(self, p):
+            return Failing(p)
+
+    return FailingStorage()

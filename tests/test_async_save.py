@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dist_ckpt as dc
-from dist_helpers import dtensor, global_tensor
+from dist_helpers import dtensor, failing_storage, global_tensor
 from launcher import run_ranks
 
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "30"}
@@ -47,17 +47,9 @@ def test_checkpoint_holds_values_from_stage_time(tmp_path, mode, world):
 def _break_storage_in_this_process():
     import dist_ckpt.saver as saver
     import dist_ckpt.storage as storage_mod
-    from dist_ckpt.storage.local import LocalStorage, LocalWriteHandle
 
-    class Full(LocalWriteHandle):
-        def pwrite(self, data, offset):
-            raise OSError(28, "No space left on device (injected)")
-
-    class FullStorage(LocalStorage):
-        def open_write(self, p):
-            return Full(p)
-
-    storage_mod.get_storage = saver.get_storage = lambda p: (FullStorage(), p)
+    full = failing_storage(28, "No space left on device (injected)")
+    storage_mod.get_storage = saver.get_storage = lambda p: (full, p)
 
 
 def _failing_background_write(rank, world, path, mode):

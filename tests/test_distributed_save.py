@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dist_ckpt as dc
-from dist_helpers import PLACEMENTS, dtensor, global_tensor
+from dist_helpers import PLACEMENTS, dtensor, failing_storage, global_tensor
 from launcher import run_ranks
 
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "3", "DIST_CKPT_TIMEOUT_S": "8"}
@@ -78,18 +78,10 @@ def test_replicated_data_is_written_once(tmp_path):
 
 def _save_failing_storage(rank, world, path, bad_rank):
     import dist_ckpt.saver as saver
-    from dist_ckpt.storage.local import LocalStorage, LocalWriteHandle
-
-    class Broken(LocalWriteHandle):
-        def pwrite(self, data, offset):
-            raise OSError(5, "Input/output error (injected)")
-
-    class BrokenStorage(LocalStorage):
-        def open_write(self, p):
-            return Broken(p)
 
     if rank == bad_rank:
-        saver.get_storage = lambda p: (BrokenStorage(), p)
+        broken = failing_storage(5, "Input/output error (injected)")
+        saver.get_storage = lambda p: (broken, p)
     try:
         dc.save({"w": dtensor(global_tensor("w", (64, 8)), world, "shard0")}, path)
     except dc.CheckpointError as e:

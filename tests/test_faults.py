@@ -15,7 +15,7 @@ import torch
 import dist_ckpt as dc
 from dist_ckpt.commit import MANIFEST
 from dist_ckpt.loader import read_manifest
-from dist_helpers import dtensor, global_tensor
+from dist_helpers import dtensor, failing_storage, global_tensor
 from launcher import run_ranks
 
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "3", "DIST_CKPT_TIMEOUT_S": "20"}
@@ -92,18 +92,10 @@ def test_coordinator_killed_mid_save_fails_every_rank_without_hang(tmp_path):
 
 def _eio_on_write(rank, world, path, errno_, text):
     import dist_ckpt.saver as saver
-    from dist_ckpt.storage.local import LocalStorage, LocalWriteHandle
-
-    class Failing(LocalWriteHandle):
-        def pwrite(self, data, offset):
-            raise OSError(errno_, text)
-
-    class FailingStorage(LocalStorage):
-        def open_write(self, p):
-            return Failing(p)
 
     if rank == 1:
-        saver.get_storage = lambda p: (FailingStorage(), p)
+        failing = failing_storage(errno_, text)
+        saver.get_storage = lambda p: (failing, p)
     try:
         dc.save(_state(world), path)
     except dc.CheckpointError as e:
