@@ -124,12 +124,7 @@ def describe(state_dict: Any, rank: int, allow_pickle: bool = False) -> Describe
         if isinstance(value, torch.Tensor):
             data, offsets, sizes = local_box(value, key)
             shape = tuple(int(s) for s in value.shape)
-            try:
-                dtype = dtype_name(value.dtype)
-            except StateDictError:
-                dtype_name(value.dtype, format_path(key))  # raises, naming the key
-                raise
-            descs.append(TensorDesc(key, dtype, shape, offsets, sizes, owner))
+            descs.append(TensorDesc(key, dtype_name(value.dtype, key), shape, offsets, sizes, owner))
             tensors.append(data)
         elif owner is not None:
             local_objects[key] = check_object(value, key, allow_pickle)

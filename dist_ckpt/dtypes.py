@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .errors import ManifestError, StateDictError
+from .flatten import KeyPath, format_path
 
 _TABLE: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -31,12 +32,13 @@ for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnu
 _BY_DTYPE: dict[torch.dtype, str] = {v: k for k, v in _TABLE.items()}
 
 
-def dtype_name(dtype: torch.dtype, where: str = "") -> str:
-    """On-disk name of ``dtype``; raises :class:`StateDictError` if unsupported."""
+def dtype_name(dtype: torch.dtype, key: KeyPath | None = None) -> str:
+    """On-disk name of ``dtype``; raises :class:`StateDictError` (naming ``key``) if unsupported."""
     try:
         return _BY_DTYPE[dtype]
     except KeyError:
-        raise StateDictError(f"dtype {dtype} is not supported in a checkpoint{' (at ' + where + ')' if where else ''}") from None
+        where = f" (at {format_path(key)})" if key is not None else ""  # formatted only on error: this is on the save path
+        raise StateDictError(f"dtype {dtype} is not supported in a checkpoint{where}") from None
 
 
 def dtype_from_name(name: str) -> torch.dtype:

@@ -105,7 +105,7 @@ class _BatchWriter:
         self._batches = 0
 
     def add(self, key: KeyPath, t: torch.Tensor) -> None:
-        self._pending.append((key, dtype_name(t.dtype, format_path(key)), t))
+        self._pending.append((key, dtype_name(t.dtype, key), t))
         self._bytes += t.numel() * t.element_size()
         if self._bytes >= BATCH_BYTES:
             self.flush()
@@ -282,7 +282,7 @@ def _write_safetensors(leaves: dict[KeyPath, Any], structure: Any, dst: str, met
         value = leaves[key]
         if is_tensor(value):
             dtype, shape, nbytes = meta(value)
-            st = _ST_DTYPES.get(dtype_name(dtype, format_path(key)))
+            st = _ST_DTYPES.get(dtype_name(dtype, key))
             if st is None:
                 raise ConvertError(f"{format_path(key)}: dtype {dtype} has no safetensors equivalent")
             header[name] = {"dtype": st, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
