@@ -160,9 +160,11 @@ def _per_rep(main: dict[str, Any], reshard: dict[int, dict[str, Any]], world: in
     return {
         "save_GBps": {k: gbps(v, n) for k, v in main["sync"].items()},
         "load_GBps": {k: gbps(v, n) for k, v in main["load"].items()},
+        "load_warm_GBps": {k: gbps(v, n) for k, v in main.get("load_warm", {}).items()},
         "async_blocked_s": {k: [r["blocked_s"] for r in v] for k, v in main["async"].items()},
         "async_total_s": {k: [r["total_s"] for r in v] for k, v in main["async"].items()},
         "reshard_load_GBps": {f"{world}to{m}": {k: gbps(v, n) for k, v in r["load"].items()} for m, r in reshard.items()},
+        "reshard_load_warm_GBps": {f"{world}to{m}": {k: gbps(v, n) for k, v in r.get("load_warm", {}).items()} for m, r in reshard.items()},
     }
 
 
@@ -176,6 +178,7 @@ def _memory(main: dict[str, Any], reshard: dict[int, dict[str, Any]], world: int
 def _ratios(fig: dict[str, Any], reps: dict[str, Any]) -> tuple[dict[str, float | None], dict[str, float]]:
     """(ratios of the medians, medians of the per-repetition ratios); dist_ckpt is the numerator."""
     s, l, b, t = fig["save_GBps"], fig["load_GBps"], fig["async_blocked_s"], fig["async_total_s"]
+    lw, nan = fig["load_warm_GBps"], float("nan")
     q: dict[str, float | None] = {
         "save_vs_dcp": ratio(s["dist_ckpt"], s["dcp"]),
         "save_vs_torch_save": ratio(s["dist_ckpt"], s["torch_save"]),
@@ -184,6 +187,8 @@ def _ratios(fig: dict[str, Any], reps: dict[str, Any]) -> tuple[dict[str, float 
         "load_vs_dcp": ratio(l["dist_ckpt"], l["dcp"]),
         "load_vs_torch_load": ratio(l["dist_ckpt"], l["torch_load"]),
         "load_vs_disk": ratio(l["dist_ckpt"], l["disk"]),
+        "load_warm_vs_dcp": ratio(lw.get("dist_ckpt", nan), lw.get("dcp", nan)),
+        "load_warm_vs_page_cache": ratio(lw.get("dist_ckpt", nan), lw.get("disk", nan)),
         "async_block_vs_dcp": ratio(b["dist_ckpt"], b["dcp"]),
         "async_block_vs_dcp_stager": ratio(b["dist_ckpt"], b.get("dcp_stager", float("nan"))),
         "async_total_vs_dcp": ratio(t["dist_ckpt"], t["dcp"]),
@@ -198,8 +203,11 @@ def _ratios(fig: dict[str, Any], reps: dict[str, Any]) -> tuple[dict[str, float 
     worst = float("nan")
     for key, d in fig["reshard_load_GBps"].items():
         q[f"reshard_load_vs_dcp_{key}"] = ratio(d["dist_ckpt"], d["dcp"])
+        q[f"reshard_load_vs_disk_{key}"] = ratio(d["dist_ckpt"], d.get("disk", nan))
         paired_q[f"reshard_load_vs_dcp_{key}"] = paired(r["reshard_load_GBps"][key]["dist_ckpt"], r["reshard_load_GBps"][key]["dcp"])
         worst = min(worst, q[f"reshard_load_vs_dcp_{key}"]) if worst == worst else q[f"reshard_load_vs_dcp_{key}"]
+        w = fig["reshard_load_warm_GBps"].get(key, {})
+        q[f"reshard_load_warm_vs_dcp_{key}"] = ratio(w.get("dist_ckpt", nan), w.get("dcp", nan))
     q["reshard_load_vs_dcp"] = worst  # the worst resharded world size (NaN → null when none ran)
     return q, paired_q
 
@@ -210,7 +218,9 @@ def summarize(a: argparse.Namespace, main: dict[str, Any], reshard: dict[int, di
     fig: dict[str, Any] = {
         "save_GBps": {k: med(v) for k, v in reps["save_GBps"].items()},
         "load_GBps": {k: med(v) for k, v in reps["load_GBps"].items()},
+        "load_warm_GBps": {k: med(v) for k, v in reps["load_warm_GBps"].items()},
         "reshard_load_GBps": {w: {k: med(v) for k, v in d.items()} for w, d in reps["reshard_load_GBps"].items()},
+        "reshard_load_warm_GBps": {w: {k: med(v) for k, v in d.items()} for w, d in reps["reshard_load_warm_GBps"].items()},
         "async_blocked_s": {k: med(v) for k, v in reps["async_blocked_s"].items()},
         "async_blocked_first_s": {k: v[0] for k, v in reps["async_blocked_s"].items()},
         "async_total_s": {k: med(v) for k, v in reps["async_total_s"].items()},
@@ -226,7 +236,9 @@ def summarize(a: argparse.Namespace, main: dict[str, Any], reshard: dict[int, di
         fig["dc_staging_first_GBps"] = local / fig["async_blocked_first_s"]["dist_ckpt"] / 1e9
         fig["dcp_staging_first_GBps"] = local / fig["async_blocked_first_s"]["dcp"] / 1e9
         ratios["staging_vs_pinned"] = ratio(fig["dc_staging_first_GBps"], main["staging_ceiling"]["d2h_pinned_GBps"])
-    loads = {"load": main["load"], **{f"reshard_{a.world}to{m}": r["load"] for m, r in reshard.items()}}
+    loads = {"load": main["load"], "load_warm": main.get("load_warm", {})}
+    loads.update({f"reshard_{a.world}to{m}": r["load"] for m, r in reshard.items()})
+    loads.update({f"reshard_{a.world}to{m}_warm": r.get("load_warm", {}) for m, r in reshard.items()})
     verified = {f"{step}_{k}": all(x.get("verified", 1) for x in v) for step, items in loads.items() for k, v in items.items() if k != "disk"}
     return {
         "bench": "dist_ckpt", "device": a.device, "world": a.world, "reshard_worlds": a.reshard_worlds, "reps": a.reps,
@@ -274,8 +286,12 @@ def _row(label: str, cells: list[Any], ratios: list[Any], marks: str = "", spec:
     return f"{label:34}" + "".join(f"{_f(c, spec) if c != '' else '':>10}" for c in cells) + "   " + "".join(f"{_f(x) if x != '' else '':>9}" for x in ratios) + marks
 
 
+WARM = "  page cache warm (info)"
+
+
 def _print_throughput(r: dict[str, Any]) -> None:
     f, q, t, w = r["figures"], r["ratios"], r["targets_met"], r["world"]
+    nan = float("nan")
     s, l = f["save_GBps"], f["load_GBps"]
     print(f"{'GB/s (higher is better)':34}{'dist_ckpt':>10}{'DCP':>10}{'torch':>10}{'disk':>10}   {'dc/DCP':>9}{'dc/torch':>9}{'dc/disk':>9}")
     print("-" * WIDTH)
@@ -284,9 +300,17 @@ def _print_throughput(r: dict[str, Any]) -> None:
     print(_row("  disk with O_DIRECT (info)", ["", "", "", s["disk_direct"]], ["", "", q["save_vs_disk_direct"]]))
     print(_row(f"load {w}->{w}", [l["dist_ckpt"], l["dcp"], l["torch_load"], l["disk"]], [q["load_vs_dcp"], q["load_vs_torch_load"], q["load_vs_disk"]],
                _mark(t.get("load_vs_dcp"))))
+    lw = f["load_warm_GBps"]
+    if lw:
+        print(_row(WARM, [lw.get("dist_ckpt"), lw.get("dcp"), lw.get("torch_load"), lw.get("disk")],
+                   [q["load_warm_vs_dcp"], ratio(lw.get("dist_ckpt", nan), lw.get("torch_load", nan)), q["load_warm_vs_page_cache"]]))
     for key, d in f["reshard_load_GBps"].items():
         x = q[f"reshard_load_vs_dcp_{key}"]
-        print(_row(f"resharded load {w}->{key.split('to')[1]}", [d["dist_ckpt"], d["dcp"]], [x], _mark(_meets(x, *TARGETS["reshard_load_vs_dcp"]))))
+        print(_row(f"resharded load {w}->{key.split('to')[1]}", [d["dist_ckpt"], d["dcp"], "", d.get("disk")], [x, "", ratio(d["dist_ckpt"], d.get("disk", nan))],
+                   _mark(_meets(x, *TARGETS["reshard_load_vs_dcp"]))))
+        dw = f["reshard_load_warm_GBps"].get(key)
+        if dw:
+            print(_row(WARM, [dw.get("dist_ckpt"), dw.get("dcp"), "", dw.get("disk")], [q[f"reshard_load_warm_vs_dcp_{key}"], "", ratio(dw.get("dist_ckpt", nan), dw.get("disk", nan))]))
 
 
 def _print_async(r: dict[str, Any]) -> None:
