@@ -495,16 +495,15 @@ LOADS = ["dist_ckpt", "dcp", "torch_load", "disk"]
 class SavePhase:
     """The save steps of the main job: each contender once per repetition, in rotating order.
 
-    A repetition's checkpoints are deleted at its end, so a delete (and the
-    discards it causes) never overlaps a timed step, unless the disk cannot hold
-    a whole repetition; then each is deleted right after its step. The last
-    repetition's sync checkpoints stay under ``<dir>/src`` as the load sources.
+    Every timed checkpoint is deleted right after its step (then the disk
+    settles): on this disk, saves slow down 2-3x while earlier checkpoints
+    are still there, so keeping them would favour whichever contender runs
+    first in a repetition. The load sources are written afterwards, untimed.
     """
 
     def __init__(self, b: Bench, sd: dict[str, Any], total: int) -> None:
         self.b, self.sd, self.total = b, sd, total
         self.root, self.src = b.args.dir, f"{b.args.dir}/src"
-        self.trash: list[str] = []
         self.ck = dc.make_async_checkpointer()  # created once, as a training job would
         t0 = time.perf_counter()
         self.ck.prepare(sd)
@@ -515,41 +514,43 @@ class SavePhase:
             self.dcp_stager = make_dcp_stager(b.device)
         except Exception as e:  # noqa: BLE001 - reported, not fatal
             self.stager_error = f"{type(e).__name__}: {e}"
-        need = total * (len(SYNC_SAVES) + len(ASYNC_SAVES) + 4) * 2
-        self.defer = b.max_over_ranks([0.0 if shutil.disk_usage(self.root).free > need else 1.0])[0] == 0.0
 
     def _mkdir(self, path: str) -> None:
         if self.b.rank == 0:
             os.makedirs(path, exist_ok=True)
         dist.barrier()
 
-    def _discard(self, path: str) -> None:
-        self.trash.append(path)
-        if not self.defer:
-            self.end_rep()
-
-    def end_rep(self) -> None:
-        self.b.remove(self.trash)
-        self.trash.clear()
-
-    def sync_save(self, name: str, last: bool) -> dict[str, float]:
+    def _save(self, name: str, path: str) -> dict[str, float] | None:
+        """One rank's part of contender ``name``'s sync save to ``path``."""
         b, sd = self.b, self.sd
-        path = f"{self.src if last else self.root + '/scratch'}/{name}"
         if name == "dist_ckpt":
-            r = b.timed(lambda: dc.save(sd, path))
+            dc.save(sd, path)
         elif name == "dcp":
-            r = b.timed(lambda: dcp.save(sd, checkpoint_id=path))
+            dcp.save(sd, checkpoint_id=path)
         elif name == "torch_save":
-            self._mkdir(path)
-            r = b.timed(lambda: torch_save_fsync(sd, f"{path}/rank{b.rank:05d}.pt"))
+            torch_save_fsync(sd, f"{path}/rank{b.rank:05d}.pt")
         else:  # disk, disk_direct: this rank's share of the bytes in 16 MiB writes, fsync'd
+            return {"bytes": raw_write(f"{path}/rank{b.rank:05d}.bin", -(-self.total // b.world), name == "disk_direct")}
+        return None
+
+    def sync_save(self, name: str) -> dict[str, float]:
+        path = f"{self.root}/scratch/{name}"
+        if name not in ("dist_ckpt", "dcp"):
             self._mkdir(path)
-            per_rank = -(-self.total // b.world)
-            r = b.timed(lambda: {"bytes": raw_write(f"{path}/rank{b.rank:05d}.bin", per_rank, name == "disk_direct")})
-            r["bytes"] *= b.world
-        if not last or name == "disk_direct":
-            self._discard(path)
+        r = self.b.timed(lambda: self._save(name, path))
+        if "bytes" in r:
+            r["bytes"] *= self.b.world
+        self.b.remove([path])
         return r
+
+    def write_sources(self) -> None:
+        """The checkpoints the load steps read, one per loading contender (untimed)."""
+        for name in ("dist_ckpt", "dcp", "torch_save", "disk"):
+            path = f"{self.src}/{name}"
+            if name not in ("dist_ckpt", "dcp"):
+                self._mkdir(path)
+            self._save(name, path)
+        self.b.settle()
 
     def async_save(self, name: str, rep: int) -> dict[str, float]:
         path = f"{self.root}/scratch/async_{name}_{rep}"
@@ -557,7 +558,7 @@ class SavePhase:
             r = self.b.timed(lambda: dc_async(self.ck, self.sd, path))
         else:
             r = self.b.timed(lambda: dcp_async(self.sd, path, self.dcp_stager if name == "dcp_stager" else None))
-        self._discard(path)
+        self.b.remove([path])
         return r
 
     def close(self) -> None:
@@ -567,21 +568,21 @@ class SavePhase:
 
 
 def run_saves(b: Bench, sd: dict[str, Any], total: int, res: dict[str, Any]) -> None:
-    """Sync and async saves, interleaved per repetition; fills ``res``."""
+    """Sync and async saves, interleaved per repetition, then the load sources; fills ``res``."""
     reps = b.args.reps
     phase = SavePhase(b, sd, total)
     res["dc_prepare_s"] = phase.prepare_s
     async_names = [n for n in ASYNC_SAVES if n != "dcp_stager" or phase.dcp_stager is not None]
     for rep in range(reps):
         for name in rotate(SYNC_SAVES, rep):
-            r = phase.sync_save(name, last=rep == reps - 1)
+            r = phase.sync_save(name)
             res["sync"].setdefault(name, []).append(r)
             progress(b, f"rep {rep + 1}/{reps} sync save  {name:<12} {r['s']:.3f} s")
         for name in rotate(async_names, rep):
             r = phase.async_save(name, rep)
             res["async"].setdefault(name, []).append(r)
             progress(b, f"rep {rep + 1}/{reps} async save {name:<12} blocked {r['blocked_s']:.3f} s, total {r['total_s']:.3f} s")
-        phase.end_rep()
+    phase.write_sources()
     res["dcp_stager_error"] = phase.stager_error
     phase.close()
 
