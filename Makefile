@@ -26,7 +26,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 bench: install
-	$(PY) benchmarks/bench_checkpoint.py --world 4 --reshard-world 2 --total-mb 512
+	$(PY) benchmarks/bench_checkpoint.py --world 4 --reshard-world 2,3 --total-mb 512
 
 clean:
 	rm -rf $(VENV) build *.egg-info
