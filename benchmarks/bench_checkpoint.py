@@ -306,7 +306,7 @@ def _print_throughput(r: dict[str, Any]) -> None:
                    [q["load_warm_vs_dcp"], ratio(lw.get("dist_ckpt", nan), lw.get("torch_load", nan)), q["load_warm_vs_page_cache"]]))
     for key, d in f["reshard_load_GBps"].items():
         x = q[f"reshard_load_vs_dcp_{key}"]
-        print(_row(f"resharded load {w}->{key.split('to')[1]}", [d["dist_ckpt"], d["dcp"], "", d.get("disk")], [x, "", ratio(d["dist_ckpt"], d.get("disk", nan))],
+        print(_row(f"resharded load {w}->{key.split('to')[1]}", [d["dist_ckpt"], d["dcp"], "", d.get("disk")], [x, "", q[f"reshard_load_vs_disk_{key}"]],
                    _mark(_meets(x, *TARGETS["reshard_load_vs_dcp"]))))
         dw = f["reshard_load_warm_GBps"].get(key)
         if dw:

@@ -1,7 +1,7 @@
 """The order of a save's steps on one rank, shared by every save API.
 
 ``describe`` (caller thread) → ``stage`` (async only) → :func:`run_save`:
-plan request → write own chunks → Done → wait for Committed. Sync and async
+wait for staging → plan request → write own chunks → Done → wait for Committed. Sync and async
 saves call the same :func:`run_save`; they differ only in which thread runs
 it and whether the bytes come from the stager's arena or the tensors
 themselves. No step calls a torch collective.
@@ -75,8 +75,12 @@ def run_save(
         host: tensors aligned with ``described.tensors`` whose bytes are written
             (staged copies, or the originals for a sync save).
         overwrite: replace an existing checkpoint at ``path``.
-        ready: called after the plan arrives and before writing (an async save
-            waits for staging here); an exception from it fails the save.
+        ready: called before the plan request (an async save waits for its
+            staging here); an exception from it fails the save. Since the
+            plan needs every rank's request, no rank starts writing while
+            another is still staging: on shared hosts writers (page-cache
+            copies, hashing) slowed the last ranks' staging, which is what
+            the training thread waits for.
         hook: ``pre_commit(path)`` before reporting Done, ``post_commit(path)`` after Committed.
         write: writes the assigned chunks and returns their records; default
             :func:`write_here` (writer threads in this process).
@@ -92,11 +96,15 @@ def run_save(
     # The coordinator enforces the deadlines and names the late ranks; a rank's
     # own wait is only the backstop for a coordinator that cannot answer.
     backstop = cfg.timeout_s + cfg.heartbeat_timeout_s
-    phase = "plan"
+    phase = "stage"
     t0 = time.perf_counter()
-    agent.begin(ckpt, phase)
     try:
         try:
+            if ready is not None:
+                ready()  # no heartbeats yet: the coordinator learns of this save from the PlanRequest
+            t_staged = time.perf_counter()
+            phase = "plan"
+            agent.begin(ckpt, phase)
             blob = described.desc.to_msgpack()
             agent.send(wire.PlanRequest(session.job, ckpt, rank, path, session.world_size, described.desc.digest(), blob, overwrite))
             reply = agent.wait(ckpt, wire.PlanReply, phase, backstop)
@@ -104,10 +112,6 @@ def run_save(
             t_plan = time.perf_counter()
             phase = "write"
             agent.begin(ckpt, phase)
-            if ready is not None:
-                phase = "stage"
-                ready()
-                phase = "write"
             records = (write or write_here)(reply.tmp_path, path, rank, assigned, host, cfg.writer_threads)
             if hook is not None:
                 hook.pre_commit(path)
@@ -129,7 +133,8 @@ def run_save(
             hook.post_commit(path)
         dt = time.perf_counter() - t0
         nbytes = sum(r.nbytes for r in records)
-        log.info("[rank %d] save %s committed at %s: wrote %.1f MB; plan %.3f s, write+commit %.3f s, total %.3f s", rank, ckpt, path, nbytes / 1e6, t_plan - t0, dt - (t_plan - t0), dt)
+        log.info("[rank %d] save %s committed at %s: wrote %.1f MB; staging wait %.3f s, plan %.3f s, write+commit %.3f s, total %.3f s",
+                 rank, ckpt, path, nbytes / 1e6, t_staged - t0, t_plan - t_staged, dt - (t_plan - t0), dt)
         return path
     finally:
         agent.end(ckpt)

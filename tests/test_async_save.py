@@ -108,6 +108,53 @@ def test_host_memory_stays_flat_over_30_async_saves(tmp_path):
         assert rss[-1] <= rss[1] * 1.05, (rank, rss[1], rss[-1])
 
 
+def _late_stager_on_rank_1(rank, world, path):
+    """Rank 1's staging finishes 1 s late; each rank notes when it staged and when it began writing."""
+    import time
+    from concurrent.futures import Future
+
+    import dist_ckpt.saver as saver
+    from dist_ckpt.stager import Stager
+
+    stamps = {}
+    stage, write_here = Stager.stage, saver.write_here
+
+    def late_stage(self, tensors):
+        dst, done = stage(self, tensors)
+        late: Future = Future()
+
+        def finish():
+            done.result()
+            if rank == 1:
+                time.sleep(1.0)
+            stamps["staged"] = time.time()
+            late.set_result(None)
+
+        threading.Thread(target=finish, daemon=True).start()
+        return dst, late
+
+    def noted_write(*args):
+        stamps.setdefault("write", time.time())
+        return write_here(*args)
+
+    Stager.stage, saver.write_here = late_stage, noted_write
+    ck = dc.make_async_checkpointer()
+    try:
+        _, write_f = ck.save(path, {"w": dtensor(global_tensor("w", (64, 16)), world, "shard0")})
+        write_f.result(timeout=60)
+    finally:
+        ck.close()
+    return stamps
+
+
+def test_no_rank_writes_before_every_rank_has_staged(tmp_path):
+    """Writers on a shared host slow the other ranks' staging, which the training thread waits for."""
+    out = run_ranks(_late_stager_on_rank_1, 2, str(tmp_path / "ck"), env=FAST, timeout=120)
+    assert out[0]["write"] >= out[1]["staged"], out
+    full = dc.make_sync_checkpointer().load(str(tmp_path / "ck"))
+    assert torch.equal(full["w"], global_tensor("w", (64, 16)))
+
+
 def _close_leaves_nothing(rank, world, path, mode):
     before = {t.name for t in threading.enumerate()}
     ck = dc.make_async_checkpointer(mode=mode)
