@@ -70,8 +70,17 @@ class Agent:
 
     # -- caller side --------------------------------------------------------
 
+    def open(self, ckpt: str) -> None:
+        """Keep the coordinator's messages about save ``ckpt`` from now on, without heartbeats yet.
+
+        A rank that fails before its first request (e.g. while staging) must
+        still receive the ``Aborted`` its own ``Failed`` causes.
+        """
+        with self._lock:
+            self._mailboxes.setdefault(ckpt, queue.SimpleQueue())
+
     def begin(self, ckpt: str, phase: str) -> None:
-        """Start (or move) heartbeats for save ``ckpt``."""
+        """Start (or move) heartbeats for save ``ckpt`` (and keep its messages, as :meth:`open`)."""
         with self._lock:
             self._mailboxes.setdefault(ckpt, queue.SimpleQueue())
             if ckpt not in self._active:

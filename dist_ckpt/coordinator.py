@@ -322,7 +322,9 @@ class Coordinator:
         self._finished[save.ckpt] = make(0)
         while len(self._finished) > 64:
             self._finished.popitem(last=False)
-        for r in sorted(save.descs):
+        # Every rank that took part hears the outcome, including one that failed
+        # before its PlanRequest (e.g. while staging) and waits for the Aborted.
+        for r in sorted(set(save.descs) | set(save.failed)):
             self._send(r, make(r))
         save.records = None
         release_free_memory()

@@ -98,6 +98,7 @@ def run_save(
     backstop = cfg.timeout_s + cfg.heartbeat_timeout_s
     phase = "stage"
     t0 = time.perf_counter()
+    agent.open(ckpt)
     try:
         try:
             if ready is not None:

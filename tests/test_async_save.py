@@ -155,6 +155,39 @@ def test_no_rank_writes_before_every_rank_has_staged(tmp_path):
     assert torch.equal(full["w"], global_tensor("w", (64, 16)))
 
 
+def _staging_fails_on_rank_1(rank, world, path):
+    from concurrent.futures import Future
+
+    from dist_ckpt.errors import CheckpointError
+    from dist_ckpt.stager import Stager
+
+    if rank == 1:
+        def failing_stage(self, tensors):
+            failed: Future = Future()
+            failed.set_exception(RuntimeError("CUDA error: an illegal memory access (injected)"))
+            return self.views(tensors), failed
+
+        Stager.stage = failing_stage
+    ck = dc.make_async_checkpointer()
+    try:
+        stage_f, write_f = ck.save(path, {"w": dtensor(global_tensor("w", (64, 16)), world, "shard0")})
+        try:
+            write_f.result(timeout=60)
+        except CheckpointError as e:
+            return e.failures, stage_f.exception() is not None
+        return "saved", stage_f.exception() is not None
+    finally:
+        ck.close()
+
+
+def test_staging_failure_on_one_rank_fails_every_rank_naming_it(tmp_path):
+    out = run_ranks(_staging_fails_on_rank_1, 2, str(tmp_path / "ck"), env=FAST, timeout=120)
+    for rank, (failures, stage_failed) in out.items():
+        assert failures == {1: "RuntimeError: CUDA error: an illegal memory access (injected) (phase stage)"}, (rank, failures)
+        assert stage_failed == (rank == 1)
+    assert not os.path.exists(tmp_path / "ck")
+
+
 def _close_leaves_nothing(rank, world, path, mode):
     before = {t.name for t in threading.enumerate()}
     ck = dc.make_async_checkpointer(mode=mode)
