@@ -1,10 +1,10 @@
 """The order of a save's steps on one rank, shared by every save API.
 
 ``describe`` (caller thread) → ``stage`` (async only) → :func:`run_save`:
-wait for staging → plan request → write own chunks → Done → wait for Committed. Sync and async
-saves call the same :func:`run_save`; they differ only in which thread runs
-it and whether the bytes come from the stager's arena or the tensors
-themselves. No step calls a torch collective.
+wait for staging → plan request → write own chunks → Done → wait for
+Committed. Sync and async saves call the same :func:`run_save`; they differ
+only in which thread runs it and whether the bytes come from the stager's
+arena or the tensors themselves. No step calls a torch collective.
 """
 
 from __future__ import annotations
