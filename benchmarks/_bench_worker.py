@@ -381,8 +381,7 @@ def raw_write(path: str, nbytes: int, direct: bool) -> int:
             try:
                 while offset < nbytes:
                     n = min(IO_PIECE, nbytes - offset)
-                    handle.pwrite(view[:n], offset)
-                    handle.start_writeback(offset, n)
+                    handle.write_pieces(view[:n], offset)
                     offset += n
                 handle.sync()
             finally:
@@ -531,10 +530,12 @@ class SavePhase:
         except Exception as e:  # noqa: BLE001 - reported, not fatal
             self.stager_error = f"{type(e).__name__}: {e}"
 
-    def _mkdir(self, path: str) -> None:
-        if self.b.rank == 0:
-            os.makedirs(path, exist_ok=True)
-        dist.barrier()
+    def _make_dir(self, name: str, path: str) -> None:
+        """Create ``path`` for contenders that do not create their own directory (outside the timed step)."""
+        if name not in ("dist_ckpt", "dcp"):
+            if self.b.rank == 0:
+                os.makedirs(path, exist_ok=True)
+            dist.barrier()
 
     def _save(self, name: str, path: str) -> dict[str, float] | None:
         """One rank's part of contender ``name``'s sync save to ``path``."""
@@ -551,8 +552,7 @@ class SavePhase:
 
     def sync_save(self, name: str) -> dict[str, float]:
         path = f"{self.root}/scratch/{name}"
-        if name not in ("dist_ckpt", "dcp"):
-            self._mkdir(path)
+        self._make_dir(name, path)
         r = self.b.timed(lambda: self._save(name, path))
         if "bytes" in r:
             r["bytes"] *= self.b.world
@@ -569,7 +569,7 @@ class SavePhase:
         land on whichever contender goes first.
         """
         path = f"{self.root}/scratch/warm_up"
-        self._mkdir(path)
+        self._make_dir("disk", path)
         self._save("disk", path)
         self.b.remove([path])
 
@@ -577,8 +577,7 @@ class SavePhase:
         """The checkpoints the load steps read, one per loading contender (untimed)."""
         for name in ("dist_ckpt", "dcp", "torch_save", "disk"):
             path = f"{self.src}/{name}"
-            if name not in ("dist_ckpt", "dcp"):
-                self._mkdir(path)
+            self._make_dir(name, path)
             self._save(name, path)
         self.b.settle()
 
@@ -622,8 +621,7 @@ def run_main(b: Bench, sd: dict[str, Any], total: int, local: int) -> dict[str, 
     """The main job: (CUDA) staging ceiling, saves, then loads at the same world size."""
     res: dict[str, Any] = {"sync": {}, "async": {}, "load": {}}
     if b.rank == 0:
-        for d in ("src/torch_save", "src/disk", "scratch"):
-            os.makedirs(f"{b.args.dir}/{d}", exist_ok=True)
+        os.makedirs(f"{b.args.dir}/scratch", exist_ok=True)
     dist.barrier()
     if b.device == "cuda":
         ceiling = staging_ceiling(local)  # the slowest rank's bandwidth counts

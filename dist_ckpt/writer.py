@@ -23,7 +23,6 @@ from .storage import Storage
 
 log = logging.getLogger(__name__)
 
-PIECE = 16 << 20  # write and hash in pieces so one huge chunk streams
 MIN_PER_THREAD = 32 << 20  # below this a second file costs more than it overlaps
 
 
@@ -105,11 +104,7 @@ def _write_file(storage: Storage, ckpt_dir: str, name: str, items: list[WriteIte
         for item in items:
             h = xxhash.xxh3_64()
             data = item.data
-            for start in range(0, len(data), PIECE):
-                piece = data[start : start + PIECE]
-                h.update(piece)
-                handle.pwrite(piece, offset + start)
-                handle.start_writeback(offset + start, len(piece))
+            handle.write_pieces(data, offset, h.update)
             records.append(WriteRecord(item.tag, name, offset, len(data), h.intdigest()))
             offset += -(-len(data) // ALIGN) * ALIGN if len(data) else 0
         handle.sync()

@@ -7,9 +7,10 @@ import errno
 
 import pytest
 
+from dist_ckpt.storage import WRITE_PIECE as PIECE
 from dist_ckpt.storage import local
 from dist_ckpt.storage.local import LocalStorage, LocalWriteHandle
-from dist_ckpt.writer import PIECE, WriteItem, write_items
+from dist_ckpt.writer import WriteItem, write_items
 
 
 class Recording(LocalWriteHandle):
@@ -76,7 +77,7 @@ def test_writeback_on_a_real_file_keeps_the_bytes(tmp_path):
 
 
 def test_write_atomic_of_several_pieces_lands_whole_and_leaves_no_temporary(tmp_path):
-    data = bytes(range(251)) * ((2 * local.WRITEBACK_PIECE + 12345) // 251)
+    data = bytes(range(251)) * ((2 * PIECE + 12345) // 251)
     LocalStorage().write_atomic(str(tmp_path / "MANIFEST"), data)
     assert (tmp_path / "MANIFEST").read_bytes() == data
     assert [p.name for p in tmp_path.iterdir()] == ["MANIFEST"]

@@ -21,7 +21,9 @@ During a load every rank only calls ``read_bytes(MANIFEST)`` and
 from __future__ import annotations
 
 import abc
-from typing import Sequence
+from typing import Callable, Sequence
+
+WRITE_PIECE = 16 << 20  # bytes written (and hashed) at a time, each piece's writeback started at once
 
 
 class WriteHandle(abc.ABC):
@@ -38,6 +40,20 @@ class WriteHandle(abc.ABC):
         :meth:`sync` has less left to do. Durability still needs :meth:`sync`;
         the default does nothing.
         """
+
+    def write_pieces(self, data: memoryview, offset: int, each: Callable[[memoryview], object] | None = None) -> None:
+        """Write ``data`` at ``offset`` in :data:`WRITE_PIECE` pieces, starting each one's writeback once written.
+
+        ``each(piece)`` runs before a piece is written (the writer hashes
+        there), so one huge chunk streams instead of waiting for ``sync``.
+        """
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), WRITE_PIECE):
+            piece = view[start : start + WRITE_PIECE]
+            if each is not None:
+                each(piece)
+            self.pwrite(piece, offset + start)
+            self.start_writeback(offset + start, len(piece))
 
     @abc.abstractmethod
     def sync(self) -> None:

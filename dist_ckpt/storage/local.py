@@ -14,7 +14,6 @@ from . import ReadHandle, Storage, WriteHandle
 log = logging.getLogger(__name__)
 
 SYNC_FILE_RANGE_WRITE = 2
-WRITEBACK_PIECE = 16 << 20  # bytes written before their writeback is started
 
 
 def _find_sync_file_range() -> "ctypes._CFuncPtr | None":
@@ -123,11 +122,7 @@ class LocalStorage(Storage):
         tmp = f"{path}.tmp-{os.getpid()}"
         handle = LocalWriteHandle(tmp)
         try:
-            view = memoryview(data).cast("B")
-            for start in range(0, len(view), WRITEBACK_PIECE):  # a manifest can be hundreds of MB
-                piece = view[start : start + WRITEBACK_PIECE]
-                handle.pwrite(piece, start)
-                handle.start_writeback(start, len(piece))
+            handle.write_pieces(memoryview(data), 0)  # a manifest can be hundreds of MB
             handle.sync()
         finally:
             handle.close()
