@@ -33,9 +33,11 @@ from .manager import CheckpointManager
 from .process import CheckpointProcess
 from .describe import RankLocal, rank_local
 from .errors import (
+    CheckpointChanged,
     CheckpointError,
     CheckpointNotFound,
     ChecksumError,
+    CommitOutcomeUnknown,
     CoordinatorTimeout,
     DataFileError,
     DistCkptError,
@@ -57,5 +59,5 @@ __all__ = [
     "CheckpointWriter", "WriterHook", "CheckpointProcess", "CheckpointReader", "make_sync_checkpointer", "make_async_checkpointer",
     "DistCkptError", "CheckpointError", "CheckpointNotFound", "ChecksumError", "CoordinatorTimeout",
     "DataFileError", "LoadMismatchError", "ManifestError", "PickleNotAllowed", "StateDictError",
-    "StorageError", "WireError", "verify", "VerifyReport", "BadChunk", "convert", "ConvertError",
+    "StorageError", "WireError", "CommitOutcomeUnknown", "CheckpointChanged", "verify", "VerifyReport", "BadChunk", "convert", "ConvertError",
 ]

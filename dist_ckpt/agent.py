@@ -5,7 +5,11 @@ on any thread queue messages with :meth:`Agent.send` and wait for the
 coordinator's answer about one save with :meth:`Agent.wait`. While a save is
 active the I/O thread sends heartbeats; if the coordinator stays silent past
 ``heartbeat_timeout_s`` every waiter on that save gets a
-:class:`~dist_ckpt.errors.CoordinatorTimeout` instead of hanging.
+:class:`~dist_ckpt.errors.CoordinatorTimeout` instead of hanging, or a
+:class:`~dist_ckpt.errors.CommitOutcomeUnknown` once the coordinator has said
+the commit started. Time this process itself was frozen does not count as the
+coordinator's silence: a rank stopped past the deadline hears the ``Aborted``
+that names it, not a coordinator it wrongly presumes dead.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import zmq
 
 from . import wire
 from .config import Config
-from .errors import CheckpointError, CoordinatorTimeout, WireError
+from .errors import CheckpointError, CommitOutcomeUnknown, CoordinatorTimeout, WireError
 
 log = logging.getLogger(__name__)
 
@@ -102,27 +106,42 @@ class Agent:
     def wait(self, ckpt: str, expect: type, phase: str, timeout: float) -> Any:
         """Wait for a message of type ``expect`` about save ``ckpt``.
 
+        A ``CommitInProgress`` restarts the ``timeout``: the coordinator is
+        alive and committing, and from then on losing it leaves the outcome open.
+
         Raises:
             CheckpointError: the coordinator aborted the save (lists each rank's cause).
             CoordinatorTimeout: no answer within ``timeout`` or the coordinator went silent.
+            CommitOutcomeUnknown: either of those after the coordinator had started the commit.
         """
         with self._lock:
             box = self._mailboxes.setdefault(ckpt, queue.SimpleQueue())
         deadline = time.monotonic() + timeout
+        committing = False
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise CoordinatorTimeout(f"rank {self.rank}: no {expect.__name__} from the coordinator at {self.endpoint} within {timeout:.0f} s (save {ckpt}, phase {phase})")
-            try:
-                msg = box.get(timeout=min(left, 1.0))
+            try:  # a message already queued wins over a deadline passed while this process was frozen
+                msg = box.get(timeout=max(0.0, min(deadline - time.monotonic(), 1.0)))
             except queue.Empty:
+                if time.monotonic() >= deadline:
+                    raise self._lost(ckpt, phase, committing, f"sent no {expect.__name__} within {timeout:.0f} s") from None
                 continue
             if isinstance(msg, _Silence):
-                raise CoordinatorTimeout(f"rank {self.rank}: the coordinator (rank 0) at {self.endpoint} has not answered for {msg.seconds:.1f} s (save {ckpt}, phase {phase}); it is presumed dead")
+                raise self._lost(ckpt, phase, committing, f"has not answered for {msg.seconds:.1f} s")
             if isinstance(msg, wire.Aborted):
                 raise CheckpointError(f"save {ckpt} aborted by the coordinator; failed rank(s):", msg.reasons)
-            if isinstance(msg, expect):
+            if isinstance(msg, wire.CommitInProgress):
+                committing, deadline = True, time.monotonic() + timeout
+            elif isinstance(msg, expect):
                 return msg
+
+    def _lost(self, ckpt: str, phase: str, committing: bool, what: str) -> Exception:
+        """The error for a coordinator that stopped answering (``what`` it did not do)."""
+        if committing:
+            return CommitOutcomeUnknown(f"rank {self.rank}: the coordinator (rank 0) at {self.endpoint} started committing save {ckpt} and then {what}; "
+                                        "the checkpoint may or may not be committed: a MANIFEST at its path means it is")
+        if what.startswith("has not answered"):
+            return CoordinatorTimeout(f"rank {self.rank}: the coordinator (rank 0) at {self.endpoint} {what} (save {ckpt}, phase {phase}); it is presumed dead")
+        return CoordinatorTimeout(f"rank {self.rank}: the coordinator at {self.endpoint} {what} (save {ckpt}, phase {phase})")
 
     def close(self) -> None:
         """Stop the I/O thread and close the sockets."""
@@ -146,15 +165,16 @@ class Agent:
         poller.register(self._wake_recv, zmq.POLLIN)
         interval = self._config.heartbeat_interval_s
         next_beat = time.monotonic() + interval
+        tick = time.monotonic()
         while not self._stop.is_set():
             try:
                 events = dict(poller.poll(max(1, int(1000 * min(interval, next_beat - time.monotonic())))))
+                tick = self._discount_freeze(tick, interval)
                 if self._wake_recv in events:
                     while self._wake_recv.poll(0):
                         self._wake_recv.recv()
                 self._flush()
-                if self._sock in events:
-                    self._receive()
+                self._receive()  # always: after a freeze the socket may hold the outcome without a poll event yet
                 now = time.monotonic()
                 if now >= next_beat:
                     self._beat(now)
@@ -162,6 +182,21 @@ class Agent:
             except Exception:
                 log.exception("[rank %d] agent I/O error (continuing)", self.rank)
         self._flush()
+
+    def _discount_freeze(self, tick: float, interval: float) -> float:
+        """Do not count time this process was frozen (SIGSTOP, swapped out) as the coordinator's silence.
+
+        The loop wakes at least every ``interval``; a longer gap means this
+        rank, not the coordinator, was unresponsive. The coordinator gets a
+        fresh deadline to answer the heartbeat sent now (with the save's
+        outcome, if it ended meanwhile).
+        """
+        now = time.monotonic()
+        gap = now - tick
+        if gap > 2 * interval + 0.5:
+            log.warning("[rank %d] this process was unresponsive for %.1f s (frozen or starved); not counting it against the coordinator", self.rank, gap)
+            self._last_heard += gap
+        return now
 
     def _flush(self) -> None:
         """Send everything queued by callers."""

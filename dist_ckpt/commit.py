@@ -114,8 +114,13 @@ def decode_objects(data: bytes, rank: int) -> dict[str, Any]:
 # -- directories ----------------------------------------------------------------
 
 
+def tmp_dir_for(path: str, save_id: str) -> str:
+    """The temporary directory a save writes into before its commit renames it to ``path``."""
+    return f"{path.rstrip('/')}.tmp-{save_id}"
+
+
 def prepare_tmp_dir(storage: Storage, path: str, save_id: str, overwrite: bool) -> str:
-    """(coordinator) Create ``<path>.tmp-<save_id>/data`` and return the temporary path.
+    """(coordinator's I/O thread) Create ``<path>.tmp-<save_id>/data`` and return the temporary path.
 
     Raises:
         CheckpointExists: ``path`` exists and ``overwrite`` is false.
@@ -123,7 +128,7 @@ def prepare_tmp_dir(storage: Storage, path: str, save_id: str, overwrite: bool) 
     path = path.rstrip("/")
     if storage.exists(path) and not overwrite:
         raise CheckpointExists(f"checkpoint {path} already exists; pass overwrite=True to replace it (the new one is written beside it and swapped in)")
-    tmp = f"{path}.tmp-{save_id}"
+    tmp = tmp_dir_for(path, save_id)
     storage.remove_tree(tmp)
     storage.makedirs(f"{tmp}/data")
     return tmp
@@ -275,10 +280,15 @@ def _tables(layout: ChunkLayout, table: RecordTable, ndims: list[int]) -> list[C
 
 
 def commit_checkpoint(storage: Storage, req: CommitRequest) -> Manifest:
-    """(coordinator) Build, write and atomically publish the manifest.
+    """(coordinator's I/O thread) Build, write and atomically publish the manifest.
 
     Returns:
         The manifest as committed.
+
+    Raises:
+        CheckpointExists: a checkpoint appeared at the path and ``overwrite`` is false.
+        CheckpointError: another save replaced the checkpoint at the same moment (overwrite).
+        OSError: the manifest write or a rename failed.
     """
     t0 = time.perf_counter()
     manifest = build_manifest(req)
@@ -288,13 +298,32 @@ def commit_checkpoint(storage: Storage, req: CommitRequest) -> Manifest:
     if storage.exists(final):
         if not req.overwrite:
             raise CheckpointExists(f"checkpoint {final} appeared during the save; not replacing it")
-        # Swap: old aside, new in, old removed. A crash between the renames
-        # leaves the old one complete under <path>.old-*, which load falls back to.
-        old = f"{final}.old-{os.path.basename(req.tmp_path).rsplit('.tmp-', 1)[-1]}"
-        storage.rename_dir(final, old)
-        storage.rename_dir(req.tmp_path, final)
-        storage.remove_tree(old)
+        _swap_in(storage, req.tmp_path, final)
     else:
         storage.rename_dir(req.tmp_path, final)
     log.info("[rank 0] committed %s: %d tensors, %d files, manifest %.1f KB in %.3f s", final, len(manifest.tensors), len(manifest.files), len(data) / 1e3, time.perf_counter() - t0)
     return manifest
+
+
+def _swap_in(storage: Storage, tmp: str, final: str) -> None:
+    """Replace the committed ``final`` by ``tmp``: old aside, new in, old removed.
+
+    A crash between the renames leaves the old one complete under
+    ``<path>.old-*``, which load falls back to. When another save swaps at the
+    same moment, whichever rename loses leaves no ``.old-*`` behind: the
+    old copy is removed if a newer checkpoint is in place, put back if not.
+    """
+    old = f"{final}.old-{os.path.basename(tmp).rsplit('.tmp-', 1)[-1]}"
+    try:
+        storage.rename_dir(final, old)
+    except FileNotFoundError as e:  # another save moved it aside first
+        raise CheckpointError(f"checkpoint {final} was being replaced by another save at the same moment; this save was not committed") from e
+    try:
+        storage.rename_dir(tmp, final)
+    except OSError as e:
+        if storage.exists(f"{final}/{MANIFEST}"):  # another save committed in between: ours and the old one are both superseded
+            storage.remove_tree(old)
+            raise CheckpointError(f"checkpoint {final} was replaced by another save at the same moment; this save was not committed") from e
+        storage.rename_dir(old, final)  # put the previous checkpoint back
+        raise
+    storage.remove_tree(old)

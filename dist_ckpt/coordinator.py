@@ -4,10 +4,17 @@ It owns a ROUTER socket and its own ``zmq.Context`` and never touches the
 training process group. One save moves through these phases::
 
     plan    every rank sends PlanRequest(description)   -> plan (or reuse the cached plan)
-            coordinator creates <path>.tmp-<job>-<seq>/data, replies PlanReply to all
+    prepare (I/O thread) create <path>.tmp-<job>-<seq>/data, then PlanReply to all
     write   ranks write their own files, send Heartbeat while busy, then Done or Failed
-    commit  all Done -> validate records against the plan -> MANIFEST -> rename -> fsync
-            -> Committed to every rank;   any Failed / silent rank / timeout -> Aborted
+    commit  all Done -> CommitInProgress to every rank -> (I/O thread) MANIFEST -> rename
+            -> fsync -> Committed to every rank;   any Failed / silent rank / timeout -> Aborted
+
+Storage calls (tmp dir, manifest, renames, removals) run on one I/O thread,
+in submission order, and hand their result back to the event loop: the loop
+keeps acknowledging heartbeats and checking deadlines while a commit is slow,
+so no rank gives up on a save that then commits. A loop that was itself
+stalled (rank 0 frozen) past what ranks tolerate never starts a commit: a
+rank may already have reported the save failed.
 
 Input is never trusted: a message that fails authentication or validation is
 dropped and counted in :attr:`Coordinator.dropped` (by reason), logged once
@@ -19,8 +26,11 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
+import os
+import queue
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,7 +38,7 @@ import xxhash
 import zmq
 
 from . import wire
-from .commit import CommitRequest, RecordTable, commit_checkpoint, decode_objects, decode_records, prepare_tmp_dir
+from .commit import CommitRequest, RecordTable, commit_checkpoint, decode_objects, decode_records, prepare_tmp_dir, tmp_dir_for
 from .config import Config
 from .description import BoxStore, RankColumns, SchemaCache, decode_description
 from .errors import DistCkptError, WireError
@@ -75,6 +85,7 @@ class _Save:
     objects: dict[int, dict[str, Any]] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     last_seen: dict[int, float] = field(default_factory=dict)
+    stalled: float = 0.0  # longest stretch the event loop could not answer during this save
 
 
 class Coordinator:
@@ -114,6 +125,7 @@ class Coordinator:
         self._cache = PlanCache()
         self._schemas = SchemaCache()  # FSDP ranks share one schema: decoded once, not once per rank
         self._stop = threading.Event()
+        self._io = _IOThread()
         self._thread = threading.Thread(target=self._serve, name="dist_ckpt-coordinator", daemon=True)
         self._thread.start()
         log.info("[rank 0] coordinator for %d ranks listening on %s", world_size, self.endpoint)
@@ -125,6 +137,7 @@ class Coordinator:
         """
         self._stop.set()
         self._thread.join(timeout=10)
+        self._io.close()
         # Linger: the last Committed/Aborted may still be queued for other ranks
         # when rank 0's own save has returned and its process is exiting.
         self._sock.close(linger=5000)
@@ -135,18 +148,40 @@ class Coordinator:
     def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._io.wake_fd, zmq.POLLIN)
+        live = time.monotonic()  # when pending messages were last answered
         while not self._stop.is_set():
             try:
-                if poller.poll(100):
+                events = dict(poller.poll(100))
+                live = self._note_stall(live)
+                if self._sock in events:
                     while True:
                         try:
                             frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self._on_frames(frames)
+                for then in self._io.finished():
+                    then()
                 self._check_deadlines(time.monotonic())
+                live = self._note_stall(live)
             except Exception:  # the coordinator must outlive any bug in one save's handling
                 log.exception("[rank 0] coordinator error (continuing)")
+
+    def _note_stall(self, live: float) -> float:
+        """Record on every save in flight a stretch in which this loop answered nobody.
+
+        Ranks hear an ack at most a heartbeat interval after their beat while
+        the loop runs; a stretch longer than the heartbeat timeout less two
+        intervals may have made a rank give up (rank 0 frozen, swapped out).
+        """
+        now = time.monotonic()
+        gap = now - live - 0.1  # the poll's own wait is not a stall
+        if gap > self._config.heartbeat_timeout_s - 2 * self._config.heartbeat_interval_s:
+            log.warning("[rank 0] the coordinator could not answer for %.1f s (process stalled?)", gap)
+            for save in self._saves.values():
+                save.stalled = max(save.stalled, gap)
+        return now
 
     def _drop(self, reason: str, detail: str) -> None:
         self.dropped[reason] += 1
@@ -189,8 +224,9 @@ class Coordinator:
         if save is None:
             if msg.ckpt in self._finished:
                 outcome = self._finished[msg.ckpt]
-                if isinstance(msg, wire.PlanRequest) and isinstance(outcome, wire.Aborted):
-                    self._send(msg.rank, wire.Aborted(self.job, msg.ckpt, msg.rank, outcome.reasons))
+                # A rank still beating (e.g. frozen while the outcome was sent) hears it again.
+                if isinstance(msg, wire.Heartbeat) or (isinstance(msg, wire.PlanRequest) and isinstance(outcome, wire.Aborted)):
+                    self._send(msg.rank, dataclasses.replace(outcome, rank=msg.rank))
                 else:
                     self._drop("stale", f"{type(msg).__name__} from rank {msg.rank} for finished save {msg.ckpt}")
                 return None
@@ -243,10 +279,22 @@ class Coordinator:
                 plan = plan_save([save.descs[r] for r in range(self.world_size)])  # type: ignore[misc] (no None: failed saves abort above)
                 self._cache.store(key, plan)
             storage, path = self._storage_for(save.path)
-            save.tmp_path = prepare_tmp_dir(storage, path, f"{self.job[:8]}-{save.ckpt}", overwrite=save.overwrite)
         except (DistCkptError, OSError) as e:
             return self._abort(save, {0: f"planning failed: {e}"})
-        save.plan, save.phase = plan, "write"
+        save_id = f"{self.job[:8]}-{save.ckpt}"
+        # Known before it exists, so that an abort meanwhile queues its removal behind the mkdir.
+        save.tmp_path, save.plan, save.phase = tmp_dir_for(path, save_id), plan, "prepare"
+        self._io.submit(lambda: prepare_tmp_dir(storage, path, save_id, overwrite=save.overwrite), lambda out: self._prepared(save, same, out, t0))
+
+    def _prepared(self, save: _Save, same: bool, out: object, t0: float) -> None:
+        """(event loop) The tmp dir is ready (or failed): reply the plan to every rank."""
+        if self._saves.get(save.ckpt) is not save:
+            return  # aborted while the directory was made; its removal is queued behind the mkdir
+        if isinstance(out, BaseException):
+            return self._abort(save, {0: f"planning failed: {_text(out)}"})
+        plan = save.plan
+        assert plan is not None
+        save.phase = "write"
         t1 = time.perf_counter()
         for r in range(self.world_size):
             self._send(r, wire.PlanReply(self.job, save.ckpt, r, save.tmp_path, same, plan.to_msgpack_for(r)))
@@ -280,8 +328,10 @@ class Coordinator:
         save = self._save_for(msg)
         if save is None:
             return
+        if msg.rank in save.done:  # it already reported its chunks; the commit may be under way
+            return self._drop("replay", f"Failed from rank {msg.rank} after its Done for {msg.ckpt}")
         save.failed[msg.rank] = f"{msg.error} (phase {msg.phase})"
-        if save.phase == "plan":
+        if save.phase in ("plan", "prepare"):
             return self._abort(save, dict(save.failed))
         self._maybe_finish(save)
 
@@ -299,23 +349,39 @@ class Coordinator:
             return
         if save.failed:
             return self._abort(save, dict(save.failed))
+        if save.stalled:
+            return self._abort(save, {0: f"the coordinator (rank 0) could not answer for {save.stalled:.1f} s during this save (rank 0 stalled); another rank may have given up on it, so it is not committed"})
         save.phase = "commit"
+        for r in range(self.world_size):  # from here on a rank that loses the coordinator cannot say the save failed
+            self._send(r, wire.CommitInProgress(self.job, save.ckpt, r))
         release_free_memory()  # the Done messages' buffers, before the manifest is built: the coordinator's peak
         storage, path = self._storage_for(save.path)
         request = CommitRequest(path, save.tmp_path, save.overwrite, self.world_size, save.plan, save.records, save.objects)  # type: ignore[arg-type]
-        try:
-            commit_checkpoint(storage, request)
-        except (DistCkptError, OSError) as e:
-            log.error("[rank 0] commit of save %s to %s failed: %s", save.ckpt, path, e)
-            return self._abort(save, {0: f"commit failed: {e}"})
+        self._io.submit(lambda: commit_checkpoint(storage, request), lambda out: self._committed(save, path, out))
+
+    def _committed(self, save: _Save, path: str, out: object) -> None:
+        """(event loop) The commit's I/O finished: tell every rank its outcome."""
+        if isinstance(out, BaseException):
+            log.error("[rank 0] commit of save %s to %s failed: %s", save.ckpt, path, out)
+            save.phase = "commit-failed"
+            return self._abort(save, {0: f"commit failed: {_text(out)}"})
         self._end(save, lambda r: wire.Committed(self.job, save.ckpt, r, path))
 
     def _abort(self, save: _Save, reasons: dict[int, str]) -> None:
+        if save.phase == "commit":  # only the commit's own result may end it now
+            log.error("[rank 0] save %s: not aborting while its commit is under way: %s", save.ckpt, reasons)
+            return
         log.error("[rank 0] save %s to %s aborted: %s", save.ckpt, save.path, "; ".join(f"rank {r}: {m}" for r, m in sorted(reasons.items())))
         if save.tmp_path:
             storage, _ = self._storage_for(save.path)
-            storage.remove_tree(save.tmp_path)
+            self._io.submit(lambda: storage.remove_tree(save.tmp_path), self._log_cleanup(save))
         self._end(save, lambda r: wire.Aborted(self.job, save.ckpt, r, reasons))
+
+    def _log_cleanup(self, save: _Save) -> Callable[[object], None]:
+        def then(out: object) -> None:
+            if isinstance(out, BaseException):
+                log.error("[rank 0] save %s: removing %s failed: %s", save.ckpt, save.tmp_path, out)
+        return then
 
     def _end(self, save: _Save, make: Callable[[int], wire.Message]) -> None:
         del self._saves[save.ckpt]
@@ -336,9 +402,76 @@ class Coordinator:
                 missing = sorted(set(range(self.world_size)) - set(save.descs))
                 self._abort(save, {r: f"did not reach the save within {cfg.timeout_s:.0f} s (phase plan)" for r in missing})
                 continue
+            if save.phase == "prepare" and now - save.started > cfg.timeout_s:
+                self._abort(save, {0: f"creating the temporary directory {save.tmp_path} did not finish within {cfg.timeout_s:.0f} s (phase prepare)"})
+                continue
             silent = {r: now - t for r, t in save.last_seen.items() if r not in save.done and r not in save.failed and now - t > cfg.heartbeat_timeout_s}
             if silent:
                 self._abort(save, {r: f"sent no heartbeat for {s:.1f} s (phase {save.phase}); presumed dead" for r, s in silent.items()})
             elif save.phase == "write" and now - save.started > cfg.timeout_s:
                 slow = sorted(set(range(self.world_size)) - set(save.done) - set(save.failed))
                 self._abort(save, {r: f"did not finish writing within {cfg.timeout_s:.0f} s" for r in slow})
+
+
+def _text(e: BaseException) -> str:
+    """An error for a reason string: our own and OS errors say what they are; others get their type."""
+    return str(e) if isinstance(e, (DistCkptError, OSError)) else f"{type(e).__name__}: {e}"
+
+
+class _IOThread:
+    """One thread for the coordinator's storage calls, run in submission order.
+
+    ``submit(work, then)`` runs ``work()`` here; ``then(result or exception)``
+    runs later on the event loop, from :meth:`finished`, woken through
+    :attr:`wake_fd`. Exceptions are handed back, never dropped. The order
+    matters: an abort's ``remove_tree`` queued after a ``makedirs`` runs after it.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], object], Callable[[object], None]] | None] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.wake_fd, self._wake_w = os.pipe()
+        os.set_blocking(self.wake_fd, False)
+        self._thread = threading.Thread(target=self._run, name="dist_ckpt-coordinator-io", daemon=True)
+        self._thread.start()
+
+    def submit(self, work: Callable[[], object], then: Callable[[object], None]) -> None:
+        """Queue ``work``; ``then`` gets its return value or the exception it raised."""
+        self._jobs.put((work, then))
+
+    def finished(self) -> list[Callable[[], None]]:
+        """(event loop) The ``then`` calls whose work has finished, ready to run."""
+        try:
+            while os.read(self.wake_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        out = []
+        while True:
+            try:
+                out.append(self._results.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            work, then = job
+            try:
+                out: object = work()
+            except BaseException as e:  # handed to the event loop, which ends the save with it
+                out = e
+            self._results.put(lambda then=then, out=out: then(out))
+            os.write(self._wake_w, b"x")
+
+    def close(self) -> None:
+        """Finish the queued work (a commit under way completes), then stop."""
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+        if self._thread.is_alive():  # storage hung: leave the pipe to the thread rather than close fds under it
+            log.error("[rank 0] coordinator storage thread still busy after 30 s; abandoning it")
+            return
+        os.close(self.wake_fd)
+        os.close(self._wake_w)

@@ -70,3 +70,16 @@ class LoadMismatchError(DistCkptError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; keep messages readable
         return str(self.args[0]) if self.args else ""
+
+
+class CommitOutcomeUnknown(CheckpointError):
+    """The coordinator had started committing a save when this rank lost track of it.
+
+    The save may or may not be committed: check the path (``MANIFEST`` present
+    means committed) instead of treating the save as failed.
+    :class:`~dist_ckpt.CheckpointManager` does this itself.
+    """
+
+
+class CheckpointChanged(DistCkptError):
+    """The checkpoint was replaced (overwritten) while it was being loaded, on every retry."""

@@ -45,7 +45,7 @@ from typing import Any, Iterable
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer, make_async_checkpointer, make_sync_checkpointer
 from .commit import MANIFEST
 from .config import Config
-from .errors import CheckpointNotFound
+from .errors import CheckpointNotFound, CommitOutcomeUnknown
 from .loader import read_manifest
 from .manifest import Manifest
 from .storage import Storage, get_storage
@@ -309,8 +309,9 @@ class CheckpointManager:
                 try:
                     self._ckpt.save(path, state_dict, overwrite=overwrite)
                 except Exception as e:
-                    self._after_write(step, path, t_call, t_start, time.perf_counter(), e)
-                    raise
+                    if self._resolve(path, e) is not None:
+                        self._after_write(step, path, t_call, t_start, time.perf_counter(), e)
+                        raise
                 self._after_write(step, path, t_call, t_start, time.perf_counter(), None)
                 return None
             return self._start_async(step, path, state_dict, overwrite, t_call, t_start)
@@ -321,15 +322,28 @@ class CheckpointManager:
         stage_f.add_done_callback(lambda _: staged_at.append(time.perf_counter()))
         pending: Future = Future()
         self._pending = pending
+        resolved: Future = Future()  # write_f with an unknown commit outcome resolved
 
         def on_written(f: Future) -> None:  # runs in the writer thread once the save is decided
+            error = self._resolve(path, f.exception())
             try:
-                self._after_write(step, path, t_call, t_start, staged_at[0] if staged_at else time.perf_counter(), f.exception())
-            finally:
+                self._after_write(step, path, t_call, t_start, staged_at[0] if staged_at else time.perf_counter(), error)
+            finally:  # resolved first: a save waiting on pending may assume the caller's future is done
+                if error is not None:
+                    resolved.set_exception(error)
+                else:
+                    resolved.set_result(None if f.exception() is not None else f.result())
                 pending.set_result(None)
 
         write_f.add_done_callback(on_written)
-        return stage_f, write_f
+        return stage_f, resolved
+
+    def _resolve(self, path: str, error: BaseException | None) -> BaseException | None:
+        """The save's error, unless it is an unknown commit outcome and ``path`` turns out committed."""
+        if isinstance(error, CommitOutcomeUnknown) and self._storage.exists(f"{get_storage(path)[1]}/{MANIFEST}"):
+            log.warning("[rank %d] the outcome of the save to %s was unknown (%s); its MANIFEST is there, so it is committed", self.rank, path, error)
+            return None
+        return error
 
     def _after_write(self, step: int, path: str, t_call: float, t_start: float, t_staged: float, error: BaseException | None) -> None:
         """Record and log the save's figures; (rank 0, committed only) apply retention. Never raises:

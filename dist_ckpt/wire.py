@@ -39,7 +39,7 @@ from dist_ckpt.errors import WireError
 __all__ = [
     "PROTOCOL_VERSION", "REASONS", "BadMessage", "Limits", "Message", "Buffer",
     "PlanRequest", "PlanReply", "Heartbeat", "HeartbeatAck", "Done", "Failed",
-    "Committed", "Aborted", "encode", "decode",
+    "CommitInProgress", "Committed", "Aborted", "encode", "decode",
 ]
 
 PROTOCOL_VERSION = 1
@@ -179,6 +179,12 @@ class Failed(Message):
     """rank -> coordinator: this rank failed in ``phase`` with ``error``."""
     phase: str
     error: str
+
+
+@_register("committing")
+@dataclass(frozen=True)
+class CommitInProgress(Message):
+    """coordinator -> rank: every rank reported; the commit has started (its outcome may now be a commit)."""
 
 
 @_register("committed")

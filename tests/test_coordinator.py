@@ -18,10 +18,11 @@ from dist_ckpt.agent import Agent
 from dist_ckpt.config import Config
 from dist_ckpt.coordinator import Coordinator
 from dist_ckpt.describe import describe
-from dist_ckpt.errors import CheckpointError
+from dist_ckpt.errors import CheckpointError, CommitOutcomeUnknown
 from dist_ckpt.loader import load_full
 from dist_ckpt.saver import run_save
 from dist_ckpt.storage import get_storage
+from dist_ckpt.storage.local import LocalStorage
 
 pytestmark = pytest.mark.timeout(60)
 SECRET = os.urandom(32)
@@ -43,8 +44,8 @@ class Job:
 def job():
     jobs = []
 
-    def make(world: int = 2, config: Config = CFG) -> Job:
-        coord = Coordinator(world, "job1", SECRET, "tcp://127.0.0.1:0", get_storage, config)
+    def make(world: int = 2, config: Config = CFG, storage_for=get_storage) -> Job:
+        coord = Coordinator(world, "job1", SECRET, "tcp://127.0.0.1:0", storage_for, config)
         ranks = [SimpleNamespace(agent=Agent(coord.endpoint, SECRET, "job1", r, config), config=config, rank=r, world_size=world, job="job1") for r in range(world)]
         jobs.append(Job(coord, ranks))
         return jobs[-1]
@@ -224,3 +225,42 @@ def test_a_coordinator_bug_aborts_the_save_at_once(job, tmp_path, monkeypatch):
     for e in results:
         assert isinstance(e, CheckpointError) and "injected planner bug" in str(e), e
     assert time.monotonic() - t0 < 5
+
+
+class SlowStorage(LocalStorage):
+    """Local storage whose tmp-dir creation and manifest write each take ``delay`` seconds (a slow disk)."""
+
+    def __init__(self, delay: float, after_rename: float = 0.0) -> None:
+        self.delay, self.after_rename = delay, after_rename
+
+    def makedirs(self, path):
+        time.sleep(self.delay)
+        super().makedirs(path)
+
+    def write_atomic(self, path, data):
+        time.sleep(self.delay)
+        super().write_atomic(path, data)
+
+    def rename_dir(self, src, dst):
+        super().rename_dir(src, dst)
+        time.sleep(self.after_rename)  # committed, but the coordinator hears of it late
+
+
+def test_commit_slower_than_the_heartbeat_timeout_still_commits_and_no_rank_is_dead(job, tmp_path):
+    slow = SlowStorage(CFG.heartbeat_timeout_s + 0.7)
+    j = job(2, storage_for=lambda p: (slow, p))
+    path = str(tmp_path / "ck")
+    assert save_all(j, path, "0", shards(2)) == [path, path]  # no CoordinatorTimeout, no rank presumed dead
+    assert torch.equal(load_full(path, 0, CFG)["rep"], torch.arange(5.0))
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_a_commit_that_outlasts_every_deadline_is_reported_as_unknown_not_failed(job, tmp_path):
+    cfg = Config(heartbeat_interval_s=0.1, heartbeat_timeout_s=0.5, timeout_s=1.0)
+    slow = SlowStorage(0.0, after_rename=cfg.timeout_s + cfg.heartbeat_timeout_s + 1.5)
+    j = job(2, config=cfg, storage_for=lambda p: (slow, p))
+    path = str(tmp_path / "ck")
+    results = save_all(j, path, "0", shards(2))
+    for e in results:
+        assert isinstance(e, CommitOutcomeUnknown) and "may or may not be committed" in str(e), e
+    assert os.path.exists(os.path.join(path, "MANIFEST"))  # it did commit: no rank said it failed

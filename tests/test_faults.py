@@ -215,3 +215,51 @@ def test_checkpoint_with_pickle_payload_does_not_execute_code(saved):
     with pytest.raises(dc.PickleNotAllowed):
         dc.CheckpointReader().read(saved)
     assert not os.path.exists("/tmp/dist_ckpt_pwned")
+
+
+# -- stalls: a frozen rank 0 must not commit a save the others reported failed; a frozen rank is named --------
+
+
+def _freeze_self(seconds: float) -> None:
+    """SIGSTOP this process now and SIGCONT it ``seconds`` later (a helper process does both)."""
+    subprocess.Popen(["sh", "-c", f"kill -STOP {os.getpid()}; sleep {seconds}; kill -CONT {os.getpid()}"])
+    time.sleep(1.0)  # stopped within this sleep; it resumes after the CONT
+
+
+def _freeze_after_write(rank, world, path, victim):
+    import dist_ckpt.saver as saver
+
+    if rank == victim:
+        real = saver.write_items
+
+        def write_then_freeze(storage, tmp, r, items, threads=2):
+            records = real(storage, tmp, r, items, threads)
+            _freeze_self(float(FAST["DIST_CKPT_HEARTBEAT_TIMEOUT_S"]) + 2)  # before this rank's Done
+            return records
+
+        saver.write_items = write_then_freeze
+    try:
+        dc.save(_state(world), path)
+    except dc.DistCkptError as e:
+        return type(e).__name__, str(e)
+    return "ok", ""
+
+
+def test_rank0_frozen_after_its_write_never_commits_a_save_another_rank_reported_failed(tmp_path):
+    path = str(tmp_path / "ck")
+    out = run_ranks(_freeze_after_write, 2, path, 0, env=FAST, timeout=90)
+    committed = os.path.exists(os.path.join(path, MANIFEST))
+    for rank, (kind, msg) in out.items():
+        assert kind in ("ok", "CommitOutcomeUnknown") or not committed, (rank, kind, msg, "reported failed, yet committed")
+    assert out[1][0] == "CoordinatorTimeout" and "presumed dead" in out[1][1], out[1]  # rank 1 gave up on the frozen coordinator
+    assert not committed and out[0][0] == "CheckpointError" and "rank 0" in out[0][1] and "stalled" in out[0][1], out[0]
+    assert os.listdir(tmp_path) == []
+
+
+def test_rank_frozen_past_the_heartbeat_timeout_is_named_not_the_coordinator(tmp_path):
+    path = str(tmp_path / "ck")
+    out = run_ranks(_freeze_after_write, 2, path, 1, env=FAST, timeout=90)
+    for rank, (kind, msg) in out.items():
+        assert kind == "CheckpointError" and "rank 1: sent no heartbeat" in msg, (rank, kind, msg)
+        assert "coordinator (rank 0)" not in msg and "presumed dead" in msg, (rank, msg)  # the late rank is the one presumed dead
+    assert os.listdir(tmp_path) == []
