@@ -3,13 +3,21 @@
 Every rank reads the manifest itself and reads only the byte ranges that
 overlap the boxes it needs; no collective, no coordinator, so ranks may load
 at different times and the world size may differ from the one that saved.
+
+Another job may overwrite the checkpoint while it is read. Each load compares
+the version of the ``MANIFEST`` it used before and after its reads
+(:func:`load_whole`): if it changed, the load is retried, so a load returns one
+checkpoint whole, or raises :class:`~dist_ckpt.errors.CheckpointChanged`.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import pickle
-from typing import Any
+import time
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -17,20 +25,22 @@ from .commit import MANIFEST
 from .config import Config
 from .describe import RankLocal, local_box
 from .dtypes import dtype_from_name, dtype_name
-from .errors import CheckpointNotFound, LoadMismatchError, ManifestError, PickleNotAllowed
+from .errors import CheckpointChanged, CheckpointNotFound, LoadMismatchError, ManifestError, PickleNotAllowed
 from .flatten import KeyPath, expand_stateful, flatten, format_path, get_path, set_path, unflatten
 from .manifest import Manifest, Pickled, TensorEntry
 from .reader import ReadTask, read_tensors
 from .storage import Storage, get_storage
 
 log = logging.getLogger(__name__)
+LOAD_ATTEMPTS = 5  # loads of a checkpoint that keeps being overwritten, before CheckpointChanged
+_T = TypeVar("_T")
 
 
 def find_committed(storage: Storage, path: str) -> str:
     """The directory holding the committed checkpoint for ``path``.
 
-    Falls back to ``<path>.old-*`` when a crash hit between the two renames of
-    an overwrite (the old checkpoint is complete there).
+    Falls back to the newest complete ``<path>.old-*`` (by its MANIFEST's
+    write time) when a crash hit between the two renames of an overwrite.
 
     Raises:
         CheckpointNotFound: saying whether the path is absent or incomplete.
@@ -41,16 +51,87 @@ def find_committed(storage: Storage, path: str) -> str:
     parent, _, base = path.rpartition("/")
     siblings = storage.listdir(parent or ".") if storage.exists(parent or ".") else []
     if not storage.exists(path):
-        for name in siblings:
-            if name.startswith(base + ".old-") and storage.exists(f"{parent or '.'}/{name}/{MANIFEST}"):
-                log.warning("checkpoint %s is missing but %s/%s is complete (an overwrite was interrupted); loading that", path, parent, name)
-                return f"{parent or '.'}/{name}"
+        old = _newest_old(storage, parent or ".", base, siblings)
+        if old is not None:
+            log.warning("checkpoint %s is missing but %s is complete (an overwrite was interrupted); loading that", path, old)
+            return old
         pending = [n for n in siblings if n.startswith(base + ".tmp-")]
         hint = f"; {len(pending)} unfinished save(s) beside it ({', '.join(pending[:3])})" if pending else ""
         raise CheckpointNotFound(f"no checkpoint at {path}{hint}")
     raise CheckpointNotFound(f"checkpoint {path} is incomplete: it has no {MANIFEST} (the save did not commit)")
 
 
+def _newest_old(storage: Storage, parent: str, base: str, siblings: list[str]) -> str | None:
+    """The complete ``<base>.old-*`` under ``parent`` whose MANIFEST was written last (name breaks ties)."""
+    found = []
+    for name in siblings:
+        manifest = f"{parent}/{name}/{MANIFEST}"
+        if not name.startswith(base + ".old-"):
+            continue
+        try:
+            if storage.exists(manifest):
+                found.append((storage.version(manifest) or (), name))
+        except FileNotFoundError:  # removed while we looked
+            continue
+    return f"{parent}/{max(found)[1]}" if found else None
+
+
+def _identity(storage: Storage, path: str) -> tuple[str, tuple[int, ...] | None] | None:
+    """Which committed checkpoint ``path`` names now: (directory, MANIFEST version), None if none."""
+    try:
+        root = find_committed(storage, path)
+        return root, storage.version(f"{root}/{MANIFEST}")
+    except (CheckpointNotFound, FileNotFoundError):
+        return None
+
+
+def load_whole(storage: Storage, path: str, attempt: Callable[[], _T], attempts: int = LOAD_ATTEMPTS) -> _T:
+    """Run ``attempt`` (a load of ``path``) until no overwrite of the checkpoint happened during it.
+
+    An error raised while the checkpoint stayed the same is raised as is (it
+    is about this checkpoint); one raised while it changed (files renamed or
+    removed under the reader, a checksum of the other save's bytes) is a race,
+    and the load is retried. With ``strict=False`` a retry of a checkpoint
+    holding fewer keys leaves keys it does not hold as an earlier try set them.
+
+    Raises:
+        CheckpointChanged: the checkpoint changed during each of ``attempts`` tries.
+    """
+    last: BaseException | None = None
+    for i in range(attempts):
+        before = _identity(storage, path)
+        try:
+            result = attempt()
+        except Exception as e:
+            if _identity(storage, path) == before:
+                raise
+            last = e
+        else:
+            if _identity(storage, path) == before:
+                return result
+        log.info("checkpoint %s changed while it was loaded (try %d of %d); loading it again", path, i + 1, attempts)
+        time.sleep(0.01 * (i + 1))  # let a swap in progress finish its second rename
+    raise CheckpointChanged(f"checkpoint {path} was replaced while it was being loaded, {attempts} times in a row"
+                            + (f"; last error: {type(last).__name__}: {last}" if last else "")) from last
+
+
+def _retry_if_changed(load: Callable[..., _T]) -> Callable[..., _T]:
+    """Wrap a load taking ``path`` and ``storage`` arguments in :func:`load_whole`."""
+    signature = inspect.signature(load)
+
+    @functools.wraps(load)
+    def run(*args: Any, **kwargs: Any) -> _T:
+        bound = signature.bind(*args, **kwargs)
+        storage, path = bound.arguments.get("storage"), bound.arguments["path"]
+        if storage is None:
+            storage, path = get_storage(path)
+            bound.arguments.update(storage=storage, path=path)
+        return load_whole(storage, path, lambda: load(*bound.args, **bound.kwargs))
+
+    return run
+
+
+@_retry_if_changed
 def read_manifest(path: str, storage: Storage | None = None) -> tuple[Manifest, str, Storage]:
     """Read and validate the manifest of the committed checkpoint at ``path``.
 
@@ -98,6 +179,7 @@ def _saved_keys(manifest: Manifest, rank: int) -> set[KeyPath]:
     return keys
 
 
+@_retry_if_changed
 @torch.no_grad()
 def load_into(state_dict: Any, path: str, rank: int, config: Config, strict: bool = True, storage: Storage | None = None) -> Any:
     """Load the checkpoint at ``path`` into ``state_dict`` in place (see :func:`dist_ckpt.load`)."""
@@ -154,6 +236,7 @@ def _apply(state_dict: Any, expanded: Any, stateful: dict[KeyPath, Any], objects
     return state_dict
 
 
+@_retry_if_changed
 @torch.no_grad()
 def load_full(path: str, rank: int, config: Config, map_location: Any = None, storage: Storage | None = None) -> Any:
     """Load a whole checkpoint as plain full tensors and objects in its saved nesting."""

@@ -113,6 +113,19 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def listdir(self, path: str) -> list[str]: ...
 
+    def version(self, path: str) -> tuple[int, ...] | None:
+        """A token for the file at ``path`` that changes whenever the file is replaced.
+
+        Its first field orders versions by time written (newest largest).
+        Loads compare it before and after reading to detect a concurrent
+        overwrite; None (the default) means the backend cannot tell, and
+        such loads are not checked.
+
+        Raises:
+            FileNotFoundError: nothing at ``path``.
+        """
+        return None
+
 
 def get_storage(path: str) -> tuple[Storage, str]:
     """Pick the backend for ``path`` by URL scheme.

@@ -147,3 +147,8 @@ class LocalStorage(Storage):
 
     def listdir(self, path: str) -> list[str]:
         return sorted(os.listdir(path))
+
+    def version(self, path: str) -> tuple[int, ...]:
+        # A replaced file is a new inode with a later ctime (an inode number alone may be reused).
+        st = os.stat(path)
+        return (st.st_mtime_ns, st.st_ctime_ns, st.st_dev, st.st_ino, st.st_size)
