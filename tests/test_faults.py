@@ -251,7 +251,8 @@ def test_rank0_frozen_after_its_write_never_commits_a_save_another_rank_reported
     committed = os.path.exists(os.path.join(path, MANIFEST))
     for rank, (kind, msg) in out.items():
         assert kind in ("ok", "CommitOutcomeUnknown") or not committed, (rank, kind, msg, "reported failed, yet committed")
-    assert out[1][0] == "CoordinatorTimeout" and "presumed dead" in out[1][1], out[1]  # rank 1 gave up on the frozen coordinator
+    # rank 1 gave up on the frozen coordinator, or (starved itself) was still waiting when rank 0 woke and aborted
+    assert (out[1][0] == "CoordinatorTimeout" and "presumed dead" in out[1][1]) or (out[1][0] == "CheckpointError" and "stalled" in out[1][1]), out[1]
     assert not committed and out[0][0] == "CheckpointError" and "rank 0" in out[0][1] and "stalled" in out[0][1], out[0]
     assert os.listdir(tmp_path) == []
 

@@ -18,6 +18,7 @@ from dist_ckpt.errors import WireError
 from dist_ckpt.wire import (
     Aborted,
     BadMessage,
+    CommitInProgress,
     Committed,
     Done,
     Failed,
@@ -41,6 +42,7 @@ SAMPLES = [
     HeartbeatAck(job="job-1", ckpt="", rank=0),
     Done(**COMMON, records=b"records", objects=b""),
     Failed(**COMMON, phase="stage", error="OSError: disk full"),
+    CommitInProgress(**COMMON),
     Committed(**COMMON, path="/ckpt/step-100"),
     Aborted(**COMMON, reasons={0: "ok?", 5: "timeout in write", -1: "weird but legal"}),
 ]
