@@ -3,12 +3,14 @@
 Launched by ``bench_checkpoint.py`` through ``torchrun``; every rank builds the
 same FSDP-like state (DTensor ``Shard(0)`` parameters and two Adam moments, one
 replicated plain tensor, a few plain values), then times, interleaved within
-each repetition, dist_ckpt, DCP, per-rank ``torch.save`` and raw disk I/O.
+each repetition, dist_ckpt, DCP, per-rank ``torch.save`` and the ceilings: raw
+disk writes and reads with 1, 2 and 4 threads per rank, and a memcpy of the state.
 Rank 0 writes every per-repetition figure to ``--out`` as JSON; the driver
 takes the medians and prints the table.
 
 Modes:
-    ``main``     (world N) sync save, async save, load at the same world size;
+    ``main``     (world N) sync save, async save (unless ``--no-async``), memcpy
+                 ceiling, load at the same world size;
                  leaves one checkpoint per library under ``<dir>/src`` for ...
     ``reshard``  (world M) loads ``<dir>/src`` into this job's own Shard(0) layout.
 
@@ -22,25 +24,37 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import glob
 import json
 import logging
-import math
 import mmap
 import os
 import shutil
 import statistics
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import psutil
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+
+# The state lives beside this file (the driver runs it as a script, so its directory is on sys.path).
+from _bench_state import (
+    build_state,
+    copy_into,
+    local_state,
+    state_nbytes,
+    tensors,
+    verify_state,
+    zero_state,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 import dist_ckpt as dc
 from dist_ckpt.storage.local import LocalWriteHandle
@@ -48,181 +62,6 @@ from dist_ckpt.storage.local import LocalWriteHandle
 MiB = 1 << 20
 IO_PIECE = 16 * MiB  # write/read size of the raw disk ceiling measurement
 LOG = logging.getLogger("bench")
-
-# ---------------------------------------------------------------- the state
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One parameter (its two Adam moments have the same shape and dtype)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-# (share of the parameter bytes, columns, dtype); a 1-D entry has columns 0.
-_LAYOUT = [
-    (0.24, 4096, torch.float32), (0.18, 1024, torch.float32), (0.14, 2048, torch.float32),
-    (0.12, 1024, torch.bfloat16), (0.10, 512, torch.float32), (0.08, 4096, torch.float32),
-    (0.07, 1024, torch.float32), (0.07, 2048, torch.float32),
-]
-_SMALL = 12  # 1-D norm/bias vectors of 1024..12288 elements: per-tensor overhead matters too
-
-
-def state_spec(total_bytes: int) -> tuple[list[ParamSpec], tuple[int, int]]:
-    """Parameters and the replicated tensor's shape for a state of about ``total_bytes``.
-
-    Depends on ``total_bytes`` only, never on the world size, so a checkpoint
-    saved by N ranks loads into the state built by M ranks.
-    """
-    replicated = (max(1, total_bytes // 64 // (4 * 1024)), 1024)  # ~1.6 %, e.g. a RoPE cache
-    small = [ParamSpec(f"layers.{i}.norm.weight", (1024 * (1 + i),), torch.float32) for i in range(_SMALL)]
-    rest = total_bytes - replicated[0] * 1024 * 4 - 3 * sum(math.prod(p.shape) * 4 for p in small)
-    per_param_bytes = max(rest // 3, 0)
-    big = []
-    for i, (share, cols, dtype) in enumerate(_LAYOUT):
-        item = torch.empty(0, dtype=dtype).element_size()
-        rows = max(1, int(per_param_bytes * share) // (cols * item))
-        big.append(ParamSpec(f"layers.{i}.proj.weight", (rows, cols), dtype))
-    return big + small, replicated
-
-
-def _pattern(offset: int, shape: tuple[int, ...], global_cols: int, salt: int, dtype: torch.dtype) -> torch.Tensor:
-    """Deterministic values of a block starting at global row ``offset`` (exact in ``dtype``)."""
-    mod = 251 if dtype == torch.bfloat16 else 1_000_003
-    rows = torch.arange(offset, offset + shape[0], dtype=torch.int64)
-    if len(shape) == 1:
-        return ((rows * 7 + salt) % mod).to(dtype)
-    cols = torch.arange(shape[1], dtype=torch.int64)
-    return ((rows[:, None] * (global_cols + 1) + cols[None, :] + salt) % mod).to(dtype)
-
-
-def _fill(t: torch.Tensor, row0: int, global_cols: int, salt: int) -> None:
-    """Fill ``t`` (a row block) with the pattern, in slabs to bound the int64 temporary."""
-    slab = max(1, (8 * MiB) // max(1, (t.shape[1] if t.dim() == 2 else 1) * 8))
-    for r in range(0, t.shape[0], slab):
-        block = t[r : r + slab]
-        block.copy_(_pattern(row0 + r, tuple(block.shape), global_cols, salt, t.dtype))
-
-
-def _check(t: torch.Tensor, row0: int, global_cols: int, salt: int) -> bool:
-    slab = max(1, (8 * MiB) // max(1, (t.shape[1] if t.dim() == 2 else 1) * 8))
-    host = t.cpu()
-    for r in range(0, host.shape[0], slab):
-        block = host[r : r + slab]
-        if not torch.equal(block, _pattern(row0 + r, tuple(block.shape), global_cols, salt, t.dtype)):
-            return False
-    return True
-
-
-def _row0(dt: DTensor) -> int:
-    return int(dt.__create_chunk_list__()[0].offsets[0])
-
-
-def _sharded(spec: ParamSpec, mesh: DeviceMesh, device: str) -> DTensor:
-    full = torch.empty(spec.shape, dtype=spec.dtype, device=device)  # never touched: pages stay virtual
-    return distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None)
-
-
-def build_state(total_bytes: int, mesh: DeviceMesh, device: str, fill: bool) -> dict[str, Any]:
-    """The FSDP-like state dict: ``fill`` writes the pattern, else zeros (a load target)."""
-    params, rep_shape = state_spec(total_bytes)
-    model, optim = {}, {}
-    for i, p in enumerate(params):
-        tensors = {}
-        for j, slot in enumerate(("param", "exp_avg", "exp_avg_sq")):
-            dt = _sharded(p, mesh, device)
-            local = dt.to_local()
-            if fill:
-                _fill(local, _row0(dt), p.shape[-1] if len(p.shape) == 2 else 0, 97 * i + 31 * j)
-            else:
-                local.zero_()
-            tensors[slot] = dt
-        model[p.name] = tensors.pop("param")
-        optim[p.name] = tensors
-    rep = torch.empty(rep_shape, dtype=torch.float32, device=device)
-    if fill:
-        _fill(rep, 0, rep_shape[1], 12345)
-    else:
-        rep.zero_()
-    return {
-        "model": model,
-        "optim": {"state": optim, "param_groups": [{"lr": 3e-4 if fill else 0.0, "weight_decay": 0.1 if fill else 0.0}]},
-        "extra": {"rope_cache": rep, "step": 1234 if fill else 0, "lr": 3e-4 if fill else 0.0},
-    }
-
-
-def verify_state(sd: dict[str, Any], total_bytes: int) -> bool:
-    """True when every tensor and plain value of ``sd`` holds what ``build_state(fill=True)`` put there."""
-    params, rep_shape = state_spec(total_bytes)
-    for i, p in enumerate(params):
-        cols = p.shape[-1] if len(p.shape) == 2 else 0
-        slots = [sd["model"][p.name], sd["optim"]["state"][p.name]["exp_avg"], sd["optim"]["state"][p.name]["exp_avg_sq"]]
-        for j, dt in enumerate(slots):
-            if not _check(dt.to_local(), _row0(dt), cols, 97 * i + 31 * j):
-                LOG.error("verify: %s slot %d differs", p.name, j)
-                return False
-    extra = sd["extra"]
-    if not _check(extra["rope_cache"], 0, rep_shape[1], 12345):
-        LOG.error("verify: rope_cache differs")
-        return False
-    ok = extra["step"] == 1234 and extra["lr"] == 3e-4 and sd["optim"]["param_groups"][0]["lr"] == 3e-4
-    if not ok:
-        LOG.error("verify: plain values differ: step=%r lr=%r param_groups=%r", extra["step"], extra["lr"], sd["optim"]["param_groups"])
-    return ok
-
-
-def zero_state(sd: dict[str, Any]) -> None:
-    """Reset a load target so a load that writes nothing is caught by :func:`verify_state`."""
-    for t in _tensors(sd):
-        (t.to_local() if isinstance(t, DTensor) else t).zero_()
-    sd["extra"]["step"], sd["extra"]["lr"] = 0, 0.0
-    sd["optim"]["param_groups"] = [{"lr": 0.0, "weight_decay": 0.0}]
-
-
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
-def state_nbytes(sd: dict[str, Any]) -> tuple[int, int]:
-    """``(logical bytes of the whole state, bytes this rank holds)``."""
-    total = local = 0
-    for t in _tensors(sd):
-        total += t.numel() * t.element_size()
-        lt = t.to_local() if isinstance(t, DTensor) else t
-        local += lt.numel() * lt.element_size()
-    return total, local
-
-
-def local_state(obj: Any) -> Any:
-    """The state with every DTensor replaced by its local shard (what per-rank torch.save writes)."""
-    if isinstance(obj, DTensor):
-        return obj.to_local()
-    if isinstance(obj, dict):
-        return {k: local_state(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [local_state(v) for v in obj]
-    return obj
-
-
-def copy_into(dst: Any, src: Any) -> None:
-    """Copy a torch.load'ed local state into the target state (tensors in place, values replaced)."""
-    for k, v in src.items():
-        if isinstance(v, dict):
-            copy_into(dst[k], v)
-        elif isinstance(v, torch.Tensor):
-            (dst[k].to_local() if isinstance(dst[k], DTensor) else dst[k]).copy_(v)
-        else:
-            dst[k] = v
-
 
 # ---------------------------------------------------------------- measurement
 
@@ -354,6 +193,26 @@ class Bench:
 # ---------------------------------------------------------------- the contenders
 
 
+# Variants of the ceilings, by contender name: writer threads (one file each) and
+# reader threads per rank. A ceiling is the best of its variants in the same run,
+# so the library, which writes two files per rank and reads with several
+# threads, is never measured against a narrower pipe than its own.
+WRITERS = {"disk": 1, "disk_2w": 2, "disk_4w": 4}
+READERS = {"disk": 1, "disk_2r": 2, "disk_4r": 4}
+
+
+@functools.lru_cache(maxsize=1)
+def _write_buffer() -> memoryview:
+    """One page-aligned ``IO_PIECE`` of random bytes per process (O_DIRECT needs the alignment).
+
+    Made by the untimed warm-up write, so no timed step pays for ``os.urandom``;
+    every writer thread writes from it (nothing writes into it).
+    """
+    buf = mmap.mmap(-1, IO_PIECE)
+    buf.write(os.urandom(IO_PIECE))
+    return memoryview(buf)
+
+
 def raw_write(path: str, nbytes: int, direct: bool) -> int:
     """Write ``nbytes`` in ``IO_PIECE`` pieces and fsync (the disk ceiling); returns bytes written.
 
@@ -362,53 +221,57 @@ def raw_write(path: str, nbytes: int, direct: bool) -> int:
     idles waiting for ``fsync``. With ``direct`` (O_DIRECT) the last piece is
     rounded up to 4 KiB.
     """
-    buf = mmap.mmap(-1, IO_PIECE)  # page-aligned, as O_DIRECT needs
-    buf.write(os.urandom(IO_PIECE))
-    view = memoryview(buf)
+    view = _write_buffer()
     offset = 0
+    if direct:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        try:
+            while offset < nbytes:
+                n = -(-min(IO_PIECE, nbytes - offset) // 4096) * 4096
+                offset += os.pwrite(fd, view[:n], offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return offset
+    handle = LocalWriteHandle(path)
     try:
-        if direct:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-            try:
-                while offset < nbytes:
-                    n = -(-min(IO_PIECE, nbytes - offset) // 4096) * 4096
-                    offset += os.pwrite(fd, view[:n], offset)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        else:
-            handle = LocalWriteHandle(path)
-            try:
-                while offset < nbytes:
-                    n = min(IO_PIECE, nbytes - offset)
-                    handle.write_pieces(view[:n], offset)
-                    offset += n
-                handle.sync()
-            finally:
-                handle.close()
+        while offset < nbytes:
+            n = min(IO_PIECE, nbytes - offset)
+            handle.write_pieces(view[:n], offset)
+            offset += n
+        handle.sync()
     finally:
-        view.release()
-        buf.close()
+        handle.close()
     return offset
 
 
-@functools.lru_cache(maxsize=1)
-def _read_buffer() -> memoryview:
-    """One ``IO_PIECE`` buffer per process, so a timed read does not include zeroing it."""
+def raw_write_share(directory: str, rank: int, nbytes: int, writers: int, direct: bool = False) -> int:
+    """Write this rank's ``nbytes`` as ``writers`` files, each by its own thread at once; returns bytes written.
+
+    One writer writes ``rank{rank:05d}.bin``, the file :func:`raw_read_share` reads.
+    """
+    if writers == 1:
+        return raw_write(f"{directory}/rank{rank:05d}.bin", nbytes, direct)
+    cuts = [nbytes * i // writers for i in range(writers + 1)]
+    with ThreadPoolExecutor(writers, thread_name_prefix="bench-write") as pool:
+        parts = [pool.submit(raw_write, f"{directory}/rank{rank:05d}.{i}.part", cuts[i + 1] - cuts[i], direct) for i in range(writers)]
+        return sum(f.result() for f in parts)  # a failed writer raises here, after the others finished
+
+
+@functools.cache
+def _read_buffer(slot: int = 0) -> memoryview:
+    """One ``IO_PIECE`` buffer per reader slot and process, so a timed read does not include zeroing it."""
     return memoryview(bytearray(IO_PIECE))
 
 
-def raw_read_share(directory: str, rank: int, world: int) -> int:
-    """Read this rank's 1/``world`` of the raw files' bytes (taken in name order) in ``IO_PIECE`` reads.
+def prime_read_buffers() -> None:
+    """Allocate every reader's buffer before the first timed read."""
+    for slot in range(max(READERS.values())):
+        _read_buffer(slot)
 
-    With as many ranks as files each rank reads its own file; with fewer or
-    more, the bytes are split evenly across ranks, as a resharded load splits
-    them. Returns bytes read.
-    """
-    files = [(p, os.path.getsize(p)) for p in sorted(glob.glob(f"{directory}/rank*.bin"))]
-    total = sum(size for _, size in files)
-    lo, hi = total * rank // world, total * (rank + 1) // world
-    view = _read_buffer()
+
+def _read_span(files: list[tuple[str, int]], lo: int, hi: int, view: memoryview) -> int:
+    """Read bytes ``[lo, hi)`` of the files taken end to end, in ``IO_PIECE`` reads into ``view``."""
     done = base = 0
     for path, size in files:
         start, end = max(lo, base), min(hi, base + size)
@@ -423,6 +286,61 @@ def raw_read_share(directory: str, rank: int, world: int) -> int:
                     done += n
         base += size
     return done
+
+
+def raw_read_share(directory: str, rank: int, world: int, readers: int = 1) -> int:
+    """Read this rank's 1/``world`` of the raw files' bytes (taken in name order) with ``readers`` threads.
+
+    With as many ranks as files each rank reads its own file; with fewer or
+    more, the bytes are split evenly across ranks, as a resharded load splits
+    them. Each reader takes a contiguous 1/``readers`` of the rank's share.
+    Returns bytes read.
+    """
+    files = [(p, os.path.getsize(p)) for p in sorted(glob.glob(f"{directory}/rank*.bin"))]
+    total = sum(size for _, size in files)
+    lo, hi = total * rank // world, total * (rank + 1) // world
+    if readers == 1:
+        return _read_span(files, lo, hi, _read_buffer(0))
+    cuts = [lo + (hi - lo) * i // readers for i in range(readers + 1)]
+    views = [_read_buffer(i) for i in range(readers)]  # here, not in the threads: the cache is not thread-safe
+    with ThreadPoolExecutor(readers, thread_name_prefix="bench-read") as pool:
+        parts = [pool.submit(_read_span, files, cuts[i], cuts[i + 1], views[i]) for i in range(readers)]
+        return sum(f.result() for f in parts)
+
+
+MEMCPY_RING = 256 * MiB  # the memcpy ceiling's destination: far larger than any last-level cache
+
+
+class MemcpyCeiling:
+    """The staging ceiling: every local tensor of the state copied once into prefaulted host memory.
+
+    The destination is as large as the rank's local bytes, up to
+    ``MEMCPY_RING``; a larger state is copied through it as a ring. That
+    bounds the measurement's memory (a 4 GiB state in one process does not
+    need a second 4 GiB) while every byte still goes to memory, not to a
+    cache-resident buffer, so the figure is a memcpy's real cost. On CUDA the
+    destination is pinned and the copies are device-to-host, non-blocking
+    (``Bench.timed`` synchronizes).
+    """
+
+    def __init__(self, sd: dict[str, Any], device: str) -> None:
+        local = ((t.to_local() if isinstance(t, DTensor) else t) for t in tensors(sd))
+        self.sources = [t.reshape(-1).view(torch.uint8) for t in local if t.numel()]
+        size = min(sum(s.numel() for s in self.sources), MEMCPY_RING)
+        self.cuda = device == "cuda"
+        self.buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
+        self.buf.zero_()  # fault the pages in before the timed copies
+
+    def copy(self) -> None:
+        """Copy every local tensor once (the timed step)."""
+        size, pos = self.buf.numel(), 0
+        for src in self.sources:
+            for start in range(0, src.numel(), size):
+                piece = src[start : start + size]
+                if pos + piece.numel() > size:
+                    pos = 0
+                self.buf[pos : pos + piece.numel()].copy_(piece, non_blocking=self.cuda)
+                pos += piece.numel()
 
 
 def torch_save_fsync(sd: dict[str, Any], path: str) -> None:
@@ -475,7 +393,7 @@ def make_dcp_stager(device: str) -> Any:
 
 def rotate(items: list[str], rep: int) -> list[str]:
     """Each repetition starts with a different contender, so none always runs first."""
-    k = rep % len(items)
+    k = rep % len(items) if items else 0
     return items[k:] + items[:k]
 
 
@@ -502,9 +420,10 @@ def staging_ceiling(local_bytes: int) -> dict[str, float]:
     return out
 
 
-SYNC_SAVES = ["dist_ckpt", "dcp", "torch_save", "disk", "disk_direct"]
+SYNC_SAVES = ["dist_ckpt", "dcp", "torch_save", *WRITERS, "disk_direct"]
 ASYNC_SAVES = ["dist_ckpt", "dcp", "dcp_stager"]
-LOADS = ["dist_ckpt", "dcp", "torch_load", "disk"]
+LOADS = ["dist_ckpt", "dcp", "torch_load", *READERS]
+RESHARD_LOADS = ["dist_ckpt", "dcp", *READERS]
 
 
 class SavePhase:
@@ -514,21 +433,31 @@ class SavePhase:
     settles): on this disk, saves slow down 2-3x while earlier checkpoints
     are still there, so keeping them would favour whichever contender runs
     first in a repetition. The load sources are written afterwards, untimed.
+    Without ``with_async`` nothing holds a second copy of the state (no
+    staging arena, no DCP stager, no memcpy ceiling).
     """
 
-    def __init__(self, b: Bench, sd: dict[str, Any], total: int) -> None:
+    def __init__(self, b: Bench, sd: dict[str, Any], total: int, with_async: bool) -> None:
         self.b, self.sd, self.total = b, sd, total
         self.root, self.src = b.args.dir, f"{b.args.dir}/src"
+        self.ck, self.dcp_stager, self.memcpy = None, None, None
+        self.prepare_s: float | None = None
+        self.stager_error: str | None = None
+        self.async_names: list[str] = []
+        if with_async:
+            self._start_async()
+
+    def _start_async(self) -> None:
         self.ck = dc.make_async_checkpointer()  # created once, as a training job would
         t0 = time.perf_counter()
-        self.ck.prepare(sd)
-        self.prepare_s = b.max_over_ranks([time.perf_counter() - t0])[0]
-        self.stager_error: str | None = None
-        self.dcp_stager = None
+        self.ck.prepare(self.sd)
+        self.prepare_s = self.b.max_over_ranks([time.perf_counter() - t0])[0]
         try:
-            self.dcp_stager = make_dcp_stager(b.device)
+            self.dcp_stager = make_dcp_stager(self.b.device)
         except Exception as e:  # noqa: BLE001 - reported, not fatal
             self.stager_error = f"{type(e).__name__}: {e}"
+        self.async_names = [n for n in ASYNC_SAVES if n != "dcp_stager" or self.dcp_stager is not None]
+        self.memcpy = MemcpyCeiling(self.sd, self.b.device)
 
     def _make_dir(self, name: str, path: str) -> None:
         """Create ``path`` for contenders that do not create their own directory (outside the timed step)."""
@@ -546,8 +475,9 @@ class SavePhase:
             dcp.save(sd, checkpoint_id=path)
         elif name == "torch_save":
             torch_save_fsync(sd, f"{path}/rank{b.rank:05d}.pt")
-        else:  # disk, disk_direct: this rank's share of the bytes in 16 MiB writes, fsync'd
-            return {"bytes": raw_write(f"{path}/rank{b.rank:05d}.bin", -(-self.total // b.world), name == "disk_direct")}
+        else:  # the write ceiling's variants: this rank's share of the bytes in 16 MiB writes, fsync'd
+            share = -(-self.total // b.world)
+            return {"bytes": raw_write_share(path, b.rank, share, WRITERS.get(name, 1), name == "disk_direct")}
         return None
 
     def sync_save(self, name: str) -> dict[str, float]:
@@ -566,7 +496,8 @@ class SavePhase:
         (0.5-1.0 s for 512 MiB against 0.25-0.4 s later, for dist_ckpt, which
         goes first; after a raw write first, dist_ckpt's first save was
         0.26-0.32 s), a one-time cost of the filesystem that would otherwise
-        land on whichever contender goes first.
+        land on whichever contender goes first. It also makes the raw
+        writers' source buffer, outside any timed step.
         """
         path = f"{self.root}/scratch/warm_up"
         self._make_dir("disk", path)
@@ -591,43 +522,61 @@ class SavePhase:
         return r
 
     def close(self) -> None:
-        self.ck.close()
+        if self.ck is not None:
+            self.ck.close()
         if self.dcp_stager is not None:
             self.dcp_stager.close()
 
 
-def run_saves(b: Bench, sd: dict[str, Any], total: int, res: dict[str, Any]) -> None:
-    """Sync and async saves, interleaved per repetition, then the load sources; fills ``res``."""
+def run_saves(b: Bench, sd: dict[str, Any], res: dict[str, Any]) -> None:
+    """Sync saves, then async saves and the memcpy ceiling, per repetition; then the load sources; fills ``res``."""
     reps = b.args.reps
-    phase = SavePhase(b, sd, total)
+    phase = SavePhase(b, sd, res["total_bytes"], with_async=not b.args.no_async)
     res["dc_prepare_s"] = phase.prepare_s
-    async_names = [n for n in ASYNC_SAVES if n != "dcp_stager" or phase.dcp_stager is not None]
     phase.warm_up()
     for rep in range(reps):
         for name in rotate(SYNC_SAVES, rep):
             r = phase.sync_save(name)
             res["sync"].setdefault(name, []).append(r)
             progress(b, f"rep {rep + 1}/{reps} sync save  {name:<12} {r['s']:.3f} s")
-        for name in rotate(async_names, rep):
+        for name in rotate(phase.async_names, rep):
             r = phase.async_save(name, rep)
             res["async"].setdefault(name, []).append(r)
             progress(b, f"rep {rep + 1}/{reps} async save {name:<12} blocked {r['blocked_s']:.3f} s, total {r['total_s']:.3f} s")
+        if phase.memcpy is not None:
+            res["memcpy"].append(b.timed(phase.memcpy.copy))
+            progress(b, f"rep {rep + 1}/{reps} memcpy of the state {res['memcpy'][-1]['s']:.3f} s")
     phase.write_sources()
     res["dcp_stager_error"] = phase.stager_error
     phase.close()
 
 
-def run_main(b: Bench, sd: dict[str, Any], total: int, local: int) -> dict[str, Any]:
+def built_state(b: Bench, fill: bool) -> tuple[dict[str, Any], dict[str, int]]:
+    """This job's state (the pattern, or zeros as a load target) and its sizes for the results."""
+    t0 = time.perf_counter()
+    sd = build_state(b.args.total_bytes, init_device_mesh(b.device, (b.world,)), b.device, fill=fill)
+    total, local = state_nbytes(sd)
+    progress(b, f"world {b.world}: state of {total / MiB:.1f} MiB built in {time.perf_counter() - t0:.1f} s ({local / MiB:.1f} MiB on rank 0)")
+    return sd, {"total_bytes": total, "local_bytes_rank0": local, "n_tensors": sum(1 for _ in tensors(sd))}
+
+
+def run_main(b: Bench) -> dict[str, Any]:
     """The main job: (CUDA) staging ceiling, saves, then loads at the same world size."""
-    res: dict[str, Any] = {"sync": {}, "async": {}, "load": {}}
+    sd, sizes = built_state(b, fill=True)
+    res: dict[str, Any] = {"sync": {}, "async": {}, "memcpy": [], "load": {}, **sizes}
     if b.rank == 0:
         os.makedirs(f"{b.args.dir}/scratch", exist_ok=True)
     dist.barrier()
     if b.device == "cuda":
-        ceiling = staging_ceiling(local)  # the slowest rank's bandwidth counts
+        ceiling = staging_ceiling(sizes["local_bytes_rank0"])  # this rank's bytes; the slowest rank's bandwidth counts
         res["staging_ceiling"] = dict(zip(ceiling, (-v for v in b.max_over_ranks([-x for x in ceiling.values()]))))
-    run_saves(b, sd, total, res)
-    target = build_state(b.args.total_bytes, sd_mesh(sd), b.device, fill=False)
+    run_saves(b, sd, res)
+    mesh = sd_mesh(sd)
+    # The loads need only their target: the source goes before the target is
+    # built, so a large state in one process stays at ~2x its size in memory.
+    del sd
+    gc.collect()
+    target = build_state(b.args.total_bytes, mesh, b.device, fill=False)
     res["load"], res["load_warm"] = run_loads(b, target, LOADS, b.args.reps)
     return res
 
@@ -645,8 +594,8 @@ def load_once(b: Bench, target: dict[str, Any], name: str) -> dict[str, float] |
         dcp.load(target, checkpoint_id=f"{src}/dcp")
     elif name == "torch_load":
         copy_into(target, torch.load(f"{src}/torch_save/rank{b.rank:05d}.pt", weights_only=True, map_location=b.device))
-    else:
-        return {"bytes": raw_read_share(f"{src}/disk", b.rank, b.world)}
+    else:  # the read ceilings' variants
+        return {"bytes": raw_read_share(f"{src}/disk", b.rank, b.world, READERS[name])}
     return None
 
 
@@ -657,18 +606,22 @@ def run_loads(b: Bench, target: dict[str, Any], names: list[str], reps: int) -> 
     (the DESIGN §7 figure: bytes come from the disk); each is followed at once
     by a ``warm`` load of the same checkpoint, whose bytes the cold load left
     in the page cache, which shows the library's own cost without the disk.
+    The raw reads (the read ceilings) run the same way, so each ceiling has a
+    cold and a warm figure.
     """
     cold: dict[str, list[dict[str, float]]] = {}
     warm: dict[str, list[dict[str, float]]] = {}
+    prime_read_buffers()
     for rep in range(reps):
         for name in rotate(names, rep):
+            raw = name in READERS
             for out, label in ((cold, "cold"), (warm, "warm")):
-                if name != "disk":
+                if not raw:
                     zero_state(target)
                 if out is cold:
                     b.drop_caches()
                 r = b.timed(lambda: load_once(b, target, name))
-                if name == "disk":
+                if raw:
                     r["bytes"] *= b.world
                 else:
                     r["verified"] = -b.max_over_ranks([-float(verify_state(target, b.args.total_bytes))])[0]
@@ -696,6 +649,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--saved-world", type=int, required=True)
     p.add_argument("--no-drop-caches", action="store_true")
+    p.add_argument("--no-async", action="store_true", help="skip the async saves and the memcpy ceiling (no second copy of the state)")
     p.add_argument("--settle", type=float, default=0.3)
     p.add_argument("--log-level", default="WARNING")
     return p.parse_args()
@@ -717,18 +671,13 @@ def main() -> None:
     a = parse_args()
     init_distributed(a)
     b = Bench(a)
-    t0 = time.perf_counter()
-    sd = build_state(a.total_bytes, init_device_mesh(a.device, (b.world,)), a.device, fill=a.mode == "main")
-    total, local = state_nbytes(sd)
-    n_tensors = sum(1 for _ in _tensors(sd))
-    progress(b, f"world {b.world}: state of {total / MiB:.1f} MiB built in {time.perf_counter() - t0:.1f} s ({local / MiB:.1f} MiB on rank 0)")
     if a.mode == "main":
-        res = run_main(b, sd, total, local)
+        res = run_main(b)
     else:
-        cold, warm = run_loads(b, sd, ["dist_ckpt", "dcp", "disk"], a.reps)
-        res = {"load": cold, "load_warm": warm}
-    res.update(world=b.world, total_bytes=total, local_bytes_rank0=local, n_tensors=n_tensors)
-    res["dropped_caches"] = b.dropped_caches
+        sd, sizes = built_state(b, fill=False)
+        cold, warm = run_loads(b, sd, RESHARD_LOADS, a.reps)
+        res = {"load": cold, "load_warm": warm, **sizes}
+    res.update(world=b.world, dropped_caches=b.dropped_caches)
     if b.rank == 0:
         with open(a.out, "w") as f:
             json.dump(res, f)
