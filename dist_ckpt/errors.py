@@ -70,3 +70,7 @@ class LoadMismatchError(DistCkptError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; keep messages readable
         return str(self.args[0]) if self.args else ""
+
+
+class RequeueError(DistCkptError, RuntimeError):
+    """Requeueing the job failed (under Slurm: ``scontrol`` missing or refused)."""

@@ -1,0 +1,194 @@
+"""Preemption and time limits: one stop step on every rank, the emergency save, requeue.
+
+Multi-rank tests run real gloo ranks (tests/launcher.py) that send a real
+signal to one rank; the torchrun test signals the torchrun agent; the Slurm
+test (tests/test_launch.py's one-node Slurm, root only) sends
+``scancel --signal=USR2`` to a running sbatch job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_ckpt.errors import RequeueError
+from dist_ckpt.manager import CheckpointManager
+from dist_ckpt.preempt import SignalFlag, TimeLimit, parse_signals, parse_squeue_end, requeue_job, slurm_job_id
+from launcher import run_ranks
+
+FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "20"}
+EVERY = 5  # regular checkpoints every EVERY steps
+
+
+# -- handlers, Slurm helpers (one process) -----------------------------------------------
+
+
+def test_handlers_only_flag_chain_a_python_handler_and_are_restored():
+    seen = []
+
+    def previous(signum, frame):
+        seen.append(signum)
+
+    old = signal.signal(signal.SIGUSR2, previous)
+    try:
+        flag = SignalFlag(("SIGTERM", "USR2"))
+        assert set(flag.installed) == {signal.SIGTERM, signal.SIGUSR2}
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGTERM)  # SIG_DFL before: not chained, so the test survives it
+        time.sleep(0.01)  # let the interpreter run the handlers
+        assert flag.signum == signal.SIGUSR2 and seen == [signal.SIGUSR2]
+        flag.close()
+        assert signal.getsignal(signal.SIGUSR2) is previous and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+
+
+def test_empty_signals_install_nothing_and_bad_names_are_refused():
+    before = signal.getsignal(signal.SIGTERM)
+    flag = SignalFlag(())
+    assert flag.installed == () and signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(ValueError, match="SIGKILL"):
+        parse_signals(["SIGKILL"])
+    with pytest.raises(ValueError, match="SIGNOPE"):
+        parse_signals(["SIGNOPE"])
+
+
+def test_handlers_are_not_installed_off_the_main_thread(caplog):
+    before = signal.getsignal(signal.SIGUSR2)
+    out = []
+    with caplog.at_level(logging.WARNING, logger="dist_ckpt.preempt"):
+        t = threading.Thread(target=lambda: out.append(SignalFlag(("SIGUSR2",))))
+        t.start()
+        t.join()
+    assert out[0].installed == () and signal.getsignal(signal.SIGUSR2) is before
+    assert "only be installed from the main thread" in caplog.text
+
+
+def test_slurm_job_id_time_limit_and_squeue_parsing():
+    assert slurm_job_id({}) is None
+    assert slurm_job_id({"SLURM_JOB_ID": "77"}) == "77"
+    assert slurm_job_id({"SLURM_JOB_ID": "80", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3"}) == "77_3"
+    assert parse_squeue_end("N/A\n") is None and parse_squeue_end("Unknown") is None
+    assert parse_squeue_end("2026-12-01T09:30:00\n") == time.mktime((2026, 12, 1, 9, 30, 0, 0, 0, -1))
+    limit = TimeLimit(end=1000.0, margin_s=10.0, check_every_s=0.0)
+    assert not limit.expired(needed_s=5.0, now=980.0)  # 20 s left >= 5 + 10
+    assert limit.expired(needed_s=15.0, now=980.0)  # 20 s left < 15 + 10
+
+
+def test_requeue_calls_scontrol_with_the_array_task_id_and_fails_clearly_without_it(tmp_path, caplog):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    called = tmp_path / "called"
+    fake = bin_dir / "scontrol"  # a crafted scontrol at the boundary: records its arguments
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {called}\n")
+    fake.chmod(0o755)
+    env = {"SLURM_JOB_ID": "80", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3", "PATH": str(bin_dir)}
+    assert requeue_job(0, env) is True and called.read_text().split() == ["requeue", "77_3"]
+    assert requeue_job(1, env) is False  # only rank 0 requeues
+    with pytest.raises(RequeueError, match="scontrol is not on PATH"):
+        requeue_job(0, dict(env, PATH=str(tmp_path / "empty")))
+    fake.write_text("#!/bin/sh\necho 'Requested operation is presently disabled' >&2\nexit 1\n")
+    with pytest.raises(RequeueError, match="presently disabled"):
+        requeue_job(0, env)
+    with caplog.at_level(logging.INFO, logger="dist_ckpt.preempt"):
+        assert requeue_job(0, {"PATH": str(bin_dir)}) is False
+    assert "not a Slurm job" in caplog.text
+
+
+# -- real ranks: one signalled rank, the same stop step everywhere -------------------------
+
+
+def _train(rank, world, root, steps, plan):
+    """Train ``steps`` steps (one all_reduce each), save every EVERY steps; stop when told.
+
+    ``plan``: which rank gets SIGUSR2 at which step and moment, and which rank is slow there.
+    Returns the step it stopped at (None: ran to the end), its value of ``w`` and the newest step.
+    """
+    mgr = CheckpointManager(root, keep_last=2)
+    me = rank == plan["rank"]
+    w = torch.zeros(256)
+    pending, stopped = None, None
+    for step in range(steps):
+        if me and step == plan["step"] and plan["moment"] == "timer":  # lands anywhere: in the collective, staging, saving
+            threading.Timer(plan["delay"], os.kill, (os.getpid(), signal.SIGUSR2)).start()
+        if pending is not None:
+            pending[0].result()  # staged: w may change
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        w += t
+        done = step + 1
+        if rank == plan.get("slow_rank") and done == plan["step"]:
+            time.sleep(plan["slow_s"])  # slow to reach the step boundary
+        if done % EVERY == 0:
+            if me and done == plan["step"] and plan["moment"] == "before_commit":
+                os.kill(os.getpid(), signal.SIGUSR2)  # while the previous save is still to be committed
+            if pending is not None:
+                pending[1].result()
+            pending = mgr.save(done, {"w": w, "step": done})
+            if me and done == plan["step"] and plan["moment"] == "async_save":
+                os.kill(os.getpid(), signal.SIGUSR2)  # with this save in flight
+        if me and done == plan["step"] and plan["moment"] == "step_end":
+            os.kill(os.getpid(), signal.SIGUSR2)
+        if mgr.should_stop(done):
+            if done % EVERY:
+                mgr.wait()
+                mgr.save(done, {"w": w, "step": done})
+            mgr.wait()
+            mgr.requeue()  # not under Slurm: a log line
+            stopped = done
+            break
+    mgr.close()
+    return stopped, w[0].item(), mgr.latest_step()
+
+
+def _resume(rank, world, root):
+    mgr = CheckpointManager(root)
+    sd = {"w": torch.zeros(256), "step": -1}
+    step = mgr.load(sd)
+    mgr.close()
+    return step, sd["step"], sd["w"][0].item()
+
+
+def _check_stopped_and_resumes(root, out, world):
+    stopped = {r: v[0] for r, v in out.items()}
+    assert len(set(stopped.values())) == 1 and None not in stopped.values(), stopped  # the same step everywhere
+    step = stopped[0]
+    assert all(v[2] == step for v in out.values()), out  # the emergency checkpoint is committed
+    back = run_ranks(_resume, world, root, env=FAST, timeout=60)
+    assert all(b == (step, step, float(step * world)) for b in back.values()), back  # w = step * world after step steps
+    return step
+
+
+MOMENTS = ("timer", "async_save", "before_commit", "step_end")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_signal_to_one_random_rank_stops_every_rank_at_the_same_step(tmp_path, seed):
+    rng = random.Random(seed)
+    world = rng.choice([2, 3])
+    moment = MOMENTS[seed - 1]
+    step = rng.randrange(1, 4) * EVERY if moment in ("async_save", "before_commit") else rng.randrange(3, 18)
+    plan = {"rank": rng.randrange(world), "step": step, "moment": moment, "delay": rng.uniform(0.0, 0.05)}
+    root = str(tmp_path / "ck")
+    out = run_ranks(_train, world, root, 60, plan, env=FAST, timeout=90)
+    got = _check_stopped_and_resumes(root, out, world)
+    if moment != "timer":
+        assert got == step + 1, (plan, out)  # signalled at should_stop(step): every rank stops at step + 1
+
+
+def test_signalled_rank_while_another_is_slow_to_reach_the_boundary(tmp_path):
+    plan = {"rank": 0, "step": 7, "moment": "step_end", "slow_rank": 2, "slow_s": 2.0}
+    root = str(tmp_path / "ck")
+    out = run_ranks(_train, 3, root, 60, plan, env=FAST, timeout=90)
+    assert _check_stopped_and_resumes(root, out, 3) == 8
