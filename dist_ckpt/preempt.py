@@ -267,7 +267,8 @@ class StopWatch:
         if step < stop_at:
             return False
         if step == stop_at:
-            log.warning("[rank %d] stopping at step %d (%s)", self.rank, step, self.reason or "another rank asked")
+            why = self.reason or (f"signal {signal.Signals(self.flag.signum).name}" if self.flag.signum is not None else "another rank asked")
+            log.warning("[rank %d] stopping at step %d (%s)", self.rank, step, why)
         else:  # only if the assumption above was broken: say so rather than hide it
             log.error("[rank %d] should_stop(%d) after the agreed stop step %d: ranks may stop at different steps", self.rank, step, stop_at)
         return True

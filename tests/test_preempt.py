@@ -192,3 +192,110 @@ def test_signalled_rank_while_another_is_slow_to_reach_the_boundary(tmp_path):
     root = str(tmp_path / "ck")
     out = run_ranks(_train, 3, root, 60, plan, env=FAST, timeout=90)
     assert _check_stopped_and_resumes(root, out, 3) == 8
+
+
+def _train_to_time_limit(rank, world, root, steps):
+    mgr = CheckpointManager(root, keep_last=2, stop_margin_s=4.0)
+    w, stopped = torch.zeros(256), None
+    for step in range(steps):
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        w += t
+        time.sleep(0.01)
+        if mgr.should_stop(step + 1):
+            mgr.save(step + 1, {"w": w, "step": step + 1})
+            mgr.requeue()
+            stopped = step + 1
+            break
+    mgr.close()
+    return stopped, w[0].item(), mgr.latest_step()
+
+
+def test_slurm_time_limit_without_a_signal_stops_saves_and_requeues(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    called = tmp_path / "called"
+    fake = bin_dir / "scontrol"  # stands in for Slurm's scontrol: records the requeue
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {called}\n")
+    fake.chmod(0o755)
+    env = dict(FAST, SLURM_JOB_ID="4242", SLURM_JOB_END_TIME=str(int(time.time()) + 10), PATH=f"{bin_dir}:{os.environ['PATH']}")
+    root = str(tmp_path / "ck")
+    out = run_ranks(_train_to_time_limit, 2, root, 100_000, env=env, timeout=60)
+    step = _check_stopped_and_resumes(root, out, 2)
+    assert 0 < step < 100_000
+    assert called.read_text().split() == ["requeue", "4242"]  # once, by rank 0
+
+
+# -- torchrun and Slurm: the launch scripts end to end -------------------------------------
+
+from test_launch import SBATCH, base_env, finish, free_port, slurm, start, summary_of, tail, train_args  # noqa: E402,F401 (slurm: fixture)
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "launch" / "train.py"
+
+
+def _wait_for_path(path: Path, seconds: float, alive=lambda: True) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and alive():
+        if path.exists():
+            return True
+        time.sleep(0.1)
+    return path.exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_commits_the_workers_emergency_checkpoint_within_the_grace(tmp_path):
+    ckpt, log = tmp_path / "ck", tmp_path / "run.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(TRAIN),
+           *train_args(ckpt, 100_000, tmp_path / "s1.json")]
+    p = start(cmd, base_env(GLOO_SOCKET_IFNAME="lo"), log)
+    try:
+        assert _wait_for_path(ckpt / "step-00000004" / "MANIFEST", 90, lambda: p.poll() is None), tail(log)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)  # the torchrun agent only: it forwards SIGTERM, SIGKILLs 30 s later
+        p.wait(timeout=60)
+        grace_used = time.monotonic() - t0
+    finally:
+        finish([p], 1)
+    summary = summary_of(tmp_path / "s1.json", [log])
+    step = summary["stopped_at"]
+    assert step is not None and step in summary["committed_steps"], tail(log)
+    assert grace_used < 30, f"workers outlived torchrun's 30 s grace ({grace_used:.1f} s)\n{tail(log)}"
+    text = log.read_text()
+    assert f"[rank 1] stopping at step {step}" in text and "SIGKILL" not in text, tail(log)
+    p = start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", str(TRAIN),
+               *train_args(ckpt, step + 2, tmp_path / "s2.json")], base_env(GLOO_SOCKET_IFNAME="lo"), tmp_path / "run2.log")
+    assert finish([p], 90) == [0], tail(tmp_path / "run2.log")
+    again = summary_of(tmp_path / "s2.json", [tmp_path / "run2.log"])
+    assert again["resumed_from"] == step and again["resume_check"]["equal"] is True
+
+
+def _job(env: dict[str, str], job: str) -> dict[str, str]:
+    r = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True)
+    return dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
+
+
+@pytest.mark.slow
+def test_slurm_usr2_saves_requeues_and_the_requeued_run_resumes_and_completes(slurm, tmp_path):
+    ckpt, out, steps = tmp_path / "ck", tmp_path / "job.out", 40
+    export = f"ALL,NPROC_PER_NODE=2,MASTER_PORT={free_port()},GLOO_SOCKET_IFNAME=lo"
+    cmd = ["sbatch", "--parsable", "--nodes", "1", "--output", str(out), f"--export={export}", str(SBATCH),
+           *train_args(ckpt, steps, tmp_path / "s.json", "--ckpt-every", "4")]
+    r = subprocess.run(cmd, env=slurm, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = r.stdout.strip().split(";")[0]
+    slurm["DCK_JOBS"] = job
+    assert _wait_for_path(ckpt / "step-00000004" / "MANIFEST", 90), tail(out)
+    r = subprocess.run(["scancel", "--signal=USR2", job], env=slurm, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not ((info := _job(slurm, job)).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and info.get("Restarts") == "1"):
+        time.sleep(0.5)
+    text = out.read_text()
+    assert info.get("JobState") == "COMPLETED" and info.get("Restarts") == "1", f"{info}\n{tail(out, 120)}"
+    first = text.split("restart count 1", 1)[0]
+    stopped = int(first.split("[rank 0] stopped early at step ", 1)[1].split()[0])
+    assert f"requeued Slurm job {job}" in first, tail(out, 120)
+    second = summary_of(tmp_path / "s.json", [out])  # the requeued run's
+    assert second["restart_count"] == 1 and second["resumed_from"] == stopped and second["resume_check"]["equal"] is True
+    assert second["last_step"] == steps and steps in second["committed_steps"], second
