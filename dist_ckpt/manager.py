@@ -389,7 +389,8 @@ class CheckpointManager:
     def should_stop(self, step: int) -> bool:
         """True on every rank at the same step once any rank got a stop signal or (Slurm) ran out of time.
 
-        Call it once per step on every rank; without a signal it costs well under a microsecond.
+        Call it once per step on every rank; without a signal it costs about a microsecond or less
+        (benchmarks/bench_should_stop.py).
 
         Raises:
             CoordinatorTimeout: (a signalled rank) not every rank acknowledged the stop in time.

@@ -38,7 +38,8 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from .errors import CoordinatorTimeout, RequeueError
 

@@ -8,6 +8,7 @@ test (tests/test_launch.py's one-node Slurm, root only) sends
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -21,11 +22,29 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from launcher import run_ranks
+from test_launch import (  # noqa: F401 (slurm: the fixture)
+    SBATCH,
+    base_env,
+    finish,
+    free_port,
+    slurm,
+    start,
+    summary_of,
+    tail,
+    train_args,
+)
 
 from dist_ckpt.errors import RequeueError
 from dist_ckpt.manager import CheckpointManager
-from dist_ckpt.preempt import SignalFlag, TimeLimit, parse_signals, parse_squeue_end, requeue_job, slurm_job_id
-from launcher import run_ranks
+from dist_ckpt.preempt import (
+    SignalFlag,
+    TimeLimit,
+    parse_signals,
+    parse_squeue_end,
+    requeue_job,
+    slurm_job_id,
+)
 
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "20"}
 EVERY = 5  # regular checkpoints every EVERY steps
@@ -228,8 +247,6 @@ def test_slurm_time_limit_without_a_signal_stops_saves_and_requeues(tmp_path):
 
 # -- torchrun and Slurm: the launch scripts end to end -------------------------------------
 
-from test_launch import SBATCH, base_env, finish, free_port, slurm, start, summary_of, tail, train_args  # noqa: E402,F401 (slurm: fixture)
-
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "launch" / "train.py"
 
@@ -277,7 +294,7 @@ def _job(env: dict[str, str], job: str) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_slurm_usr2_saves_requeues_and_the_requeued_run_resumes_and_completes(slurm, tmp_path):
+def test_slurm_usr2_saves_requeues_and_the_requeued_run_resumes_and_completes(slurm, tmp_path):  # noqa: F811 (the fixture)
     ckpt, out, steps = tmp_path / "ck", tmp_path / "job.out", 40
     export = f"ALL,NPROC_PER_NODE=2,MASTER_PORT={free_port()},GLOO_SOCKET_IFNAME=lo"
     cmd = ["sbatch", "--parsable", "--nodes", "1", "--output", str(out), f"--export={export}", str(SBATCH),
@@ -306,3 +323,12 @@ def test_slurm_usr2_saves_requeues_and_the_requeued_run_resumes_and_completes(sl
     second = summary_of(tmp_path / "s.json", [out])  # the requeued run's
     assert second["restart_count"] == 1 and second["resumed_from"] == stopped and second["resume_check"]["equal"] is True
     assert second["last_step"] == steps and steps in second["committed_steps"], second
+
+
+def test_should_stop_benchmark_runs_and_reports_every_figure():
+    bench = REPO / "benchmarks" / "bench_should_stop.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    r = subprocess.run([sys.executable, str(bench), "--calls", "2000"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    figures = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(figures) == {"calls", "empty_call_ns", "no_signal_ns", "agree_ms", "slurm_ns"} and figures["agree_ms"] > 0
