@@ -69,6 +69,8 @@ class Agent:
         self._lock = threading.Lock()
         self._last_heard = time.monotonic()
         self._stop = threading.Event()
+        self.stop_at: int | None = None  # set once by the I/O thread from StopAt (see preempt.py)
+        self._stop_ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"dist_ckpt-agent-{rank}", daemon=True)
         self._thread.start()
 
@@ -142,6 +144,34 @@ class Agent:
         if what.startswith("has not answered"):
             return CoordinatorTimeout(f"rank {self.rank}: the coordinator (rank 0) at {self.endpoint} {what} (save {ckpt}, phase {phase}); it is presumed dead")
         return CoordinatorTimeout(f"rank {self.rank}: the coordinator at {self.endpoint} {what} (save {ckpt}, phase {phase})")
+
+    # -- stop agreement (driven by preempt.StopWatch) -------------------------
+
+    def subscribe_stop(self) -> None:
+        """Tell the coordinator this rank takes part in stop agreement (once, at start).
+
+        The coordinator learns a rank's socket from its first message; without
+        this a rank that never saved could not hear a ``StopAt``.
+        """
+        self.send(wire.StopSubscribe(self.job, "", self.rank))
+
+    def request_stop(self, step: int) -> None:
+        """Ask the coordinator to stop every rank; it answers ``StopAt(step + 1)`` (or an earlier request's)."""
+        self.send(wire.StopRequest(self.job, "", self.rank, step))
+
+    def wait_stop_ready(self, timeout: float) -> bool:
+        """Wait until the coordinator confirms every rank knows ``stop_at``; False on timeout."""
+        return self._stop_ready.wait(timeout)
+
+    def _on_stop(self, msg: wire.Message) -> None:
+        """(I/O thread) Record ``StopAt`` and acknowledge it at once, whatever the training thread is doing."""
+        if isinstance(msg, wire.StopAt):
+            if self.stop_at is None:  # the coordinator fixes one value per job: first one wins
+                self.stop_at = msg.stop_at
+            ack = wire.StopAck(self.job, "", self.rank, msg.stop_at)
+            self._sock.send_multipart(wire.encode(ack, self._secret), copy=False)
+        elif isinstance(msg, wire.StopReady) and msg.stop_at == self.stop_at:
+            self._stop_ready.set()
 
     def close(self) -> None:
         """Stop the I/O thread and close the sockets."""
@@ -221,6 +251,9 @@ class Agent:
             if msg.job != self.job or msg.rank != self.rank:
                 continue
             self._last_heard = time.monotonic()
+            if isinstance(msg, (wire.StopAt, wire.StopReady)):
+                self._on_stop(msg)
+                continue
             with self._lock:
                 box = self._mailboxes.get(msg.ckpt)
             if box is not None and not isinstance(msg, wire.HeartbeatAck):

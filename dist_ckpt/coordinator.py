@@ -126,6 +126,8 @@ class Coordinator:
         self._schemas = SchemaCache()  # FSDP ranks share one schema: decoded once, not once per rank
         self._stop = threading.Event()
         self._io = _IOThread()
+        self._stop_at: int | None = None  # the step every rank stops at, once a rank asked (preempt.py)
+        self._stop_acks: set[int] = set()
         self._thread = threading.Thread(target=self._serve, name="dist_ckpt-coordinator", daemon=True)
         self._thread.start()
         log.info("[rank 0] coordinator for %d ranks listening on %s", world_size, self.endpoint)
@@ -335,11 +337,43 @@ class Coordinator:
             return self._abort(save, dict(save.failed))
         self._maybe_finish(save)
 
+    # -- stop agreement (preempt.py): one stop step per job, first request wins --
+
+    def _on_stop_subscribe(self, msg: wire.StopSubscribe) -> None:
+        # The rank's socket is now known (_on_frames); a stop already decided reaches it now.
+        if self._stop_at is not None:
+            self._send(msg.rank, wire.StopAt(self.job, "", msg.rank, self._stop_at))
+
+    def _on_stop_request(self, msg: wire.StopRequest) -> None:
+        if msg.step < 0:
+            return self._drop("field", f"StopRequest from rank {msg.rank} for step {msg.step}")
+        if self._stop_at is None:
+            # step + 1: no rank can pass should_stop(step + 1) before the requester has
+            # joined step + 1's collectives, which it does only after every rank acked.
+            self._stop_at = msg.step + 1
+            log.warning("[rank 0] rank %d asked to stop at step %d: every rank stops at step %d", msg.rank, msg.step, self._stop_at)
+            for r in sorted(self._identity):
+                self._send(r, wire.StopAt(self.job, "", r, self._stop_at))
+        else:  # a later request (or a resend) gets the same answer
+            self._send(msg.rank, wire.StopAt(self.job, "", msg.rank, self._stop_at))
+        if len(self._stop_acks) == self.world_size:
+            self._send(msg.rank, wire.StopReady(self.job, "", msg.rank, self._stop_at))
+
+    def _on_stop_ack(self, msg: wire.StopAck) -> None:
+        if msg.stop_at != self._stop_at:
+            return self._drop("stale", f"StopAck from rank {msg.rank} for step {msg.stop_at}, stopping at {self._stop_at}")
+        self._stop_acks.add(msg.rank)
+        if len(self._stop_acks) == self.world_size:
+            log.info("[rank 0] every rank knows it stops at step %d", self._stop_at)
+            for r in range(self.world_size):
+                self._send(r, wire.StopReady(self.job, "", r, self._stop_at))
+
     _HANDLERS: dict[type, Callable[["Coordinator", Any], None]] = {
         wire.PlanRequest: _on_plan_request,
         wire.Heartbeat: _on_heartbeat,
         wire.Done: _on_done,
         wire.Failed: _on_failed,
+        wire.StopSubscribe: _on_stop_subscribe, wire.StopRequest: _on_stop_request, wire.StopAck: _on_stop_ack,
     }
 
     # -- ending a save --------------------------------------------------------

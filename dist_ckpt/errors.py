@@ -83,3 +83,7 @@ class CommitOutcomeUnknown(CheckpointError):
 
 class CheckpointChanged(DistCkptError):
     """The checkpoint was replaced (overwritten) while it was being loaded, on every retry."""
+
+
+class RequeueError(DistCkptError, RuntimeError):
+    """Requeueing the job failed (under Slurm: ``scontrol`` missing or refused)."""

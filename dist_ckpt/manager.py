@@ -48,6 +48,7 @@ from .config import Config
 from .errors import CheckpointNotFound, CommitOutcomeUnknown
 from .loader import read_manifest
 from .manifest import Manifest
+from .preempt import DEFAULT_STOP_SIGNALS, StopWatch, requeue_job
 from .storage import Storage, get_storage
 
 log = logging.getLogger(__name__)
@@ -222,12 +223,18 @@ class CheckpointManager:
         async_save: ``save`` returns ``(stage_future, write_future)`` at once; otherwise it
             blocks until the checkpoint is committed and returns None.
         config: checkpointer settings (default: :meth:`Config.from_env`).
+        stop_signals: signals that make :meth:`should_stop` turn True on every rank
+            (handlers installed from the main thread only, restored on ``close``); ``()``: none.
+            SIGUSR1 is not in the default: NCCL uses it.
+        stop_margin_s: (Slurm) stop once the job's remaining time is below the last
+            save's duration plus this.
 
     Raises:
-        ValueError: a bad ``keep_last`` / ``keep_every``.
+        ValueError: a bad ``keep_last`` / ``keep_every`` / ``stop_signals`` / ``stop_margin_s``.
     """
 
-    def __init__(self, root: str, keep_last: int | None = 3, keep_every: int | None = None, async_save: bool = True, config: Config | None = None) -> None:
+    def __init__(self, root: str, keep_last: int | None = 3, keep_every: int | None = None, async_save: bool = True, config: Config | None = None,
+                 stop_signals: Iterable[str | int] = DEFAULT_STOP_SIGNALS, stop_margin_s: float = 60.0) -> None:
         self.policy = RetentionPolicy(keep_last, keep_every)
         self.root = root.rstrip("/")
         self._storage, self._root = get_storage(self.root)
@@ -238,6 +245,8 @@ class CheckpointManager:
         self._pending: Future = _done()
         self._lock = threading.Lock()
         self._closed = False
+        session = self._ckpt.writer.session
+        self._stop = StopWatch(session.agent, self.rank, tuple(stop_signals), stop_margin_s, self._last_save_s, session.config.heartbeat_timeout_s)
         if self.rank == 0:
             self._storage.makedirs(self._root)
             self._remove(stale_entries(scan(self._storage, self._root)), "stale entries left by an earlier run")
@@ -389,6 +398,36 @@ class CheckpointManager:
             self._storage.remove_tree(f"{self._root}/{name}")
         log.info("[rank 0] removed %d %s under %s: %s", len(names), why, self.root, ", ".join(names[:10]) + (" …" if len(names) > 10 else ""))
 
+    # -- preemption and time limits (see preempt.py) --
+
+    def should_stop(self, step: int) -> bool:
+        """True on every rank at the same step once any rank got a stop signal or (Slurm) ran out of time.
+
+        Call it once per step on every rank; without a signal it costs about a microsecond or less
+        (benchmarks/bench_should_stop.py).
+
+        Raises:
+            CoordinatorTimeout: (a signalled rank) not every rank acknowledged the stop in time.
+        """
+        return self._stop.should_stop(step)
+
+    def requeue(self) -> bool:
+        """After the emergency save: wait for its commit, then (rank 0, Slurm) ``scontrol requeue`` the job.
+
+        Returns:
+            True on the rank that requeued the job; elsewhere False (outside Slurm: a log line).
+
+        Raises:
+            RequeueError: under Slurm, ``scontrol`` is missing or refused.
+        """
+        self.wait()
+        if self.rank == 0 and self.last_stats is None:
+            log.warning("[rank 0] requeue without a committed save by this job: the requeued job resumes from %s", self.latest_step())
+        return requeue_job(self.rank)
+
+    def _last_save_s(self) -> float:
+        return self.last_stats.total_s if self.last_stats is not None else 0.0
+
     def wait(self) -> None:
         """Block until the save in flight is decided and (rank 0) its retention is done."""
         with self._lock:
@@ -420,6 +459,7 @@ class CheckpointManager:
                 return
             self._closed = True
             self._pending.result()
+            self._stop.close()
             self._ckpt.close()
 
     def __enter__(self) -> "CheckpointManager":

@@ -201,6 +201,46 @@ class Aborted(Message):
     reasons: dict[int, str]
 
 
+# -- stopping the job at one step on every rank (preempt.py); ckpt is "" -----------
+
+
+@_register("stop_sub")
+@dataclass(frozen=True)
+class StopSubscribe(Message):
+    """rank -> coordinator: this rank takes part in stop agreement (sent once, at start)."""
+
+
+@_register("stop_req")
+@dataclass(frozen=True)
+class StopRequest(Message):
+    """rank -> coordinator: this rank was signalled (or is out of time) at ``step``."""
+    step: int
+
+
+@_register("stop_at")
+@dataclass(frozen=True)
+class StopAt(Message):
+    """coordinator -> rank: every rank stops at ``stop_at`` (the first request's step + 1)."""
+    stop_at: int
+
+
+@_register("stop_ack")
+@dataclass(frozen=True)
+class StopAck(Message):
+    """rank -> coordinator: this rank's agent knows ``stop_at``."""
+    stop_at: int
+
+
+@_register("stop_ready")
+@dataclass(frozen=True)
+class StopReady(Message):
+    """coordinator -> rank: every rank has acknowledged ``stop_at``."""
+    stop_at: int
+
+
+__all__ += ["StopSubscribe", "StopRequest", "StopAt", "StopAck", "StopReady"]
+
+
 def _check_secret(secret: bytes) -> None:
     if not isinstance(secret, bytes) or len(secret) < MIN_SECRET:
         raise ValueError(f"secret must be bytes of at least {MIN_SECRET} bytes")

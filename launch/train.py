@@ -207,6 +207,7 @@ def setup(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", stream=sys.stdout)
     logging.getLogger("dist_ckpt").setLevel(logging.INFO if args.verbose else logging.WARNING)
     logging.getLogger("dist_ckpt.manager").setLevel(logging.INFO)
+    logging.getLogger("dist_ckpt.preempt").setLevel(logging.INFO)  # Slurm restart count, stop requests
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} is not divisible by the world size {world}")
     return rank, world, device
@@ -253,10 +254,16 @@ def checkpoint_state(state: TrainState, step: int, device: torch.device) -> dict
 class LoopResult:
     final_loss: float
     step_times: list[float]
+    stopped_at: int | None = None  # the step every rank stopped at after a stop signal or the time limit
 
 
 def train_loop(args: argparse.Namespace, state: TrainState, mgr: CheckpointManager, start: int, device: torch.device) -> LoopResult:
-    """Train steps ``start .. args.steps``, saving every ``--ckpt-every`` steps and after the last."""
+    """Train steps ``start .. args.steps``, saving every ``--ckpt-every`` steps and after the last.
+
+    Once any rank gets a stop signal (SIGTERM, SIGUSR2) or the Slurm time limit comes near,
+    ``mgr.should_stop`` turns True on every rank at the same step: the loop saves that step
+    (an emergency checkpoint) and ends.
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
     result = LoopResult(float("nan"), [])
     pending: tuple[Any, ...] = ()  # (stage_future, write_future) of the async save in flight
@@ -280,14 +287,23 @@ def train_loop(args: argparse.Namespace, state: TrainState, mgr: CheckpointManag
                 pending[1].result()  # a failed previous save raises CheckpointError here, on every rank
             pending = mgr.save(done, checkpoint_state(state, done, device)) or ()
         result.step_times.append(time.perf_counter() - t0)
+        if mgr.should_stop(done):
+            if not (done % args.ckpt_every == 0 or done == args.steps):
+                if pending:
+                    pending[1].result()
+                pending = mgr.save(done, checkpoint_state(state, done, device)) or ()
+            mgr.wait()
+            result.stopped_at = done
+            log.info("stopped at step %d: emergency checkpoint %s", done, "committed" if mgr.latest_step() == done else "FAILED")
+            break
     mgr.close()
     if pending:
         pending[1].result()
     return result
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Set up, resume, train, and return the run's summary (parameter digest on rank 0)."""
+def train(args: argparse.Namespace) -> tuple[dict[str, Any], CheckpointManager]:
+    """Set up, resume, train; return the run's summary (parameter digest on rank 0) and the (closed) manager."""
     rank, world, device = setup(args)
     t_start = time.perf_counter()
     state = build(args, world, device)
@@ -296,14 +312,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     start, check = resume(mgr, state, rank, device)
     loop = train_loop(args, state, mgr, start, device)
     final = full_tensors(state.model.state_dict())  # collective
+    last = loop.stopped_at if loop.stopped_at is not None else args.steps
     return {
         "world_size": world,
         "device": str(device),
         "resumed_from": start if check is not None else None,
         "resume_check": check,
         "first_step": start,
-        "last_step": args.steps,
-        "steps_run": max(0, args.steps - start),
+        "last_step": last,
+        "stopped_at": loop.stopped_at,
+        "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+        "steps_run": max(0, last - start),
         "final_loss": loop.final_loss,
         "step_ms_mean": 1e3 * sum(loop.step_times) / len(loop.step_times) if loop.step_times else None,
         "checkpoints": [s.to_dict() for s in mgr.history],
@@ -311,7 +330,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "param_digest": digest(final) if rank == 0 else None,
         "params": sum(t.numel() for t in final.values()),
         "wall_s": time.perf_counter() - t_start,
-    }
+    }, mgr
 
 
 def report(summary: dict[str, Any], path: str | None) -> None:
@@ -323,6 +342,9 @@ def report(summary: dict[str, Any], path: str | None) -> None:
     if summary["resumed_from"] is not None:
         print(f"[rank 0] resumed from step {summary['resumed_from']}: parameters and optimizer state equal to the saved ones: {check['equal']}"
               f" ({check['tensors']} tensors{'; differ: ' + ', '.join(check['mismatched']) if check['mismatched'] else ''})")
+    if summary["stopped_at"] is not None:
+        print(f"[rank 0] stopped early at step {summary['stopped_at']} (stop signal or time limit); the emergency checkpoint is"
+              f" {'committed' if summary['stopped_at'] in summary['committed_steps'] else 'MISSING'}: a restarted job resumes from it")
     for s in ck:
         print(f"[rank 0] checkpoint {s.line()}")
     print(f"[rank 0] committed steps now: {summary['committed_steps']}; parameter digest {summary['param_digest']}")
@@ -334,11 +356,14 @@ def report(summary: dict[str, Any], path: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        summary = train(args)
+        summary, mgr = train(args)
         if dist.get_rank() == 0:
             report(summary, args.summary_json)
         ok = summary["resume_check"] is None or summary["resume_check"].get("equal", True)
         dist.barrier()  # a fence: gloo's workers have dropped the last collective's tensors
+        if summary["stopped_at"] is not None:
+            # Last: under Slurm, requeueing ends this run (SIGTERM, then SIGKILL after KillWait).
+            mgr.requeue()
         return 0 if ok else 3
     finally:
         if dist.is_initialized():

@@ -27,6 +27,11 @@ from dist_ckpt.wire import (
     Limits,
     PlanReply,
     PlanRequest,
+    StopAck,
+    StopAt,
+    StopReady,
+    StopRequest,
+    StopSubscribe,
     decode,
     encode,
 )
@@ -44,6 +49,11 @@ SAMPLES = [
     Failed(**COMMON, phase="stage", error="OSError: disk full"),
     CommitInProgress(**COMMON),
     Committed(**COMMON, path="/ckpt/step-100"),
+    StopSubscribe(job="job-1", ckpt="", rank=2),
+    StopRequest(job="job-1", ckpt="", rank=2, step=41),
+    StopAt(job="job-1", ckpt="", rank=2, stop_at=42),
+    StopAck(job="job-1", ckpt="", rank=2, stop_at=42),
+    StopReady(job="job-1", ckpt="", rank=2, stop_at=42),
     Aborted(**COMMON, reasons={0: "ok?", 5: "timeout in write", -1: "weird but legal"}),
 ]
 
