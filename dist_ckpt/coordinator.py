@@ -165,6 +165,7 @@ class Coordinator:
                         self._on_frames(frames)
                 for then in self._io.finished():
                     then()
+                live = self._note_stall(live)  # a freeze while handling messages counts before any deadline
                 self._check_deadlines(time.monotonic())
                 live = self._note_stall(live)
             except Exception:  # the coordinator must outlive any bug in one save's handling
@@ -184,6 +185,11 @@ class Coordinator:
             for save in self._saves.values():
                 save.stalled = max(save.stalled, gap)
         return now
+
+    @staticmethod
+    def _stall_reason(save: _Save) -> str:
+        return (f"the coordinator (rank 0) could not answer for {save.stalled:.1f} s during this save (rank 0 stalled); "
+                "another rank may have given up on it, so it is not committed")
 
     def _drop(self, reason: str, detail: str) -> None:
         self.dropped[reason] += 1
@@ -384,7 +390,7 @@ class Coordinator:
         if save.failed:
             return self._abort(save, dict(save.failed))
         if save.stalled:
-            return self._abort(save, {0: f"the coordinator (rank 0) could not answer for {save.stalled:.1f} s during this save (rank 0 stalled); another rank may have given up on it, so it is not committed"})
+            return self._abort(save, {0: self._stall_reason(save)})
         save.phase = "commit"
         for r in range(self.world_size):  # from here on a rank that loses the coordinator cannot say the save failed
             self._send(r, wire.CommitInProgress(self.job, save.ckpt, r))
@@ -440,7 +446,9 @@ class Coordinator:
                 self._abort(save, {0: f"creating the temporary directory {save.tmp_path} did not finish within {cfg.timeout_s:.0f} s (phase prepare)"})
                 continue
             silent = {r: now - t for r, t in save.last_seen.items() if r not in save.done and r not in save.failed and now - t > cfg.heartbeat_timeout_s}
-            if silent:
+            if silent and save.stalled:  # the silence is this loop's own: blame rank 0's stall, not the ranks
+                self._abort(save, {0: self._stall_reason(save)})
+            elif silent:
                 self._abort(save, {r: f"sent no heartbeat for {s:.1f} s (phase {save.phase}); presumed dead" for r, s in silent.items()})
             elif save.phase == "write" and now - save.started > cfg.timeout_s:
                 slow = sorted(set(range(self.world_size)) - set(save.done) - set(save.failed))
