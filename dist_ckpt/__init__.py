@@ -42,8 +42,10 @@ from .errors import (
     LoadMismatchError,
     ManifestError,
     PickleNotAllowed,
+    ProcessGroupNotInitialized,
     StateDictError,
     StorageError,
+    UnsupportedScheme,
     WireError,
 )
 from .session import RankInfo
@@ -57,5 +59,5 @@ __all__ = [
     "CheckpointWriter", "WriterHook", "CheckpointProcess", "CheckpointReader", "make_sync_checkpointer", "make_async_checkpointer",
     "DistCkptError", "CheckpointError", "CheckpointNotFound", "ChecksumError", "CoordinatorTimeout",
     "DataFileError", "LoadMismatchError", "ManifestError", "PickleNotAllowed", "StateDictError",
-    "StorageError", "WireError", "verify", "VerifyReport", "BadChunk", "convert", "ConvertError",
+    "StorageError", "WireError", "ProcessGroupNotInitialized", "UnsupportedScheme", "verify", "VerifyReport", "BadChunk", "convert", "ConvertError",
 ]

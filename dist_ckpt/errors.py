@@ -70,3 +70,11 @@ class LoadMismatchError(DistCkptError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; keep messages readable
         return str(self.args[0]) if self.args else ""
+
+
+class ProcessGroupNotInitialized(DistCkptError, RuntimeError):
+    """A launched job (``WORLD_SIZE > 1``) saves before ``init_process_group``."""
+
+
+class UnsupportedScheme(DistCkptError, ValueError):
+    """A checkpoint URL's scheme has no registered storage backend."""

@@ -7,7 +7,6 @@ at different times and the world size may differ from the one that saved.
 
 from __future__ import annotations
 
-import logging
 import pickle
 from typing import Any
 
@@ -19,11 +18,12 @@ from .describe import RankLocal, local_box
 from .dtypes import dtype_from_name, dtype_name
 from .errors import CheckpointNotFound, LoadMismatchError, ManifestError, PickleNotAllowed
 from .flatten import KeyPath, expand_stateful, flatten, format_path, get_path, set_path, unflatten
+from .logs import get_logger
 from .manifest import Manifest, Pickled, TensorEntry
 from .reader import ReadTask, read_tensors
 from .storage import Storage, get_storage
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # prefixes the rank to each line
 
 
 def find_committed(storage: Storage, path: str) -> str:
