@@ -44,8 +44,10 @@ from .errors import (
     LoadMismatchError,
     ManifestError,
     PickleNotAllowed,
+    ProcessGroupNotInitialized,
     StateDictError,
     StorageError,
+    UnsupportedScheme,
     WireError,
 )
 from .session import RankInfo
@@ -59,5 +61,5 @@ __all__ = [
     "CheckpointWriter", "WriterHook", "CheckpointProcess", "CheckpointReader", "make_sync_checkpointer", "make_async_checkpointer",
     "DistCkptError", "CheckpointError", "CheckpointNotFound", "ChecksumError", "CoordinatorTimeout",
     "DataFileError", "LoadMismatchError", "ManifestError", "PickleNotAllowed", "StateDictError",
-    "StorageError", "WireError", "CommitOutcomeUnknown", "CheckpointChanged", "verify", "VerifyReport", "BadChunk", "convert", "ConvertError",
+    "StorageError", "WireError", "CommitOutcomeUnknown", "CheckpointChanged", "ProcessGroupNotInitialized", "UnsupportedScheme", "verify", "VerifyReport", "BadChunk", "convert", "ConvertError",
 ]

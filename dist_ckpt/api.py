@@ -9,7 +9,7 @@ from __future__ import annotations
 import atexit
 import threading
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Mapping
 
 import torch.distributed as dist
 
@@ -17,6 +17,7 @@ from .checkpointer import AsyncCheckpointer, CheckpointReader, CheckpointWriter,
 from .config import Config
 from .loader import load_into
 from .session import Session
+from .storage import get_storage
 
 _lock = threading.Lock()
 _defaults: dict[tuple, tuple[Session, SyncCheckpointer, AsyncCheckpointer]] = {}
@@ -36,41 +37,64 @@ def _default(process_group: dist.ProcessGroup | None = None) -> tuple[Session, S
         return _defaults[key]
 
 
-def save(state_dict: Any, path: str, *, overwrite: bool = False, process_group: dist.ProcessGroup | None = None) -> None:
+def save(state_dict: Any, path: str, *, overwrite: bool = False, allow_pickle: bool | None = None, user_meta: Mapping[str, Any] | None = None,
+         step: int | None = None, process_group: dist.ProcessGroup | None = None) -> None:
     """Save ``state_dict`` to ``path`` on all ranks; returns once committed everywhere.
 
     Args:
         state_dict: nested dicts/lists/tuples of tensors, DTensors, plain values and
             objects with ``state_dict()``/``load_state_dict()``.
-        path: checkpoint directory (must not exist unless ``overwrite``).
+        path: checkpoint directory (must not exist unless ``overwrite``); a plain path or ``file://``.
         overwrite: write the new checkpoint beside the old one and swap them.
+        allow_pickle: pickle values that are neither tensors nor msgpack-native
+            (None: ``DIST_CKPT_ALLOW_PICKLE``, default off).
+        user_meta: msgpack-native metadata stored in the MANIFEST (rank 0's value is kept).
+        step: the training step, named in the save's log line.
+        process_group: the group whose ranks save together (default: the default group).
 
     Raises:
         CheckpointError: any rank failed (the same error on every rank).
-        StateDictError: a value cannot be stored (names its key path).
+        StateDictError: a value or ``user_meta`` cannot be stored (names its key path).
+        UnsupportedScheme: ``path`` has a URL scheme without a backend.
+        ProcessGroupNotInitialized: launched as one of several ranks (``WORLD_SIZE > 1``)
+            without ``init_process_group``.
     """
+    get_storage(path)  # an unknown scheme is refused before the session starts
     _, sync, asyn = _default(process_group)
     asyn.wait()  # one save in flight per process: let a pending async save finish first
-    sync.save(path, state_dict, overwrite=overwrite)
+    sync.save(path, state_dict, overwrite=overwrite, allow_pickle=allow_pickle, user_meta=user_meta, step=step)
 
 
-def async_save(state_dict: Any, path: str, *, overwrite: bool = False, process_group: dist.ProcessGroup | None = None) -> tuple[Future, Future]:
+def async_save(state_dict: Any, path: str, *, overwrite: bool = False, allow_pickle: bool | None = None, user_meta: Mapping[str, Any] | None = None,
+               step: int | None = None, process_group: dist.ProcessGroup | None = None) -> tuple[Future, Future]:
     """Start a background save; returns ``(stage_future, write_future)``.
 
     After ``stage_future.result()`` the caller may modify the tensors;
     ``write_future.result()`` returns once the checkpoint is committed for all
     ranks and raises :class:`CheckpointError` on every rank if any failed.
+
+    Args:
+        state_dict, path, overwrite, allow_pickle, user_meta, step, process_group: as for :func:`save`.
+
+    Raises:
+        StateDictError, UnsupportedScheme, ProcessGroupNotInitialized: as for :func:`save`, at once.
     """
+    get_storage(path)
     _, _, asyn = _default(process_group)
-    return asyn.save(path, state_dict, overwrite=overwrite)
+    return asyn.save(path, state_dict, overwrite=overwrite, allow_pickle=allow_pickle, user_meta=user_meta, step=step)
 
 
-def load(state_dict: Any, path: str, *, strict: bool = True, allow_pickle: bool = False, verify_checksums: bool = True) -> Any:
+def load(state_dict: Any, path: str, *, strict: bool = True, allow_pickle: bool | None = None, verify_checksums: bool | None = None) -> Any:
     """Load ``path`` into ``state_dict`` in place and return it.
 
     Tensors and DTensor local shards are filled in place (any layout and world
     size); plain values are replaced in the caller's dicts and lists; objects
     with ``load_state_dict`` get their loaded state. No collective is called.
+
+    Args:
+        strict: refuse missing or unexpected keys.
+        allow_pickle: accept pickled values (None: ``DIST_CKPT_ALLOW_PICKLE``, default off).
+        verify_checksums: check every chunk read in full (None: ``DIST_CKPT_VERIFY_CHECKSUMS``, default on).
 
     Raises:
         CheckpointNotFound: no committed checkpoint at ``path``.

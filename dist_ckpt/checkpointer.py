@@ -14,11 +14,11 @@ Which thread runs what (per rank)::
 from __future__ import annotations
 
 import abc
-import logging
+import dataclasses
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,13 +27,14 @@ from .config import Config
 from .describe import Described, describe
 from .flatten import expand_stateful
 from .loader import load_full, load_into
-from .process import CheckpointProcess
+from .logs import SaveSummary
+from .process import CheckpointProcess, require_main_guard
 from .saver import WriteFn, report_failure, run_save
 from .session import RankInfo, Session
 from .stager import Stager
+from .storage import get_storage
+from .user_meta import check_user_meta
 from .writer import WriteRecord
-
-log = logging.getLogger(__name__)
 
 STATE_DICT = dict[str, Any]
 
@@ -63,7 +64,7 @@ class CheckpointStager(abc.ABC):
     """Copies a state dict off the device; ``stage`` returns at once with a future."""
 
     @abc.abstractmethod
-    def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> StagedState: ...
+    def stage(self, state_dict: STATE_DICT, *, allow_pickle: bool | None = None) -> StagedState: ...
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -83,16 +84,22 @@ class DefaultStager(CheckpointStager):
         self._config = config or Config.from_env()
         self.stager = Stager(pin_memory, shared_memory)
 
-    def describe(self, state_dict: STATE_DICT) -> Described:
+    def describe(self, state_dict: STATE_DICT, allow_pickle: bool | None = None) -> Described:
+        """Expand ``Stateful`` values and describe the state (``allow_pickle`` None: the config's)."""
         expanded, _ = expand_stateful(state_dict)
-        return describe(expanded, self._rank, self._config.allow_pickle)
+        return describe(expanded, self._rank, self._config.allow_pickle if allow_pickle is None else allow_pickle)
 
     def prepare(self, state_dict: STATE_DICT) -> None:
         """Allocate the host arena for ``state_dict`` now, so the first save is as fast as later ones."""
         self.stager.prepare(self.describe(state_dict).tensors)
 
-    def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> StagedState:
-        described = self.describe(state_dict)
+    def stage(self, state_dict: STATE_DICT, *, allow_pickle: bool | None = None) -> StagedState:
+        """Describe ``state_dict`` and start copying its tensors into the arena; returns at once.
+
+        Raises:
+            StateDictError: a value cannot be stored (names its key path).
+        """
+        described = self.describe(state_dict, allow_pickle)
         host, ready = self.stager.stage(described.tensors)
         return StagedState(described, host, ready, self.stager.arena, self.stager.shm.name if self.stager.shm else None)
 
@@ -118,20 +125,49 @@ class CheckpointWriter:
         self.commit_hook = commit_hook
         self.process = process
         self._owns_session = session is None
+        # Rank 0 logs each save's summary at INFO unless the owner logs it in its own line
+        # (the manager adds its figures); the summary of the last save is kept either way.
+        self.announce_saves = True
+        self.last_summary: SaveSummary | None = None
 
-    def write(self, path: str, state: STATE_DICT | StagedState, *, ckpt: str | None = None, overwrite: bool = False, **kwargs: Any) -> None:
-        """Save ``state`` (a state dict, or a :class:`StagedState`) to ``path``; blocks until committed."""
+    def write(self, path: str, state: STATE_DICT | StagedState, *, ckpt: str | None = None, overwrite: bool = False,
+              allow_pickle: bool | None = None, user_meta: Mapping[str, Any] | None = None, step: int | None = None) -> None:
+        """Save ``state`` (a state dict, or a :class:`StagedState`) to ``path``; blocks until committed.
+
+        Args:
+            ckpt: save id (the next one of the session when None).
+            overwrite: replace a committed checkpoint at ``path``.
+            allow_pickle: pickle values that are not msgpack-native (None: the config's setting).
+            user_meta: msgpack-native metadata stored in the MANIFEST (rank 0's value is kept).
+            step: the training step, named in the save's log line.
+
+        Raises:
+            UnsupportedScheme: ``path`` has a URL scheme without a backend (before anything is sent).
+            StateDictError: a value or ``user_meta`` cannot be stored (names its key path).
+            CheckpointError: this or another rank failed (the same error on every rank).
+        """
         ckpt = ckpt if ckpt is not None else self.session.next_save_id()
-        if not isinstance(state, StagedState):
-            try:
-                expanded, _ = expand_stateful(state)
-                described = describe(expanded, self.session.rank, self.session.config.allow_pickle)
-            except Exception as e:
-                report_failure(self.session, ckpt, "describe", e)
-                raise
-            state = StagedState(described, described.tensors, _done_future())
+        try:
+            state, meta = self._check(path, state, allow_pickle, user_meta)
+        except Exception as e:
+            report_failure(self.session, ckpt, "describe", e, path)
+            raise
         write = self._process_write(state) if self.process is not None and state.shm_name is not None else None
-        run_save(self.session, ckpt, path, state.described, state.host, overwrite, ready=state.ready.result, hook=self.commit_hook, write=write)
+        self.last_summary = None
+        run_save(self.session, ckpt, path, state.described, state.host, overwrite, ready=state.ready.result, hook=self.commit_hook, write=write,
+                 user_meta=meta, step=step, announce=self.announce_saves)
+        coordinator = self.session.coordinator
+        self.last_summary = coordinator.summary(ckpt) if coordinator is not None else None
+
+    def _check(self, path: str, state: STATE_DICT | StagedState, allow_pickle: bool | None, user_meta: Mapping[str, Any] | None) -> tuple[StagedState, dict[str, Any]]:
+        """Everything a save can refuse before it starts: the path's scheme, ``user_meta``, the state's values."""
+        get_storage(path)
+        meta = check_user_meta(user_meta)
+        if not isinstance(state, StagedState):
+            expanded, _ = expand_stateful(state)
+            described = describe(expanded, self.session.rank, self.session.config.allow_pickle if allow_pickle is None else allow_pickle)
+            state = StagedState(described, described.tensors, _done_future())
+        return state, meta
 
     def _process_write(self, state: StagedState) -> WriteFn:
         process, arena = self.process, state.arena
@@ -158,15 +194,21 @@ class CheckpointReader:
         self.rank = rank_info.global_rank if rank_info else (dist.get_rank() if dist.is_initialized() else 0)
         self.config = config or Config.from_env()
 
-    def read(self, path: str, state_dict: STATE_DICT | None = None, *, map_location: Any = None, strict: bool = False, **kwargs: Any) -> tuple[Any, list[str]]:
+    def read(self, path: str, state_dict: STATE_DICT | None = None, *, map_location: Any = None, strict: bool = False,
+             allow_pickle: bool | None = None, verify_checksums: bool | None = None) -> tuple[Any, list[str]]:
         """Load ``path`` into ``state_dict`` (in place), or as full tensors when None.
+
+        Args:
+            allow_pickle, verify_checksums: override the config's setting for this load (None: keep it).
 
         Returns:
             ``(state_dict, [])``; with ``strict=False`` keys absent from the checkpoint are left as they were.
         """
+        overrides = {k: v for k, v in (("allow_pickle", allow_pickle), ("verify_checksums", verify_checksums)) if v is not None}
+        config = dataclasses.replace(self.config, **overrides) if overrides else self.config
         if state_dict is None:
-            return load_full(path, self.rank, self.config, map_location), []
-        return load_into(state_dict, path, self.rank, self.config, strict=strict), []
+            return load_full(path, self.rank, config, map_location), []
+        return load_into(state_dict, path, self.rank, config, strict=strict), []
 
     def close(self) -> None:
         pass
@@ -182,11 +224,17 @@ class Checkpointer(abc.ABC):
     """Save and load checkpoints; ``save`` returns ``(stage_future, write_future)`` or None."""
 
     @abc.abstractmethod
-    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> tuple[Future, Future] | None: ...
+    def save(self, path: str, state_dict: STATE_DICT, *, overwrite: bool = False, allow_pickle: bool | None = None,
+             user_meta: Mapping[str, Any] | None = None, step: int | None = None) -> tuple[Future, Future] | None:
+        """Save ``state_dict`` to ``path`` (all ranks together); see :meth:`CheckpointWriter.write` for the arguments."""
 
-    def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None, strict: bool = False, **kwargs: Any) -> Any:
-        """Load ``path`` into ``state_dict`` in place (or return full tensors when None)."""
-        return self.reader.read(path, state_dict, map_location=default_map_location, strict=strict)[0]
+    def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None, strict: bool = False,
+             allow_pickle: bool | None = None, verify_checksums: bool | None = None) -> Any:
+        """Load ``path`` into ``state_dict`` in place (or return full tensors when None).
+
+        ``allow_pickle`` / ``verify_checksums`` override the checkpointer's config for this load.
+        """
+        return self.reader.read(path, state_dict, map_location=default_map_location, strict=strict, allow_pickle=allow_pickle, verify_checksums=verify_checksums)[0]
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -206,8 +254,10 @@ class SyncCheckpointer(Checkpointer):
     def __init__(self, writer: CheckpointWriter, reader: CheckpointReader) -> None:
         self.writer, self.reader = writer, reader
 
-    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> None:
-        self.writer.write(path, state_dict, **kwargs)
+    def save(self, path: str, state_dict: STATE_DICT, *, overwrite: bool = False, allow_pickle: bool | None = None,
+             user_meta: Mapping[str, Any] | None = None, step: int | None = None) -> None:
+        """Save and return once committed for all ranks (arguments: :meth:`CheckpointWriter.write`)."""
+        self.writer.write(path, state_dict, overwrite=overwrite, allow_pickle=allow_pickle, user_meta=user_meta, step=step)
         return None
 
     def close(self) -> None:
@@ -235,18 +285,27 @@ class AsyncCheckpointer(Checkpointer):
         """Allocate staging memory for ``state_dict`` ahead of the first save."""
         self.stager.prepare(state_dict)
 
-    def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> tuple[Future, Future]:
+    def save(self, path: str, state_dict: STATE_DICT, *, overwrite: bool = False, allow_pickle: bool | None = None,
+             user_meta: Mapping[str, Any] | None = None, step: int | None = None) -> tuple[Future, Future]:
+        """Stage and start the save; returns ``(stage_future, write_future)`` (arguments: :meth:`CheckpointWriter.write`).
+
+        Raises:
+            UnsupportedScheme, StateDictError: refused before anything is staged (on every rank alike).
+            RuntimeError: the checkpointer is closed.
+        """
         with self._lock:
             if self._closed:
                 raise RuntimeError("save() on a closed checkpointer")
             self._wait_previous()
             ckpt = self.writer.session.next_save_id()
             try:
-                staged = self.stager.stage(state_dict)
+                get_storage(path)
+                meta = check_user_meta(user_meta)
+                staged = self.stager.stage(state_dict, allow_pickle=allow_pickle)
             except Exception as e:
-                report_failure(self.writer.session, ckpt, "describe", e)
+                report_failure(self.writer.session, ckpt, "describe", e, path)
                 raise
-            write = self._executor.submit(self.writer.write, path, staged, ckpt=ckpt, **kwargs)
+            write = self._executor.submit(self.writer.write, path, staged, ckpt=ckpt, overwrite=overwrite, user_meta=meta, step=step)
             self._pending = write
             return staged.ready, write
 
@@ -297,9 +356,17 @@ def make_async_checkpointer(
         mode: ``"thread"`` (writer threads in this process) or ``"process"`` (a
             :class:`CheckpointProcess` per rank, fed through a shared-memory arena).
         subprocess_init_fn: process mode: called in the subprocess at start.
+
+    Raises:
+        ValueError: an unknown ``mode``.
+        CheckpointProcessError: process mode from a script without an
+            ``if __name__ == "__main__":`` guard (the writer would re-run it).
+        ProcessGroupNotInitialized: launched as one of several ranks without a process group.
     """
     if mode not in ("thread", "process"):
         raise ValueError(f"mode must be 'thread' or 'process', got {mode!r}")
+    if mode == "process":
+        require_main_guard()  # before the session: every rank refuses alike, nothing to undo
     writer = CheckpointWriter(config, rank_info, commit_hook=commit_hook)
     if mode == "process":
         writer.process = CheckpointProcess(writer.rank_info, subprocess_init_fn=subprocess_init_fn, subprocess_init_args=subprocess_init_args)

@@ -24,6 +24,7 @@ import numpy as np
 from .errors import CheckpointError, DistCkptError, WireError
 from .manifest import ALIGN, ChunkTable, LocalSection, Manifest, TensorEntry, _ext_hook, _pack_default
 from .layout import ChunkLayout
+from .logs import RankStats
 from .plan import SavePlan
 from .storage import Storage
 from .writer import WriteRecord
@@ -94,18 +95,36 @@ def decode_records(data: bytes, rank: int) -> Records:
     return Records(files, **cols)
 
 
-def encode_objects(objects: Mapping[tuple, Any], local: Mapping[tuple, Any], structure: Any) -> bytes:
-    """Objects of one rank: global ones (kept from rank 0), rank-local ones, and the structure."""
-    return msgpack.packb({"objects": dict(objects), "local": dict(local), "structure": structure}, default=_pack_default, use_bin_type=True)
+def encode_objects(objects: Mapping[tuple, Any], local: Mapping[tuple, Any], structure: Any, user_meta: Mapping[str, Any] | None = None, stats: RankStats | None = None) -> bytes:
+    """Objects of one rank: global ones (kept from rank 0), rank-local ones, and the structure.
+
+    ``user_meta`` (rank 0's is stored; checked by the caller) and ``stats``
+    (this rank's phase timings, for the coordinator's summary line) ride along.
+    """
+    payload: dict[str, Any] = {"objects": dict(objects), "local": dict(local), "structure": structure}
+    if user_meta:
+        payload["user_meta"] = dict(user_meta)
+    if stats is not None:
+        payload["stats"] = stats.to_msgpack()
+    return msgpack.packb(payload, default=_pack_default, use_bin_type=True)
 
 
 def decode_objects(data: bytes, rank: int) -> dict[str, Any]:
-    """Decode one rank's objects payload; pickled values stay bytes (never unpickled here)."""
+    """Decode one rank's objects payload; pickled values stay bytes (never unpickled here).
+
+    Returns:
+        The map with ``objects``, ``local``, ``structure``, ``user_meta`` (a dict,
+        ``{}`` when absent) and ``stats`` (a :class:`RankStats` or None).
+    """
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook,
                               object_pairs_hook=lambda p: {tuple(k) if isinstance(k, list) else k: v for k, v in p})
         if not isinstance(obj, dict) or not isinstance(obj.get("objects"), dict) or not isinstance(obj.get("local"), dict):
             raise ValueError("expected a map with objects and local")
+        obj["user_meta"] = obj.get("user_meta", {})
+        if not isinstance(obj["user_meta"], dict) or not all(isinstance(k, str) for k in obj["user_meta"]):
+            raise ValueError("user_meta must be a map with str keys")
+        obj["stats"] = RankStats.from_msgpack(obj["stats"]) if "stats" in obj else None
     except Exception as e:
         raise WireError(f"rank {rank}: malformed objects payload: {e}") from e
     return obj
@@ -249,7 +268,7 @@ def build_manifest(req: CommitRequest) -> Manifest:
         objects=payloads[0]["objects"],
         structure=payloads[0].get("structure"),
         local=sections,
-        user_meta=dict(req.user_meta or {}),
+        user_meta=dict(req.user_meta if req.user_meta is not None else payloads[0].get("user_meta") or {}),
     )
 
 
@@ -301,7 +320,7 @@ def commit_checkpoint(storage: Storage, req: CommitRequest) -> Manifest:
         _swap_in(storage, req.tmp_path, final)
     else:
         storage.rename_dir(req.tmp_path, final)
-    log.info("[rank 0] committed %s: %d tensors, %d files, manifest %.1f KB in %.3f s", final, len(manifest.tensors), len(manifest.files), len(data) / 1e3, time.perf_counter() - t0)
+    log.debug("[rank 0] committed %s: %d tensors, %d files, manifest %.1f KB in %.3f s", final, len(manifest.tensors), len(manifest.files), len(data) / 1e3, time.perf_counter() - t0)
     return manifest
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,54 @@ class Config:
 
     @staticmethod
     def from_env(**overrides: object) -> "Config":
-        """Defaults, then ``DIST_CKPT_*`` environment variables, then ``overrides``."""
+        """Defaults, then ``DIST_CKPT_*`` environment variables, then ``overrides``.
+
+        Every field has its variable: ``DIST_CKPT_`` + the field name in upper
+        case (``DIST_CKPT_ALLOW_PICKLE=1``); booleans accept 1/0, true/false,
+        yes/no, on/off. An override of None keeps the environment's value.
+
+        Raises:
+            ValueError: a variable's value does not parse; names the variable.
+            TypeError: an override names no setting.
+        """
         env: dict[str, object] = {}
-        if os.environ.get("DIST_CKPT_COORDINATOR"):
-            env["coordinator"] = os.environ["DIST_CKPT_COORDINATOR"]
-        for name, cast in (("timeout_s", float), ("heartbeat_interval_s", float), ("heartbeat_timeout_s", float), ("writer_threads", int), ("reader_threads", int)):
-            value = os.environ.get(f"DIST_CKPT_{name.upper()}")
-            if value:
-                env[name] = cast(value)
+        for f in fields(Config):
+            var = f"DIST_CKPT_{f.name.upper()}"
+            raw = os.environ.get(var, "").strip()
+            if raw:
+                env[f.name] = _parse(var, raw, _CASTS[f.name])
         env.update({k: v for k, v in overrides.items() if v is not None})
         return Config(**env)  # type: ignore[arg-type]
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_bool(var: str, raw: str) -> bool:
+    """``raw`` as a boolean (1/0, true/false, yes/no, on/off; any case).
+
+    Raises:
+        ValueError: anything else; names ``var``.
+    """
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ValueError(f"{var}={raw!r} is not a boolean (use one of {', '.join(_TRUE + _FALSE)})")
+
+
+def _parse(var: str, raw: str, cast: type) -> object:
+    if cast is bool:
+        return parse_bool(var, raw)
+    try:
+        return cast(raw)
+    except ValueError:
+        raise ValueError(f"{var}={raw!r} is not a valid {cast.__name__}") from None
+
+
+# The type of each field as written in the environment (the annotations are strings here).
+_CASTS: dict[str, type] = {
+    "timeout_s": float, "heartbeat_interval_s": float, "heartbeat_timeout_s": float,
+    "writer_threads": int, "reader_threads": int, "verify_checksums": bool,
+    "allow_pickle": bool, "coordinator": str, "max_message_bytes": int,
+}

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import logging
 import os
 import queue
 import threading
@@ -42,11 +41,12 @@ from .commit import CommitRequest, RecordTable, commit_checkpoint, decode_object
 from .config import Config
 from .description import BoxStore, RankColumns, SchemaCache, decode_description
 from .errors import DistCkptError, WireError
+from .logs import SaveSummary, get_logger, summarize
 from .plan import PlanCache, SavePlan
 from .planner import plan_save
 from .storage import Storage
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 try:
     _malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc
@@ -122,6 +122,7 @@ class Coordinator:
         self._identity: dict[int, bytes] = {}
         self._saves: dict[str, _Save] = {}
         self._finished: collections.OrderedDict[str, wire.Message] = collections.OrderedDict()
+        self._summaries: collections.OrderedDict[str, SaveSummary] = collections.OrderedDict()
         self._cache = PlanCache()
         self._schemas = SchemaCache()  # FSDP ranks share one schema: decoded once, not once per rank
         self._stop = threading.Event()
@@ -311,7 +312,7 @@ class Coordinator:
         save.records = RecordTable(plan)
         save.descs, save.boxes = dict.fromkeys(save.descs), None
         release_free_memory()
-        log.info("[rank 0] plan for save %s: %s in %.3f s, replies %.3f s, layout %.3f s, %.1f MB to write", save.ckpt, "cached" if same else "new", t1 - t0, t2 - t1, time.perf_counter() - t2, plan.loads.sum() / 1e6)
+        log.debug("[rank 0] plan for save %s: %s in %.3f s, replies %.3f s, layout %.3f s, %.1f MB to write", save.ckpt, "cached" if same else "new", t1 - t0, t2 - t1, time.perf_counter() - t2, plan.loads.sum() / 1e6)
 
     def _on_heartbeat(self, msg: wire.Heartbeat) -> None:
         if self._save_for(msg) is not None:
@@ -339,6 +340,7 @@ class Coordinator:
         if msg.rank in save.done:  # it already reported its chunks; the commit may be under way
             return self._drop("replay", f"Failed from rank {msg.rank} after its Done for {msg.ckpt}")
         save.failed[msg.rank] = f"{msg.error} (phase {msg.phase})"
+        save.path = save.path or msg.path
         if save.phase in ("plan", "prepare"):
             return self._abort(save, dict(save.failed))
         self._maybe_finish(save)
@@ -397,21 +399,34 @@ class Coordinator:
         release_free_memory()  # the Done messages' buffers, before the manifest is built: the coordinator's peak
         storage, path = self._storage_for(save.path)
         request = CommitRequest(path, save.tmp_path, save.overwrite, self.world_size, save.plan, save.records, save.objects)  # type: ignore[arg-type]
-        self._io.submit(lambda: commit_checkpoint(storage, request), lambda out: self._committed(save, path, out))
+        t_commit = time.perf_counter()
+        self._io.submit(lambda: commit_checkpoint(storage, request), lambda out: self._committed(save, path, out, t_commit))
 
-    def _committed(self, save: _Save, path: str, out: object) -> None:
+    def _committed(self, save: _Save, path: str, out: object, t_commit: float) -> None:
         """(event loop) The commit's I/O finished: tell every rank its outcome."""
         if isinstance(out, BaseException):
             log.error("[rank 0] commit of save %s to %s failed: %s", save.ckpt, path, out)
             save.phase = "commit-failed"
             return self._abort(save, {0: f"commit failed: {_text(out)}"})
+        self._remember_summary(save, time.perf_counter() - t_commit)
         self._end(save, lambda r: wire.Committed(self.job, save.ckpt, r, path))
+
+    def summary(self, ckpt: str) -> SaveSummary | None:
+        """The figures of committed save ``ckpt`` (kept for the last 64 saves), for rank 0's log line."""
+        return self._summaries.get(ckpt)
+
+    def _remember_summary(self, save: _Save, commit_s: float) -> None:
+        stats = {r: o["stats"] for r, o in save.objects.items() if o.get("stats") is not None}
+        if stats:
+            self._summaries[save.ckpt] = summarize(stats, commit_s)
+            while len(self._summaries) > 64:
+                self._summaries.popitem(last=False)
 
     def _abort(self, save: _Save, reasons: dict[int, str]) -> None:
         if save.phase == "commit":  # only the commit's own result may end it now
             log.error("[rank 0] save %s: not aborting while its commit is under way: %s", save.ckpt, reasons)
             return
-        log.error("[rank 0] save %s to %s aborted: %s", save.ckpt, save.path, "; ".join(f"rank {r}: {m}" for r, m in sorted(reasons.items())))
+        log.error("[rank 0] save %s to %s aborted: %s", save.ckpt, save.path or "(no rank named its path)", "; ".join(f"rank {r}: {m}" for r, m in sorted(reasons.items())))
         if save.tmp_path:
             storage, _ = self._storage_for(save.path)
             self._io.submit(lambda: storage.remove_tree(save.tmp_path), self._log_cleanup(save))

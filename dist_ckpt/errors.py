@@ -87,3 +87,11 @@ class CheckpointChanged(DistCkptError):
 
 class RequeueError(DistCkptError, RuntimeError):
     """Requeueing the job failed (under Slurm: ``scontrol`` missing or refused)."""
+
+
+class ProcessGroupNotInitialized(DistCkptError, RuntimeError):
+    """A launched job (``WORLD_SIZE > 1``) saves before ``init_process_group``."""
+
+
+class UnsupportedScheme(DistCkptError, ValueError):
+    """A checkpoint URL's scheme has no registered storage backend."""

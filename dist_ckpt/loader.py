@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import pickle
 import time
 from typing import Any, Callable, TypeVar
@@ -27,11 +26,12 @@ from .describe import RankLocal, local_box
 from .dtypes import dtype_from_name, dtype_name
 from .errors import CheckpointChanged, CheckpointNotFound, LoadMismatchError, ManifestError, PickleNotAllowed
 from .flatten import KeyPath, expand_stateful, flatten, format_path, get_path, set_path, unflatten
+from .logs import get_logger
 from .manifest import Manifest, Pickled, TensorEntry
 from .reader import ReadTask, read_tensors
 from .storage import Storage, get_storage
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # prefixes the rank to each line
 LOAD_ATTEMPTS = 5  # loads of a checkpoint that keeps being overwritten, before CheckpointChanged
 _T = TypeVar("_T")
 

@@ -40,18 +40,19 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer, make_async_checkpointer, make_sync_checkpointer
 from .commit import MANIFEST
 from .config import Config
 from .errors import CheckpointNotFound, CommitOutcomeUnknown
 from .loader import read_manifest
+from .logs import get_logger
 from .manifest import Manifest
 from .preempt import DEFAULT_STOP_SIGNALS, StopWatch, requeue_job
 from .storage import Storage, get_storage
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _TMP_RE = re.compile(r"^step-(\d{8,})\.tmp-.+$")
@@ -241,6 +242,7 @@ class CheckpointManager:
         self.async_save = async_save
         self._ckpt: AsyncCheckpointer | SyncCheckpointer = make_async_checkpointer(config) if async_save else make_sync_checkpointer(config)
         self.rank = self._ckpt.writer.session.rank
+        self._ckpt.writer.announce_saves = False  # _after_write's line carries the save's summary
         self.history: list[SaveStats] = []
         self._pending: Future = _done()
         self._lock = threading.Lock()
@@ -293,8 +295,14 @@ class CheckpointManager:
         if isinstance(self._ckpt, AsyncCheckpointer):
             self._ckpt.prepare(state_dict)
 
-    def save(self, step: int, state_dict: Any, *, overwrite: bool = False) -> tuple[Future, Future] | None:
+    def save(self, step: int, state_dict: Any, *, overwrite: bool = False, user_meta: Mapping[str, Any] | None = None) -> tuple[Future, Future] | None:
         """Save ``state_dict`` as ``step``; first waits for the previous save (and its retention).
+
+        Args:
+            step: the training step (the directory's number, and named in the save's log line).
+            overwrite: replace a committed ``step``.
+            user_meta: msgpack-native metadata for the MANIFEST (rank 0's value is kept);
+                read it back with ``manifest(step).user_meta``.
 
         Returns:
             async: ``(stage_future, write_future)``: mutate the state only after
@@ -316,17 +324,17 @@ class CheckpointManager:
             t_start = time.perf_counter()
             if isinstance(self._ckpt, SyncCheckpointer):
                 try:
-                    self._ckpt.save(path, state_dict, overwrite=overwrite)
+                    self._ckpt.save(path, state_dict, overwrite=overwrite, user_meta=user_meta, step=step)
                 except Exception as e:
                     if self._resolve(path, e) is not None:
                         self._after_write(step, path, t_call, t_start, time.perf_counter(), e)
                         raise
                 self._after_write(step, path, t_call, t_start, time.perf_counter(), None)
                 return None
-            return self._start_async(step, path, state_dict, overwrite, t_call, t_start)
+            return self._start_async(step, path, state_dict, overwrite, user_meta, t_call, t_start)
 
-    def _start_async(self, step: int, path: str, state_dict: Any, overwrite: bool, t_call: float, t_start: float) -> tuple[Future, Future]:
-        stage_f, write_f = self._ckpt.save(path, state_dict, overwrite=overwrite)  # type: ignore[misc]
+    def _start_async(self, step: int, path: str, state_dict: Any, overwrite: bool, user_meta: Mapping[str, Any] | None, t_call: float, t_start: float) -> tuple[Future, Future]:
+        stage_f, write_f = self._ckpt.save(path, state_dict, overwrite=overwrite, user_meta=user_meta, step=step)  # type: ignore[misc]
         staged_at: list[float] = []
         stage_f.add_done_callback(lambda _: staged_at.append(time.perf_counter()))
         pending: Future = Future()
@@ -373,7 +381,10 @@ class CheckpointManager:
                 log.exception("[rank 0] retention after step %d failed; the next commit retries it", step)
         stats = SaveStats(step, (t_staged - t_call) * 1e3, (t_start - t_call) * 1e3, total_s, nbytes, deleted)
         self.history.append(stats)
-        log.log(logging.INFO if self.rank == 0 else logging.DEBUG, "[rank %d] checkpoint %s", self.rank, stats.line())
+        # The one INFO line of the save, on rank 0: this manager's figures and every rank's phases.
+        summary = self._ckpt.writer.last_summary
+        phases = f"; {summary.phases()}" if summary is not None else ""
+        log.log(logging.INFO if self.rank == 0 else logging.DEBUG, "[rank %d] checkpoint %s%s", self.rank, stats.line(), phases)
 
     def _apply_retention(self, just_committed: int) -> list[int]:
         """(rank 0, after a commit) Remove committed steps the policy does not keep."""

@@ -12,8 +12,10 @@ stay in the parent's writer thread, which owns the coordinator connection.
 
 from __future__ import annotations
 
+import ast
 import logging
 import queue
+import sys
 import traceback
 from multiprocessing import shared_memory
 from typing import Any, Callable, Sequence
@@ -22,14 +24,57 @@ import torch
 import torch.multiprocessing as tmp
 
 from .errors import DistCkptError, StorageError
+from .logs import get_logger
 from .session import RankInfo
 from .writer import WriteRecord
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class CheckpointProcessError(DistCkptError):
     """The checkpoint subprocess failed or died."""
+
+
+def require_main_guard() -> None:
+    """Refuse process mode when the main script has no ``if __name__ == "__main__":`` guard.
+
+    The writer subprocess is started with ``spawn``, which imports the main
+    script again in the child. Without the guard that re-runs the training
+    script there (under ``torchrun`` it blocks in ``init_process_group``),
+    and the writer never answers. Read the script's syntax tree instead,
+    here, in milliseconds. Scripts without a file (``python -c``, a notebook)
+    are not re-imported, so they pass; so does an unreadable file (nothing
+    can be decided from it).
+
+    Raises:
+        CheckpointProcessError: the main script runs code at import time
+            without the guard; names the script and the fix.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path:
+        return
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return
+    if not any(_is_main_guard(node) for node in tree.body):
+        raise CheckpointProcessError(
+            f"make_async_checkpointer(mode=\"process\") from {path}, which has no `if __name__ == \"__main__\":` guard: "
+            "the writer subprocess is spawned, which imports the main script again and would re-run the training there. "
+            "Put the script's top-level code under `if __name__ == \"__main__\":` (or use mode=\"thread\")"
+        )
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    """``if __name__ == "__main__":`` (either operand order)."""
+    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare) or len(node.test.ops) != 1 or not isinstance(node.test.ops[0], ast.Eq):
+        return False
+    sides = [node.test.left, node.test.comparators[0]]
+    names = [s.id for s in sides if isinstance(s, ast.Name)]
+    consts = [s.value for s in sides if isinstance(s, ast.Constant)]
+    return names == ["__name__"] and consts == ["__main__"]
 
 
 def _main(rank: int, requests: Any, responses: Any, init_fn: Callable[..., None] | None, init_args: tuple) -> None:
@@ -92,7 +137,7 @@ class CheckpointProcess:
         self._proc.start()
         self._arena: tuple[str, int] | None = None
         self._receive("start", init_timeout_s)
-        log.info("[rank %d] checkpoint process %d started", self.rank, self._proc.pid)
+        log.debug("[rank %d] checkpoint process %d started", self.rank, self._proc.pid)
 
     def _receive(self, what: str, timeout: float | None = None) -> Any:
         waited = 0.0

@@ -160,5 +160,5 @@ def read_tensors(storage: Storage, root: str, file_names: Sequence[str], tasks: 
     finally:
         files.close()
     dt = time.perf_counter() - t0
-    log.info("[rank %d] read %d tensors, %.1f MB in %.3f s (%.2f GB/s) from %s", rank, len(tasks), total / 1e6, dt, total / max(dt, 1e-9) / 1e9, root)
+    log.debug("[rank %d] read %d tensors, %.1f MB in %.3f s (%.2f GB/s) from %s", rank, len(tasks), total / 1e6, dt, total / max(dt, 1e-9) / 1e9, root)
     return total

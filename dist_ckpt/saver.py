@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -20,6 +20,7 @@ from .buffers import tensor_memoryview
 from .commit import encode_objects, encode_records
 from .describe import Described
 from .errors import CheckpointError, CoordinatorTimeout
+from .logs import RankStats, get_logger
 from .plan import SavePlan
 from .session import Session
 from .storage import get_storage
@@ -28,7 +29,7 @@ from .writer import WriteItem, WriteRecord, write_items
 if TYPE_CHECKING:
     from .checkpointer import WriterHook
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def host_bytes(t: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
@@ -48,10 +49,10 @@ def write_here(tmp_path: str, path: str, rank: int, assigned: Sequence[int], hos
     return write_items(storage, tmp_path, rank, [WriteItem(i, mv) for i, (_, mv) in zip(assigned, keep)], threads)
 
 
-def report_failure(session: Session, ckpt: str, phase: str, error: BaseException) -> None:
-    """Tell the coordinator this rank cannot take part in save ``ckpt`` (others then abort at once)."""
-    log.error("[rank %d] save %s failed in phase %s: %s", session.rank, ckpt, phase, error)
-    session.agent.send(wire.Failed(session.job, ckpt, session.rank, phase, f"{type(error).__name__}: {error}"))
+def report_failure(session: Session, ckpt: str, phase: str, error: BaseException, path: str = "") -> None:
+    """Tell the coordinator this rank cannot take part in save ``ckpt`` to ``path`` (others then abort at once)."""
+    log.error("[rank %d] save %s to %s failed in phase %s: %s", session.rank, ckpt, path, phase, error)
+    session.agent.send(wire.Failed(session.job, ckpt, session.rank, phase, f"{type(error).__name__}: {error}", path))
 
 
 def run_save(
@@ -64,6 +65,9 @@ def run_save(
     ready: Callable[[], object] | None = None,
     hook: "WriterHook | None" = None,
     write: "WriteFn | None" = None,
+    user_meta: Mapping[str, Any] | None = None,
+    step: int | None = None,
+    announce: bool = True,
 ) -> str:
     """Save this rank's part of checkpoint ``ckpt`` and wait until it is committed.
 
@@ -84,6 +88,10 @@ def run_save(
         hook: ``pre_commit(path)`` before reporting Done, ``post_commit(path)`` after Committed.
         write: writes the assigned chunks and returns their records; default
             :func:`write_here` (writer threads in this process).
+        user_meta: checked metadata for the MANIFEST (rank 0's is stored).
+        step: the training step, for the log line (the save id otherwise).
+        announce: (rank 0) log the save's summary at INFO; False: at DEBUG
+            (the caller logs it in its own line).
 
     Returns:
         ``path``, once the coordinator has committed the checkpoint for all ranks.
@@ -116,12 +124,14 @@ def run_save(
             records = (write or write_here)(reply.tmp_path, path, rank, assigned, host, cfg.writer_threads)
             if hook is not None:
                 hook.pre_commit(path)
-            structure = described.structure if rank == 0 else None
-            agent.send(wire.Done(session.job, ckpt, rank, encode_records(records), encode_objects(described.objects if rank == 0 else {}, described.local_objects, structure)))
+            stats = RankStats(t_staged - t0, t_plan - t_staged, time.perf_counter() - t_plan, sum(r.nbytes for r in records))
+            first = rank == 0  # replicated values, the structure and user_meta are kept from rank 0
+            objects = encode_objects(described.objects if first else {}, described.local_objects, described.structure if first else None, user_meta if first else None, stats)
+            agent.send(wire.Done(session.job, ckpt, rank, encode_records(records), objects))
         except (CheckpointError, CoordinatorTimeout):
             raise
         except Exception as e:
-            report_failure(session, ckpt, phase, e)
+            report_failure(session, ckpt, phase, e, path)
             try:
                 agent.wait(ckpt, wire.Committed, "abort", cfg.heartbeat_timeout_s * 2)
             except CheckpointError as everyone:
@@ -132,10 +142,17 @@ def run_save(
         agent.wait(ckpt, wire.Committed, phase, backstop)
         if hook is not None:
             hook.post_commit(path)
-        dt = time.perf_counter() - t0
-        nbytes = sum(r.nbytes for r in records)
-        log.info("[rank %d] save %s committed at %s: wrote %.1f MB; staging wait %.3f s, plan %.3f s, write+commit %.3f s, total %.3f s",
-                 rank, ckpt, path, nbytes / 1e6, t_staged - t0, t_plan - t_staged, dt - (t_plan - t0), dt)
+        _log_committed(session, ckpt, path, step, stats, time.perf_counter() - t0, announce)
         return path
     finally:
         agent.end(ckpt)
+
+
+def _log_committed(session: Session, ckpt: str, path: str, step: int | None, stats: RankStats, total_s: float, announce: bool) -> None:
+    """Rank 0: the one INFO line of the save (every rank's figures); every rank: its own at DEBUG."""
+    log.debug("[rank %d] save %s committed at %s: wrote %.1f MB; staging wait %.3f s, plan %.3f s, write %.3f s, total %.3f s",
+              session.rank, ckpt, path, stats.nbytes / 1e6, stats.stage_s, stats.plan_s, stats.write_s, total_s)
+    coordinator = getattr(session, "coordinator", None)  # rank 0's, in this process
+    summary = coordinator.summary(ckpt) if coordinator is not None else None
+    if summary is not None:
+        log.log(logging.INFO if announce else logging.DEBUG, "[rank %d] %s", session.rank, summary.line(step, path, total_s))

@@ -10,7 +10,6 @@ coordinator.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import socket
 import uuid
@@ -21,9 +20,11 @@ import torch.distributed as dist
 from .agent import Agent
 from .config import Config
 from .coordinator import Coordinator
+from .errors import ProcessGroupNotInitialized
+from .logs import get_logger, set_rank
 from .storage import get_storage
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 _counter = itertools.count()
 
 
@@ -51,17 +52,48 @@ def job_interface(master_addr: str | None) -> str:
         return "127.0.0.1"
 
 
+def require_process_group_if_launched() -> bool:
+    """Whether a process group is initialised; refuse a launched job that has none.
+
+    Under ``torchrun`` (or any launcher setting ``WORLD_SIZE > 1``) a save
+    before ``init_process_group`` would make every rank a world of one that
+    believes it is rank 0: one commits a checkpoint holding only its own
+    values, the others collide with it. Every rank checks this on its own, so
+    every rank refuses, at once.
+
+    Returns:
+        True when a default process group is initialised.
+
+    Raises:
+        ProcessGroupNotInitialized: ``WORLD_SIZE`` (or ``RANK``) says this is one rank of several and
+            no process group is initialised.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return True
+    world, rank = os.environ.get("WORLD_SIZE", "1").strip(), os.environ.get("RANK", "0").strip()
+    if (world.isdigit() and int(world) > 1) or (rank.isdigit() and int(rank) > 0):
+        raise ProcessGroupNotInitialized(
+            f"rank {rank} of WORLD_SIZE={world} (from the environment): no torch.distributed process group is initialised; "
+            "call torch.distributed.init_process_group() on every rank before creating a checkpointer or saving "
+            "(or pass process_group=...), otherwise every rank would save as rank 0 of 1"
+        )
+    return False
+
+
 class Session:
     """Rank info, the agent, and (rank 0) the coordinator.
 
     Args:
         config: settings.
         process_group: group whose store carries the endpoint and secret; default group when None.
+
+    Raises:
+        ProcessGroupNotInitialized: launched as one of several ranks without a process group.
     """
 
     def __init__(self, config: Config, process_group: dist.ProcessGroup | None = None) -> None:
         self.config = config
-        distributed = dist.is_available() and dist.is_initialized()
+        distributed = require_process_group_if_launched()
         self.rank = dist.get_rank(process_group) if distributed else 0
         self.world_size = dist.get_world_size(process_group) if distributed else 1
         self.coordinator: Coordinator | None = None
@@ -84,6 +116,7 @@ class Session:
         self.job = job
         self.agent = Agent(endpoint, secret, job, self.rank, config)
         self.rank_info = RankInfo(self.rank, self.world_size)
+        set_rank(self.rank)
 
     def next_save_id(self) -> str:
         """Id of the next save; every rank calls saves in the same order, so ids agree."""

@@ -11,7 +11,6 @@ background thread, so the caller's thread only launches work.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from multiprocessing import shared_memory
@@ -20,7 +19,9 @@ from typing import Sequence
 
 import torch
 
-log = logging.getLogger(__name__)
+from .logs import get_logger
+
+log = get_logger(__name__)  # prefixes the rank to each line
 
 _ALIGN = 64  # every slice starts cache-line aligned, so ``view(dtype)`` is always legal
 
@@ -89,7 +90,7 @@ class Stager:
             self._arena = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
         self._arena.zero_()  # touch every page now, not during the first save's copies
         self.allocations += 1
-        log.info("staging arena: %.1f MB %s in %.3f s", size / 1e6, "pinned" if self.pin else "pageable", time.perf_counter() - t0)
+        log.debug("staging arena: %.1f MB %s in %.3f s", size / 1e6, "pinned" if self.pin else "pageable", time.perf_counter() - t0)
 
     def views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Contiguous host tensors in the arena shaped like ``tensors`` (grows the arena if needed)."""
@@ -123,7 +124,7 @@ class Stager:
                 if event is not None:
                     event.synchronize()
                 dt = time.perf_counter() - t0
-                log.info("staged %.1f MB in %.3f s (%.2f GB/s)", nbytes / 1e6, dt, nbytes / max(dt, 1e-9) / 1e9)
+                log.debug("staged %.1f MB in %.3f s (%.2f GB/s)", nbytes / 1e6, dt, nbytes / max(dt, 1e-9) / 1e9)
                 fut.set_result(None)
             except BaseException as e:  # surface on the future, never lost in the thread
                 log.error("staging failed: %s", e)

@@ -176,9 +176,10 @@ class Done(Message):
 @_register("failed")
 @dataclass(frozen=True)
 class Failed(Message):
-    """rank -> coordinator: this rank failed in ``phase`` with ``error``."""
+    """rank -> coordinator: this rank failed in ``phase`` with ``error`` saving to ``path``."""
     phase: str
     error: str
+    path: str = ""  # known even when no PlanRequest came first (a failed describe or staging)
 
 
 @_register("committing")

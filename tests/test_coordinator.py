@@ -101,7 +101,7 @@ def test_plan_write_merge_commit(job, tmp_path):
 
 def test_plan_is_cached_while_descriptions_are_unchanged(job, tmp_path, caplog):
     j = job(2)
-    caplog.set_level("INFO", logger="dist_ckpt.coordinator")
+    caplog.set_level("DEBUG", logger="dist_ckpt.coordinator")  # the plan line is per-rank-0 detail: DEBUG
     save_all(j, str(tmp_path / "a"), "0", shards(2))
     save_all(j, str(tmp_path / "b"), "1", shards(2, value=5.0))  # same boxes, new values
     states = shards(2)

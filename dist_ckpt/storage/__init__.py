@@ -2,8 +2,9 @@
 
 A backend is a small set of path-level operations; everything above it
 (layout, commit order, checksums) is the same for every backend. Backends are
-chosen by URL scheme in :func:`get_storage` (plain paths and ``file://`` are
-the local filesystem).
+chosen by URL scheme in :func:`get_storage` from a registry
+(:func:`register_storage`; plain paths and ``file://`` are the local
+filesystem); an unregistered scheme is refused with the list of registered ones.
 
 Call order during one save (which rank runs each step):
 
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import abc
 from typing import Callable, Sequence
+
+from ..errors import UnsupportedScheme
 
 WRITE_PIECE = 16 << 20  # bytes written (and hashed) at a time, each piece's writeback started at once
 
@@ -127,20 +130,53 @@ class Storage(abc.ABC):
         return None
 
 
+#: URL scheme -> backend factory. ``file`` is built in; a new backend (e.g. ``s3``)
+#: adds itself with :func:`register_storage` and is then listed in every refusal.
+_BACKENDS: dict[str, Callable[[], Storage]] = {}
+
+
+def register_storage(scheme: str, factory: Callable[[], Storage]) -> None:
+    """Make ``scheme://...`` paths use the backend ``factory()`` builds.
+
+    Raises:
+        ValueError: ``scheme`` is empty or not lower-case letters, digits, ``+``, ``-``, ``.``.
+    """
+    if not scheme or not all(c.islower() or c.isdigit() or c in "+-." for c in scheme):
+        raise ValueError(f"invalid URL scheme {scheme!r}")
+    _BACKENDS[scheme] = factory
+
+
+def supported_schemes() -> list[str]:
+    """Registered URL schemes, sorted (plain paths are always the local filesystem)."""
+    _builtin()
+    return sorted(_BACKENDS)
+
+
+def _builtin() -> None:
+    if "file" not in _BACKENDS:
+        from .local import LocalStorage  # imported late: local imports this module
+
+        _BACKENDS["file"] = LocalStorage
+
+
 def get_storage(path: str) -> tuple[Storage, str]:
     """Pick the backend for ``path`` by URL scheme.
+
+    Called first by every save, load and manager, so an unknown scheme is
+    refused before any directory, socket or thread is touched.
 
     Returns:
         ``(storage, path)`` with the scheme stripped from the path.
 
     Raises:
-        ValueError: the scheme has no backend.
+        UnsupportedScheme: the scheme has no registered backend; lists the supported ones.
     """
-    from .local import LocalStorage
-
-    if "://" in path:
-        scheme, rest = path.split("://", 1)
-        if scheme == "file":
-            return LocalStorage(), rest
-        raise ValueError(f"no storage backend for scheme {scheme!r} in {path!r} (supported: plain paths, file://)")
-    return LocalStorage(), path
+    _builtin()
+    if "://" not in path:
+        return _BACKENDS["file"](), path
+    scheme, rest = path.split("://", 1)
+    factory = _BACKENDS.get(scheme)
+    if factory is None:
+        schemes = ", ".join(f"{s}://" for s in supported_schemes())
+        raise UnsupportedScheme(f"no storage backend for {scheme}:// in {path!r}; supported: plain paths, {schemes}")
+    return factory(), rest

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import logging
 import os
 import shutil
 from typing import Sequence
 
+from ..logs import get_logger
 from . import ReadHandle, Storage, WriteHandle
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # prefixes the rank to each line
 
 SYNC_FILE_RANGE_WRITE = 2
 
