@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 from .config import Config
 from .describe import Described, describe
-from .flatten import expand_stateful
-from .loader import load_full, load_into
+from .flatten import expand_stateful, format_path
+from .loader import LoadInfo, load_full, load_into
 from .process import CheckpointProcess
 from .saver import WriteFn, report_failure, run_save
 from .session import RankInfo, Session
@@ -158,15 +158,23 @@ class CheckpointReader:
         self.rank = rank_info.global_rank if rank_info else (dist.get_rank() if dist.is_initialized() else 0)
         self.config = config or Config.from_env()
 
-    def read(self, path: str, state_dict: STATE_DICT | None = None, *, map_location: Any = None, strict: bool = False, **kwargs: Any) -> tuple[Any, list[str]]:
+    def read(self, path: str, state_dict: STATE_DICT | None = None, *, map_location: Any = None, strict: bool = True, **kwargs: Any) -> tuple[Any, list[str]]:
         """Load ``path`` into ``state_dict`` (in place), or as full tensors when None.
 
+        Args:
+            strict: Raise on keys missing from the checkpoint or the target (as :func:`dist_ckpt.load`).
+            info: A :class:`~dist_ckpt.loader.LoadInfo` to fill (keyword).
+
         Returns:
-            ``(state_dict, [])``; with ``strict=False`` keys absent from the checkpoint are left as they were.
+            ``(state_dict, not restored)``: the target keys (formatted) that still
+            hold the caller's value: missing ones (``strict=False``) and rank-local
+            ones this rank has no saved value for.
         """
         if state_dict is None:
             return load_full(path, self.rank, self.config, map_location), []
-        return load_into(state_dict, path, self.rank, self.config, strict=strict), []
+        info = kwargs.get("info") or LoadInfo()
+        out = load_into(state_dict, path, self.rank, self.config, strict=strict, info=info)
+        return out, [format_path(k) for k in info.not_restored]
 
     def close(self) -> None:
         pass
@@ -184,9 +192,12 @@ class Checkpointer(abc.ABC):
     @abc.abstractmethod
     def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> tuple[Future, Future] | None: ...
 
-    def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None, strict: bool = False, **kwargs: Any) -> Any:
-        """Load ``path`` into ``state_dict`` in place (or return full tensors when None)."""
-        return self.reader.read(path, state_dict, map_location=default_map_location, strict=strict)[0]
+    def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None, strict: bool = True, info: LoadInfo | None = None, **kwargs: Any) -> Any:
+        """Load ``path`` into ``state_dict`` in place (or return full tensors when None).
+
+        Strict by default, like :func:`dist_ckpt.load` and :meth:`CheckpointManager.load`.
+        """
+        return self.reader.read(path, state_dict, map_location=default_map_location, strict=strict, info=info)[0]
 
     @abc.abstractmethod
     def close(self) -> None: ...
