@@ -257,3 +257,32 @@ def test_sequential_lr_resumes_its_last_lr_on_2_ranks(tmp_path):
     for last, last_obj, children, want in run_ranks(_load_sched, 2, path, env=FAST).values():
         assert last == want and last_obj == want
         assert children == [s.get_last_lr() for s in _sequential_lr(5)._schedulers]
+
+
+def _fsdp_save_stateful(rank, world, path):
+    torch.manual_seed(0)
+    model, opt = _fsdp_model()
+    for _ in range(2):
+        model(torch.randn(4, 16, generator=torch.Generator().manual_seed(rank))).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    dc.save({"model": model, "optim": opt}, path)
+    return {(i, m): s[m].full_tensor() for i, s in opt.state_dict()["state"].items() for m in ("exp_avg", "exp_avg_sq")}
+
+
+def _fsdp_load_fresh(rank, world, path, moments):
+    torch.manual_seed(123)
+    model, opt = _fsdp_model()  # a fresh optimizer: no state until its first step
+    dc.load({"model": model, "optim": opt}, path)
+    state = opt.state_dict()["state"]
+    for (i, m), ref in moments.items():
+        assert type(state[i][m]).__name__ == "DTensor" and torch.equal(state[i][m].full_tensor(), ref), (i, m)
+    model(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    return True
+
+
+def test_fresh_fsdp2_optimizer_loads_directly_on_another_world_size(tmp_path):
+    path = str(tmp_path / "ck")
+    moments = run_ranks(_fsdp_save_stateful, 2, path, env=FAST, timeout=120)[0]
+    run_ranks(_fsdp_load_fresh, 4, path, moments, env=FAST, timeout=120)
