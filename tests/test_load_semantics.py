@@ -249,3 +249,16 @@ def test_inspect_shows_a_checkpoint_holding_numpy(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "ck")]) == 0
     out = capsys.readouterr().out
     assert "int32" in out and "[3]" in out
+
+
+def test_place_values_copies_only_shared_containers():
+    from collections import OrderedDict
+
+    from dist_ckpt.flatten import place_values
+
+    shared, own, also = OrderedDict(v=0), [0, 0], [0]
+    root = {"a": shared, "b": [shared], "c": also, "d": (also, 5), "e": own}
+    out = place_values(root, {("a", "v"): 1, ("b", 0, "v"): 2, ("c", 0): 3, ("e", 1): 4})
+    assert out is root and root["e"] is own and own == [0, 4]  # reached once: filled in place
+    assert also == [0] and root["c"] == [3] and root["d"] == ([0], 5) and root["d"][0] is also
+    assert shared == OrderedDict(v=0) and type(root["a"]) is OrderedDict and root["a"] == {"v": 1} and root["b"][0] == {"v": 2}
