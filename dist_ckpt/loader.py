@@ -19,8 +19,23 @@ from .commit import MANIFEST
 from .config import Config
 from .describe import RankLocal, is_numpy, local_box, numpy_scalar
 from .dtypes import dtype_from_name, dtype_name
-from .errors import CheckpointNotFound, LoadMismatchError, ManifestError, PickleNotAllowed
-from .flatten import NUMPY_DTYPES, KeyPath, expand_stateful, flatten, format_path, get_path, numpy_leaves, place_values, unflatten
+from .errors import (
+    CheckpointNotFound,
+    LoadMismatchError,
+    ManifestError,
+    PickleNotAllowed,
+)
+from .flatten import (
+    NUMPY_DTYPES,
+    KeyPath,
+    expand_stateful,
+    flatten,
+    format_path,
+    get_path,
+    numpy_leaves,
+    place_values,
+    unflatten,
+)
 from .manifest import Manifest, Pickled, TensorEntry
 from .reader import ReadTask, read_tensors
 from .storage import Storage, get_storage
@@ -185,7 +200,17 @@ def _match_tensor(m: _Match, key: KeyPath, target: torch.Tensor, entry: TensorEn
     m.tasks.append(ReadTask(key, entry, dst, offsets, sizes))
 
 
-def _match_leaf(m: _Match, key: KeyPath, value: Any, manifest: Manifest, rank: int, ctx: "_Context") -> None:
+@dataclass(frozen=True)
+class _Context:
+    """What matching a leaf needs besides the leaf: settings and the manifest's key sets."""
+
+    strict: bool
+    allow_pickle: bool
+    rank_local: set[KeyPath]
+    numpy: dict[KeyPath, str]
+
+
+def _match_leaf(m: _Match, key: KeyPath, value: Any, manifest: Manifest, rank: int, ctx: _Context) -> None:
     wrap = isinstance(value, RankLocal)
     target = value.value if wrap else value
     entry, obj, found = entry_for(manifest, rank, key)
@@ -210,14 +235,6 @@ def _match_leaf(m: _Match, key: KeyPath, value: Any, manifest: Manifest, rank: i
         if key in ctx.numpy:
             v = numpy_scalar(v, ctx.numpy[key], key)
         m.objects[key] = RankLocal(v) if wrap else v
-
-
-@dataclass(frozen=True)
-class _Context:
-    strict: bool
-    allow_pickle: bool
-    rank_local: set[KeyPath]
-    numpy: dict[KeyPath, str]
 
 
 def _mismatch_error(root: str, m: _Match, strict: bool) -> LoadMismatchError | None:

@@ -10,8 +10,6 @@ import torch
 
 import dist_ckpt as dc
 
-
-
 # -- aliased containers ---------------------------------------------------------
 
 
@@ -65,7 +63,7 @@ def test_sequential_lr_state_dict_tiny_repro(tmp_path):
         sched.step()
     saved = sched.state_dict()
     dc.save({"sched": saved}, str(tmp_path / "ck"))
-    opt2, fresh = _sequential_lr()
+    _, fresh = _sequential_lr()
     sd = {"sched": fresh.state_dict()}  # shares _last_lr with its first child's
     dc.load(sd, str(tmp_path / "ck"))
     fresh.load_state_dict(sd["sched"])

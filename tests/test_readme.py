@@ -13,7 +13,7 @@ README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 def _pattern_code() -> str:
     text = README.read_text()
     after = text[text.index("Training-loop patterns"):]
-    return re.search(r"```python\n(.*?)```", after, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", after, re.DOTALL).group(1)
 
 
 def _run(root: str, total_steps: int) -> torch.nn.Module:
