@@ -32,6 +32,7 @@ from .convert import ConvertError, convert
 from .manager import CheckpointManager
 from .process import CheckpointProcess
 from .describe import RankLocal, rank_local
+from .loader import LoadInfo
 from .errors import (
     CheckpointChanged,
     CheckpointError,
@@ -56,7 +57,7 @@ from .verify import BadChunk, VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "save", "async_save", "load", "CheckpointManager", "Config", "rank_local", "RankLocal", "RankInfo",
+    "save", "async_save", "load", "LoadInfo", "CheckpointManager", "Config", "rank_local", "RankLocal", "RankInfo",
     "Checkpointer", "SyncCheckpointer", "AsyncCheckpointer", "CheckpointStager", "DefaultStager",
     "CheckpointWriter", "WriterHook", "CheckpointProcess", "CheckpointReader", "make_sync_checkpointer", "make_async_checkpointer",
     "DistCkptError", "CheckpointError", "CheckpointNotFound", "ChecksumError", "CoordinatorTimeout",

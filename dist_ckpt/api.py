@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from .checkpointer import AsyncCheckpointer, CheckpointReader, CheckpointWriter, DefaultStager, SyncCheckpointer
 from .config import Config
-from .loader import load_into
+from .loader import LoadInfo, load_into
 from .session import Session
 from .storage import get_storage
 
@@ -84,26 +84,33 @@ def async_save(state_dict: Any, path: str, *, overwrite: bool = False, allow_pic
     return asyn.save(path, state_dict, overwrite=overwrite, allow_pickle=allow_pickle, user_meta=user_meta, step=step)
 
 
-def load(state_dict: Any, path: str, *, strict: bool = True, allow_pickle: bool | None = None, verify_checksums: bool | None = None) -> Any:
+def load(state_dict: Any, path: str, *, strict: bool = True, allow_pickle: bool | None = None, verify_checksums: bool | None = None,
+         info: LoadInfo | None = None) -> Any:
     """Load ``path`` into ``state_dict`` in place and return it.
 
     Tensors and DTensor local shards are filled in place (any layout and world
-    size); plain values are replaced in the caller's dicts and lists; objects
-    with ``load_state_dict`` get their loaded state. No collective is called.
+    size); plain values are replaced in the caller's dicts and lists (a
+    container the target reaches at two places gets a new one at each);
+    objects with ``load_state_dict`` get their loaded state. No collective is called.
 
     Args:
-        strict: refuse missing or unexpected keys.
+        strict: Raise on keys missing from the checkpoint or from the target and
+            on dtype differences; ``False`` loads what matches and converts
+            between floating dtypes.
+        info: A :class:`LoadInfo` to fill with what the load did (missing,
+            unexpected, kept rank-local and converted keys).
         allow_pickle: accept pickled values (None: ``DIST_CKPT_ALLOW_PICKLE``, default off).
         verify_checksums: check every chunk read in full (None: ``DIST_CKPT_VERIFY_CHECKSUMS``, default on).
 
     Raises:
         CheckpointNotFound: no committed checkpoint at ``path``.
-        LoadMismatchError: (strict) missing or unexpected keys; any shape/dtype mismatch.
+        LoadMismatchError: every mismatching key in one error: (strict) missing or
+            unexpected keys, shape mismatches, dtype changes that are not float to float.
         ChecksumError: stored bytes do not match their checksum.
     """
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     config = Config.from_env(allow_pickle=allow_pickle, verify_checksums=verify_checksums)
-    return load_into(state_dict, path, rank, config, strict=strict)
+    return load_into(state_dict, path, rank, config, strict=strict, info=info)
 
 
 def _close_defaults() -> None:

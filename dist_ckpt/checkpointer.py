@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 from .config import Config
 from .describe import Described, describe
-from .flatten import expand_stateful
-from .loader import load_full, load_into
+from .flatten import expand_stateful, format_path
+from .loader import LoadInfo, load_full, load_into
 from .logs import SaveSummary
 from .process import CheckpointProcess, require_main_guard
 from .saver import WriteFn, report_failure, run_save
@@ -194,21 +194,27 @@ class CheckpointReader:
         self.rank = rank_info.global_rank if rank_info else (dist.get_rank() if dist.is_initialized() else 0)
         self.config = config or Config.from_env()
 
-    def read(self, path: str, state_dict: STATE_DICT | None = None, *, map_location: Any = None, strict: bool = False,
-             allow_pickle: bool | None = None, verify_checksums: bool | None = None) -> tuple[Any, list[str]]:
+    def read(self, path: str, state_dict: STATE_DICT | None = None, *, map_location: Any = None, strict: bool = True,
+             allow_pickle: bool | None = None, verify_checksums: bool | None = None, info: LoadInfo | None = None) -> tuple[Any, list[str]]:
         """Load ``path`` into ``state_dict`` (in place), or as full tensors when None.
 
         Args:
             allow_pickle, verify_checksums: override the config's setting for this load (None: keep it).
+            strict: Raise on keys missing from the checkpoint or the target (as :func:`dist_ckpt.load`).
+            info: A :class:`~dist_ckpt.loader.LoadInfo` to fill.
 
         Returns:
-            ``(state_dict, [])``; with ``strict=False`` keys absent from the checkpoint are left as they were.
+            ``(state_dict, not restored)``: the target keys (formatted) that still
+            hold the caller's value: missing ones (``strict=False``) and rank-local
+            ones this rank has no saved value for.
         """
         overrides = {k: v for k, v in (("allow_pickle", allow_pickle), ("verify_checksums", verify_checksums)) if v is not None}
         config = dataclasses.replace(self.config, **overrides) if overrides else self.config
         if state_dict is None:
             return load_full(path, self.rank, config, map_location), []
-        return load_into(state_dict, path, self.rank, config, strict=strict), []
+        info = info or LoadInfo()
+        out = load_into(state_dict, path, self.rank, config, strict=strict, info=info)
+        return out, [format_path(k) for k in info.not_restored]
 
     def close(self) -> None:
         pass
@@ -228,13 +234,14 @@ class Checkpointer(abc.ABC):
              user_meta: Mapping[str, Any] | None = None, step: int | None = None) -> tuple[Future, Future] | None:
         """Save ``state_dict`` to ``path`` (all ranks together); see :meth:`CheckpointWriter.write` for the arguments."""
 
-    def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None, strict: bool = False,
-             allow_pickle: bool | None = None, verify_checksums: bool | None = None) -> Any:
+    def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None, strict: bool = True,
+             allow_pickle: bool | None = None, verify_checksums: bool | None = None, info: LoadInfo | None = None) -> Any:
         """Load ``path`` into ``state_dict`` in place (or return full tensors when None).
 
+        Strict by default, like :func:`dist_ckpt.load` and :meth:`CheckpointManager.load`.
         ``allow_pickle`` / ``verify_checksums`` override the checkpointer's config for this load.
         """
-        return self.reader.read(path, state_dict, map_location=default_map_location, strict=strict, allow_pickle=allow_pickle, verify_checksums=verify_checksums)[0]
+        return self.reader.read(path, state_dict, map_location=default_map_location, strict=strict, allow_pickle=allow_pickle, verify_checksums=verify_checksums, info=info)[0]
 
     @abc.abstractmethod
     def close(self) -> None: ...

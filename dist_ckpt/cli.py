@@ -215,7 +215,7 @@ def _leaf_text(manifest: Manifest, key: KeyPath) -> str:
 
 def _tree_lines(manifest: Manifest, node: Any, path: KeyPath, depth: int, out: list[tuple[str, str]]) -> None:
     """``(indented name, description)`` per line, walking the structure (format in dist_ckpt.flatten)."""
-    if node == 0:
+    if node == 0 or node[0] == "n":  # ["n", dtype]: a leaf saved from numpy
         out.append(("  " * max(0, depth - 1) + (_part(path[-1]) if path else "<root>"), _leaf_text(manifest, path)))
         return
     tag, keys, children = (node[0], node[1], node[2]) if node[0] == "d" else (node[0], range(len(node[1])), node[1])

@@ -4,6 +4,8 @@ Turns a state dict into a :class:`~dist_ckpt.description.RankDescription` (one b
 per tensor: a DTensor's local chunk from ``__create_chunk_list__()``, a plain
 tensor as one full box, replicated by default as in DCP), the local tensors in
 the same order, and the non-tensor values, checked to be msgpack-native.
+numpy arrays are stored as tensors and numpy scalars as numbers, each leaf
+marked ``["n", dtype]`` in the structure so that a load returns numpy again.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import torch
 
 from .description import RankDescription, TensorDesc
 from .dtypes import dtype_name
-from .errors import PickleNotAllowed, StateDictError
-from .flatten import KeyPath, flatten, format_path
+from .errors import ManifestError, PickleNotAllowed, StateDictError
+from .flatten import NUMPY_DTYPES, KeyPath, flatten, format_path, mark_leaves
 from .manifest import Pickled
 
 _NATIVE = (int, float, str, bytes, bool, type(None))
@@ -29,7 +31,11 @@ _NATIVE = (int, float, str, bytes, bool, type(None))
 class RankLocal:
     """Wrap a value to store it for this rank only (e.g. RNG state, a data loader position).
 
-    On load, rank ``r`` gets back what rank ``r`` saved.
+    On load, rank ``r`` gets back what rank ``r`` saved, by one rule: the
+    wrapper stays at its place and ``.value`` is the loaded value (a tensor
+    filled in place, any other value in a new ``RankLocal``). A rank the
+    saving job did not have (a scale-up) keeps the target's wrapper as it was
+    and the key is reported in :attr:`dist_ckpt.LoadInfo.kept_rank_local`.
     """
 
     value: Any
@@ -90,6 +96,50 @@ def local_box(t: torch.Tensor, key: KeyPath) -> tuple[torch.Tensor, tuple[int, .
     return t, (0,) * t.dim(), tuple(t.shape)
 
 
+def is_numpy(value: Any) -> bool:
+    """Whether ``value`` is a numpy array or scalar (numpy is not imported to find out)."""
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, (np.ndarray, np.generic))
+
+
+def _from_numpy(value: Any, key: KeyPath) -> tuple[Any, str]:
+    """``(tensor or number to store, numpy dtype name)`` for a numpy array or scalar.
+
+    Raises:
+        StateDictError: its dtype is not one a checkpoint holds (object, str, datetime, ...).
+    """
+    import numpy as np
+
+    name = value.dtype.name
+    if name not in NUMPY_DTYPES or (isinstance(value, np.generic) and value.dtype.kind == "c"):
+        raise StateDictError(f"{format_path(key)}: numpy {type(value).__name__} of dtype {name} cannot be stored; "
+                             f"arrays of {', '.join(sorted(NUMPY_DTYPES))} and non-complex scalars can")
+    if isinstance(value, np.generic):
+        return value.item(), name
+    # torch.from_numpy needs C order (ascontiguousarray would turn 0-d into 1-d) and warns on read-only arrays
+    array = value if value.flags.c_contiguous and value.flags.writeable else value.copy(order="C")
+    if not array.dtype.isnative:  # a big-endian array: the data files hold native (little-endian) bytes
+        array = array.astype(array.dtype.newbyteorder("="))
+    return torch.from_numpy(array), name
+
+
+def numpy_scalar(value: Any, name: str, key: KeyPath) -> Any:
+    """The numpy scalar of dtype ``name`` (from :data:`NUMPY_DTYPES`) holding a loaded number.
+
+    Raises:
+        ManifestError: the stored value is not a number of that kind (a crafted file).
+    """
+    import numpy as np
+
+    kind = {"b": bool, "i": int, "u": int, "f": (int, float)}.get(np.dtype(name).kind, ())
+    if type(value) not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ManifestError(f"{format_path(key)}: marked numpy {name} but the checkpoint holds a {type(value).__name__}")
+    try:
+        return np.dtype(name).type(value)
+    except (OverflowError, ValueError) as e:
+        raise ManifestError(f"{format_path(key)}: {value!r:.40} does not fit numpy {name}") from e
+
+
 def check_object(value: Any, key: KeyPath, allow_pickle: bool) -> Any:
     """Return ``value`` if msgpack-native, its :class:`Pickled` form if allowed, else raise."""
     if type(value) in _NATIVE and not (type(value) is int and not -(1 << 63) <= value < (1 << 64)):
@@ -117,10 +167,13 @@ def describe(state_dict: Any, rank: int, allow_pickle: bool = False) -> Describe
     tensors: list[torch.Tensor] = []
     objects: dict[KeyPath, Any] = {}
     local_objects: dict[KeyPath, Any] = {}
+    marks: dict[KeyPath, str] = {}
     for key, value in leaves.items():
         owner = None
         if isinstance(value, RankLocal):
             owner, value = rank, value.value
+        if not isinstance(value, torch.Tensor) and is_numpy(value):
+            value, marks[key] = _from_numpy(value, key)
         if isinstance(value, torch.Tensor):
             data, offsets, sizes = local_box(value, key)
             shape = tuple(int(s) for s in value.shape)
@@ -130,4 +183,4 @@ def describe(state_dict: Any, rank: int, allow_pickle: bool = False) -> Describe
             local_objects[key] = check_object(value, key, allow_pickle)
         else:
             objects[key] = check_object(value, key, allow_pickle)
-    return Described(RankDescription(rank, tuple(descs)), tensors, objects, local_objects, structure)
+    return Described(RankDescription(rank, tuple(descs)), tensors, objects, local_objects, mark_leaves(structure, marks))

@@ -13,9 +13,12 @@ Structure encoding (only lists, str and int: msgpack keeps it as is)::
     ["l", [s1, s2, ...]]                 a list
     ["t", [s1, s2, ...]]                 a tuple
 
+    ["n", dtype]                         a leaf that was a numpy array or scalar of
+                                         that dtype (see :data:`NUMPY_DTYPES`)
+
 Dict keys are str or int (never bool); msgpack keeps ``0`` and ``"0"``
 distinct. Sharing is not recorded: a container reached twice comes back as
-two copies.
+two copies (and :func:`place_values` gives each place its own copy).
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ _LEAF = 0
 _DICT = "d"
 _SEQ_TYPES: dict[str, type] = {"l": list, "t": tuple}
 _SEQ_TAGS: dict[type, str] = {kind: tag for tag, kind in _SEQ_TYPES.items()}
-_NODE_LEN: dict[str, int] = {_DICT: 3, "l": 2, "t": 2}
+_NUMPY = "n"
+_NODE_LEN: dict[str, int] = {_DICT: 3, "l": 2, "t": 2, _NUMPY: 2}
+NUMPY_DTYPES = frozenset({"float64", "float32", "float16", "complex128", "complex64", "int64", "int32", "int16", "int8",
+                          "uint64", "uint32", "uint16", "uint8", "bool"})
+"""numpy dtypes a ``["n", dtype]`` leaf may name (a fixed table: a name from a file never reaches ``np.dtype``)."""
 _DICT_TYPES = (dict, OrderedDict)  # OrderedDict comes back as a plain dict
 _INT_KEY_MIN, _INT_KEY_END = -(2**63), 2**64  # what msgpack can encode
 
@@ -191,6 +198,10 @@ def _parse_node(node: object, path: KeyPath, max_depth: int) -> tuple[str, Seque
     if type(node) not in (list, tuple) or not node or type(node[0]) is not str or node[0] not in _NODE_LEN:
         raise ManifestError(f"structure at {format_path(path)}: expected 0 or a list tagged 'd', 'l' or 't', got {_describe(node)}")
     tag = node[0]
+    if tag == _NUMPY:
+        if len(node) != 2 or type(node[1]) is not str or node[1] not in NUMPY_DTYPES:
+            raise ManifestError(f"structure at {format_path(path)}: numpy leaf must be ['n', dtype] with a known dtype, got {_describe(node[1] if len(node) > 1 else None)}")
+        return None
     if len(node) != _NODE_LEN[tag] or any(type(part) not in (list, tuple) for part in node[1:]):
         raise ManifestError(f"structure at {format_path(path)}: {tag!r} node must be the tag then {_NODE_LEN[tag] - 1} list(s)")
     if len(path) >= max_depth:
@@ -206,6 +217,44 @@ def _parse_node(node: object, path: KeyPath, max_depth: int) -> tuple[str, Seque
     if len(set(keys)) != len(keys):
         raise ManifestError(f"structure at {format_path(path)}: duplicate dict keys")
     return tag, keys, children
+
+
+def mark_leaves(structure: Structure, marks: Mapping[KeyPath, str]) -> Structure:
+    """``structure`` with the leaf at each path of ``marks`` replaced by ``["n", dtype]``.
+
+    Args:
+        structure: A structure from :func:`flatten` (leaves are ``0``).
+        marks: numpy dtype name (one of :data:`NUMPY_DTYPES`) by leaf path.
+
+    Returns:
+        The new structure (containers without a marked leaf are shared, not copied).
+    """
+    return _mark(structure, (), marks, {p[:d] for p in marks for d in range(len(p))}) if marks else structure
+
+
+def _mark(node: Any, path: KeyPath, marks: Mapping[KeyPath, str], prefixes: set[KeyPath]) -> Any:
+    if path in marks:
+        return [_NUMPY, marks[path]]
+    if path not in prefixes:
+        return node
+    if node[0] == _DICT:
+        return [_DICT, node[1], [_mark(c, path + (k,), marks, prefixes) for k, c in zip(node[1], node[2])]]
+    return [node[0], [_mark(c, path + (i,), marks, prefixes) for i, c in enumerate(node[1])]]
+
+
+def numpy_leaves(structure: Structure) -> dict[KeyPath, str]:
+    """The numpy dtype name of every ``["n", dtype]`` leaf, by path (validates like :func:`check_structure`)."""
+    out: dict[KeyPath, str] = {}
+    stack: list[tuple[Any, KeyPath]] = [(structure, ())]
+    while stack:
+        node, path = stack.pop()
+        parsed = _parse_node(node, path, MAX_DEPTH)
+        if parsed is None:
+            if type(node) is not int:
+                out[path] = node[1]
+        else:
+            stack.extend((child, path + (key,)) for key, child in zip(parsed[1], parsed[2]))
+    return out
 
 
 def _walk_leaves(structure: object, max_depth: int) -> Iterator[KeyPath]:
@@ -329,3 +378,73 @@ def set_path(root: Any, path: KeyPath, value: Any) -> Any:
             return root  # ancestors still hold this same container
         new = container[:key] + (new,) + container[key + 1 :]
     return new
+
+
+def _shared_containers(root: Any) -> set[int]:
+    """Ids of the containers in ``root`` reached by more than one key path.
+
+    A container reached once has only ancestors reached once, so filling it in
+    place changes no other place; one reached twice must not be (the value of
+    one place would show at the other). Stateful objects and other leaves are
+    not entered. Iterative: the tree was already checked for cycles and depth.
+    """
+    seen: set[int] = set()
+    shared: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if kind not in _DICT_TYPES and kind not in _SEQ_TAGS:
+            continue
+        if id(node) in seen:
+            shared.add(id(node))
+        seen.add(id(node))
+        stack.extend(node.values() if kind in _DICT_TYPES else node)
+    return shared
+
+
+def place_values(root: Any, values: Mapping[KeyPath, Any]) -> Any:
+    """Put each value at its path in the caller's containers, never letting two places share one.
+
+    A dict or list reached by one path only is updated in place (as DCP
+    does); one reached by several paths (aliased: ``{"x": a, "y": a}``) is
+    left untouched and each place gets its own new container holding that
+    place's values, so every value lands at its own place and the shared
+    object keeps its old contents. Tuples on the way are rebuilt as plain tuples.
+
+    Args:
+        root: The container tree (already validated by :func:`flatten`).
+        values: New leaf values by key path (paths of :func:`flatten` of ``root``;
+            a path naming no entry is ignored).
+
+    Returns:
+        The root: the same object unless it was a tuple (or shared) and had to be rebuilt.
+    """
+    if not values:
+        return root
+    if () in values:
+        return values[()]
+    prefixes = {p[:d] for p in values for d in range(len(p))}
+    return _place(root, (), values, prefixes, _shared_containers(root))
+
+
+def _place(node: Any, path: KeyPath, values: Mapping[KeyPath, Any], prefixes: set[KeyPath], shared: set[int]) -> Any:
+    kind = type(node)
+    if kind in _DICT_TYPES:
+        items: Iterator[tuple[Any, Any]] = iter(node.items())
+    elif kind in _SEQ_TAGS:
+        items = enumerate(node)
+    else:
+        return node
+    new = {}
+    for key, child in items:
+        sub = path + (key,)
+        new[key] = values[sub] if sub in values else _place(child, sub, values, prefixes, shared) if sub in prefixes else child
+    if kind is tuple:
+        return tuple(new.values())
+    if id(node) in shared:  # a fresh container for this place; the shared one keeps its contents
+        return kind(new) if kind in _DICT_TYPES else list(new.values())
+    for key, value in new.items():
+        if node[key] is not value:
+            node[key] = value
+    return node

@@ -16,16 +16,34 @@ import functools
 import inspect
 import pickle
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import torch
 
 from .commit import MANIFEST
 from .config import Config
-from .describe import RankLocal, local_box
+from .describe import RankLocal, is_numpy, local_box, numpy_scalar
 from .dtypes import dtype_from_name, dtype_name
-from .errors import CheckpointChanged, CheckpointNotFound, LoadMismatchError, ManifestError, PickleNotAllowed
-from .flatten import KeyPath, expand_stateful, flatten, format_path, get_path, set_path, unflatten
+from .errors import (
+    CheckpointChanged,
+    CheckpointNotFound,
+    LoadMismatchError,
+    ManifestError,
+    PickleNotAllowed,
+)
+from .flatten import (
+    NUMPY_DTYPES,
+    KeyPath,
+    expand_stateful,
+    flatten,
+    format_path,
+    get_path,
+    numpy_leaves,
+    place_values,
+    unflatten,
+)
 from .logs import get_logger
 from .manifest import Manifest, Pickled, TensorEntry
 from .reader import ReadTask, read_tensors
@@ -179,61 +197,282 @@ def _saved_keys(manifest: Manifest, rank: int) -> set[KeyPath]:
     return keys
 
 
+def _rank_local_keys(manifest: Manifest) -> set[KeyPath]:
+    """Keys some rank saved rank-local (a rank without a value for one is a scale-up, not a mismatch)."""
+    keys: set[KeyPath] = set()
+    for sec in manifest.local.values():
+        keys |= set(sec.tensors) | set(sec.objects)
+    return keys
+
+
+@dataclass
+class LoadInfo:
+    """What one load did besides filling the target: pass ``info=LoadInfo()`` to :func:`dist_ckpt.load` to see it.
+
+    Attributes:
+        path: The directory loaded from.
+        saved_world_size: Ranks that saved the checkpoint.
+        missing: Target keys the checkpoint lacks, left as they were (only with ``strict=False``).
+        unexpected: Checkpoint keys the target lacks, not loaded (only with ``strict=False``).
+        kept_rank_local: Keys other ranks saved rank-local but this rank did not (e.g. a job saved
+            on 2 ranks resumed on 4: ranks 2-3 here); this rank kept the target's value.
+        converted: Tensors converted from the saved floating dtype to the target's (``strict=False``).
+    """
+
+    path: str = ""
+    saved_world_size: int = 0
+    missing: list[KeyPath] = field(default_factory=list)
+    unexpected: list[KeyPath] = field(default_factory=list)
+    kept_rank_local: list[KeyPath] = field(default_factory=list)
+    converted: list[KeyPath] = field(default_factory=list)
+
+    @property
+    def not_restored(self) -> list[KeyPath]:
+        """Target keys that still hold the caller's value: ``missing`` then ``kept_rank_local``."""
+        return self.missing + self.kept_rank_local
+
+
+@dataclass
+class _Match:
+    """The target's leaves matched against the manifest: what to read, place, report, refuse."""
+
+    info: LoadInfo
+    tasks: list[ReadTask] = field(default_factory=list)
+    copy_back: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    objects: dict[KeyPath, Any] = field(default_factory=dict)
+    arrays: list[tuple[KeyPath, torch.Tensor, bool]] = field(default_factory=list)  # read as tensor, placed as numpy
+    problems: list[str] = field(default_factory=list)
+    strict_dtypes: bool = False  # a problem strict=False would have converted
+    conversions: Counter = field(default_factory=Counter)
+    filled: set[int] = field(default_factory=set)  # ids of target tensors already read (tied weights)
+
+
+def _convertible(saved: torch.dtype, target: torch.dtype) -> bool:
+    """Whether a load may convert ``saved`` to ``target``: floating to floating, complex to complex.
+
+    Anything else (float <-> int, bool, real <-> complex) changes what the
+    values mean, so it is refused whatever ``strict`` says.
+    """
+    return (saved.is_floating_point and target.is_floating_point) or (saved.is_complex and target.is_complex)
+
+
+def _match_tensor(m: _Match, key: KeyPath, target: torch.Tensor, entry: TensorEntry, strict: bool) -> None:
+    have = dtype_name(target.dtype)
+    if tuple(target.shape) != entry.shape or (have != entry.dtype and strict):
+        convertible = tuple(target.shape) == entry.shape and _convertible(dtype_from_name(entry.dtype), target.dtype)
+        m.strict_dtypes |= convertible
+        why = " (strict=False converts between floating dtypes)" if convertible else ""
+        m.problems.append(f"{format_path(key)}: checkpoint has {entry.dtype} {list(entry.shape)}, target is {have} {list(target.shape)}{why}")
+        return
+    saved = dtype_from_name(entry.dtype)
+    if saved != target.dtype:
+        if not _convertible(saved, target.dtype):
+            m.problems.append(f"{format_path(key)}: checkpoint has {entry.dtype}, target is {have}: converting would change what the values mean")
+            return
+        m.info.converted.append(key)
+        m.conversions[(entry.dtype, have)] += 1
+    if id(target) in m.filled:  # one tensor at several places (tied weights): read it once, from its first place
+        return
+    m.filled.add(id(target))
+    local, offsets, sizes = local_box(target, key)
+    direct = local.device.type == "cpu" and local.is_contiguous() and saved == local.dtype
+    dst = local if direct else torch.empty(sizes, dtype=saved)
+    if not direct:
+        m.copy_back.append((local, dst))  # copy_ also converts the dtype
+    m.tasks.append(ReadTask(key, entry, dst, offsets, sizes))
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What matching a leaf needs besides the leaf: settings and the manifest's key sets."""
+
+    strict: bool
+    allow_pickle: bool
+    rank_local: set[KeyPath]
+    numpy: dict[KeyPath, str]
+
+
+def _match_leaf(m: _Match, key: KeyPath, value: Any, manifest: Manifest, rank: int, ctx: _Context) -> None:
+    wrap = isinstance(value, RankLocal)
+    target = value.value if wrap else value
+    entry, obj, found = entry_for(manifest, rank, key)
+    if not found:
+        (m.info.kept_rank_local if key in ctx.rank_local else m.info.missing).append(key)
+    elif isinstance(target, torch.Tensor):
+        if entry is None:
+            m.problems.append(f"{format_path(key)}: the target is a tensor but the checkpoint holds a {type(obj).__name__}")
+        else:
+            _match_tensor(m, key, target, entry, ctx.strict)
+    elif entry is not None:
+        if key not in ctx.numpy and not is_numpy(target):
+            m.problems.append(f"{format_path(key)}: the checkpoint holds a tensor but the target is a {type(target).__name__}")
+        elif entry.dtype not in NUMPY_DTYPES:
+            m.problems.append(f"{format_path(key)}: the checkpoint holds a {entry.dtype} tensor, which numpy has no dtype for")
+        else:
+            t = torch.empty(entry.shape, dtype=dtype_from_name(entry.dtype))
+            m.tasks.append(ReadTask(key, entry, t, (0,) * len(entry.shape), entry.shape))
+            m.arrays.append((key, t, wrap))
+    else:
+        v = _object_value(obj, key, ctx.allow_pickle)
+        if key in ctx.numpy:
+            v = numpy_scalar(v, ctx.numpy[key], key)
+        m.objects[key] = RankLocal(v) if wrap else v
+
+
+def _mismatch_error(root: str, m: _Match, strict: bool) -> LoadMismatchError | None:
+    """One error listing every problem (and, strict, every missing and unexpected key), hint last."""
+    info, lines = m.info, []
+    keyed = []
+    if strict and info.missing:
+        keyed.append(f"missing from the checkpoint: {_key_list(info.missing)}")
+    if strict and info.unexpected:
+        keyed.append(f"in the checkpoint but not the target: {_key_list(info.unexpected)}")
+    if keyed:
+        lines.append("; ".join(keyed))
+    if m.problems:
+        lines.append(f"{len(m.problems)} value(s) do not fit the target:")
+        lines.extend("  " + p for p in m.problems[:_MAX_LISTED])
+        if len(m.problems) > _MAX_LISTED:
+            lines.append(f"  … and {len(m.problems) - _MAX_LISTED} more")
+    if not lines:
+        return None
+    if keyed or m.strict_dtypes:
+        lines.append("pass strict=False to load the keys that match and leave the rest of the target as it is")
+    return LoadMismatchError(f"state dict does not match checkpoint {root}{' (strict=True)' if strict else ''}: " + "\n".join(lines))
+
+
+_MAX_LISTED = 2000  # keys named in one error; a message must stay bounded whatever the checkpoint holds
+
+
+def _key_list(keys: list[KeyPath]) -> str:
+    shown = ", ".join(format_path(k) for k in keys[:_MAX_LISTED])
+    return shown + (f" … and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "")
+
+
+def _log_outcome(m: _Match, rank: int) -> None:
+    info = m.info
+    if info.kept_rank_local:
+        log.warning("[rank %d] %s was saved by %d rank(s) and holds no rank-local value for rank %d at %s: this rank keeps the target's values",
+                    rank, info.path, info.saved_world_size, rank, _key_list(info.kept_rank_local))
+    if m.conversions:
+        kinds = ", ".join(f"{a} -> {b}: {n}" for (a, b), n in sorted(m.conversions.items()))
+        log.info("[rank %d] converted %d tensor(s) to the target's dtype on load (%s), e.g. %s", rank, len(info.converted), kinds, format_path(info.converted[0]))
+
+
+def init_fresh_optimizers(expanded: Any, stateful: dict[KeyPath, Any], manifest: Manifest, rank: int, saved_keys: set[KeyPath]) -> None:
+    """Give each optimizer without state for a parameter the saved state's shapes, so it loads.
+
+    A fresh ``torch.optim`` optimizer has an empty ``state`` until its first
+    step, so its ``state_dict()`` names none of the saved ``state.<i>.*``
+    keys. For each saved parameter index ``i`` the target lacks, this adds
+    ``state[i]`` to the expanded copy: per saved tensor one shaped like
+    parameter ``i`` (``empty_like``: a DTensor parameter gets a DTensor with
+    its placement, so only this rank's shard is read) or a 0-d CPU tensor
+    (``step``), per saved object a placeholder. ``load_state_dict`` then gets
+    the saved state, as after a step; no step is taken.
+
+    Raises:
+        LoadMismatchError: a saved state tensor is neither 0-d nor shaped like
+            its parameter (the parameters differ from the saved ones).
+    """
+    for spath, obj in stateful.items():
+        if not isinstance(obj, torch.optim.Optimizer):
+            continue
+        state = get_path(expanded, spath).get("state") if isinstance(get_path(expanded, spath), dict) else None
+        if not isinstance(state, dict):
+            continue
+        params = [p for group in obj.param_groups for p in group["params"]]
+        n = len(spath) + 1
+        for key in sorted((k for k in saved_keys if len(k) == n + 2 and k[:n] == spath + ("state",)), key=repr):
+            index = key[n]
+            if type(index) is int and 0 <= index < len(params) and (index not in state or key[-1] not in state[index]):
+                state.setdefault(index, {})[key[-1]] = _state_template(key, params[index], *entry_for(manifest, rank, key)[:2])
+
+
+def _state_template(key: KeyPath, param: torch.Tensor, entry: TensorEntry | None, obj: Any) -> Any:
+    if entry is None:
+        return obj  # a plain value: replaced by the loaded one
+    dtype = dtype_from_name(entry.dtype)
+    if entry.shape == tuple(param.shape):
+        return torch.empty_like(param, dtype=dtype, requires_grad=False)
+    if entry.shape == ():
+        return torch.empty((), dtype=dtype)
+    raise LoadMismatchError(
+        f"{format_path(key)}: saved optimizer state has shape {list(entry.shape)} but its parameter has {list(param.shape)}; "
+        "the optimizer's parameters differ from the saved ones. For sharded or re-ordered parameters load through "
+        "torch.distributed.checkpoint.state_dict.get_state_dict / set_state_dict (see the README)"
+    )
+
+
 @_retry_if_changed
 @torch.no_grad()
-def load_into(state_dict: Any, path: str, rank: int, config: Config, strict: bool = True, storage: Storage | None = None) -> Any:
-    """Load the checkpoint at ``path`` into ``state_dict`` in place (see :func:`dist_ckpt.load`)."""
+def load_into(state_dict: Any, path: str, rank: int, config: Config, strict: bool = True, storage: Storage | None = None, info: LoadInfo | None = None) -> Any:
+    """Load the checkpoint at ``path`` into ``state_dict`` in place (see :func:`dist_ckpt.load`).
+
+    Args:
+        info: Filled with what the load did (missing, unexpected, kept rank-local and converted keys).
+
+    Returns:
+        The state dict (a new root only if the root itself was a tuple or a plain value).
+
+    Raises:
+        LoadMismatchError: Every key whose value does not fit, listed in one error (and, strict,
+            every missing and unexpected key).
+    """
     manifest, root, storage = read_manifest(path, storage)
+    info = info if info is not None else LoadInfo()
+    info.path, info.saved_world_size = root, manifest.world_size
     expanded, stateful = expand_stateful(state_dict)
+    saved_keys = _saved_keys(manifest, rank)
+    init_fresh_optimizers(expanded, stateful, manifest, rank, saved_keys)
     leaves, _ = flatten(expanded)
-    tasks: list[ReadTask] = []
-    copy_back: list[tuple[torch.Tensor, torch.Tensor]] = []
-    objects: dict[KeyPath, Any] = {}
-    missing = []
+    ctx = _Context(strict, config.allow_pickle, _rank_local_keys(manifest), numpy_leaves(manifest.structure) if manifest.structure is not None else {})
+    m = _Match(info)
     for key, value in leaves.items():
-        target = value.value if isinstance(value, RankLocal) else value
-        entry, obj, found = entry_for(manifest, rank, key)
-        if not found:
-            missing.append(key)
-        elif isinstance(target, torch.Tensor):
-            if entry is None:
-                raise LoadMismatchError(f"{format_path(key)}: the target is a tensor but the checkpoint holds a {type(obj).__name__}")
-            if dtype_name(target.dtype) != entry.dtype or tuple(target.shape) != entry.shape:
-                raise LoadMismatchError(f"{format_path(key)}: checkpoint has {entry.dtype} {list(entry.shape)}, target is {dtype_name(target.dtype)} {list(target.shape)}")
-            local, offsets, sizes = local_box(target, key)
-            dst = local if local.device.type == "cpu" and local.is_contiguous() else torch.empty(sizes, dtype=local.dtype)
-            if dst is not local:
-                copy_back.append((local, dst))
-            tasks.append(ReadTask(key, entry, dst, offsets, sizes))
-        else:
-            if entry is not None:
-                raise LoadMismatchError(f"{format_path(key)}: the checkpoint holds a tensor but the target is a {type(target).__name__}")
-            objects[key] = _object_value(obj, key, config.allow_pickle)
-    unexpected = sorted(_saved_keys(manifest, rank) - set(leaves), key=repr)
-    if strict and (missing or unexpected):
-        parts = []
-        if missing:
-            parts.append(f"missing from the checkpoint: {', '.join(format_path(k) for k in missing[:20])}{' …' if len(missing) > 20 else ''}")
-        if unexpected:
-            parts.append(f"in the checkpoint but not the target: {', '.join(format_path(k) for k in unexpected[:20])}{' …' if len(unexpected) > 20 else ''}")
-        raise LoadMismatchError(f"state dict does not match checkpoint {root} (strict=True): " + "; ".join(parts))
-    read_tensors(storage, root, manifest.files, tasks, config.reader_threads, config.verify_checksums, rank)
-    for local, dst in copy_back:
+        _match_leaf(m, key, value, manifest, rank, ctx)
+    info.unexpected = sorted(saved_keys - set(leaves), key=repr)
+    error = _mismatch_error(root, m, strict)
+    if error is not None:
+        raise error
+    read_tensors(storage, root, manifest.files, m.tasks, config.reader_threads, config.verify_checksums, rank)
+    for local, dst in m.copy_back:
         local.copy_(dst)
-    return _apply(state_dict, expanded, stateful, objects)
+    for key, t, wrap in m.arrays:
+        m.objects[key] = RankLocal(t.numpy()) if wrap else t.numpy()
+    _log_outcome(m, rank)
+    return _apply(state_dict, expanded, stateful, m.objects)
 
 
 def _apply(state_dict: Any, expanded: Any, stateful: dict[KeyPath, Any], objects: dict[KeyPath, Any]) -> Any:
-    """Put loaded objects into the caller's containers and feed Stateful objects their state."""
+    """Put loaded values at their places and feed Stateful objects their state.
+
+    Values outside every Stateful go into the caller's own containers (see
+    :func:`~dist_ckpt.flatten.place_values`: aliased containers are never
+    mutated); values inside one go into the expanded copy its
+    ``load_state_dict`` receives.
+    """
+    outside: dict[KeyPath, Any] = {}
+    inside: dict[KeyPath, Any] = {}
     for key, value in objects.items():
-        owner = next((s for s in stateful if key[: len(s)] == s), None)
-        if owner is None:
-            state_dict = set_path(state_dict, key, value)
-        else:
-            expanded = set_path(expanded, key, value)
+        owned = any(key[: len(s)] == s for s in stateful)
+        (inside if owned else outside)[key] = value
+    state_dict = place_values(state_dict, outside)
+    expanded = place_values(expanded, inside)
     for spath in sorted(stateful, key=len, reverse=True):
         stateful[spath].load_state_dict(get_path(expanded, spath))
     return state_dict
+
+
+def _restore_numpy(leaves: dict[KeyPath, Any], marks: dict[KeyPath, str]) -> None:
+    """Turn the leaves saved as numpy (``marks``) back into numpy arrays and scalars, in place."""
+    for key, name in marks.items():
+        value = leaves.get(key)
+        if isinstance(value, torch.Tensor):
+            if dtype_name(value.dtype) != name:  # a marker must agree with the tensor it marks
+                raise ManifestError(f"{format_path(key)}: marked numpy {name} but stored as a {dtype_name(value.dtype)} tensor")
+            leaves[key] = value.cpu().numpy()
+        elif key in leaves:
+            leaves[key] = numpy_scalar(value, name, key)
 
 
 @_retry_if_changed
@@ -252,6 +491,8 @@ def load_full(path: str, rank: int, config: Config, map_location: Any = None, st
         leaves[key] = t
         tasks.append(ReadTask(key, entry, t, (0,) * len(entry.shape), entry.shape))
     read_tensors(storage, root, manifest.files, tasks, config.reader_threads, config.verify_checksums, rank)
+    if manifest.structure is not None:
+        _restore_numpy(leaves, numpy_leaves(manifest.structure))
     if map_location is not None:
         leaves = {k: v.to(map_location) if isinstance(v, torch.Tensor) else v for k, v in leaves.items()}
     if manifest.structure is None:

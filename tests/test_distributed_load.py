@@ -184,3 +184,105 @@ def test_load_without_target_returns_full_tensors_on_map_location(tmp_path):
     finally:
         ck.close()
     assert full["w"].device.type == "meta" and full["w"].shape == SHAPES["w"]
+
+
+def _rank_local_state(rank, value):
+    return {"w": torch.full((4,), 7.0), "rng": dc.rank_local(torch.full((3,), float(value))), "pos": dc.rank_local(value),
+            "nested": {"seed": dc.rank_local(1000 + value)}}
+
+
+def _save_rank_local(rank, world, path):
+    dc.save(_rank_local_state(rank, rank), path)
+
+
+def _load_rank_local(rank, world, path):
+    import logging
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logging.getLogger("dist_ckpt.loader").addHandler(Keep())
+    sd = _rank_local_state(rank, -1)
+    info = dc.LoadInfo()
+    dc.load(sd, path, info=info)  # strict: a rank the saving job did not have is not a mismatch
+    assert all(isinstance(sd[k], dc.RankLocal) for k in ("rng", "pos")) and isinstance(sd["nested"]["seed"], dc.RankLocal)
+    return sd["rng"].value.tolist(), sd["pos"].value, sd["nested"]["seed"].value, sorted(info.kept_rank_local), records, sd["w"].tolist()
+
+
+def test_rank_local_values_on_scale_up_2_to_4(tmp_path):
+    path = str(tmp_path / "ck")
+    run_ranks(_save_rank_local, 2, path, env=FAST)
+    out = run_ranks(_load_rank_local, 4, path, env=FAST)
+    for rank in (0, 1):
+        rng, pos, seed, kept, records, w = out[rank]
+        assert (rng, pos, seed, kept, w) == ([float(rank)] * 3, rank, 1000 + rank, [], [7.0] * 4)
+        assert not records
+    for rank in (2, 3):
+        rng, pos, seed, kept, records, w = out[rank]
+        assert (rng, pos, seed, w) == ([-1.0] * 3, -1, 999, [7.0] * 4)  # the target's values, kept
+        assert kept == [("nested", "seed"), ("pos",), ("rng",)]
+        assert len(records) == 1 and "saved by 2 rank(s)" in records[0] and "rng" in records[0] and "nested.seed" in records[0]
+
+
+def _sequential_lr(seed_steps):
+    m = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=3)
+    const = torch.optim.lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=100)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, const], milestones=[3])
+    for _ in range(seed_steps):
+        opt.step()
+        sched.step()
+    return sched
+
+
+def _save_sched(rank, world, path):
+    dc.save({"sched": _sequential_lr(5).state_dict(), "sched_obj": _sequential_lr(5)}, path)
+
+
+def _load_sched(rank, world, path):
+    fresh, fresh_obj = _sequential_lr(0), _sequential_lr(0)
+    sd = {"sched": fresh.state_dict(), "sched_obj": fresh_obj}  # a fresh SequentialLR shares _last_lr with its first child
+    dc.load(sd, path)
+    fresh.load_state_dict(sd["sched"])
+    return fresh.get_last_lr(), fresh_obj.get_last_lr(), [s.get_last_lr() for s in fresh._schedulers], _sequential_lr(5).get_last_lr()
+
+
+def test_sequential_lr_resumes_its_last_lr_on_2_ranks(tmp_path):
+    path = str(tmp_path / "ck")
+    run_ranks(_save_sched, 2, path, env=FAST)
+    for last, last_obj, children, want in run_ranks(_load_sched, 2, path, env=FAST).values():
+        assert last == want and last_obj == want
+        assert children == [s.get_last_lr() for s in _sequential_lr(5)._schedulers]
+
+
+def _fsdp_save_stateful(rank, world, path):
+    torch.manual_seed(0)
+    model, opt = _fsdp_model()
+    for _ in range(2):
+        model(torch.randn(4, 16, generator=torch.Generator().manual_seed(rank))).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    dc.save({"model": model, "optim": opt}, path)
+    return {(i, m): s[m].full_tensor() for i, s in opt.state_dict()["state"].items() for m in ("exp_avg", "exp_avg_sq")}
+
+
+def _fsdp_load_fresh(rank, world, path, moments):
+    torch.manual_seed(123)
+    model, opt = _fsdp_model()  # a fresh optimizer: no state until its first step
+    dc.load({"model": model, "optim": opt}, path)
+    state = opt.state_dict()["state"]
+    for (i, m), ref in moments.items():
+        assert type(state[i][m]).__name__ == "DTensor" and torch.equal(state[i][m].full_tensor(), ref), (i, m)
+    model(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    return True
+
+
+def test_fresh_fsdp2_optimizer_loads_directly_on_another_world_size(tmp_path):
+    path = str(tmp_path / "ck")
+    moments = run_ranks(_fsdp_save_stateful, 2, path, env=FAST, timeout=120)[0]
+    run_ranks(_fsdp_load_fresh, 4, path, moments, env=FAST, timeout=120)
