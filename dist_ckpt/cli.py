@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import textwrap
@@ -24,13 +23,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 from .commit import MANIFEST
+from .root_scan import BAD, COMMITTED, FOREIGN, INCOMPLETE, OLD, TMP, Entry, scan_root
+from .storage import get_storage
 from .errors import DistCkptError, ManifestError
 from .flatten import KeyPath, format_path
 from .loader import read_manifest
 from .manifest import Manifest, Pickled, TensorEntry
 
 PROG = "dist-ckpt"
-STEP_RE = re.compile(r"^step-(\d{8,})$")  # as CheckpointManager names them (more digits past 99,999,999)
 
 
 # -- formatting -------------------------------------------------------------------
@@ -106,11 +106,12 @@ def _progress_bar(desc: str, enabled: bool) -> Iterator[Callable[[int, int], Non
 @dataclass
 class _Dir:
     name: str
-    state: str  # committed | incomplete | old | invalid
+    state: str  # committed | incomplete | old | invalid | bad | foreign (see dist_ckpt.root_scan)
     size: int
     world_size: int | None
     time: float  # manifest creation, else directory mtime
     step: int | None
+    detail: str = ""  # why a committed one is invalid, what a foreign one holds
 
 
 def _dir_size(path: str) -> int:
@@ -124,32 +125,27 @@ def _dir_size(path: str) -> int:
     return total
 
 
-def _describe_dir(root: str, name: str) -> _Dir | None:
-    """The checkpoint directory ``root/name``, or None when it does not look like one."""
-    path = os.path.join(root, name)
-    m = STEP_RE.match(name)
-    has_manifest = os.path.isfile(os.path.join(path, MANIFEST))
-    looks = m or has_manifest or ".tmp-" in name or ".old-" in name or os.path.isdir(os.path.join(path, "data"))
-    if not os.path.isdir(path) or not looks:
-        return None
-    world, created = None, os.stat(path).st_mtime
-    if ".tmp-" in name or not has_manifest:
-        state = "incomplete"
-    else:
-        state = "old" if ".old-" in name else "committed"
+_STATES = {COMMITTED: "committed", INCOMPLETE: "incomplete", TMP: "incomplete", OLD: "old", BAD: "bad", FOREIGN: "foreign"}
+
+
+def _describe_dir(root: str, entry: Entry) -> _Dir:
+    """``ls``'s row for one entry of the shared root scan (reads the MANIFEST of committed ones)."""
+    path = os.path.join(root, entry.name)
+    d = _Dir(entry.name, _STATES[entry.kind], _dir_size(path), None, os.stat(path).st_mtime, entry.step, entry.detail)
+    if entry.kind in (COMMITTED, OLD) and os.path.lexists(os.path.join(path, MANIFEST)):
         try:
             manifest, _, _ = read_manifest(path)
-            world, created = manifest.world_size, manifest.created
-        except ManifestError:
-            state = "invalid"
-    return _Dir(name, state, _dir_size(path), world, created, int(m.group(1)) if m else None)
+            d.world_size, d.time = manifest.world_size, manifest.created
+        except (ManifestError, OSError) as e:  # one bad step must not break the listing of the others
+            d.state, d.detail = ("invalid" if entry.kind == COMMITTED else d.state), str(e)
+    return d
 
 
 def _scan(root: str) -> list[_Dir]:
     if not os.path.isdir(root):
         raise FileNotFoundError(2, "no such directory", root)
-    found = (_describe_dir(root, n) for n in sorted(os.listdir(root)))
-    return [d for d in found if d is not None]
+    storage, path = get_storage(root)
+    return [_describe_dir(root, e) for e in scan_root(storage, path.rstrip("/") or "/")]
 
 
 def _newest(dirs: Sequence[_Dir]) -> _Dir | None:
@@ -173,6 +169,10 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         mark = "*" if d is newest else " "
         world = str(d.world_size) if d.world_size is not None else "-"
         print(f"{mark} {d.name:<{width}}  {d.state:<10}  {human_bytes(d.size):>10}  {world:>5}  {human_age(now - d.time)}")
+    for d in dirs:
+        if d.state in ("foreign", "invalid"):
+            hint = f"holds {d.detail}; not a dist_ckpt checkpoint, left alone by gc" if d.state == "foreign" else d.detail
+            print(f"{d.name}: {hint}")
     if newest is not None:
         print(f"newest committed: {newest.name}")
     return 0
@@ -303,13 +303,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def gc_plan(root: str, keep_last: int | None, min_age: float = 0.0) -> list[tuple[str, str]]:
     """``(directory name, reason)`` for everything ``gc`` removes under ``root``.
 
-    Removed: unfinished saves (``*.tmp-*``), ``*.old-*`` left by an overwrite
-    whose final directory is committed (without it the old one is the only
-    complete copy and is kept), step directories without MANIFEST, and with
-    ``keep_last`` committed ``step-*`` directories beyond the newest
-    ``keep_last``. The newest committed step is never removed. Directories
-    modified less than ``min_age`` seconds ago are left alone (a save may be
-    writing them).
+    Removed, and only what this library could have left (see
+    :mod:`dist_ckpt.root_scan`): unfinished saves (``*.tmp-*``), ``*.old-*``
+    left by an overwrite whose final directory is committed (without it the
+    old one is the only complete copy and is kept), step directories holding
+    only our data layout without MANIFEST, and with ``keep_last`` committed
+    ``step-*`` directories beyond the newest ``keep_last``. The newest
+    committed step is never removed; foreign directories (a DCP checkpoint
+    named ``step-N``) and ``*.bad-*`` ones are reported by :func:`gc_kept`
+    and left alone. Directories modified less than ``min_age`` seconds ago are
+    left alone (a save may be writing them).
     """
     dirs = _scan(root)
     newest = _newest(dirs)
@@ -321,13 +324,24 @@ def gc_plan(root: str, keep_last: int | None, min_age: float = 0.0) -> list[tupl
             continue
         if ".tmp-" in d.name:
             out.append((d.name, "unfinished save"))
-        elif ".old-" in d.name and d.name.split(".old-", 1)[0] in committed:
+        elif d.state == "old" and d.name.split(".old-", 1)[0] in committed:
             out.append((d.name, f"left over from an overwrite of {d.name.split('.old-', 1)[0]}"))
         elif d.step is not None and d.state == "incomplete":
             out.append((d.name, f"no {MANIFEST} (never committed)"))
     if keep_last is not None:
         steps = sorted((d for d in dirs if d.step is not None and d.state in ("committed", "invalid")), key=lambda d: d.step or 0)
         out += [(d.name, f"retention: keeping the last {keep_last}") for d in steps[: max(0, len(steps) - keep_last)] if d is not newest]
+    return out
+
+
+def gc_kept(root: str) -> list[tuple[str, str]]:
+    """``(directory name, why)`` of step-named directories ``gc`` leaves alone because this library did not write them."""
+    out = []
+    for d in _scan(root):
+        if d.state == "foreign":
+            out.append((d.name, f"holds {d.detail}, not a dist_ckpt checkpoint"))
+        elif d.state == "bad":
+            out.append((d.name, "set aside by a resume that could not load it; remove it by hand after a look"))
     return out
 
 
@@ -346,6 +360,8 @@ def _remove(path: str) -> None:
 
 def _cmd_gc(args: argparse.Namespace) -> int:
     plan = gc_plan(args.root, args.keep_last, args.min_age)
+    for name, why in gc_kept(args.root):
+        print(f"left alone {name}  ({why})")
     if not plan:
         print(f"nothing to remove in {args.root}")
         return 0

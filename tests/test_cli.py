@@ -179,3 +179,24 @@ def test_gc_never_removes_newest_committed(tmp_path, capsys):
 def test_gc_min_age_spares_fresh_tmp_dirs(root, capsys):
     assert main(["gc", str(root), "--min-age", "3600"]) == 0
     assert "step-00000003.tmp-abc123" in os.listdir(root)
+
+
+def test_gc_and_ls_leave_a_dcp_checkpoint_alone(root, capsys):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(4)}, checkpoint_id=str(root / "step-00000007"), no_dist=True)
+    (root / "step-00000005" / "data").mkdir(parents=True)
+    (root / "step-00000005" / "data" / "notes.txt").write_text("not ours")
+    dcp_files = sorted(os.listdir(root / "step-00000007"))
+    assert main(["ls", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "step-00000007: holds a DCP checkpoint (.metadata); not a dist_ckpt checkpoint" in out
+    assert main(["gc", str(root), "--keep-last", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "left alone step-00000007  (holds a DCP checkpoint (.metadata)" in out and "left alone step-00000005" in out
+    assert sorted(os.listdir(root)) == ["notes", "step-00000002", "step-00000005", "step-00000007"]
+    assert sorted(os.listdir(root / "step-00000007")) == dcp_files
