@@ -290,7 +290,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
     with _progress_bar("convert", not args.no_progress) as progress:
-        result = convert(args.src, args.dst, args.to, trust_pickle=args.trust_pickle, pickle_objects=args.pickle_objects, rank=args.rank, progress=progress)
+        result = convert(args.src, args.dst, args.to, trust_pickle=args.trust_pickle, pickle_objects=args.pickle_objects, rank=args.rank, progress=progress,
+                         select=args.select, strip_prefix=args.strip_prefix)
     print(f"wrote {result.dst} ({result.to}) from {result.src_format}: {result.tensors} tensors, {human_bytes(result.nbytes)}, {result.objects} objects")
     if result.skipped:
         print(f"{PROG}: warning: {len(result.skipped)} value(s) not representable in {result.to} were left out: {', '.join(result.skipped[:20])}", file=sys.stderr)
@@ -437,16 +438,21 @@ def build_parser() -> argparse.ArgumentParser:
              "  dist-ckpt convert /ckpts/step-00001000 model.pt --to torch\n"
              "  dist-ckpt convert /ckpts/step-00001000 model.safetensors --to safetensors\n"
              "  dist-ckpt convert /dcp/checkpoint /ckpts/step-00000000 --to dist_ckpt --trust-pickle\n"
-             "  dist-ckpt convert model.pt /ckpts/step-00000000 --to dist_ckpt --trust-pickle\n\n"
-             "SRC is detected: a dist_ckpt checkpoint, a DCP directory (.metadata) or a torch.save file.\n\n"
-             + textwrap.fill(f"--trust-pickle: {trust_message('dcp')}. The same holds for torch.save input.", 88, break_on_hyphens=False) + "\n\n"
+             "  dist-ckpt convert model.pt /ckpts/step-00000000 --to dist_ckpt\n"
+             "  dist-ckpt convert model.safetensors /ckpts/step-00000000 --to dist_ckpt\n"
+             "  dist-ckpt convert /ckpts/step-00001000 model.safetensors --to safetensors --select model --strip-prefix\n\n"
+             "SRC is detected: a dist_ckpt checkpoint, a DCP directory (.metadata), a torch.save file or a\n.safetensors file.\n\n"
+             + textwrap.fill(f"--trust-pickle: {trust_message('dcp')}. A torch.save file is read with torch.load(weights_only=True) "
+                             "first and needs --trust-pickle only when that refuses it.", 88, break_on_hyphens=False) + "\n\n"
              "The torch output needs the whole checkpoint in memory; the others hold about one tensor\nat a time.")
     s.add_argument("src", metavar="SRC", type=_ckpt_path, help="input checkpoint (format detected)")
     s.add_argument("dst", metavar="DST", type=_ckpt_path, help="output path (must not exist)")
     s.add_argument("--to", required=True, choices=FORMATS, help="output format")
-    s.add_argument("--trust-pickle", action="store_true", help="allow unpickling: needed to read DCP or torch.save input (it can execute code)")
+    s.add_argument("--trust-pickle", action="store_true", help="allow unpickling: needed to read DCP input, or torch.save input weights_only refuses (it can execute code)")
     s.add_argument("--pickle-objects", action="store_true", help="(--to dist_ckpt) store values that are not msgpack-native pickled instead of refusing")
     s.add_argument("--rank", type=int, default=0, help="(dist_ckpt input) whose rank-local values to take (default 0)")
+    s.add_argument("--select", metavar="PREFIX", default=None, help="convert only the values named PREFIX or PREFIX.* (dotted key paths, e.g. model)")
+    s.add_argument("--strip-prefix", action="store_true", help="(with --select) drop PREFIX from the names (model.w -> w)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_convert)
 
