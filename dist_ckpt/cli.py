@@ -484,6 +484,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DistCkptError, OSError) as e:
         print(f"{PROG}: error: {_error_text(e)}", file=sys.stderr)
         return 1
+    except Exception as e:  # a bug, or input no check foresaw: still one line, the traceback on request
+        if os.environ.get("DIST_CKPT_TRACEBACK"):
+            raise
+        print(f"{PROG}: error: unexpected {type(e).__name__}: {e} (set DIST_CKPT_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import logging
 import pickle
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .commit import MANIFEST
 from .config import Config
 from .describe import RankLocal, local_box
 from .dtypes import dtype_from_name, dtype_name
-from .errors import CheckpointNotFound, LoadMismatchError, ManifestError, PickleNotAllowed
+from .errors import CheckpointNotFound, DataFileError, LoadMismatchError, ManifestError, PickleNotAllowed
 from .flatten import KeyPath, expand_stateful, flatten, format_path, get_path, set_path, unflatten
 from .manifest import Manifest, Pickled, TensorEntry
 from .reader import ReadTask, read_tensors
@@ -60,7 +61,10 @@ def read_manifest(path: str, storage: Storage | None = None) -> tuple[Manifest, 
     if storage is None:
         storage, path = get_storage(path)
     root = find_committed(storage, path)
-    data = storage.read_bytes(f"{root}/{MANIFEST}")
+    try:
+        data = storage.read_bytes(f"{root}/{MANIFEST}")
+    except IsADirectoryError:
+        raise ManifestError(f"{root}/{MANIFEST} is a directory, not a manifest file") from None
     try:
         return Manifest.from_msgpack(data), root, storage
     except ManifestError as e:
@@ -154,12 +158,50 @@ def _apply(state_dict: Any, expanded: Any, stateful: dict[KeyPath, Any], objects
     return state_dict
 
 
+def check_bytes_on_disk(storage: Storage, root: str, files: Sequence[str], entries: Sequence[tuple[KeyPath, TensorEntry]]) -> None:
+    """Refuse, before allocating anything, tensors whose chunks claim more bytes than their data files hold.
+
+    A load with no target allocates each tensor at the shape its entry states;
+    the manifest's own checks bound shapes only by int64. Every chunk's bytes
+    lie in its file, chunk after chunk, so a file must hold at least the sum
+    of its chunks' ``nbytes`` and each chunk's end: a crafted 2**40-element
+    shape over a small file is refused here (one ``size`` per file).
+
+    Raises:
+        DataFileError: a file is missing or shorter than its chunks (names the file and a key).
+    """
+    if not entries:
+        return
+    file = np.concatenate([e.chunks.file.astype(np.int64) for _, e in entries])
+    nbytes = np.concatenate([e.chunks.nbytes for _, e in entries])
+    owner = np.concatenate([np.full(len(e.chunks), i, np.int64) for i, (_, e) in enumerate(entries)])
+    total, end, who = np.zeros(len(files), np.int64), np.zeros(len(files), np.int64), np.zeros(len(files), np.int64)
+    np.add.at(total, file, nbytes)  # sums stay < 2**62 * chunks: checked per chunk by the decoder, and files are few
+    np.maximum.at(end, file, np.concatenate([e.chunks.offset for _, e in entries]) + nbytes)
+    who[file] = owner
+    need = {int(f): (int(total[f]), int(end[f]), entries[int(who[f])][0]) for f in np.flatnonzero(np.maximum(total, end))}
+    for f, (total, end, key) in sorted(need.items()):
+        name = f"{root}/{files[f]}"
+        try:
+            handle = storage.open_read(name)
+        except OSError as e:
+            raise DataFileError(e.errno, f"data file {name} (of {format_path(key)}) cannot be opened: {e.strerror or e}") from e
+        try:
+            size = handle.size()
+        finally:
+            handle.close()
+        if size < max(total, end):
+            raise DataFileError(f"data file {name} has {size} bytes but its chunks (e.g. of {format_path(key)}) need {max(total, end)}; refusing to allocate them")
+
+
 @torch.no_grad()
 def load_full(path: str, rank: int, config: Config, map_location: Any = None, storage: Storage | None = None) -> Any:
     """Load a whole checkpoint as plain full tensors and objects in its saved nesting."""
     manifest, root, storage = read_manifest(path, storage)
     leaves: dict[KeyPath, Any] = {}
     tasks = []
+    sec = manifest.local.get(rank)
+    check_bytes_on_disk(storage, root, manifest.files, list(manifest.tensors.items()) + (list(sec.tensors.items()) if sec else []))
     for key in list(manifest.tensors) + list(manifest.objects) + (list(manifest.local[rank].tensors) + list(manifest.local[rank].objects) if rank in manifest.local else []):
         entry, obj, _ = entry_for(manifest, rank, key)
         if entry is None:

@@ -13,7 +13,7 @@ from ..commit import MANIFEST
 from ..dtypes import dtype_from_name
 from ..errors import CheckpointNotFound, ManifestError, PickleNotAllowed
 from ..flatten import KeyPath, expand_stateful, format_path, leaf_paths, unflatten
-from ..loader import entry_for, find_committed, read_manifest
+from ..loader import check_bytes_on_disk, entry_for, find_committed, read_manifest
 from ..manifest import TensorEntry
 from ..reader import ReadTask, read_tensors
 from ..storage import Storage, get_storage
@@ -55,6 +55,8 @@ def _dist_ckpt_tree(path: str, rank: int) -> Any:
     manifest, root, storage = read_manifest(path)
     if not 0 <= rank < manifest.world_size:
         raise ConvertError(f"rank {rank} is outside the checkpoint's world size {manifest.world_size}")
+    sec = manifest.local.get(rank)
+    check_bytes_on_disk(storage, root, manifest.files, list(manifest.tensors.items()) + (list(sec.tensors.items()) if sec else []))
     leaves: dict[KeyPath, Any] = {}
     for key in leaf_paths(manifest.structure):
         entry, obj, found = entry_for(manifest, rank, key)
