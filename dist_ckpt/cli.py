@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 from .commit import MANIFEST
 from .root_scan import BAD, COMMITTED, FOREIGN, INCOMPLETE, OLD, TMP, Entry, scan_root
 from .storage import get_storage
-from .errors import DistCkptError, ManifestError
+from .errors import CheckpointNotFound, DistCkptError, ManifestError
 from .flatten import KeyPath, format_path
 from .loader import read_manifest
 from .manifest import Manifest, Pickled, TensorEntry
@@ -78,21 +78,34 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _bar_size() -> dict[str, int]:
+    """``{}`` (tqdm follows the terminal), or 80 x 24 on a terminal that reports no size
+    (a fresh pseudo-terminal, ``script``, some CI runners), where tqdm would draw nothing."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return {}
+    return {} if size.columns > 0 and size.lines > 0 else {"ncols": size.columns or 80, "nrows": size.lines or 24}
+
+
 @contextmanager
 def _progress_bar(desc: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
-    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr (off when not a TTY)."""
+    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr (off when stderr is not a TTY)."""
     try:
         from tqdm import tqdm
     except ImportError:  # the bar is a nicety: work without it
         yield lambda done, total: None
         return
 
-    bar = tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=None if enabled else True, leave=False)
+    bar = tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=None if enabled else True, **_bar_size())
 
     def update(done: int, total: int) -> None:
         if bar.total != total:
             bar.total = total
+            bar.refresh()  # show the size at once, not at the next throttled update
         bar.update(done - bar.n)
+        if done >= total:
+            bar.refresh()  # the last update may fall inside tqdm's mininterval
 
     try:
         yield update
@@ -242,8 +255,46 @@ def _inspect_json(manifest: Manifest, root: str) -> dict[str, Any]:
     }
 
 
+def _what_it_is(path: str, cmd: str) -> str | None:
+    """What ``path`` is when it is not a checkpoint, and what to run instead (None: nothing to say)."""
+    local = path[len("file://") :] if path.startswith("file://") else path
+    local = local.rstrip("/") or "/"
+    if os.path.isfile(os.path.join(local, ".metadata")):
+        return f"{path} is a DCP checkpoint, not a dist_ckpt one: convert it with `{PROG} convert {path} DST --to dist_ckpt --trust-pickle`"
+    if os.path.isfile(local):
+        kind = "a safetensors file" if local.endswith(".safetensors") else "a file, not a checkpoint directory (a torch.save file?)"
+        return f"{path} is {kind}: convert it with `{PROG} convert {path} DST --to dist_ckpt`"
+    parent = os.path.dirname(local)
+    if os.path.basename(local) == "data" and os.path.lexists(os.path.join(parent, MANIFEST)):
+        return f"{path} is the data folder of the checkpoint {parent}: run `{PROG} {cmd} {parent}`"
+    if os.path.isdir(local):
+        storage, p = get_storage(path)
+        dirs = [e for e in scan_root(storage, p.rstrip("/") or "/") if e.kind == COMMITTED]
+        if dirs:
+            newest = max(dirs, key=lambda e: (e.step is not None, e.step or 0, e.name))
+            return (f"{path} is a checkpoint root holding {len(dirs)} checkpoint(s): list them with `{PROG} ls {path}`, "
+                    f"then e.g. `{PROG} {cmd} {local}/{newest.name}`")
+    return None
+
+
+def _read_checkpoint(path: str, cmd: str) -> tuple[Manifest, str]:
+    """``read_manifest``, with a hint naming what ``path`` is when it holds no checkpoint.
+
+    Raises:
+        CheckpointNotFound: nothing committed at ``path`` (with what it is and what to run).
+    """
+    try:
+        manifest, root, _ = read_manifest(path)
+    except CheckpointNotFound as e:
+        hint = _what_it_is(path, cmd)
+        if hint is None:
+            raise
+        raise CheckpointNotFound(hint) from e
+    return manifest, root
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    manifest, root, _ = read_manifest(args.ckpt)
+    manifest, root = _read_checkpoint(args.ckpt, "inspect")
     if args.json:
         print(json.dumps(_inspect_json(manifest, root), indent=1))
         return 0
@@ -269,6 +320,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
+    _read_checkpoint(args.ckpt, "verify")  # a wrong path: say what it is before anything starts
     with _progress_bar("verify", not args.no_progress) as progress:
         report = verify(args.ckpt, workers=args.workers, progress=progress)
     rate = report.bytes_checked / max(report.seconds, 1e-9)
@@ -472,6 +524,16 @@ def _error_text(e: BaseException) -> str:
     return str(e)
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's flush at exit does not hit the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file descriptor (tests capture it): nothing will flush it
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dist-ckpt`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
@@ -481,6 +543,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # `dist-ckpt inspect … | head`: the reader has all it wanted
+        _silence_stdout()
+        return 0
     except (DistCkptError, OSError) as e:
         print(f"{PROG}: error: {_error_text(e)}", file=sys.stderr)
         return 1

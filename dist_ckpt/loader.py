@@ -175,11 +175,11 @@ def check_bytes_on_disk(storage: Storage, root: str, files: Sequence[str], entri
     file = np.concatenate([e.chunks.file.astype(np.int64) for _, e in entries])
     nbytes = np.concatenate([e.chunks.nbytes for _, e in entries])
     owner = np.concatenate([np.full(len(e.chunks), i, np.int64) for i, (_, e) in enumerate(entries)])
-    total, end, who = np.zeros(len(files), np.int64), np.zeros(len(files), np.int64), np.zeros(len(files), np.int64)
-    np.add.at(total, file, nbytes)  # sums stay < 2**62 * chunks: checked per chunk by the decoder, and files are few
-    np.maximum.at(end, file, np.concatenate([e.chunks.offset for _, e in entries]) + nbytes)
+    sums, ends, who = np.zeros(len(files), np.int64), np.zeros(len(files), np.int64), np.zeros(len(files), np.int64)
+    np.add.at(sums, file, nbytes)  # each nbytes < 2**62 (decoder), and a file holds few chunks of a real checkpoint
+    np.maximum.at(ends, file, np.concatenate([e.chunks.offset for _, e in entries]) + nbytes)
     who[file] = owner
-    need = {int(f): (int(total[f]), int(end[f]), entries[int(who[f])][0]) for f in np.flatnonzero(np.maximum(total, end))}
+    need = {int(f): (int(sums[f]), int(ends[f]), entries[int(who[f])][0]) for f in np.flatnonzero(np.maximum(sums, ends))}
     for f, (total, end, key) in sorted(need.items()):
         name = f"{root}/{files[f]}"
         try:

@@ -413,7 +413,7 @@ class CheckpointManager:
             return {0: mine}
         store = _store(None)  # the session's store: the default group's
         prefix = f"dist_ckpt/{self._ckpt.writer.session.job}/resume/{attempt}"
-        store.set(f"{prefix}/{self.rank}", mine.encode())
+        store.set(f"{prefix}/{self.rank}", mine)
         return {r: store.get(f"{prefix}/{r}").decode() for r in range(self._world)}
 
     def _set_aside(self, step: int) -> None:

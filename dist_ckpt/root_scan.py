@@ -142,7 +142,7 @@ class RootListing:
     bad: tuple[str, ...] = ()
 
     @staticmethod
-    def of(entries: Iterable[Entry]) -> "RootListing":
+    def of(entries: Iterable[Entry]) -> RootListing:
         """The listing of ``entries`` whose names are step names (others are left out)."""
         steps = [e for e in entries if e.step is not None]
         return RootListing(

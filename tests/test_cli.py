@@ -279,3 +279,71 @@ def test_shape_of_2_40_elements_is_refused_before_allocating(tmp_path, capsys):
     assert main(["convert", path, str(tmp_path / "out"), "--to", "dist_ckpt", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("dist-ckpt: error: data file") and "refusing to allocate" in err and err.count("\n") == 1
+
+
+# -- progress bars, pipes, and what a wrong path is ----------------------------------------------
+
+
+def _cli(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "dist_ckpt.cli", *argv]
+
+
+def _under_pty(argv: list[str]) -> tuple[int, str]:
+    """Run ``argv`` with stdout and stderr on a fresh pseudo-terminal (which reports no size, as `script` may)."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed its side
+            break
+        if not data:
+            break
+        out += data
+    os.close(master)
+    return proc.wait(timeout=60), out.decode(errors="replace")
+
+
+def test_progress_bars_show_on_a_terminal_and_not_when_piped(tmp_path):
+    path = str(tmp_path / "ck")
+    dc.save({"w": torch.randn(1 << 18), "v": torch.randn(1 << 16)}, path)
+    rc, out = _under_pty(_cli("verify", path))
+    assert rc == 0 and "verify: 100%" in out and "1.25M/1.25M" in out and "OK  " in out
+    rc, out = _under_pty(_cli("convert", path, str(tmp_path / "x.safetensors"), "--to", "safetensors"))
+    assert rc == 0 and "convert: 100%" in out and "wrote " in out
+    res = subprocess.run(_cli("verify", path), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stderr == "" and res.stdout.startswith("OK")
+
+
+def test_inspect_into_a_closed_pipe_exits_0_quietly(tmp_path):
+    path = str(tmp_path / "ck")
+    dc.save({f"key_{i:05d}": i for i in range(4000)}, path)  # ~100 KB of tree: more than a pipe holds
+    proc = subprocess.Popen(_cli("inspect", path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"checkpoint")
+    proc.stdout.close()  # what `| head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and err == ""
+
+
+def test_inspect_and_verify_say_what_a_wrong_path_is(root, tmp_path, capsys):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(4)}, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    for cmd in ("inspect", "verify"):
+        assert main([cmd, str(tmp_path / "dcp")]) == 1
+        err = capsys.readouterr().err
+        assert "is a DCP checkpoint" in err and f"dist-ckpt convert {tmp_path / 'dcp'} " in err and "--to dist_ckpt" in err and err.count("\n") == 1
+        assert main([cmd, str(root)]) == 1
+        err = capsys.readouterr().err
+        assert "is a checkpoint root" in err and f"dist-ckpt ls {root}" in err and f"dist-ckpt {cmd} {root}/step-00000002" in err
+        assert main([cmd, str(root / "step-00000001" / "data")]) == 1
+        err = capsys.readouterr().err
+        assert "data folder of the checkpoint" in err and f"dist-ckpt {cmd} {root / 'step-00000001'}" in err
