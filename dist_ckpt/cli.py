@@ -277,24 +277,25 @@ def _what_it_is(path: str, cmd: str) -> str | None:
     return None
 
 
-def _read_checkpoint(path: str, cmd: str) -> tuple[Manifest, str]:
-    """``read_manifest``, with a hint naming what ``path`` is when it holds no checkpoint.
+@contextmanager
+def _explained(path: str, cmd: str) -> Iterator[None]:
+    """Re-raise ``CheckpointNotFound`` for ``path`` with what it is and what to run instead, when known.
 
     Raises:
-        CheckpointNotFound: nothing committed at ``path`` (with what it is and what to run).
+        CheckpointNotFound: nothing committed at ``path``.
     """
     try:
-        manifest, root, _ = read_manifest(path)
+        yield
     except CheckpointNotFound as e:
         hint = _what_it_is(path, cmd)
         if hint is None:
             raise
         raise CheckpointNotFound(hint) from e
-    return manifest, root
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    manifest, root = _read_checkpoint(args.ckpt, "inspect")
+    with _explained(args.ckpt, "inspect"):
+        manifest, root, _ = read_manifest(args.ckpt)
     if args.json:
         print(json.dumps(_inspect_json(manifest, root), indent=1))
         return 0
@@ -320,8 +321,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
-    _read_checkpoint(args.ckpt, "verify")  # a wrong path: say what it is before anything starts
-    with _progress_bar("verify", not args.no_progress) as progress:
+    with _explained(args.ckpt, "verify"), _progress_bar("verify", not args.no_progress) as progress:
         report = verify(args.ckpt, workers=args.workers, progress=progress)
     rate = report.bytes_checked / max(report.seconds, 1e-9)
     summary = f"{report.chunks_checked} chunks, {human_bytes(report.bytes_checked)} checked in {report.seconds:.2f} s ({human_bytes(rate)}/s)"

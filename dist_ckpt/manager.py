@@ -51,7 +51,7 @@ from .config import Config
 from .errors import CheckpointError, CheckpointNotFound, ChecksumError, DataFileError, ManifestError
 from .loader import read_manifest
 from .manifest import Manifest
-from .root_scan import RootListing, scan, stale_entries, step_dir_name
+from .root_scan import FOREIGN, INCOMPLETE, RootListing, classify, scan, stale_entries, step_dir_name
 from .session import _store
 from .storage import get_storage
 
@@ -186,6 +186,7 @@ class CheckpointManager:
         # Steps a resume skipped: never counted again by this manager, even where setting them aside failed,
         # so retention can only remove the step resumed from for steps this job committed itself.
         self._unloadable: set[int] = set()
+        self._loads = 0  # load() calls so far: names this call's keys in the store
         self._world = self._ckpt.writer.session.world_size
         if self.rank == 0:
             self._storage.makedirs(self._root)
@@ -318,18 +319,18 @@ class CheckpointManager:
     def _refuse_foreign(self, step: int) -> None:
         """(every rank, before saving ``step``) Refuse a ``step-N`` this library did not write.
 
-        Every rank decides from the same listing, so all refuse together
+        Every rank decides from the same directory, so all refuse together
         before any rank starts a save that could only fail at commit.
         """
-        listing = scan(self._storage, self._root)
-        for name, what in listing.foreign:
-            if name == step_dir_name(step):
-                raise CheckpointExists(f"cannot save step {step}: {self.root}/{name} holds {what}, not a dist_ckpt checkpoint; move it away or save under another root")
+        entry = classify(self._storage, self._root, step_dir_name(step))
+        if entry is not None and entry.kind == FOREIGN:
+            raise CheckpointExists(f"cannot save step {step}: {self.root}/{entry.name} holds {entry.detail}, not a dist_ckpt checkpoint; move it away or save under another root")
 
     def _clear_incomplete(self, step: int) -> None:
         """(rank 0, before saving ``step``) Remove an incomplete ``step-N`` (our layout, no MANIFEST) the save would collide with."""
-        if step in scan(self._storage, self._root).incomplete:
-            self._remove([step_dir_name(step)], f"an incomplete directory in the way of saving step {step}")
+        entry = classify(self._storage, self._root, step_dir_name(step))
+        if entry is not None and entry.kind == INCOMPLETE:
+            self._remove([entry.name], f"an incomplete directory in the way of saving step {step}")
 
     def _remove(self, names: list[str], why: str) -> None:
         if not names:
@@ -372,6 +373,7 @@ class CheckpointManager:
             step = self._committed_or_latest(step)
             self._ckpt.load(self.path_for(step), state_dict, strict=strict)
             return step
+        self._loads += 1
         candidates = self.steps()
         if not candidates:
             self._committed_or_latest(None)  # raises CheckpointNotFound naming the root
@@ -412,7 +414,7 @@ class CheckpointManager:
         if self._world == 1:
             return {0: mine}
         store = _store(None)  # the session's store: the default group's
-        prefix = f"dist_ckpt/{self._ckpt.writer.session.job}/resume/{attempt}"
+        prefix = f"dist_ckpt/{self._ckpt.writer.session.job}/resume/{self._loads}/{attempt}"
         store.set(f"{prefix}/{self.rank}", mine)
         return {r: store.get(f"{prefix}/{r}").decode() for r in range(self._world)}
 

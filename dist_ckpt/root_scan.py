@@ -30,7 +30,7 @@ from .storage import Storage
 
 STEP_RE = re.compile(r"^step-(\d{8,})$")
 """A step directory, as :func:`step_dir_name` writes it."""
-_SUFFIX_RE = re.compile(r"^(?P<base>.+)\.(?P<kind>tmp|old|bad)-.+$")
+_SUFFIX_RE = re.compile(r"^(?P<base>.+?)\.(?P<kind>tmp|old|bad)-.+$")  # the first suffix decides: step-N.old-x.tmp-delete-y is old
 _DATA_FILE_RE = re.compile(r"^r\d{5,}.*\.bin$")  # data/rNNNNN.bin, data/rNNNNN-tK.bin (writer.data_file_name)
 
 COMMITTED, INCOMPLETE, FOREIGN, TMP, OLD, BAD = "committed", "incomplete", "foreign", "tmp", "old", "bad"

@@ -334,3 +334,15 @@ def test_resume_falls_back_past_a_damaged_newest_step(tmp_path, damage):
     left = on_disk(root)
     assert [n for n in left if ".bad-" not in n] == names(2, 12)  # the step resumed from survived retention
     assert len(left) == 3 and [n for n in left if ".bad-" in n][0].startswith("step-00000003.bad-")
+
+
+def test_resume_with_every_step_damaged_raises_checkpoint_error_not_not_found(tmp_path):
+    with CheckpointManager(str(tmp_path), keep_last=3, async_save=False, config=CONFIG) as mgr:
+        for step in (1, 2):
+            mgr.save(step, state(step))
+        for step in (1, 2):
+            os.truncate(tmp_path / step_dir_name(step) / "MANIFEST", 10)
+        with pytest.raises(dc.CheckpointError, match=r"steps \[1, 2\] are all damaged") as info:
+            mgr.load(state(0))
+        assert not isinstance(info.value, dc.CheckpointNotFound)  # a loop starting afresh on "not found" must not start here
+        assert mgr.latest_step() is None and len([n for n in on_disk(tmp_path) if ".bad-" in n]) == 2
