@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 from .commit import MANIFEST
-from .root_scan import BAD, COMMITTED, FOREIGN, INCOMPLETE, OLD, TMP, Entry, scan_root
-from .storage import get_storage
 from .errors import CheckpointNotFound, DistCkptError, ManifestError
 from .flatten import KeyPath, format_path
 from .loader import read_manifest
 from .manifest import Manifest, Pickled, TensorEntry
+from .root_scan import BAD, COMMITTED, FOREIGN, INCOMPLETE, OLD, TMP, Entry, scan_root
+from .storage import get_storage
 
 PROG = "dist-ckpt"
 

@@ -387,7 +387,7 @@ class CheckpointManager:
         error: BaseException | None = None
         try:
             self._ckpt.load(self.path_for(step), state_dict, strict=strict)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (every rank's outcome is exchanged first; non-damage is re-raised below)
             error = e
         outcomes = self._agree(attempt, error)
         if all(text == "" for text in outcomes.values()):
