@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import textwrap
@@ -24,13 +23,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 from .commit import MANIFEST
-from .errors import DistCkptError, ManifestError
+from .errors import CheckpointNotFound, DistCkptError, ManifestError
 from .flatten import KeyPath, format_path
 from .loader import read_manifest
 from .manifest import Manifest, Pickled, TensorEntry
+from .root_scan import BAD, COMMITTED, FOREIGN, INCOMPLETE, OLD, TMP, Entry, scan_root
+from .storage import get_storage
 
 PROG = "dist-ckpt"
-STEP_RE = re.compile(r"^step-(\d{8,})$")  # as CheckpointManager names them (more digits past 99,999,999)
 
 
 # -- formatting -------------------------------------------------------------------
@@ -78,21 +78,34 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _bar_size() -> dict[str, int]:
+    """``{}`` (tqdm follows the terminal), or 80 x 24 on a terminal that reports no size
+    (a fresh pseudo-terminal, ``script``, some CI runners), where tqdm would draw nothing."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return {}
+    return {} if size.columns > 0 and size.lines > 0 else {"ncols": size.columns or 80, "nrows": size.lines or 24}
+
+
 @contextmanager
 def _progress_bar(desc: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
-    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr (off when not a TTY)."""
+    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr (off when stderr is not a TTY)."""
     try:
         from tqdm import tqdm
     except ImportError:  # the bar is a nicety: work without it
         yield lambda done, total: None
         return
 
-    bar = tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=None if enabled else True, leave=False)
+    bar = tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=None if enabled else True, **_bar_size())
 
     def update(done: int, total: int) -> None:
         if bar.total != total:
             bar.total = total
+            bar.refresh()  # show the size at once, not at the next throttled update
         bar.update(done - bar.n)
+        if done >= total:
+            bar.refresh()  # the last update may fall inside tqdm's mininterval
 
     try:
         yield update
@@ -106,11 +119,12 @@ def _progress_bar(desc: str, enabled: bool) -> Iterator[Callable[[int, int], Non
 @dataclass
 class _Dir:
     name: str
-    state: str  # committed | incomplete | old | invalid
+    state: str  # committed | incomplete | old | invalid | bad | foreign (see dist_ckpt.root_scan)
     size: int
     world_size: int | None
     time: float  # manifest creation, else directory mtime
     step: int | None
+    detail: str = ""  # why a committed one is invalid, what a foreign one holds
 
 
 def _dir_size(path: str) -> int:
@@ -124,32 +138,27 @@ def _dir_size(path: str) -> int:
     return total
 
 
-def _describe_dir(root: str, name: str) -> _Dir | None:
-    """The checkpoint directory ``root/name``, or None when it does not look like one."""
-    path = os.path.join(root, name)
-    m = STEP_RE.match(name)
-    has_manifest = os.path.isfile(os.path.join(path, MANIFEST))
-    looks = m or has_manifest or ".tmp-" in name or ".old-" in name or os.path.isdir(os.path.join(path, "data"))
-    if not os.path.isdir(path) or not looks:
-        return None
-    world, created = None, os.stat(path).st_mtime
-    if ".tmp-" in name or not has_manifest:
-        state = "incomplete"
-    else:
-        state = "old" if ".old-" in name else "committed"
+_STATES = {COMMITTED: "committed", INCOMPLETE: "incomplete", TMP: "incomplete", OLD: "old", BAD: "bad", FOREIGN: "foreign"}
+
+
+def _describe_dir(root: str, entry: Entry) -> _Dir:
+    """``ls``'s row for one entry of the shared root scan (reads the MANIFEST of committed ones)."""
+    path = os.path.join(root, entry.name)
+    d = _Dir(entry.name, _STATES[entry.kind], _dir_size(path), None, os.stat(path).st_mtime, entry.step, entry.detail)
+    if entry.kind in (COMMITTED, OLD) and os.path.lexists(os.path.join(path, MANIFEST)):
         try:
             manifest, _, _ = read_manifest(path)
-            world, created = manifest.world_size, manifest.created
-        except ManifestError:
-            state = "invalid"
-    return _Dir(name, state, _dir_size(path), world, created, int(m.group(1)) if m else None)
+            d.world_size, d.time = manifest.world_size, manifest.created
+        except (ManifestError, OSError) as e:  # one bad step must not break the listing of the others
+            d.state, d.detail = ("invalid" if entry.kind == COMMITTED else d.state), str(e)
+    return d
 
 
 def _scan(root: str) -> list[_Dir]:
     if not os.path.isdir(root):
         raise FileNotFoundError(2, "no such directory", root)
-    found = (_describe_dir(root, n) for n in sorted(os.listdir(root)))
-    return [d for d in found if d is not None]
+    storage, path = get_storage(root)
+    return [_describe_dir(root, e) for e in scan_root(storage, path.rstrip("/") or "/")]
 
 
 def _newest(dirs: Sequence[_Dir]) -> _Dir | None:
@@ -173,6 +182,10 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         mark = "*" if d is newest else " "
         world = str(d.world_size) if d.world_size is not None else "-"
         print(f"{mark} {d.name:<{width}}  {d.state:<10}  {human_bytes(d.size):>10}  {world:>5}  {human_age(now - d.time)}")
+    for d in dirs:
+        if d.state in ("foreign", "invalid"):
+            hint = f"holds {d.detail}; not a dist_ckpt checkpoint, left alone by gc" if d.state == "foreign" else d.detail
+            print(f"{d.name}: {hint}")
     if newest is not None:
         print(f"newest committed: {newest.name}")
     return 0
@@ -242,8 +255,47 @@ def _inspect_json(manifest: Manifest, root: str) -> dict[str, Any]:
     }
 
 
+def _what_it_is(path: str, cmd: str) -> str | None:
+    """What ``path`` is when it is not a checkpoint, and what to run instead (None: nothing to say)."""
+    local = path[len("file://") :] if path.startswith("file://") else path
+    local = local.rstrip("/") or "/"
+    if os.path.isfile(os.path.join(local, ".metadata")):
+        return f"{path} is a DCP checkpoint, not a dist_ckpt one: convert it with `{PROG} convert {path} DST --to dist_ckpt --trust-pickle`"
+    if os.path.isfile(local):
+        kind = "a safetensors file" if local.endswith(".safetensors") else "a file, not a checkpoint directory (a torch.save file?)"
+        return f"{path} is {kind}: convert it with `{PROG} convert {path} DST --to dist_ckpt`"
+    parent = os.path.dirname(local)
+    if os.path.basename(local) == "data" and os.path.lexists(os.path.join(parent, MANIFEST)):
+        return f"{path} is the data folder of the checkpoint {parent}: run `{PROG} {cmd} {parent}`"
+    if os.path.isdir(local):
+        storage, p = get_storage(path)
+        dirs = [e for e in scan_root(storage, p.rstrip("/") or "/") if e.kind == COMMITTED]
+        if dirs:
+            newest = max(dirs, key=lambda e: (e.step is not None, e.step or 0, e.name))
+            return (f"{path} is a checkpoint root holding {len(dirs)} checkpoint(s): list them with `{PROG} ls {path}`, "
+                    f"then e.g. `{PROG} {cmd} {local}/{newest.name}`")
+    return None
+
+
+@contextmanager
+def _explained(path: str, cmd: str) -> Iterator[None]:
+    """Re-raise ``CheckpointNotFound`` for ``path`` with what it is and what to run instead, when known.
+
+    Raises:
+        CheckpointNotFound: nothing committed at ``path``.
+    """
+    try:
+        yield
+    except CheckpointNotFound as e:
+        hint = _what_it_is(path, cmd)
+        if hint is None:
+            raise
+        raise CheckpointNotFound(hint) from e
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    manifest, root, _ = read_manifest(args.ckpt)
+    with _explained(args.ckpt, "inspect"):
+        manifest, root, _ = read_manifest(args.ckpt)
     if args.json:
         print(json.dumps(_inspect_json(manifest, root), indent=1))
         return 0
@@ -269,7 +321,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
-    with _progress_bar("verify", not args.no_progress) as progress:
+    with _explained(args.ckpt, "verify"), _progress_bar("verify", not args.no_progress) as progress:
         report = verify(args.ckpt, workers=args.workers, progress=progress)
     rate = report.bytes_checked / max(report.seconds, 1e-9)
     summary = f"{report.chunks_checked} chunks, {human_bytes(report.bytes_checked)} checked in {report.seconds:.2f} s ({human_bytes(rate)}/s)"
@@ -290,7 +342,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
     with _progress_bar("convert", not args.no_progress) as progress:
-        result = convert(args.src, args.dst, args.to, trust_pickle=args.trust_pickle, pickle_objects=args.pickle_objects, rank=args.rank, progress=progress)
+        result = convert(args.src, args.dst, args.to, trust_pickle=args.trust_pickle, pickle_objects=args.pickle_objects, rank=args.rank, progress=progress,
+                         select=args.select, strip_prefix=args.strip_prefix)
     print(f"wrote {result.dst} ({result.to}) from {result.src_format}: {result.tensors} tensors, {human_bytes(result.nbytes)}, {result.objects} objects")
     if result.skipped:
         print(f"{PROG}: warning: {len(result.skipped)} value(s) not representable in {result.to} were left out: {', '.join(result.skipped[:20])}", file=sys.stderr)
@@ -303,13 +356,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def gc_plan(root: str, keep_last: int | None, min_age: float = 0.0) -> list[tuple[str, str]]:
     """``(directory name, reason)`` for everything ``gc`` removes under ``root``.
 
-    Removed: unfinished saves (``*.tmp-*``), ``*.old-*`` left by an overwrite
-    whose final directory is committed (without it the old one is the only
-    complete copy and is kept), step directories without MANIFEST, and with
-    ``keep_last`` committed ``step-*`` directories beyond the newest
-    ``keep_last``. The newest committed step is never removed. Directories
-    modified less than ``min_age`` seconds ago are left alone (a save may be
-    writing them).
+    Removed, and only what this library could have left (see
+    :mod:`dist_ckpt.root_scan`): unfinished saves (``*.tmp-*``), ``*.old-*``
+    left by an overwrite whose final directory is committed (without it the
+    old one is the only complete copy and is kept), step directories holding
+    only our data layout without MANIFEST, and with ``keep_last`` committed
+    ``step-*`` directories beyond the newest ``keep_last``. The newest
+    committed step is never removed; foreign directories (a DCP checkpoint
+    named ``step-N``) and ``*.bad-*`` ones are reported by :func:`gc_kept`
+    and left alone. Directories modified less than ``min_age`` seconds ago are
+    left alone (a save may be writing them).
     """
     dirs = _scan(root)
     newest = _newest(dirs)
@@ -321,13 +377,24 @@ def gc_plan(root: str, keep_last: int | None, min_age: float = 0.0) -> list[tupl
             continue
         if ".tmp-" in d.name:
             out.append((d.name, "unfinished save"))
-        elif ".old-" in d.name and d.name.split(".old-", 1)[0] in committed:
+        elif d.state == "old" and d.name.split(".old-", 1)[0] in committed:
             out.append((d.name, f"left over from an overwrite of {d.name.split('.old-', 1)[0]}"))
         elif d.step is not None and d.state == "incomplete":
             out.append((d.name, f"no {MANIFEST} (never committed)"))
     if keep_last is not None:
         steps = sorted((d for d in dirs if d.step is not None and d.state in ("committed", "invalid")), key=lambda d: d.step or 0)
         out += [(d.name, f"retention: keeping the last {keep_last}") for d in steps[: max(0, len(steps) - keep_last)] if d is not newest]
+    return out
+
+
+def gc_kept(root: str) -> list[tuple[str, str]]:
+    """``(directory name, why)`` of step-named directories ``gc`` leaves alone because this library did not write them."""
+    out = []
+    for d in _scan(root):
+        if d.state == "foreign":
+            out.append((d.name, f"holds {d.detail}, not a dist_ckpt checkpoint"))
+        elif d.state == "bad":
+            out.append((d.name, "set aside by a resume that could not load it; remove it by hand after a look"))
     return out
 
 
@@ -346,6 +413,8 @@ def _remove(path: str) -> None:
 
 def _cmd_gc(args: argparse.Namespace) -> int:
     plan = gc_plan(args.root, args.keep_last, args.min_age)
+    for name, why in gc_kept(args.root):
+        print(f"left alone {name}  ({why})")
     if not plan:
         print(f"nothing to remove in {args.root}")
         return 0
@@ -421,16 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
              "  dist-ckpt convert /ckpts/step-00001000 model.pt --to torch\n"
              "  dist-ckpt convert /ckpts/step-00001000 model.safetensors --to safetensors\n"
              "  dist-ckpt convert /dcp/checkpoint /ckpts/step-00000000 --to dist_ckpt --trust-pickle\n"
-             "  dist-ckpt convert model.pt /ckpts/step-00000000 --to dist_ckpt --trust-pickle\n\n"
-             "SRC is detected: a dist_ckpt checkpoint, a DCP directory (.metadata) or a torch.save file.\n\n"
-             + textwrap.fill(f"--trust-pickle: {trust_message('dcp')}. The same holds for torch.save input.", 88, break_on_hyphens=False) + "\n\n"
+             "  dist-ckpt convert model.pt /ckpts/step-00000000 --to dist_ckpt\n"
+             "  dist-ckpt convert model.safetensors /ckpts/step-00000000 --to dist_ckpt\n"
+             "  dist-ckpt convert /ckpts/step-00001000 model.safetensors --to safetensors --select model --strip-prefix\n\n"
+             "SRC is detected: a dist_ckpt checkpoint, a DCP directory (.metadata), a torch.save file or a\n.safetensors file.\n\n"
+             + textwrap.fill(f"--trust-pickle: {trust_message('dcp')}. A torch.save file is read with torch.load(weights_only=True) "
+                             "first and needs --trust-pickle only when that refuses it.", 88, break_on_hyphens=False) + "\n\n"
              "The torch output needs the whole checkpoint in memory; the others hold about one tensor\nat a time.")
     s.add_argument("src", metavar="SRC", type=_ckpt_path, help="input checkpoint (format detected)")
     s.add_argument("dst", metavar="DST", type=_ckpt_path, help="output path (must not exist)")
     s.add_argument("--to", required=True, choices=FORMATS, help="output format")
-    s.add_argument("--trust-pickle", action="store_true", help="allow unpickling: needed to read DCP or torch.save input (it can execute code)")
+    s.add_argument("--trust-pickle", action="store_true", help="allow unpickling: needed to read DCP input, or torch.save input weights_only refuses (it can execute code)")
     s.add_argument("--pickle-objects", action="store_true", help="(--to dist_ckpt) store values that are not msgpack-native pickled instead of refusing")
     s.add_argument("--rank", type=int, default=0, help="(dist_ckpt input) whose rank-local values to take (default 0)")
+    s.add_argument("--select", metavar="PREFIX", default=None, help="convert only the values named PREFIX or PREFIX.* (dotted key paths, e.g. model)")
+    s.add_argument("--strip-prefix", action="store_true", help="(with --select) drop PREFIX from the names (model.w -> w)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_convert)
 
@@ -450,6 +524,16 @@ def _error_text(e: BaseException) -> str:
     return str(e)
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's flush at exit does not hit the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file descriptor (tests capture it): nothing will flush it
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dist-ckpt`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
@@ -459,8 +543,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # `dist-ckpt inspect … | head`: the reader has all it wanted
+        _silence_stdout()
+        return 0
     except (DistCkptError, OSError) as e:
         print(f"{PROG}: error: {_error_text(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug, or input no check foresaw: still one line, the traceback on request
+        if os.environ.get("DIST_CKPT_TRACEBACK"):
+            raise
+        print(f"{PROG}: error: unexpected {type(e).__name__}: {e} (set DIST_CKPT_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

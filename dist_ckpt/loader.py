@@ -18,8 +18,9 @@ import pickle
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
+import numpy as np
 import torch
 
 from .commit import MANIFEST
@@ -29,6 +30,7 @@ from .dtypes import dtype_from_name, dtype_name
 from .errors import (
     CheckpointChanged,
     CheckpointNotFound,
+    DataFileError,
     LoadMismatchError,
     ManifestError,
     PickleNotAllowed,
@@ -159,7 +161,10 @@ def read_manifest(path: str, storage: Storage | None = None) -> tuple[Manifest, 
     if storage is None:
         storage, path = get_storage(path)
     root = find_committed(storage, path)
-    data = storage.read_bytes(f"{root}/{MANIFEST}")
+    try:
+        data = storage.read_bytes(f"{root}/{MANIFEST}")
+    except IsADirectoryError:
+        raise ManifestError(f"{root}/{MANIFEST} is a directory, not a manifest file") from None
     try:
         return Manifest.from_msgpack(data), root, storage
     except ManifestError as e:
@@ -475,6 +480,42 @@ def _restore_numpy(leaves: dict[KeyPath, Any], marks: dict[KeyPath, str]) -> Non
             leaves[key] = numpy_scalar(value, name, key)
 
 
+def check_bytes_on_disk(storage: Storage, root: str, files: Sequence[str], entries: Sequence[tuple[KeyPath, TensorEntry]]) -> None:
+    """Refuse, before allocating anything, tensors whose chunks claim more bytes than their data files hold.
+
+    A load with no target allocates each tensor at the shape its entry states;
+    the manifest's own checks bound shapes only by int64. Every chunk's bytes
+    lie in its file, chunk after chunk, so a file must hold at least the sum
+    of its chunks' ``nbytes`` and each chunk's end: a crafted 2**40-element
+    shape over a small file is refused here (one ``size`` per file).
+
+    Raises:
+        DataFileError: a file is missing or shorter than its chunks (names the file and a key).
+    """
+    if not entries:
+        return
+    file = np.concatenate([e.chunks.file.astype(np.int64) for _, e in entries])
+    nbytes = np.concatenate([e.chunks.nbytes for _, e in entries])
+    owner = np.concatenate([np.full(len(e.chunks), i, np.int64) for i, (_, e) in enumerate(entries)])
+    sums, ends, who = np.zeros(len(files), np.int64), np.zeros(len(files), np.int64), np.zeros(len(files), np.int64)
+    np.add.at(sums, file, nbytes)  # each nbytes < 2**62 (decoder), and a file holds few chunks of a real checkpoint
+    np.maximum.at(ends, file, np.concatenate([e.chunks.offset for _, e in entries]) + nbytes)
+    who[file] = owner
+    need = {int(f): (int(sums[f]), int(ends[f]), entries[int(who[f])][0]) for f in np.flatnonzero(np.maximum(sums, ends))}
+    for f, (total, end, key) in sorted(need.items()):
+        name = f"{root}/{files[f]}"
+        try:
+            handle = storage.open_read(name)
+        except OSError as e:
+            raise DataFileError(e.errno, f"data file {name} (of {format_path(key)}) cannot be opened: {e.strerror or e}") from e
+        try:
+            size = handle.size()
+        finally:
+            handle.close()
+        if size < max(total, end):
+            raise DataFileError(f"data file {name} has {size} bytes but its chunks (e.g. of {format_path(key)}) need {max(total, end)}; refusing to allocate them")
+
+
 @_retry_if_changed
 @torch.no_grad()
 def load_full(path: str, rank: int, config: Config, map_location: Any = None, storage: Storage | None = None) -> Any:
@@ -482,6 +523,8 @@ def load_full(path: str, rank: int, config: Config, map_location: Any = None, st
     manifest, root, storage = read_manifest(path, storage)
     leaves: dict[KeyPath, Any] = {}
     tasks = []
+    sec = manifest.local.get(rank)
+    check_bytes_on_disk(storage, root, manifest.files, list(manifest.tensors.items()) + (list(sec.tensors.items()) if sec else []))
     for key in list(manifest.tensors) + list(manifest.objects) + (list(manifest.local[rank].tensors) + list(manifest.local[rank].objects) if rank in manifest.local else []):
         entry, obj, _ = entry_for(manifest, rank, key)
         if entry is None:

@@ -1,10 +1,12 @@
 """CheckpointManager: numbered checkpoints for a training loop, with retention.
 
-Layout under ``root``::
+Layout under ``root`` (classified by :mod:`dist_ckpt.root_scan`, shared with the CLI)::
 
     step-00000100/            a committed checkpoint (it has a MANIFEST)
     step-00000200.tmp-<id>/   a save in flight, or left behind by a crash
     step-00000100.old-<id>/   the old copy during an overwrite's swap
+    step-00000300.bad-<id>/   a step a resume could not load, set aside
+    step-00000007/            foreign (e.g. a DCP checkpoint): never counted, never removed
 
 Call order and which rank runs each step (every rank calls the public methods
 together, in the same order; the manager itself calls no torch collective)::
@@ -18,7 +20,9 @@ together, in the same order; the manager itself calls no torch collective)::
     commit     (rank 0, after ``write_future`` completes, in the writer thread)
                read the committed size, apply retention; every rank logs its figures
     load       (all ranks) wait for the save in flight, read the newest (or given)
-               committed step; no communication
+               committed step; without a given step, agree through the store on
+               each attempt and fall back past damaged steps; (rank 0) set each
+               skipped one aside as ``step-N.bad-*``
     close      (all ranks) wait for the save in flight, close the checkpointer
 
 Only rank 0 creates or removes directories, and only at points where no other
@@ -34,7 +38,6 @@ an older step explicitly only if the policy keeps it (e.g. ``keep_every``).
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 import uuid
@@ -43,81 +46,23 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer, make_async_checkpointer, make_sync_checkpointer
-from .commit import MANIFEST
+from .commit import MANIFEST, CheckpointExists
 from .config import Config
-from .errors import CheckpointNotFound, CommitOutcomeUnknown
+from .errors import CheckpointError, CheckpointNotFound, ChecksumError, CommitOutcomeUnknown, DataFileError, ManifestError
 from .loader import read_manifest
 from .logs import get_logger
 from .manifest import Manifest
 from .preempt import DEFAULT_STOP_SIGNALS, StopWatch, requeue_job
-from .storage import Storage, get_storage
+from .root_scan import FOREIGN, INCOMPLETE, RootListing, classify, scan, stale_entries, step_dir_name
+from .session import _store
+from .storage import get_storage
+
+__all__ = ["CheckpointManager", "RetentionPolicy", "RootListing", "SaveStats", "scan", "stale_entries", "step_dir_name"]
 
 log = get_logger(__name__)
 
-_STEP_RE = re.compile(r"^step-(\d{8,})$")
-_TMP_RE = re.compile(r"^step-(\d{8,})\.tmp-.+$")
-_OLD_RE = re.compile(r"^step-(\d{8,})\.old-.+$")
-
-
-def step_dir_name(step: int) -> str:
-    """``step-<8 digits>`` (more digits past 99,999,999)."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return f"step-{step:08d}"
-
-
-# -- what is on disk (pure decisions over a listing) ------------------------------
-
-
-@dataclass(frozen=True)
-class RootListing:
-    """What a checkpoint root holds, by kind.
-
-    Attributes:
-        committed: steps whose ``step-N`` directory has a MANIFEST, ascending.
-        incomplete: steps whose ``step-N`` directory has no MANIFEST.
-        tmp: ``step-N.tmp-*`` entry names (saves in flight or crashed, deletes interrupted).
-        old: ``step-N.old-*`` entry names with their step (an overwrite's old copy).
-    """
-
-    committed: tuple[int, ...] = ()
-    incomplete: tuple[int, ...] = ()
-    tmp: tuple[str, ...] = ()
-    old: tuple[tuple[str, int], ...] = ()
-
-
-def scan(storage: Storage, root: str) -> RootListing:
-    """List ``root`` (missing root: empty listing); entries of other names are ignored."""
-    if not storage.exists(root):
-        return RootListing()
-    committed, incomplete, tmp, old = [], [], [], []
-    for name in storage.listdir(root):
-        if m := _STEP_RE.match(name):
-            (committed if storage.exists(f"{root}/{name}/{MANIFEST}") else incomplete).append(int(m.group(1)))
-        elif _TMP_RE.match(name):
-            tmp.append(name)
-        elif m := _OLD_RE.match(name):
-            old.append((name, int(m.group(1))))
-    return RootListing(tuple(sorted(committed)), tuple(sorted(incomplete)), tuple(tmp), tuple(old))
-
-
-def stale_entries(listing: RootListing) -> list[str]:
-    """Entry names a crashed run left behind that are safe to remove at start.
-
-    - every ``step-N.tmp-*``: no save of this job is in flight yet, and a
-      temporary directory is never loaded;
-    - ``step-N.old-*`` only when ``step-N`` is committed (otherwise the old copy
-      is the complete one, and load falls back to it);
-    - ``step-N`` without MANIFEST when N is older than the newest committed step
-      (a newer one may still be a save of another writer; a later save of that
-      step removes it first).
-    """
-    committed = set(listing.committed)
-    newest = max(committed, default=-1)
-    out = list(listing.tmp)
-    out += [name for name, step in listing.old if step in committed]
-    out += [step_dir_name(s) for s in listing.incomplete if s < newest]
-    return sorted(out)
+DAMAGE = (ChecksumError, ManifestError, DataFileError, CheckpointNotFound)
+"""What a resume treats as a damaged step (fall back to an older one) rather than a mismatch of the target."""
 
 
 @dataclass(frozen=True)
@@ -249,9 +194,17 @@ class CheckpointManager:
         self._closed = False
         session = self._ckpt.writer.session
         self._stop = StopWatch(session.agent, self.rank, tuple(stop_signals), stop_margin_s, self._last_save_s, session.config.heartbeat_timeout_s)
+        # Steps a resume skipped: never counted again by this manager, even where setting them aside failed,
+        # so retention can only remove the step resumed from for steps this job committed itself.
+        self._unloadable: set[int] = set()
+        self._loads = 0  # load() calls so far: names this call's keys in the store
+        self._world = self._ckpt.writer.session.world_size
         if self.rank == 0:
             self._storage.makedirs(self._root)
-            self._remove(stale_entries(scan(self._storage, self._root)), "stale entries left by an earlier run")
+            listing = scan(self._storage, self._root)
+            self._remove(stale_entries(listing), "stale entries left by an earlier run")
+            for name, what in listing.foreign:
+                log.warning("[rank 0] %s/%s holds %s, not a dist_ckpt checkpoint: left alone and never counted as a step", self.root, name, what)
 
     # -- queries (any rank, no communication) --
 
@@ -260,8 +213,8 @@ class CheckpointManager:
         return f"{self.root}/{step_dir_name(step)}"
 
     def steps(self) -> list[int]:
-        """Committed steps, ascending."""
-        return list(scan(self._storage, self._root).committed)
+        """Committed steps, ascending (steps a resume found unloadable are left out)."""
+        return [s for s in scan(self._storage, self._root).committed if s not in self._unloadable]
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None; temporary and incomplete directories never count."""
@@ -319,6 +272,7 @@ class CheckpointManager:
                 raise RuntimeError("save() on a closed CheckpointManager")
             self._pending.result()
             path = self.path_for(step)
+            self._refuse_foreign(step)
             if self.rank == 0:
                 self._clear_incomplete(step)
             t_start = time.perf_counter()
@@ -396,11 +350,21 @@ class CheckpointManager:
             self._storage.remove_tree(trash)
         return doomed
 
+    def _refuse_foreign(self, step: int) -> None:
+        """(every rank, before saving ``step``) Refuse a ``step-N`` this library did not write.
+
+        Every rank decides from the same directory, so all refuse together
+        before any rank starts a save that could only fail at commit.
+        """
+        entry = classify(self._storage, self._root, step_dir_name(step))
+        if entry is not None and entry.kind == FOREIGN:
+            raise CheckpointExists(f"cannot save step {step}: {self.root}/{entry.name} holds {entry.detail}, not a dist_ckpt checkpoint; move it away or save under another root")
+
     def _clear_incomplete(self, step: int) -> None:
-        """(rank 0, before saving ``step``) Remove an uncommitted ``step-N`` the save would collide with."""
-        name = step_dir_name(step)
-        if self._storage.exists(f"{self._root}/{name}") and not self._storage.exists(f"{self._root}/{name}/{MANIFEST}"):
-            self._remove([name], f"an incomplete directory in the way of saving step {step}")
+        """(rank 0, before saving ``step``) Remove an incomplete ``step-N`` (our layout, no MANIFEST) the save would collide with."""
+        entry = classify(self._storage, self._root, step_dir_name(step))
+        if entry is not None and entry.kind == INCOMPLETE:
+            self._remove([entry.name], f"an incomplete directory in the way of saving step {step}")
 
     def _remove(self, names: list[str], why: str) -> None:
         if not names:
@@ -447,9 +411,16 @@ class CheckpointManager:
     # -- loading --
 
     def load(self, state_dict: Any, step: int | None = None, *, strict: bool = True) -> int:
-        """Load ``step`` (the newest committed one when None) into ``state_dict`` in place.
+        """Load ``step`` (when None: the newest committed step that loads) into ``state_dict`` in place.
 
-        Waits for the save in flight first. No communication between ranks.
+        Waits for the save in flight first. With ``step=None`` a damaged step
+        (checksum, manifest or data-file error on any rank) is skipped for the
+        next older one: every rank logs why, the ranks agree through the
+        process group's store (a key-value store, not a collective) so all
+        load the same step, and rank 0 renames each skipped step to
+        ``step-N.bad-*`` so that :meth:`latest_step` and retention stop
+        counting it: retention then removes the step loaded only for steps this
+        job commits itself.
 
         Returns:
             The step loaded.
@@ -457,11 +428,73 @@ class CheckpointManager:
         Raises:
             CheckpointNotFound: no committed checkpoint under ``root`` (or ``step`` is not committed).
             LoadMismatchError: (strict) keys, shapes or dtypes differ from the checkpoint.
+            ChecksumError, ManifestError, DataFileError: the given ``step`` is damaged.
+            CheckpointError: (``step=None``) every committed step is damaged, or another
+                rank failed to load for a reason other than damage.
         """
         self.wait()
-        step = self._committed_or_latest(step)
-        self._ckpt.load(self.path_for(step), state_dict, strict=strict)
-        return step
+        if step is not None:
+            step = self._committed_or_latest(step)
+            self._ckpt.load(self.path_for(step), state_dict, strict=strict)
+            return step
+        self._loads += 1
+        candidates = self.steps()
+        if not candidates:
+            self._committed_or_latest(None)  # raises CheckpointNotFound naming the root
+        for attempt, candidate in enumerate(reversed(candidates)):
+            if self._try_load(attempt, candidate, state_dict, strict):
+                return candidate
+        raise self._all_damaged(candidates)
+
+    def _try_load(self, attempt: int, step: int, state_dict: Any, strict: bool) -> bool:
+        """Load ``step`` on every rank; True when all ranks did, False when any found it damaged."""
+        error: BaseException | None = None
+        try:
+            self._ckpt.load(self.path_for(step), state_dict, strict=strict)
+        except Exception as e:  # noqa: BLE001 (every rank's outcome is exchanged first; non-damage is re-raised below)
+            error = e
+        outcomes = self._agree(attempt, error)
+        if all(text == "" for text in outcomes.values()):
+            return True
+        if any(text and not text.startswith("damaged: ") for text in outcomes.values()):
+            failures = {r: t for r, t in outcomes.items() if t}
+            if error is not None and not isinstance(error, DAMAGE):
+                raise error
+            raise CheckpointError(f"loading step {step} from {self.root} failed on rank(s) {sorted(failures)}", failures)
+        why = "; ".join(f"rank {r}: {t[len('damaged: '):]}" for r, t in sorted(outcomes.items()) if t)
+        log.warning("[rank %d] resume: skipping step %d of %s, it cannot be loaded (%s); trying the next older step", self.rank, step, self.root, why)
+        self._unloadable.add(step)
+        if self.rank == 0:
+            self._set_aside(step)
+        return False
+
+    def _agree(self, attempt: int, error: BaseException | None) -> dict[int, str]:
+        """Every rank's outcome of load attempt ``attempt`` ("" ok, "damaged: …" or another error's text).
+
+        Goes through the process group's store: each rank publishes its own and
+        reads the others' (blocking until all have published).
+        """
+        mine = "" if error is None else ("damaged: " if isinstance(error, DAMAGE) else "") + f"{type(error).__name__}: {error}"
+        if self._world == 1:
+            return {0: mine}
+        store = _store(None)  # the session's store: the default group's
+        prefix = f"dist_ckpt/{self._ckpt.writer.session.job}/resume/{self._loads}/{attempt}"
+        store.set(f"{prefix}/{self.rank}", mine)
+        return {r: store.get(f"{prefix}/{r}").decode() for r in range(self._world)}
+
+    def _set_aside(self, step: int) -> None:
+        """(rank 0) Rename an unloadable ``step-N`` to ``step-N.bad-*``: kept for a post-mortem, no longer a step."""
+        name = step_dir_name(step)
+        aside = f"{name}.bad-{uuid.uuid4().hex[:8]}"
+        try:
+            self._storage.rename_dir(f"{self._root}/{name}", f"{self._root}/{aside}")
+            log.warning("[rank 0] resume: set %s/%s aside as %s", self.root, name, aside)
+        except OSError as e:
+            log.warning("[rank 0] resume: could not set %s/%s aside (%s); this manager ignores it", self.root, name, e)
+
+    def _all_damaged(self, candidates: list[int]) -> Exception:
+        # Not CheckpointNotFound: a caller that starts afresh on "not found" must not do so over damaged data.
+        return CheckpointError(f"no committed step under {self.root} can be loaded: steps {candidates} are all damaged (see the warnings above)")
 
     def close(self) -> None:
         """Wait for the save in flight (and its retention), then close the checkpointer; idempotent."""

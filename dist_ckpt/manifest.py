@@ -23,13 +23,15 @@ import numpy as np
 from . import boxes
 from .dtypes import is_dtype_name, itemsize
 from .errors import ManifestError
-from .flatten import KeyPath, check_structure
+from .flatten import MAX_DEPTH, KeyPath, check_structure
 
 FORMAT = "dist_ckpt"
 VERSION = 1
 ALIGN = 4096
 PICKLE_EXT = 1  # msgpack ExtType code of an opted-in pickled object
 _MAX_INT = 1 << 62  # offsets, sizes and byte counts stay far below int64 overflow
+_MAX_CREATED = float(1 << 34)  # Unix time, year ~2514: past it no clock or time_t of a reader can show it
+_RESERVED_NAMES = ("data", "MANIFEST")  # the data directory and the manifest itself are never data files
 
 # Column name -> (numpy dtype, values per chunk: "ndim" or 1)
 _COLUMNS: dict[str, tuple[str, str | int]] = {
@@ -265,13 +267,15 @@ def _decode(obj: Any) -> Manifest:
         raise ManifestError(f"world_size must be a positive int, got {ws!r:.40}")
     files = obj["files"]
     _expect(files, list, "files")
-    for f in files:
-        if not isinstance(f, str) or f.startswith("/") or ".." in f.split("/") or not f:
-            raise ManifestError(f"data file name {f!r:.80} must be a relative path inside the checkpoint")
+    for i, f in enumerate(files):
+        _check_file_name(f, i)
     user_meta = obj.get("user_meta", {})
     _expect(user_meta, dict, "user_meta")
+    _check_depth(user_meta, "user_meta")
     created = obj.get("created", 0.0)
     _expect(created, (int, float), "created")
+    if not 0 <= created < _MAX_CREATED:  # also false for NaN
+        raise ManifestError(f"created must be a Unix time in [0, 2**34), got {created!r:.40}")
     structure = obj["structure"]
     check_structure(structure)
     local_obj = obj.get("local", {})
@@ -294,9 +298,31 @@ def _decode(obj: Any) -> Manifest:
     )
 
 
+def _check_file_name(f: Any, index: int) -> None:
+    """A data file name is a relative path of ordinary components: no NUL, no ``.``/``..``/empty part,
+    not the data directory or the MANIFEST (opening those would fail without naming the file)."""
+    parts = f.split("/") if isinstance(f, str) else []
+    if not parts or "\x00" in f or len(f) > 4096 or any(p in ("", ".", "..") for p in parts) or f in _RESERVED_NAMES:
+        raise ManifestError(f"files[{index}]: data file name {f!r:.80} must be a relative path of plain components inside the checkpoint (not data/ or MANIFEST)")
+
+
+def _check_depth(value: Any, where: str) -> None:
+    """Refuse values nesting deeper than ``MAX_DEPTH`` containers (iterative: a crafted value cannot exhaust the stack)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (list, tuple, dict)):
+            if depth >= MAX_DEPTH:
+                raise ManifestError(f"{where} nests deeper than {MAX_DEPTH} containers")
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+
+
 def _decode_objects(objs: Any, where: str) -> dict[KeyPath, Any]:
     _expect(objs, dict, where)
-    return {_key(k, where): v for k, v in objs.items()}
+    out = {_key(k, where): v for k, v in objs.items()}
+    for k, v in out.items():
+        _check_depth(v, f"{where}[{list(k)!r:.120}]")
+    return out
 
 
 def _decode_tensors(tensors: Any, nfiles: int, where: str) -> dict[KeyPath, TensorEntry]:

@@ -167,8 +167,9 @@ def test_dcp_refusal_and_source_corruption_are_clean_errors(tmp_path, capsys):
 def test_torch_save_file_to_dist_ckpt(tmp_path):
     src, dst = str(tmp_path / "in.pt"), str(tmp_path / "ck")
     torch.save(_state(), src)
-    assert main(["convert", src, dst, "--to", "dist_ckpt", "--no-progress"]) == 1  # a pickle: needs trust
-    assert main(["convert", src, dst, "--to", "dist_ckpt", "--trust-pickle", "--no-progress"]) == 0
+    # Plain tensors and containers: torch.load(weights_only=True) reads them, no trust needed (issue 22 item 8;
+    # this line asserted "== 1" before, when every torch.save file needed --trust-pickle).
+    assert main(["convert", src, dst, "--to", "dist_ckpt", "--no-progress"]) == 0
     target = _state()
     target["model"]["w"].zero_()
     target["step"] = 0
@@ -221,3 +222,66 @@ def test_existing_destination_is_refused(ckpt, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     assert main(["convert", ckpt, str(tmp_path / "taken"), "--to", "dcp"]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+# -- torch.save with weights_only first, safetensors input, --select, DCP buckets ----------------
+
+
+class Trap:
+    """Unpickling this creates ``path``: proof that something unpickled it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_torch_save_needs_trust_only_when_weights_only_refuses_it(tmp_path, capsys):
+    src, marker = str(tmp_path / "in.pt"), str(tmp_path / "unpickled")
+    torch.save({"w": torch.ones(3), "trap": Trap(marker)}, src)
+    assert main(["convert", src, str(tmp_path / "ck"), "--to", "dist_ckpt", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dist-ckpt: error:") and "torch.load(weights_only=True) refused" in err and "--trust-pickle" in err and "in.pt" in err
+    assert "Traceback" not in err and not os.path.exists(marker) and not os.path.exists(tmp_path / "ck")
+    assert main(["convert", src, str(tmp_path / "ck"), "--to", "dist_ckpt", "--trust-pickle", "--pickle-objects", "--no-progress"]) == 0
+    assert os.path.exists(marker)  # with trust it was unpickled, as asked
+
+
+def test_safetensors_source_and_select_with_strip_prefix(ckpt, tmp_path, capsys):
+    weights = str(tmp_path / "model.safetensors")
+    assert main(["convert", ckpt, weights, "--to", "safetensors", "--select", "model", "--strip-prefix", "--no-progress"]) == 0
+    from safetensors.torch import load_file
+
+    sd = _state()["model"]
+    assert _equal(load_file(weights), {"w": sd["w"], "b": sd["b"], "layers.0": sd["layers"][0], "layers.1": sd["layers"][1]})
+    back = str(tmp_path / "back")
+    assert main(["convert", weights, back, "--to", "dist_ckpt", "--no-progress"]) == 0  # safetensors as a source
+    assert "from safetensors" in capsys.readouterr().out
+    target = {"w": torch.zeros(40, 9), "b": torch.zeros(9, dtype=torch.bfloat16), "layers.0": torch.zeros(6, dtype=torch.int64), "layers.1": torch.zeros(2, 2, dtype=torch.bool)}
+    dc.load(target, back)
+    assert _equal(target, load_file(weights)) and verify(back).ok
+    sel = str(tmp_path / "sel")
+    assert main(["convert", ckpt, sel, "--to", "dist_ckpt", "--select", "model.layers", "--no-progress"]) == 0
+    assert _equal(dc.make_sync_checkpointer().load(sel), {"model": {"layers": sd["layers"]}})
+    assert main(["convert", ckpt, str(tmp_path / "none"), "--to", "dist_ckpt", "--select", "modle"]) == 1
+    err = capsys.readouterr().err
+    assert "--select 'modle' matches no value" in err and "model" in err and not os.path.exists(tmp_path / "none")
+
+
+def test_dcp_output_is_one_file_per_size_bucket(ckpt, tmp_path, monkeypatch):
+    one = str(tmp_path / "one")
+    convert(ckpt, one, "dcp")
+    assert [n for n in os.listdir(one) if n.endswith(".distcp")] == ["__0_0.distcp"]  # not one per tensor
+    monkeypatch.setattr(convert_sinks, "BUCKET_BYTES", 400)  # model.w (1440 bytes) alone, the small ones together
+    many = str(tmp_path / "many")
+    convert(ckpt, many, "dcp")
+    files = [n for n in os.listdir(many) if n.endswith(".distcp")]
+    assert 1 < len(files) < 6
+    target = _state()
+    for t in [target["model"]["w"], target["model"]["b"], target["opt"]["state"][0]["m"], target["scalar"]]:
+        t.zero_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(target, checkpoint_id=many)
+    assert _equal(target, _state())

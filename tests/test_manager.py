@@ -279,3 +279,92 @@ def test_unknown_commit_outcome_is_resolved_by_what_is_committed(tmp_path, monke
         if async_save:
             out[1].result()  # CommitOutcomeUnknown from the ranks, resolved: the step is committed
         assert mgr.steps() == [1] and [s.step for s in mgr.history] == [1]
+
+
+# -- what is not ours, and damaged steps --------------------------------------------------
+
+
+def _dcp_save(path: str) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(4)}, checkpoint_id=path, no_dist=True)
+
+
+def test_dcp_checkpoint_under_the_root_is_left_alone(tmp_path, caplog):
+    root = tmp_path / "ck"
+    with CheckpointManager(str(root), keep_last=1, async_save=False, config=CONFIG) as mgr:
+        for step in (2, 8):
+            mgr.save(step, state(step))
+    _dcp_save(str(root / "step-00000007"))  # torchtitan names its DCP steps this way
+    (root / "step-00000003").mkdir()
+    (root / "step-00000003" / "notes.txt").write_text("a user's file")
+    dcp_files = sorted(os.listdir(root / "step-00000007"))
+    with caplog.at_level(logging.WARNING, logger="dist_ckpt.manager"):
+        mgr = CheckpointManager(str(root), keep_last=1, async_save=False, config=CONFIG)
+    assert "step-00000007 holds a DCP checkpoint (.metadata), not a dist_ckpt checkpoint: left alone" in caplog.text
+    assert on_disk(root) == names(3, 7, 8) and sorted(os.listdir(root / "step-00000007")) == dcp_files
+    assert mgr.latest_step() == 8 and mgr.steps() == [8]
+    with pytest.raises(FileExistsError, match="step-00000007 holds a DCP checkpoint"):
+        mgr.save(7, state(7))
+    mgr.save(9, state(9))  # retention: keep_last=1 removes step 8 only
+    mgr.close()
+    assert on_disk(root) == names(3, 7, 9) and sorted(os.listdir(root / "step-00000007")) == dcp_files
+
+
+def _save_steps(rank, world, root, steps):
+    mgr = CheckpointManager(root, keep_last=2, async_save=False)
+    w = dtensor(torch.zeros(64, 16), world, "shard0")
+    for step in steps:
+        w.to_local().fill_(float(step))
+        mgr.save(step, {"w": w, "step": step})
+    mgr.close()
+
+
+def _resume_then_save(rank, world, root):
+    mgr = CheckpointManager(root, keep_last=2, async_save=False)
+    target = {"w": dtensor(torch.zeros(64, 16), world, "shard0"), "step": 0}
+    step = mgr.load(target)
+    exact = bool((target["w"].full_tensor() == float(step)).all())
+    latest = mgr.latest_step()
+    mgr.save(step + 10, target)
+    steps = mgr.steps()
+    mgr.close()
+    return step, target["step"], exact, latest, steps
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated MANIFEST"])
+def test_resume_falls_back_past_a_damaged_newest_step(tmp_path, damage):
+    root = str(tmp_path / "ck")
+    run_ranks(_save_steps, 2, root, [1, 2, 3], env=FAST, timeout=90)
+    assert on_disk(root) == names(2, 3)
+    newest = os.path.join(root, step_dir_name(3))
+    if damage == "flipped byte":  # in rank 1's shard: only rank 1 reads it, and only rank 1 sees the ChecksumError
+        data = os.path.join(newest, "data", next(n for n in sorted(os.listdir(os.path.join(newest, "data"))) if n.startswith("r00001")))
+        with open(data, "r+b") as f:
+            b = f.read(1)
+            f.seek(0)
+            f.write(bytes([b[0] ^ 0xFF]))
+    else:
+        os.truncate(os.path.join(newest, "MANIFEST"), 40)
+    out = run_ranks(_resume_then_save, 2, root, env=FAST, timeout=90)
+    for rank in (0, 1):
+        assert out[rank] == (2, 2, True, 2, [2, 12])
+    left = on_disk(root)
+    assert [n for n in left if ".bad-" not in n] == names(2, 12)  # the step resumed from survived retention
+    assert len(left) == 3 and [n for n in left if ".bad-" in n][0].startswith("step-00000003.bad-")
+
+
+def test_resume_with_every_step_damaged_raises_checkpoint_error_not_not_found(tmp_path):
+    with CheckpointManager(str(tmp_path), keep_last=3, async_save=False, config=CONFIG) as mgr:
+        for step in (1, 2):
+            mgr.save(step, state(step))
+        for step in (1, 2):
+            os.truncate(tmp_path / step_dir_name(step) / "MANIFEST", 10)
+        with pytest.raises(dc.CheckpointError, match=r"steps \[1, 2\] are all damaged") as info:
+            mgr.load(state(0))
+        assert not isinstance(info.value, dc.CheckpointNotFound)  # a loop starting afresh on "not found" must not start here
+        assert mgr.latest_step() is None and len([n for n in on_disk(tmp_path) if ".bad-" in n]) == 2

@@ -13,8 +13,17 @@ source         how it is read
                values are those of ``rank`` (default 0)
 ``dcp``        ``.metadata`` (a pickle), then one tensor at a time through
                DCP's own load planner and ``FileSystemReader``
-``torch``      ``torch.load(mmap=True)``: tensors stay file-backed pages
+``torch``      ``torch.load(mmap=True, weights_only=True)``: tensors stay
+               file-backed pages; full unpickling only when ``weights_only``
+               refuses the file and ``trust_pickle`` is set
+``safetensors`` the header (checked by the safetensors library), then one
+               tensor at a time; flat names as in the file (``"model.w"``)
 =============  ==========================================================
+
+``select`` keeps only the values whose dotted name (key path joined with
+``"."``) is ``select`` or starts with ``select + "."``; ``strip_prefix``
+then drops that prefix from their names (``model.w`` → ``w``), e.g. to
+export a model's weights from a training checkpoint.
 
 =================  =====================================================================
 sink               output and memory
@@ -24,10 +33,11 @@ sink               output and memory
                    batches of ~:data:`sinks.BATCH_BYTES` (one data file per batch), cut
                    into dim-0 chunks of at most :data:`sinks.CHUNK_BYTES` so that sharded
                    loads read and verify whole chunks. Memory: one batch.
-``dcp``            ``torch.distributed.checkpoint.save`` with ``FileSystemWriter``
-                   and one file per tensor: DCP's writer keeps every tensor of a file
-                   alive until the file is closed, so per-tensor files bound memory by
-                   the largest tensor. Loadable by ``torch.distributed.checkpoint.load``.
+``dcp``            ``torch.distributed.checkpoint.save`` with a ``FileSystemWriter`` that
+                   writes one file per size bucket of ~:data:`sinks.BUCKET_BYTES`, one file
+                   at a time: DCP's writer keeps every tensor of a file alive until the
+                   file is closed, so memory is one bucket (or the largest tensor).
+                   Loadable by ``torch.distributed.checkpoint.load``.
 ``torch``          one ``torch.save`` file, loadable with ``torch.load(weights_only=True)``.
                    **Not bounded**: ``torch.save`` needs the whole tree in memory.
 ``safetensors``    tensors only, named by joining key paths with ``"."`` (ambiguous
@@ -36,7 +46,9 @@ sink               output and memory
 =================  =====================================================================
 
 Trust: a DCP directory and a ``torch.save`` file are pickles, so reading them
-can execute code; they are only read with ``trust_pickle=True``. Values a
+can execute code. A DCP directory is only read with ``trust_pickle=True``; a
+``torch.save`` file is first read with ``weights_only=True`` (plain tensors and
+containers convert safely) and needs ``trust_pickle=True`` only when that fails. Values a
 dist_ckpt checkpoint holds pickled are never unpickled without it either
 (dist_ckpt → dist_ckpt copies them as bytes; safetensors skips them).
 """
@@ -44,12 +56,13 @@ dist_ckpt checkpoint holds pickled are never unpickled without it either
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from ..errors import PickleNotAllowed
-from ..flatten import flatten
-from ._common import _TRUST, FORMATS, ConvertError, ConvertResult, LazyTensor, Meter, Options, Progress, local_path
+from ..flatten import KeyPath, flatten
+from ._common import _ASK_FIRST, _TRUST, FORMATS, ConvertError, ConvertResult, LazyTensor, Meter, Options, Progress, local_path
 from .sinks import SINKS, is_tensor, meta
-from .sources import SOURCES, detect_format
+from .sources import SOURCES, _nest, detect_format
 
 __all__ = ["FORMATS", "ConvertError", "ConvertResult", "LazyTensor", "Progress", "convert", "detect_format", "trust_message"]
 
@@ -63,21 +76,59 @@ def trust_message(fmt: str) -> str:
     )
 
 
+def _dotted(key: KeyPath) -> str:
+    return ".".join(str(k) for k in key)
+
+
+def _strip(key: KeyPath, prefix: str) -> KeyPath:
+    """``key`` without its leading ``prefix``, which may end inside a component (flat ``"model.w"`` names)."""
+    for i in range(1, len(key) + 1):
+        joined = _dotted(key[:i])
+        if joined == prefix:
+            return key[i:]
+        if joined.startswith(prefix + "."):
+            return (joined[len(prefix) + 1 :],) + key[i:]
+    return key
+
+
+def select_leaves(leaves: dict[KeyPath, Any], select: str, strip_prefix: bool) -> dict[KeyPath, Any]:
+    """The leaves named ``select`` or ``select.*`` (dotted names), without that prefix when ``strip_prefix``.
+
+    Raises:
+        ConvertError: nothing matches, or stripping leaves a value without a name.
+    """
+    prefix = select.rstrip(".")
+    chosen = {k: v for k, v in leaves.items() if _dotted(k) == prefix or _dotted(k).startswith(prefix + ".")}
+    if not chosen:
+        names = sorted({str(k[0]) for k in leaves if k})[:10]
+        raise ConvertError(f"--select {select!r} matches no value; top-level names: {', '.join(names) or '(none)'}")
+    if not strip_prefix:
+        return chosen
+    out = {_strip(k, prefix): v for k, v in chosen.items()}
+    if () in out:
+        raise ConvertError(f"--strip-prefix would leave {prefix!r} itself without a name; select its parent or keep the prefix")
+    return out
+
+
 def convert(
-    src: str, dst: str, to: str, *, trust_pickle: bool = False, pickle_objects: bool = False, rank: int = 0, progress: Progress | None = None
+    src: str, dst: str, to: str, *, trust_pickle: bool = False, pickle_objects: bool = False, rank: int = 0, progress: Progress | None = None,
+    select: str | None = None, strip_prefix: bool = False,
 ) -> ConvertResult:
     """Convert the checkpoint at ``src`` into a new ``to``-format checkpoint at ``dst``.
 
     Args:
-        src: a dist_ckpt checkpoint, a DCP directory or a ``torch.save`` file (detected).
+        src: a dist_ckpt checkpoint, a DCP directory, a ``torch.save`` or a ``.safetensors`` file (detected).
         dst: output path; must not exist.
         to: one of :data:`FORMATS`.
-        trust_pickle: allow unpickling: needed to read DCP and ``torch.save`` input,
-            and to write dist_ckpt values stored pickled to DCP or ``torch.save``.
+        trust_pickle: allow unpickling: needed to read DCP input and ``torch.save`` input
+            that ``weights_only=True`` refuses, and to write dist_ckpt values stored
+            pickled to DCP or ``torch.save``.
         pickle_objects: (to dist_ckpt) store values that are neither tensors nor
             msgpack-native pickled, instead of refusing them.
         rank: (dist_ckpt input) whose rank-local values to take.
         progress: called with ``(tensor_bytes_done, tensor_bytes_total)``.
+        select: keep only the values named ``select`` or ``select.*`` (dotted key paths).
+        strip_prefix: (with ``select``) drop the selected prefix from the names.
 
     Returns:
         A :class:`ConvertResult`.
@@ -85,18 +136,23 @@ def convert(
     Raises:
         PickleNotAllowed: the conversion needs unpickling and ``trust_pickle`` is false.
         ConvertError: the target format cannot hold the source (ambiguous names,
-            dtype, non-dict root, a value ``weights_only`` rejects); ``dst`` exists.
+            dtype, non-dict root, a value ``weights_only`` rejects); ``dst`` exists;
+            ``select`` matches nothing.
         CheckpointNotFound, ManifestError, ChecksumError, DataFileError: bad input.
     """
     if to not in FORMATS:
         raise ValueError(f"unknown target format {to!r}; choose from {', '.join(FORMATS)}")
     fmt = detect_format(src)
-    if fmt in _TRUST and not trust_pickle:
+    if fmt in _ASK_FIRST and not trust_pickle:
         raise PickleNotAllowed(trust_message(fmt))
+    if strip_prefix and select is None:
+        raise ConvertError("--strip-prefix (strip_prefix) needs --select PREFIX: the prefix to strip")
     if os.path.lexists(local_path(dst)):
         raise ConvertError(f"{dst} already exists; refusing to overwrite it")
     opts = Options(fmt, trust_pickle, pickle_objects)
-    leaves, structure = flatten(SOURCES[fmt](src, rank))
+    leaves, structure = flatten(SOURCES[fmt](src, rank, trust_pickle))
+    if select is not None:
+        leaves, structure = flatten(_nest(list(select_leaves(leaves, select, strip_prefix).items())))
     total = sum(meta(v)[2] for v in leaves.values() if is_tensor(v))
     skipped = SINKS[to](leaves, structure, dst, Meter(total, progress), opts)
     n_tensors = sum(1 for v in leaves.values() if is_tensor(v))

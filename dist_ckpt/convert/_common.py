@@ -12,10 +12,11 @@ from ..errors import DistCkptError
 
 FORMATS = ("dist_ckpt", "dcp", "torch", "safetensors")
 
-_TRUST = {  # format -> (display name, why reading it unpickles)
+_TRUST = {  # format -> (display name, why reading it unpickles); torch.save input asks only when weights_only refuses it
     "dcp": ("DCP", "its .metadata file and its non-tensor values are pickles"),
     "torch": ("torch.save", "a torch.save file is a pickle"),
 }
+_ASK_FIRST = ("dcp",)  # formats refused up front without trust_pickle
 _ST_DTYPES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "complex64": "C64",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",

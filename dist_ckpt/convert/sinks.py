@@ -28,6 +28,8 @@ from ._common import _ST_DTYPES, _WEIGHTS_ONLY_LEAVES, ConvertError, LazyTensor,
 
 BATCH_BYTES = 256 << 20
 CHUNK_BYTES = 64 << 20
+BUCKET_BYTES = 256 << 20
+"""(--to dcp) bytes per DCP data file: files are written one at a time, so this bounds memory."""
 
 
 # -- leaves ---------------------------------------------------------------------
@@ -186,6 +188,38 @@ def _lazy_save_planner(lazy: dict[int, tuple[KeyPath, Any]], meter: Meter) -> An
     return LazySavePlanner()
 
 
+def _bucketed_writer(path: str) -> Any:
+    """A DCP ``FileSystemWriter`` writing one file per ~BUCKET_BYTES of items, one file at a time."""
+    import queue
+
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class BucketedWriter(FileSystemWriter):
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            files: queue.Queue = queue.Queue()
+            bucket: list[Any] = []
+            size = 0
+
+            def put() -> None:
+                name = f"{plan.storage_data.prefix}{files.qsize()}.distcp"
+                files.put((self.fs.concat_path(self.path, name), name, list(bucket)))
+
+            for item in plan.items:
+                n = 0 if item.type == WriteItemType.BYTE_IO else math.prod(item.tensor_data.size) * item.tensor_data.properties.dtype.itemsize
+                if bucket and size + n > BUCKET_BYTES:
+                    put()
+                    bucket, size = [], 0
+                bucket.append(item)
+                size += n
+            if bucket:
+                put()
+            return self._write_data(planner, files)
+
+    # thread_count=1: one file in memory at a time (DCP holds a file's tensors until it is closed).
+    return BucketedWriter(path, single_file_per_rank=True, thread_count=1)
+
+
 def _write_dcp(leaves: dict[KeyPath, Any], structure: Any, dst: str, meter: Meter, opts: Options) -> list[str]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
@@ -206,7 +240,7 @@ def _write_dcp(leaves: dict[KeyPath, Any], structure: Any, dst: str, meter: Mete
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
-            writer = dcp.FileSystemWriter(tmp, single_file_per_rank=False)
+            writer = _bucketed_writer(tmp)
             dcp.save(tree, storage_writer=writer, planner=_lazy_save_planner(lazy, meter), no_dist=True)
         os.rename(tmp, local_path(dst))
     except CheckpointException as e:  # DCP wraps every failure (a BaseException): unwrap the cause

@@ -1,8 +1,9 @@
-"""Converter sources: a dist_ckpt, DCP or ``torch.save`` input as a tree with lazy tensor leaves."""
+"""Converter sources: a dist_ckpt, DCP, ``torch.save`` or safetensors input as a tree with lazy tensor leaves."""
 
 from __future__ import annotations
 
 import os
+import pickle
 from functools import partial
 from typing import Any, Callable
 
@@ -10,17 +11,17 @@ import torch
 
 from ..commit import MANIFEST
 from ..dtypes import dtype_from_name
-from ..errors import CheckpointNotFound, ManifestError
+from ..errors import CheckpointNotFound, ManifestError, PickleNotAllowed
 from ..flatten import KeyPath, expand_stateful, format_path, leaf_paths, unflatten
-from ..loader import entry_for, find_committed, read_manifest
+from ..loader import check_bytes_on_disk, entry_for, find_committed, read_manifest
 from ..manifest import TensorEntry
 from ..reader import ReadTask, read_tensors
 from ..storage import Storage, get_storage
-from ._common import ConvertError, LazyTensor, local_path
+from ._common import _ST_DTYPES, ConvertError, LazyTensor, local_path
 
 
 def detect_format(path: str) -> str:
-    """``"dist_ckpt"``, ``"dcp"`` or ``"torch"`` for the input at ``path``.
+    """``"dist_ckpt"``, ``"dcp"``, ``"torch"`` or ``"safetensors"`` for the input at ``path``.
 
     Raises:
         CheckpointNotFound: nothing usable is there (an incomplete dist_ckpt
@@ -29,9 +30,7 @@ def detect_format(path: str) -> str:
     """
     local = local_path(path)
     if os.path.isfile(local):
-        if local.endswith(".safetensors"):
-            raise ConvertError(f"{path}: safetensors is an output format only; read it with safetensors.torch.load_file")
-        return "torch"
+        return "safetensors" if local.endswith(".safetensors") else "torch"
     if os.path.isfile(os.path.join(local, MANIFEST)):
         return "dist_ckpt"
     if os.path.isfile(os.path.join(local, ".metadata")):
@@ -56,6 +55,8 @@ def _dist_ckpt_tree(path: str, rank: int) -> Any:
     manifest, root, storage = read_manifest(path)
     if not 0 <= rank < manifest.world_size:
         raise ConvertError(f"rank {rank} is outside the checkpoint's world size {manifest.world_size}")
+    sec = manifest.local.get(rank)
+    check_bytes_on_disk(storage, root, manifest.files, list(manifest.tensors.items()) + (list(sec.tensors.items()) if sec else []))
     leaves: dict[KeyPath, Any] = {}
     for key in leaf_paths(manifest.structure):
         entry, obj, found = entry_for(manifest, rank, key)
@@ -100,9 +101,9 @@ def _nest(items: list[tuple[KeyPath, Any]]) -> Any:
         for depth, k in enumerate(path[:-1]):
             node = node.setdefault(k, _Node())
             if not isinstance(node, _Node):
-                raise ConvertError(f"DCP keys conflict: {format_path(path[: depth + 1])} is both a value and a container")
+                raise ConvertError(f"keys conflict: {format_path(path[: depth + 1])} is both a value and a container")
         if path[-1] in node:
-            raise ConvertError(f"DCP keys conflict: {format_path(path)} appears twice")
+            raise ConvertError(f"keys conflict: {format_path(path)} appears twice")
         node[path[-1]] = value
 
     def finish(node: Any) -> Any:
@@ -146,22 +147,67 @@ def _dcp_tree(path: str) -> Any:
     return _nest(items)
 
 
-def _torch_tree(path: str) -> Any:
+def _torch_load(local: str, weights_only: bool) -> Any:
+    try:
+        return torch.load(local, map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(local, map_location="cpu", weights_only=weights_only)  # legacy (non-zip) format
+
+
+def _torch_tree(path: str, trust_pickle: bool) -> Any:
+    """The file's tree: ``torch.load(weights_only=True)`` first (it executes no code), full
+    unpickling only when that refuses the file and ``trust_pickle`` is set."""
     local = local_path(path)
     try:
         try:
-            obj = torch.load(local, map_location="cpu", weights_only=False, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(local, map_location="cpu", weights_only=False)  # legacy (non-zip) format
+            obj = _torch_load(local, weights_only=True)
+        except pickle.UnpicklingError as e:  # weights_only met a type it does not allow
+            if not trust_pickle:
+                lines = [line for line in str(e).splitlines() if "unsupported" in line.lower()] or [type(e).__name__]
+                raise PickleNotAllowed(
+                    f"{path}: torch.load(weights_only=True) refused this torch.save file ({lines[0].strip()[:200]}); reading it fully unpickles it, "
+                    "which can execute arbitrary code: pass --trust-pickle (trust_pickle=True) only for a file from a source you trust"
+                ) from None
+            obj = _torch_load(local, weights_only=False)
+    except PickleNotAllowed:
+        raise
     except Exception as e:
         raise ConvertError(f"{path}: cannot read it as a torch.save file: {type(e).__name__}: {e}") from e
     return expand_stateful(obj)[0]
 
 
-SOURCES: dict[str, Callable[[str, int], Any]] = {
-    "dist_ckpt": _dist_ckpt_tree,
-    "dcp": lambda path, rank: _dcp_tree(path),
-    "torch": lambda path, rank: _torch_tree(path),
+_FROM_ST = {st: name for name, st in _ST_DTYPES.items()}
+
+
+def _safetensors_tree(path: str) -> dict[str, Any]:
+    """``{tensor name: LazyTensor}``, flat as the file names them (like a module's state_dict).
+
+    The header's ``__metadata__`` strings are not converted. The safetensors
+    library checks the header (size, offsets against the file) before anything is read.
+    """
+    from safetensors import safe_open
+
+    try:
+        f = safe_open(local_path(path), framework="pt")
+        out: dict[str, Any] = {}
+        for name in f.keys():
+            sl = f.get_slice(name)
+            st, shape = sl.get_dtype(), tuple(int(s) for s in sl.get_shape())
+            if st not in _FROM_ST:
+                raise ConvertError(f"{path}: tensor {name!r} has safetensors dtype {st}, which dist_ckpt has no name for")
+            out[name] = LazyTensor(dtype_from_name(_FROM_ST[st]), shape, partial(f.get_tensor, name))
+    except ConvertError:
+        raise
+    except Exception as e:  # SafetensorError, OSError: a damaged or foreign file
+        raise ConvertError(f"{path}: cannot read it as a safetensors file: {type(e).__name__}: {e}") from e
+    return out
+
+
+SOURCES: dict[str, Callable[[str, int, bool], Any]] = {
+    "dist_ckpt": lambda path, rank, trust: _dist_ckpt_tree(path, rank),
+    "dcp": lambda path, rank, trust: _dcp_tree(path),
+    "torch": lambda path, rank, trust: _torch_tree(path, trust),
+    "safetensors": lambda path, rank, trust: _safetensors_tree(path),
 }
