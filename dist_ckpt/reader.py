@@ -56,7 +56,7 @@ class _Files:
             if h is None:
                 path = self.path(index)
                 try:
-                    h = self._handles[index] = self._storage.open_read(path)
+                    h = self._handles[index] = self._storage.open_in(self._root, self._names[index])
                 except FileNotFoundError as e:
                     raise DataFileError(e.errno, f"data file {path} is missing") from e
                 except OSError as e:

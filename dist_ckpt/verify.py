@@ -167,10 +167,14 @@ class _Checker:
         return []
 
 
-def _open(storage: Storage, path: str) -> tuple[ReadHandle | None, int, str, str]:
-    """``(handle, size, reason, detail)``; handle is None and reason set when it cannot be opened."""
+def _open(storage: Storage, root: str, name: str) -> tuple[ReadHandle | None, int, str, str]:
+    """``(handle, size, reason, detail)``; handle is None and reason set when it cannot be opened.
+
+    A link, FIFO or other non-regular file is a read error, reported unread.
+    """
+    path = f"{root}/{name}"
     try:
-        handle = storage.open_read(path)
+        handle = storage.open_in(root, name)
         return handle, handle.size(), "", ""
     except FileNotFoundError:
         return None, 0, FILE_MISSING, f"{path} does not exist"
@@ -219,7 +223,7 @@ def verify(path: str, workers: int = 4, progress: Progress | None = None) -> Ver
         file_chunks = [c for c in file_chunks if c.nbytes]
         if not file_chunks:
             continue
-        handle, size, reason, detail = _open(storage, f"{root}/{name}")
+        handle, size, reason, detail = _open(storage, root, name)
         if handle is None:
             bad += [_bad(c, name, reason, detail) for c in file_chunks]
             skipped += sum(c.nbytes for c in file_chunks)
