@@ -6,17 +6,23 @@ import dataclasses
 import os
 
 import msgpack
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dist_ckpt as dc
+from dist_ckpt.commit import RecordTable, decode_records, encode_record_columns
 from dist_ckpt.errors import ChecksumError
 from dist_ckpt.loader import read_manifest
-from dist_ckpt.manifest import BLOCK_BYTES
+from dist_ckpt.manifest import BLOCK_BYTES, Manifest, block_counts
+from dist_ckpt.planner import plan_save
 from dist_ckpt.reader import ReadTask, read_tensors
 from dist_ckpt.verify import CHECKSUM_MISMATCH, verify
 from dist_helpers import dtensor
 from launcher import run_ranks
+from test_planner import commit, mixed_jobs, records_of
 
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "20"}
 ROW = 1024 * 4  # bytes per row of the (rows, 1024) float32 tensors below
@@ -185,3 +191,23 @@ def test_a_partial_read_reads_the_touched_blocks_once_and_nothing_else(tmp_path,
         out = torch.zeros(h, w)
         read_tensors(storage, root, manifest.files, [ReadTask(("w",), manifest.tensors[("w",)], out, (r, c), (h, w))], verify=verify_on)
         assert storage.counted[0] == want and torch.equal(out, W[r : r + h, c : c + w])
+
+
+@settings(max_examples=100, deadline=None)
+@given(mixed_jobs(), st.integers(0, 2**32 - 1), st.booleans())
+def test_block_sums_land_with_their_chunks_in_manifest_order(descs, seed, shuffle):
+    """The coordinator scatters each rank's block sums (sent in any record order) into manifest chunk order."""
+    plan = plan_save(descs)
+    table = RecordTable(plan)
+    rng = np.random.default_rng(seed)
+    for d in sorted(descs, key=lambda d: d.rank):
+        rec = records_of(plan, d, rng if shuffle else None)  # xxh3 = rank * 1000 + tag
+        sums = [np.full(int(k), int(h), np.uint64) for h, k in zip(rec.xxh3, block_counts(rec.nbytes, BLOCK_BYTES))]
+        blocks = np.concatenate([np.zeros(0, np.uint64)] + sums)
+        table.add(d.rank, decode_records(encode_record_columns(rec.files, rec.tag, rec.file, rec.offset, rec.nbytes, rec.xxh3, blocks), d.rank))
+    m = Manifest.from_msgpack(commit(plan, table, len(descs)).to_msgpack())
+    for entry in list(m.tensors.values()) + [e for s in m.local.values() for e in s.tensors.values()]:
+        c = entry.chunks
+        if len(c):
+            assert c.blocks is not None and c.block_bytes == BLOCK_BYTES
+            assert np.array_equal(c.blocks, np.repeat(c.xxh3, block_counts(c.nbytes, BLOCK_BYTES)))
