@@ -22,7 +22,7 @@ import msgpack
 import numpy as np
 
 from .errors import CheckpointError, DistCkptError, WireError
-from .manifest import ALIGN, ChunkTable, LocalSection, Manifest, TensorEntry, _ext_hook, _pack_default
+from .manifest import ALIGN, BLOCK_BYTES, ChunkTable, LocalSection, Manifest, TensorEntry, _ext_hook, _pack_default, block_counts
 from .layout import ChunkLayout
 from .logs import RankStats
 from .plan import SavePlan
@@ -52,6 +52,7 @@ class Records:
     offset: np.ndarray  # int64
     nbytes: np.ndarray  # int64
     xxh3: np.ndarray  # uint64
+    blocks: np.ndarray | None = None  # uint64 block sums of every chunk, in record order (BLOCK_BYTES each)
 
     def __len__(self) -> int:
         return len(self.tag)
@@ -64,13 +65,21 @@ def encode_records(records: list[WriteRecord]) -> bytes:
     """Chunk records of one rank, columnar; ``tag`` is the index in its description."""
     files = sorted({r.file for r in records})
     fidx = {f: i for i, f in enumerate(files)}
-    return encode_record_columns(files, [r.tag for r in records], [fidx[r.file] for r in records], [r.offset for r in records], [r.nbytes for r in records], [r.xxh3 for r in records])
+    blocks = None if any(r.blocks is None for r in records) else np.concatenate([np.zeros(0, np.uint64)] + [r.blocks for r in records])  # type: ignore[misc]
+    return encode_record_columns(files, [r.tag for r in records], [fidx[r.file] for r in records], [r.offset for r in records], [r.nbytes for r in records], [r.xxh3 for r in records], blocks)
 
 
-def encode_record_columns(files: list[str], tag: Any, file: Any, offset: Any, nbytes: Any, xxh3: Any) -> bytes:
-    """The Done ``records`` payload from its columns (array-likes of equal length)."""
+def encode_record_columns(files: list[str], tag: Any, file: Any, offset: Any, nbytes: Any, xxh3: Any, blocks: Any = None) -> bytes:
+    """The Done ``records`` payload from its columns (array-likes of equal length).
+
+    ``blocks``: every chunk's :data:`~dist_ckpt.manifest.BLOCK_BYTES` block sums,
+    chunk after chunk; None sends none (the manifest then has none either).
+    """
     cols = dict(zip((n for n, _ in _RECORD_COLUMNS), (tag, file, offset, nbytes, xxh3)))
-    return msgpack.packb({"files": list(files), **{n: np.asarray(cols[n], dt).tobytes() for n, dt in _RECORD_COLUMNS}})
+    obj = {"files": list(files), **{n: np.asarray(cols[n], dt).tobytes() for n, dt in _RECORD_COLUMNS}}
+    if blocks is not None:
+        obj["blocks"] = np.asarray(blocks, "<u8").tobytes()
+    return msgpack.packb(obj)
 
 
 def decode_records(data: bytes, rank: int) -> Records:
@@ -81,18 +90,23 @@ def decode_records(data: bytes, rank: int) -> Records:
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise ValueError("files must be a list of str")
         cols = {name: np.frombuffer(obj[name], dt).astype(dt[1:]) for name, dt in _RECORD_COLUMNS}
+        blocks = np.frombuffer(obj["blocks"], "<u8").astype(np.uint64) if "blocks" in obj else None
     except Exception as e:
         raise WireError(f"rank {rank}: malformed chunk records: {e}") from e
     n = len(cols["tag"])
     if any(len(c) != n for c in cols.values()):
         raise WireError(f"rank {rank}: record columns differ in length")
+    if n and ((cols["nbytes"] < 0).any() or (cols["nbytes"] >= 1 << 62).any()):
+        raise WireError(f"rank {rank}: record byte count out of range")
+    if blocks is not None and len(blocks) != int(block_counts(cols["nbytes"], BLOCK_BYTES).sum()):
+        raise WireError(f"rank {rank}: {len(blocks)} block sums for chunks of {int(block_counts(cols['nbytes'], BLOCK_BYTES).sum())} blocks")
     for f in files:
         m = _FILE_RE.match(f)
         if not m or int(m.group(1)) != rank:
             raise WireError(f"rank {rank} reports data file {f!r}, which is not one of its own")
     if n and ((cols["file"] < 0).any() or (cols["file"] >= len(files)).any() or (cols["offset"] < 0).any() or (cols["offset"] % ALIGN).any()):
         raise WireError(f"rank {rank}: record file index or offset out of range or unaligned")
-    return Records(files, **cols)
+    return Records(files, **cols, blocks=blocks)
 
 
 def encode_objects(objects: Mapping[tuple, Any], local: Mapping[tuple, Any], structure: Any, user_meta: Mapping[str, Any] | None = None, stats: RankStats | None = None) -> bytes:
@@ -169,6 +183,7 @@ class RecordTable:
         self.file = np.zeros(n, np.int32)  # index into the rank's own file list until files() rebases it
         self.offset = np.zeros(n, np.int64)
         self.xxh3 = np.zeros(n, np.uint64)
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] | None = {}  # rank -> (positions, block sums); None once a rank sent none
         self._files: dict[int, list[str]] = {}
         self._all_files: list[str] | None = None
 
@@ -188,7 +203,12 @@ class RecordTable:
         assigned = np.flatnonzero(group.writes[row])
         if not np.array_equal(rec.tag, assigned):  # writers report in plan order; anything else is sorted first
             order = np.argsort(rec.tag, kind="stable")
-            rec = Records(rec.files, rec.tag[order], rec.file[order], rec.offset[order], rec.nbytes[order], rec.xxh3[order])
+            blocks = None
+            if rec.blocks is not None:
+                counts = block_counts(rec.nbytes, BLOCK_BYTES)
+                starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+                blocks = rec.blocks[segment_index(starts[order], counts[order])]
+            rec = Records(rec.files, rec.tag[order], rec.file[order], rec.offset[order], rec.nbytes[order], rec.xxh3[order], blocks)
             if not np.array_equal(rec.tag, assigned):
                 wrote = rec.tag.tolist()
                 raise WireError(f"rank {rank}: wrote chunks {wrote[:8]}{'…' if len(wrote) > 8 else ''} but was assigned {assigned[:8].tolist()}{'…' if len(assigned) > 8 else ''}")
@@ -201,7 +221,24 @@ class RecordTable:
         self.file[pos] = rec.file
         self.offset[pos] = rec.offset
         self.xxh3[pos] = rec.xxh3
+        if self._blocks is not None:
+            if rec.blocks is None:
+                self._blocks = None
+            else:
+                self._blocks[rank] = (pos, rec.blocks)
         self._files[rank] = rec.files
+
+    def block_column(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(starts, blocks)``: every chunk's block sums in manifest order, chunk ``i``'s at
+        ``blocks[starts[i]:starts[i + 1]]``; None when a rank sent none."""
+        if self._blocks is None:
+            return None
+        counts = block_counts(self.plan.layout.nbytes, BLOCK_BYTES)
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        out = np.zeros(int(starts[-1]), np.uint64)
+        for pos, blocks in self._blocks.values():
+            out[segment_index(starts[pos], counts[pos])] = blocks
+        return starts, out
 
     def missing(self) -> list[int]:
         """Ranks of the plan that have not reported."""
@@ -283,8 +320,18 @@ def _entry_names(plan: SavePlan) -> list[tuple[int | None, tuple, str, tuple[int
     return names
 
 
+def segment_index(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + c) for s, c in zip(starts, counts)])``, vectorised."""
+    counts = np.asarray(counts, np.int64)
+    if not len(counts):
+        return np.zeros(0, np.int64)
+    ends = np.cumsum(counts)
+    return np.repeat(np.asarray(starts, np.int64) - (ends - counts), counts) + np.arange(int(ends[-1]), dtype=np.int64)
+
+
 def _tables(layout: ChunkLayout, table: RecordTable, ndims: list[int]) -> list[ChunkTable]:
     """One chunk table per entry: views into the layout's boxes and the merged record columns."""
+    column = table.block_column()
     next_in = dict(layout.base)  # ndim -> flat position of its next entry's first chunk
     out = []
     for nd, n in zip(ndims, layout.counts.tolist()):
@@ -294,7 +341,8 @@ def _tables(layout: ChunkLayout, table: RecordTable, ndims: list[int]) -> list[C
         a = next_in[nd]
         next_in[nd] = a + n
         rows, boxes = slice(a, a + n), slice(a - layout.base[nd], a - layout.base[nd] + n)
-        out.append(ChunkTable(layout.offsets[nd][boxes], layout.sizes[nd][boxes], table.file[rows], table.offset[rows], layout.nbytes[rows], table.xxh3[rows]))
+        blocks = (column[1][column[0][a] : column[0][a + n]], BLOCK_BYTES) if column is not None else (None, 0)
+        out.append(ChunkTable(layout.offsets[nd][boxes], layout.sizes[nd][boxes], table.file[rows], table.offset[rows], layout.nbytes[rows], table.xxh3[rows], *blocks))
     return out
 
 

@@ -17,7 +17,8 @@ class Config:
         writer_threads: data files written in parallel per rank.
         reader_threads: parallel ranged reads per rank on load (each walks its
             files in offset order; more streams than a disk likes slow it down).
-        verify_checksums: check xxh3 of every chunk read in full on load.
+        verify_checksums: on load, check every chunk read in full against its xxh3 and every
+            block a partial read touches against its block sum.
         allow_pickle: store values that are neither tensors nor msgpack-native by pickling
             them, and accept such values on load. Off by default: loading a pickle from an
             untrusted checkpoint can execute code.

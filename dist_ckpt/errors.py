@@ -45,6 +45,11 @@ class DataFileError(DistCkptError, OSError):
     """A data file is missing, truncated or unreadable."""
 
 
+class UnsafeFileError(DistCkptError, OSError):
+    """A checkpoint file is a symbolic link, not a regular file (a FIFO, a device, a
+    directory), or larger than a reader accepts: refused before any byte is read."""
+
+
 class StorageError(DistCkptError, OSError):
     """Writing to or reading from the storage backend failed."""
 

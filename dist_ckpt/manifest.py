@@ -12,6 +12,7 @@ Python objects would take seconds and gigabytes (see docs/format.md).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ PICKLE_EXT = 1  # msgpack ExtType code of an opted-in pickled object
 _MAX_INT = 1 << 62  # offsets, sizes and byte counts stay far below int64 overflow
 _MAX_CREATED = float(1 << 34)  # Unix time, year ~2514: past it no clock or time_t of a reader can show it
 _RESERVED_NAMES = ("data", "MANIFEST")  # the data directory and the manifest itself are never data files
+BLOCK_BYTES = 1 << 20
+"""Bytes per block checksum: a read of part of a chunk reads and verifies the whole blocks it touches."""
+_MAX_BLOCK = 1 << 40
 
 # Column name -> (numpy dtype, values per chunk: "ndim" or 1)
 _COLUMNS: dict[str, tuple[str, str | int]] = {
@@ -61,9 +65,19 @@ class ChunkTable:
     offset: np.ndarray  # (n,) int64: byte offset in that file, 4 KiB aligned
     nbytes: np.ndarray  # (n,) int64: prod(sizes) * itemsize
     xxh3: np.ndarray  # (n,) uint64: xxh3-64 of those bytes
+    # xxh3-64 of every block_bytes block of every chunk, chunk after chunk (the
+    # last block of a chunk may be short); None in checkpoints saved without them.
+    blocks: np.ndarray | None = None
+    block_bytes: int = 0
 
     def __len__(self) -> int:
         return len(self.file)
+
+    @functools.cached_property
+    def block_starts(self) -> np.ndarray:
+        """``(n + 1,)`` int64: chunk ``i``'s block sums are ``blocks[block_starts[i]:block_starts[i + 1]]``."""
+        counts = block_counts(self.nbytes, self.block_bytes) if self.block_bytes else np.zeros(len(self), np.int64)
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     @staticmethod
     def empty(ndim: int) -> "ChunkTable":
@@ -74,16 +88,28 @@ class ChunkTable:
     def concat(tables: list["ChunkTable"], ndim: int) -> "ChunkTable":
         if not tables:
             return ChunkTable.empty(ndim)
-        return ChunkTable(*(np.concatenate([getattr(t, c) for t in tables]) for c in _COLUMNS))
+        cols = [np.concatenate([getattr(t, c) for t in tables]) for c in _COLUMNS]
+        sizes = {t.block_bytes for t in tables}
+        if len(sizes) == 1 and all(t.blocks is not None for t in tables):  # else: none, as an old save
+            return ChunkTable(*cols, np.concatenate([t.blocks for t in tables]), sizes.pop())  # type: ignore[misc]
+        return ChunkTable(*cols)
 
     def column_bytes(self, name: str) -> memoryview:
         """The on-disk bytes of one column, without a copy when it is already contiguous."""
         return memoryview(np.ascontiguousarray(getattr(self, name), dtype=_COLUMNS[name][0]).reshape(-1).view(np.uint8))
 
+    def block_bytes_view(self) -> memoryview:
+        """The on-disk bytes of ``blocks`` (little-endian uint64)."""
+        assert self.blocks is not None
+        return memoryview(np.ascontiguousarray(self.blocks, dtype="<u8").view(np.uint8))
+
     def to_msgpack_obj(self) -> dict:
         out: dict[str, Any] = {"n": len(self)}
         for name in _COLUMNS:
             out[name] = self.column_bytes(name)  # msgpack packs any contiguous buffer as bin
+        if self.blocks is not None:
+            out["block"] = self.block_bytes
+            out["blocks"] = self.block_bytes_view()
         return out
 
     @staticmethod
@@ -100,7 +126,15 @@ class ChunkTable:
                 raise ManifestError(f"{where}.chunks.{name} must be {count} x {dt} bytes, got {type(raw).__name__} of {len(raw) if isinstance(raw, bytes) else '?'}")
             arr = np.frombuffer(raw, dtype=dt).astype(dt[1:], copy=False)
             cols[name] = arr.reshape(n, ndim) if per == "ndim" else arr
-        return ChunkTable(**cols)
+        if "blocks" not in obj and "block" not in obj:
+            return ChunkTable(**cols)
+        block, raw = obj.get("block"), obj.get("blocks")
+        if type(block) is not int or not ALIGN <= block <= _MAX_BLOCK or block % ALIGN:
+            raise ManifestError(f"{where}.chunks.block must be a multiple of {ALIGN} up to {_MAX_BLOCK}, got {block!r:.40}")
+        if not isinstance(raw, bytes) or len(raw) % 8:
+            raise ManifestError(f"{where}.chunks.blocks must be uint64 bytes, got {type(raw).__name__}")
+        # Its length against the chunks' sizes is checked once the sizes are (see _blocks_problem).
+        return ChunkTable(**cols, blocks=np.frombuffer(raw, dtype="<u8").astype(np.uint64, copy=False), block_bytes=block)
 
 
 @dataclass(frozen=True, eq=False)
@@ -222,10 +256,14 @@ def _entry_pieces(packer: msgpack.Packer, e: TensorEntry) -> list[bytes | memory
     """``packer.pack(_entry_obj(e))`` as pieces; the columns stay views of the arrays."""
     c = e.chunks
     pieces: list[bytes | memoryview] = [packer.pack_map_header(3), packer.pack("dtype"), packer.pack(e.dtype), packer.pack("shape"), packer.pack(list(e.shape))]
-    pieces += [packer.pack("chunks"), packer.pack_map_header(1 + len(_COLUMNS)), packer.pack("n"), packer.pack(len(c))]
+    extra = 2 if c.blocks is not None else 0
+    pieces += [packer.pack("chunks"), packer.pack_map_header(1 + len(_COLUMNS) + extra), packer.pack("n"), packer.pack(len(c))]
     for name in _COLUMNS:
         data = c.column_bytes(name)
         pieces += [packer.pack(name), _bin_header(data.nbytes), data]
+    if extra:
+        data = c.block_bytes_view()
+        pieces += [packer.pack("block"), packer.pack(c.block_bytes), packer.pack("blocks"), _bin_header(data.nbytes), data]
     return pieces
 
 
@@ -371,4 +409,17 @@ def _chunk_problem(c: ChunkTable, shape: tuple[int, ...], isz: int, nfiles: int)
         return f"a chunk lies outside shape {list(shape)}"
     if (boxes.box_volume(c.sizes) * isz != c.nbytes).any():
         return "a chunk's nbytes does not match its sizes and dtype"
-    return boxes.cover_problem(shape, c.offsets, c.sizes, bounds_checked=True)
+    return boxes.cover_problem(shape, c.offsets, c.sizes, bounds_checked=True) or _blocks_problem(c)
+
+
+def block_counts(nbytes: np.ndarray, block: int) -> np.ndarray:
+    """Blocks of each chunk: ``ceil(nbytes / block)`` (0 for an empty chunk)."""
+    return -(-np.asarray(nbytes, np.int64) // block)
+
+
+def _blocks_problem(c: ChunkTable) -> str | None:
+    # After the cover check: the chunks' nbytes then sum to the tensor's, far below overflow.
+    if c.blocks is None:
+        return None
+    want = int(block_counts(c.nbytes, c.block_bytes).sum())
+    return None if len(c.blocks) == want else f"chunks.blocks has {len(c.blocks)} block sums, the chunks have {want} blocks of {c.block_bytes} bytes"

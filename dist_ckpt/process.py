@@ -113,7 +113,7 @@ def _main(rank: int, requests: Any, responses: Any, init_fn: Callable[..., None]
             work = [WriteItem(tag, view[off : off + n]) for tag, off, n in items]
             storage, _ = storage_mod.get_storage(path)
             records = write_items(storage, tmp_path, rank, work, threads)
-            responses.put(("ok", [(r.tag, r.file, r.offset, r.nbytes, r.xxh3) for r in records]))
+            responses.put(("ok", [(r.tag, r.file, r.offset, r.nbytes, r.xxh3, r.blocks) for r in records]))
         except BaseException as e:  # surfaces in the parent's write future
             responses.put(("err", (type(e).__name__, str(e), traceback.format_exc())))
 

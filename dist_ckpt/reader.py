@@ -3,9 +3,16 @@
 Executes the read operations of :func:`dist_ckpt.read_planner.plan_reads`. When the
 destination box is one contiguous region of a contiguous CPU tensor the runs
 are read straight into it (``preadv``, no copy); otherwise they land in a
-bounce buffer and are copied once. A chunk read in full has its xxh3-64
-checked; a chunk read in part is not (its hash covers bytes we did not read):
-``dist-ckpt verify`` checks every chunk.
+bounce buffer and are copied once.
+
+Every byte returned is verified (unless the caller turned checks off): a
+chunk read in full against its xxh3-64, a chunk read in part against the
+block sums of the blocks its runs touch (see docs/format.md). For one run,
+the run is read in place and only the bytes of its two edge blocks outside
+it are read besides; several runs (a slice of a middle dimension) are read
+as whole touched blocks into a bounce buffer, checked, and copied out.
+A checkpoint saved before block sums (none in its manifest) cannot have a
+partial read checked; ``dist-ckpt verify`` checks every chunk.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import xxhash
 
@@ -26,9 +34,12 @@ from .errors import ChecksumError, DataFileError
 from .flatten import KeyPath, format_path
 from .manifest import TensorEntry
 from .read_planner import ReadOp, plan_reads
-from .storage import ReadHandle, Storage
+from .commit import segment_index
+from .storage import WRITE_PIECE, ReadHandle, Storage
 
 log = logging.getLogger(__name__)
+
+SPAN_BYTES = WRITE_PIECE  # most bytes of touched blocks read at once for a multi-run partial read
 
 
 @dataclass
@@ -56,7 +67,7 @@ class _Files:
             if h is None:
                 path = self.path(index)
                 try:
-                    h = self._handles[index] = self._storage.open_read(path)
+                    h = self._handles[index] = self._storage.open_in(self._root, self._names[index])
                 except FileNotFoundError as e:
                     raise DataFileError(e.errno, f"data file {path} is missing") from e
                 except OSError as e:
@@ -94,15 +105,16 @@ def _run_op(files: _Files, task: ReadTask, op: ReadOp, verify: bool) -> int:
     else:
         bounce = torch.empty(total, dtype=torch.uint8)
         target = tensor_memoryview(bounce)
-    handle = files.get(op.file)
-    pos = 0
-    for off in op.run_offsets.tolist():
-        n = handle.preadv([target[pos : pos + op.run_nbytes]], off)
-        if n != op.run_nbytes:
-            raise DataFileError(f"data file {files.path(op.file)} is truncated: wanted {op.run_nbytes} bytes at offset {off} for {format_path(task.key)}, got {n}")
-        pos += op.run_nbytes
+    c = task.entry.chunks
+    by_blocks = verify and not op.whole_chunk and c.blocks is not None
+    if by_blocks and len(op.run_offsets) > 1:
+        _read_blocks(files, task, op, target)
+    else:
+        _read_runs(files, task, op, target)
+    if by_blocks and len(op.run_offsets) == 1:
+        _check_run_blocks(files, task, op, target)
     if verify and op.whole_chunk:
-        want = int(task.entry.chunks.xxh3[op.chunk])
+        want = int(c.xxh3[op.chunk])
         got = xxhash.xxh3_64_intdigest(target)
         if got != want:
             raise ChecksumError(f"checksum mismatch for {format_path(task.key)} chunk {op.chunk} in {files.path(op.file)} at offset {int(op.run_offsets[0])} ({op.run_nbytes} bytes): xxh3 {got:016x}, manifest says {want:016x}")
@@ -110,6 +122,91 @@ def _run_op(files: _Files, task: ReadTask, op: ReadOp, verify: bool) -> int:
         src = bounce.view(task.dst.dtype).view(op.dst_sizes)
         task.dst[tuple(slice(o, o + s) for o, s in zip(op.dst_offsets, op.dst_sizes))].copy_(src)
     return total
+
+
+def _pread(files: _Files, task: ReadTask, op: ReadOp, buf: memoryview, off: int) -> None:
+    """Fill ``buf`` from ``off`` of the op's file, or raise naming the file and key."""
+    n = files.get(op.file).preadv([buf], off)
+    if n != len(buf):
+        raise DataFileError(f"data file {files.path(op.file)} is truncated: wanted {len(buf)} bytes at offset {off} for {format_path(task.key)}, got {n}")
+
+
+def _read_runs(files: _Files, task: ReadTask, op: ReadOp, target: memoryview) -> None:
+    """The op's runs straight into ``target``, one after another."""
+    pos = 0
+    for off in op.run_offsets.tolist():
+        _pread(files, task, op, target[pos : pos + op.run_nbytes], off)
+        pos += op.run_nbytes
+
+
+def _block_mismatch(files: _Files, task: ReadTask, op: ReadOp, block: int, got: int, nbytes: int) -> ChecksumError:
+    c = task.entry.chunks
+    want = int(c.blocks[c.block_starts[op.chunk] + block])  # type: ignore[index]
+    off = int(c.offset[op.chunk]) + block * c.block_bytes
+    return ChecksumError(
+        f"checksum mismatch for {format_path(task.key)} chunk {op.chunk} block {block} in {files.path(op.file)} at offset {off} ({nbytes} bytes): xxh3 {got:016x}, manifest says {want:016x}"
+    )
+
+
+def _check_block(files: _Files, task: ReadTask, op: ReadOp, block: int, parts: Sequence[memoryview]) -> None:
+    """Raise ChecksumError unless the concatenated ``parts`` hash to block ``block``'s sum."""
+    c = task.entry.chunks
+    if len(parts) == 1:
+        got = xxhash.xxh3_64_intdigest(parts[0])
+    else:
+        h = xxhash.xxh3_64()
+        for p in parts:
+            h.update(p)
+        got = h.intdigest()
+    if got != int(c.blocks[c.block_starts[op.chunk] + block]):  # type: ignore[index]
+        raise _block_mismatch(files, task, op, block, got, sum(len(p) for p in parts))
+
+
+def _check_run_blocks(files: _Files, task: ReadTask, op: ReadOp, target: memoryview) -> None:
+    """Verify the blocks one run (already in ``target``) touches; reads only the edge bytes outside it."""
+    c = task.entry.chunks
+    bsz, base, size = c.block_bytes, int(c.offset[op.chunk]), int(c.nbytes[op.chunk])
+    lo = int(op.run_offsets[0]) - base
+    hi = lo + op.run_nbytes
+    for b in range(lo // bsz, (hi - 1) // bsz + 1):
+        b_lo, b_hi = b * bsz, min((b + 1) * bsz, size)
+        parts = []
+        if b_lo < lo:  # the head of the first block, before the run
+            head = memoryview(bytearray(lo - b_lo))
+            _pread(files, task, op, head, base + b_lo)
+            parts.append(head)
+        parts.append(target[max(b_lo, lo) - lo : min(b_hi, hi) - lo])
+        if b_hi > hi:  # the tail of the last block, after the run
+            tail = memoryview(bytearray(b_hi - hi))
+            _pread(files, task, op, tail, base + hi)
+            parts.append(tail)
+        _check_block(files, task, op, b, parts)
+
+
+def _read_blocks(files: _Files, task: ReadTask, op: ReadOp, target: memoryview) -> None:
+    """Several runs: read the whole blocks they touch (only those), verify each, copy the runs out."""
+    c = task.entry.chunks
+    bsz, base, size, n = c.block_bytes, int(c.offset[op.chunk]), int(c.nbytes[op.chunk]), op.run_nbytes
+    rel = op.run_offsets - base  # run starts within the chunk, ascending
+    first, last = rel // bsz, (rel + n - 1) // bsz
+    touched = np.unique(segment_index(first, last - first + 1))
+    # Spans of consecutive touched blocks, at most SPAN_BYTES each.
+    cut = np.flatnonzero(np.diff(touched) != 1) + 1
+    per = max(1, SPAN_BYTES // bsz)
+    buf = memoryview(bytearray(min(per * bsz, size)))
+    for run in np.split(touched, cut):
+        for i in range(0, len(run), per):
+            b0, b1 = int(run[i]), int(run[min(i + per, len(run)) - 1]) + 1
+            s_lo, s_hi = b0 * bsz, min(b1 * bsz, size)
+            span = buf[: s_hi - s_lo]
+            _pread(files, task, op, span, base + s_lo)
+            for b in range(b0, b1):
+                _check_block(files, task, op, b, [span[b * bsz - s_lo : min((b + 1) * bsz, size) - s_lo]])
+            j0, j1 = int(np.searchsorted(rel, s_lo - n, side="right")), int(np.searchsorted(rel, s_hi, side="left"))
+            for j, r in zip(range(j0, j1), rel[j0:j1].tolist()):
+                a, z = max(r, s_lo), min(r + n, s_hi)
+                if a < z:
+                    target[j * n + a - r : j * n + z - r] = span[a - s_lo : z - s_lo]
 
 
 def _sequential_segments(jobs: list[tuple[ReadTask, ReadOp]], threads: int) -> list[list[tuple[ReadTask, ReadOp]]]:
@@ -136,7 +233,8 @@ def read_tensors(storage: Storage, root: str, file_names: Sequence[str], tasks: 
     """Fill every task's destination; returns the bytes read.
 
     Raises:
-        ChecksumError: a fully-read chunk's bytes do not match its hash (names key, file, offset).
+        ChecksumError: a fully-read chunk's bytes, or a block a partial read touched, do
+            not match the manifest's hash (names key, chunk, block, file, offset).
         DataFileError: a data file is missing or too short (names the file).
     """
     t0 = time.perf_counter()

@@ -1,9 +1,11 @@
 """Verify: re-hash every chunk of a committed checkpoint against its manifest.
 
-Loading checks the xxh3-64 of a chunk only when it reads the whole chunk; a
-resharded load reads parts of chunks and cannot. :func:`verify` reads every
+A load checks what it reads: a whole chunk against its xxh3-64, part of one
+against the block sums of the blocks it touches. :func:`verify` reads every
 chunk of every tensor (the global ones and each rank's rank-local ones) in
-full and reports each chunk whose bytes are missing or differ.
+full and checks both, the whole-chunk hash and every block sum (so a chunk a
+resharded load would reject is reported too), and reports each chunk whose
+bytes are missing or differ.
 
 Reads are large and sequential: the chunks of one data file are taken in
 offset order and grouped into segments of up to :data:`BLOCK` bytes, each read
@@ -83,6 +85,8 @@ class _Chunk:
     offset: int
     nbytes: int
     xxh3: int
+    blocks: Sequence[int] = ()  # the chunk's block sums, empty when the manifest has none
+    block_bytes: int = 0
 
 
 def _chunks(manifest: Manifest) -> list[_Chunk]:
@@ -93,9 +97,46 @@ def _chunks(manifest: Manifest) -> list[_Chunk]:
     for rank, tensors in sections:
         for key, entry in tensors.items():
             c = entry.chunks
-            for f, off, n, h in zip(c.file.tolist(), c.offset.tolist(), c.nbytes.tolist(), c.xxh3.tolist()):
-                out.append(_Chunk(key, rank, f, off, n, h))
+            starts = c.block_starts.tolist()
+            for i, (f, off, n, h) in enumerate(zip(c.file.tolist(), c.offset.tolist(), c.nbytes.tolist(), c.xxh3.tolist())):
+                blocks = c.blocks[starts[i] : starts[i + 1]].tolist() if c.blocks is not None else ()
+                out.append(_Chunk(key, rank, f, off, n, h, blocks, c.block_bytes))
     return out
+
+
+class _BlockSums:
+    """Hashes a chunk's bytes, fed in pieces, block by block against its block sums."""
+
+    def __init__(self, c: _Chunk) -> None:
+        self.c, self.index, self.filled, self.first_bad = c, 0, 0, None
+        self.h = xxhash.xxh3_64()
+
+    def update(self, piece: memoryview) -> None:
+        if not self.c.block_bytes:
+            return
+        pos = 0
+        while pos < len(piece):
+            take = min(self.c.block_bytes - self.filled, len(piece) - pos)
+            self.h.update(piece[pos : pos + take])
+            self.filled += take
+            pos += take
+            if self.filled == self.c.block_bytes:
+                self._end_block()
+
+    def _end_block(self) -> None:
+        if self.first_bad is None and self.h.intdigest() != self.c.blocks[self.index]:
+            self.first_bad = (self.index, self.h.intdigest())
+        self.index, self.filled = self.index + 1, 0
+        self.h.reset()
+
+    def problem(self) -> str | None:
+        """After the last piece: the first bad block, or None."""
+        if self.filled:
+            self._end_block()
+        if self.first_bad is None:
+            return None
+        b, got = self.first_bad
+        return f"block {b} at offset {self.c.offset + b * self.c.block_bytes}: xxh3 {got:016x}, manifest says {self.c.blocks[b]:016x}"
 
 
 def _bad(c: _Chunk, name: str, reason: str, detail: str = "") -> BadChunk:
@@ -149,12 +190,18 @@ class _Checker:
                 bad.append(_bad(c, name, FILE_TRUNCATED, f"read {max(0, got - lo)} of {c.nbytes} bytes"))
                 continue
             digest = xxhash.xxh3_64_intdigest(view[lo : lo + c.nbytes])
+            sums = _BlockSums(c)
+            sums.update(view[lo : lo + c.nbytes])
+            problem = sums.problem()
             if digest != c.xxh3:
-                bad.append(_bad(c, name, CHECKSUM_MISMATCH, f"xxh3 {digest:016x}, manifest says {c.xxh3:016x}"))
+                bad.append(_bad(c, name, CHECKSUM_MISMATCH, f"xxh3 {digest:016x}, manifest says {c.xxh3:016x}" + (f"; {problem}" if problem else "")))
+            elif problem:
+                bad.append(_bad(c, name, CHECKSUM_MISMATCH, problem))
         return bad
 
     def _stream(self, handle: ReadHandle, c: _Chunk, name: str) -> list[BadChunk]:
         h = xxhash.xxh3_64()
+        sums = _BlockSums(c)
         buf = self._buffer()
         for pos in range(0, c.nbytes, BLOCK):
             want = min(BLOCK, c.nbytes - pos)
@@ -162,15 +209,21 @@ class _Checker:
             if got != want:
                 return [_bad(c, name, FILE_TRUNCATED, f"read {pos + got} of {c.nbytes} bytes")]
             h.update(buf[:want])
+            sums.update(buf[:want])
+        problem = sums.problem()
         if h.intdigest() != c.xxh3:
-            return [_bad(c, name, CHECKSUM_MISMATCH, f"xxh3 {h.intdigest():016x}, manifest says {c.xxh3:016x}")]
-        return []
+            return [_bad(c, name, CHECKSUM_MISMATCH, f"xxh3 {h.intdigest():016x}, manifest says {c.xxh3:016x}" + (f"; {problem}" if problem else ""))]
+        return [_bad(c, name, CHECKSUM_MISMATCH, problem)] if problem else []
 
 
-def _open(storage: Storage, path: str) -> tuple[ReadHandle | None, int, str, str]:
-    """``(handle, size, reason, detail)``; handle is None and reason set when it cannot be opened."""
+def _open(storage: Storage, root: str, name: str) -> tuple[ReadHandle | None, int, str, str]:
+    """``(handle, size, reason, detail)``; handle is None and reason set when it cannot be opened.
+
+    A link, FIFO or other non-regular file is a read error, reported unread.
+    """
+    path = f"{root}/{name}"
     try:
-        handle = storage.open_read(path)
+        handle = storage.open_in(root, name)
         return handle, handle.size(), "", ""
     except FileNotFoundError:
         return None, 0, FILE_MISSING, f"{path} does not exist"
@@ -219,7 +272,7 @@ def verify(path: str, workers: int = 4, progress: Progress | None = None) -> Ver
         file_chunks = [c for c in file_chunks if c.nbytes]
         if not file_chunks:
             continue
-        handle, size, reason, detail = _open(storage, f"{root}/{name}")
+        handle, size, reason, detail = _open(storage, root, name)
         if handle is None:
             bad += [_bad(c, name, reason, detail) for c in file_chunks]
             skipped += sum(c.nbytes for c in file_chunks)

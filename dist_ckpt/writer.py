@@ -4,7 +4,9 @@ Each rank writes only the chunks the plan assigned to it, into files nobody
 else touches (``data/r00003.bin``, or ``data/r00003-t1.bin`` … with several
 writer threads). Every chunk starts at a 4 KiB-aligned offset and is hashed
 with xxh3-64 while it is written (xxhash releases the GIL, so hashing on one
-thread overlaps writing on another).
+thread overlaps writing on another): once whole, and once per
+:data:`~dist_ckpt.manifest.BLOCK_BYTES` block, so that a load reading part of
+the chunk can verify the blocks it reads.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import xxhash
 
 from .errors import StorageError
-from .manifest import ALIGN
-from .storage import Storage
+from .manifest import ALIGN, BLOCK_BYTES
+from .storage import WRITE_PIECE, Storage
+
+# Blocks are hashed piece by piece, so no block may straddle two pieces.
+assert WRITE_PIECE % BLOCK_BYTES == 0, "WRITE_PIECE must be a multiple of BLOCK_BYTES"
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +42,14 @@ class WriteItem:
 
 @dataclass(frozen=True)
 class WriteRecord:
-    """Where a chunk landed: file (relative to the checkpoint), offset, size, hash."""
+    """Where a chunk landed: file (relative to the checkpoint), offset, size, hash, block hashes."""
 
     tag: int
     file: str
     offset: int
     nbytes: int
     xxh3: int
+    blocks: np.ndarray | None = None  # uint64, one per BLOCK_BYTES of the chunk (the last may be short)
 
 
 def data_file_name(rank: int, thread: int | None) -> str:
@@ -103,9 +110,15 @@ def _write_file(storage: Storage, ckpt_dir: str, name: str, items: list[WriteIte
     try:
         for item in items:
             h = xxhash.xxh3_64()
+            blocks: list[int] = []
+
+            def hash_piece(piece: memoryview) -> None:
+                h.update(piece)
+                blocks.extend(xxhash.xxh3_64_intdigest(piece[b : b + BLOCK_BYTES]) for b in range(0, len(piece), BLOCK_BYTES))
+
             data = item.data
-            handle.write_pieces(data, offset, h.update)
-            records.append(WriteRecord(item.tag, name, offset, len(data), h.intdigest()))
+            handle.write_pieces(data, offset, hash_piece)
+            records.append(WriteRecord(item.tag, name, offset, len(data), h.intdigest(), np.array(blocks, np.uint64)))
             offset += -(-len(data) // ALIGN) * ALIGN if len(data) else 0
         handle.sync()
     except OSError as e:

@@ -21,7 +21,7 @@ from ..describe import check_object
 from ..dtypes import dtype_name
 from ..errors import DistCkptError, PickleNotAllowed
 from ..flatten import KeyPath, format_path, unflatten
-from ..manifest import ChunkTable, Manifest, Pickled, TensorEntry
+from ..manifest import BLOCK_BYTES, ChunkTable, Manifest, Pickled, TensorEntry
 from ..storage import Storage, get_storage
 from ..writer import WriteItem, write_items
 from ._common import _ST_DTYPES, _WEIGHTS_ONLY_LEAVES, ConvertError, LazyTensor, Meter, Options, local_path
@@ -83,8 +83,9 @@ def _pieces(t: torch.Tensor) -> list[tuple[tuple[int, ...], tuple[int, ...], tor
 
 
 def _table(rows: list[tuple], ndim: int) -> ChunkTable:
-    """A chunk table from ``(offsets, sizes, file, offset, nbytes, xxh3)`` rows."""
+    """A chunk table from ``(offsets, sizes, file, offset, nbytes, xxh3, blocks)`` rows."""
     n = len(rows)
+    blocks = None if any(r[6] is None for r in rows) else np.concatenate([np.zeros(0, np.uint64)] + [r[6] for r in rows])
     return ChunkTable(
         np.array([r[0] for r in rows], np.int64).reshape(n, ndim),
         np.array([r[1] for r in rows], np.int64).reshape(n, ndim),
@@ -92,6 +93,8 @@ def _table(rows: list[tuple], ndim: int) -> ChunkTable:
         np.array([r[3] for r in rows], np.int64),
         np.array([r[4] for r in rows], np.int64),
         np.array([r[5] for r in rows], np.uint64),
+        blocks,
+        BLOCK_BYTES if blocks is not None else 0,
     )
 
 
@@ -126,7 +129,7 @@ class _BatchWriter:
         for (key, offsets, sizes), rec in zip(boxes, records):
             if rec.file not in self.files:
                 self.files.append(rec.file)
-            rows.setdefault(key, []).append((offsets, sizes, self.files.index(rec.file), rec.offset, rec.nbytes, rec.xxh3))
+            rows.setdefault(key, []).append((offsets, sizes, self.files.index(rec.file), rec.offset, rec.nbytes, rec.xxh3, rec.blocks))
         for key, dtype, t in self._pending:
             self.entries[key] = TensorEntry(dtype, tuple(t.shape), _table(rows.get(key, []), t.dim()))
         self._pending, self._bytes = [], 0

@@ -16,7 +16,12 @@ Call order during one save (which rank runs each step):
 4. (coordinator, on abort) ``remove_tree(tmp)``.
 
 During a load every rank only calls ``read_bytes(MANIFEST)`` and
-``open_read(data file)`` → ``preadv`` … → ``close``.
+``open_in(checkpoint, data file)`` → ``preadv`` … → ``close``.
+
+Reading treats a checkpoint as untrusted: a backend opens only regular files,
+follows no symbolic link below the checkpoint directory, never blocks opening
+a FIFO, and reads at most ``max_bytes`` of a whole file, so a crafted
+checkpoint can neither hang a reader nor make it read without end.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Callable, Sequence
 from ..errors import UnsupportedScheme
 
 WRITE_PIECE = 16 << 20  # bytes written (and hashed) at a time, each piece's writeback started at once
+MAX_READ_BYTES = 4 << 30
+"""Largest whole file :meth:`Storage.read_bytes` reads (a MANIFEST of a 4096-rank job is hundreds of MB)."""
 
 
 class WriteHandle(abc.ABC):
@@ -93,14 +100,38 @@ class Storage(abc.ABC):
     def open_write(self, path: str) -> WriteHandle: ...
 
     @abc.abstractmethod
-    def open_read(self, path: str) -> ReadHandle: ...
+    def open_read(self, path: str) -> ReadHandle:
+        """Open a regular file for reading.
+
+        Raises:
+            UnsafeFileError: ``path`` is a symbolic link or not a regular file.
+            OSError: it cannot be opened.
+        """
+
+    def open_in(self, root: str, name: str) -> ReadHandle:
+        """Open ``name`` (a relative path from a manifest) inside the checkpoint ``root``, never leaving it.
+
+        The default trusts the backend's namespace to have no links and opens
+        ``root/name``; backends with links refuse any below ``root``.
+
+        Raises:
+            UnsafeFileError: a component of ``name`` is a link or not a directory, or the file is not regular.
+            OSError: it cannot be opened.
+        """
+        return self.open_read(f"{root}/{name}")
 
     @abc.abstractmethod
     def write_atomic(self, path: str, data: bytes) -> None:
         """Write ``data`` to a temporary sibling, fsync, rename over ``path``, fsync the directory."""
 
     @abc.abstractmethod
-    def read_bytes(self, path: str) -> bytes: ...
+    def read_bytes(self, path: str, max_bytes: int = MAX_READ_BYTES) -> bytes:
+        """The whole regular file ``path``: the bytes its size said when it was opened, at most ``max_bytes``.
+
+        Raises:
+            UnsafeFileError: ``path`` is a symbolic link, not a regular file, or over ``max_bytes``.
+            OSError: it cannot be read.
+        """
 
     @abc.abstractmethod
     def rename_dir(self, src: str, dst: str) -> None:

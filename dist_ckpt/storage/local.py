@@ -6,14 +6,20 @@ import ctypes
 import errno
 import os
 import shutil
+import stat
 from typing import Sequence
 
+from ..errors import UnsafeFileError
 from ..logs import get_logger
-from . import ReadHandle, Storage, WriteHandle
+from . import MAX_READ_BYTES, ReadHandle, Storage, WriteHandle
 
 log = get_logger(__name__)  # prefixes the rank to each line
 
 SYNC_FILE_RANGE_WRITE = 2
+# No link followed at the last component; a FIFO opens without waiting for a writer.
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+_DIR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_DIRECTORY
+_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
 
 
 def _find_sync_file_range() -> "ctypes._CFuncPtr | None":
@@ -37,6 +43,30 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_regular(path: str) -> tuple[int, os.stat_result]:
+    """Open ``path`` read-only, refusing a symbolic link or anything but a regular file.
+
+    Returns:
+        ``(fd, stat)``; the caller closes the fd.
+
+    Raises:
+        UnsafeFileError: ``path`` is a link, a FIFO, a device, a directory or a socket.
+        OSError: it cannot be opened.
+    """
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeFileError(errno.ELOOP, f"{path} is a symbolic link; files inside a checkpoint are never read through links") from e
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "special file")
+        raise UnsafeFileError(errno.EINVAL, f"{path} is a {kind}, not a regular file")
+    return fd, st
 
 
 class LocalWriteHandle(WriteHandle):
@@ -77,7 +107,7 @@ class LocalWriteHandle(WriteHandle):
 class LocalReadHandle(ReadHandle):
     def __init__(self, path: str) -> None:
         self.path = path
-        self._fd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fd: int | None = open_regular(path)[0]
 
     def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
         assert self._fd is not None, "read on a closed handle"
@@ -118,6 +148,29 @@ class LocalStorage(Storage):
     def open_read(self, path: str) -> ReadHandle:
         return LocalReadHandle(path)
 
+    def open_in(self, root: str, name: str) -> ReadHandle:
+        # Every directory below root is opened under its parent's fd without
+        # following links, then the file itself with O_NOFOLLOW. (A swap of a
+        # directory between the walk and the open is not excluded; the bytes
+        # read are checksummed either way.)
+        parts = name.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise UnsafeFileError(errno.EINVAL, f"{name!r} is not a plain relative path inside {root}")
+        fd = os.open(root, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
+        try:
+            for i, part in enumerate(parts[:-1]):
+                try:
+                    sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(f"{root}/{'/'.join(parts[: i + 1])}"):
+                        raise UnsafeFileError(errno.ELOOP, f"{root}/{'/'.join(parts[: i + 1])} is a symbolic link; files inside a checkpoint are never read through links") from e
+                    raise
+                os.close(fd)
+                fd = sub
+        finally:
+            os.close(fd)
+        return self.open_read(f"{root}/{name}")
+
     def write_atomic(self, path: str, data: bytes) -> None:
         tmp = f"{path}.tmp-{os.getpid()}"
         handle = LocalWriteHandle(tmp)
@@ -129,9 +182,20 @@ class LocalStorage(Storage):
         os.rename(tmp, path)
         fsync_dir(os.path.dirname(os.path.abspath(path)))
 
-    def read_bytes(self, path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
+    def read_bytes(self, path: str, max_bytes: int = MAX_READ_BYTES) -> bytes:
+        fd, st = open_regular(path)
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            if st.st_size > max_bytes:
+                raise UnsafeFileError(errno.EFBIG, f"{path} is {st.st_size} bytes, more than the {max_bytes} a reader accepts")
+            # Exactly the size fstat gave: a file that grows while read is not followed.
+            pieces, left = [], st.st_size
+            while left:
+                piece = f.read(left)
+                if not piece:
+                    break
+                pieces.append(piece)
+                left -= len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def rename_dir(self, src: str, dst: str) -> None:
         if os.path.lexists(dst):

@@ -1,0 +1,214 @@
+"""Every byte a load returns is checked: partial-chunk reads verify the block sums of the blocks they touch."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dist_ckpt as dc
+from dist_ckpt.commit import RecordTable, decode_records, encode_record_columns
+from dist_ckpt.errors import ChecksumError
+from dist_ckpt.loader import read_manifest
+from dist_ckpt.manifest import BLOCK_BYTES, Manifest, block_counts
+from dist_ckpt.planner import plan_save
+from dist_ckpt.reader import ReadTask, read_tensors
+from dist_ckpt.verify import CHECKSUM_MISMATCH, verify
+from dist_helpers import dtensor
+from launcher import run_ranks
+from test_planner import commit, mixed_jobs, records_of
+
+FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "20"}
+ROW = 1024 * 4  # bytes per row of the (rows, 1024) float32 tensors below
+W = torch.arange(1024 * 1024, dtype=torch.float32).reshape(1024, 1024)  # 4 MiB: one chunk of 4 blocks
+
+
+def _saved(tmp_path, t: torch.Tensor = W) -> tuple[str, str]:
+    path = str(tmp_path / "ck")
+    dc.save({"w": t}, path)
+    manifest, root, _ = read_manifest(path)
+    return path, f"{root}/{manifest.files[int(manifest.tensors[('w',)].chunks.file[0])]}"
+
+
+def _flip(data_file: str, pos: int) -> None:
+    with open(data_file, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def _read_box(path: str, offsets: tuple[int, int], sizes: tuple[int, int], verify: bool = True) -> torch.Tensor:
+    manifest, root, storage = read_manifest(path)
+    out = torch.zeros(sizes)
+    read_tensors(storage, root, manifest.files, [ReadTask(("w",), manifest.tensors[("w",)], out, offsets, sizes)], verify=verify)
+    return out
+
+
+BOXES = {"rows": ((300, 0), (400, 1024)), "cols": ((0, 100), (1024, 100)), "block": ((512, 256), (128, 512))}
+
+
+@pytest.mark.parametrize("box", BOXES, ids=list(BOXES))
+def test_partial_reads_return_the_right_bytes(tmp_path, box):
+    path, _ = _saved(tmp_path)
+    (r, c), (h, w) = BOXES[box]
+    assert torch.equal(_read_box(path, (r, c), (h, w)), W[r : r + h, c : c + w])
+
+
+@pytest.mark.parametrize("box", BOXES, ids=list(BOXES))
+def test_a_flipped_byte_in_a_touched_block_fails_a_partial_read(tmp_path, box):
+    path, data = _saved(tmp_path)
+    (r, c), (h, w) = BOXES[box]
+    pos = r * ROW + c * 4 + 8 * ROW  # inside the box, 8 rows down
+    _flip(data, pos)
+    block = pos // BLOCK_BYTES
+    with pytest.raises(ChecksumError, match=rf"w chunk 0 block {block} in .*r00000\.bin at offset {block * BLOCK_BYTES} \({BLOCK_BYTES} bytes\)"):
+        _read_box(path, (r, c), (h, w))
+
+
+def test_a_byte_outside_the_box_but_in_its_edge_block_is_still_checked(tmp_path):
+    path, data = _saved(tmp_path)
+    _flip(data, 299 * ROW)  # the row just above rows 300..699, in block 1 which those rows start in
+    with pytest.raises(ChecksumError, match="block 1 "):
+        _read_box(path, (300, 0), (400, 1024))
+    assert torch.equal(_read_box(path, (0, 0), (200, 1024)), W[:200])  # block 0 only: untouched, fine
+
+
+def test_a_checkpoint_without_block_sums_still_loads(tmp_path):
+    path, data = _saved(tmp_path)
+    with open(f"{path}/MANIFEST", "rb") as f:
+        obj = msgpack.unpackb(f.read(), strict_map_key=False, object_pairs_hook=lambda p: {tuple(k) if isinstance(k, list) else k: v for k, v in p})
+    for entry in obj["tensors"].values():
+        del entry["chunks"]["block"], entry["chunks"]["blocks"]
+    with open(f"{path}/MANIFEST", "wb") as f:
+        f.write(msgpack.packb(obj))
+    assert read_manifest(path)[0].tensors[("w",)].chunks.blocks is None
+    assert torch.equal(_read_box(path, (300, 0), (400, 1024)), W[300:700])
+    out = {"w": torch.zeros(1024, 1024)}
+    dc.load(out, path)
+    assert torch.equal(out["w"], W)
+    _flip(data, 5)
+    with pytest.raises(ChecksumError, match="w chunk 0 in"):  # the whole-chunk xxh3 still checks a full read
+        dc.load(out, path)
+
+
+# -- 2 ranks loading a 1-rank save into Shard(0): every rank reads part of the one chunk ---------
+
+V = torch.arange(600 * 1024, dtype=torch.float32).reshape(600, 1024)  # 2.3 MiB: blocks 0, 1, 2
+
+
+def _load_shard0(rank, world, path):
+    sd = {"w": dtensor(torch.zeros(600, 1024), world, "shard0")}
+    try:
+        dc.load(sd, path)
+    except ChecksumError as e:
+        return f"ChecksumError: {e}"
+    lo = rank * 300
+    return bool(torch.equal(sd["w"].to_local(), V[lo : lo + 300]))
+
+
+def test_resharded_load_on_two_ranks_checks_the_blocks_each_rank_reads(tmp_path):
+    path, data = _saved(tmp_path, V)
+    assert run_ranks(_load_shard0, 2, path, env=FAST) == {0: True, 1: True}
+    _flip(data, 550 * ROW)  # row 550: block 2 (rows 512 on), which only rank 1 (rows 300..599) reads
+    got = run_ranks(_load_shard0, 2, path, env=FAST)
+    assert got[0] is True
+    assert got[1].startswith("ChecksumError") and "w chunk 0 block 1 in" not in got[1]
+    assert f"block 2 in {data}" in got[1] and f"at offset {2 * BLOCK_BYTES} ({600 * ROW - 2 * BLOCK_BYTES} bytes)" in got[1], got[1]
+
+
+def test_resharded_load_rejects_another_checkpoints_bytes(tmp_path):
+    # The issue's case: a data file whose bytes come from elsewhere (here copied in, not
+    # linked, since links are refused outright) was loaded silently by a partial read.
+    path, data = _saved(tmp_path, V)
+    other = str(tmp_path / "other")
+    dc.save({"w": V + 1}, other)
+    (name,) = os.listdir(f"{other}/data")
+    os.replace(f"{other}/data/{name}", data)
+    got = run_ranks(_load_shard0, 2, path, env=FAST)
+    assert got[0].startswith("ChecksumError") and " block 0 in " in got[0], got  # rows 0..299: blocks 0, 1
+    assert got[1].startswith("ChecksumError") and " block 1 in " in got[1], got  # rows 300..599: blocks 1, 2
+
+
+def _spoil_block_sum(path: str, block: int) -> None:
+    """Rewrite the MANIFEST with one block sum of tensor w changed; the data stays intact."""
+    manifest, _, _ = read_manifest(path)
+    entry = manifest.tensors[("w",)]
+    blocks = entry.chunks.blocks.copy()
+    blocks[block] ^= 1
+    tensors = {("w",): dataclasses.replace(entry, chunks=dataclasses.replace(entry.chunks, blocks=blocks))}
+    with open(f"{path}/MANIFEST", "wb") as f:
+        f.write(dataclasses.replace(manifest, tensors=tensors).to_msgpack())
+
+
+def test_verify_checks_every_block_sum(tmp_path):
+    path, _ = _saved(tmp_path, torch.zeros(5, 1 << 20, dtype=torch.uint8))  # 5 blocks, read in one segment
+    assert verify(path).ok
+    _spoil_block_sum(path, 3)
+    report = verify(path)
+    assert [(b.key, b.reason) for b in report.bad] == [(("w",), CHECKSUM_MISMATCH)]
+    assert report.bad[0].detail.startswith(f"block 3 at offset {3 * BLOCK_BYTES}: ")
+    big, _ = _saved(tmp_path / "big", torch.zeros(20, 1 << 20, dtype=torch.uint8))  # 20 MiB: streamed in 16 MiB reads
+    _spoil_block_sum(big, 17)
+    assert verify(big).bad[0].detail.startswith(f"block 17 at offset {17 * BLOCK_BYTES}: ")
+
+
+class _CountingStorage:
+    """A local storage whose read handles count the bytes they return (to pin what a partial read costs)."""
+
+    def __new__(cls):
+        from dist_ckpt.storage.local import LocalReadHandle, LocalStorage
+
+        counted = [0]
+
+        class Counting(LocalReadHandle):
+            def preadv(self, buffers, offset):
+                n = super().preadv(buffers, offset)
+                counted[0] += n
+                return n
+
+        class Storage(LocalStorage):
+            def open_read(self, p):
+                return Counting(p)
+
+        s = Storage()
+        s.counted = counted  # type: ignore[attr-defined]
+        return s
+
+
+@pytest.mark.parametrize("box, blocks", [("rows", [1, 2]), ("cols", [0, 1, 2, 3]), ("block", [2])])
+def test_a_partial_read_reads_the_touched_blocks_once_and_nothing_else(tmp_path, box, blocks):
+    path, _ = _saved(tmp_path)
+    manifest, root, _ = read_manifest(path)
+    (r, c), (h, w) = BOXES[box]
+    for verify_on, want in ((True, len(blocks) * BLOCK_BYTES), (False, h * w * 4)):
+        storage = _CountingStorage()
+        out = torch.zeros(h, w)
+        read_tensors(storage, root, manifest.files, [ReadTask(("w",), manifest.tensors[("w",)], out, (r, c), (h, w))], verify=verify_on)
+        assert storage.counted[0] == want and torch.equal(out, W[r : r + h, c : c + w])
+
+
+@settings(max_examples=100, deadline=None)
+@given(mixed_jobs(), st.integers(0, 2**32 - 1), st.booleans())
+def test_block_sums_land_with_their_chunks_in_manifest_order(descs, seed, shuffle):
+    """The coordinator scatters each rank's block sums (sent in any record order) into manifest chunk order."""
+    plan = plan_save(descs)
+    table = RecordTable(plan)
+    rng = np.random.default_rng(seed)
+    for d in sorted(descs, key=lambda d: d.rank):
+        rec = records_of(plan, d, rng if shuffle else None)  # xxh3 = rank * 1000 + tag
+        sums = [np.full(int(k), int(h), np.uint64) for h, k in zip(rec.xxh3, block_counts(rec.nbytes, BLOCK_BYTES))]
+        blocks = np.concatenate([np.zeros(0, np.uint64)] + sums)
+        table.add(d.rank, decode_records(encode_record_columns(rec.files, rec.tag, rec.file, rec.offset, rec.nbytes, rec.xxh3, blocks), d.rank))
+    m = Manifest.from_msgpack(commit(plan, table, len(descs)).to_msgpack())
+    for entry in list(m.tensors.values()) + [e for s in m.local.values() for e in s.tensors.values()]:
+        c = entry.chunks
+        if len(c):
+            assert c.blocks is not None and c.block_bytes == BLOCK_BYTES
+            assert np.array_equal(c.blocks, np.repeat(c.xxh3, block_counts(c.nbytes, BLOCK_BYTES)))
