@@ -35,6 +35,7 @@ from .errors import DistCkptError, WireError
 from .plan import PlanCache, SavePlan
 from .planner import plan_save
 from .storage import Storage
+from .transport import ConnectionGate, ZapGate, pending_cap, raise_fd_limit, require_curve, secure_server
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +97,10 @@ class Coordinator:
         self._storage_for = storage_for
         self._config = config
         self._limits = wire.Limits(max_frame=config.max_message_bytes, max_total=config.max_message_bytes)
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + (1 << 20))
-        host, _, port = bind[len("tcp://") :].rpartition(":")
-        if port in ("0", "*", ""):
-            port_n = self._sock.bind_to_random_port(f"tcp://{host}")
-        else:
-            self._sock.bind(bind)
-            port_n = int(port)
-        self.endpoint = f"tcp://{host}:{port_n}"
         self.dropped: collections.Counter[str] = collections.Counter()
+        self._ctx, self._sock, self._zap, self._gate, self.endpoint = _listen(bind, secret, world_size, max(config.max_message_bytes, self._limits.max_header), self.dropped)
+        self._leftovers: dict[str, str] = {}  # tmp dir -> checkpoint path, whose removal failed: retried
+        self._next_retry = 0.0
         self._identity: dict[int, bytes] = {}
         self._saves: dict[str, _Save] = {}
         self._finished: collections.OrderedDict[str, wire.Message] = collections.OrderedDict()
@@ -125,28 +118,45 @@ class Coordinator:
         """
         self._stop.set()
         self._thread.join(timeout=10)
+        self._retry_leftovers(force=True)
         # Linger: the last Committed/Aborted may still be queued for other ranks
         # when rank 0's own save has returned and its process is exiting.
         self._sock.close(linger=5000)
+        self._gate.close()
+        self._zap.close()
         self._ctx.term()
 
     # -- event loop ---------------------------------------------------------
 
     def _serve(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
+        for s in (self._sock, self._zap.socket, self._gate.socket):
+            poller.register(s, zmq.POLLIN)
         while not self._stop.is_set():
             try:
-                if poller.poll(100):
-                    while True:
-                        try:
-                            frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._on_frames(frames)
-                self._check_deadlines(time.monotonic())
+                ready = dict(poller.poll(100))
+                # Handshakes first: they are what an honest rank waits on and what a flood holds.
+                if self._gate.socket in ready:
+                    self._gate.handle()
+                if self._zap.socket in ready:
+                    self._zap.handle()
+                if self._sock in ready:
+                    self._receive()
+                now = time.monotonic()
+                self._check_deadlines(now)
+                if self._leftovers and now >= self._next_retry:
+                    self._retry_leftovers()
             except Exception:  # the coordinator must outlive any bug in one save's handling
                 log.exception("[rank 0] coordinator error (continuing)")
+
+    def _receive(self) -> None:
+        # A bounded batch: a busy peer must not keep the loop from handshakes and deadlines.
+        for _ in range(1024):
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_frames(frames)
 
     def _drop(self, reason: str, detail: str) -> None:
         self.dropped[reason] += 1
@@ -165,6 +175,9 @@ class Coordinator:
             return self._drop(getattr(e, "reason", "invalid"), str(e))
         if msg.job != self.job:
             return self._drop("job", f"message for job {msg.job!r}")
+        # The ZAP gate admitted this connection with one rank's key: it may only speak for that rank.
+        if (holder := _user_id(frames[1])) != str(msg.rank):
+            return self._drop("identity", f"a peer holding rank {holder}'s key claims rank {msg.rank}")
         known = self._identity.setdefault(msg.rank, identity)
         if known != identity:
             return self._drop("identity", f"a second peer claims rank {msg.rank}")
@@ -313,8 +326,7 @@ class Coordinator:
     def _abort(self, save: _Save, reasons: dict[int, str]) -> None:
         log.error("[rank 0] save %s to %s aborted: %s", save.ckpt, save.path, "; ".join(f"rank {r}: {m}" for r, m in sorted(reasons.items())))
         if save.tmp_path:
-            storage, _ = self._storage_for(save.path)
-            storage.remove_tree(save.tmp_path)
+            self._remove_tmp(save.tmp_path, save.path)
         self._end(save, lambda r: wire.Aborted(self.job, save.ckpt, r, reasons))
 
     def _end(self, save: _Save, make: Callable[[int], wire.Message]) -> None:
@@ -329,6 +341,28 @@ class Coordinator:
         save.records = None
         release_free_memory()
 
+    def _remove_tmp(self, tmp_path: str, path: str) -> None:
+        """Remove an abandoned tmp dir; if that fails (no descriptors left, EIO), retry later."""
+        try:
+            storage, _ = self._storage_for(path)
+            storage.remove_tree(tmp_path)
+            if not storage.exists(tmp_path):  # remove_tree may ignore errors
+                self._leftovers.pop(tmp_path, None)
+                return
+            error = "still there after removal"
+        except (DistCkptError, OSError) as e:
+            error = f"{type(e).__name__}: {e}"
+        if tmp_path not in self._leftovers:
+            log.warning("[rank 0] could not remove %s (%s); retrying every 5 s and at close", tmp_path, error)
+        self._leftovers[tmp_path] = path
+
+    def _retry_leftovers(self, force: bool = False) -> None:
+        self._next_retry = time.monotonic() + 5.0
+        for tmp_path, path in list(self._leftovers.items()):
+            self._remove_tmp(tmp_path, path)
+        if force and self._leftovers:
+            log.error("[rank 0] left behind after repeated removal attempts: %s", sorted(self._leftovers))
+
     def _check_deadlines(self, now: float) -> None:
         cfg = self._config
         for save in list(self._saves.values()):
@@ -342,3 +376,34 @@ class Coordinator:
             elif save.phase == "write" and now - save.started > cfg.timeout_s:
                 slow = sorted(set(range(self.world_size)) - set(save.done) - set(save.failed))
                 self._abort(save, {r: f"did not finish writing within {cfg.timeout_s:.0f} s" for r in slow})
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The rank the ZAP gate admitted ``frame``'s connection as (None if it carries none)."""
+    try:
+        return frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError, TypeError):
+        return None
+
+
+def _listen(bind: str, secret: bytes, world_size: int, max_frame: int, dropped: collections.Counter[str]) -> tuple[zmq.Context, zmq.Socket, ZapGate, ConnectionGate, str]:
+    """The coordinator's context and CURVE ROUTER bound to ``bind``, its ZAP and connection gates.
+
+    Returns:
+        ``(context, router, zap, gate, endpoint)``; ``endpoint`` names the port actually bound.
+    """
+    require_curve()
+    soft, _ = raise_fd_limit()
+    ctx = zmq.Context()
+    zap = ZapGate(ctx, secret, world_size)  # bound before the ROUTER: no handshake may precede it
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    secure_server(sock, secret, max_frame)
+    host, _, port = bind[len("tcp://") :].rpartition(":")
+    if port in ("0", "*", ""):
+        port_n = sock.bind_to_random_port(f"tcp://{host}")
+    else:
+        sock.bind(bind)
+        port_n = int(port)
+    gate = ConnectionGate(sock, port_n, pending_cap(soft), dropped)
+    return ctx, sock, zap, gate, f"tcp://{host}:{port_n}"

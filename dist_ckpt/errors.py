@@ -70,3 +70,11 @@ class LoadMismatchError(DistCkptError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; keep messages readable
         return str(self.args[0]) if self.args else ""
+
+
+class TransportError(DistCkptError, ConnectionError):
+    """The coordinator link cannot be secured (e.g. libzmq without CURVE)."""
+
+
+class SecretError(DistCkptError, PermissionError):
+    """The job secret is missing, or its key file is not safe to trust (owner, mode, type)."""

@@ -22,6 +22,7 @@ from dist_ckpt.errors import CheckpointError
 from dist_ckpt.loader import load_full
 from dist_ckpt.saver import run_save
 from dist_ckpt.storage import get_storage
+from dist_ckpt.transport import secure_client
 
 pytestmark = pytest.mark.timeout(60)
 SECRET = os.urandom(32)
@@ -159,12 +160,17 @@ def test_silent_rank_aborts_after_heartbeat_timeout(job, tmp_path):
     assert not os.path.exists(path)
 
 
-def _raw_peer(endpoint: str, identity: bytes | None = None) -> zmq.Socket:
+def _raw_peer(endpoint: str, identity: bytes | None = None, curve_rank: int | None = 1) -> zmq.Socket:
+    """A hand-driven socket. By default it holds rank 1's CURVE key (an insider that passed
+    the transport: only such a peer's bytes reach the coordinator's message checks);
+    ``curve_rank=None``: no key at all (see tests/test_transport.py)."""
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     if identity:
         s.setsockopt(zmq.IDENTITY, identity)
+    if curve_rank is not None:
+        secure_client(s, SECRET, curve_rank, 1 << 30)
     s.connect(endpoint)
     return s
 
