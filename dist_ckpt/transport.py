@@ -162,11 +162,12 @@ class ZapGate:
 def pending_cap(soft_limit: int) -> int:
     """How many connections may sit unauthenticated at once, given the descriptor limit.
 
-    A quarter of the descriptors at most, so a flood of idle connections
+    An eighth of the descriptors at most (plus the listen backlog libzmq drains
+    before the gate sees the events), so a flood of idle connections
     leaves the rest to the ranks' authenticated connections and to the
     training process's own files.
     """
-    return max(8, min(1024, soft_limit // 4))
+    return max(8, min(1024, soft_limit // 8))
 
 
 class ConnectionGate:
