@@ -88,9 +88,10 @@ class Coordinator:
         bind: ``tcp://host:port`` (port 0 or ``*``: pick a free one).
         storage_for: returns the storage backend for a checkpoint path.
         config: timeouts and limits.
+        on_connected: called once (on the coordinator thread) when every rank's key has been admitted.
     """
 
-    def __init__(self, world_size: int, job: str, secret: bytes, bind: str, storage_for: Callable[[str], tuple[Storage, str]], config: Config) -> None:
+    def __init__(self, world_size: int, job: str, secret: bytes, bind: str, storage_for: Callable[[str], tuple[Storage, str]], config: Config, on_connected: Callable[[], None] | None = None) -> None:
         self.world_size = world_size
         self.job = job
         self._secret = secret
@@ -101,6 +102,7 @@ class Coordinator:
         self._ctx, self._sock, self._zap, self._gate, self.endpoint = _listen(bind, secret, world_size, max(config.max_message_bytes, self._limits.max_header), self.dropped)
         self._leftovers: dict[str, str] = {}  # tmp dir -> checkpoint path, whose removal failed: retried
         self._next_retry = 0.0
+        self._on_connected = on_connected
         self._identity: dict[int, bytes] = {}
         self._saves: dict[str, _Save] = {}
         self._finished: collections.OrderedDict[str, wire.Message] = collections.OrderedDict()
@@ -140,6 +142,9 @@ class Coordinator:
                     self._gate.handle()
                 if self._zap.socket in ready:
                     self._zap.handle()
+                    if self._on_connected is not None and len(self._zap.admitted) == self.world_size:
+                        callback, self._on_connected = self._on_connected, None
+                        callback()
                 if self._sock in ready:
                     self._receive()
                 now = time.monotonic()
