@@ -9,9 +9,12 @@ training process group. One save moves through these phases::
     commit  all Done -> validate records against the plan -> MANIFEST -> rename -> fsync
             -> Committed to every rank;   any Failed / silent rank / timeout -> Aborted
 
-Input is never trusted: a message that fails authentication or validation is
-dropped and counted in :attr:`Coordinator.dropped` (by reason), logged once
-per reason, and the coordinator keeps serving.
+Input is never trusted. The ROUTER is a CURVE server behind a ZAP gate that
+admits only the job's rank keys (:mod:`dist_ckpt.transport`), so peers
+without the secret never get a byte buffered; a message that then fails
+authentication or validation is dropped and counted in
+:attr:`Coordinator.dropped` (by reason, refused handshakes as
+``handshake``), logged once per reason, and the coordinator keeps serving.
 """
 
 from __future__ import annotations

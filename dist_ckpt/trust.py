@@ -108,8 +108,9 @@ def write_key_file(directory: str, job: str, secret: bytes) -> str:
         path = os.path.join(directory, f"{job}.key")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
+            # No fsync: the key is transient (durability is moot) and close() is
+            # what makes it visible to other NFS clients; fsync on a busy disk took seconds.
             os.write(fd, secret.hex().encode())
-            os.fsync(fd)  # other nodes read it as soon as the job id is in the store
         finally:
             os.close(fd)
     except OSError as e:

@@ -230,3 +230,45 @@ def test_a_coordinator_bug_aborts_the_save_at_once(job, tmp_path, monkeypatch):
     for e in results:
         assert isinstance(e, CheckpointError) and "injected planner bug" in str(e), e
     assert time.monotonic() - t0 < 5
+
+
+def test_tmp_dir_whose_removal_fails_is_removed_later_and_the_ranks_hear_the_abort(tmp_path):
+    import errno
+
+    from dist_ckpt.storage.local import LocalStorage
+
+    class OutOfDescriptorsOnce(LocalStorage):
+        """Removal fails once, as rmtree does when the process has no descriptors left."""
+
+        failures = 1
+
+        def remove_tree(self, path: str) -> None:
+            if path.rsplit("/", 1)[-1].startswith("ck.tmp-") and os.path.exists(path) and OutOfDescriptorsOnce.failures:
+                OutOfDescriptorsOnce.failures -= 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            super().remove_tree(path)
+
+    storage = OutOfDescriptorsOnce()
+    coord = Coordinator(2, "job1", SECRET, "tcp://127.0.0.1:0", lambda p: (storage, p), CFG)
+    ranks = [SimpleNamespace(agent=Agent(coord.endpoint, SECRET, "job1", r, CFG), config=CFG, rank=r, world_size=2, job="job1") for r in range(2)]
+    j = Job(coord, ranks)
+    try:
+        path = str(tmp_path / "ck")
+        d1 = described(1, 2, shards(2)[1])
+        ranks[1].agent.begin("0", "write")
+        ranks[1].agent.send(wire.PlanRequest("job1", "0", 1, path, 2, d1.desc.digest(), d1.desc.to_msgpack(), False))
+        d0 = described(0, 2, shards(2)[0])
+        errs: list[object] = []
+        t = threading.Thread(target=lambda: errs.append(_catch(lambda: run_save(ranks[0], "0", path, d0, d0.tensors))))
+        t.start()
+        ranks[1].agent.wait("0", wire.PlanReply, "plan", 10)  # the tmp dir exists now
+        ranks[1].agent.send(wire.Failed("job1", "0", 1, "write", "OSError: disk on fire"))
+        t.join(20)
+        (e,) = errs
+        assert isinstance(e, CheckpointError) and 1 in e.failures, e
+        deadline = time.monotonic() + 20
+        while os.listdir(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.1)  # retried on the coordinator thread
+        assert os.listdir(tmp_path) == [] and OutOfDescriptorsOnce.failures == 0
+    finally:
+        j.close()
