@@ -139,9 +139,11 @@ class Coordinator:
             poller.register(s, zmq.POLLIN)
         while not self._stop.is_set():
             try:
-                ready = dict(poller.poll(100))
+                # While connections are unauthenticated, look at them every 10 ms: one may be
+                # filling a handshake frame buffer (see ConnectionGate).
+                ready = dict(poller.poll(10 if self._gate.pending else 100))
                 # Handshakes first: they are what an honest rank waits on and what a flood holds.
-                if self._gate.socket in ready:
+                if self._gate.socket in ready or self._gate.pending:
                     self._gate.handle()
                 if self._zap.socket in ready:
                     self._zap.handle()
@@ -403,9 +405,19 @@ def _listen(bind: str, secret: bytes, world_size: int, max_frame: int, dropped: 
     require_curve()
     soft, _ = raise_fd_limit()
     ctx = zmq.Context()
+    try:
+        return _bind_gated(ctx, bind, secret, world_size, max_frame, pending_cap(soft), dropped)
+    except BaseException:
+        ctx.destroy(linger=0)  # e.g. the port is taken: no sockets or I/O thread left behind
+        raise
+
+
+def _bind_gated(ctx: zmq.Context, bind: str, secret: bytes, world_size: int, max_frame: int, cap: int, dropped: collections.Counter[str]) -> tuple[zmq.Context, zmq.Socket, ZapGate, ConnectionGate, str]:
     zap = ZapGate(ctx, secret, world_size)  # bound before the ROUTER: no handshake may precede it
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
+    # The kernel's accept queue is what libzmq drains faster than the gate sheds: keep it near the cap.
+    sock.setsockopt(zmq.BACKLOG, 2 * cap)
     secure_server(sock, secret, max_frame)
     host, _, port = bind[len("tcp://") :].rpartition(":")
     if port in ("0", "*", ""):
@@ -413,5 +425,5 @@ def _listen(bind: str, secret: bytes, world_size: int, max_frame: int, dropped: 
     else:
         sock.bind(bind)
         port_n = int(port)
-    gate = ConnectionGate(sock, port_n, pending_cap(soft), dropped)
+    gate = ConnectionGate(sock, port_n, cap, dropped)
     return ctx, sock, zap, gate, f"tcp://{host}:{port_n}"

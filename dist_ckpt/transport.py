@@ -33,6 +33,7 @@ import hmac
 import logging
 import resource
 import socket as pysocket
+import struct
 import time
 
 import zmq
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ZAP_DOMAIN", "HANDSHAKE_TIMEOUT_S", "curve_keys", "require_curve", "secure_server",
-    "secure_client", "ZapGate", "ConnectionGate", "raise_fd_limit", "pending_cap",
+    "secure_client", "ZapGate", "ConnectionGate", "MAX_HANDSHAKE_BYTES", "raise_fd_limit", "pending_cap",
 ]
 
 ZAP_DOMAIN = b"dist_ckpt"
@@ -170,25 +171,41 @@ def pending_cap(soft_limit: int) -> int:
     return max(8, min(1024, soft_limit // 8))
 
 
-class ConnectionGate:
-    """Bounds connections that have not (yet) passed the CURVE handshake.
+# A CURVE server has sent greeting (64) + WELCOME (2 + 168) before it admits a
+# client, and READY (>= 2 + 30) once it has: more than this many bytes acked on a
+# connection means the ZAP gate admitted it. An honest client's whole handshake
+# (greeting, HELLO, INITIATE with its metadata) is well under 1 KiB.
+_ADMITTED_SENT = 64 + 170 + 16
+MAX_HANDSHAKE_BYTES = 4096
 
-    Watches the ROUTER's monitor events. Connections accepted but not
-    authenticated are *pending*; when more than ``cap`` are pending the
-    oldest are shut down (an honest rank's handshake takes milliseconds, an
-    idle connection waits for ``HANDSHAKE_TIMEOUT_S``), so a flood of idle
-    or half-open connections cannot take more than ``cap`` descriptors.
-    Handshake failures are counted in ``counter["handshake"]``.
+
+class ConnectionGate:
+    """Bounds what connections that have not passed the CURVE handshake can hold.
+
+    Watches the ROUTER's monitor events and, while any connection is
+    *pending* (accepted, not yet admitted), its TCP counters (``TCP_INFO``:
+    libzmq's success event does not say which connection succeeded, and
+    libzmq buffers a handshake frame of up to ``ZMQ_MAXMSGSIZE`` before
+    CURVE can refuse it). On each :meth:`handle` it shuts down (``shutdown``,
+    not close: libzmq owns the descriptor and closes it itself):
+
+    * a pending connection that has sent more than :data:`MAX_HANDSHAKE_BYTES`
+      (no honest handshake does; it is filling a frame buffer);
+    * the oldest pending connections beyond ``cap`` (an honest handshake takes
+      milliseconds, an idle connection waits for ``HANDSHAKE_TIMEOUT_S``).
+
+    Refused handshakes are counted in ``counter["handshake"]``, shed
+    connections in ``counter["pending-cap"]`` and ``counter["handshake-size"]``.
 
     Args:
         sock: the bound ROUTER socket.
-        port: its TCP port (a descriptor is only shut down if it is a
+        port: its TCP port (a descriptor is only touched while it is a TCP
             connection to this port: descriptors are reused).
         cap: most pending connections.
         counter: where refusals are counted (the coordinator's ``dropped``).
     """
 
-    _EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    _EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 
     def __init__(self, sock: zmq.Socket, port: int, cap: int, counter: collections.Counter[str]) -> None:
         self.socket = sock.get_monitor_socket(self._EVENTS)
@@ -199,25 +216,30 @@ class ConnectionGate:
 
     @property
     def pending(self) -> int:
-        """Connections accepted and not yet authenticated (as of the last event read)."""
+        """Connections accepted and not yet seen admitted (as of the last :meth:`handle`)."""
         return len(self._pending)
 
     def handle(self) -> None:
-        """Read every queued event, then shed the oldest pending connections over the cap."""
+        """Read queued events, then sort pending connections: admitted, hogging, or over the cap."""
         while True:
             try:
                 event = parse_monitor_message(self.socket.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
             self._on_event(event["event"], event["value"])
+        for fd in list(self._pending):
+            state = self._inspect(fd, shut_if_hog=True)
+            if state != "pending":
+                del self._pending[fd]
         while len(self._pending) > self._cap:
             fd, _ = self._pending.popitem(last=False)
-            self._shut(fd)
+            if self._inspect(fd, shut_if_hog=True, shut=True) == "shut":
+                self._count("pending-cap", f"more than {self._cap} unauthenticated connections; shedding the oldest")
 
     def _on_event(self, kind: int, fd: int) -> None:
         if kind == zmq.EVENT_ACCEPTED:
             self._pending[fd] = time.monotonic()
-        elif kind in (zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED):
+        elif kind == zmq.EVENT_DISCONNECTED:
             self._pending.pop(fd, None)
         elif kind == zmq.EVENT_ACCEPT_FAILED:
             self._warn("accept", f"accepting a connection failed ({zmq.strerror(fd)})")
@@ -225,22 +247,34 @@ class ConnectionGate:
             self._counter["handshake"] += 1
             self._warn("handshake", "a peer failed the CURVE handshake (no key of this job)")
 
-    def _shut(self, fd: int) -> None:
-        """Shut down (not close: libzmq owns it) connection ``fd`` if it is still ours."""
+    def _inspect(self, fd: int, shut_if_hog: bool = False, shut: bool = False) -> str:
+        """"admitted", "pending", "gone" or "shut" (connection ``fd`` was shut down now)."""
         try:
             s = pysocket.socket(fileno=fd)
-        except OSError:  # already closed, or no longer a socket
-            return
+        except OSError:  # closed, or no longer a socket
+            return "gone"
         try:
-            if s.getsockname()[1] == self._port:
+            if s.family not in (pysocket.AF_INET, pysocket.AF_INET6) or s.getsockname()[1] != self._port:
+                return "gone"  # the descriptor now belongs to something else
+            sent, received = _tcp_counters(s)
+            if sent > _ADMITTED_SENT:
+                return "admitted"
+            hog = shut_if_hog and received > MAX_HANDSHAKE_BYTES
+            if hog or shut:
                 s.shutdown(pysocket.SHUT_RDWR)  # libzmq sees the end and closes it
                 self.shed += 1
-                self._counter["pending-cap"] += 1
-                self._warn("cap", f"more than {self._cap} unauthenticated connections; shedding the oldest")
+                if hog:
+                    self._count("handshake-size", f"a peer sent more than {MAX_HANDSHAKE_BYTES} B without authenticating")
+                return "shut"
+            return "pending"
         except OSError:
-            pass  # closed meanwhile: nothing left to shed
+            return "gone"  # closed meanwhile
         finally:
             s.detach()  # never close a descriptor libzmq owns
+
+    def _count(self, reason: str, text: str) -> None:
+        self._counter[reason] += 1
+        self._warn(reason, text)
 
     def _warn(self, kind: str, text: str) -> None:
         if kind not in self._warned:  # once per kind: a flood must not flood the log
@@ -250,6 +284,18 @@ class ConnectionGate:
     def close(self) -> None:
         """Close the monitor socket."""
         self.socket.close(linger=0)
+
+
+def _tcp_counters(s: pysocket.socket) -> tuple[int, int]:
+    """``(bytes sent and acked, bytes received)`` of a TCP connection (Linux ``TCP_INFO``).
+
+    Raises:
+        OSError: not available (then the connection is treated as gone: never shed).
+    """
+    info = s.getsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_INFO, 136)
+    if len(info) < 136:
+        raise OSError("TCP_INFO without byte counters")
+    return struct.unpack_from("=QQ", info, 120)  # tcpi_bytes_acked, tcpi_bytes_received
 
 
 def raise_fd_limit() -> tuple[int, int]:

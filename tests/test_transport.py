@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 import zmq
@@ -43,6 +44,7 @@ def test_unauthenticated_big_messages_never_reach_rank_0s_memory(tmp_path):
     ctx = zmq.Context()
     frame = bytes(128 * MiB)  # sent 4 times: a 512 MiB message per peer, this process holds 128 MiB
     peers = []
+    raw: socket.socket | None = None
     try:
         plain = ctx.socket(zmq.DEALER)  # no CURVE at all: a store reader's first try
         peers.append(plain)
@@ -59,16 +61,33 @@ def test_unauthenticated_big_messages_never_reach_rank_0s_memory(tmp_path):
                 s.send_multipart([frame, frame, frame, frame], zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 pass
+        # A raw TCP peer: a valid ZMTP greeting asking for CURVE, then a 128 MiB "HELLO" frame,
+        # which libzmq buffers (up to ZMQ_MAXMSGSIZE) before CURVE can look at it.
+        host, port = child.hello["endpoint"][len("tcp://") :].rsplit(":", 1)
+        raw = socket.create_connection((host, int(port)))
+        greeting = b"\xff" + bytes(8) + b"\x7f\x03\x00" + b"CURVE".ljust(20, b"\0") + bytes(32)
+        threading.Thread(target=_stream, args=(raw, greeting + b"\x06" + (128 * MiB).to_bytes(8, "big"), frame), daemon=True).start()
         report = child.finish()
     finally:
         for s in peers:
             s.close(0)
         ctx.term()
-    print(f"coordinator peak RSS growth under 2 x 512 MiB unauthenticated messages: {report['peak_growth'] / MiB:.1f} MiB; dropped {report['dropped']}")
+        if raw is not None:
+            raw.close()
+    print(f"coordinator peak RSS growth under two keyless 512 MiB messages and a 128 MiB handshake frame: {report['peak_growth'] / MiB:.1f} MiB; dropped {report['dropped']}")
     assert "error" not in report, report
     assert report["saved"] == ["ck"]
     assert report["peak_growth"] < 48 * MiB, report
     assert report["dropped"].get("handshake", 0) >= 2, report  # both were seen, and refused at the handshake
+    assert report["dropped"].get("handshake-size", 0) == 1, report  # the raw peer was cut off
+
+
+def _stream(sock: socket.socket, head: bytes, body: bytes) -> None:
+    try:
+        sock.sendall(head)
+        sock.sendall(body)
+    except OSError:  # cut off by the coordinator: expected
+        pass
 
 
 def test_idle_connection_flood_leaves_rank_0_its_descriptors(tmp_path):

@@ -55,7 +55,7 @@ def main() -> None:
     assert sys.stdin.readline().strip() == "go"
     deadline, max_fds, last, stable_since = time.monotonic() + 20, 0, -1, time.monotonic()
     # Until the coordinator has refused the expected number of peers (or the fd count settles).
-    want = 2 if mode == "rss" else 10**9
+    want = 3 if mode == "rss" else 10**9
     while time.monotonic() < deadline and sum(coord.dropped.values()) < want:
         fds = open_fds()
         max_fds = max(max_fds, fds)
