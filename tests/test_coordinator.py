@@ -272,3 +272,28 @@ def test_tmp_dir_whose_removal_fails_is_removed_later_and_the_ranks_hear_the_abo
         assert os.listdir(tmp_path) == [] and OutOfDescriptorsOnce.failures == 0
     finally:
         j.close()
+
+
+def test_a_peer_speaks_only_for_the_rank_of_its_key_and_a_second_socket_with_it_is_dropped(job, tmp_path):
+    j = job(2)
+    coord = j.coordinator
+    holder_of_1 = _raw_peer(coord.endpoint, b"holder-of-1", curve_rank=1)
+    second_0 = _raw_peer(coord.endpoint, b"second-0", curve_rank=0)
+    try:
+        # Before rank 0 ever spoke: rank 1's key must not let a socket pin rank 0.
+        holder_of_1.send_multipart(wire.encode(wire.Heartbeat("job1", "0", 0, "plan"), SECRET))
+        deadline = time.monotonic() + 10
+        while coord.dropped["identity"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = str(tmp_path / "first")
+        assert save_all(j, first, "0", shards(2)) == [first, first]
+        # rank 0's key on a second socket: the first socket keeps the rank
+        second_0.send_multipart(wire.encode(wire.Heartbeat("job1", "1", 0, "plan"), SECRET))
+        while coord.dropped["identity"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        path = str(tmp_path / "ck")
+        assert save_all(j, path, "1", shards(2)) == [path, path]
+        assert coord.dropped["identity"] == 2, dict(coord.dropped)
+    finally:
+        holder_of_1.close()
+        second_0.close()
