@@ -81,6 +81,7 @@ from dist_ckpt.manifest import ALIGN
 from dist_ckpt.plan import SavePlan
 from dist_ckpt.read_planner import plan_reads
 from dist_ckpt.storage import get_storage
+from dist_ckpt.transport import secure_client
 
 JOB = "bench-coordinator"
 SECRET = b"bench-coordinator-secret-0123456789"
@@ -238,10 +239,11 @@ class Ranks:
         self.ctx = zmq.Context(io_threads=1)
         self.ctx.set(zmq.MAX_SOCKETS, len(self.ranks) + 64)
         self.socks = []
-        for _ in self.ranks:
+        for r in self.ranks.tolist():
             s = self.ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)
+            secure_client(s, SECRET, r, 1 << 30)  # CURVE with rank r's key, as a real rank's agent
             s.connect(endpoint)
             self.socks.append(s)
         off, self.siz = layout.boxes(self.ranks)

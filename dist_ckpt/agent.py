@@ -26,6 +26,7 @@ import zmq
 from . import wire
 from .config import Config
 from .errors import CheckpointError, CommitOutcomeUnknown, CoordinatorTimeout, WireError
+from .transport import secure_client
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Agent:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.IDENTITY, f"r{rank}-{os.getpid()}-{os.urandom(4).hex()}".encode())
+        secure_client(self._sock, secret, rank, max(config.max_message_bytes, self._limits.max_header))
         self._sock.connect(endpoint)
         self._wake_addr = f"inproc://dist_ckpt-agent-{id(self)}"
         self._wake_recv = self._ctx.socket(zmq.PAIR)

@@ -16,9 +16,12 @@ so no rank gives up on a save that then commits. A loop that was itself
 stalled (rank 0 frozen) past what ranks tolerate never starts a commit: a
 rank may already have reported the save failed.
 
-Input is never trusted: a message that fails authentication or validation is
-dropped and counted in :attr:`Coordinator.dropped` (by reason), logged once
-per reason, and the coordinator keeps serving.
+Input is never trusted. The ROUTER is a CURVE server behind a ZAP gate that
+admits only the job's rank keys (:mod:`dist_ckpt.transport`), so peers
+without the secret never get a byte buffered; a message that then fails
+authentication or validation is dropped and counted in
+:attr:`Coordinator.dropped` (by reason, refused handshakes as
+``handshake``), logged once per reason, and the coordinator keeps serving.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from .logs import SaveSummary, get_logger, summarize
 from .plan import PlanCache, SavePlan
 from .planner import plan_save
 from .storage import Storage
+from .transport import ConnectionGate, ZapGate, pending_cap, raise_fd_limit, require_curve, secure_server
 
 log = get_logger(__name__)
 
@@ -98,27 +102,21 @@ class Coordinator:
         bind: ``tcp://host:port`` (port 0 or ``*``: pick a free one).
         storage_for: returns the storage backend for a checkpoint path.
         config: timeouts and limits.
+        on_connected: called once (on the coordinator thread) when every rank's key has been admitted.
     """
 
-    def __init__(self, world_size: int, job: str, secret: bytes, bind: str, storage_for: Callable[[str], tuple[Storage, str]], config: Config) -> None:
+    def __init__(self, world_size: int, job: str, secret: bytes, bind: str, storage_for: Callable[[str], tuple[Storage, str]], config: Config, on_connected: Callable[[], None] | None = None) -> None:
         self.world_size = world_size
         self.job = job
         self._secret = secret
         self._storage_for = storage_for
         self._config = config
         self._limits = wire.Limits(max_frame=config.max_message_bytes, max_total=config.max_message_bytes)
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + (1 << 20))
-        host, _, port = bind[len("tcp://") :].rpartition(":")
-        if port in ("0", "*", ""):
-            port_n = self._sock.bind_to_random_port(f"tcp://{host}")
-        else:
-            self._sock.bind(bind)
-            port_n = int(port)
-        self.endpoint = f"tcp://{host}:{port_n}"
         self.dropped: collections.Counter[str] = collections.Counter()
+        self._ctx, self._sock, self._zap, self._gate, self.endpoint = _listen(bind, secret, world_size, max(config.max_message_bytes, self._limits.max_header), self.dropped)
+        self._leftovers: dict[str, str] = {}  # tmp dir -> checkpoint path, whose removal failed: retried
+        self._next_retry = 0.0
+        self._on_connected = on_connected
         self._identity: dict[int, bytes] = {}
         self._saves: dict[str, _Save] = {}
         self._finished: collections.OrderedDict[str, wire.Message] = collections.OrderedDict()
@@ -140,37 +138,58 @@ class Coordinator:
         """
         self._stop.set()
         self._thread.join(timeout=10)
-        self._io.close()
+        self._io.close()  # finishes the queued storage calls (a commit under way completes)
+        self._remove_leftovers_now()
         # Linger: the last Committed/Aborted may still be queued for other ranks
         # when rank 0's own save has returned and its process is exiting.
         self._sock.close(linger=5000)
+        self._gate.close()
+        self._zap.close()
         self._ctx.term()
 
     # -- event loop ---------------------------------------------------------
 
     def _serve(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
+        for s in (self._sock, self._zap.socket, self._gate.socket):
+            poller.register(s, zmq.POLLIN)
         poller.register(self._io.wake_fd, zmq.POLLIN)
         live = time.monotonic()  # when pending messages were last answered
         while not self._stop.is_set():
             try:
-                events = dict(poller.poll(100))
+                # While connections are unauthenticated, look at them every 10 ms: one may be
+                # filling a handshake frame buffer (see ConnectionGate).
+                ready = dict(poller.poll(10 if self._gate.pending else 100))
                 live = self._note_stall(live)
-                if self._sock in events:
-                    while True:
-                        try:
-                            frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._on_frames(frames)
+                # Handshakes first: they are what an honest rank waits on and what a flood holds.
+                if self._gate.socket in ready or self._gate.pending:
+                    self._gate.handle()
+                if self._zap.socket in ready:
+                    self._zap.handle()
+                    if self._on_connected is not None and len(self._zap.admitted) == self.world_size:
+                        callback, self._on_connected = self._on_connected, None
+                        callback()
+                if self._sock in ready:
+                    self._receive()
                 for then in self._io.finished():
                     then()
                 live = self._note_stall(live)  # a freeze while handling messages counts before any deadline
-                self._check_deadlines(time.monotonic())
+                now = time.monotonic()
+                self._check_deadlines(now)
+                if self._leftovers and now >= self._next_retry:
+                    self._retry_leftovers()
                 live = self._note_stall(live)
             except Exception:  # the coordinator must outlive any bug in one save's handling
                 log.exception("[rank 0] coordinator error (continuing)")
+
+    def _receive(self) -> None:
+        # A bounded batch: a busy peer must not keep the loop from handshakes and deadlines.
+        for _ in range(1024):
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_frames(frames)
 
     def _note_stall(self, live: float) -> float:
         """Record on every save in flight a stretch in which this loop answered nobody.
@@ -209,6 +228,9 @@ class Coordinator:
             return self._drop(getattr(e, "reason", "invalid"), str(e))
         if msg.job != self.job:
             return self._drop("job", f"message for job {msg.job!r}")
+        # The ZAP gate admitted this connection with one rank's key: it may only speak for that rank.
+        if (holder := _user_id(frames[1])) != str(msg.rank):
+            return self._drop("identity", f"a peer holding rank {holder}'s key claims rank {msg.rank}")
         known = self._identity.setdefault(msg.rank, identity)
         if known != identity:
             return self._drop("identity", f"a second peer claims rank {msg.rank}")
@@ -428,15 +450,8 @@ class Coordinator:
             return
         log.error("[rank 0] save %s to %s aborted: %s", save.ckpt, save.path or "(no rank named its path)", "; ".join(f"rank {r}: {m}" for r, m in sorted(reasons.items())))
         if save.tmp_path:
-            storage, _ = self._storage_for(save.path)
-            self._io.submit(lambda: storage.remove_tree(save.tmp_path), self._log_cleanup(save))
+            self._remove_tmp(save.tmp_path, save.path)
         self._end(save, lambda r: wire.Aborted(self.job, save.ckpt, r, reasons))
-
-    def _log_cleanup(self, save: _Save) -> Callable[[object], None]:
-        def then(out: object) -> None:
-            if isinstance(out, BaseException):
-                log.error("[rank 0] save %s: removing %s failed: %s", save.ckpt, save.tmp_path, out)
-        return then
 
     def _end(self, save: _Save, make: Callable[[int], wire.Message]) -> None:
         del self._saves[save.ckpt]
@@ -449,6 +464,44 @@ class Coordinator:
             self._send(r, make(r))
         save.records = None
         release_free_memory()
+
+    def _remove_tmp(self, tmp_path: str, path: str) -> None:
+        """Remove an abandoned tmp dir on the I/O thread (after its creation); if that fails, retry later."""
+        storage, _ = self._storage_for(path)
+
+        def work() -> None:
+            storage.remove_tree(tmp_path)
+            if storage.exists(tmp_path):  # remove_tree may ignore errors
+                raise OSError(f"{tmp_path} is still there after its removal")
+
+        self._io.submit(work, lambda out: self._removed(tmp_path, path, out))
+
+    def _removed(self, tmp_path: str, path: str, out: object) -> None:
+        """(event loop) A tmp dir's removal finished: forget it, or keep it for the next retry."""
+        if not isinstance(out, BaseException):
+            self._leftovers.pop(tmp_path, None)
+            return
+        if tmp_path not in self._leftovers:
+            log.warning("[rank 0] could not remove %s (%s); retrying every 5 s and at close", tmp_path, _text(out))
+        self._leftovers[tmp_path] = path
+
+    def _retry_leftovers(self) -> None:
+        self._next_retry = time.monotonic() + 5.0
+        for tmp_path, path in list(self._leftovers.items()):
+            self._remove_tmp(tmp_path, path)
+
+    def _remove_leftovers_now(self) -> None:
+        """(close, after the I/O thread stopped) One last synchronous try at the tmp dirs still left."""
+        for tmp_path, path in list(self._leftovers.items()):
+            try:
+                storage, _ = self._storage_for(path)
+                storage.remove_tree(tmp_path)
+                if not storage.exists(tmp_path):
+                    del self._leftovers[tmp_path]
+            except (DistCkptError, OSError) as e:
+                log.error("[rank 0] removing %s at close failed: %s", tmp_path, e)
+        if self._leftovers:
+            log.error("[rank 0] left behind after repeated removal attempts: %s", sorted(self._leftovers))
 
     def _check_deadlines(self, now: float) -> None:
         cfg = self._config
@@ -532,3 +585,44 @@ class _IOThread:
             return
         os.close(self.wake_fd)
         os.close(self._wake_w)
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The rank the ZAP gate admitted ``frame``'s connection as (None if it carries none)."""
+    try:
+        return frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError, TypeError):
+        return None
+
+
+def _listen(bind: str, secret: bytes, world_size: int, max_frame: int, dropped: collections.Counter[str]) -> tuple[zmq.Context, zmq.Socket, ZapGate, ConnectionGate, str]:
+    """The coordinator's context and CURVE ROUTER bound to ``bind``, its ZAP and connection gates.
+
+    Returns:
+        ``(context, router, zap, gate, endpoint)``; ``endpoint`` names the port actually bound.
+    """
+    require_curve()
+    soft, _ = raise_fd_limit()
+    ctx = zmq.Context()
+    try:
+        return _bind_gated(ctx, bind, secret, world_size, max_frame, pending_cap(soft), dropped)
+    except BaseException:
+        ctx.destroy(linger=0)  # e.g. the port is taken: no sockets or I/O thread left behind
+        raise
+
+
+def _bind_gated(ctx: zmq.Context, bind: str, secret: bytes, world_size: int, max_frame: int, cap: int, dropped: collections.Counter[str]) -> tuple[zmq.Context, zmq.Socket, ZapGate, ConnectionGate, str]:
+    zap = ZapGate(ctx, secret, world_size)  # bound before the ROUTER: no handshake may precede it
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    # The kernel's accept queue is what libzmq drains faster than the gate sheds: keep it near the cap.
+    sock.setsockopt(zmq.BACKLOG, 2 * cap)
+    secure_server(sock, secret, max_frame)
+    host, _, port = bind[len("tcp://") :].rpartition(":")
+    if port in ("0", "*", ""):
+        port_n = sock.bind_to_random_port(f"tcp://{host}")
+    else:
+        sock.bind(bind)
+        port_n = int(port)
+    gate = ConnectionGate(sock, port_n, cap, dropped)
+    return ctx, sock, zap, gate, f"tcp://{host}:{port_n}"

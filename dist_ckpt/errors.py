@@ -100,3 +100,11 @@ class ProcessGroupNotInitialized(DistCkptError, RuntimeError):
 
 class UnsupportedScheme(DistCkptError, ValueError):
     """A checkpoint URL's scheme has no registered storage backend."""
+
+
+class TransportError(DistCkptError, ConnectionError):
+    """The coordinator link cannot be secured (e.g. libzmq without CURVE)."""
+
+
+class SecretError(DistCkptError, PermissionError):
+    """The job secret is missing, or its key file is not safe to trust (owner, mode, type)."""

@@ -1,10 +1,12 @@
 """A session: this rank's place in the job and its link to the coordinator.
 
 Created once per checkpointer (or once for the functional API). Rank 0 starts
-the coordinator; the endpoint and a fresh per-job secret reach the other
-ranks through the process group's store, once, here — never during a save.
-Without a process group the session is a world of one with a local
-coordinator.
+the coordinator; its endpoint and the session's job id reach the other ranks
+through the process group's store, once, here — never during a save. The
+store is unauthenticated, so nothing secret goes through it: each rank gets
+the session secret from ``DIST_CKPT_SECRET`` or from the 0600 key file rank 0
+writes (:mod:`dist_ckpt.trust`). Without a process group the session is a
+world of one with a local coordinator.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from . import trust
 from .agent import Agent
 from .config import Config
 from .coordinator import Coordinator
-from .errors import ProcessGroupNotInitialized
+from .errors import ProcessGroupNotInitialized, TransportError
 from .logs import get_logger, set_rank
 from .storage import get_storage
 
@@ -99,24 +102,42 @@ class Session:
         self.coordinator: Coordinator | None = None
         self._closed = False
         self._seq = itertools.count()
+        self.key_file: str | None = None  # rank 0: the key file while ranks may still need it
         n = next(_counter)
         if self.rank == 0:
-            secret, job = os.urandom(32), uuid.uuid4().hex
+            job = uuid.uuid4().hex
+            secret = self._new_secret(job)
             bind = config.coordinator or f"tcp://{job_interface(os.environ.get('MASTER_ADDR'))}:0"
-            self.coordinator = Coordinator(self.world_size, job, secret, bind, get_storage, config)
+            try:
+                self.coordinator = Coordinator(self.world_size, job, secret, bind, get_storage, config, on_connected=self._remove_key_file)
+            except BaseException:
+                self._remove_key_file()
+                raise
             endpoint = self.coordinator.endpoint
-            if self.world_size > 1:
-                store = _store(process_group)
-                store.set(f"dist_ckpt/{n}/hello", f"{endpoint}|{job}".encode())
-                store.set(f"dist_ckpt/{n}/secret", secret)
+            if self.world_size > 1:  # public material only
+                _store(process_group).set(f"dist_ckpt/{n}/hello", f"{endpoint}|{job}".encode())
         else:
-            store = _store(process_group)
-            endpoint, job = store.get(f"dist_ckpt/{n}/hello").decode().split("|")
-            secret = store.get(f"dist_ckpt/{n}/secret")
+            endpoint, job = _parse_hello(_store(process_group).get(f"dist_ckpt/{n}/hello"))
+            secret = trust.env_secret(job) or trust.read_key_file(trust.key_dir(), job, min(config.timeout_s, 60.0))
         self.job = job
         self.agent = Agent(endpoint, secret, job, self.rank, config)
         self.rank_info = RankInfo(self.rank, self.world_size)
         set_rank(self.rank)
+
+    def _new_secret(self, job: str) -> bytes:
+        """(rank 0) The session secret: from the environment, else random and written to a key file."""
+        secret = trust.env_secret(job)
+        if secret is None:
+            secret = os.urandom(trust.KEY_BYTES)
+            if self.world_size > 1:
+                self.key_file = trust.write_key_file(trust.key_dir(), job, secret)
+        return secret
+
+    def _remove_key_file(self) -> None:
+        """(rank 0) Every rank has authenticated (or the session ends): nobody needs the key file."""
+        path, self.key_file = self.key_file, None
+        if path is not None:
+            trust.remove_key_file(path)
 
     def next_save_id(self) -> str:
         """Id of the next save; every rank calls saves in the same order, so ids agree."""
@@ -130,6 +151,19 @@ class Session:
         self.agent.close()
         if self.coordinator is not None:
             self.coordinator.close()
+        self._remove_key_file()
+
+
+def _parse_hello(value: bytes) -> tuple[str, str]:
+    """``(endpoint, job)`` from the store's hello; the store is untrusted, so check its shape.
+
+    Raises:
+        TransportError: the value is not ``tcp://host:port|<32 hex digits>``.
+    """
+    endpoint, _, job = value.decode("utf-8", "replace").partition("|")
+    if not endpoint.startswith("tcp://") or not trust.valid_job_id(job):
+        raise TransportError(f"the launcher's store holds a malformed dist_ckpt hello {value[:100]!r}; was it tampered with?")
+    return endpoint, job
 
 
 def _store(process_group: dist.ProcessGroup | None) -> dist.Store:

@@ -23,6 +23,7 @@ from dist_ckpt.loader import load_full
 from dist_ckpt.saver import run_save
 from dist_ckpt.storage import get_storage
 from dist_ckpt.storage.local import LocalStorage
+from dist_ckpt.transport import secure_client
 
 pytestmark = pytest.mark.timeout(60)
 SECRET = os.urandom(32)
@@ -160,12 +161,17 @@ def test_silent_rank_aborts_after_heartbeat_timeout(job, tmp_path):
     assert not os.path.exists(path)
 
 
-def _raw_peer(endpoint: str, identity: bytes | None = None) -> zmq.Socket:
+def _raw_peer(endpoint: str, identity: bytes | None = None, curve_rank: int | None = 1) -> zmq.Socket:
+    """A hand-driven socket. By default it holds rank 1's CURVE key (an insider that passed
+    the transport: only such a peer's bytes reach the coordinator's message checks);
+    ``curve_rank=None``: no key at all (see tests/test_transport.py)."""
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     if identity:
         s.setsockopt(zmq.IDENTITY, identity)
+    if curve_rank is not None:
+        secure_client(s, SECRET, curve_rank, 1 << 30)
     s.connect(endpoint)
     return s
 
@@ -264,3 +270,70 @@ def test_a_commit_that_outlasts_every_deadline_is_reported_as_unknown_not_failed
     for e in results:
         assert isinstance(e, CommitOutcomeUnknown) and "may or may not be committed" in str(e), e
     assert os.path.exists(os.path.join(path, "MANIFEST"))  # it did commit: no rank said it failed
+
+
+def test_tmp_dir_whose_removal_fails_is_removed_later_and_the_ranks_hear_the_abort(tmp_path):
+    import errno
+
+    from dist_ckpt.storage.local import LocalStorage
+
+    class OutOfDescriptorsOnce(LocalStorage):
+        """Removal fails once, as rmtree does when the process has no descriptors left."""
+
+        failures = 1
+
+        def remove_tree(self, path: str) -> None:
+            if path.rsplit("/", 1)[-1].startswith("ck.tmp-") and os.path.exists(path) and OutOfDescriptorsOnce.failures:
+                OutOfDescriptorsOnce.failures -= 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            super().remove_tree(path)
+
+    storage = OutOfDescriptorsOnce()
+    coord = Coordinator(2, "job1", SECRET, "tcp://127.0.0.1:0", lambda p: (storage, p), CFG)
+    ranks = [SimpleNamespace(agent=Agent(coord.endpoint, SECRET, "job1", r, CFG), config=CFG, rank=r, world_size=2, job="job1") for r in range(2)]
+    j = Job(coord, ranks)
+    try:
+        path = str(tmp_path / "ck")
+        d1 = described(1, 2, shards(2)[1])
+        ranks[1].agent.begin("0", "write")
+        ranks[1].agent.send(wire.PlanRequest("job1", "0", 1, path, 2, d1.desc.digest(), d1.desc.to_msgpack(), False))
+        d0 = described(0, 2, shards(2)[0])
+        errs: list[object] = []
+        t = threading.Thread(target=lambda: errs.append(_catch(lambda: run_save(ranks[0], "0", path, d0, d0.tensors))))
+        t.start()
+        ranks[1].agent.wait("0", wire.PlanReply, "plan", 10)  # the tmp dir exists now
+        ranks[1].agent.send(wire.Failed("job1", "0", 1, "write", "OSError: disk on fire"))
+        t.join(20)
+        (e,) = errs
+        assert isinstance(e, CheckpointError) and 1 in e.failures, e
+        deadline = time.monotonic() + 20
+        while os.listdir(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.1)  # retried on the coordinator thread
+        assert os.listdir(tmp_path) == [] and OutOfDescriptorsOnce.failures == 0
+    finally:
+        j.close()
+
+
+def test_a_peer_speaks_only_for_the_rank_of_its_key_and_a_second_socket_with_it_is_dropped(job, tmp_path):
+    j = job(2)
+    coord = j.coordinator
+    holder_of_1 = _raw_peer(coord.endpoint, b"holder-of-1", curve_rank=1)
+    second_0 = _raw_peer(coord.endpoint, b"second-0", curve_rank=0)
+    try:
+        # Before rank 0 ever spoke: rank 1's key must not let a socket pin rank 0.
+        holder_of_1.send_multipart(wire.encode(wire.Heartbeat("job1", "0", 0, "plan"), SECRET))
+        deadline = time.monotonic() + 10
+        while coord.dropped["identity"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = str(tmp_path / "first")
+        assert save_all(j, first, "0", shards(2)) == [first, first]
+        # rank 0's key on a second socket: the first socket keeps the rank
+        second_0.send_multipart(wire.encode(wire.Heartbeat("job1", "1", 0, "plan"), SECRET))
+        while coord.dropped["identity"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        path = str(tmp_path / "ck")
+        assert save_all(j, path, "1", shards(2)) == [path, path]
+        assert coord.dropped["identity"] == 2, dict(coord.dropped)
+    finally:
+        holder_of_1.close()
+        second_0.close()
