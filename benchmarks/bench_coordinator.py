@@ -274,7 +274,7 @@ class Ranks:
         so the simulated ranks take no CPU from the coordinator (they share
         this machine's cores; real ranks would not).
         """
-        frames = [sock.recv_multipart() for sock in self.socks]
+        frames = [self._recv_skipping(sock, kind) for sock in self.socks]
         t = time.monotonic()
         out = []
         for f in frames:
@@ -283,6 +283,14 @@ class Ranks:
                 raise RuntimeError(f"rank {msg.rank}: expected {kind.__name__}, got {msg}")
             out.append(msg)
         return t, out
+
+    @staticmethod
+    def _recv_skipping(sock: zmq.Socket, kind: type) -> list[bytes]:
+        """The next frames on ``sock`` that are not a ``CommitInProgress`` (sent before every Committed)."""
+        while True:
+            frames = sock.recv_multipart()
+            if kind is wire.CommitInProgress or not isinstance(wire.decode(frames, SECRET), wire.CommitInProgress):
+                return frames
 
     def recv_plans(self) -> float:
         t, replies = self.recv(wire.PlanReply)

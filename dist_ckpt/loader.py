@@ -12,6 +12,7 @@ checkpoint whole, or raises :class:`~dist_ckpt.errors.CheckpointChanged`.
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import pickle
@@ -163,7 +164,9 @@ def read_manifest(path: str, storage: Storage | None = None) -> tuple[Manifest, 
     root = find_committed(storage, path)
     try:
         data = storage.read_bytes(f"{root}/{MANIFEST}")
-    except IsADirectoryError:
+    except OSError as e:  # IsADirectoryError, or the storage's UnsafeFileError for a directory
+        if e.errno != errno.EISDIR:
+            raise
         raise ManifestError(f"{root}/{MANIFEST} is a directory, not a manifest file") from None
     try:
         return Manifest.from_msgpack(data), root, storage

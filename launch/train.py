@@ -189,7 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--summary-json", default=None, help="rank 0 writes the run's summary here")
-    p.add_argument("--verbose", action="store_true", help="dist_ckpt's own per-phase logs too")
+    p.add_argument("--verbose", action="store_true", help="dist_ckpt's own per-phase and per-rank (DEBUG) logs too")
     return p.parse_args(argv)
 
 
@@ -205,7 +205,7 @@ def setup(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     rank, world = dist.get_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", stream=sys.stdout)
-    logging.getLogger("dist_ckpt").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    logging.getLogger("dist_ckpt").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     logging.getLogger("dist_ckpt.manager").setLevel(logging.INFO)
     logging.getLogger("dist_ckpt.preempt").setLevel(logging.INFO)  # Slurm restart count, stop requests
     if args.global_batch % world:

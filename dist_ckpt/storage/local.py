@@ -65,7 +65,7 @@ def open_regular(path: str) -> tuple[int, os.stat_result]:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         kind = next((name for test, name in _KINDS if test(st.st_mode)), "special file")
-        raise UnsafeFileError(errno.EINVAL, f"{path} is a {kind}, not a regular file")
+        raise UnsafeFileError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL, f"{path} is a {kind}, not a regular file")
     return fd, st
 
 
