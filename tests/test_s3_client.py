@@ -211,6 +211,9 @@ def test_conditional_put_whose_answer_was_lost(proxied):
 
 
 def test_completion_whose_answer_was_lost(proxied):
+    # moto accepts a second CompleteMultipartUpload of a completed upload, so
+    # this covers the retried completion end to end; the NoSuchUpload branch
+    # (what S3 may answer instead) is not reached against moto.
     client, proxy = proxied
     data = os.urandom(MIN_PART_SIZE + 1)
     proxy.inject("reset_after", nth=1, method="POST", path_contains="uploadId=")

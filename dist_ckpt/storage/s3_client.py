@@ -17,9 +17,10 @@ What this module adds over the bare client, and why:
   failure recognise its own earlier success (see :meth:`S3Client.put_if_absent`).
 - **Create-only and compare-and-swap puts** (``If-None-Match: *`` and
   ``If-Match: <etag>``), the commit primitives of a checkpoint without rename.
-- **A multipart writer with bounded memory**: ``max_in_flight`` parts upload
-  at once; ``write`` blocks while they are all busy; a writer that is closed
-  or fails without ``complete`` aborts its upload, so no object appears.
+- **A multipart writer with bounded memory** (:mod:`.s3_multipart`):
+  ``max_in_flight`` parts upload at once; ``write`` blocks while they are all
+  busy; a writer that is closed or fails without ``complete`` aborts its
+  upload, so no object appears.
 
 Nothing here knows the checkpoint layout; it imports only
 :mod:`dist_ckpt.errors`.
@@ -27,14 +28,14 @@ Nothing here knows the checkpoint layout; it imports only
 
 from __future__ import annotations
 
+import builtins
+import functools
 import hashlib
 import random
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import DataFileError, DistCkptError, StorageError
 
@@ -44,6 +45,9 @@ try:
     import botocore.exceptions as bexc
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError("s3:// paths need boto3: pip install 'dist-ckpt[s3]'") from e
+
+if TYPE_CHECKING:
+    from .s3_multipart import MultipartWriter
 
 T = TypeVar("T")
 
@@ -139,7 +143,7 @@ class ObjectInfo:
     etag: str
 
 
-def _status(e: BaseException) -> tuple[int, str]:
+def _status(e: BaseException | None) -> tuple[int, str]:
     """(HTTP status, S3 error code) of a botocore error; (0, "") for others."""
     if isinstance(e, bexc.ClientError):
         return (int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0),
@@ -443,8 +447,8 @@ class S3Client:
         """
         token: dict[str, str] = {}
         while True:
-            page = self.call("ListObjectsV2", prefix, lambda token=token: self._s3.list_objects_v2(
-                Bucket=self.bucket, Prefix=prefix, MaxKeys=page_size, **token))
+            page = self.call("ListObjectsV2", prefix, functools.partial(
+                self._s3.list_objects_v2, Bucket=self.bucket, Prefix=prefix, MaxKeys=page_size, **token))
             for item in page.get("Contents", []):
                 yield ObjectInfo(str(item["Key"]), int(item["Size"]), str(item["ETag"]))
             if not page.get("IsTruncated"):
@@ -461,7 +465,7 @@ class S3Client:
             StorageError: a request failed (after retries), or the store
                 refused some keys (each named with its error code).
         """
-        batch: list[str] = []
+        batch: builtins.list[str] = []  # `list` is a method of this class
         for key in keys:
             batch.append(key)
             if len(batch) == DELETE_BATCH:
@@ -470,7 +474,7 @@ class S3Client:
         if batch:
             self._delete_batch(batch)
 
-    def _delete_batch(self, keys: list[str]) -> None:
+    def _delete_batch(self, keys: Sequence[str]) -> None:
         request = {"Objects": [{"Key": k} for k in keys], "Quiet": True}
         resp = self.call("DeleteObjects", keys[0], lambda: self._s3.delete_objects(
             Bucket=self.bucket, Delete=request))
@@ -497,8 +501,8 @@ class S3Client:
         """
         marker: dict[str, str] = {}
         while True:
-            page = self.call("ListMultipartUploads", prefix, lambda marker=marker: self._s3.list_multipart_uploads(
-                Bucket=self.bucket, Prefix=prefix, **marker))
+            page = self.call("ListMultipartUploads", prefix, functools.partial(
+                self._s3.list_multipart_uploads, Bucket=self.bucket, Prefix=prefix, **marker))
             for up in page.get("Uploads", []):
                 yield str(up["Key"]), str(up["UploadId"])
             if not page.get("IsTruncated"):
@@ -536,6 +540,8 @@ class S3Client:
         Raises:
             ValueError: a part size or concurrency out of range.
         """
+        from .s3_multipart import MultipartWriter  # it builds on this module
+
         return MultipartWriter(self, key, part_size, max_in_flight)
 
     @property
@@ -547,176 +553,3 @@ class S3Client:
         """Close the HTTP connections."""
         self._s3.close()
 
-
-class MultipartWriter:
-    """One object written as a multipart upload, parts uploaded in parallel.
-
-    Call order (one thread): ``write`` any number of times, then either
-    ``complete`` (the object appears, whole) or ``abort`` / ``close`` (no
-    object appears; the parts are dropped). A failed part upload is raised by
-    the next ``write`` or by ``complete``, after aborting.
-
-    Memory: at most ``max_in_flight`` parts upload while one more fills, so
-    the writer holds at most ``(max_in_flight + 1) * part_size`` bytes. An
-    object smaller than one part is written with one plain PUT instead.
-
-    Args:
-        client: the S3Client of the bucket.
-        key: the object key.
-        part_size: bytes per part (≥ 5 MiB).
-        max_in_flight: parts uploading at once (≥ 1).
-
-    Raises:
-        ValueError: a part size or concurrency out of range.
-    """
-
-    def __init__(self, client: S3Client, key: str, part_size: int, max_in_flight: int) -> None:
-        if part_size < MIN_PART_SIZE or max_in_flight < 1:
-            raise ValueError(f"{client._where(key)}: part_size {part_size} (>= {MIN_PART_SIZE}) "
-                             f"and max_in_flight {max_in_flight} (>= 1) out of range")
-        self._client, self.key = client, key
-        self.part_size, self.max_in_flight = part_size, max_in_flight
-        self._upload_id: str | None = None
-        self._parts: list[Future[str]] = []
-        self._slots = threading.Semaphore(max_in_flight)
-        self._spare: list[bytearray] = []  # buffers whose upload finished, reused
-        self._spare_lock = threading.Lock()
-        self._buf, self._fill = bytearray(part_size), 0
-        self._pool: ThreadPoolExecutor | None = None
-        self.size = 0  # bytes written so far
-        self.done = False  # completed or aborted
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Append bytes; full parts start uploading, blocking while ``max_in_flight`` are busy.
-
-        Args:
-            data: the bytes to append (copied; the caller may reuse its buffer).
-
-        Raises:
-            StorageError: an earlier part failed (the upload is aborted), or
-                the writer is already completed or aborted.
-        """
-        self._check_open()
-        view = memoryview(data).cast("B")
-        while len(view):
-            n = min(len(view), self.part_size - self._fill)
-            self._buf[self._fill:self._fill + n] = view[:n]
-            self._fill += n
-            self.size += n
-            view = view[n:]
-            if self._fill == self.part_size:
-                self._submit_full_part()
-
-    def _check_open(self) -> None:
-        if self.done:
-            raise StorageError(f"{self._client._where(self.key)}: multipart writer already completed or aborted")
-        failed = next((f for f in self._parts if f.done() and f.exception() is not None), None)
-        if failed is not None:
-            self._fail(failed.exception())
-
-    def _fail(self, cause: BaseException | None) -> NoReturn:
-        """Abort the upload and raise ``cause`` (a part's error) as the writer's error."""
-        self.abort()
-        if isinstance(cause, StorageError):
-            raise cause
-        raise StorageError(f"multipart upload of {self._client._where(self.key)} failed: {cause!r}") from cause
-
-    def _submit_full_part(self) -> None:
-        if len(self._parts) >= MAX_PARTS:
-            self._fail(StorageError(f"{self._client._where(self.key)}: over {MAX_PARTS} parts; "
-                                    f"raise part_size above {self.part_size}"))
-        if self._upload_id is None:
-            self._upload_id = str(self._client.call("CreateMultipartUpload", self.key, lambda: self._client.raw.
-                                  create_multipart_upload(Bucket=self._client.bucket, Key=self.key))["UploadId"])
-            self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="s3-part")
-        self._slots.acquire()  # the bound on memory and on requests in flight
-        assert self._pool is not None
-        buf, number = self._buf, len(self._parts) + 1
-        self._parts.append(self._pool.submit(self._upload_part, number, buf, self._fill))
-        with self._spare_lock:
-            self._buf = self._spare.pop() if self._spare else bytearray(self.part_size)
-        self._fill = 0
-
-    def _upload_part(self, number: int, buf: bytearray, n: int) -> str:
-        try:
-            body = buf if n == len(buf) else bytes(buf[:n])  # botocore takes bytearray, not memoryview
-            resp = self._client.call(f"UploadPart({number})", self.key, lambda: self._client.raw.upload_part(
-                Bucket=self._client.bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=body))
-            return str(resp["ETag"])
-        finally:
-            with self._spare_lock:
-                self._spare.append(buf)
-            self._slots.release()
-
-    def complete(self) -> str:
-        """Upload what is left, wait for every part, and make the object appear.
-
-        Returns:
-            The object's ETag.
-
-        Raises:
-            StorageError: a part or the completion failed; the upload is aborted.
-        """
-        self._check_open()
-        if self._upload_id is None:  # smaller than one part: one PUT
-            etag = self._client.put(self.key, bytes(self._buf[:self._fill]))
-            self._finish()
-            return etag
-        if self._fill:
-            self._submit_full_part()
-        try:
-            etags = [f.result() for f in self._parts]
-        except BaseException as e:  # noqa: BLE001 - re-raised by _fail after aborting
-            self._fail(e)
-        return self._complete_upload(etags)
-
-    def _complete_upload(self, etags: list[str]) -> str:
-        expected = multipart_etag(etags)
-        parts = {"Parts": [{"PartNumber": i + 1, "ETag": t} for i, t in enumerate(etags)]}
-
-        def already_done(e: BaseException) -> str | None:
-            # A completion whose answer was lost was applied: the retry finds
-            # the upload gone, and the object there has our parts' ETag.
-            if _status(e)[1] != "NoSuchUpload":
-                return None
-            info = self._client.head(self.key)
-            return info.etag if info is not None and info.etag == expected else None
-
-        try:
-            resp = self._client.call("CompleteMultipartUpload", self.key, lambda: self._client.raw.
-                                     complete_multipart_upload(Bucket=self._client.bucket, Key=self.key,
-                                                               UploadId=self._upload_id, MultipartUpload=parts),
-                                     on_retry_error=already_done)
-        except StorageError as e:
-            self._fail(e)
-        self._finish()
-        return str(resp["ETag"]) if isinstance(resp, dict) else resp
-
-    def _finish(self) -> None:
-        self.done = True
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        self._buf, self._spare = bytearray(), []
-
-    def abort(self) -> None:
-        """Drop the upload: wait for parts in flight, then abort it (idempotent).
-
-        Raises:
-            StorageError: the abort request failed (after retries); the parts
-                stay until ``list_uploads``/``abort_upload`` (gc) removes them.
-        """
-        if self.done:
-            return
-        self._finish()
-        if self._upload_id is not None:
-            self._client.abort_upload(self.key, self._upload_id)
-
-    def close(self) -> None:
-        """Abort unless completed (so a writer left by an exception leaves no object)."""
-        self.abort()
-
-    def __enter__(self) -> MultipartWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
