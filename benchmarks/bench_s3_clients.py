@@ -36,13 +36,14 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import xxhash
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from s3_server import MotoServer  # noqa: E402  (the tests' server, one definition)
+from s3_server import MotoServer  # the tests' server, one definition
 
 MiB = 1 << 20
 
@@ -257,28 +258,31 @@ def cond_s3torch(b: Bench, key: str) -> dict[str, Any]:
 
 def racing_creates(b: Bench, racers: int = 8, rounds: int = 20) -> dict[str, int]:
     """Racers put one key create-only at the same moment; count rounds with more than one winner."""
+    clients = [boto3_client(b) for _ in range(racers)]
+    multi = sum(_race_once(clients, b.bucket, f"race/{r}") > 1 for r in range(rounds))
+    return {"racers": racers, "rounds": rounds, "rounds_with_several_winners": multi}
+
+
+def _race_once(clients: list[Any], bucket: str, key: str) -> int:
+    """One round: every client puts ``key`` create-only at once; returns how many succeeded."""
     from botocore.exceptions import ClientError
 
-    clients = [boto3_client(b) for _ in range(racers)]
-    multi = 0
-    for r in range(rounds):
-        gate, wins = threading.Barrier(racers), []
+    gate, wins = threading.Barrier(len(clients)), []
 
-        def race(i: int) -> None:
-            gate.wait()
-            try:
-                clients[i].put_object(Bucket=b.bucket, Key=f"race/{r}", Body=str(i).encode(), IfNoneMatch="*")
-                wins.append(i)
-            except ClientError:
-                pass
+    def race(i: int) -> None:
+        gate.wait()
+        try:
+            clients[i].put_object(Bucket=bucket, Key=key, Body=str(i).encode(), IfNoneMatch="*")
+            wins.append(i)
+        except ClientError:
+            pass
 
-        threads = [threading.Thread(target=race, args=(i,)) for i in range(racers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        multi += len(wins) > 1
-    return {"racers": racers, "rounds": rounds, "rounds_with_several_winners": multi}
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(len(clients))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(wins)
 
 
 def main() -> None:

@@ -8,7 +8,13 @@ chosen requests fail at the HTTP level:
 - ``"reset"``: reset the connection (TCP RST) without forwarding;
 - ``"reset_after"``: forward the request, then reset instead of relaying the
   answer: the server *applied* it but the client never hears so (the
-  ambiguous failure a retried conditional write has to sort out).
+  ambiguous failure a retried conditional write has to sort out);
+- ``"hold"``: not a failure: the ``times`` matching requests wait for one
+  another (a barrier, ``hold_timeout`` seconds) before going on, which proves
+  that a client really has that many requests in flight at once; a barrier
+  that times out is counted in :attr:`FaultProxy.broken_holds`.
+
+:attr:`FaultProxy.peak_in_flight` is the most requests at the server at once.
 
     proxy = FaultProxy(server.endpoint)
     proxy.inject("500", nth=2)                  # the 2nd request from now fails
@@ -32,7 +38,7 @@ import threading
 import urllib.parse
 from dataclasses import dataclass, field
 
-ACTIONS = ("500", "reset", "reset_after")
+ACTIONS = ("500", "reset", "reset_after", "hold")
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection"}
 _ERROR_500 = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
               b"<Message>injected by the fault proxy</Message></Error>")
@@ -45,6 +51,7 @@ class _Rule:
     times: int
     method: str | None
     path_contains: str | None
+    barrier: threading.Barrier | None = None  # the "hold" action's
     seen: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -60,20 +67,28 @@ class _State:
     rules: list[_Rule] = field(default_factory=list)
     log: list[tuple[str, str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    broken_holds: int = 0
 
-    def decide(self, method: str, path: str) -> str:
+    def decide(self, method: str, path: str) -> tuple[str, _Rule | None]:
         """Count the request against every rule; the first that fires wins."""
         with self.lock:
-            action = "pass"
+            action, fired = "pass", None
             for rule in self.rules:
                 if not rule.matches(method, path):
                     continue
                 rule.seen += 1
-                if action == "pass" and rule.nth <= rule.seen < rule.nth + rule.times:
-                    action = rule.action
+                if fired is None and rule.nth <= rule.seen < rule.nth + rule.times:
+                    action, fired = rule.action, rule
             if len(self.log) < self.max_log:
                 self.log.append((method, path, action))
-            return action
+            return action, fired
+
+    def count(self, delta: int) -> None:
+        with self.lock:
+            self.in_flight += delta
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -110,7 +125,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = self._read_body()
         if body is None:
             return
-        action = self.server.state.decide(self.command, self.path)
+        self._act(*self.server.state.decide(self.command, self.path), body)
+
+    def _act(self, action: str, rule: _Rule | None, body: bytes) -> None:
+        if action == "hold":
+            assert rule is not None and rule.barrier is not None
+            try:
+                rule.barrier.wait()
+            except threading.BrokenBarrierError:
+                with self.server.state.lock:
+                    self.server.state.broken_holds += 1
+            action = "pass"
         if action == "reset":
             self._reset()
         elif action == "500":
@@ -129,7 +154,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.connection.close()
 
     def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-        """Send the request upstream as it came; returns the answer (status, headers, body)."""
+        """Send the request upstream as it came; returns the answer (status, headers, body).
+
+        Counted in flight from sending to the answer's last byte, before the
+        client hears it: a client that sends its next request on an answer
+        can never be counted twice.
+        """
+        self.server.state.count(+1)
+        try:
+            return self._forward_counted(body)
+        finally:
+            self.server.state.count(-1)
+
+    def _forward_counted(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         conn = self.server.upstream_connection()
         conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
         for name, value in self.headers.items():
@@ -176,12 +213,15 @@ class FaultProxy:
         upstream: the server's base URL, ``http://127.0.0.1:PORT`` (loopback only).
         max_body: the largest request body forwarded, in bytes.
         max_log: the most requests kept in :attr:`log`.
+        hold_timeout: seconds a "hold" barrier waits for all its requests.
 
     Raises:
         ValueError: the upstream is not a plain-HTTP loopback address.
     """
 
-    def __init__(self, upstream: str, max_body: int = 256 << 20, max_log: int = 100_000) -> None:
+    def __init__(self, upstream: str, max_body: int = 256 << 20, max_log: int = 100_000,
+                 hold_timeout: float = 30.0) -> None:
+        self.hold_timeout = hold_timeout
         url = urllib.parse.urlsplit(upstream)
         if url.scheme != "http" or not url.hostname or not ipaddress.ip_address(url.hostname).is_loopback:
             raise ValueError(f"the fault proxy forwards to a loopback http:// address only, not {upstream!r}")
@@ -196,7 +236,7 @@ class FaultProxy:
         """Fail requests ``nth`` to ``nth + times - 1`` that match, counted from now.
 
         Args:
-            action: ``"500"``, ``"reset"`` or ``"reset_after"`` (module doc).
+            action: ``"500"``, ``"reset"``, ``"reset_after"`` or ``"hold"`` (module doc).
             nth: the first matching request to fail (1 = the next one).
             times: how many consecutive matching requests fail.
             method: only count requests of this HTTP method (``"PUT"`` …).
@@ -208,13 +248,25 @@ class FaultProxy:
         if action not in ACTIONS or nth < 1 or times < 1:
             raise ValueError(f"bad fault rule: action={action!r} (one of {ACTIONS}), nth={nth}, times={times}")
         with self._state.lock:
-            self._state.rules.append(_Rule(action, nth, times, method, path_contains))
+            barrier = threading.Barrier(times, timeout=self.hold_timeout) if action == "hold" else None
+            self._state.rules.append(_Rule(action, nth, times, method, path_contains, barrier))
 
     def clear(self) -> None:
-        """Drop every fault rule and the request log."""
+        """Drop every fault rule, the request log and the counters."""
         with self._state.lock:
             self._state.rules.clear()
             self._state.log.clear()
+            self._state.peak_in_flight = self._state.broken_holds = 0
+
+    @property
+    def peak_in_flight(self) -> int:
+        """The most requests forwarded and not yet answered at once, so far."""
+        return self._state.peak_in_flight
+
+    @property
+    def broken_holds(self) -> int:
+        """Requests whose "hold" barrier timed out (fewer arrived at once than asked)."""
+        return self._state.broken_holds
 
     @property
     def log(self) -> list[tuple[str, str, str]]:

@@ -141,6 +141,22 @@ def test_writer_rejects_parts_below_s3_minimum(client):
         client.open_writer("d/x", part_size=MIN_PART_SIZE - 1)
 
 
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_writer_has_max_in_flight_parts_uploading_and_never_more(proxied, in_flight):
+    client, proxy = proxied
+    # The first `in_flight` parts wait at the proxy until all of them have
+    # arrived: a writer uploading fewer at once breaks the barrier.
+    proxy.inject("hold", nth=1, times=in_flight, method="PUT", path_contains="partNumber=")
+    data = os.urandom(6 * MIN_PART_SIZE + 7)
+    w = client.open_writer("d/par.bin", part_size=MIN_PART_SIZE, max_in_flight=in_flight)
+    w.write(data)
+    w.complete()
+    assert proxy.broken_holds == 0
+    assert proxy.peak_in_flight <= in_flight
+    assert actions(proxy, "PUT").count("hold") == in_flight
+    assert bytes(client.get_range("d/par.bin", 0, len(data))) == data
+
+
 def test_get_range_past_the_end(client):
     client.put("d/short", b"0123456789")
     assert bytes(client.get_range("d/short", 2, 3)) == b"234"
