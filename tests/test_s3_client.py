@@ -55,6 +55,21 @@ def test_parse_s3_url():
             parse_s3_url(bad)
 
 
+def test_endpoint_and_credentials_from_a_profile(s3_server, s3_bucket, tmp_path, monkeypatch):
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name)
+    (tmp_path / "config").write_text(f"[profile ckpt]\nendpoint_url = {s3_server.endpoint}\nregion = us-east-1\n")
+    (tmp_path / "credentials").write_text("[ckpt]\naws_access_key_id = a\naws_secret_access_key = b\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "ckpt")
+    client = S3Client(s3_bucket)  # nothing passed: the AWS chain finds it all
+    client.put("k", b"v")
+    assert client.get("k", 10) == b"v"
+    with pytest.raises(StorageError, match=f"s3://{s3_bucket}: cannot configure"):
+        S3Client(s3_bucket, profile="no-such-profile")
+
+
 def test_put_head_get_list_delete(client):
     keys = [f"p/k{i}" for i in range(5)]
     for k in keys:
