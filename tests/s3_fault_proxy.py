@@ -9,6 +9,8 @@ chosen requests fail at the HTTP level:
 - ``"reset_after"``: forward the request, then reset instead of relaying the
   answer: the server *applied* it but the client never hears so (the
   ambiguous failure a retried conditional write has to sort out);
+- ``"truncate"``: forward, relay the answer's headers and the first half of
+  its body, then close the connection (a download cut off mid-body);
 - ``"hold"``: not a failure: the ``times`` matching requests wait for one
   another (a barrier, ``hold_timeout`` seconds) before going on, which proves
   that a client really has that many requests in flight at once; a barrier
@@ -38,7 +40,7 @@ import threading
 import urllib.parse
 from dataclasses import dataclass, field
 
-ACTIONS = ("500", "reset", "reset_after", "hold")
+ACTIONS = ("500", "reset", "reset_after", "truncate", "hold")
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection"}
 _ERROR_500 = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
               b"<Message>injected by the fault proxy</Message></Error>")
@@ -143,6 +145,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif action == "reset_after":
             self._forward(body)
             self._reset()
+        elif action == "truncate":
+            status, headers, data = self._forward(body)
+            self._reply(status, headers, data[:len(data) // 2], length=len(data))
+            # A plain close (FIN), not a reset: a reset would make the client's
+            # kernel drop the half body it has not read yet.
+            self.wfile.flush()
+            self.close_connection = True
         else:
             self._reply(*self._forward(body), head=self.command == "HEAD")
 
@@ -181,13 +190,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         conn.close()
         return resp.status, headers, data
 
-    def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes, head: bool = False) -> None:
+    def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes, head: bool = False,
+               length: int | None = None) -> None:
+        """Send an answer; ``length`` announces more bytes than ``data`` (a cut-off body)."""
         self.send_response_only(status)
         for name, value in headers:
             if name.lower() != "content-length" or head:
                 self.send_header(name, value)
         if not head:
-            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Length", str(len(data) if length is None else length))
         self.end_headers()
         if not head:
             self.wfile.write(data)
@@ -236,7 +247,7 @@ class FaultProxy:
         """Fail requests ``nth`` to ``nth + times - 1`` that match, counted from now.
 
         Args:
-            action: ``"500"``, ``"reset"``, ``"reset_after"`` or ``"hold"`` (module doc).
+            action: one of ACTIONS (module doc).
             nth: the first matching request to fail (1 = the next one).
             times: how many consecutive matching requests fail.
             method: only count requests of this HTTP method (``"PUT"`` …).

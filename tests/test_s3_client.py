@@ -195,6 +195,17 @@ def test_failed_request_is_retried(proxied, action):
     assert client.get("k", 10) == b"v"
 
 
+def test_download_cut_off_mid_body_resumes_where_it_stopped(proxied):
+    client, proxy = proxied
+    data = os.urandom(3 << 20)
+    client.put("k", data)
+    proxy.inject("truncate", nth=1, method="GET")
+    out = bytearray(len(data) - 1000)
+    client.get_range("k", 1000, len(data) - 1000, out=out)
+    assert actions(proxy, "GET") == ["truncate", "pass"]
+    assert out == data[1000:]
+
+
 def test_too_many_failures_raise_storage_error(proxied, s3_bucket):
     client, proxy = proxied
     proxy.inject("500", nth=1, times=FAST_RETRY.attempts, method="GET")

@@ -54,6 +54,9 @@ T = TypeVar("T")
 MIN_PART_SIZE = 5 << 20  # S3's smallest part (all but the last)
 MAX_PARTS = 10_000  # S3's most parts in one upload
 DELETE_BATCH = 1000  # S3's most keys in one DeleteObjects
+# A ranged read lands in pieces so that a connection dropped mid-body keeps
+# what arrived (one big readinto keeps nothing when it fails).
+READ_PIECE = 1 << 20
 # Error codes S3 (and compatible stores) send for "slow down / try again".
 _RETRY_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
                           "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
@@ -418,7 +421,7 @@ class S3Client:
             body = resp["Body"]
             with body:
                 while done[0] < length:
-                    n = body.readinto(view[done[0]:])
+                    n = body.readinto(view[done[0]:done[0] + READ_PIECE])
                     if n == 0:
                         raise DataFileError(f"{self._where(key)} ends at {start + done[0]}, "
                                             f"before the end of range {start}+{length}")

@@ -83,10 +83,17 @@ class MultipartWriter:
 
     def _fail(self, cause: BaseException | None) -> NoReturn:
         """Abort the upload and raise ``cause`` (a part's error) as the writer's error."""
-        self.abort()
+        where = self._client._where(self.key)
+        try:
+            self.abort()
+        except StorageError as e:
+            # The part's error stays the one raised; the leftover parts are
+            # named so that gc (list_uploads / abort_upload) can find them.
+            raise StorageError(f"multipart upload of {where} failed: {cause}; aborting upload "
+                               f"{self._upload_id} failed too: {e}") from cause
         if isinstance(cause, StorageError):
             raise cause
-        raise StorageError(f"multipart upload of {self._client._where(self.key)} failed: {cause!r}") from cause
+        raise StorageError(f"multipart upload of {where} failed: {cause!r}") from cause
 
     def _submit_full_part(self) -> None:
         if len(self._parts) >= MAX_PARTS:
