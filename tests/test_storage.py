@@ -8,12 +8,12 @@ import errno
 import pytest
 
 from dist_ckpt.storage import WRITE_PIECE as PIECE
-from dist_ckpt.storage import local
-from dist_ckpt.storage.local import LocalStorage, LocalWriteHandle
+from dist_ckpt.storage import SaveTarget, local
+from dist_ckpt.storage.local import LocalStorage, LocalWriteStream
 from dist_ckpt.writer import WriteItem, write_items
 
 
-class Recording(LocalWriteHandle):
+class Recording(LocalWriteStream):
     def __init__(self, path: str, calls: list) -> None:
         super().__init__(path)
         self.calls = calls
@@ -27,8 +27,8 @@ class RecordingStorage(LocalStorage):
     def __init__(self) -> None:
         self.calls: list = []
 
-    def open_write(self, path: str) -> LocalWriteHandle:
-        return Recording(path, self.calls)
+    def open_stream(self, target: SaveTarget, name: str) -> LocalWriteStream:
+        return Recording(f"{target.location}/{name}", self.calls)
 
 
 def test_writer_starts_writeback_of_every_piece_it_wrote(tmp_path):
@@ -36,7 +36,7 @@ def test_writer_starts_writeback_of_every_piece_it_wrote(tmp_path):
     big = bytes(range(256)) * ((PIECE + 5000) // 256 + 1)
     items = [WriteItem(0, memoryview(b"x" * 10)), WriteItem(1, memoryview(big)), WriteItem(2, memoryview(b""))]
     storage = RecordingStorage()
-    records = write_items(storage, str(tmp_path), 3, items, threads=1)
+    records = write_items(storage, SaveTarget(str(tmp_path), str(tmp_path)), 3, items, threads=1)
     covered = sorted((off, n) for _, off, n in storage.calls)
     by_tag = {r.tag: r for r in records}
     # the 10-byte chunk in one piece, the big one in two, the empty one not at all
@@ -55,8 +55,8 @@ def test_unsupported_writeback_is_switched_off_for_the_handle(tmp_path, monkeypa
         return -1
 
     monkeypatch.setattr(local, "_sync_file_range", unsupported)
-    h = LocalWriteHandle(str(tmp_path / "f"))
-    h.pwrite(memoryview(b"abc"), 0)
+    h = LocalWriteStream(str(tmp_path / "f"))
+    h.append(memoryview(b"abc"), 0)
     h.start_writeback(0, 3)
     h.start_writeback(0, 3)  # not called again
     h.sync()
@@ -67,9 +67,9 @@ def test_unsupported_writeback_is_switched_off_for_the_handle(tmp_path, monkeypa
 
 @pytest.mark.skipif(local._sync_file_range is None, reason="no sync_file_range on this platform")
 def test_writeback_on_a_real_file_keeps_the_bytes(tmp_path):
-    h = LocalWriteHandle(str(tmp_path / "f"))
+    h = LocalWriteStream(str(tmp_path / "f"))
     payload = bytes(range(256)) * 64
-    h.pwrite(memoryview(payload), 4096)
+    h.append(memoryview(payload), 4096)
     h.start_writeback(4096, len(payload))
     h.sync()
     h.close()
@@ -81,3 +81,34 @@ def test_write_atomic_of_several_pieces_lands_whole_and_leaves_no_temporary(tmp_
     LocalStorage().write_atomic(str(tmp_path / "MANIFEST"), data)
     assert (tmp_path / "MANIFEST").read_bytes() == data
     assert [p.name for p in tmp_path.iterdir()] == ["MANIFEST"]
+
+
+class CommitsFirst(LocalStorage):
+    """Another save commits at ``target.path`` between this publish's check and its rename."""
+
+    def __init__(self, other) -> None:
+        self.other = other
+
+    def _rename_dir(self, src, dst):
+        if self.other is not None and src.endswith(".tmp-mine"):
+            other, self.other = self.other, None
+            super().publish(other, b"theirs")
+        super()._rename_dir(src, dst)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_save_committed_between_check_and_rename_wins_and_the_loser_is_told(tmp_path, overwrite):
+    from dist_ckpt.errors import CheckpointError, CheckpointExists
+
+    storage = LocalStorage()
+    path = str(tmp_path / "ck")
+    theirs = storage.save_target(path, "theirs", overwrite)
+    storage.begin_save(theirs)
+    mine = storage.save_target(path, "mine", overwrite)
+    racing = CommitsFirst(theirs)
+    racing.begin_save(mine)
+    with pytest.raises(CheckpointError if overwrite else CheckpointExists, match="another save" if overwrite else "appeared during the save"):
+        racing.publish(mine, b"mine")
+    racing.abort(mine)
+    assert (tmp_path / "ck" / "MANIFEST").read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
