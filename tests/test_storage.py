@@ -112,3 +112,63 @@ def test_a_save_committed_between_check_and_rename_wins_and_the_loser_is_told(tm
     racing.abort(mine)
     assert (tmp_path / "ck" / "MANIFEST").read_bytes() == b"theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+_PLUGIN = '''
+from dist_ckpt.storage.local import LocalStorage
+
+made = []
+
+
+class PlugStorage(LocalStorage):
+    """A third-party backend: local files, counted, under the plug:// scheme."""
+
+    def __init__(self):
+        made.append(self)
+'''
+
+
+@pytest.fixture
+def plugin_on_path(tmp_path, monkeypatch):
+    """A package installed in a tmp dir with a dist_ckpt.storage entry point, as pip would leave it."""
+    import dist_ckpt.storage as storage_mod
+
+    site = tmp_path / "site"
+    (site / "plugpkg").mkdir(parents=True)
+    (site / "plugpkg" / "__init__.py").write_text(_PLUGIN)
+    info = site / "plugpkg-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: plugpkg\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[dist_ckpt.storage]\nplug = plugpkg:PlugStorage\nbroken = plugpkg_missing:Nothing\n")
+    monkeypatch.syspath_prepend(str(site))
+    yield
+    for scheme in ("plug", "broken"):
+        storage_mod._BACKENDS.pop(scheme, None)  # loaded entry points register themselves
+
+
+def test_a_backend_installed_through_the_entry_point_group_serves_save_and_load(plugin_on_path, tmp_path):
+    import torch
+
+    import dist_ckpt as dc
+    from dist_ckpt.storage import get_storage, supported_schemes
+
+    assert {"file", "plug", "broken"} <= set(supported_schemes())
+    storage, path = get_storage("plug:///some/where")
+    assert type(storage).__name__ == "PlugStorage" and path == "/some/where"
+    ck = f"plug://{tmp_path}/ck"
+    dc.save({"w": torch.arange(6.0)}, ck)  # the coordinator resolves the scheme through the same registry
+    assert (tmp_path / "ck" / "MANIFEST").is_file()
+    assert torch.equal(dc.load({"w": torch.zeros(6)}, ck)["w"], torch.arange(6.0))
+    import plugpkg
+
+    assert len(plugpkg.made) >= 3  # the coordinator's, the writer's and the loader's
+
+
+def test_an_entry_point_that_fails_to_load_is_refused_naming_it(plugin_on_path):
+    from dist_ckpt.errors import UnsupportedScheme
+    from dist_ckpt.storage import get_storage
+
+    with pytest.raises(UnsupportedScheme, match=r"broken://.*plugpkg_missing:Nothing.*failed to load"):
+        get_storage("broken://x")
+    with pytest.raises(UnsupportedScheme, match=r"no storage backend for nope://.*plug://"):
+        get_storage("nope://x")
