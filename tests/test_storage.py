@@ -172,3 +172,37 @@ def test_an_entry_point_that_fails_to_load_is_refused_naming_it(plugin_on_path):
         get_storage("broken://x")
     with pytest.raises(UnsupportedScheme, match=r"no storage backend for nope://.*plug://"):
         get_storage("nope://x")
+
+
+def test_a_stream_only_appends_at_aligned_offsets_past_its_end(tmp_path):
+    stream = LocalWriteStream(str(tmp_path / "f"))
+    stream.append(memoryview(b"abc"), 0)
+    with pytest.raises(ValueError, match="append at 0 but the stream ends at 3"):
+        stream.append(memoryview(b"x"), 0)  # going back would need a seek an upload cannot do
+    with pytest.raises(ValueError, match="aligned"):
+        stream.append(memoryview(b"x"), 4097)
+    stream.append(memoryview(b"def"), 8192)  # a gap is fine: it reads as zeros
+    stream.sync()
+    stream.close()
+    data = (tmp_path / "f").read_bytes()
+    assert data[:3] == b"abc" and data[3:8192] == bytes(8189) and data[8192:] == b"def"
+
+
+class RemovalFails(LocalStorage):
+    def remove_tree(self, path):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+def test_uncommit_unpublishes_before_it_removes_so_a_failed_removal_leaves_no_checkpoint(tmp_path):
+    storage = LocalStorage()
+    path = str(tmp_path / "ck")
+    target = storage.save_target(path, "s1", False)
+    storage.begin_save(target)
+    storage.publish(target, b"manifest")
+    with pytest.raises(OSError, match="Too many open files"):
+        RemovalFails().uncommit(path)
+    left = [p.name for p in tmp_path.iterdir()]
+    assert not (tmp_path / "ck").exists() and len(left) == 1 and left[0].startswith("ck.tmp-delete-")  # garbage, not a checkpoint
+    storage.uncommit(str(tmp_path / left[0]))  # what gc does with the leftover
+    storage.uncommit(path)  # nothing there: not an error
+    assert list(tmp_path.iterdir()) == []
