@@ -47,7 +47,7 @@ from .errors import DistCkptError, WireError
 from .logs import SaveSummary, get_logger, summarize
 from .plan import PlanCache, SavePlan
 from .planner import plan_save
-from .storage import SaveTarget, Storage
+from .storage import SaveTarget, Storage, strip_scheme
 from .transport import ConnectionGate, ZapGate, pending_cap, raise_fd_limit, require_curve, secure_server
 
 log = get_logger(__name__)
@@ -84,6 +84,7 @@ class _Save:
     digests: dict[int, int] = field(default_factory=dict)
     plan: SavePlan | None = None
     target: SaveTarget | None = None  # where the save writes, named before it is prepared
+    storage: Storage | None = None  # the backend that prepared it: commits and aborts through the same one
     done: set[int] = field(default_factory=set)
     records: RecordTable | None = None  # every Done's records, merged as they arrive
     objects: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -314,7 +315,7 @@ class Coordinator:
             target = storage.save_target(path, f"{self.job[:8]}-{save.ckpt}", save.overwrite)
         except (DistCkptError, OSError) as e:
             return self._abort(save, {0: f"planning failed: {e}"})
-        save.target, save.plan, save.phase = target, plan, "prepare"
+        save.target, save.storage, save.plan, save.phase = target, storage, plan, "prepare"
         self._io.submit(lambda: storage.begin_save(target), lambda out: self._prepared(save, same, out, t0))
 
     def _prepared(self, save: _Save, same: bool, out: object, t0: float) -> None:
@@ -419,10 +420,11 @@ class Coordinator:
         for r in range(self.world_size):  # from here on a rank that loses the coordinator cannot say the save failed
             self._send(r, wire.CommitInProgress(self.job, save.ckpt, r))
         release_free_memory()  # the Done messages' buffers, before the manifest is built: the coordinator's peak
-        storage, path = self._storage_for(save.path)
-        request = CommitRequest(save.target, self.world_size, save.plan, save.records, save.objects)  # type: ignore[arg-type]
+        storage, target = save.storage, save.target
+        assert storage is not None and target is not None  # set when the plan was replied
+        request = CommitRequest(target, self.world_size, save.plan, save.records, save.objects)  # type: ignore[arg-type]
         t_commit = time.perf_counter()
-        self._io.submit(lambda: commit_checkpoint(storage, request), lambda out: self._committed(save, path, out, t_commit))
+        self._io.submit(lambda: commit_checkpoint(storage, request), lambda out: self._committed(save, strip_scheme(save.path), out, t_commit))
 
     def _committed(self, save: _Save, path: str, out: object, t_commit: float) -> None:
         """(event loop) The commit's I/O finished: tell every rank its outcome."""
@@ -449,8 +451,8 @@ class Coordinator:
             log.error("[rank 0] save %s: not aborting while its commit is under way: %s", save.ckpt, reasons)
             return
         log.error("[rank 0] save %s to %s aborted: %s", save.ckpt, save.path or "(no rank named its path)", "; ".join(f"rank {r}: {m}" for r, m in sorted(reasons.items())))
-        if save.target is not None:
-            self._remove_tmp(self._storage_for(save.path)[0], save.target)
+        if save.target is not None and save.storage is not None:
+            self._remove_tmp(save.storage, save.target)
         self._end(save, lambda r: wire.Aborted(self.job, save.ckpt, r, reasons))
 
     def _end(self, save: _Save, make: Callable[[int], wire.Message]) -> None:
