@@ -57,7 +57,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
 import dist_ckpt as dc
-from dist_ckpt.storage.local import LocalWriteHandle
+from dist_ckpt.storage.local import LocalWriteStream
 
 MiB = 1 << 20
 IO_PIECE = 16 * MiB  # write/read size of the raw disk ceiling measurement
@@ -233,7 +233,7 @@ def raw_write(path: str, nbytes: int, direct: bool) -> int:
         finally:
             os.close(fd)
         return offset
-    handle = LocalWriteHandle(path)
+    handle = LocalWriteStream(path)
     try:
         while offset < nbytes:
             n = min(IO_PIECE, nbytes - offset)

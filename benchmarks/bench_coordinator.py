@@ -213,12 +213,12 @@ def _time_steps() -> list[tuple[str, float, int]]:
 
     coordinator.plan_save = timed("plan_save", coordinator.plan_save)
     plan.chunk_layout = timed("chunk_layout (while ranks write)", plan.chunk_layout)
-    coordinator.prepare_tmp_dir = timed("prepare_tmp_dir", coordinator.prepare_tmp_dir)
+    LocalStorage.begin_save = timed("begin_save (tmp dir)", LocalStorage.begin_save)
     coordinator.release_free_memory = timed("release_free_memory", coordinator.release_free_memory)
     commit.build_manifest = timed("build_manifest", commit.build_manifest)
     Manifest.to_msgpack = timed("manifest_to_msgpack", Manifest.to_msgpack)
     LocalStorage.write_atomic = timed("write_manifest_fsync", LocalStorage.write_atomic)
-    LocalStorage.rename_dir = timed("rename_dir_fsync", LocalStorage.rename_dir)
+    LocalStorage._rename_dir = timed("rename_dir_fsync", LocalStorage._rename_dir)
     return steps
 
 

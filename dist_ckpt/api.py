@@ -17,7 +17,7 @@ from .checkpointer import AsyncCheckpointer, CheckpointReader, CheckpointWriter,
 from .config import Config
 from .loader import LoadInfo, load_into
 from .session import Session
-from .storage import get_storage
+from .storage import Storage, get_storage
 
 _lock = threading.Lock()
 _defaults: dict[tuple, tuple[Session, SyncCheckpointer, AsyncCheckpointer]] = {}
@@ -38,7 +38,7 @@ def _default(process_group: dist.ProcessGroup | None = None) -> tuple[Session, S
 
 
 def save(state_dict: Any, path: str, *, overwrite: bool = False, allow_pickle: bool | None = None, user_meta: Mapping[str, Any] | None = None,
-         step: int | None = None, process_group: dist.ProcessGroup | None = None) -> None:
+         step: int | None = None, process_group: dist.ProcessGroup | None = None, storage: Storage | None = None) -> None:
     """Save ``state_dict`` to ``path`` on all ranks; returns once committed everywhere.
 
     Args:
@@ -51,6 +51,8 @@ def save(state_dict: Any, path: str, *, overwrite: bool = False, allow_pickle: b
         user_meta: msgpack-native metadata stored in the MANIFEST (rank 0's value is kept).
         step: the training step, named in the save's log line.
         process_group: the group whose ranks save together (default: the default group).
+        storage: the backend to save through (default: chosen by ``path``'s URL scheme);
+            every rank passes its own, rank 0's also commits.
 
     Raises:
         CheckpointError: any rank failed (the same error on every rank).
@@ -59,14 +61,14 @@ def save(state_dict: Any, path: str, *, overwrite: bool = False, allow_pickle: b
         ProcessGroupNotInitialized: launched as one of several ranks (``WORLD_SIZE > 1``)
             without ``init_process_group``.
     """
-    get_storage(path)  # an unknown scheme is refused before the session starts
+    get_storage(path, storage)  # an unknown scheme is refused before the session starts
     _, sync, asyn = _default(process_group)
     asyn.wait()  # one save in flight per process: let a pending async save finish first
-    sync.save(path, state_dict, overwrite=overwrite, allow_pickle=allow_pickle, user_meta=user_meta, step=step)
+    sync.save(path, state_dict, overwrite=overwrite, allow_pickle=allow_pickle, user_meta=user_meta, step=step, storage=storage)
 
 
 def async_save(state_dict: Any, path: str, *, overwrite: bool = False, allow_pickle: bool | None = None, user_meta: Mapping[str, Any] | None = None,
-               step: int | None = None, process_group: dist.ProcessGroup | None = None) -> tuple[Future, Future]:
+               step: int | None = None, process_group: dist.ProcessGroup | None = None, storage: Storage | None = None) -> tuple[Future, Future]:
     """Start a background save; returns ``(stage_future, write_future)``.
 
     After ``stage_future.result()`` the caller may modify the tensors;
@@ -74,18 +76,18 @@ def async_save(state_dict: Any, path: str, *, overwrite: bool = False, allow_pic
     ranks and raises :class:`CheckpointError` on every rank if any failed.
 
     Args:
-        state_dict, path, overwrite, allow_pickle, user_meta, step, process_group: as for :func:`save`.
+        state_dict, path, overwrite, allow_pickle, user_meta, step, process_group, storage: as for :func:`save`.
 
     Raises:
         StateDictError, UnsupportedScheme, ProcessGroupNotInitialized: as for :func:`save`, at once.
     """
-    get_storage(path)
+    get_storage(path, storage)
     _, _, asyn = _default(process_group)
-    return asyn.save(path, state_dict, overwrite=overwrite, allow_pickle=allow_pickle, user_meta=user_meta, step=step)
+    return asyn.save(path, state_dict, overwrite=overwrite, allow_pickle=allow_pickle, user_meta=user_meta, step=step, storage=storage)
 
 
 def load(state_dict: Any, path: str, *, strict: bool = True, allow_pickle: bool | None = None, verify_checksums: bool | None = None,
-         info: LoadInfo | None = None) -> Any:
+         info: LoadInfo | None = None, storage: Storage | None = None) -> Any:
     """Load ``path`` into ``state_dict`` in place and return it.
 
     Tensors and DTensor local shards are filled in place (any layout and world
@@ -101,6 +103,7 @@ def load(state_dict: Any, path: str, *, strict: bool = True, allow_pickle: bool 
             unexpected, kept rank-local and converted keys).
         allow_pickle: accept pickled values (None: ``DIST_CKPT_ALLOW_PICKLE``, default off).
         verify_checksums: check every chunk read in full (None: ``DIST_CKPT_VERIFY_CHECKSUMS``, default on).
+        storage: the backend to read through (default: chosen by ``path``'s URL scheme).
 
     Raises:
         CheckpointNotFound: no committed checkpoint at ``path``.
@@ -110,7 +113,7 @@ def load(state_dict: Any, path: str, *, strict: bool = True, allow_pickle: bool 
     """
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     config = Config.from_env(allow_pickle=allow_pickle, verify_checksums=verify_checksums)
-    return load_into(state_dict, path, rank, config, strict=strict, info=info)
+    return load_into(state_dict, path, rank, config, strict=strict, storage=storage, info=info)
 
 
 def _close_defaults() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,10 +30,10 @@ from .flatten import expand_stateful, format_path
 from .loader import LoadInfo, load_full, load_into
 from .logs import SaveSummary
 from .process import CheckpointProcess, require_main_guard
-from .saver import WriteFn, report_failure, run_save
+from .saver import WriteFn, report_failure, run_save, write_here
 from .session import RankInfo, Session
 from .stager import Stager
-from .storage import get_storage
+from .storage import Storage, get_storage
 from .user_meta import check_user_meta
 from .writer import WriteRecord
 
@@ -117,10 +118,13 @@ class CheckpointWriter:
         commit_hook: :class:`WriterHook` called around the commit.
         session: the session to save through (created when omitted).
         process: write staged saves in this :class:`CheckpointProcess` instead of writer threads.
+        storage: the backend every save goes through (None: chosen by each path's URL scheme).
     """
 
-    def __init__(self, config: Config | None = None, rank_info: RankInfo | None = None, barrier: Any = None, commit_hook: WriterHook | None = None, session: Session | None = None, process: CheckpointProcess | None = None) -> None:
+    def __init__(self, config: Config | None = None, rank_info: RankInfo | None = None, barrier: Any = None, commit_hook: WriterHook | None = None, session: Session | None = None, process: CheckpointProcess | None = None,
+                 storage: Storage | None = None) -> None:
         self.session = session or Session(config or Config.from_env())
+        self.storage = storage
         self.rank_info = self.session.rank_info
         self.commit_hook = commit_hook
         self.process = process
@@ -131,7 +135,7 @@ class CheckpointWriter:
         self.last_summary: SaveSummary | None = None
 
     def write(self, path: str, state: STATE_DICT | StagedState, *, ckpt: str | None = None, overwrite: bool = False,
-              allow_pickle: bool | None = None, user_meta: Mapping[str, Any] | None = None, step: int | None = None) -> None:
+              allow_pickle: bool | None = None, user_meta: Mapping[str, Any] | None = None, step: int | None = None, storage: Storage | None = None) -> None:
         """Save ``state`` (a state dict, or a :class:`StagedState`) to ``path``; blocks until committed.
 
         Args:
@@ -140,6 +144,7 @@ class CheckpointWriter:
             allow_pickle: pickle values that are not msgpack-native (None: the config's setting).
             user_meta: msgpack-native metadata stored in the MANIFEST (rank 0's value is kept).
             step: the training step, named in the save's log line.
+            storage: the backend for this save (None: the writer's, else by URL scheme); every rank passes one.
 
         Raises:
             UnsupportedScheme: ``path`` has a URL scheme without a backend (before anything is sent).
@@ -147,21 +152,28 @@ class CheckpointWriter:
             CheckpointError: this or another rank failed (the same error on every rank).
         """
         ckpt = ckpt if ckpt is not None else self.session.next_save_id()
+        storage = storage if storage is not None else self.storage
         try:
-            state, meta = self._check(path, state, allow_pickle, user_meta)
+            state, meta = self._check(path, state, allow_pickle, user_meta, storage)
         except Exception as e:
             report_failure(self.session, ckpt, "describe", e, path)
             raise
-        write = self._process_write(state) if self.process is not None and state.shm_name is not None else None
+        if storage is not None:
+            self.session.use_storage(path, storage)  # rank 0's coordinator commits through it too
+        if self.process is not None and state.shm_name is not None:
+            write: WriteFn | None = self._process_write(state, storage)
+        else:
+            write = None if storage is None else functools.partial(write_here, storage=storage)
         self.last_summary = None
         run_save(self.session, ckpt, path, state.described, state.host, overwrite, ready=state.ready.result, hook=self.commit_hook, write=write,
                  user_meta=meta, step=step, announce=self.announce_saves)
         coordinator = self.session.coordinator
         self.last_summary = coordinator.summary(ckpt) if coordinator is not None else None
 
-    def _check(self, path: str, state: STATE_DICT | StagedState, allow_pickle: bool | None, user_meta: Mapping[str, Any] | None) -> tuple[StagedState, dict[str, Any]]:
+    def _check(self, path: str, state: STATE_DICT | StagedState, allow_pickle: bool | None, user_meta: Mapping[str, Any] | None,
+               storage: Storage | None) -> tuple[StagedState, dict[str, Any]]:
         """Everything a save can refuse before it starts: the path's scheme, ``user_meta``, the state's values."""
-        get_storage(path)
+        get_storage(path, storage)
         meta = check_user_meta(user_meta)
         if not isinstance(state, StagedState):
             expanded, _ = expand_stateful(state)
@@ -169,14 +181,14 @@ class CheckpointWriter:
             state = StagedState(described, described.tensors, _done_future())
         return state, meta
 
-    def _process_write(self, state: StagedState) -> WriteFn:
+    def _process_write(self, state: StagedState, storage: Storage | None) -> WriteFn:
         process, arena = self.process, state.arena
         assert process is not None and arena is not None
         base = arena.data_ptr()
 
         def write(tmp_path: str, path: str, rank: int, assigned: Sequence[int], host: Sequence[torch.Tensor], threads: int) -> list[WriteRecord]:
             items = [(i, host[i].data_ptr() - base, host[i].numel() * host[i].element_size()) for i in assigned]
-            return process.write(state.shm_name, arena.numel(), tmp_path, path, items, threads)
+            return process.write(state.shm_name, arena.numel(), tmp_path, path, items, threads, storage)
 
         return write
 
@@ -188,17 +200,26 @@ class CheckpointWriter:
 
 
 class CheckpointReader:
-    """Reads checkpoints for one rank (no communication with other ranks)."""
+    """Reads checkpoints for one rank (no communication with other ranks).
 
-    def __init__(self, rank_info: RankInfo | None = None, config: Config | None = None) -> None:
+    Args:
+        rank_info: this rank (the process group's when omitted).
+        config: settings.
+        storage: the backend every load reads through (None: chosen by each path's URL scheme).
+    """
+
+    def __init__(self, rank_info: RankInfo | None = None, config: Config | None = None, storage: Storage | None = None) -> None:
         self.rank = rank_info.global_rank if rank_info else (dist.get_rank() if dist.is_initialized() else 0)
         self.config = config or Config.from_env()
+        self.storage = storage
 
     def read(self, path: str, state_dict: STATE_DICT | None = None, *, map_location: Any = None, strict: bool = True,
-             allow_pickle: bool | None = None, verify_checksums: bool | None = None, info: LoadInfo | None = None) -> tuple[Any, list[str]]:
+             allow_pickle: bool | None = None, verify_checksums: bool | None = None, info: LoadInfo | None = None,
+             storage: Storage | None = None) -> tuple[Any, list[str]]:
         """Load ``path`` into ``state_dict`` (in place), or as full tensors when None.
 
         Args:
+            storage: the backend for this load (None: the reader's, else by URL scheme).
             allow_pickle, verify_checksums: override the config's setting for this load (None: keep it).
             strict: Raise on keys missing from the checkpoint or the target (as :func:`dist_ckpt.load`).
             info: A :class:`~dist_ckpt.loader.LoadInfo` to fill.
@@ -210,10 +231,11 @@ class CheckpointReader:
         """
         overrides = {k: v for k, v in (("allow_pickle", allow_pickle), ("verify_checksums", verify_checksums)) if v is not None}
         config = dataclasses.replace(self.config, **overrides) if overrides else self.config
+        storage = storage if storage is not None else self.storage
         if state_dict is None:
-            return load_full(path, self.rank, config, map_location), []
+            return load_full(path, self.rank, config, map_location, storage=storage), []
         info = info or LoadInfo()
-        out = load_into(state_dict, path, self.rank, config, strict=strict, info=info)
+        out = load_into(state_dict, path, self.rank, config, strict=strict, storage=storage, info=info)
         return out, [format_path(k) for k in info.not_restored]
 
     def close(self) -> None:
@@ -231,17 +253,18 @@ class Checkpointer(abc.ABC):
 
     @abc.abstractmethod
     def save(self, path: str, state_dict: STATE_DICT, *, overwrite: bool = False, allow_pickle: bool | None = None,
-             user_meta: Mapping[str, Any] | None = None, step: int | None = None) -> tuple[Future, Future] | None:
+             user_meta: Mapping[str, Any] | None = None, step: int | None = None, storage: Storage | None = None) -> tuple[Future, Future] | None:
         """Save ``state_dict`` to ``path`` (all ranks together); see :meth:`CheckpointWriter.write` for the arguments."""
 
     def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None, strict: bool = True,
-             allow_pickle: bool | None = None, verify_checksums: bool | None = None, info: LoadInfo | None = None) -> Any:
+             allow_pickle: bool | None = None, verify_checksums: bool | None = None, info: LoadInfo | None = None, storage: Storage | None = None) -> Any:
         """Load ``path`` into ``state_dict`` in place (or return full tensors when None).
 
         Strict by default, like :func:`dist_ckpt.load` and :meth:`CheckpointManager.load`.
-        ``allow_pickle`` / ``verify_checksums`` override the checkpointer's config for this load.
+        ``allow_pickle`` / ``verify_checksums`` / ``storage`` override the checkpointer's for this load.
         """
-        return self.reader.read(path, state_dict, map_location=default_map_location, strict=strict, allow_pickle=allow_pickle, verify_checksums=verify_checksums, info=info)[0]
+        return self.reader.read(path, state_dict, map_location=default_map_location, strict=strict, allow_pickle=allow_pickle, verify_checksums=verify_checksums, info=info,
+                                storage=storage)[0]
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -262,9 +285,9 @@ class SyncCheckpointer(Checkpointer):
         self.writer, self.reader = writer, reader
 
     def save(self, path: str, state_dict: STATE_DICT, *, overwrite: bool = False, allow_pickle: bool | None = None,
-             user_meta: Mapping[str, Any] | None = None, step: int | None = None) -> None:
+             user_meta: Mapping[str, Any] | None = None, step: int | None = None, storage: Storage | None = None) -> None:
         """Save and return once committed for all ranks (arguments: :meth:`CheckpointWriter.write`)."""
-        self.writer.write(path, state_dict, overwrite=overwrite, allow_pickle=allow_pickle, user_meta=user_meta, step=step)
+        self.writer.write(path, state_dict, overwrite=overwrite, allow_pickle=allow_pickle, user_meta=user_meta, step=step, storage=storage)
         return None
 
     def close(self) -> None:
@@ -293,7 +316,7 @@ class AsyncCheckpointer(Checkpointer):
         self.stager.prepare(state_dict)
 
     def save(self, path: str, state_dict: STATE_DICT, *, overwrite: bool = False, allow_pickle: bool | None = None,
-             user_meta: Mapping[str, Any] | None = None, step: int | None = None) -> tuple[Future, Future]:
+             user_meta: Mapping[str, Any] | None = None, step: int | None = None, storage: Storage | None = None) -> tuple[Future, Future]:
         """Stage and start the save; returns ``(stage_future, write_future)`` (arguments: :meth:`CheckpointWriter.write`).
 
         Raises:
@@ -306,13 +329,13 @@ class AsyncCheckpointer(Checkpointer):
             self._wait_previous()
             ckpt = self.writer.session.next_save_id()
             try:
-                get_storage(path)
+                get_storage(path, storage)
                 meta = check_user_meta(user_meta)
                 staged = self.stager.stage(state_dict, allow_pickle=allow_pickle)
             except Exception as e:
                 report_failure(self.writer.session, ckpt, "describe", e, path)
                 raise
-            write = self._executor.submit(self.writer.write, path, staged, ckpt=ckpt, overwrite=overwrite, user_meta=meta, step=step)
+            write = self._executor.submit(self.writer.write, path, staged, ckpt=ckpt, overwrite=overwrite, user_meta=meta, step=step, storage=storage)
             self._pending = write
             return staged.ready, write
 
@@ -342,10 +365,14 @@ class AsyncCheckpointer(Checkpointer):
             self.reader.close()
 
 
-def make_sync_checkpointer(config: Config | None = None, rank_info: RankInfo | None = None, commit_hook: WriterHook | None = None) -> SyncCheckpointer:
-    """A :class:`SyncCheckpointer` with its own session (all ranks must call this together)."""
-    writer = CheckpointWriter(config, rank_info, commit_hook=commit_hook)
-    return SyncCheckpointer(writer, CheckpointReader(writer.rank_info, writer.session.config))
+def make_sync_checkpointer(config: Config | None = None, rank_info: RankInfo | None = None, commit_hook: WriterHook | None = None,
+                           storage: Storage | None = None) -> SyncCheckpointer:
+    """A :class:`SyncCheckpointer` with its own session (all ranks must call this together).
+
+    ``storage``: the backend its saves and loads go through (None: by each path's URL scheme).
+    """
+    writer = CheckpointWriter(config, rank_info, commit_hook=commit_hook, storage=storage)
+    return SyncCheckpointer(writer, CheckpointReader(writer.rank_info, writer.session.config, storage))
 
 
 def make_async_checkpointer(
@@ -356,6 +383,7 @@ def make_async_checkpointer(
     mode: str = "thread",
     subprocess_init_fn: Callable[..., None] | None = None,
     subprocess_init_args: tuple = (),
+    storage: Storage | None = None,
 ) -> AsyncCheckpointer:
     """An :class:`AsyncCheckpointer` with its own session (all ranks must call this together).
 
@@ -363,6 +391,8 @@ def make_async_checkpointer(
         mode: ``"thread"`` (writer threads in this process) or ``"process"`` (a
             :class:`CheckpointProcess` per rank, fed through a shared-memory arena).
         subprocess_init_fn: process mode: called in the subprocess at start.
+        storage: the backend its saves and loads go through (None: by each path's URL scheme);
+            process mode pickles it to the writer subprocess.
 
     Raises:
         ValueError: an unknown ``mode``.
@@ -374,8 +404,8 @@ def make_async_checkpointer(
         raise ValueError(f"mode must be 'thread' or 'process', got {mode!r}")
     if mode == "process":
         require_main_guard()  # before the session: every rank refuses alike, nothing to undo
-    writer = CheckpointWriter(config, rank_info, commit_hook=commit_hook)
+    writer = CheckpointWriter(config, rank_info, commit_hook=commit_hook, storage=storage)
     if mode == "process":
         writer.process = CheckpointProcess(writer.rank_info, subprocess_init_fn=subprocess_init_fn, subprocess_init_args=subprocess_init_args)
     stager = DefaultStager(writer.rank_info, writer.session.config, pin_memory, shared_memory=mode == "process")
-    return AsyncCheckpointer(stager, writer, CheckpointReader(writer.rank_info, writer.session.config))
+    return AsyncCheckpointer(stager, writer, CheckpointReader(writer.rank_info, writer.session.config, storage))

@@ -13,18 +13,16 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import textwrap
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-from .commit import MANIFEST
 from .errors import CheckpointNotFound, DistCkptError, ManifestError
 from .flatten import KeyPath, format_path
+from .layout_names import MANIFEST, SUFFIX_RE
 from .loader import read_manifest
 from .manifest import Manifest, Pickled, TensorEntry
 from .root_scan import BAD, COMMITTED, FOREIGN, INCOMPLETE, OLD, TMP, Entry, scan_root
@@ -375,10 +373,11 @@ def gc_plan(root: str, keep_last: int | None, min_age: float = 0.0) -> list[tupl
     for d in dirs:
         if d is newest or now - os.stat(os.path.join(root, d.name)).st_mtime < min_age:
             continue
-        if ".tmp-" in d.name:
+        m = SUFFIX_RE.match(d.name)
+        if f".{TMP}-" in d.name:  # also an un-commit of an .old-* copy that was interrupted
             out.append((d.name, "unfinished save"))
-        elif d.state == "old" and d.name.split(".old-", 1)[0] in committed:
-            out.append((d.name, f"left over from an overwrite of {d.name.split('.old-', 1)[0]}"))
+        elif d.state == "old" and m is not None and m.group("base") in committed:
+            out.append((d.name, f"left over from an overwrite of {m.group('base')}"))
         elif d.step is not None and d.state == "incomplete":
             out.append((d.name, f"no {MANIFEST} (never committed)"))
     if keep_last is not None:
@@ -398,19 +397,6 @@ def gc_kept(root: str) -> list[tuple[str, str]]:
     return out
 
 
-def _remove(path: str) -> None:
-    """Remove ``path``; a committed one is first renamed to ``*.tmp-delete-*``.
-
-    The rename un-commits it atomically, so a crash half-way through the
-    removal never leaves a MANIFEST beside missing data.
-    """
-    doomed = path
-    if os.path.isfile(os.path.join(path, MANIFEST)):
-        doomed = f"{path}.tmp-delete-{uuid.uuid4().hex[:8]}"
-        os.rename(path, doomed)
-    shutil.rmtree(doomed)
-
-
 def _cmd_gc(args: argparse.Namespace) -> int:
     plan = gc_plan(args.root, args.keep_last, args.min_age)
     for name, why in gc_kept(args.root):
@@ -419,11 +405,12 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         print(f"nothing to remove in {args.root}")
         return 0
     freed = 0
+    storage, _ = get_storage(args.root)
     for name, reason in plan:
         path = os.path.join(args.root, name)
         size = _dir_size(path)
         if not args.dry_run:
-            _remove(path)
+            storage.uncommit(path)  # the one un-commit path: never a MANIFEST beside missing data
         freed += size
         print(f"{'would remove' if args.dry_run else 'removed'} {name}  ({reason}, {human_bytes(size)})")
     verb = "would free" if args.dry_run else "freed"

@@ -1,9 +1,11 @@
 """Commit: turn every rank's Done report into the global manifest, atomically.
 
 The sequence is visible in :func:`commit_checkpoint`:
-all ranks written → records checked against the plan → MANIFEST written
-(tmp file + fsync + rename) → temporary directory renamed to the final path →
-parent fsync'd. Until the last rename nothing at ``path`` changes.
+all ranks written → records checked against the plan → manifest built and
+encoded → :meth:`Storage.publish <dist_ckpt.storage.Storage.publish>`, the
+backend's atomic commit (the local one: MANIFEST written with tmp file +
+fsync + rename, then the temporary directory renamed to the final path and
+the parent fsync'd). Until the publish nothing at ``path`` changes.
 
 This module also defines the Done payloads (chunk records and objects) that
 ranks send, so the sender and the coordinator share one definition.
@@ -12,8 +14,6 @@ ranks send, so the sender and the coordinator share one definition.
 from __future__ import annotations
 
 import logging
-import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -21,22 +21,16 @@ from typing import Any, Mapping
 import msgpack
 import numpy as np
 
-from .errors import CheckpointError, DistCkptError, WireError
+from .errors import CheckpointError, CheckpointExists, WireError  # CheckpointExists: re-exported
 from .manifest import ALIGN, BLOCK_BYTES, ChunkTable, LocalSection, Manifest, TensorEntry, _ext_hook, _pack_default, block_counts
 from .layout import ChunkLayout
+from .layout_names import DATA_FILE_RE, MANIFEST  # MANIFEST: re-exported for its importers
 from .logs import RankStats
 from .plan import SavePlan
-from .storage import Storage
+from .storage import SaveTarget, Storage
 from .writer import WriteRecord
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "MANIFEST"
-_FILE_RE = re.compile(r"^data/r(\d{5})(?:-t\d{1,3})?\.bin$")
-
-
-class CheckpointExists(DistCkptError, FileExistsError):
-    """A committed checkpoint is already at the path and ``overwrite`` was not given."""
 
 
 # -- Done payloads ------------------------------------------------------------
@@ -101,7 +95,7 @@ def decode_records(data: bytes, rank: int) -> Records:
     if blocks is not None and len(blocks) != int(block_counts(cols["nbytes"], BLOCK_BYTES).sum()):
         raise WireError(f"rank {rank}: {len(blocks)} block sums for chunks of {int(block_counts(cols['nbytes'], BLOCK_BYTES).sum())} blocks")
     for f in files:
-        m = _FILE_RE.match(f)
+        m = DATA_FILE_RE.match(f)
         if not m or int(m.group(1)) != rank:
             raise WireError(f"rank {rank} reports data file {f!r}, which is not one of its own")
     if n and ((cols["file"] < 0).any() or (cols["file"] >= len(files)).any() or (cols["offset"] < 0).any() or (cols["offset"] % ALIGN).any()):
@@ -142,29 +136,6 @@ def decode_objects(data: bytes, rank: int) -> dict[str, Any]:
     except Exception as e:
         raise WireError(f"rank {rank}: malformed objects payload: {e}") from e
     return obj
-
-
-# -- directories ----------------------------------------------------------------
-
-
-def tmp_dir_for(path: str, save_id: str) -> str:
-    """The temporary directory a save writes into before its commit renames it to ``path``."""
-    return f"{path.rstrip('/')}.tmp-{save_id}"
-
-
-def prepare_tmp_dir(storage: Storage, path: str, save_id: str, overwrite: bool) -> str:
-    """(coordinator's I/O thread) Create ``<path>.tmp-<save_id>/data`` and return the temporary path.
-
-    Raises:
-        CheckpointExists: ``path`` exists and ``overwrite`` is false.
-    """
-    path = path.rstrip("/")
-    if storage.exists(path) and not overwrite:
-        raise CheckpointExists(f"checkpoint {path} already exists; pass overwrite=True to replace it (the new one is written beside it and swapped in)")
-    tmp = tmp_dir_for(path, save_id)
-    storage.remove_tree(tmp)
-    storage.makedirs(f"{tmp}/data")
-    return tmp
 
 
 class RecordTable:
@@ -266,9 +237,7 @@ class RecordTable:
 class CommitRequest:
     """Everything the coordinator commits: the plan, every rank's records and objects."""
 
-    path: str
-    tmp_path: str
-    overwrite: bool
+    target: SaveTarget  # where the ranks wrote, and the final path
     world_size: int
     plan: SavePlan
     records: RecordTable
@@ -347,7 +316,7 @@ def _tables(layout: ChunkLayout, table: RecordTable, ndims: list[int]) -> list[C
 
 
 def commit_checkpoint(storage: Storage, req: CommitRequest) -> Manifest:
-    """(coordinator's I/O thread) Build, write and atomically publish the manifest.
+    """(coordinator's I/O thread) Build the manifest and have the storage publish it atomically.
 
     Returns:
         The manifest as committed.
@@ -355,42 +324,11 @@ def commit_checkpoint(storage: Storage, req: CommitRequest) -> Manifest:
     Raises:
         CheckpointExists: a checkpoint appeared at the path and ``overwrite`` is false.
         CheckpointError: another save replaced the checkpoint at the same moment (overwrite).
-        OSError: the manifest write or a rename failed.
+        OSError: the manifest write or the commit failed.
     """
     t0 = time.perf_counter()
     manifest = build_manifest(req)
     data = manifest.to_msgpack()
-    storage.write_atomic(f"{req.tmp_path}/{MANIFEST}", data)
-    final = req.path.rstrip("/")
-    if storage.exists(final):
-        if not req.overwrite:
-            raise CheckpointExists(f"checkpoint {final} appeared during the save; not replacing it")
-        _swap_in(storage, req.tmp_path, final)
-    else:
-        storage.rename_dir(req.tmp_path, final)
-    log.debug("[rank 0] committed %s: %d tensors, %d files, manifest %.1f KB in %.3f s", final, len(manifest.tensors), len(manifest.files), len(data) / 1e3, time.perf_counter() - t0)
+    storage.publish(req.target, data)
+    log.debug("[rank 0] committed %s: %d tensors, %d files, manifest %.1f KB in %.3f s", req.target.path, len(manifest.tensors), len(manifest.files), len(data) / 1e3, time.perf_counter() - t0)
     return manifest
-
-
-def _swap_in(storage: Storage, tmp: str, final: str) -> None:
-    """Replace the committed ``final`` by ``tmp``: old aside, new in, old removed.
-
-    A crash between the renames leaves the old one complete under
-    ``<path>.old-*``, which load falls back to. When another save swaps at the
-    same moment, whichever rename loses leaves no ``.old-*`` behind: the
-    old copy is removed if a newer checkpoint is in place, put back if not.
-    """
-    old = f"{final}.old-{os.path.basename(tmp).rsplit('.tmp-', 1)[-1]}"
-    try:
-        storage.rename_dir(final, old)
-    except FileNotFoundError as e:  # another save moved it aside first
-        raise CheckpointError(f"checkpoint {final} was being replaced by another save at the same moment; this save was not committed") from e
-    try:
-        storage.rename_dir(tmp, final)
-    except OSError as e:
-        if storage.exists(f"{final}/{MANIFEST}"):  # another save committed in between: ours and the old one are both superseded
-            storage.remove_tree(old)
-            raise CheckpointError(f"checkpoint {final} was replaced by another save at the same moment; this save was not committed") from e
-        storage.rename_dir(old, final)  # put the previous checkpoint back
-        raise
-    storage.remove_tree(old)

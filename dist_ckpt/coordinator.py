@@ -4,12 +4,12 @@ It owns a ROUTER socket and its own ``zmq.Context`` and never touches the
 training process group. One save moves through these phases::
 
     plan    every rank sends PlanRequest(description)   -> plan (or reuse the cached plan)
-    prepare (I/O thread) create <path>.tmp-<job>-<seq>/data, then PlanReply to all
+    prepare (I/O thread) storage.begin_save (local: <path>.tmp-<job>-<seq>/data), then PlanReply to all
     write   ranks write their own files, send Heartbeat while busy, then Done or Failed
-    commit  all Done -> CommitInProgress to every rank -> (I/O thread) MANIFEST -> rename
-            -> fsync -> Committed to every rank;   any Failed / silent rank / timeout -> Aborted
+    commit  all Done -> CommitInProgress to every rank -> (I/O thread) storage.publish(MANIFEST)
+            -> Committed to every rank;   any Failed / silent rank / timeout -> Aborted (storage.abort)
 
-Storage calls (tmp dir, manifest, renames, removals) run on one I/O thread,
+Storage calls (begin_save, publish, abort) run on one I/O thread,
 in submission order, and hand their result back to the event loop: the loop
 keeps acknowledging heartbeats and checking deadlines while a commit is slow,
 so no rank gives up on a save that then commits. A loop that was itself
@@ -40,14 +40,14 @@ import xxhash
 import zmq
 
 from . import wire
-from .commit import CommitRequest, RecordTable, commit_checkpoint, decode_objects, decode_records, prepare_tmp_dir, tmp_dir_for
+from .commit import CommitRequest, RecordTable, commit_checkpoint, decode_objects, decode_records
 from .config import Config
 from .description import BoxStore, RankColumns, SchemaCache, decode_description
 from .errors import DistCkptError, WireError
 from .logs import SaveSummary, get_logger, summarize
 from .plan import PlanCache, SavePlan
 from .planner import plan_save
-from .storage import Storage
+from .storage import SaveTarget, Storage, strip_scheme
 from .transport import ConnectionGate, ZapGate, pending_cap, raise_fd_limit, require_curve, secure_server
 
 log = get_logger(__name__)
@@ -83,7 +83,8 @@ class _Save:
     boxes: BoxStore | None = None  # every rank's boxes, one matrix per schema
     digests: dict[int, int] = field(default_factory=dict)
     plan: SavePlan | None = None
-    tmp_path: str = ""
+    target: SaveTarget | None = None  # where the save writes, named before it is prepared
+    storage: Storage | None = None  # the backend that prepared it: commits and aborts through the same one
     done: set[int] = field(default_factory=set)
     records: RecordTable | None = None  # every Done's records, merged as they arrive
     objects: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -114,7 +115,7 @@ class Coordinator:
         self._limits = wire.Limits(max_frame=config.max_message_bytes, max_total=config.max_message_bytes)
         self.dropped: collections.Counter[str] = collections.Counter()
         self._ctx, self._sock, self._zap, self._gate, self.endpoint = _listen(bind, secret, world_size, max(config.max_message_bytes, self._limits.max_header), self.dropped)
-        self._leftovers: dict[str, str] = {}  # tmp dir -> checkpoint path, whose removal failed: retried
+        self._leftovers: dict[str, tuple[Storage, SaveTarget]] = {}  # by location: aborted saves whose removal failed, retried
         self._next_retry = 0.0
         self._on_connected = on_connected
         self._identity: dict[int, bytes] = {}
@@ -310,12 +311,12 @@ class Coordinator:
                 plan = plan_save([save.descs[r] for r in range(self.world_size)])  # type: ignore[misc] (no None: failed saves abort above)
                 self._cache.store(key, plan)
             storage, path = self._storage_for(save.path)
+            # Named before it exists, so that an abort meanwhile queues its removal behind the preparation.
+            target = storage.save_target(path, f"{self.job[:8]}-{save.ckpt}", save.overwrite)
         except (DistCkptError, OSError) as e:
             return self._abort(save, {0: f"planning failed: {e}"})
-        save_id = f"{self.job[:8]}-{save.ckpt}"
-        # Known before it exists, so that an abort meanwhile queues its removal behind the mkdir.
-        save.tmp_path, save.plan, save.phase = tmp_dir_for(path, save_id), plan, "prepare"
-        self._io.submit(lambda: prepare_tmp_dir(storage, path, save_id, overwrite=save.overwrite), lambda out: self._prepared(save, same, out, t0))
+        save.target, save.storage, save.plan, save.phase = target, storage, plan, "prepare"
+        self._io.submit(lambda: storage.begin_save(target), lambda out: self._prepared(save, same, out, t0))
 
     def _prepared(self, save: _Save, same: bool, out: object, t0: float) -> None:
         """(event loop) The tmp dir is ready (or failed): reply the plan to every rank."""
@@ -323,12 +324,12 @@ class Coordinator:
             return  # aborted while the directory was made; its removal is queued behind the mkdir
         if isinstance(out, BaseException):
             return self._abort(save, {0: f"planning failed: {_text(out)}"})
-        plan = save.plan
-        assert plan is not None
+        plan, target = save.plan, save.target
+        assert plan is not None and target is not None
         save.phase = "write"
         t1 = time.perf_counter()
         for r in range(self.world_size):
-            self._send(r, wire.PlanReply(self.job, save.ckpt, r, save.tmp_path, same, plan.to_msgpack_for(r)))
+            self._send(r, wire.PlanReply(self.job, save.ckpt, r, target.location, same, plan.to_msgpack_for(r)))
         t2 = time.perf_counter()
         # While the ranks write: place their chunks in the manifest (once per plan), free the boxes.
         save.records = RecordTable(plan)
@@ -419,10 +420,11 @@ class Coordinator:
         for r in range(self.world_size):  # from here on a rank that loses the coordinator cannot say the save failed
             self._send(r, wire.CommitInProgress(self.job, save.ckpt, r))
         release_free_memory()  # the Done messages' buffers, before the manifest is built: the coordinator's peak
-        storage, path = self._storage_for(save.path)
-        request = CommitRequest(path, save.tmp_path, save.overwrite, self.world_size, save.plan, save.records, save.objects)  # type: ignore[arg-type]
+        storage, target = save.storage, save.target
+        assert storage is not None and target is not None  # set when the plan was replied
+        request = CommitRequest(target, self.world_size, save.plan, save.records, save.objects)  # type: ignore[arg-type]
         t_commit = time.perf_counter()
-        self._io.submit(lambda: commit_checkpoint(storage, request), lambda out: self._committed(save, path, out, t_commit))
+        self._io.submit(lambda: commit_checkpoint(storage, request), lambda out: self._committed(save, strip_scheme(save.path), out, t_commit))
 
     def _committed(self, save: _Save, path: str, out: object, t_commit: float) -> None:
         """(event loop) The commit's I/O finished: tell every rank its outcome."""
@@ -449,8 +451,8 @@ class Coordinator:
             log.error("[rank 0] save %s: not aborting while its commit is under way: %s", save.ckpt, reasons)
             return
         log.error("[rank 0] save %s to %s aborted: %s", save.ckpt, save.path or "(no rank named its path)", "; ".join(f"rank {r}: {m}" for r, m in sorted(reasons.items())))
-        if save.tmp_path:
-            self._remove_tmp(save.tmp_path, save.path)
+        if save.target is not None and save.storage is not None:
+            self._remove_tmp(save.storage, save.target)
         self._end(save, lambda r: wire.Aborted(self.job, save.ckpt, r, reasons))
 
     def _end(self, save: _Save, make: Callable[[int], wire.Message]) -> None:
@@ -465,41 +467,32 @@ class Coordinator:
         save.records = None
         release_free_memory()
 
-    def _remove_tmp(self, tmp_path: str, path: str) -> None:
-        """Remove an abandoned tmp dir on the I/O thread (after its creation); if that fails, retry later."""
-        storage, _ = self._storage_for(path)
+    def _remove_tmp(self, storage: Storage, target: SaveTarget) -> None:
+        """Abort an abandoned save's storage on the I/O thread (after its preparation); if that fails, retry later."""
+        self._io.submit(lambda: storage.abort(target), lambda out: self._removed(storage, target, out))
 
-        def work() -> None:
-            storage.remove_tree(tmp_path)
-            if storage.exists(tmp_path):  # remove_tree may ignore errors
-                raise OSError(f"{tmp_path} is still there after its removal")
-
-        self._io.submit(work, lambda out: self._removed(tmp_path, path, out))
-
-    def _removed(self, tmp_path: str, path: str, out: object) -> None:
-        """(event loop) A tmp dir's removal finished: forget it, or keep it for the next retry."""
+    def _removed(self, storage: Storage, target: SaveTarget, out: object) -> None:
+        """(event loop) An abort's removal finished: forget it, or keep it for the next retry."""
         if not isinstance(out, BaseException):
-            self._leftovers.pop(tmp_path, None)
+            self._leftovers.pop(target.location, None)
             return
-        if tmp_path not in self._leftovers:
-            log.warning("[rank 0] could not remove %s (%s); retrying every 5 s and at close", tmp_path, _text(out))
-        self._leftovers[tmp_path] = path
+        if target.location not in self._leftovers:
+            log.warning("[rank 0] could not remove %s (%s); retrying every 5 s and at close", target.location, _text(out))
+        self._leftovers[target.location] = (storage, target)
 
     def _retry_leftovers(self) -> None:
         self._next_retry = time.monotonic() + 5.0
-        for tmp_path, path in list(self._leftovers.items()):
-            self._remove_tmp(tmp_path, path)
+        for storage, target in list(self._leftovers.values()):
+            self._remove_tmp(storage, target)
 
     def _remove_leftovers_now(self) -> None:
-        """(close, after the I/O thread stopped) One last synchronous try at the tmp dirs still left."""
-        for tmp_path, path in list(self._leftovers.items()):
+        """(close, after the I/O thread stopped) One last synchronous try at the aborted saves still left."""
+        for location, (storage, target) in list(self._leftovers.items()):
             try:
-                storage, _ = self._storage_for(path)
-                storage.remove_tree(tmp_path)
-                if not storage.exists(tmp_path):
-                    del self._leftovers[tmp_path]
+                storage.abort(target)
+                del self._leftovers[location]
             except (DistCkptError, OSError) as e:
-                log.error("[rank 0] removing %s at close failed: %s", tmp_path, e)
+                log.error("[rank 0] removing %s at close failed: %s", location, e)
         if self._leftovers:
             log.error("[rank 0] left behind after repeated removal attempts: %s", sorted(self._leftovers))
 
@@ -511,7 +504,7 @@ class Coordinator:
                 self._abort(save, {r: f"did not reach the save within {cfg.timeout_s:.0f} s (phase plan)" for r in missing})
                 continue
             if save.phase == "prepare" and now - save.started > cfg.timeout_s:
-                self._abort(save, {0: f"creating the temporary directory {save.tmp_path} did not finish within {cfg.timeout_s:.0f} s (phase prepare)"})
+                self._abort(save, {0: f"preparing the save's storage ({save.target.location if save.target else save.path}) did not finish within {cfg.timeout_s:.0f} s (phase prepare)"})
                 continue
             silent = {r: now - t for r, t in save.last_seen.items() if r not in save.done and r not in save.failed and now - t > cfg.heartbeat_timeout_s}
             if silent and save.stalled:  # the silence is this loop's own: blame rank 0's stall, not the ranks
@@ -534,7 +527,7 @@ class _IOThread:
     ``submit(work, then)`` runs ``work()`` here; ``then(result or exception)``
     runs later on the event loop, from :meth:`finished`, woken through
     :attr:`wake_fd`. Exceptions are handed back, never dropped. The order
-    matters: an abort's ``remove_tree`` queued after a ``makedirs`` runs after it.
+    matters: an abort queued after a ``begin_save`` runs after it.
     """
 
     def __init__(self) -> None:

@@ -29,6 +29,10 @@ class CheckpointError(DistCkptError):
         super().__init__(message)
 
 
+class CheckpointExists(DistCkptError, FileExistsError):
+    """A committed checkpoint is already at the path and ``overwrite`` was not given."""
+
+
 class CheckpointNotFound(DistCkptError, FileNotFoundError):
     """No committed checkpoint at the path (absent, or incomplete: no MANIFEST)."""
 

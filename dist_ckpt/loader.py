@@ -24,7 +24,6 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .commit import MANIFEST
 from .config import Config
 from .describe import RankLocal, is_numpy, local_box, numpy_scalar
 from .dtypes import dtype_from_name, dtype_name
@@ -47,6 +46,7 @@ from .flatten import (
     place_values,
     unflatten,
 )
+from .layout_names import MANIFEST, OLD, TMP, is_sibling_of
 from .logs import get_logger
 from .manifest import Manifest, Pickled, TensorEntry
 from .reader import ReadTask, read_tensors
@@ -76,7 +76,7 @@ def find_committed(storage: Storage, path: str) -> str:
         if old is not None:
             log.warning("checkpoint %s is missing but %s is complete (an overwrite was interrupted); loading that", path, old)
             return old
-        pending = [n for n in siblings if n.startswith(base + ".tmp-")]
+        pending = [n for n in siblings if is_sibling_of(n, base, TMP)]
         hint = f"; {len(pending)} unfinished save(s) beside it ({', '.join(pending[:3])})" if pending else ""
         raise CheckpointNotFound(f"no checkpoint at {path}{hint}")
     raise CheckpointNotFound(f"checkpoint {path} is incomplete: it has no {MANIFEST} (the save did not commit)")
@@ -87,7 +87,7 @@ def _newest_old(storage: Storage, parent: str, base: str, siblings: list[str]) -
     found = []
     for name in siblings:
         manifest = f"{parent}/{name}/{MANIFEST}"
-        if not name.startswith(base + ".old-"):
+        if not is_sibling_of(name, base, OLD):
             continue
         try:
             if storage.exists(manifest):
@@ -143,10 +143,8 @@ def _retry_if_changed(load: Callable[..., _T]) -> Callable[..., _T]:
     @functools.wraps(load)
     def run(*args: Any, **kwargs: Any) -> _T:
         bound = signature.bind(*args, **kwargs)
-        storage, path = bound.arguments.get("storage"), bound.arguments["path"]
-        if storage is None:
-            storage, path = get_storage(path)
-            bound.arguments.update(storage=storage, path=path)
+        storage, path = get_storage(bound.arguments["path"], bound.arguments.get("storage"))  # an injected one too gets the path without its scheme
+        bound.arguments.update(storage=storage, path=path)
         return load_whole(storage, path, lambda: load(*bound.args, **bound.kwargs))
 
     return run

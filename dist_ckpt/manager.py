@@ -28,8 +28,10 @@ together, in the same order; the manager itself calls no torch collective)::
 Only rank 0 creates or removes directories, and only at points where no other
 rank can be reading what it removes: stale entries at start (before any save
 of this job), incomplete ones before the save that replaces them, and old
-steps strictly after a commit. A step removed by retention is first renamed to
-``step-N.tmp-delete-*``, which un-commits it atomically: a crash half-way
+steps strictly after a commit. A step removed by retention goes through the
+storage's one un-commit path, :meth:`Storage.uncommit
+<dist_ckpt.storage.Storage.uncommit>` (the local backend first renames it to
+``step-N.tmp-delete-*``), which un-commits it atomically: a crash half-way
 through a delete never leaves a MANIFEST beside missing data. Retention runs
 in the background on rank 0, so other ranks may already have moved on: load
 an older step explicitly only if the policy keeps it (e.g. ``keep_every``).
@@ -40,13 +42,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer, make_async_checkpointer, make_sync_checkpointer
-from .commit import MANIFEST, CheckpointExists
+from .errors import CheckpointExists
+from .layout_names import MANIFEST
 from .config import Config
 from .errors import CheckpointError, CheckpointNotFound, ChecksumError, CommitOutcomeUnknown, DataFileError, ManifestError
 from .loader import read_manifest
@@ -55,7 +57,7 @@ from .manifest import Manifest
 from .preempt import DEFAULT_STOP_SIGNALS, StopWatch, requeue_job
 from .root_scan import FOREIGN, INCOMPLETE, RootListing, classify, scan, stale_entries, step_dir_name
 from .session import _store
-from .storage import get_storage
+from .storage import Storage, get_storage, strip_scheme
 
 __all__ = ["CheckpointManager", "RetentionPolicy", "RootListing", "SaveStats", "scan", "stale_entries", "step_dir_name"]
 
@@ -174,18 +176,20 @@ class CheckpointManager:
             SIGUSR1 is not in the default: NCCL uses it.
         stop_margin_s: (Slurm) stop once the job's remaining time is below the last
             save's duration plus this.
+        storage: the backend for the root, its saves, loads, retention and clean-up
+            (None: chosen by ``root``'s URL scheme).
 
     Raises:
         ValueError: a bad ``keep_last`` / ``keep_every`` / ``stop_signals`` / ``stop_margin_s``.
     """
 
     def __init__(self, root: str, keep_last: int | None = 3, keep_every: int | None = None, async_save: bool = True, config: Config | None = None,
-                 stop_signals: Iterable[str | int] = DEFAULT_STOP_SIGNALS, stop_margin_s: float = 60.0) -> None:
+                 stop_signals: Iterable[str | int] = DEFAULT_STOP_SIGNALS, stop_margin_s: float = 60.0, storage: Storage | None = None) -> None:
         self.policy = RetentionPolicy(keep_last, keep_every)
         self.root = root.rstrip("/")
-        self._storage, self._root = get_storage(self.root)
+        self._storage, self._root = get_storage(self.root, storage)
         self.async_save = async_save
-        self._ckpt: AsyncCheckpointer | SyncCheckpointer = make_async_checkpointer(config) if async_save else make_sync_checkpointer(config)
+        self._ckpt: AsyncCheckpointer | SyncCheckpointer = make_async_checkpointer(config, storage=storage) if async_save else make_sync_checkpointer(config, storage=storage)
         self.rank = self._ckpt.writer.session.rank
         self._ckpt.writer.announce_saves = False  # _after_write's line carries the save's summary
         self.history: list[SaveStats] = []
@@ -227,7 +231,7 @@ class CheckpointManager:
         Raises:
             CheckpointNotFound: no such committed step.
         """
-        return read_manifest(self.path_for(self._committed_or_latest(step)))[0]
+        return read_manifest(f"{self._root}/{step_dir_name(self._committed_or_latest(step))}", self._storage)[0]
 
     def _committed_or_latest(self, step: int | None) -> int:
         if step is None:
@@ -311,7 +315,7 @@ class CheckpointManager:
 
     def _resolve(self, path: str, error: BaseException | None) -> BaseException | None:
         """The save's error, unless it is an unknown commit outcome and ``path`` turns out committed."""
-        if isinstance(error, CommitOutcomeUnknown) and self._storage.exists(f"{get_storage(path)[1]}/{MANIFEST}"):
+        if isinstance(error, CommitOutcomeUnknown) and self._storage.exists(f"{strip_scheme(path)}/{MANIFEST}"):
             log.warning("[rank %d] the outcome of the save to %s was unknown (%s); its MANIFEST is there, so it is committed", self.rank, path, error)
             return None
         return error
@@ -344,10 +348,7 @@ class CheckpointManager:
         """(rank 0, after a commit) Remove committed steps the policy does not keep."""
         doomed = self.policy.to_delete(self.steps(), protect=(just_committed,))
         for step in doomed:
-            # Un-commit atomically first, then delete at leisure (see the module docstring).
-            trash = f"{self._root}/{step_dir_name(step)}.tmp-delete-{uuid.uuid4().hex[:8]}"
-            self._storage.rename_dir(f"{self._root}/{step_dir_name(step)}", trash)
-            self._storage.remove_tree(trash)
+            self._storage.uncommit(f"{self._root}/{step_dir_name(step)}")  # atomically un-committed first (see the module docstring)
         return doomed
 
     def _refuse_foreign(self, step: int) -> None:
@@ -485,9 +486,8 @@ class CheckpointManager:
     def _set_aside(self, step: int) -> None:
         """(rank 0) Rename an unloadable ``step-N`` to ``step-N.bad-*``: kept for a post-mortem, no longer a step."""
         name = step_dir_name(step)
-        aside = f"{name}.bad-{uuid.uuid4().hex[:8]}"
         try:
-            self._storage.rename_dir(f"{self._root}/{name}", f"{self._root}/{aside}")
+            aside = self._storage.set_aside(f"{self._root}/{name}").rsplit("/", 1)[-1]
             log.warning("[rank 0] resume: set %s/%s aside as %s", self.root, name, aside)
         except OSError as e:
             log.warning("[rank 0] resume: could not set %s/%s aside (%s); this manager ignores it", self.root, name, e)

@@ -25,6 +25,7 @@ from . import boxes
 from .dtypes import is_dtype_name, itemsize
 from .errors import ManifestError
 from .flatten import MAX_DEPTH, KeyPath, check_structure
+from .layout_names import DATA_DIR, MANIFEST
 
 FORMAT = "dist_ckpt"
 VERSION = 1
@@ -32,7 +33,7 @@ ALIGN = 4096
 PICKLE_EXT = 1  # msgpack ExtType code of an opted-in pickled object
 _MAX_INT = 1 << 62  # offsets, sizes and byte counts stay far below int64 overflow
 _MAX_CREATED = float(1 << 34)  # Unix time, year ~2514: past it no clock or time_t of a reader can show it
-_RESERVED_NAMES = ("data", "MANIFEST")  # the data directory and the manifest itself are never data files
+_RESERVED_NAMES = (DATA_DIR, MANIFEST)  # the data directory and the manifest itself are never data files
 BLOCK_BYTES = 1 << 20
 """Bytes per block checksum: a read of part of a chunk reads and verifies the whole blocks it touches."""
 _MAX_BLOCK = 1 << 40

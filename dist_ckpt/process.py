@@ -5,7 +5,8 @@ GIL contention, no page-cache pressure accounting against the trainer). The
 subprocess is spawned once per rank and attaches the staging arena (named
 POSIX shared memory) by name: no tensor bytes cross the pipe; it re-attaches
 only when the arena grows. Each save then sends a small
-request — ``(tmp_path, rank, [(tag, arena offset, nbytes)], threads)`` — and
+request — ``(tmp_path, path, [(tag, arena offset, nbytes)], threads, storage)``,
+the storage only when one was injected (then pickled) — and
 gets the chunk records back. Planning, ``Done`` and the wait for ``Committed``
 stay in the parent's writer thread, which owns the coordinator connection.
 """
@@ -26,6 +27,7 @@ import torch.multiprocessing as tmp
 from .errors import DistCkptError, StorageError
 from .logs import get_logger
 from .session import RankInfo
+from .storage import SaveTarget, Storage, get_storage
 from .writer import WriteRecord
 
 log = get_logger(__name__)
@@ -78,7 +80,6 @@ def _is_main_guard(node: ast.stmt) -> bool:
 
 
 def _main(rank: int, requests: Any, responses: Any, init_fn: Callable[..., None] | None, init_args: tuple) -> None:
-    from . import storage as storage_mod  # looked up per write, so an init_fn may swap the backend
     from .buffers import tensor_memoryview
     from .writer import WriteItem, write_items
 
@@ -107,12 +108,12 @@ def _main(rank: int, requests: Any, responses: Any, init_fn: Callable[..., None]
             arena = torch.frombuffer(shm.buf, dtype=torch.uint8)[: payload[1]]
             continue
         try:
-            tmp_path, path, items, threads = payload
+            tmp_path, path, items, threads, injected = payload
             assert arena is not None, "no staging arena received"
             view = tensor_memoryview(arena)
             work = [WriteItem(tag, view[off : off + n]) for tag, off, n in items]
-            storage, _ = storage_mod.get_storage(path)
-            records = write_items(storage, tmp_path, rank, work, threads)
+            storage, path = get_storage(path, injected)
+            records = write_items(storage, SaveTarget(path.rstrip("/"), tmp_path), rank, work, threads)
             responses.put(("ok", [(r.tag, r.file, r.offset, r.nbytes, r.xxh3, r.blocks) for r in records]))
         except BaseException as e:  # surfaces in the parent's write future
             responses.put(("err", (type(e).__name__, str(e), traceback.format_exc())))
@@ -159,12 +160,16 @@ class CheckpointProcess:
             raise CheckpointProcessError(f"{name}: {message} (in the checkpoint process)")
         return payload
 
-    def write(self, shm_name: str, size: int, tmp_path: str, path: str, items: Sequence[tuple[int, int, int]], threads: int) -> list[WriteRecord]:
-        """Write ``items`` (tag, arena byte offset, nbytes) from the shared arena ``shm_name``; returns records."""
+    def write(self, shm_name: str, size: int, tmp_path: str, path: str, items: Sequence[tuple[int, int, int]], threads: int,
+              storage: Storage | None = None) -> list[WriteRecord]:
+        """Write ``items`` (tag, arena byte offset, nbytes) from the shared arena ``shm_name``; returns records.
+
+        ``storage`` (an injected backend) is pickled to the subprocess; None: chosen there by the path's scheme.
+        """
         if self._arena != (shm_name, size):
             self._requests.put(("arena", (shm_name, size)))  # the subprocess attaches by name
             self._arena = (shm_name, size)
-        self._requests.put(("write", (tmp_path, path, list(items), threads)))
+        self._requests.put(("write", (tmp_path, path, list(items), threads, storage)))
         return [WriteRecord(*r) for r in self._receive("write")]
 
     def close(self) -> None:

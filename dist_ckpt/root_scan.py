@@ -21,30 +21,15 @@ MANIFEST (``dist-ckpt ls`` also shows a checkpoint saved under any name).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from .commit import MANIFEST
+from .layout_names import LOOSE_DATA_FILE_RE as _DATA_FILE_RE
+from .layout_names import MANIFEST, STEP_RE, step_dir_name  # STEP_RE, step_dir_name: re-exported
+from .layout_names import SUFFIX_RE as _SUFFIX_RE
 from .storage import Storage
 
-STEP_RE = re.compile(r"^step-(\d{8,})$")
-"""A step directory, as :func:`step_dir_name` writes it."""
-_SUFFIX_RE = re.compile(r"^(?P<base>.+?)\.(?P<kind>tmp|old|bad)-.+$")  # the first suffix decides: step-N.old-x.tmp-delete-y is old
-_DATA_FILE_RE = re.compile(r"^r\d{5,}.*\.bin$")  # data/rNNNNN.bin, data/rNNNNN-tK.bin (writer.data_file_name)
-
 COMMITTED, INCOMPLETE, FOREIGN, TMP, OLD, BAD = "committed", "incomplete", "foreign", "tmp", "old", "bad"
-
-
-def step_dir_name(step: int) -> str:
-    """``step-<8 digits>`` (more digits past 99,999,999).
-
-    Raises:
-        ValueError: ``step`` is negative.
-    """
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return f"step-{step:08d}"
 
 
 @dataclass(frozen=True)
@@ -82,7 +67,7 @@ def holds_own_layout(storage: Storage, path: str) -> tuple[bool, str]:
     """``(True, "")`` when directory ``path`` holds nothing but this library's data layout.
 
     That is: nothing at all, or only ``data/`` whose entries are data files
-    named as :func:`~dist_ckpt.writer.data_file_name` names them. Otherwise
+    named as :func:`~dist_ckpt.layout_names.data_file_name` names them. Otherwise
     ``(False, what else is there)``.
     """
     names = storage.listdir(path)

@@ -23,7 +23,7 @@ from .errors import CheckpointError, CoordinatorTimeout
 from .logs import RankStats, get_logger
 from .plan import SavePlan
 from .session import Session
-from .storage import get_storage
+from .storage import SaveTarget, Storage, get_storage
 from .writer import WriteItem, WriteRecord, write_items
 
 if TYPE_CHECKING:
@@ -42,11 +42,11 @@ def host_bytes(t: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
 WriteFn = Callable[[str, str, int, Sequence[int], Sequence[torch.Tensor], int], list[WriteRecord]]
 
 
-def write_here(tmp_path: str, path: str, rank: int, assigned: Sequence[int], host: Sequence[torch.Tensor], threads: int) -> list[WriteRecord]:
-    """Write ``host[i]`` for every assigned ``i`` with writer threads in this process."""
-    storage, _ = get_storage(path)
+def write_here(tmp_path: str, path: str, rank: int, assigned: Sequence[int], host: Sequence[torch.Tensor], threads: int, storage: Storage | None = None) -> list[WriteRecord]:
+    """Write ``host[i]`` for every assigned ``i`` with writer threads in this process (through ``storage`` if given)."""
+    storage, path = get_storage(path, storage)
     keep = [host_bytes(host[i]) for i in assigned]  # keeps any contiguous copies alive while writing
-    return write_items(storage, tmp_path, rank, [WriteItem(i, mv) for i, (_, mv) in zip(assigned, keep)], threads)
+    return write_items(storage, SaveTarget(path.rstrip("/"), tmp_path), rank, [WriteItem(i, mv) for i, (_, mv) in zip(assigned, keep)], threads)
 
 
 def report_failure(session: Session, ckpt: str, phase: str, error: BaseException, path: str = "") -> None:

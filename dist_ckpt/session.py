@@ -11,6 +11,7 @@ world of one with a local coordinator.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import socket
@@ -25,7 +26,7 @@ from .config import Config
 from .coordinator import Coordinator
 from .errors import ProcessGroupNotInitialized, TransportError
 from .logs import get_logger, set_rank
-from .storage import get_storage
+from .storage import Storage, get_storage
 
 log = get_logger(__name__)
 _counter = itertools.count()
@@ -103,13 +104,14 @@ class Session:
         self._closed = False
         self._seq = itertools.count()
         self.key_file: str | None = None  # rank 0: the key file while ranks may still need it
+        self._storages: collections.OrderedDict[str, Storage] = collections.OrderedDict()  # (rank 0) injected, by save path
         n = next(_counter)
         if self.rank == 0:
             job = uuid.uuid4().hex
             secret = self._new_secret(job)
             bind = config.coordinator or f"tcp://{job_interface(os.environ.get('MASTER_ADDR'))}:0"
             try:
-                self.coordinator = Coordinator(self.world_size, job, secret, bind, get_storage, config, on_connected=self._remove_key_file)
+                self.coordinator = Coordinator(self.world_size, job, secret, bind, self.storage_for, config, on_connected=self._remove_key_file)
             except BaseException:
                 self._remove_key_file()
                 raise
@@ -138,6 +140,28 @@ class Session:
         path, self.key_file = self.key_file, None
         if path is not None:
             trust.remove_key_file(path)
+
+    def use_storage(self, path: str, storage: Storage) -> None:
+        """(rank 0, before its PlanRequest) Have the coordinator commit saves to ``path`` through ``storage``.
+
+        Rank 0 registers before it sends its own PlanRequest and the plan waits
+        for every rank's, so the coordinator never resolves ``path`` before this.
+        Other ranks have no coordinator; the call does nothing there.
+        """
+        if self.coordinator is None:
+            return
+        self._storages[path] = storage
+        self._storages.move_to_end(path)
+        while len(self._storages) > 64:  # a manager saves to a new path every step
+            self._storages.popitem(last=False)
+
+    def storage_for(self, path: str) -> tuple[Storage, str]:
+        """(the coordinator) The storage for ``path``: the one injected for it, else by URL scheme.
+
+        Raises:
+            UnsupportedScheme: nothing was injected and the scheme has no backend.
+        """
+        return get_storage(path, self._storages.get(path))
 
     def next_save_id(self) -> str:
         """Id of the next save; every rank calls saves in the same order, so ids agree."""

@@ -2,7 +2,9 @@
 
 Each rank writes only the chunks the plan assigned to it, into files nobody
 else touches (``data/r00003.bin``, or ``data/r00003-t1.bin`` … with several
-writer threads). Every chunk starts at a 4 KiB-aligned offset and is hashed
+writer threads), each an append stream of the storage
+(:meth:`~dist_ckpt.storage.Storage.open_stream`): chunks go in order, every
+one at the next 4 KiB-aligned offset, so no write ever goes back. Each is hashed
 with xxh3-64 while it is written (xxhash releases the GIL, so hashing on one
 thread overlaps writing on another): once whole, and once per
 :data:`~dist_ckpt.manifest.BLOCK_BYTES` block, so that a load reading part of
@@ -21,11 +23,14 @@ import numpy as np
 import xxhash
 
 from .errors import StorageError
+from .layout_names import data_file_name
 from .manifest import ALIGN, BLOCK_BYTES
-from .storage import WRITE_PIECE, Storage
+from .storage import STREAM_ALIGN, WRITE_PIECE, SaveTarget, Storage
 
 # Blocks are hashed piece by piece, so no block may straddle two pieces.
 assert WRITE_PIECE % BLOCK_BYTES == 0, "WRITE_PIECE must be a multiple of BLOCK_BYTES"
+# Chunks start at ALIGN multiples, pieces at WRITE_PIECE multiples past them: every append is stream-aligned.
+assert ALIGN % STREAM_ALIGN == 0 and WRITE_PIECE % STREAM_ALIGN == 0
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +57,6 @@ class WriteRecord:
     blocks: np.ndarray | None = None  # uint64, one per BLOCK_BYTES of the chunk (the last may be short)
 
 
-def data_file_name(rank: int, thread: int | None) -> str:
-    """Relative name of a rank's data file (``thread`` None: the single-file form)."""
-    return f"data/r{rank:05d}.bin" if thread is None else f"data/r{rank:05d}-t{thread}.bin"
-
-
 def split_by_bytes(items: Sequence[WriteItem], n: int) -> list[list[WriteItem]]:
     """Greedy split into at most ``n`` non-empty groups of similar byte counts, keeping order within each."""
     groups: list[list[WriteItem]] = [[] for _ in range(max(1, n))]
@@ -68,12 +68,12 @@ def split_by_bytes(items: Sequence[WriteItem], n: int) -> list[list[WriteItem]]:
     return [sorted(g, key=lambda i: i.tag) for g in groups if g]
 
 
-def write_items(storage: Storage, ckpt_dir: str, rank: int, items: Sequence[WriteItem], threads: int = 2) -> list[WriteRecord]:
-    """Write ``items`` into this rank's data file(s) and fsync them.
+def write_items(storage: Storage, target: SaveTarget, rank: int, items: Sequence[WriteItem], threads: int = 2) -> list[WriteRecord]:
+    """Write ``items`` into this rank's data file(s) and sync them.
 
     Args:
         storage: backend to write through.
-        ckpt_dir: the (temporary) checkpoint directory; ``data/`` must exist.
+        target: the save (its :meth:`~dist_ckpt.storage.Storage.begin_save` has run).
         rank: this rank, which names the files.
         items: chunks to write; empty is fine (no file is created).
         threads: writer threads, one file each.
@@ -88,10 +88,10 @@ def write_items(storage: Storage, ckpt_dir: str, rank: int, items: Sequence[Writ
     groups = split_by_bytes(items, max(1, min(threads, -(-total // MIN_PER_THREAD))))
     t0 = time.perf_counter()
     if len(groups) <= 1:
-        results = [_write_file(storage, ckpt_dir, data_file_name(rank, None), g) for g in groups]
+        results = [_write_file(storage, target, data_file_name(rank, None), g) for g in groups]
     else:
         with ThreadPoolExecutor(len(groups), thread_name_prefix=f"dist_ckpt-w{rank}") as pool:
-            futs = [pool.submit(_write_file, storage, ckpt_dir, data_file_name(rank, t), g) for t, g in enumerate(groups)]
+            futs = [pool.submit(_write_file, storage, target, data_file_name(rank, t), g) for t, g in enumerate(groups)]
             results = [f.result() for f in futs]
     by_tag = {r.tag: r for rs in results for r in rs}
     dt = time.perf_counter() - t0
@@ -99,10 +99,10 @@ def write_items(storage: Storage, ckpt_dir: str, rank: int, items: Sequence[Writ
     return [by_tag[i.tag] for i in items]
 
 
-def _write_file(storage: Storage, ckpt_dir: str, name: str, items: list[WriteItem]) -> list[WriteRecord]:
-    path = f"{ckpt_dir}/{name}"
+def _write_file(storage: Storage, target: SaveTarget, name: str, items: list[WriteItem]) -> list[WriteRecord]:
+    path = f"{target.location}/{name}"
     try:
-        handle = storage.open_write(path)
+        handle = storage.open_stream(target, name)
     except OSError as e:
         raise StorageError(e.errno, f"cannot create data file {path}: {e.strerror or e}") from e
     records = []

@@ -6,6 +6,8 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+from dist_ckpt.storage.local import LocalStorage, LocalWriteStream
+
 PLACEMENTS = {
     "shard0": ((None,), lambda: [Shard(0)]),
     "shard1": ((None,), lambda: [Shard(1)]),
@@ -33,16 +35,28 @@ def dtensor(t: torch.Tensor, world: int, layout: str) -> DTensor:
     return distribute_tensor(t, mesh_for(world, mesh_shape), placements(), src_data_rank=None)
 
 
-def failing_storage(errno_: int, text: str) -> object:
-    """A local storage whose data-file writes raise ``OSError(errno_, text)`` (fault injection)."""
-    from dist_ckpt.storage.local import LocalStorage, LocalWriteHandle
+class FailingStorage(LocalStorage):
+    """A local storage whose data-file writes raise ``OSError(errno_, text)`` (fault injection).
 
-    class Failing(LocalWriteHandle):
-        def pwrite(self, data, offset):
-            raise OSError(errno_, text)
+    Module-level, so that it pickles to a writer subprocess (process mode).
+    """
 
-    class FailingStorage(LocalStorage):
-        def open_write(self, p):
-            return Failing(p)
+    def __init__(self, errno_: int, text: str) -> None:
+        self.errno_, self.text = errno_, text
 
-    return FailingStorage()
+    def open_stream(self, target, name):
+        return _FailingStream(f"{target.location}/{name}", self.errno_, self.text)
+
+
+class _FailingStream(LocalWriteStream):
+    def __init__(self, path: str, errno_: int, text: str) -> None:
+        super().__init__(path)
+        self.errno_, self.text = errno_, text
+
+    def _write(self, data, offset):
+        raise OSError(self.errno_, self.text)
+
+
+def failing_storage(errno_: int, text: str) -> FailingStorage:
+    """A :class:`FailingStorage` raising ``OSError(errno_, text)`` on every data-file write."""
+    return FailingStorage(errno_, text)

@@ -44,19 +44,10 @@ def test_checkpoint_holds_values_from_stage_time(tmp_path, mode, world):
     assert torch.equal(second["w"], global_tensor("w", (64, 16)) + 1000.0) and torch.equal(second["r"], torch.zeros(8))
 
 
-def _break_storage_in_this_process():
-    import dist_ckpt.saver as saver
-    import dist_ckpt.storage as storage_mod
-
-    full = failing_storage(28, "No space left on device (injected)")
-    storage_mod.get_storage = saver.get_storage = lambda p: (full, p)
-
-
 def _failing_background_write(rank, world, path, mode):
-    init = _break_storage_in_this_process if rank == 1 else None
-    if mode == "thread" and rank == 1:
-        _break_storage_in_this_process()
-    ck = dc.make_async_checkpointer(mode=mode, subprocess_init_fn=init)
+    # Rank 1 writes through a full disk; in process mode the storage is pickled to its writer subprocess.
+    full = failing_storage(28, "No space left on device (injected)") if rank == 1 else None
+    ck = dc.make_async_checkpointer(mode=mode, storage=full)
     try:
         stage_f, write_f = ck.save(path, {"w": dtensor(global_tensor("w", (64, 16)), world, "shard0")})
         stage_f.result(timeout=30)

@@ -234,21 +234,21 @@ def test_a_coordinator_bug_aborts_the_save_at_once(job, tmp_path, monkeypatch):
 
 
 class SlowStorage(LocalStorage):
-    """Local storage whose tmp-dir creation and manifest write each take ``delay`` seconds (a slow disk)."""
+    """Local storage whose save preparation and manifest write each take ``delay`` seconds (a slow disk)."""
 
     def __init__(self, delay: float, after_rename: float = 0.0) -> None:
         self.delay, self.after_rename = delay, after_rename
 
-    def makedirs(self, path):
+    def begin_save(self, target):
         time.sleep(self.delay)
-        super().makedirs(path)
+        super().begin_save(target)
 
     def write_atomic(self, path, data):
         time.sleep(self.delay)
         super().write_atomic(path, data)
 
-    def rename_dir(self, src, dst):
-        super().rename_dir(src, dst)
+    def publish(self, target, manifest):
+        super().publish(target, manifest)
         time.sleep(self.after_rename)  # committed, but the coordinator hears of it late
 
 

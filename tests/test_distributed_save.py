@@ -77,13 +77,9 @@ def test_replicated_data_is_written_once(tmp_path):
 
 
 def _save_failing_storage(rank, world, path, bad_rank):
-    import dist_ckpt.saver as saver
-
-    if rank == bad_rank:
-        broken = failing_storage(5, "Input/output error (injected)")
-        saver.get_storage = lambda p: (broken, p)
+    broken = failing_storage(5, "Input/output error (injected)") if rank == bad_rank else None
     try:
-        dc.save({"w": dtensor(global_tensor("w", (64, 8)), world, "shard0")}, path)
+        dc.save({"w": dtensor(global_tensor("w", (64, 8)), world, "shard0")}, path, storage=broken)
     except dc.CheckpointError as e:
         return str(e), sorted(e.failures)
     return "no error", []

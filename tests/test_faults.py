@@ -91,13 +91,9 @@ def test_coordinator_killed_mid_save_fails_every_rank_without_hang(tmp_path):
 
 
 def _eio_on_write(rank, world, path, errno_, text):
-    import dist_ckpt.saver as saver
-
-    if rank == 1:
-        failing = failing_storage(errno_, text)
-        saver.get_storage = lambda p: (failing, p)
+    failing = failing_storage(errno_, text) if rank == 1 else None
     try:
-        dc.save(_state(world), path)
+        dc.save(_state(world), path, storage=failing)
     except dc.CheckpointError as e:
         return str(e)
 

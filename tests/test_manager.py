@@ -260,21 +260,17 @@ def test_two_ranks_save_retain_and_resume(tmp_path):
 
 
 @pytest.mark.parametrize("async_save", [False, True])
-def test_unknown_commit_outcome_is_resolved_by_what_is_committed(tmp_path, monkeypatch, async_save):
-    import dist_ckpt.session as session_mod
+def test_unknown_commit_outcome_is_resolved_by_what_is_committed(tmp_path, async_save):
     from dist_ckpt.storage.local import LocalStorage
 
     cfg = Config(timeout_s=1.0, heartbeat_interval_s=0.1, heartbeat_timeout_s=0.5)
 
-    class LateRename(LocalStorage):  # commits, then the coordinator hears of it after every deadline
-        def rename_dir(self, src, dst):
-            super().rename_dir(src, dst)
-            if ".tmp-delete-" not in dst:
-                time.sleep(cfg.timeout_s + cfg.heartbeat_timeout_s + 1.5)
+    class LatePublish(LocalStorage):  # commits, then the coordinator hears of it after every deadline
+        def publish(self, target, manifest):
+            super().publish(target, manifest)
+            time.sleep(cfg.timeout_s + cfg.heartbeat_timeout_s + 1.5)
 
-    late = LateRename()
-    monkeypatch.setattr(session_mod, "get_storage", lambda p: (late, p))  # the coordinator's storage
-    with CheckpointManager(str(tmp_path), keep_last=2, async_save=async_save, config=cfg) as mgr:
+    with CheckpointManager(str(tmp_path), keep_last=2, async_save=async_save, config=cfg, storage=LatePublish()) as mgr:
         out = mgr.save(1, state(1))
         if async_save:
             out[1].result()  # CommitOutcomeUnknown from the ranks, resolved: the step is committed

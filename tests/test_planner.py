@@ -17,6 +17,7 @@ from dist_ckpt.errors import CheckpointError, WireError
 from dist_ckpt.manifest import Manifest
 from dist_ckpt.plan import PlanCache, SavePlan
 from dist_ckpt.planner import PlanError, RankDescription, TensorDesc, plan_save
+from dist_ckpt.storage import SaveTarget
 
 
 def shard_boxes(shape, mesh, placements):
@@ -281,7 +282,7 @@ def records_of(plan, d, shuffle=None):
 
 def commit(plan, table, world):
     objects = {r: {"objects": {}, "local": {}, "structure": ["d", [], []]} for r in range(world)}
-    return build_manifest(CommitRequest("ck", "ck.tmp", False, world, plan, table, objects))
+    return build_manifest(CommitRequest(SaveTarget("ck", "ck.tmp", "0"), world, plan, table, objects))
 
 
 @settings(max_examples=200, deadline=None)

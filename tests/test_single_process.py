@@ -133,15 +133,15 @@ def test_interrupted_save_leaves_previous_loadable(tmp_path, monkeypatch):
     path = str(tmp_path / "ck")
     dc.save({"w": torch.ones(3)}, path)
 
-    def crash(self, src, dst):
-        raise OSError(5, "simulated crash before rename")
+    class CrashBeforeRename(LocalStorage):  # the local backend's directory rename fails
+        def _rename_dir(self, src, dst):
+            raise OSError(5, "simulated crash before rename")
 
-    monkeypatch.setattr(LocalStorage, "rename_dir", crash)
+    crashing = CrashBeforeRename()
     with pytest.raises(dc.CheckpointError, match="simulated crash"):
-        dc.save({"w": torch.zeros(3)}, str(tmp_path / "new"))
+        dc.save({"w": torch.zeros(3)}, str(tmp_path / "new"), storage=crashing)
     with pytest.raises(dc.CheckpointError):
-        dc.save({"w": torch.zeros(3)}, path, overwrite=True)
-    monkeypatch.undo()
+        dc.save({"w": torch.zeros(3)}, path, overwrite=True, storage=crashing)
     assert not (tmp_path / "new").exists()
     assert torch.equal(dc.load({"w": torch.zeros(3)}, path)["w"], torch.ones(3))
     with pytest.raises(dc.CheckpointNotFound, match="no checkpoint"):

@@ -16,15 +16,18 @@ import numpy as np
 import torch
 
 from ..buffers import tensor_memoryview
-from ..commit import MANIFEST, prepare_tmp_dir
 from ..describe import check_object
 from ..dtypes import dtype_name
 from ..errors import DistCkptError, PickleNotAllowed
 from ..flatten import KeyPath, format_path, unflatten
+from ..layout_names import TMP, sibling
+from ..logs import get_logger
 from ..manifest import BLOCK_BYTES, ChunkTable, Manifest, Pickled, TensorEntry
-from ..storage import Storage, get_storage
+from ..storage import SaveTarget, Storage, get_storage
 from ..writer import WriteItem, write_items
 from ._common import _ST_DTYPES, _WEIGHTS_ONLY_LEAVES, ConvertError, LazyTensor, Meter, Options, local_path
+
+log = get_logger(__name__)
 
 BATCH_BYTES = 256 << 20
 CHUNK_BYTES = 64 << 20
@@ -99,10 +102,10 @@ def _table(rows: list[tuple], ndim: int) -> ChunkTable:
 
 
 class _BatchWriter:
-    """Writes tensors into a temporary dist_ckpt directory, one data file per batch."""
+    """Writes tensors into a save's data files (:meth:`Storage.open_stream`), one per batch."""
 
-    def __init__(self, storage: Storage, tmp: str) -> None:
-        self.storage, self.tmp = storage, tmp
+    def __init__(self, storage: Storage, target: SaveTarget) -> None:
+        self.storage, self.target = storage, target
         self.files: list[str] = []
         self.entries: dict[KeyPath, TensorEntry] = {}
         self._pending: list[tuple[KeyPath, str, torch.Tensor]] = []
@@ -124,7 +127,7 @@ class _BatchWriter:
                 boxes.append((key, offsets, sizes))
                 items.append(WriteItem(len(items), tensor_memoryview(piece)))
         # write_items names its file after the "rank": the batch number keeps files apart.
-        records = write_items(self.storage, self.tmp, self._batches, items, threads=2)
+        records = write_items(self.storage, self.target, self._batches, items, threads=2)
         rows: dict[KeyPath, list[tuple]] = {}
         for (key, offsets, sizes), rec in zip(boxes, records):
             if rec.file not in self.files:
@@ -137,11 +140,12 @@ class _BatchWriter:
 
 
 def _write_dist_ckpt(leaves: dict[KeyPath, Any], structure: Any, dst: str, meter: Meter, opts: Options) -> list[str]:
+    # The same commit path as a save: begin → streams → publish, or abort.
     storage, path = get_storage(dst)
-    path = path.rstrip("/")
-    tmp = prepare_tmp_dir(storage, path, "convert-" + uuid.uuid4().hex[:12], overwrite=False)
+    target = storage.save_target(path, "convert-" + uuid.uuid4().hex[:12], overwrite=False)
+    storage.begin_save(target)
     try:
-        batch = _BatchWriter(storage, tmp)
+        batch = _BatchWriter(storage, target)
         objects: dict[KeyPath, Any] = {}
         for key, value in leaves.items():
             if is_tensor(value):
@@ -159,10 +163,12 @@ def _write_dist_ckpt(leaves: dict[KeyPath, Any], structure: Any, dst: str, meter
         manifest = Manifest(1, tuple(batch.files), batch.entries, objects, structure, user_meta={"converted_from": opts.src_format})
         data = manifest.to_msgpack()
         Manifest.from_msgpack(data)  # the same validation a load applies, before anything is published
-        storage.write_atomic(f"{tmp}/{MANIFEST}", data)
-        storage.rename_dir(tmp, path)
+        storage.publish(target, data)
     except BaseException:
-        storage.remove_tree(tmp)
+        try:
+            storage.abort(target)
+        except OSError as e:  # the conversion's own error is the one to raise
+            log.error("removing the unfinished conversion %s failed: %s", target.location, e)
         raise
     return []
 
@@ -239,7 +245,7 @@ def _write_dcp(leaves: dict[KeyPath, Any], structure: Any, dst: str, meter: Mete
     tree = unflatten(values, structure)
     if not isinstance(tree, dict):
         raise ConvertError(f"DCP needs a dict at the top of the state dict; this checkpoint holds a {type(tree).__name__}")
-    tmp = f"{local_path(dst).rstrip('/')}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = sibling(local_path(dst), TMP, uuid.uuid4().hex[:12])
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
@@ -349,7 +355,7 @@ def _write_safetensors(leaves: dict[KeyPath, Any], structure: Any, dst: str, met
 
 def _atomic_file(path: str, write: Callable[[Any], None]) -> None:
     """Write through ``<path>.tmp-*``, fsync and rename, so no partial output is ever at ``path``."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = sibling(path, TMP, uuid.uuid4().hex[:12])
     try:
         with open(tmp, "wb") as f:
             write(f)

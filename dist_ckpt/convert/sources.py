@@ -9,10 +9,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..commit import MANIFEST
 from ..dtypes import dtype_from_name
 from ..errors import CheckpointNotFound, ManifestError, PickleNotAllowed
 from ..flatten import KeyPath, expand_stateful, format_path, leaf_paths, unflatten
+from ..layout_names import MANIFEST
 from ..loader import check_bytes_on_disk, entry_for, find_committed, read_manifest
 from ..manifest import TensorEntry
 from ..reader import ReadTask, read_tensors

@@ -1,19 +1,31 @@
-"""Storage backends: where checkpoint bytes go.
+"""Storage backends: where checkpoint bytes go, and how a save is committed.
 
-A backend is a small set of path-level operations; everything above it
-(layout, commit order, checksums) is the same for every backend. Backends are
-chosen by URL scheme in :func:`get_storage` from a registry
-(:func:`register_storage`; plain paths and ``file://`` are the local
-filesystem); an unregistered scheme is refused with the list of registered ones.
+A backend owns the commit: everything above it (plan, layout, checksums,
+manifest) is the same for every backend, and nothing above it composes
+renames. Backends are chosen by URL scheme in :func:`get_storage` from one
+registry: built-in ``file`` (plain paths too), :func:`register_storage`, and
+the ``dist_ckpt.storage`` entry-point group for third-party packages; a
+storage object can also be passed in (``storage=``) to every save, load,
+checkpointer and manager.
 
 Call order during one save (which rank runs each step):
 
-1. (coordinator) ``makedirs(tmp/data)`` for the temporary checkpoint directory.
-2. (every rank) ``open_write(tmp/data/rNNNNN.bin)`` → ``pwrite`` … → ``sync`` →
-   ``close``; a writer never touches another rank's file.
-3. (coordinator) ``write_atomic(tmp/MANIFEST, bytes)``, then
-   ``rename_dir(tmp, final)``; the rename is the commit point.
-4. (coordinator, on abort) ``remove_tree(tmp)``.
+1. (coordinator, event loop) ``target = save_target(path, save_id, overwrite)``:
+   names only, no I/O, so an abort can be queued before the next step ran.
+2. (coordinator, I/O thread) ``begin_save(target)``: refuses an existing
+   checkpoint unless ``overwrite``; prepares where the data files go.
+3. (every rank) ``open_stream(target, data/rNNNNN.bin)`` → ``append`` at
+   increasing 4 KiB-aligned offsets … → ``sync`` → ``close``; a rank never
+   touches another rank's file. (A multipart upload can serve this.)
+4. (coordinator, I/O thread) ``publish(target, manifest bytes)``: the commit
+   point. Before it nothing at ``path`` changes; after it the checkpoint is
+   complete. On failure, or instead of 4, ``abort(target)`` removes
+   everything of that save.
+
+Un-committing (retention, ``dist-ckpt gc``) is one call, ``uncommit(path)``
+(rank 0 / the CLI): the checkpoint stops being committed atomically first,
+then its data goes, so a crash in between never leaves a MANIFEST beside
+missing data. ``set_aside(path)`` moves an unloadable one out of the way.
 
 During a load every rank only calls ``read_bytes(MANIFEST)`` and
 ``open_in(checkpoint, data file)`` → ``preadv`` … → ``close``.
@@ -27,21 +39,72 @@ checkpoint can neither hang a reader nor make it read without end.
 from __future__ import annotations
 
 import abc
+import logging
+from dataclasses import dataclass
+from importlib import metadata
 from typing import Callable, Sequence
 
 from ..errors import UnsupportedScheme
 
+log = logging.getLogger(__name__)
+
 WRITE_PIECE = 16 << 20  # bytes written (and hashed) at a time, each piece's writeback started at once
+STREAM_ALIGN = 4096  # every append starts at a multiple of this (the manifest's ALIGN)
 MAX_READ_BYTES = 4 << 30
 """Largest whole file :meth:`Storage.read_bytes` reads (a MANIFEST of a 4096-rank job is hundreds of MB)."""
+ENTRY_POINT_GROUP = "dist_ckpt.storage"
+"""Entry points here map a URL scheme (the name) to a backend factory (``module:callable``)."""
 
 
-class WriteHandle(abc.ABC):
-    """An open data file being written by one thread of one rank."""
+@dataclass(frozen=True)
+class SaveTarget:
+    """Where one save writes before it is published.
+
+    The coordinator gets it from :meth:`Storage.save_target`; a rank rebuilds
+    it from the path and the ``location`` its plan reply carries (streams need
+    nothing else).
+
+    Attributes:
+        path: the final checkpoint path (scheme stripped).
+        location: where the data files go until :meth:`Storage.publish`
+            (the local backend's ``<path>.tmp-<save_id>``).
+        save_id: unique per save; names the save's temporary objects ("" on ranks).
+        overwrite: whether an existing checkpoint at ``path`` may be replaced.
+    """
+
+    path: str
+    location: str
+    save_id: str = ""
+    overwrite: bool = False
+
+
+class WriteStream(abc.ABC):
+    """One data file being written by one thread of one rank, as an append stream.
+
+    Each :meth:`append` starts at a :data:`STREAM_ALIGN`-aligned offset at or
+    past the end of the previous one (the gap reads as zeros), so a backend
+    can send the file as consecutive parts without seeking back.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.end = 0  # bytes appended so far, gaps included
+
+    def append(self, data: memoryview, offset: int) -> None:
+        """Write all of ``data`` at ``offset``.
+
+        Raises:
+            ValueError: ``offset`` is before the end of the stream or not aligned.
+            OSError: the write failed.
+        """
+        if offset < self.end or offset % STREAM_ALIGN:
+            raise ValueError(f"{self.name}: append at {offset} but the stream ends at {self.end} (offsets increase, {STREAM_ALIGN}-aligned)")
+        self._write(memoryview(data).cast("B"), offset)
+        self.end = offset + len(data)
 
     @abc.abstractmethod
-    def pwrite(self, data: memoryview, offset: int) -> None:
-        """Write all of ``data`` at ``offset`` (short writes are retried)."""
+    def _write(self, data: memoryview, offset: int) -> None:
+        """Backend part of :meth:`append`: write ``data`` (already checked) at ``offset``."""
 
     def start_writeback(self, offset: int, nbytes: int) -> None:
         """Hint: start sending these written bytes to the device now, without waiting.
@@ -52,7 +115,7 @@ class WriteHandle(abc.ABC):
         """
 
     def write_pieces(self, data: memoryview, offset: int, each: Callable[[memoryview], object] | None = None) -> None:
-        """Write ``data`` at ``offset`` in :data:`WRITE_PIECE` pieces, starting each one's writeback once written.
+        """Append ``data`` at ``offset`` in :data:`WRITE_PIECE` pieces, starting each one's writeback once written.
 
         ``each(piece)`` runs before a piece is written (the writer hashes
         there), so one huge chunk streams instead of waiting for ``sync``.
@@ -62,16 +125,16 @@ class WriteHandle(abc.ABC):
             piece = view[start : start + WRITE_PIECE]
             if each is not None:
                 each(piece)
-            self.pwrite(piece, offset + start)
+            self.append(piece, offset + start)
             self.start_writeback(offset + start, len(piece))
 
     @abc.abstractmethod
     def sync(self) -> None:
-        """Make every byte written so far durable (fsync)."""
+        """Make every byte appended so far durable (fsync; an upload's completion)."""
 
     @abc.abstractmethod
     def close(self) -> None:
-        """Release the handle; idempotent."""
+        """Release the stream; idempotent."""
 
 
 class ReadHandle(abc.ABC):
@@ -91,13 +154,77 @@ class ReadHandle(abc.ABC):
 
 
 class Storage(abc.ABC):
-    """Path-level operations a checkpoint needs (see the module docstring for call order)."""
+    """What a checkpoint needs of a backend (see the module docstring for the call order and who calls what).
+
+    Construct with no arguments (the registry calls ``factory()``); paths are
+    passed per call with the scheme stripped.
+    """
+
+    # -- a save: target → begin → streams → publish / abort --------------------
 
     @abc.abstractmethod
-    def makedirs(self, path: str) -> None: ...
+    def save_target(self, path: str, save_id: str, overwrite: bool) -> SaveTarget:
+        """(coordinator) Name where save ``save_id`` to ``path`` writes; no I/O."""
 
     @abc.abstractmethod
-    def open_write(self, path: str) -> WriteHandle: ...
+    def begin_save(self, target: SaveTarget) -> None:
+        """(coordinator's I/O thread) Prepare ``target`` for the ranks' streams.
+
+        Raises:
+            CheckpointExists: a checkpoint is at ``target.path`` and ``target.overwrite`` is false.
+            OSError: the preparation failed.
+        """
+
+    @abc.abstractmethod
+    def open_stream(self, target: SaveTarget, name: str) -> WriteStream:
+        """(every rank) Create data file ``name`` (relative, e.g. ``data/r00003.bin``) of the save.
+
+        Raises:
+            OSError: it cannot be created.
+        """
+
+    @abc.abstractmethod
+    def publish(self, target: SaveTarget, manifest: bytes) -> None:
+        """(coordinator's I/O thread, after every rank synced its streams) Commit the save atomically.
+
+        Raises:
+            CheckpointExists: a checkpoint appeared at the path and ``overwrite`` is false.
+            CheckpointError: another save replaced the checkpoint at the same moment.
+            OSError: writing or committing failed; nothing was committed.
+        """
+
+    @abc.abstractmethod
+    def abort(self, target: SaveTarget) -> None:
+        """(coordinator's I/O thread) Remove everything save ``target`` wrote; nothing there is not an error.
+
+        Raises:
+            OSError: something of it is still there.
+        """
+
+    # -- un-committing ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def uncommit(self, path: str) -> None:
+        """(rank 0, or the CLI) Delete the checkpoint at ``path``: un-commit it atomically first, then its data.
+
+        A path without a MANIFEST is simply removed; a missing one is not an error.
+
+        Raises:
+            OSError: it could not be un-committed (it is then still committed).
+        """
+
+    @abc.abstractmethod
+    def set_aside(self, path: str) -> str:
+        """(rank 0) Move checkpoint ``path`` out of the way, kept for a post-mortem (``<path>.bad-*``).
+
+        Returns:
+            Where it is now.
+
+        Raises:
+            OSError: it could not be moved.
+        """
+
+    # -- reading and listing ----------------------------------------------------
 
     @abc.abstractmethod
     def open_read(self, path: str) -> ReadHandle:
@@ -121,10 +248,6 @@ class Storage(abc.ABC):
         return self.open_read(f"{root}/{name}")
 
     @abc.abstractmethod
-    def write_atomic(self, path: str, data: bytes) -> None:
-        """Write ``data`` to a temporary sibling, fsync, rename over ``path``, fsync the directory."""
-
-    @abc.abstractmethod
     def read_bytes(self, path: str, max_bytes: int = MAX_READ_BYTES) -> bytes:
         """The whole regular file ``path``: the bytes its size said when it was opened, at most ``max_bytes``.
 
@@ -134,12 +257,12 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def rename_dir(self, src: str, dst: str) -> None:
-        """Atomically rename directory ``src`` to ``dst`` (which must not exist) and fsync the parent."""
+    def makedirs(self, path: str) -> None:
+        """Create directory ``path`` and its parents (a manager's root); existing is fine."""
 
     @abc.abstractmethod
     def remove_tree(self, path: str) -> None:
-        """Remove ``path`` and everything below it; a missing path is not an error."""
+        """Remove ``path`` and everything below it, committed or not (garbage only); a missing path is not an error."""
 
     @abc.abstractmethod
     def exists(self, path: str) -> bool: ...
@@ -161,13 +284,15 @@ class Storage(abc.ABC):
         return None
 
 
-#: URL scheme -> backend factory. ``file`` is built in; a new backend (e.g. ``s3``)
-#: adds itself with :func:`register_storage` and is then listed in every refusal.
+# -- the registry ----------------------------------------------------------------
+
+#: URL scheme -> backend factory: ``file`` built in, then :func:`register_storage`,
+#: then the ``dist_ckpt.storage`` entry points (loaded on first use of their scheme).
 _BACKENDS: dict[str, Callable[[], Storage]] = {}
 
 
 def register_storage(scheme: str, factory: Callable[[], Storage]) -> None:
-    """Make ``scheme://...`` paths use the backend ``factory()`` builds.
+    """Make ``scheme://...`` paths use the backend ``factory()`` builds (replacing any earlier one).
 
     Raises:
         ValueError: ``scheme`` is empty or not lower-case letters, digits, ``+``, ``-``, ``.``.
@@ -177,10 +302,15 @@ def register_storage(scheme: str, factory: Callable[[], Storage]) -> None:
     _BACKENDS[scheme] = factory
 
 
+def _entry_points() -> dict[str, metadata.EntryPoint]:
+    """Installed packages' backends, by scheme (read each time: a package may be installed meanwhile)."""
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def supported_schemes() -> list[str]:
-    """Registered URL schemes, sorted (plain paths are always the local filesystem)."""
+    """Registered and installed URL schemes, sorted (plain paths are always the local filesystem)."""
     _builtin()
-    return sorted(_BACKENDS)
+    return sorted(set(_BACKENDS) | set(_entry_points()))
 
 
 def _builtin() -> None:
@@ -190,24 +320,53 @@ def _builtin() -> None:
         _BACKENDS["file"] = LocalStorage
 
 
-def get_storage(path: str) -> tuple[Storage, str]:
-    """Pick the backend for ``path`` by URL scheme.
+def _factory(scheme: str, path: str) -> Callable[[], Storage]:
+    """The factory for ``scheme``: registered first, else an installed entry point (then registered).
+
+    Raises:
+        UnsupportedScheme: none is registered or installed, or the entry point cannot be loaded.
+    """
+    factory = _BACKENDS.get(scheme)
+    if factory is not None:
+        return factory
+    ep = _entry_points().get(scheme)
+    if ep is None:
+        schemes = ", ".join(f"{s}://" for s in supported_schemes())
+        raise UnsupportedScheme(f"no storage backend for {scheme}:// in {path!r}; supported: plain paths, {schemes}")
+    try:
+        loaded = ep.load()
+    except Exception as e:  # a broken plugin must not look like an unknown scheme
+        raise UnsupportedScheme(f"the storage backend for {scheme}:// ({ep.value}, entry point group {ENTRY_POINT_GROUP}) failed to load: {type(e).__name__}: {e}") from e
+    register_storage(scheme, loaded)
+    return loaded
+
+
+def strip_scheme(path: str) -> str:
+    """``path`` without its ``scheme://`` prefix, if any."""
+    return path.split("://", 1)[1] if "://" in path else path
+
+
+def get_storage(path: str, storage: Storage | None = None) -> tuple[Storage, str]:
+    """Pick the backend for ``path`` by URL scheme, unless one is given.
 
     Called first by every save, load and manager, so an unknown scheme is
     refused before any directory, socket or thread is touched.
+
+    Args:
+        path: a plain path or ``scheme://rest``.
+        storage: an injected backend (``storage=`` of the public API): used
+            for ``path`` whatever its scheme.
 
     Returns:
         ``(storage, path)`` with the scheme stripped from the path.
 
     Raises:
-        UnsupportedScheme: the scheme has no registered backend; lists the supported ones.
+        UnsupportedScheme: the scheme has no registered or installed backend; lists the supported ones.
     """
+    if storage is not None:
+        return storage, strip_scheme(path)
     _builtin()
     if "://" not in path:
         return _BACKENDS["file"](), path
     scheme, rest = path.split("://", 1)
-    factory = _BACKENDS.get(scheme)
-    if factory is None:
-        schemes = ", ".join(f"{s}://" for s in supported_schemes())
-        raise UnsupportedScheme(f"no storage backend for {scheme}:// in {path!r}; supported: plain paths, {schemes}")
-    return factory(), rest
+    return _factory(scheme, path)(), rest

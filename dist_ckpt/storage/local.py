@@ -1,4 +1,13 @@
-"""Local (or network-mounted POSIX) filesystem backend."""
+"""Local (or network-mounted POSIX) filesystem backend.
+
+A save writes into ``<path>.tmp-<save_id>/``; :meth:`LocalStorage.publish`
+writes ``MANIFEST`` there (tmp file, fsync, rename, directory fsync) and
+renames the directory to ``<path>`` (parent fsync'd): that rename is the
+commit point. An overwrite swaps through ``<path>.old-<save_id>``, which a
+load falls back to if a crash hits between the two renames. Un-committing
+renames ``<path>`` to ``<path>.tmp-delete-*`` before removing it. Every name
+comes from :mod:`dist_ckpt.layout_names`.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +16,13 @@ import errno
 import os
 import shutil
 import stat
+import uuid
 from typing import Sequence
 
-from ..errors import UnsafeFileError
+from ..errors import CheckpointError, CheckpointExists, UnsafeFileError
+from ..layout_names import BAD, DATA_DIR, MANIFEST, OLD, TMP, sibling
 from ..logs import get_logger
-from . import MAX_READ_BYTES, ReadHandle, Storage, WriteHandle
+from . import MAX_READ_BYTES, ReadHandle, SaveTarget, Storage, WriteStream
 
 log = get_logger(__name__)  # prefixes the rank to each line
 
@@ -69,15 +80,17 @@ def open_regular(path: str) -> tuple[int, os.stat_result]:
     return fd, st
 
 
-class LocalWriteHandle(WriteHandle):
+class LocalWriteStream(WriteStream):
+    """A data file opened for writing; appends are ``pwrite`` calls (a gap stays a sparse hole)."""
+
     def __init__(self, path: str) -> None:
+        super().__init__(path)
         self.path = path
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         self._writeback = _sync_file_range
 
-    def pwrite(self, data: memoryview, offset: int) -> None:
-        assert self._fd is not None, "write on a closed handle"
-        view = memoryview(data).cast("B")
+    def _write(self, view: memoryview, offset: int) -> None:
+        assert self._fd is not None, "write on a closed stream"
         while len(view):
             n = os.pwrite(self._fd, view, offset)
             view, offset = view[n:], offset + n
@@ -137,13 +150,87 @@ class LocalReadHandle(ReadHandle):
 
 
 class LocalStorage(Storage):
-    """POSIX files; durability through fsync of files and their directories."""
+    """POSIX files; durability through fsync of files and their directories, commit by directory rename."""
+
+    # -- a save -------------------------------------------------------------------
+
+    def save_target(self, path: str, save_id: str, overwrite: bool) -> SaveTarget:
+        path = path.rstrip("/")
+        return SaveTarget(path, sibling(path, TMP, save_id), save_id, overwrite)
+
+    def begin_save(self, target: SaveTarget) -> None:
+        if os.path.exists(target.path) and not target.overwrite:
+            raise CheckpointExists(f"checkpoint {target.path} already exists; pass overwrite=True to replace it (the new one is written beside it and swapped in)")
+        self.remove_tree(target.location)  # a crashed save with the same id
+        os.makedirs(f"{target.location}/{DATA_DIR}", exist_ok=True)
+
+    def open_stream(self, target: SaveTarget, name: str) -> WriteStream:
+        return LocalWriteStream(f"{target.location}/{name}")
+
+    def publish(self, target: SaveTarget, manifest: bytes) -> None:
+        self.write_atomic(f"{target.location}/{MANIFEST}", manifest)
+        if os.path.exists(target.path):
+            if not target.overwrite:
+                raise CheckpointExists(f"checkpoint {target.path} appeared during the save; not replacing it")
+            self._swap_in(target)
+        else:
+            try:
+                self._rename_dir(target.location, target.path)
+            except FileExistsError as e:  # another save committed there since the check above
+                if not target.overwrite:
+                    raise CheckpointExists(f"checkpoint {target.path} appeared during the save; not replacing it") from e
+                raise CheckpointError(f"checkpoint {target.path} was replaced by another save at the same moment; this save was not committed") from e
+
+    def _swap_in(self, target: SaveTarget) -> None:
+        """Replace the committed ``target.path`` by the save's directory: old aside, new in, old removed.
+
+        A crash between the renames leaves the old one complete under
+        ``<path>.old-*``, which load falls back to. When another save swaps at the
+        same moment, whichever rename loses leaves no ``.old-*`` behind: the
+        old copy is removed if a newer checkpoint is in place, put back if not.
+        """
+        final, old = target.path, sibling(target.path, OLD, target.save_id)
+        try:
+            self._rename_dir(final, old)
+        except FileNotFoundError as e:  # another save moved it aside first
+            raise CheckpointError(f"checkpoint {final} was being replaced by another save at the same moment; this save was not committed") from e
+        try:
+            self._rename_dir(target.location, final)
+        except OSError as e:
+            if os.path.exists(f"{final}/{MANIFEST}"):  # another save committed in between: ours and the old one are both superseded
+                self.remove_tree(old)
+                raise CheckpointError(f"checkpoint {final} was replaced by another save at the same moment; this save was not committed") from e
+            self._rename_dir(old, final)  # put the previous checkpoint back
+            raise
+        self.remove_tree(old)
+
+    def abort(self, target: SaveTarget) -> None:
+        self.remove_tree(target.location)
+        if os.path.lexists(target.location):  # remove_tree ignores errors
+            raise OSError(errno.ENOTEMPTY, f"{target.location} is still there after its removal")
+
+    # -- un-committing ---------------------------------------------------------------
+
+    def uncommit(self, path: str) -> None:
+        path = path.rstrip("/")
+        doomed = path
+        if os.path.isfile(f"{path}/{MANIFEST}"):
+            # The rename un-commits atomically: a crash during the removal leaves only a .tmp-* directory.
+            doomed = sibling(path, TMP, f"delete-{uuid.uuid4().hex[:8]}")
+            self._rename_dir(path, doomed)
+        self.remove_tree(doomed)
+        if os.path.lexists(doomed):
+            raise OSError(errno.ENOTEMPTY, f"{doomed} is still there after its removal (no longer a checkpoint)")
+
+    def set_aside(self, path: str) -> str:
+        aside = sibling(path, BAD)
+        self._rename_dir(path.rstrip("/"), aside)
+        return aside
+
+    # -- reading, listing, files -----------------------------------------------------
 
     def makedirs(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
-
-    def open_write(self, path: str) -> WriteHandle:
-        return LocalWriteHandle(path)
 
     def open_read(self, path: str) -> ReadHandle:
         return LocalReadHandle(path)
@@ -172,8 +259,9 @@ class LocalStorage(Storage):
         return self.open_read(f"{root}/{name}")
 
     def write_atomic(self, path: str, data: bytes) -> None:
+        """Write ``data`` to a temporary sibling, fsync, rename over ``path``, fsync the directory."""
         tmp = f"{path}.tmp-{os.getpid()}"
-        handle = LocalWriteHandle(tmp)
+        handle = LocalWriteStream(tmp)
         try:
             handle.write_pieces(memoryview(data), 0)  # a manifest can be hundreds of MB
             handle.sync()
@@ -197,7 +285,8 @@ class LocalStorage(Storage):
                 left -= len(piece)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def rename_dir(self, src: str, dst: str) -> None:
+    def _rename_dir(self, src: str, dst: str) -> None:
+        """Atomically rename directory ``src`` to ``dst`` (which must not exist) and fsync the parent."""
         if os.path.lexists(dst):
             raise FileExistsError(f"refusing to replace existing {dst!r}")
         os.rename(src, dst)

@@ -1,0 +1,69 @@
+"""Every name a checkpoint and its root use, in one place (part of the on-disk format).
+
+A checkpoint directory holds ``MANIFEST`` and ``data/rNNNNN.bin`` (or
+``data/rNNNNN-tK.bin``, one per writer thread). Beside a checkpoint ``<path>``
+the local backend may leave, for a while:
+
+- ``<path>.tmp-<id>``: a save in flight or crashed (``<id>`` is the save id), a
+  conversion (``convert-…``) or an interrupted un-commit (``delete-…``);
+- ``<path>.old-<id>``: the previous checkpoint during an overwrite's swap;
+- ``<path>.bad-<id>``: a step the manager could not load and set aside.
+
+A manager's root holds ``step-<8+ digits>`` checkpoints. The first suffix
+decides the kind: ``step-N.old-x.tmp-delete-y`` is an old copy.
+See ``docs/format.md``.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+MANIFEST = "MANIFEST"
+DATA_DIR = "data"
+TMP, OLD, BAD = "tmp", "old", "bad"
+
+STEP_RE = re.compile(r"^step-(\d{8,})$")
+"""A step directory, as :func:`step_dir_name` writes it."""
+SUFFIX_RE = re.compile(r"^(?P<base>.+?)\.(?P<kind>tmp|old|bad)-.+$")
+"""A ``.tmp-`` / ``.old-`` / ``.bad-`` sibling; ``base`` is the checkpoint it belongs to."""
+DATA_FILE_RE = re.compile(r"^data/r(\d{5})(?:-t\d{1,3})?\.bin$")
+"""A data file name as :func:`data_file_name` writes it; group 1 is the rank."""
+LOOSE_DATA_FILE_RE = re.compile(r"^r\d{5,}.*\.bin$")
+"""A file inside ``data/`` that looks like ours (the root scan's test for "our layout")."""
+
+
+def data_file_name(rank: int, thread: int | None) -> str:
+    """Relative name of a rank's data file (``thread`` None: the single-file form)."""
+    return f"{DATA_DIR}/r{rank:05d}.bin" if thread is None else f"{DATA_DIR}/r{rank:05d}-t{thread}.bin"
+
+
+def step_dir_name(step: int) -> str:
+    """``step-<8 digits>`` (more digits past 99,999,999).
+
+    Raises:
+        ValueError: ``step`` is negative.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"step-{step:08d}"
+
+
+def sibling(path: str, kind: str, tag: str | None = None) -> str:
+    """``<path>.<kind>-<tag>``: a temporary, old or set-aside sibling of checkpoint ``path``.
+
+    Args:
+        path: the checkpoint path (a trailing ``/`` is ignored).
+        kind: :data:`TMP`, :data:`OLD` or :data:`BAD`.
+        tag: the save id or purpose; None picks a fresh random one.
+
+    Returns:
+        The sibling's path.
+    """
+    assert kind in (TMP, OLD, BAD), kind
+    return f"{path.rstrip('/')}.{kind}-{tag if tag is not None else uuid.uuid4().hex[:8]}"
+
+
+def is_sibling_of(name: str, base: str, kind: str) -> bool:
+    """Whether entry ``name`` is a ``<base>.<kind>-*`` sibling."""
+    return name.startswith(f"{base}.{kind}-")
