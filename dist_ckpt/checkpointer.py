@@ -166,7 +166,7 @@ class CheckpointWriter:
         if not isinstance(state, StagedState):
             expanded, _ = expand_stateful(state)
             described = describe(expanded, self.session.rank, self.session.config.allow_pickle if allow_pickle is None else allow_pickle)
-            state = StagedState(described, described.tensors, _done_future())
+            state = StagedState(described, described.tensors, done_future())
         return state, meta
 
     def _process_write(self, state: StagedState) -> WriteFn:
@@ -220,7 +220,8 @@ class CheckpointReader:
         pass
 
 
-def _done_future() -> Future:
+def done_future() -> Future:
+    """A future that has already completed (a save with nothing left to wait for)."""
     f: Future = Future()
     f.set_result(None)
     return f

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import msgpack
 import numpy as np
 
-from .errors import CheckpointError, DistCkptError, WireError
+from .errors import CheckpointError, CheckpointExists, WireError
 from .manifest import ALIGN, BLOCK_BYTES, ChunkTable, LocalSection, Manifest, TensorEntry, _ext_hook, _pack_default, block_counts
 from .layout import ChunkLayout
 from .logs import RankStats
@@ -33,10 +33,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST"
 _FILE_RE = re.compile(r"^data/r(\d{5})(?:-t\d{1,3})?\.bin$")
-
-
-class CheckpointExists(DistCkptError, FileExistsError):
-    """A committed checkpoint is already at the path and ``overwrite`` was not given."""
 
 
 # -- Done payloads ------------------------------------------------------------

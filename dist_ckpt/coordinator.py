@@ -43,7 +43,7 @@ from . import wire
 from .commit import CommitRequest, RecordTable, commit_checkpoint, decode_objects, decode_records, prepare_tmp_dir, tmp_dir_for
 from .config import Config
 from .description import BoxStore, RankColumns, SchemaCache, decode_description
-from .errors import DistCkptError, WireError
+from .errors import CheckpointExists, DistCkptError, WireError
 from .logs import SaveSummary, get_logger, summarize
 from .plan import PlanCache, SavePlan
 from .planner import plan_save
@@ -321,6 +321,8 @@ class Coordinator:
         """(event loop) The tmp dir is ready (or failed): reply the plan to every rank."""
         if self._saves.get(save.ckpt) is not save:
             return  # aborted while the directory was made; its removal is queued behind the mkdir
+        if isinstance(out, CheckpointExists):  # the caller's choice to make: say so, by type, on every rank
+            return self._abort(save, {0: str(out)}, error="CheckpointExists")
         if isinstance(out, BaseException):
             return self._abort(save, {0: f"planning failed: {_text(out)}"})
         plan = save.plan
@@ -444,14 +446,14 @@ class Coordinator:
             while len(self._summaries) > 64:
                 self._summaries.popitem(last=False)
 
-    def _abort(self, save: _Save, reasons: dict[int, str]) -> None:
+    def _abort(self, save: _Save, reasons: dict[int, str], error: str = "") -> None:
         if save.phase == "commit":  # only the commit's own result may end it now
             log.error("[rank 0] save %s: not aborting while its commit is under way: %s", save.ckpt, reasons)
             return
         log.error("[rank 0] save %s to %s aborted: %s", save.ckpt, save.path or "(no rank named its path)", "; ".join(f"rank {r}: {m}" for r, m in sorted(reasons.items())))
         if save.tmp_path:
             self._remove_tmp(save.tmp_path, save.path)
-        self._end(save, lambda r: wire.Aborted(self.job, save.ckpt, r, reasons))
+        self._end(save, lambda r: wire.Aborted(self.job, save.ckpt, r, reasons, error))
 
     def _end(self, save: _Save, make: Callable[[int], wire.Message]) -> None:
         del self._saves[save.ckpt]

@@ -38,25 +38,13 @@ import xxhash
 
 from .boxes import KeyPath
 from .dtypes import is_dtype_name, itemsize
-from .errors import CheckpointError, WireError
+from .errors import PlanError, WireError
 from .flatten import format_path
 
 WIRE_VERSION = 2
 MAX_NDIM = 64
 MAX_INT = 2**62  # dims, offsets and byte counts stay far from int64 overflow
 MAX_TENSORS = 1 << 24
-
-
-class PlanError(CheckpointError):
-    """The ranks' descriptions cannot form one checkpoint (coordinator side).
-
-    ``key`` is the offending key path and ``ranks`` the ranks involved.
-    """
-
-    def __init__(self, message: str, key: KeyPath | None = None, ranks: Iterable[int] = ()) -> None:
-        super().__init__(message)
-        self.key = key
-        self.ranks = tuple(ranks)
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -23,7 +24,7 @@ import numpy as np
 
 from . import boxes
 from .dtypes import is_dtype_name, itemsize
-from .errors import ManifestError
+from .errors import ManifestError, PickleNotAllowed
 from .flatten import MAX_DEPTH, KeyPath, check_structure
 
 FORMAT = "dist_ckpt"
@@ -53,6 +54,22 @@ class Pickled:
     """An opted-in pickled object, still as bytes: unpickled only by an opted-in load."""
 
     data: bytes
+
+
+def unpickle_if_allowed(value: Any, allowed: bool, refusal: str) -> Any:
+    """``value``, unpickled first if it is :class:`Pickled` and the caller opted in.
+
+    The one place a checkpoint's pickled bytes are turned into objects:
+    unpickling can execute code, so it needs ``allowed``.
+
+    Raises:
+        PickleNotAllowed: ``value`` is pickled and ``allowed`` is false (``refusal`` is the text).
+    """
+    if not isinstance(value, Pickled):
+        return value
+    if not allowed:
+        raise PickleNotAllowed(refusal)
+    return pickle.loads(value.data)
 
 
 @dataclass(frozen=True, eq=False)

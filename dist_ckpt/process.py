@@ -23,16 +23,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.multiprocessing as tmp
 
-from .errors import DistCkptError, StorageError
+from .errors import CheckpointProcessError, StorageError
 from .logs import get_logger
 from .session import RankInfo
 from .writer import WriteRecord
 
 log = get_logger(__name__)
-
-
-class CheckpointProcessError(DistCkptError):
-    """The checkpoint subprocess failed or died."""
 
 
 def require_main_guard() -> None:

@@ -27,14 +27,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-import reprlib
 import struct
 from dataclasses import dataclass
 from typing import Callable, ClassVar, NewType, Sequence, TypeVar, Union, get_type_hints
 
 import msgpack
 
-from dist_ckpt.errors import WireError
+from dist_ckpt.errors import WIRE_REASONS as REASONS
+from dist_ckpt.errors import BadMessage, bounded_repr
 
 __all__ = [
     "PROTOCOL_VERSION", "REASONS", "BadMessage", "Limits", "Message", "Buffer",
@@ -46,22 +46,11 @@ PROTOCOL_VERSION = 1
 MAC_SIZE = 32
 MIN_SECRET = 16
 
-#: Every value ``BadMessage.reason`` can take.
-REASONS = ("frames", "size", "mac", "header", "version", "type", "field", "rank")
 
 #: A payload field: sent as its own frame, never packed into the header.
 Buffer = Union[bytes, bytearray, memoryview]
 #: An ``int`` that must fit in 64 unsigned bits (digests).
 UInt64 = NewType("UInt64", int)
-
-
-class BadMessage(WireError):
-    """A message was refused; ``reason`` is one of :data:`REASONS`."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        assert reason in REASONS, reason
-        self.reason = reason
-        super().__init__(f"{reason}: {message}")
 
 
 @dataclass(frozen=True)
@@ -198,8 +187,14 @@ class Committed(Message):
 @_register("aborted")
 @dataclass(frozen=True)
 class Aborted(Message):
-    """coordinator -> rank: the save was abandoned; cause per failed rank."""
+    """coordinator -> rank: the save was abandoned; cause per failed rank.
+
+    ``error`` names the error every rank raises when the cause deserves its
+    own type (a key of :data:`dist_ckpt.errors.ABORT_ERRORS`, e.g.
+    ``"CheckpointExists"``); empty: a plain :class:`~dist_ckpt.errors.CheckpointError`.
+    """
     reasons: dict[int, str]
+    error: str = ""
 
 
 # -- stopping the job at one step on every rank (preempt.py); ckpt is "" -----------
@@ -255,14 +250,6 @@ def _mac(secret: bytes, parts: Sequence[memoryview]) -> bytes:
     return h.digest()
 
 
-def _short(value: object) -> str:
-    """A bounded repr for error text: values may be deep, long or huge ints."""
-    try:
-        return reprlib.repr(value)
-    except ValueError:  # an int past sys.get_int_max_str_digits()
-        return f"<{type(value).__name__}>"
-
-
 def _as_view(frame: object, what: str, reason: str = "frames") -> memoryview:
     """A flat byte view of ``frame`` without copying; BadMessage if impossible."""
     try:
@@ -289,14 +276,14 @@ def _check_fields(cls: type[Message], header: dict[object, object], max_rank: in
     if missing := expected - header.keys():
         raise BadMessage("field", f"{cls.__name__} lacks {sorted(missing)}")
     if extra := header.keys() - expected:
-        raise BadMessage("field", f"{cls.__name__} has unknown keys {_short(extra)}")
+        raise BadMessage("field", f"{cls.__name__} has unknown keys {[bounded_repr(k) for k in list(extra)[:8]]}")
     for name, ok in cls.HEADER.items():
         if not ok(header[name]):
-            raise BadMessage("field", f"{cls.__name__}.{name} = {_short(header[name])}")
+            raise BadMessage("field", f"{cls.__name__}.{name} = {bounded_repr(header[name])}")
     rank = header["rank"]
     assert isinstance(rank, int)
     if rank < 0 or (max_rank is not None and rank >= max_rank):
-        raise BadMessage("rank", f"rank {_short(rank)} outside [0, {max_rank})")
+        raise BadMessage("rank", f"rank {bounded_repr(rank)} outside [0, {max_rank})")
 
 
 def encode(msg: Message, secret: bytes, limits: Limits = Limits()) -> list[bytes | memoryview]:
@@ -408,10 +395,10 @@ def _parse_header(
         raise BadMessage("header", f"header is a {type(header).__name__}, not a map")
     version = header.get("v")
     if not _is_int(version) or version != PROTOCOL_VERSION:
-        raise BadMessage("version", f"protocol {_short(version)}, expected {PROTOCOL_VERSION}")
+        raise BadMessage("version", f"protocol {bounded_repr(version)}, expected {PROTOCOL_VERSION}")
     tag = header.get("t")
     cls = _REGISTRY.get(tag) if isinstance(tag, str) else None
     if cls is None:
-        raise BadMessage("type", f"unknown message type {_short(tag)}")
+        raise BadMessage("type", f"unknown message type {bounded_repr(tag)}")
     _check_fields(cls, header, max_rank)
     return cls, header
