@@ -1,12 +1,17 @@
 """Checkpointer classes with the names and call shapes of
-``torch.distributed.checkpoint._experimental``, backed by dist_ckpt's stager,
-writer, coordinator and reader.
+``torch.distributed.checkpoint._experimental``, backed by dist_ckpt's staging
+arena, save steps (:mod:`dist_ckpt.saver`), coordinator and reader.
+
+"Writer" means what writes this rank's bytes into its data files
+(:mod:`dist_ckpt.writer`'s threads, or the :class:`CheckpointProcess`);
+:class:`CheckpointWriter` (the torch name) drives one rank's whole save on the
+*save thread*, which calls the writer.
 
 Which thread runs what (per rank)::
 
     caller thread      expand Stateful → describe → launch staging copies      (no I/O)
     stager thread      CPU copies / wait for the CUDA event → stage future done
-    writer thread      plan request → write own files → Done → wait Committed → write future done
+    save thread        plan request → writer writes own files → Done → wait Committed → write future done
     agent thread       ZeroMQ I/O and heartbeats
     coordinator thread (rank 0) plan, merge, commit
 """
@@ -24,14 +29,14 @@ import torch
 import torch.distributed as dist
 
 from .config import Config
-from .describe import Described, describe
+from .describe import LocalState, describe
 from .flatten import expand_stateful, format_path
 from .loader import LoadInfo, load_full, load_into
 from .logs import SaveSummary
 from .process import CheckpointProcess, require_main_guard
-from .saver import WriteFn, report_failure, run_save
+from .saver import WriteFn, WriterHook, report_failure, run_save
 from .session import RankInfo, Session
-from .stager import Stager
+from .stager import StagingArena
 from .storage import get_storage
 from .user_meta import check_user_meta
 from .writer import WriteRecord
@@ -39,24 +44,14 @@ from .writer import WriteRecord
 STATE_DICT = dict[str, Any]
 
 
-class WriterHook(abc.ABC):  # noqa: B024 - both hooks are optional
-    """Called on every rank around the commit of each save."""
-
-    def pre_commit(self, path: str, **kwargs: Any) -> None:
-        """After this rank's files are written, before it reports Done."""
-
-    def post_commit(self, path: str, **kwargs: Any) -> None:
-        """After the coordinator committed the checkpoint for all ranks."""
-
-
 @dataclass
 class StagedState:
     """A state dict after staging: its description and the host tensors to write."""
 
-    described: Described
+    described: LocalState
     host: list[torch.Tensor]
     ready: Future
-    arena: torch.Tensor | None = None  # the stager's buffer holding ``host``
+    arena: torch.Tensor | None = None  # the staging arena's buffer holding ``host``
     shm_name: str | None = None  # its shared-memory name (process mode)
 
 
@@ -71,7 +66,8 @@ class CheckpointStager(abc.ABC):
 
 
 class DefaultStager(CheckpointStager):
-    """Reusable (pinned when CUDA is present) host arena; see :mod:`dist_ckpt.stager`.
+    """Describes a state dict and stages it into a :class:`~dist_ckpt.stager.StagingArena` (``self.arena``:
+    reusable host memory, pinned when CUDA is present).
 
     Args:
         rank_info: this rank.
@@ -82,16 +78,16 @@ class DefaultStager(CheckpointStager):
     def __init__(self, rank_info: RankInfo | None = None, config: Config | None = None, pin_memory: bool | None = None, shared_memory: bool = False) -> None:
         self._rank = rank_info.global_rank if rank_info else (dist.get_rank() if dist.is_initialized() else 0)
         self._config = config or Config.from_env()
-        self.stager = Stager(pin_memory, shared_memory)
+        self.arena = StagingArena(pin_memory, shared_memory)
 
-    def describe(self, state_dict: STATE_DICT, allow_pickle: bool | None = None) -> Described:
+    def describe(self, state_dict: STATE_DICT, allow_pickle: bool | None = None) -> LocalState:
         """Expand ``Stateful`` values and describe the state (``allow_pickle`` None: the config's)."""
         expanded, _ = expand_stateful(state_dict)
         return describe(expanded, self._rank, self._config.allow_pickle if allow_pickle is None else allow_pickle)
 
     def prepare(self, state_dict: STATE_DICT) -> None:
         """Allocate the host arena for ``state_dict`` now, so the first save is as fast as later ones."""
-        self.stager.prepare(self.describe(state_dict).tensors)
+        self.arena.prepare(self.describe(state_dict).tensors)
 
     def stage(self, state_dict: STATE_DICT, *, allow_pickle: bool | None = None) -> StagedState:
         """Describe ``state_dict`` and start copying its tensors into the arena; returns at once.
@@ -100,11 +96,11 @@ class DefaultStager(CheckpointStager):
             StateDictError: a value cannot be stored (names its key path).
         """
         described = self.describe(state_dict, allow_pickle)
-        host, ready = self.stager.stage(described.tensors)
-        return StagedState(described, host, ready, self.stager.arena, self.stager.shm.name if self.stager.shm else None)
+        host, ready = self.arena.stage(described.tensors)
+        return StagedState(described, host, ready, self.arena.buffer, self.arena.shm.name if self.arena.shm else None)
 
     def close(self) -> None:
-        self.stager.close()
+        self.arena.close()
 
 
 class CheckpointWriter:
@@ -284,7 +280,7 @@ class AsyncCheckpointer(Checkpointer):
 
     def __init__(self, checkpoint_stager: DefaultStager, checkpoint_process: "CheckpointWriter | Any", reader: CheckpointReader) -> None:
         self.stager, self.writer, self.reader = checkpoint_stager, checkpoint_process, reader
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dist_ckpt-writer")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dist_ckpt-save")
         self._pending: Future | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -331,7 +327,7 @@ class AsyncCheckpointer(Checkpointer):
             self._wait_previous()
 
     def close(self) -> None:
-        """Wait for the save in flight, then stop the writer thread, sockets and buffers."""
+        """Wait for the save in flight, then stop the save thread, the writer, sockets and buffers."""
         with self._lock:
             if self._closed:
                 return

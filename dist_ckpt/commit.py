@@ -23,9 +23,8 @@ import numpy as np
 
 from .errors import CheckpointError, CheckpointExists, WireError
 from .manifest import ALIGN, BLOCK_BYTES, ChunkTable, LocalSection, Manifest, TensorEntry, _ext_hook, _pack_default, block_counts
-from .layout import ChunkLayout
 from .logs import RankStats
-from .plan import SavePlan
+from .plan import ChunkLayout, SavePlan
 from .storage import Storage
 from .writer import WriteRecord
 
@@ -169,7 +168,7 @@ class RecordTable:
     (coordinator) One per save, built from its plan; :meth:`add` per Done
     checks the rank reported exactly its planned chunks, with the planned
     sizes, and scatters file, offset and hash into the plan's
-    :class:`~dist_ckpt.layout.ChunkLayout` positions. Merging is then done
+    :class:`~dist_ckpt.plan.ChunkLayout` positions. Merging is then done
     by the time the last rank reports.
     """
 

@@ -46,7 +46,7 @@ from .description import BoxStore, RankColumns, SchemaCache, decode_description
 from .errors import CheckpointExists, DistCkptError, WireError
 from .logs import SaveSummary, get_logger, summarize
 from .plan import PlanCache, SavePlan
-from .planner import plan_save
+from .save_planner import plan_save
 from .storage import Storage
 from .transport import ConnectionGate, ZapGate, pending_cap, raise_fd_limit, require_curve, secure_server
 

@@ -241,7 +241,7 @@ class RankColumns:
         for i, (key, dtype, shape, local) in enumerate(zip(sch.keys, sch.dtypes, sch.shapes, sch.local)):
             a, n = int(sch.start[i]), len(shape)
             off, siz = tuple(vals[a : a + n]), tuple(vals[sch.width + a : sch.width + a + n])
-            tensors.append(TensorDesc(key, dtype, shape, off, siz, owner if local else None))
+            tensors.append(TensorDescription(key, dtype, shape, off, siz, owner if local else None))
         return RankDescription(self.rank, tuple(tensors))
 
 
@@ -349,7 +349,7 @@ def _describe_box(schema: Schema, boxes: np.ndarray, row: int, dim: int, negativ
 
 
 @dataclass(frozen=True, slots=True)
-class TensorDesc:
+class TensorDescription:
     """One tensor (or one chunk of it) as one rank holds it.
 
     ``offsets``/``sizes`` place this rank's box in the global tensor of shape
@@ -370,7 +370,7 @@ class RankDescription:
     """Everything the coordinator needs from one rank to plan a save (rank side form)."""
 
     rank: int
-    tensors: tuple[TensorDesc, ...]
+    tensors: tuple[TensorDescription, ...]
     _memo: dict = field(default_factory=dict, compare=False, repr=False)  # columns and wire bytes, built once
 
     def columns(self) -> RankColumns:

@@ -9,16 +9,17 @@ arena or the tensors themselves. No step calls a torch collective.
 
 from __future__ import annotations
 
+import abc
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from . import wire
 from .buffers import tensor_memoryview
 from .commit import encode_objects, encode_records
-from .describe import Described
+from .describe import LocalState
 from .errors import CheckpointError, CoordinatorTimeout
 from .logs import RankStats, get_logger
 from .plan import SavePlan
@@ -26,10 +27,17 @@ from .session import Session
 from .storage import get_storage
 from .writer import WriteItem, WriteRecord, write_items
 
-if TYPE_CHECKING:
-    from .checkpointer import WriterHook
-
 log = get_logger(__name__)
+
+
+class WriterHook(abc.ABC):  # noqa: B024 - both hooks are optional
+    """Called on every rank around the commit of each save (by :func:`run_save`)."""
+
+    def pre_commit(self, path: str, **kwargs: Any) -> None:
+        """After this rank's files are written, before it reports Done."""
+
+    def post_commit(self, path: str, **kwargs: Any) -> None:
+        """After the coordinator committed the checkpoint for all ranks."""
 
 
 def host_bytes(t: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
@@ -59,11 +67,11 @@ def run_save(
     session: Session,
     ckpt: str,
     path: str,
-    described: Described,
+    described: LocalState,
     host: Sequence[torch.Tensor],
     overwrite: bool = False,
     ready: Callable[[], object] | None = None,
-    hook: "WriterHook | None" = None,
+    hook: WriterHook | None = None,
     write: "WriteFn | None" = None,
     user_meta: Mapping[str, Any] | None = None,
     step: int | None = None,

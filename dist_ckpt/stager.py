@@ -1,7 +1,8 @@
-"""The stager: copy a rank's tensors off the device into reusable host buffers.
+"""The staging engine (:class:`StagingArena`): copy a rank's tensors off the device into reusable host memory.
 
-One arena of host memory (pinned when CUDA is available) is allocated on the
-first save, or ahead of it by :meth:`Stager.prepare`, and reused by every
+:class:`~dist_ckpt.checkpointer.DefaultStager` is the torch-style public
+wrapper (describe + stage); this is the engine it drives. One arena of host memory (pinned when CUDA is available) is allocated on the
+first save, or ahead of it by :meth:`StagingArena.prepare`, and reused by every
 later save; it grows only when the state grows. Device tensors are copied with
 ``non_blocking=True`` on a side CUDA stream that first waits on the current
 stream, so the copies see every kernel queued before the save; the stage
@@ -34,8 +35,8 @@ def _layout(tensors: Sequence[torch.Tensor]) -> tuple[list[int], int]:
     return offsets, total
 
 
-class Stager:
-    """Host buffer pool plus the copy engine (one per checkpointer)."""
+class StagingArena:
+    """One reusable host buffer plus the copy engine that fills it (one per checkpointer)."""
 
     def __init__(self, pin_memory: bool | None = None, shared: bool = False) -> None:
         self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -62,7 +63,7 @@ class Stager:
         self._arena = torch.empty(0, dtype=torch.uint8)
 
     @property
-    def arena(self) -> torch.Tensor:
+    def buffer(self) -> torch.Tensor:
         """The whole host buffer (views handed out by :meth:`views` live inside it)."""
         return self._arena
 

@@ -124,7 +124,7 @@ def _register(tag: str) -> Callable[[_M], _M]:
 @_register("plan_req")
 @dataclass(frozen=True)
 class PlanRequest(Message):
-    """rank -> coordinator: this rank's save descriptor, asking for a plan."""
+    """rank -> coordinator: this rank's description (its tensors' metadata), asking for a plan."""
     path: str
     world_size: int
     desc_digest: UInt64

@@ -95,7 +95,7 @@ def _rss_over_saves(rank, world, root, n):
             write_f.result(timeout=60)
             gc.collect()
             rss.append(proc.memory_info().rss)
-        allocations = ck.stager.stager.allocations
+        allocations = ck.stager.arena.allocations
     finally:
         ck.close()
     return rss, allocations
@@ -114,10 +114,10 @@ def _late_stager_on_rank_1(rank, world, path):
     from concurrent.futures import Future
 
     import dist_ckpt.saver as saver
-    from dist_ckpt.stager import Stager
+    from dist_ckpt.stager import StagingArena
 
     stamps = {}
-    stage, write_here = Stager.stage, saver.write_here
+    stage, write_here = StagingArena.stage, saver.write_here
 
     def late_stage(self, tensors):
         dst, done = stage(self, tensors)
@@ -137,7 +137,7 @@ def _late_stager_on_rank_1(rank, world, path):
         stamps.setdefault("write", time.time())
         return write_here(*args)
 
-    Stager.stage, saver.write_here = late_stage, noted_write
+    StagingArena.stage, saver.write_here = late_stage, noted_write
     ck = dc.make_async_checkpointer()
     try:
         _, write_f = ck.save(path, {"w": dtensor(global_tensor("w", (64, 16)), world, "shard0")})
@@ -159,7 +159,7 @@ def _staging_fails_on_rank_1(rank, world, path):
     from concurrent.futures import Future
 
     from dist_ckpt.errors import CheckpointError
-    from dist_ckpt.stager import Stager
+    from dist_ckpt.stager import StagingArena
 
     if rank == 1:
         def failing_stage(self, tensors):
@@ -167,7 +167,7 @@ def _staging_fails_on_rank_1(rank, world, path):
             failed.set_exception(RuntimeError("CUDA error: an illegal memory access (injected)"))
             return self.views(tensors), failed
 
-        Stager.stage = failing_stage
+        StagingArena.stage = failing_stage
     ck = dc.make_async_checkpointer()
     try:
         stage_f, write_f = ck.save(path, {"w": dtensor(global_tensor("w", (64, 16)), world, "shard0")})
