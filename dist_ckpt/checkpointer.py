@@ -39,6 +39,7 @@ from .session import RankInfo, Session
 from .stager import StagingArena
 from .storage import get_storage
 from .user_meta import check_user_meta
+from .wire import Phase
 from .writer import WriteRecord
 
 STATE_DICT = dict[str, Any]
@@ -108,16 +109,15 @@ class CheckpointWriter:
 
     Args:
         config: settings.
-        rank_info: this rank (taken from the session when omitted).
         barrier: unused; the coordinator's commit is the barrier. Kept for call-shape compatibility.
         commit_hook: :class:`WriterHook` called around the commit.
         session: the session to save through (created when omitted).
         process: write staged saves in this :class:`CheckpointProcess` instead of writer threads.
     """
 
-    def __init__(self, config: Config | None = None, rank_info: RankInfo | None = None, barrier: Any = None, commit_hook: WriterHook | None = None, session: Session | None = None, process: CheckpointProcess | None = None) -> None:
+    def __init__(self, config: Config | None = None, barrier: Any = None, commit_hook: WriterHook | None = None, session: Session | None = None, process: CheckpointProcess | None = None) -> None:
         self.session = session or Session(config or Config.from_env())
-        self.rank_info = self.session.rank_info
+        self.rank_info = self.session.rank_info  # the session decides the rank (from the process group)
         self.commit_hook = commit_hook
         self.process = process
         self._owns_session = session is None
@@ -146,7 +146,7 @@ class CheckpointWriter:
         try:
             state, meta = self._check(path, state, allow_pickle, user_meta)
         except Exception as e:
-            report_failure(self.session, ckpt, "describe", e, path)
+            report_failure(self.session, ckpt, Phase.DESCRIBE, e, path)
             raise
         write = self._process_write(state) if self.process is not None and state.shm_name is not None else None
         self.last_summary = None
@@ -307,7 +307,7 @@ class AsyncCheckpointer(Checkpointer):
                 meta = check_user_meta(user_meta)
                 staged = self.stager.stage(state_dict, allow_pickle=allow_pickle)
             except Exception as e:
-                report_failure(self.writer.session, ckpt, "describe", e, path)
+                report_failure(self.writer.session, ckpt, Phase.DESCRIBE, e, path)
                 raise
             write = self._executor.submit(self.writer.write, path, staged, ckpt=ckpt, overwrite=overwrite, user_meta=meta, step=step)
             self._pending = write
@@ -340,8 +340,12 @@ class AsyncCheckpointer(Checkpointer):
 
 
 def make_sync_checkpointer(config: Config | None = None, rank_info: RankInfo | None = None, commit_hook: WriterHook | None = None) -> SyncCheckpointer:
-    """A :class:`SyncCheckpointer` with its own session (all ranks must call this together)."""
-    writer = CheckpointWriter(config, rank_info, commit_hook=commit_hook)
+    """A :class:`SyncCheckpointer` with its own session (all ranks must call this together).
+
+    ``rank_info`` is accepted for torch's call shape only: the session takes the
+    rank from the process group.
+    """
+    writer = CheckpointWriter(config, commit_hook=commit_hook)
     return SyncCheckpointer(writer, CheckpointReader(writer.rank_info, writer.session.config))
 
 
@@ -357,6 +361,7 @@ def make_async_checkpointer(
     """An :class:`AsyncCheckpointer` with its own session (all ranks must call this together).
 
     Args:
+        rank_info: accepted for torch's call shape only; the session takes the rank from the process group.
         mode: ``"thread"`` (writer threads in this process) or ``"process"`` (a
             :class:`CheckpointProcess` per rank, fed through a shared-memory arena).
         subprocess_init_fn: process mode: called in the subprocess at start.
@@ -371,7 +376,7 @@ def make_async_checkpointer(
         raise ValueError(f"mode must be 'thread' or 'process', got {mode!r}")
     if mode == "process":
         require_main_guard()  # before the session: every rank refuses alike, nothing to undo
-    writer = CheckpointWriter(config, rank_info, commit_hook=commit_hook)
+    writer = CheckpointWriter(config, commit_hook=commit_hook)
     if mode == "process":
         writer.process = CheckpointProcess(writer.rank_info, subprocess_init_fn=subprocess_init_fn, subprocess_init_args=subprocess_init_args)
     stager = DefaultStager(writer.rank_info, writer.session.config, pin_memory, shared_memory=mode == "process")

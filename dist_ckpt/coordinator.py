@@ -40,6 +40,7 @@ import xxhash
 import zmq
 
 from . import wire
+from .wire import Phase
 from .commit import CommitRequest, RecordTable, commit_checkpoint, decode_objects, decode_records, prepare_tmp_dir, tmp_dir_for
 from .config import Config
 from .description import BoxStore, RankColumns, SchemaCache, decode_description
@@ -76,7 +77,7 @@ class _Save:
 
     ckpt: str
     started: float
-    phase: str = "plan"
+    phase: Phase = Phase.PLAN
     path: str = ""
     overwrite: bool = False
     descs: dict[int, RankColumns | None] = field(default_factory=dict)  # None: the rank's description was invalid
@@ -274,7 +275,7 @@ class Coordinator:
         save = self._save_for(msg)
         if save is None:
             return
-        if save.phase != "plan" or msg.rank in save.descs:
+        if save.phase != Phase.PLAN or msg.rank in save.descs:
             return self._drop("replay", f"duplicate PlanRequest from rank {msg.rank} for {msg.ckpt}")
         desc: RankColumns | None = None
         try:
@@ -314,7 +315,7 @@ class Coordinator:
             return self._abort(save, {0: f"planning failed: {e}"})
         save_id = f"{self.job[:8]}-{save.ckpt}"
         # Known before it exists, so that an abort meanwhile queues its removal behind the mkdir.
-        save.tmp_path, save.plan, save.phase = tmp_dir_for(path, save_id), plan, "prepare"
+        save.tmp_path, save.plan, save.phase = tmp_dir_for(path, save_id), plan, Phase.PREPARE
         self._io.submit(lambda: prepare_tmp_dir(storage, path, save_id, overwrite=save.overwrite), lambda out: self._prepared(save, same, out, t0))
 
     def _prepared(self, save: _Save, same: bool, out: object, t0: float) -> None:
@@ -327,7 +328,7 @@ class Coordinator:
             return self._abort(save, {0: f"planning failed: {_text(out)}"})
         plan = save.plan
         assert plan is not None
-        save.phase = "write"
+        save.phase = Phase.WRITE
         t1 = time.perf_counter()
         for r in range(self.world_size):
             self._send(r, wire.PlanReply(self.job, save.ckpt, r, save.tmp_path, same, plan.to_msgpack_for(r)))
@@ -346,7 +347,7 @@ class Coordinator:
         save = self._save_for(msg)
         if save is None:
             return
-        if save.phase != "write" or msg.rank in save.done or msg.rank in save.failed:
+        if save.phase != Phase.WRITE or msg.rank in save.done or msg.rank in save.failed:
             return self._drop("replay", f"Done from rank {msg.rank} for {msg.ckpt} in phase {save.phase}")
         try:  # decoded and merged as they arrive: the commit itself only writes
             save.records.add(msg.rank, decode_records(msg.records, msg.rank))  # type: ignore[union-attr] (set with the plan)
@@ -365,7 +366,7 @@ class Coordinator:
             return self._drop("replay", f"Failed from rank {msg.rank} after its Done for {msg.ckpt}")
         save.failed[msg.rank] = f"{msg.error} (phase {msg.phase})"
         save.path = save.path or msg.path
-        if save.phase in ("plan", "prepare"):
+        if save.phase in (Phase.PLAN, Phase.PREPARE):
             return self._abort(save, dict(save.failed))
         self._maybe_finish(save)
 
@@ -417,7 +418,7 @@ class Coordinator:
             return self._abort(save, dict(save.failed))
         if save.stalled:
             return self._abort(save, {0: self._stall_reason(save)})
-        save.phase = "commit"
+        save.phase = Phase.COMMIT
         for r in range(self.world_size):  # from here on a rank that loses the coordinator cannot say the save failed
             self._send(r, wire.CommitInProgress(self.job, save.ckpt, r))
         release_free_memory()  # the Done messages' buffers, before the manifest is built: the coordinator's peak
@@ -430,7 +431,7 @@ class Coordinator:
         """(event loop) The commit's I/O finished: tell every rank its outcome."""
         if isinstance(out, BaseException):
             log.error("[rank 0] commit of save %s to %s failed: %s", save.ckpt, path, out)
-            save.phase = "commit-failed"
+            save.phase = Phase.COMMIT_FAILED
             return self._abort(save, {0: f"commit failed: {_text(out)}"})
         self._remember_summary(save, time.perf_counter() - t_commit)
         self._end(save, lambda r: wire.Committed(self.job, save.ckpt, r, path))
@@ -447,7 +448,7 @@ class Coordinator:
                 self._summaries.popitem(last=False)
 
     def _abort(self, save: _Save, reasons: dict[int, str], error: str = "") -> None:
-        if save.phase == "commit":  # only the commit's own result may end it now
+        if save.phase == Phase.COMMIT:  # only the commit's own result may end it now
             log.error("[rank 0] save %s: not aborting while its commit is under way: %s", save.ckpt, reasons)
             return
         log.error("[rank 0] save %s to %s aborted: %s", save.ckpt, save.path or "(no rank named its path)", "; ".join(f"rank {r}: {m}" for r, m in sorted(reasons.items())))
@@ -508,11 +509,11 @@ class Coordinator:
     def _check_deadlines(self, now: float) -> None:
         cfg = self._config
         for save in list(self._saves.values()):
-            if save.phase == "plan" and now - save.started > cfg.timeout_s:
+            if save.phase == Phase.PLAN and now - save.started > cfg.timeout_s:
                 missing = sorted(set(range(self.world_size)) - set(save.descs))
                 self._abort(save, {r: f"did not reach the save within {cfg.timeout_s:.0f} s (phase plan)" for r in missing})
                 continue
-            if save.phase == "prepare" and now - save.started > cfg.timeout_s:
+            if save.phase == Phase.PREPARE and now - save.started > cfg.timeout_s:
                 self._abort(save, {0: f"creating the temporary directory {save.tmp_path} did not finish within {cfg.timeout_s:.0f} s (phase prepare)"})
                 continue
             silent = {r: now - t for r, t in save.last_seen.items() if r not in save.done and r not in save.failed and now - t > cfg.heartbeat_timeout_s}
@@ -520,7 +521,7 @@ class Coordinator:
                 self._abort(save, {0: self._stall_reason(save)})
             elif silent:
                 self._abort(save, {r: f"sent no heartbeat for {s:.1f} s (phase {save.phase}); presumed dead" for r, s in silent.items()})
-            elif save.phase == "write" and now - save.started > cfg.timeout_s:
+            elif save.phase == Phase.WRITE and now - save.started > cfg.timeout_s:
                 slow = sorted(set(range(self.world_size)) - set(save.done) - set(save.failed))
                 self._abort(save, {r: f"did not finish writing within {cfg.timeout_s:.0f} s" for r in slow})
 

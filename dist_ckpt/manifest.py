@@ -101,16 +101,6 @@ class ChunkTable:
         z = np.zeros((0, ndim), np.int64)
         return ChunkTable(z, z.copy(), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint64))
 
-    @staticmethod
-    def concat(tables: list["ChunkTable"], ndim: int) -> "ChunkTable":
-        if not tables:
-            return ChunkTable.empty(ndim)
-        cols = [np.concatenate([getattr(t, c) for t in tables]) for c in _COLUMNS]
-        sizes = {t.block_bytes for t in tables}
-        if len(sizes) == 1 and all(t.blocks is not None for t in tables):  # else: none, as an old save
-            return ChunkTable(*cols, np.concatenate([t.blocks for t in tables]), sizes.pop())  # type: ignore[misc]
-        return ChunkTable(*cols)
-
     def column_bytes(self, name: str) -> memoryview:
         """The on-disk bytes of one column, without a copy when it is already contiguous."""
         return memoryview(np.ascontiguousarray(getattr(self, name), dtype=_COLUMNS[name][0]).reshape(-1).view(np.uint8))
@@ -238,9 +228,6 @@ class Manifest:
         except Exception as e:  # msgpack raises many types on garbage; all mean "not a manifest"
             raise ManifestError(f"MANIFEST is not valid msgpack ({type(e).__name__}: {e})") from e
         return _decode(obj)
-
-    def keys(self) -> list[KeyPath]:
-        return list(self.tensors) + list(self.objects)
 
 
 def _pack_default(obj: Any) -> Any:

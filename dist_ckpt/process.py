@@ -119,13 +119,12 @@ class CheckpointProcess:
 
     Args:
         rank_info: this rank.
-        config: unused beyond timeouts; kept for call-shape compatibility.
         subprocess_init_fn: called in the subprocess before it serves (e.g. logging setup).
         subprocess_init_args: its arguments.
         init_timeout_s: how long to wait for the subprocess to start.
     """
 
-    def __init__(self, rank_info: RankInfo, config: Any = None, subprocess_init_fn: Callable[..., None] | None = None, subprocess_init_args: tuple = (), init_timeout_s: float = 60.0) -> None:
+    def __init__(self, rank_info: RankInfo, subprocess_init_fn: Callable[..., None] | None = None, subprocess_init_args: tuple = (), init_timeout_s: float = 60.0) -> None:
         self.rank = rank_info.global_rank
         ctx = tmp.get_context("spawn")
         self._requests, self._responses = ctx.Queue(), ctx.Queue()

@@ -25,6 +25,7 @@ whose ``reason`` lets the coordinator count drops by cause.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import hmac
 import struct
@@ -37,7 +38,7 @@ from dist_ckpt.errors import WIRE_REASONS as REASONS
 from dist_ckpt.errors import BadMessage, bounded_repr
 
 __all__ = [
-    "PROTOCOL_VERSION", "REASONS", "BadMessage", "Limits", "Message", "Buffer",
+    "PROTOCOL_VERSION", "REASONS", "BadMessage", "Phase", "Limits", "Message", "Buffer",
     "PlanRequest", "PlanReply", "Heartbeat", "HeartbeatAck", "Done", "Failed",
     "CommitInProgress", "Committed", "Aborted", "encode", "decode",
 ]
@@ -69,6 +70,27 @@ class Limits:
                 raise ValueError(f"Limits.{f.name} must be a positive int, got {value!r}")
         if self.max_frames < 2:
             raise ValueError("Limits.max_frames must allow header and mac (>= 2)")
+
+
+class Phase(str, enum.Enum):
+    """The phases of one save, named alike by the saver (each rank's steps), the
+    coordinator (where the save stands) and the ``Failed``/``Heartbeat`` messages.
+
+    A ``str`` enum: on the wire a phase is its value, so messages stay plain
+    msgpack strings (a peer sending any other string is still decoded).
+    """
+
+    DESCRIBE = "describe"  # (rank) state dict -> description, before anything is sent
+    STAGE = "stage"  # (rank) copies off the device; (coordinator) never: it learns of a save at its PlanRequest
+    PLAN = "plan"  # (rank) PlanRequest sent, waiting for the reply; (coordinator) waiting for every request
+    PREPARE = "prepare"  # (coordinator) the tmp dir is being made
+    WRITE = "write"  # ranks write their files and report Done
+    COMMIT = "commit"  # (coordinator) manifest + renames; (rank) waiting for Committed
+    COMMIT_FAILED = "commit-failed"  # (coordinator) the commit raised; the abort follows
+    ABORT = "abort"  # (rank) reported a failure, waiting for the Aborted
+
+    __str__ = str.__str__  # "plan", not "Phase.PLAN", in messages and f-strings
+    __format__ = str.__format__
 
 
 def _is_int(v: object) -> bool:
@@ -135,7 +157,11 @@ class PlanRequest(Message):
 @_register("plan")
 @dataclass(frozen=True)
 class PlanReply(Message):
-    """coordinator -> rank: the global plan (empty when ``same`` as last save)."""
+    """coordinator -> rank: this rank's row of the plan (always sent, see ``SavePlan.to_msgpack_for``).
+
+    ``same``: the coordinator reused its cached plan (no rank's description
+    changed); the rank names it in its log line.
+    """
     tmp_path: str
     same: bool
     plan: Buffer
@@ -144,7 +170,7 @@ class PlanReply(Message):
 @_register("hb")
 @dataclass(frozen=True)
 class Heartbeat(Message):
-    """rank -> coordinator: still alive, currently in ``phase``."""
+    """rank -> coordinator: still alive, currently in ``phase`` (a :class:`Phase` value)."""
     phase: str
 
 
@@ -165,7 +191,7 @@ class Done(Message):
 @_register("failed")
 @dataclass(frozen=True)
 class Failed(Message):
-    """rank -> coordinator: this rank failed in ``phase`` with ``error`` saving to ``path``."""
+    """rank -> coordinator: this rank failed in ``phase`` (a :class:`Phase` value) with ``error`` saving to ``path``."""
     phase: str
     error: str
     path: str = ""  # known even when no PlanRequest came first (a failed describe or staging)
