@@ -69,6 +69,28 @@ def _failing_background_write(rank, world, path, mode):
         ck.close()
 
 
+def _errno_of_failed_process_write(rank, world, path):
+    ck = dc.make_async_checkpointer(mode="process", subprocess_init_fn=_break_storage_in_this_process if rank == 1 else None)
+    try:
+        _, write_f = ck.save(path, {"w": dtensor(global_tensor("w", (64, 16)), world, "shard0")})
+        try:
+            write_f.result(timeout=60)
+        except dc.CheckpointError as e:
+            cause = e.__cause__
+            return str(e), (type(cause).__name__, cause.errno) if isinstance(cause, OSError) else None
+        return "no error", None
+    finally:
+        ck.close()
+
+
+def test_failed_process_write_keeps_its_errno_on_every_rank(tmp_path):
+    """The writer subprocess's OSError comes back typed: the same StorageError with errno 28, named by every rank."""
+    out = run_ranks(_errno_of_failed_process_write, 2, str(tmp_path / "ck"), env=FAST, timeout=120)
+    for rank, (msg, _) in out.items():
+        assert "rank 1: StorageError: [Errno 28]" in msg and "No space left on device" in msg, (rank, msg)
+    assert out[1][1] == ("StorageError", 28), out[1]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_background_write_failure_surfaces_on_every_rank(tmp_path, mode):
     path = str(tmp_path / "ck")
