@@ -89,8 +89,9 @@ class WriteFailed:
 
     @staticmethod
     def of(e: BaseException) -> "WriteFailed":
-        os_error = isinstance(e, OSError)
-        return WriteFailed(type(e).__name__, str(e), e.errno if os_error else None, e.strerror if os_error else None, traceback.format_exc())  # type: ignore[union-attr]
+        if isinstance(e, OSError):
+            return WriteFailed(type(e).__name__, str(e), e.errno, e.strerror, traceback.format_exc())
+        return WriteFailed(type(e).__name__, str(e), None, None, traceback.format_exc())
 
     def error(self, rank: int, what: str) -> Exception:
         """The parent's error: a ``StorageError`` with the same errno for an ``OSError``, else ``CheckpointProcessError``."""

@@ -89,8 +89,11 @@ class Phase(str, enum.Enum):
     COMMIT_FAILED = "commit-failed"  # (coordinator) the commit raised; the abort follows
     ABORT = "abort"  # (rank) reported a failure, waiting for the Aborted
 
-    __str__ = str.__str__  # "plan", not "Phase.PLAN", in messages and f-strings
-    __format__ = str.__format__
+    def __str__(self) -> str:  # "plan", not "Phase.PLAN", in messages and f-strings
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
 
 def _is_int(v: object) -> bool:
