@@ -24,7 +24,7 @@ the cached plan. Measured:
   torch, like rank 0: ``coordinator_base_mb`` is its RSS before the first save);
 * ``load_plan_s``: one rank (a fresh process) reads and validates the manifest
   (``loader.read_manifest``) and plans the reads of its shard of every tensor
-  (``read_planner.plan_reads``).
+  (``load_planner.plan_reads``).
 
 Arrival (``--arrival``): ``straggler`` (default) sends every rank's request
 but one, waits until the coordinator is idle, then times from the last rank's
@@ -79,7 +79,7 @@ from dist_ckpt.flatten import flatten
 from dist_ckpt.loader import read_manifest
 from dist_ckpt.manifest import ALIGN
 from dist_ckpt.plan import SavePlan
-from dist_ckpt.read_planner import plan_reads
+from dist_ckpt.load_planner import plan_reads
 from dist_ckpt.storage import get_storage
 from dist_ckpt.transport import secure_client
 

@@ -28,7 +28,7 @@ from .checkpointer import (
     make_sync_checkpointer,
 )
 from .config import Config
-from .convert import ConvertError, convert
+from .convert import convert
 from .manager import CheckpointManager
 from .process import CheckpointProcess
 from .describe import RankLocal, rank_local
@@ -36,9 +36,12 @@ from .loader import LoadInfo
 from .errors import (
     CheckpointChanged,
     CheckpointError,
+    CheckpointExists,
     CheckpointNotFound,
+    CheckpointProcessError,
     ChecksumError,
     CommitOutcomeUnknown,
+    ConvertError,
     CoordinatorTimeout,
     DataFileError,
     DistCkptError,
@@ -63,4 +66,5 @@ __all__ = [
     "DistCkptError", "CheckpointError", "CheckpointNotFound", "ChecksumError", "CoordinatorTimeout",
     "DataFileError", "LoadMismatchError", "ManifestError", "PickleNotAllowed", "StateDictError",
     "StorageError", "WireError", "CommitOutcomeUnknown", "CheckpointChanged", "ProcessGroupNotInitialized", "UnsupportedScheme", "verify", "VerifyReport", "BadChunk", "convert", "ConvertError",
+    "CheckpointExists", "CheckpointProcessError",
 ]

@@ -25,7 +25,7 @@ import zmq
 
 from . import wire
 from .config import Config
-from .errors import CheckpointError, CommitOutcomeUnknown, CoordinatorTimeout, WireError
+from .errors import ABORT_ERRORS, CheckpointError, CommitOutcomeUnknown, CoordinatorTimeout, WireError
 from .transport import secure_client
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class Agent:
             if isinstance(msg, _Silence):
                 raise self._lost(ckpt, phase, committing, f"has not answered for {msg.seconds:.1f} s")
             if isinstance(msg, wire.Aborted):
-                raise CheckpointError(f"save {ckpt} aborted by the coordinator; failed rank(s):", msg.reasons)
+                raise ABORT_ERRORS.get(msg.error, CheckpointError)(f"save {ckpt} aborted by the coordinator; failed rank(s):", msg.reasons)
             if isinstance(msg, wire.CommitInProgress):
                 committing, deadline = True, time.monotonic() + timeout
             elif isinstance(msg, expect):

@@ -87,7 +87,7 @@ def async_save(state_dict: Any, path: str, *, overwrite: bool = False, allow_pic
 
 
 def load(state_dict: Any, path: str, *, strict: bool = True, allow_pickle: bool | None = None, verify_checksums: bool | None = None,
-         info: LoadInfo | None = None, storage: Storage | None = None) -> Any:
+         info: LoadInfo | None = None, storage: Storage | None = None, process_group: dist.ProcessGroup | None = None) -> Any:
     """Load ``path`` into ``state_dict`` in place and return it.
 
     Tensors and DTensor local shards are filled in place (any layout and world
@@ -104,6 +104,8 @@ def load(state_dict: Any, path: str, *, strict: bool = True, allow_pickle: bool 
         allow_pickle: accept pickled values (None: ``DIST_CKPT_ALLOW_PICKLE``, default off).
         verify_checksums: check every chunk read in full (None: ``DIST_CKPT_VERIFY_CHECKSUMS``, default on).
         storage: the backend to read through (default: chosen by ``path``'s URL scheme).
+        process_group: the group the job saved with (as for :func:`save`): this
+            rank's rank-local values are those saved by its rank in that group.
 
     Raises:
         CheckpointNotFound: no committed checkpoint at ``path``.
@@ -111,7 +113,7 @@ def load(state_dict: Any, path: str, *, strict: bool = True, allow_pickle: bool 
             unexpected keys, shape mismatches, dtype changes that are not float to float.
         ChecksumError: stored bytes do not match their checksum.
     """
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = dist.get_rank(process_group) if dist.is_available() and dist.is_initialized() else 0
     config = Config.from_env(allow_pickle=allow_pickle, verify_checksums=verify_checksums)
     return load_into(state_dict, path, rank, config, strict=strict, storage=storage, info=info)
 

@@ -32,15 +32,6 @@ def box_volume(sizes: np.ndarray) -> np.ndarray:
     return np.prod(sizes, axis=1, dtype=np.int64) if sizes.shape[1] else np.ones(len(sizes), np.int64)
 
 
-def intersect(a_off: Sequence[int], a_size: Sequence[int], b_off: Sequence[int], b_size: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """Intersection of two boxes, or ``None`` when it is empty."""
-    lo = tuple(max(x, y) for x, y in zip(a_off, b_off))
-    hi = tuple(min(x + s, y + t) for x, s, y, t in zip(a_off, a_size, b_off, b_size))
-    if any(h <= l for l, h in zip(lo, hi)):
-        return None
-    return lo, tuple(h - l for l, h in zip(lo, hi))
-
-
 CORNER_LIMIT = 1 << 22
 """Most box corners (chunks x 2**split dims) the exact-cover check examines before it refuses the table."""
 

@@ -1,12 +1,17 @@
 """Checkpointer classes with the names and call shapes of
-``torch.distributed.checkpoint._experimental``, backed by dist_ckpt's stager,
-writer, coordinator and reader.
+``torch.distributed.checkpoint._experimental``, backed by dist_ckpt's staging
+arena, save steps (:mod:`dist_ckpt.saver`), coordinator and reader.
+
+"Writer" means what writes this rank's bytes into its data files
+(:mod:`dist_ckpt.writer`'s threads, or the :class:`CheckpointProcess`);
+:class:`CheckpointWriter` (the torch name) drives one rank's whole save on the
+*save thread*, which calls the writer.
 
 Which thread runs what (per rank)::
 
     caller thread      expand Stateful → describe → launch staging copies      (no I/O)
     stager thread      CPU copies / wait for the CUDA event → stage future done
-    writer thread      plan request → write own files → Done → wait Committed → write future done
+    save thread        plan request → writer writes own files → Done → wait Committed → write future done
     agent thread       ZeroMQ I/O and heartbeats
     coordinator thread (rank 0) plan, merge, commit
 """
@@ -25,39 +30,30 @@ import torch
 import torch.distributed as dist
 
 from .config import Config
-from .describe import Described, describe
+from .describe import LocalState, describe
 from .flatten import expand_stateful, format_path
 from .loader import LoadInfo, load_full, load_into
 from .logs import SaveSummary
 from .process import CheckpointProcess, require_main_guard
-from .saver import WriteFn, report_failure, run_save, write_here
+from .saver import WriteFn, WriterHook, report_failure, run_save, write_here
 from .session import RankInfo, Session
-from .stager import Stager
+from .stager import StagingArena
 from .storage import Storage, get_storage
 from .user_meta import check_user_meta
+from .wire import Phase
 from .writer import WriteRecord
 
 STATE_DICT = dict[str, Any]
-
-
-class WriterHook(abc.ABC):  # noqa: B024 - both hooks are optional
-    """Called on every rank around the commit of each save."""
-
-    def pre_commit(self, path: str, **kwargs: Any) -> None:
-        """After this rank's files are written, before it reports Done."""
-
-    def post_commit(self, path: str, **kwargs: Any) -> None:
-        """After the coordinator committed the checkpoint for all ranks."""
 
 
 @dataclass
 class StagedState:
     """A state dict after staging: its description and the host tensors to write."""
 
-    described: Described
+    described: LocalState
     host: list[torch.Tensor]
     ready: Future
-    arena: torch.Tensor | None = None  # the stager's buffer holding ``host``
+    arena: torch.Tensor | None = None  # the staging arena's buffer holding ``host``
     shm_name: str | None = None  # its shared-memory name (process mode)
 
 
@@ -72,7 +68,8 @@ class CheckpointStager(abc.ABC):
 
 
 class DefaultStager(CheckpointStager):
-    """Reusable (pinned when CUDA is present) host arena; see :mod:`dist_ckpt.stager`.
+    """Describes a state dict and stages it into a :class:`~dist_ckpt.stager.StagingArena` (``self.arena``:
+    reusable host memory, pinned when CUDA is present).
 
     Args:
         rank_info: this rank.
@@ -83,16 +80,16 @@ class DefaultStager(CheckpointStager):
     def __init__(self, rank_info: RankInfo | None = None, config: Config | None = None, pin_memory: bool | None = None, shared_memory: bool = False) -> None:
         self._rank = rank_info.global_rank if rank_info else (dist.get_rank() if dist.is_initialized() else 0)
         self._config = config or Config.from_env()
-        self.stager = Stager(pin_memory, shared_memory)
+        self.arena = StagingArena(pin_memory, shared_memory)
 
-    def describe(self, state_dict: STATE_DICT, allow_pickle: bool | None = None) -> Described:
+    def describe(self, state_dict: STATE_DICT, allow_pickle: bool | None = None) -> LocalState:
         """Expand ``Stateful`` values and describe the state (``allow_pickle`` None: the config's)."""
         expanded, _ = expand_stateful(state_dict)
         return describe(expanded, self._rank, self._config.allow_pickle if allow_pickle is None else allow_pickle)
 
     def prepare(self, state_dict: STATE_DICT) -> None:
         """Allocate the host arena for ``state_dict`` now, so the first save is as fast as later ones."""
-        self.stager.prepare(self.describe(state_dict).tensors)
+        self.arena.prepare(self.describe(state_dict).tensors)
 
     def stage(self, state_dict: STATE_DICT, *, allow_pickle: bool | None = None) -> StagedState:
         """Describe ``state_dict`` and start copying its tensors into the arena; returns at once.
@@ -101,11 +98,11 @@ class DefaultStager(CheckpointStager):
             StateDictError: a value cannot be stored (names its key path).
         """
         described = self.describe(state_dict, allow_pickle)
-        host, ready = self.stager.stage(described.tensors)
-        return StagedState(described, host, ready, self.stager.arena, self.stager.shm.name if self.stager.shm else None)
+        host, ready = self.arena.stage(described.tensors)
+        return StagedState(described, host, ready, self.arena.buffer, self.arena.shm.name if self.arena.shm else None)
 
     def close(self) -> None:
-        self.stager.close()
+        self.arena.close()
 
 
 class CheckpointWriter:
@@ -113,7 +110,6 @@ class CheckpointWriter:
 
     Args:
         config: settings.
-        rank_info: this rank (taken from the session when omitted).
         barrier: unused; the coordinator's commit is the barrier. Kept for call-shape compatibility.
         commit_hook: :class:`WriterHook` called around the commit.
         session: the session to save through (created when omitted).
@@ -121,11 +117,11 @@ class CheckpointWriter:
         storage: the backend every save goes through (None: chosen by each path's URL scheme).
     """
 
-    def __init__(self, config: Config | None = None, rank_info: RankInfo | None = None, barrier: Any = None, commit_hook: WriterHook | None = None, session: Session | None = None, process: CheckpointProcess | None = None,
+    def __init__(self, config: Config | None = None, barrier: Any = None, commit_hook: WriterHook | None = None, session: Session | None = None, process: CheckpointProcess | None = None,
                  storage: Storage | None = None) -> None:
         self.session = session or Session(config or Config.from_env())
         self.storage = storage
-        self.rank_info = self.session.rank_info
+        self.rank_info = self.session.rank_info  # the session decides the rank (from the process group)
         self.commit_hook = commit_hook
         self.process = process
         self._owns_session = session is None
@@ -156,7 +152,7 @@ class CheckpointWriter:
         try:
             state, meta = self._check(path, state, allow_pickle, user_meta, storage)
         except Exception as e:
-            report_failure(self.session, ckpt, "describe", e, path)
+            report_failure(self.session, ckpt, Phase.DESCRIBE, e, path)
             raise
         if storage is not None:
             self.session.use_storage(path, storage)  # rank 0's coordinator commits through it too
@@ -178,7 +174,7 @@ class CheckpointWriter:
         if not isinstance(state, StagedState):
             expanded, _ = expand_stateful(state)
             described = describe(expanded, self.session.rank, self.session.config.allow_pickle if allow_pickle is None else allow_pickle)
-            state = StagedState(described, described.tensors, _done_future())
+            state = StagedState(described, described.tensors, done_future())
         return state, meta
 
     def _process_write(self, state: StagedState, storage: Storage | None) -> WriteFn:
@@ -242,7 +238,8 @@ class CheckpointReader:
         pass
 
 
-def _done_future() -> Future:
+def done_future() -> Future:
+    """A future that has already completed (a save with nothing left to wait for)."""
     f: Future = Future()
     f.set_result(None)
     return f
@@ -306,7 +303,7 @@ class AsyncCheckpointer(Checkpointer):
 
     def __init__(self, checkpoint_stager: DefaultStager, checkpoint_process: "CheckpointWriter | Any", reader: CheckpointReader) -> None:
         self.stager, self.writer, self.reader = checkpoint_stager, checkpoint_process, reader
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dist_ckpt-writer")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dist_ckpt-save")
         self._pending: Future | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -333,7 +330,7 @@ class AsyncCheckpointer(Checkpointer):
                 meta = check_user_meta(user_meta)
                 staged = self.stager.stage(state_dict, allow_pickle=allow_pickle)
             except Exception as e:
-                report_failure(self.writer.session, ckpt, "describe", e, path)
+                report_failure(self.writer.session, ckpt, Phase.DESCRIBE, e, path)
                 raise
             write = self._executor.submit(self.writer.write, path, staged, ckpt=ckpt, overwrite=overwrite, user_meta=meta, step=step, storage=storage)
             self._pending = write
@@ -353,7 +350,7 @@ class AsyncCheckpointer(Checkpointer):
             self._wait_previous()
 
     def close(self) -> None:
-        """Wait for the save in flight, then stop the writer thread, sockets and buffers."""
+        """Wait for the save in flight, then stop the save thread, the writer, sockets and buffers."""
         with self._lock:
             if self._closed:
                 return
@@ -369,9 +366,11 @@ def make_sync_checkpointer(config: Config | None = None, rank_info: RankInfo | N
                            storage: Storage | None = None) -> SyncCheckpointer:
     """A :class:`SyncCheckpointer` with its own session (all ranks must call this together).
 
-    ``storage``: the backend its saves and loads go through (None: by each path's URL scheme).
+    ``rank_info`` is accepted for torch's call shape only: the session takes the
+    rank from the process group. ``storage``: the backend its saves and loads go
+    through (None: by each path's URL scheme).
     """
-    writer = CheckpointWriter(config, rank_info, commit_hook=commit_hook, storage=storage)
+    writer = CheckpointWriter(config, commit_hook=commit_hook, storage=storage)
     return SyncCheckpointer(writer, CheckpointReader(writer.rank_info, writer.session.config, storage))
 
 
@@ -388,6 +387,7 @@ def make_async_checkpointer(
     """An :class:`AsyncCheckpointer` with its own session (all ranks must call this together).
 
     Args:
+        rank_info: accepted for torch's call shape only; the session takes the rank from the process group.
         mode: ``"thread"`` (writer threads in this process) or ``"process"`` (a
             :class:`CheckpointProcess` per rank, fed through a shared-memory arena).
         subprocess_init_fn: process mode: called in the subprocess at start.
@@ -404,7 +404,7 @@ def make_async_checkpointer(
         raise ValueError(f"mode must be 'thread' or 'process', got {mode!r}")
     if mode == "process":
         require_main_guard()  # before the session: every rank refuses alike, nothing to undo
-    writer = CheckpointWriter(config, rank_info, commit_hook=commit_hook, storage=storage)
+    writer = CheckpointWriter(config, commit_hook=commit_hook, storage=storage)
     if mode == "process":
         writer.process = CheckpointProcess(writer.rank_info, subprocess_init_fn=subprocess_init_fn, subprocess_init_args=subprocess_init_args)
     stager = DefaultStager(writer.rank_info, writer.session.config, pin_memory, shared_memory=mode == "process")

@@ -21,12 +21,13 @@ from typing import Any, Mapping
 import msgpack
 import numpy as np
 
-from .errors import CheckpointError, CheckpointExists, WireError  # CheckpointExists: re-exported
+from .errors import CheckpointError, WireError
+from .errors import CheckpointExists as CheckpointExists  # re-exported for its importers
 from .manifest import ALIGN, BLOCK_BYTES, ChunkTable, LocalSection, Manifest, TensorEntry, _ext_hook, _pack_default, block_counts
-from .layout import ChunkLayout
-from .layout_names import DATA_FILE_RE, MANIFEST  # MANIFEST: re-exported for its importers
+from .layout_names import DATA_FILE_RE
+from .layout_names import MANIFEST as MANIFEST  # re-exported for its importers
 from .logs import RankStats
-from .plan import SavePlan
+from .plan import ChunkLayout, SavePlan
 from .storage import SaveTarget, Storage
 from .writer import WriteRecord
 
@@ -144,7 +145,7 @@ class RecordTable:
     (coordinator) One per save, built from its plan; :meth:`add` per Done
     checks the rank reported exactly its planned chunks, with the planned
     sizes, and scatters file, offset and hash into the plan's
-    :class:`~dist_ckpt.layout.ChunkLayout` positions. Merging is then done
+    :class:`~dist_ckpt.plan.ChunkLayout` positions. Merging is then done
     by the time the last rank reports.
     """
 

@@ -43,11 +43,12 @@ from . import wire
 from .commit import CommitRequest, RecordTable, commit_checkpoint, decode_objects, decode_records
 from .config import Config
 from .description import BoxStore, RankColumns, SchemaCache, decode_description
-from .errors import DistCkptError, WireError
+from .errors import CheckpointExists, DistCkptError, WireError
 from .logs import SaveSummary, get_logger, summarize
 from .plan import PlanCache, SavePlan
-from .planner import plan_save
+from .save_planner import plan_save
 from .storage import SaveTarget, Storage, strip_scheme
+from .wire import Phase
 from .transport import ConnectionGate, ZapGate, pending_cap, raise_fd_limit, require_curve, secure_server
 
 log = get_logger(__name__)
@@ -76,7 +77,7 @@ class _Save:
 
     ckpt: str
     started: float
-    phase: str = "plan"
+    phase: Phase = Phase.PLAN
     path: str = ""
     overwrite: bool = False
     descs: dict[int, RankColumns | None] = field(default_factory=dict)  # None: the rank's description was invalid
@@ -275,7 +276,7 @@ class Coordinator:
         save = self._save_for(msg)
         if save is None:
             return
-        if save.phase != "plan" or msg.rank in save.descs:
+        if save.phase != Phase.PLAN or msg.rank in save.descs:
             return self._drop("replay", f"duplicate PlanRequest from rank {msg.rank} for {msg.ckpt}")
         desc: RankColumns | None = None
         try:
@@ -315,18 +316,20 @@ class Coordinator:
             target = storage.save_target(path, f"{self.job[:8]}-{save.ckpt}", save.overwrite)
         except (DistCkptError, OSError) as e:
             return self._abort(save, {0: f"planning failed: {e}"})
-        save.target, save.storage, save.plan, save.phase = target, storage, plan, "prepare"
+        save.target, save.storage, save.plan, save.phase = target, storage, plan, Phase.PREPARE
         self._io.submit(lambda: storage.begin_save(target), lambda out: self._prepared(save, same, out, t0))
 
     def _prepared(self, save: _Save, same: bool, out: object, t0: float) -> None:
         """(event loop) The tmp dir is ready (or failed): reply the plan to every rank."""
         if self._saves.get(save.ckpt) is not save:
             return  # aborted while the directory was made; its removal is queued behind the mkdir
+        if isinstance(out, CheckpointExists):  # the caller's choice to make: say so, by type, on every rank
+            return self._abort(save, {0: str(out)}, error="CheckpointExists")
         if isinstance(out, BaseException):
             return self._abort(save, {0: f"planning failed: {_text(out)}"})
         plan, target = save.plan, save.target
         assert plan is not None and target is not None
-        save.phase = "write"
+        save.phase = Phase.WRITE
         t1 = time.perf_counter()
         for r in range(self.world_size):
             self._send(r, wire.PlanReply(self.job, save.ckpt, r, target.location, same, plan.to_msgpack_for(r)))
@@ -345,7 +348,7 @@ class Coordinator:
         save = self._save_for(msg)
         if save is None:
             return
-        if save.phase != "write" or msg.rank in save.done or msg.rank in save.failed:
+        if save.phase != Phase.WRITE or msg.rank in save.done or msg.rank in save.failed:
             return self._drop("replay", f"Done from rank {msg.rank} for {msg.ckpt} in phase {save.phase}")
         try:  # decoded and merged as they arrive: the commit itself only writes
             save.records.add(msg.rank, decode_records(msg.records, msg.rank))  # type: ignore[union-attr] (set with the plan)
@@ -364,7 +367,7 @@ class Coordinator:
             return self._drop("replay", f"Failed from rank {msg.rank} after its Done for {msg.ckpt}")
         save.failed[msg.rank] = f"{msg.error} (phase {msg.phase})"
         save.path = save.path or msg.path
-        if save.phase in ("plan", "prepare"):
+        if save.phase in (Phase.PLAN, Phase.PREPARE):
             return self._abort(save, dict(save.failed))
         self._maybe_finish(save)
 
@@ -416,7 +419,7 @@ class Coordinator:
             return self._abort(save, dict(save.failed))
         if save.stalled:
             return self._abort(save, {0: self._stall_reason(save)})
-        save.phase = "commit"
+        save.phase = Phase.COMMIT
         for r in range(self.world_size):  # from here on a rank that loses the coordinator cannot say the save failed
             self._send(r, wire.CommitInProgress(self.job, save.ckpt, r))
         release_free_memory()  # the Done messages' buffers, before the manifest is built: the coordinator's peak
@@ -430,7 +433,7 @@ class Coordinator:
         """(event loop) The commit's I/O finished: tell every rank its outcome."""
         if isinstance(out, BaseException):
             log.error("[rank 0] commit of save %s to %s failed: %s", save.ckpt, path, out)
-            save.phase = "commit-failed"
+            save.phase = Phase.COMMIT_FAILED
             return self._abort(save, {0: f"commit failed: {_text(out)}"})
         self._remember_summary(save, time.perf_counter() - t_commit)
         self._end(save, lambda r: wire.Committed(self.job, save.ckpt, r, path))
@@ -446,14 +449,14 @@ class Coordinator:
             while len(self._summaries) > 64:
                 self._summaries.popitem(last=False)
 
-    def _abort(self, save: _Save, reasons: dict[int, str]) -> None:
-        if save.phase == "commit":  # only the commit's own result may end it now
+    def _abort(self, save: _Save, reasons: dict[int, str], error: str = "") -> None:
+        if save.phase == Phase.COMMIT:  # only the commit's own result may end it now
             log.error("[rank 0] save %s: not aborting while its commit is under way: %s", save.ckpt, reasons)
             return
         log.error("[rank 0] save %s to %s aborted: %s", save.ckpt, save.path or "(no rank named its path)", "; ".join(f"rank {r}: {m}" for r, m in sorted(reasons.items())))
         if save.target is not None and save.storage is not None:
             self._remove_tmp(save.storage, save.target)
-        self._end(save, lambda r: wire.Aborted(self.job, save.ckpt, r, reasons))
+        self._end(save, lambda r: wire.Aborted(self.job, save.ckpt, r, reasons, error))
 
     def _end(self, save: _Save, make: Callable[[int], wire.Message]) -> None:
         del self._saves[save.ckpt]
@@ -499,11 +502,11 @@ class Coordinator:
     def _check_deadlines(self, now: float) -> None:
         cfg = self._config
         for save in list(self._saves.values()):
-            if save.phase == "plan" and now - save.started > cfg.timeout_s:
+            if save.phase == Phase.PLAN and now - save.started > cfg.timeout_s:
                 missing = sorted(set(range(self.world_size)) - set(save.descs))
                 self._abort(save, {r: f"did not reach the save within {cfg.timeout_s:.0f} s (phase plan)" for r in missing})
                 continue
-            if save.phase == "prepare" and now - save.started > cfg.timeout_s:
+            if save.phase == Phase.PREPARE and now - save.started > cfg.timeout_s:
                 self._abort(save, {0: f"preparing the save's storage ({save.target.location if save.target else save.path}) did not finish within {cfg.timeout_s:.0f} s (phase prepare)"})
                 continue
             silent = {r: now - t for r, t in save.last_seen.items() if r not in save.done and r not in save.failed and now - t > cfg.heartbeat_timeout_s}
@@ -511,7 +514,7 @@ class Coordinator:
                 self._abort(save, {0: self._stall_reason(save)})
             elif silent:
                 self._abort(save, {r: f"sent no heartbeat for {s:.1f} s (phase {save.phase}); presumed dead" for r, s in silent.items()})
-            elif save.phase == "write" and now - save.started > cfg.timeout_s:
+            elif save.phase == Phase.WRITE and now - save.started > cfg.timeout_s:
                 slow = sorted(set(range(self.world_size)) - set(save.done) - set(save.failed))
                 self._abort(save, {r: f"did not finish writing within {cfg.timeout_s:.0f} s" for r in slow})
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .description import RankDescription, TensorDesc
+from .description import RankDescription, TensorDescription
 from .dtypes import dtype_name
 from .errors import ManifestError, PickleNotAllowed, StateDictError
 from .flatten import NUMPY_DTYPES, KeyPath, flatten, format_path, mark_leaves
@@ -47,8 +47,14 @@ def rank_local(value: Any) -> RankLocal:
 
 
 @dataclass
-class Described:
-    """The result of :func:`describe` (tensors aligned with ``desc.tensors``)."""
+class LocalState:
+    """This rank's state split for saving: the result of :func:`describe`.
+
+    ``desc`` is its *description* (the metadata the coordinator plans from;
+    the library's one noun for it), ``tensors`` the local tensors aligned with
+    ``desc.tensors``, then the values and the nested structure that rank 0 (or
+    this rank, for rank-local values) stores.
+    """
 
     desc: RankDescription
     tensors: list[torch.Tensor]
@@ -156,14 +162,14 @@ def check_object(value: Any, key: KeyPath, allow_pickle: bool) -> Any:
         raise StateDictError(f"{format_path(key)}: cannot pickle {type(value).__name__}: {e}") from e
 
 
-def describe(state_dict: Any, rank: int, allow_pickle: bool = False) -> Described:
+def describe(state_dict: Any, rank: int, allow_pickle: bool = False) -> LocalState:
     """Describe this rank's (already Stateful-expanded) state dict.
 
     Raises:
         StateDictError: a key or value cannot be checkpointed; names its key path.
     """
     leaves, structure = flatten(state_dict)
-    descs: list[TensorDesc] = []
+    descs: list[TensorDescription] = []
     tensors: list[torch.Tensor] = []
     objects: dict[KeyPath, Any] = {}
     local_objects: dict[KeyPath, Any] = {}
@@ -177,10 +183,10 @@ def describe(state_dict: Any, rank: int, allow_pickle: bool = False) -> Describe
         if isinstance(value, torch.Tensor):
             data, offsets, sizes = local_box(value, key)
             shape = tuple(int(s) for s in value.shape)
-            descs.append(TensorDesc(key, dtype_name(value.dtype, key), shape, offsets, sizes, owner))
+            descs.append(TensorDescription(key, dtype_name(value.dtype, key), shape, offsets, sizes, owner))
             tensors.append(data)
         elif owner is not None:
             local_objects[key] = check_object(value, key, allow_pickle)
         else:
             objects[key] = check_object(value, key, allow_pickle)
-    return Described(RankDescription(rank, tuple(descs)), tensors, objects, local_objects, mark_leaves(structure, marks))
+    return LocalState(RankDescription(rank, tuple(descs)), tensors, objects, local_objects, mark_leaves(structure, marks))

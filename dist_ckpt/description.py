@@ -38,25 +38,13 @@ import xxhash
 
 from .boxes import KeyPath
 from .dtypes import is_dtype_name, itemsize
-from .errors import CheckpointError, WireError
+from .errors import PlanError, WireError
 from .flatten import format_path
 
 WIRE_VERSION = 2
 MAX_NDIM = 64
 MAX_INT = 2**62  # dims, offsets and byte counts stay far from int64 overflow
 MAX_TENSORS = 1 << 24
-
-
-class PlanError(CheckpointError):
-    """The ranks' descriptions cannot form one checkpoint (coordinator side).
-
-    ``key`` is the offending key path and ``ranks`` the ranks involved.
-    """
-
-    def __init__(self, message: str, key: KeyPath | None = None, ranks: Iterable[int] = ()) -> None:
-        super().__init__(message)
-        self.key = key
-        self.ranks = tuple(ranks)
 
 
 @contextmanager
@@ -253,7 +241,7 @@ class RankColumns:
         for i, (key, dtype, shape, local) in enumerate(zip(sch.keys, sch.dtypes, sch.shapes, sch.local)):
             a, n = int(sch.start[i]), len(shape)
             off, siz = tuple(vals[a : a + n]), tuple(vals[sch.width + a : sch.width + a + n])
-            tensors.append(TensorDesc(key, dtype, shape, off, siz, owner if local else None))
+            tensors.append(TensorDescription(key, dtype, shape, off, siz, owner if local else None))
         return RankDescription(self.rank, tuple(tensors))
 
 
@@ -361,7 +349,7 @@ def _describe_box(schema: Schema, boxes: np.ndarray, row: int, dim: int, negativ
 
 
 @dataclass(frozen=True, slots=True)
-class TensorDesc:
+class TensorDescription:
     """One tensor (or one chunk of it) as one rank holds it.
 
     ``offsets``/``sizes`` place this rank's box in the global tensor of shape
@@ -382,7 +370,7 @@ class RankDescription:
     """Everything the coordinator needs from one rank to plan a save (rank side form)."""
 
     rank: int
-    tensors: tuple[TensorDesc, ...]
+    tensors: tuple[TensorDescription, ...]
     _memo: dict = field(default_factory=dict, compare=False, repr=False)  # columns and wire bytes, built once
 
     def columns(self) -> RankColumns:

@@ -7,7 +7,10 @@ the built-in exception they resemble, so ``except FileNotFoundError`` or
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+if TYPE_CHECKING:
+    from .boxes import KeyPath
 
 
 class DistCkptError(Exception):
@@ -29,8 +32,29 @@ class CheckpointError(DistCkptError):
         super().__init__(message)
 
 
-class CheckpointExists(DistCkptError, FileExistsError):
-    """A committed checkpoint is already at the path and ``overwrite`` was not given."""
+class CheckpointExists(CheckpointError, FileExistsError):
+    """A committed checkpoint is already at the path and ``overwrite`` was not given.
+
+    Raised on every rank of the save (a :class:`CheckpointError` with the same
+    text), and by :class:`~dist_ckpt.CheckpointManager` for a step directory
+    that holds something else.
+    """
+
+
+class PlanError(CheckpointError):
+    """The ranks' descriptions cannot form one checkpoint (coordinator side).
+
+    ``key`` is the offending key path and ``ranks`` the ranks involved.
+    """
+
+    def __init__(self, message: str, key: "KeyPath | None" = None, ranks: Iterable[int] = ()) -> None:
+        super().__init__(message)
+        self.key = key
+        self.ranks = tuple(ranks)
+
+
+class CheckpointProcessError(DistCkptError):
+    """The checkpoint subprocess failed or died, or process mode cannot start (no main guard)."""
 
 
 class CheckpointNotFound(DistCkptError, FileNotFoundError):
@@ -66,6 +90,19 @@ class WireError(DistCkptError, ValueError):
     """A coordinator message is malformed, unauthenticated or too large."""
 
 
+#: Every value ``BadMessage.reason`` can take.
+WIRE_REASONS = ("frames", "size", "mac", "header", "version", "type", "field", "rank")
+
+
+class BadMessage(WireError):
+    """A coordinator message was refused; ``reason`` is one of :data:`WIRE_REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        assert reason in WIRE_REASONS, reason
+        self.reason = reason
+        super().__init__(f"{reason}: {message}")
+
+
 class StateDictError(DistCkptError, TypeError):
     """A state dict holds a value or key that cannot be checkpointed."""
 
@@ -79,6 +116,10 @@ class LoadMismatchError(DistCkptError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; keep messages readable
         return str(self.args[0]) if self.args else ""
+
+
+class ConvertError(DistCkptError, ValueError):
+    """The source cannot be expressed in the target format (names the key and why)."""
 
 
 class CommitOutcomeUnknown(CheckpointError):
@@ -112,3 +153,28 @@ class TransportError(DistCkptError, ConnectionError):
 
 class SecretError(DistCkptError, PermissionError):
     """The job secret is missing, or its key file is not safe to trust (owner, mode, type)."""
+
+
+#: Errors that an ``Aborted`` message may name (``Aborted.error``), so that every
+#: rank raises the type the failure deserves instead of a plain CheckpointError.
+ABORT_ERRORS: dict[str, type[CheckpointError]] = {"CheckpointExists": CheckpointExists}
+
+
+# -- error text ------------------------------------------------------------------
+
+
+def bounded_repr(value: object, width: int = 60) -> str:
+    """A short repr of a possibly untrusted value, for error text.
+
+    ``repr`` of decoded garbage may be huge or, nested deeply, raise
+    RecursionError (an int past ``sys.get_int_max_str_digits()`` raises too),
+    so only plain scalars are shown by value, cut to ``width`` characters;
+    anything else by its type's name.
+    """
+    if type(value) is int and value.bit_length() > 128:
+        return "a huge int"
+    if type(value) in (str, bytes, int, float, bool, type(None)):
+        text = repr(value)
+        return text if len(text) <= width else text[: width - 3] + "..."
+    return type(value).__name__
+

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from .errors import ManifestError, StateDictError
+from .errors import ManifestError, StateDictError, bounded_repr
 
 KeyPath = tuple[str | int, ...]
 Structure = int | list[Any]
@@ -68,22 +68,8 @@ def format_path(path: KeyPath) -> str:
         if type(key) is str and key.isidentifier():
             parts.append("." + key if parts else key)
         else:
-            parts.append(f"[{key!r}]" if type(key) is str else f"[{_describe(key)}]")
+            parts.append(f"[{key!r}]" if type(key) is str else f"[{bounded_repr(key)}]")
     return "".join(parts) or "<root>"
-
-
-def _describe(value: object) -> str:
-    """Short description of a possibly untrusted value for an error message.
-
-    ``repr`` of decoded garbage may be huge or, nested deeply, raise
-    RecursionError, so only plain scalars are shown by value.
-    """
-    if type(value) is int and value.bit_length() > 128:
-        return "a huge int"
-    if type(value) in (str, bytes, int, float, bool, type(None)):
-        text = repr(value)
-        return text if len(text) <= 60 else text[:57] + "..."
-    return type(value).__name__
 
 
 def _key_ok(key: object) -> bool:
@@ -182,7 +168,7 @@ def _flatten_node(node: Any, path: KeyPath, leaves: dict[KeyPath, Any], active: 
     if kind in _DICT_TYPES:
         for key in node:
             if not _key_ok(key):
-                raise StateDictError(f"dict at {format_path(path)} has key {_describe(key)} of type {type(key).__name__}; keys must be str or int")
+                raise StateDictError(f"dict at {format_path(path)} has key {bounded_repr(key)} of type {type(key).__name__}; keys must be str or int")
         children = [_flatten_node(value, path + (key,), leaves, active) for key, value in node.items()]
         out: list[Any] = [_DICT, list(node), children]
     else:
@@ -196,11 +182,11 @@ def _parse_node(node: object, path: KeyPath, max_depth: int) -> tuple[str, Seque
     if type(node) is int and node == _LEAF:  # not False, not 0.0
         return None
     if type(node) not in (list, tuple) or not node or type(node[0]) is not str or node[0] not in _NODE_LEN:
-        raise ManifestError(f"structure at {format_path(path)}: expected 0 or a list tagged 'd', 'l' or 't', got {_describe(node)}")
+        raise ManifestError(f"structure at {format_path(path)}: expected 0 or a list tagged 'd', 'l' or 't', got {bounded_repr(node)}")
     tag = node[0]
     if tag == _NUMPY:
         if len(node) != 2 or type(node[1]) is not str or node[1] not in NUMPY_DTYPES:
-            raise ManifestError(f"structure at {format_path(path)}: numpy leaf must be ['n', dtype] with a known dtype, got {_describe(node[1] if len(node) > 1 else None)}")
+            raise ManifestError(f"structure at {format_path(path)}: numpy leaf must be ['n', dtype] with a known dtype, got {bounded_repr(node[1] if len(node) > 1 else None)}")
         return None
     if len(node) != _NODE_LEN[tag] or any(type(part) not in (list, tuple) for part in node[1:]):
         raise ManifestError(f"structure at {format_path(path)}: {tag!r} node must be the tag then {_NODE_LEN[tag] - 1} list(s)")
@@ -213,7 +199,7 @@ def _parse_node(node: object, path: KeyPath, max_depth: int) -> tuple[str, Seque
         raise ManifestError(f"structure at {format_path(path)}: dict has {len(keys)} keys but {len(children)} children")
     for key in keys:
         if not _key_ok(key):
-            raise ManifestError(f"structure at {format_path(path)}: bad dict key {_describe(key)}")
+            raise ManifestError(f"structure at {format_path(path)}: bad dict key {bounded_repr(key)}")
     if len(set(keys)) != len(keys):
         raise ManifestError(f"structure at {format_path(path)}: duplicate dict keys")
     return tag, keys, children

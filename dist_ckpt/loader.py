@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
-import pickle
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from .errors import (
     DataFileError,
     LoadMismatchError,
     ManifestError,
-    PickleNotAllowed,
 )
 from .flatten import (
     NUMPY_DTYPES,
@@ -48,7 +46,7 @@ from .flatten import (
 )
 from .layout_names import MANIFEST, OLD, TMP, is_sibling_of
 from .logs import get_logger
-from .manifest import Manifest, Pickled, TensorEntry
+from .manifest import Manifest, TensorEntry, unpickle_if_allowed
 from .reader import ReadTask, read_tensors
 from .storage import Storage, get_storage
 
@@ -173,11 +171,8 @@ def read_manifest(path: str, storage: Storage | None = None) -> tuple[Manifest, 
 
 
 def _object_value(value: Any, key: KeyPath, allow_pickle: bool) -> Any:
-    if isinstance(value, Pickled):
-        if not allow_pickle:
-            raise PickleNotAllowed(f"{format_path(key)} was saved pickled; loading it can execute code, so pass allow_pickle=True only for a checkpoint you trust")
-        return pickle.loads(value.data)
-    return value
+    why = f"{format_path(key)} was saved pickled; loading it can execute code, so pass allow_pickle=True only for a checkpoint you trust"
+    return unpickle_if_allowed(value, allow_pickle, why)
 
 
 def entry_for(manifest: Manifest, rank: int, key: KeyPath) -> tuple[TensorEntry | None, Any, bool]:

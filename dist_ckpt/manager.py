@@ -46,11 +46,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from .checkpointer import AsyncCheckpointer, SyncCheckpointer, make_async_checkpointer, make_sync_checkpointer
-from .errors import CheckpointExists
-from .layout_names import MANIFEST
+from .checkpointer import AsyncCheckpointer, SyncCheckpointer, done_future, make_async_checkpointer, make_sync_checkpointer
 from .config import Config
-from .errors import CheckpointError, CheckpointNotFound, ChecksumError, CommitOutcomeUnknown, DataFileError, ManifestError
+from .errors import CheckpointError, CheckpointExists, CheckpointNotFound, ChecksumError, CommitOutcomeUnknown, DataFileError, ManifestError
+from .layout_names import MANIFEST
 from .loader import read_manifest
 from .logs import get_logger
 from .manifest import Manifest
@@ -148,12 +147,6 @@ def checkpoint_bytes(path: str) -> int:
     return total + sum(e.nbytes for sec in manifest.local.values() for e in sec.tensors.values())
 
 
-def _done() -> Future:
-    f: Future = Future()
-    f.set_result(None)
-    return f
-
-
 # -- the manager -------------------------------------------------------------------
 
 
@@ -193,7 +186,7 @@ class CheckpointManager:
         self.rank = self._ckpt.writer.session.rank
         self._ckpt.writer.announce_saves = False  # _after_write's line carries the save's summary
         self.history: list[SaveStats] = []
-        self._pending: Future = _done()
+        self._pending: Future = done_future()
         self._lock = threading.Lock()
         self._closed = False
         session = self._ckpt.writer.session

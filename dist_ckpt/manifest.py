@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -23,7 +24,7 @@ import numpy as np
 
 from . import boxes
 from .dtypes import is_dtype_name, itemsize
-from .errors import ManifestError
+from .errors import ManifestError, PickleNotAllowed
 from .flatten import MAX_DEPTH, KeyPath, check_structure
 from .layout_names import DATA_DIR, MANIFEST
 
@@ -56,6 +57,22 @@ class Pickled:
     data: bytes
 
 
+def unpickle_if_allowed(value: Any, allowed: bool, refusal: str) -> Any:
+    """``value``, unpickled first if it is :class:`Pickled` and the caller opted in.
+
+    The one place a checkpoint's pickled bytes are turned into objects:
+    unpickling can execute code, so it needs ``allowed``.
+
+    Raises:
+        PickleNotAllowed: ``value`` is pickled and ``allowed`` is false (``refusal`` is the text).
+    """
+    if not isinstance(value, Pickled):
+        return value
+    if not allowed:
+        raise PickleNotAllowed(refusal)
+    return pickle.loads(value.data)
+
+
 @dataclass(frozen=True, eq=False)
 class ChunkTable:
     """The chunks of one tensor, column by column (row ``i`` is chunk ``i``)."""
@@ -84,16 +101,6 @@ class ChunkTable:
     def empty(ndim: int) -> "ChunkTable":
         z = np.zeros((0, ndim), np.int64)
         return ChunkTable(z, z.copy(), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint64))
-
-    @staticmethod
-    def concat(tables: list["ChunkTable"], ndim: int) -> "ChunkTable":
-        if not tables:
-            return ChunkTable.empty(ndim)
-        cols = [np.concatenate([getattr(t, c) for t in tables]) for c in _COLUMNS]
-        sizes = {t.block_bytes for t in tables}
-        if len(sizes) == 1 and all(t.blocks is not None for t in tables):  # else: none, as an old save
-            return ChunkTable(*cols, np.concatenate([t.blocks for t in tables]), sizes.pop())  # type: ignore[misc]
-        return ChunkTable(*cols)
 
     def column_bytes(self, name: str) -> memoryview:
         """The on-disk bytes of one column, without a copy when it is already contiguous."""
@@ -222,9 +229,6 @@ class Manifest:
         except Exception as e:  # msgpack raises many types on garbage; all mean "not a manifest"
             raise ManifestError(f"MANIFEST is not valid msgpack ({type(e).__name__}: {e})") from e
         return _decode(obj)
-
-    def keys(self) -> list[KeyPath]:
-        return list(self.tensors) + list(self.objects)
 
 
 def _pack_default(obj: Any) -> Any:

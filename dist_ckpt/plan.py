@@ -1,15 +1,24 @@
-"""The save plan: who writes which chunk, as sent to the ranks and used by the merge.
+"""The save plan: who writes which chunk, and where each written chunk lands in the manifest.
 
-:func:`dist_ckpt.planner.plan_save` makes a :class:`SavePlan`; the coordinator
-keeps the last one in a :class:`PlanCache`, sends each rank its row
+:func:`dist_ckpt.save_planner.plan_save` makes a :class:`SavePlan`; the
+coordinator keeps the last one in a :class:`PlanCache`, sends each rank its row
 (:meth:`SavePlan.to_msgpack_for`, parsed by :meth:`SavePlan.parse_rank_plan`)
 and places the written chunks in the manifest through :attr:`SavePlan.layout`.
+
+The layout (:class:`ChunkLayout`, built once per plan) holds the manifest's
+columns in their final order, so that at commit time the coordinator only
+scatters each rank's records (file, offset, hash) into place as its Done
+arrives (:class:`dist_ckpt.commit.RecordTable`), and the chunk tables are
+views of these columns. Manifest order: chunks grouped by their tensor's
+number of dims, then by manifest entry (global keys, then rank-local ones),
+then by rank.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from functools import cached_property
+from typing import Iterable, Iterator, Mapping
 
 import msgpack
 import numpy as np
@@ -17,9 +26,15 @@ import numpy as np
 from .boxes import KeyPath
 from .description import Schema
 from .errors import WireError
-from .layout import ChunkLayout, chunk_layout
 
-__all__ = ["PlanCache", "PlanGroup", "SavePlan"]
+__all__ = ["BLOCK", "ChunkLayout", "PlanCache", "PlanGroup", "SavePlan", "blocks", "chunk_layout"]
+
+BLOCK = 128  # tensors per vectorised pass: bounds the temporaries over thousands of ranks
+
+
+def blocks(n: int, size: int = BLOCK) -> Iterator[slice]:
+    """``slice``s of at most ``size`` covering ``range(n)``."""
+    return (slice(a, min(a + size, n)) for a in range(0, n, size))
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,11 +64,16 @@ class PlanGroup:
         return ent
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class SavePlan:
     """Who writes what, and where in the manifest each written chunk goes.
 
-    ``writes[rank]`` (built on demand) indexes that rank's described tensors.
+    The fields never change once the planner made the plan. What is derived
+    from them (:attr:`writes`, each group's reply bitmap, :attr:`layout`) is
+    computed on first use and then kept (``cached_property``); ``boxes``, the
+    ``(R, 2S)`` offsets-then-sizes matrix of each group's ranks, is only
+    needed for the layout and is released once it is built (a 4096-rank
+    plan's boxes are ~100 MB).
     """
 
     ranks: np.ndarray  # (W,) ascending
@@ -62,48 +82,43 @@ class SavePlan:
     keys: tuple[KeyPath, ...]  # global entries
     dtypes: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
-    _memo: dict = field(default_factory=dict, repr=False)
+    boxes: list[np.ndarray] | None = field(default=None, repr=False)
 
-    @property
+    @cached_property
     def layout(self) -> ChunkLayout:
         """Where each written chunk lands in the manifest.
 
-        Built on first use from the boxes the plan was made from, which are
-        then dropped: the coordinator asks for it once the replies are out,
-        while the ranks write.
+        Built on first use: the coordinator asks for it once the replies are
+        out, while the ranks write.
         """
-        found = self._memo.get("layout")
-        if found is None:
-            boxes, n_entries = self._memo.pop("boxes")
-            found = self._memo["layout"] = chunk_layout(list(self.groups), boxes, n_entries)
+        assert self.boxes is not None, "a plan's layout needs the boxes it was made from"
+        n_entries = len(self.keys) + sum(len(g.ranks) * len(g.local_keys) for g in self.groups)
+        found = chunk_layout(list(self.groups), self.boxes, n_entries)
+        self.boxes = None  # the one change after construction: the boxes are not needed any more
         return found
 
     def where(self, rank: int) -> tuple[int, int] | None:
         """``(group, row)`` of ``rank``, or ``None`` if it took no part."""
-        return self._row_of().get(rank)
+        return self._row_of.get(rank)
 
-    @property
-    def n_entries(self) -> int:
-        return len(self.keys) + sum(len(g.ranks) * len(g.local_keys) for g in self.groups)
-
+    @cached_property
     def _row_of(self) -> dict[int, tuple[int, int]]:
-        found = self._memo.get("rows")
-        if found is None:
-            found = self._memo["rows"] = {r: (gi, row) for gi, g in enumerate(self.groups) for row, r in enumerate(g.ranks.tolist())}
-        return found
+        return {r: (gi, row) for gi, g in enumerate(self.groups) for row, r in enumerate(g.ranks.tolist())}
 
-    @property
+    @cached_property
     def writes(self) -> dict[int, tuple[int, ...]]:
         """``{rank: indices of the tensors it writes}`` for every rank."""
-        found = self._memo.get("writes")
-        if found is None:
-            out = {}
-            for g in self.groups:
-                rows, cols = np.nonzero(g.writes)
-                bounds = np.searchsorted(rows, np.arange(len(g.ranks) + 1)).tolist()
-                out.update((r, tuple(cols[bounds[i] : bounds[i + 1]].tolist())) for i, r in enumerate(g.ranks.tolist()))
-            found = self._memo["writes"] = dict(sorted(out.items()))
-        return found
+        out = {}
+        for g in self.groups:
+            rows, cols = np.nonzero(g.writes)
+            bounds = np.searchsorted(rows, np.arange(len(g.ranks) + 1)).tolist()
+            out.update((r, tuple(cols[bounds[i] : bounds[i + 1]].tolist())) for i, r in enumerate(g.ranks.tolist()))
+        return dict(sorted(out.items()))
+
+    @cached_property
+    def _bits(self) -> tuple[np.ndarray, ...]:
+        """Per group, each row's write bitmap: one packbits per group, not per rank."""
+        return tuple(np.packbits(g.writes, axis=1, bitorder="little") for g in self.groups)
 
     @property
     def bytes_per_rank(self) -> dict[int, int]:
@@ -114,14 +129,11 @@ class SavePlan:
 
     def to_msgpack_for(self, rank: int) -> bytes:
         """The plan of one rank, as sent in the coordinator's reply: ``[n_tensors, bitmap]``."""
-        where = self._row_of().get(rank)
+        where = self._row_of.get(rank)
         if where is None:
             return msgpack.packb([0, b""], use_bin_type=True)
         gi, row = where
-        bits = self._memo.get(("bits", gi))
-        if bits is None:  # one packbits per group, not per rank
-            bits = self._memo[("bits", gi)] = np.packbits(self.groups[gi].writes, axis=1, bitorder="little")
-        return msgpack.packb([self.groups[gi].writes.shape[1], bits[row].tobytes()], use_bin_type=True)
+        return msgpack.packb([self.groups[gi].writes.shape[1], self._bits[gi][row].tobytes()], use_bin_type=True)
 
     @staticmethod
     def parse_rank_plan(data: bytes, n_tensors: int) -> tuple[int, ...]:
@@ -167,3 +179,121 @@ class PlanCache:
     def clear(self) -> None:
         """Forget the plan (a big one is worth freeing before its successor is built)."""
         self._key, self._plan = None, None
+
+
+# -- the layout: where each written chunk lands in the manifest -----------------
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkLayout:
+    """The manifest's per-chunk columns that the plan fixes, in manifest order.
+
+    Chunks whose tensors have ``ndim`` dims occupy ``base[ndim] ..`` of the
+    flat per-chunk columns (``nbytes`` here; file, offset and hash come from
+    the ranks' records) and their boxes are ``offsets[ndim]`` and
+    ``sizes[ndim]``, ``(n, ndim)`` each.
+    """
+
+    counts: np.ndarray  # (n_entries,) chunks of each manifest entry
+    base: dict[int, int]
+    offsets: dict[int, np.ndarray]
+    sizes: dict[int, np.ndarray]
+    nbytes: np.ndarray  # (N,)
+    position: tuple[np.ndarray, ...]  # per plan group: flat position of each written (row, tensor), row-major
+    row_start: tuple[np.ndarray, ...]  # per plan group: (R + 1,) where each row's chunks start in ``position``
+
+    def positions(self, group: int, row: int) -> np.ndarray:
+        """Flat positions of the chunks one rank writes, in ascending tensor order."""
+        starts = self.row_start[group]
+        return self.position[group][starts[row] : starts[row + 1]]
+
+
+@dataclass
+class _Class:
+    """The chunks of one ndim while the layout is built."""
+
+    entry: np.ndarray
+    offsets: np.ndarray
+    sizes: np.ndarray
+    nbytes: np.ndarray  # a view of the layout's flat column
+    where: np.ndarray  # row-major index within its group
+    group: np.ndarray | None  # only when there are several groups
+
+    @staticmethod
+    def empty(nd: int, n: int, nbytes: np.ndarray, n_entries: int, groups: bool) -> _Class:
+        # 32-bit indices where they fit: every byte here is fresh memory for each new plan
+        return _Class(np.empty(n, _index(n_entries)), np.empty((n, nd), np.int64), np.empty((n, nd), np.int64), nbytes, np.empty(n, _index(n)), np.empty(n, np.int32) if groups else None)
+
+    def sorted_by_entry(self) -> _Class:
+        """Chunks of each entry together, in their order (already so unless a key spans schemas or is rank-local)."""
+        if (self.entry[1:] >= self.entry[:-1]).all():
+            return self
+        order = np.argsort(self.entry, kind="stable")
+        self.nbytes[:] = self.nbytes[order]
+        pick = lambda a: None if a is None else a[order]  # noqa: E731
+        return _Class(pick(self.entry), pick(self.offsets), pick(self.sizes), self.nbytes, pick(self.where), pick(self.group))
+
+
+def _index(n: int) -> type:
+    """The smallest of int32 and int64 that indexes ``n`` items."""
+    return np.int32 if n < 2**31 else np.int64
+
+
+def chunk_layout(groups: list[PlanGroup], boxes: list[np.ndarray], n_entries: int) -> ChunkLayout:
+    """Place every chunk the plan writes (whole-array passes over blocks of tensors).
+
+    Args:
+        groups: the plan's groups, with their write matrices filled in.
+        boxes: per group, the ``(R, 2S)`` offsets-then-sizes matrix of its ranks.
+        n_entries: manifest entries (global and rank-local tensors).
+    """
+    totals: dict[int, int] = {}
+    for g in groups:
+        per_col = g.writes.sum(axis=0)
+        for nd in np.unique(g.schema.ndim).tolist():
+            totals[nd] = totals.get(nd, 0) + int(per_col[g.schema.ndim == nd].sum())
+    nbytes = np.empty(sum(totals.values()), np.int64)
+    base, n = {}, 0
+    for nd in sorted(totals):
+        base[nd], n = n, n + totals[nd]
+    classes = {nd: _Class.empty(nd, totals[nd], nbytes[base[nd] : base[nd] + totals[nd]], n_entries, len(groups) > 1) for nd in totals}
+    filled = dict.fromkeys(totals, 0)
+    for gi, (g, b) in enumerate(zip(groups, boxes)):
+        _fill(classes, filled, gi, g, b)
+    position = [np.empty(int(g.writes.sum()), _index(n)) for g in groups]
+    counts = np.zeros(n_entries, np.int64)
+    for nd in sorted(classes):
+        cls = classes[nd] = classes[nd].sorted_by_entry()
+        flat = np.arange(base[nd], base[nd] + len(cls.entry))
+        for gi in range(len(groups)):
+            sel = cls.group == gi if cls.group is not None else slice(None)
+            position[gi][cls.where[sel]] = flat[sel]
+        counts += np.bincount(cls.entry, minlength=n_entries)
+    row_start = tuple(np.concatenate([[0], np.cumsum(g.writes.sum(axis=1))]) for g in groups)
+    return ChunkLayout(counts, base, {nd: c.offsets for nd, c in classes.items()}, {nd: c.sizes for nd, c in classes.items()}, nbytes, tuple(position), row_start)
+
+
+def _fill(classes: dict[int, _Class], filled: dict[int, int], gi: int, g: PlanGroup, boxes: np.ndarray) -> None:
+    """Append group ``g``'s written chunks to their classes: by tensor, then rank order."""
+    sch, n_cols = g.schema, g.writes.shape[1]
+    flat = boxes.reshape(-1)
+    # row-major index of each written cell: the order a rank's records arrive in
+    rank_of = np.cumsum(g.writes.reshape(-1), dtype=_index(g.writes.size)) - 1
+    for nd in np.unique(sch.ndim).tolist():
+        of_nd, dst = np.flatnonzero(sch.ndim == nd), classes[nd]
+        for blk in blocks(len(of_nd)):
+            c, rw = np.nonzero(g.writes[:, of_nd[blk]].T)
+            col = of_nd[blk][c]
+            at = (rw * (2 * sch.width) + sch.start[col])[:, None] + np.arange(nd)  # where the offsets are in ``flat``
+            k = slice(filled[nd], filled[nd] + len(col))
+            filled[nd] += len(col)
+            dst.offsets[k] = np.take(flat, at)
+            dst.sizes[k] = np.take(flat, at + sch.width)
+            nbytes = sch.itemsize[col]
+            for d in range(nd):  # one pass per dim: numpy reduces short rows slowly
+                nbytes *= dst.sizes[k, d]
+            dst.nbytes[k] = nbytes
+            dst.entry[k] = g.entries(col, rw)
+            dst.where[k] = rank_of[rw * n_cols + col]
+            if dst.group is not None:
+                dst.group[k] = gi

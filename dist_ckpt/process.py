@@ -4,11 +4,15 @@ Process mode moves file writing and hashing out of the training process (no
 GIL contention, no page-cache pressure accounting against the trainer). The
 subprocess is spawned once per rank and attaches the staging arena (named
 POSIX shared memory) by name: no tensor bytes cross the pipe; it re-attaches
-only when the arena grows. Each save then sends a small
-request — ``(tmp_path, path, [(tag, arena offset, nbytes)], threads, storage)``,
-the storage only when one was injected (then pickled) — and
-gets the chunk records back. Planning, ``Done`` and the wait for ``Committed``
-stay in the parent's writer thread, which owns the coordinator connection.
+only when the arena grows. The channel carries typed messages (small
+dataclasses, pickled by the queues): the parent sends :class:`AttachArena`,
+:class:`WriteRequest` (``[(tag, arena offset, nbytes)]``, and the storage only
+when one was injected, then pickled) and :class:`Stop`;
+the child answers :class:`Ready`, :class:`Written` (the chunk records) or
+:class:`WriteFailed` (the error's type, text and errno, so that a failed
+write is the same ``StorageError`` with the same ``errno`` as in thread
+mode). Planning, ``Done`` and the wait for ``Committed`` stay in the parent's
+save thread, which owns the coordinator connection.
 """
 
 from __future__ import annotations
@@ -18,23 +22,89 @@ import logging
 import queue
 import sys
 import traceback
+from dataclasses import dataclass
 from multiprocessing import shared_memory
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.multiprocessing as tmp
 
-from .errors import DistCkptError, StorageError
+from .errors import CheckpointProcessError, StorageError
 from .logs import get_logger
 from .session import RankInfo
-from .storage import SaveTarget, Storage, get_storage
+from .storage import SaveTarget, Storage
 from .writer import WriteRecord
 
 log = get_logger(__name__)
 
 
-class CheckpointProcessError(DistCkptError):
-    """The checkpoint subprocess failed or died."""
+# -- the channel: parent -> child ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttachArena:
+    """Attach the staging arena: named shared memory ``name``, the first ``size`` bytes."""
+
+    name: str
+    size: int
+
+
+@dataclass(frozen=True)
+class WriteRequest:
+    """Write ``items`` (tag, arena byte offset, nbytes) into ``tmp_path`` of the checkpoint at ``path``."""
+
+    tmp_path: str
+    path: str
+    items: list[tuple[int, int, int]]
+    threads: int
+    storage: Storage | None = None  # an injected backend (pickled); None: chosen by the path's scheme
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Detach and exit."""
+
+
+# -- the channel: child -> parent ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The child started (its init function returned)."""
+
+
+@dataclass(frozen=True)
+class Written:
+    """The records of a :class:`WriteRequest`'s chunks (``WriteRecord`` fields)."""
+
+    records: list[tuple]
+
+
+@dataclass(frozen=True)
+class WriteFailed:
+    """A step in the child raised ``type_name(message)``; ``errno``/``strerror`` when it was an ``OSError``."""
+
+    type_name: str
+    message: str
+    errno: int | None
+    strerror: str | None
+    traceback: str
+
+    @staticmethod
+    def of(e: BaseException) -> "WriteFailed":
+        if isinstance(e, OSError):
+            return WriteFailed(type(e).__name__, str(e), e.errno, e.strerror, traceback.format_exc())
+        return WriteFailed(type(e).__name__, str(e), None, None, traceback.format_exc())
+
+    def error(self, rank: int, what: str) -> Exception:
+        """The parent's error: a ``StorageError`` with the same errno for an ``OSError``, else ``CheckpointProcessError``."""
+        if self.errno is not None:
+            return StorageError(self.errno, f"{self.strerror or self.message} (rank {rank}, in the checkpoint process, during {what})")
+        return CheckpointProcessError(f"rank {rank}: {self.type_name}: {self.message} (in the checkpoint process, during {what})")
+
+
+Request = Union[AttachArena, WriteRequest, Stop]
+Response = Union[Ready, Written, WriteFailed]
 
 
 def require_main_guard() -> None:
@@ -80,43 +150,62 @@ def _is_main_guard(node: ast.stmt) -> bool:
 
 
 def _main(rank: int, requests: Any, responses: Any, init_fn: Callable[..., None] | None, init_args: tuple) -> None:
-    from .buffers import tensor_memoryview
-    from .writer import WriteItem, write_items
-
+    """The child: serve :class:`Request`s until :class:`Stop`; every failure goes back as :class:`WriteFailed`."""
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank} writer-process] %(message)s")
-    arena: torch.Tensor | None = None
-    shm: shared_memory.SharedMemory | None = None
     try:
         if init_fn is not None:
             init_fn(*init_args)
-        responses.put(("ready", None))
+        responses.put(Ready())
     except BaseException as e:
-        responses.put(("err", (type(e).__name__, str(e), traceback.format_exc())))
+        responses.put(WriteFailed.of(e))
         return
+    arena = _Attached()
     while True:
-        kind, payload = requests.get()
-        if kind == "stop":
-            arena = None
-            if shm is not None:
-                shm.close()
+        msg: Request = requests.get()
+        if isinstance(msg, Stop):
+            arena.detach()
             return
-        if kind == "arena":
-            arena = None
-            if shm is not None:
-                shm.close()
-            shm = shared_memory.SharedMemory(name=payload[0])
-            arena = torch.frombuffer(shm.buf, dtype=torch.uint8)[: payload[1]]
+        if isinstance(msg, AttachArena):
+            arena.attach(msg.name, msg.size)
             continue
         try:
-            tmp_path, path, items, threads, injected = payload
-            assert arena is not None, "no staging arena received"
-            view = tensor_memoryview(arena)
-            work = [WriteItem(tag, view[off : off + n]) for tag, off, n in items]
-            storage, path = get_storage(path, injected)
-            records = write_items(storage, SaveTarget(path.rstrip("/"), tmp_path), rank, work, threads)
-            responses.put(("ok", [(r.tag, r.file, r.offset, r.nbytes, r.xxh3, r.blocks) for r in records]))
+            responses.put(Written(_write(rank, arena, msg)))
         except BaseException as e:  # surfaces in the parent's write future
-            responses.put(("err", (type(e).__name__, str(e), traceback.format_exc())))
+            responses.put(WriteFailed.of(e))
+
+
+class _Attached:
+    """(child) The staging arena as this process sees it."""
+
+    def __init__(self) -> None:
+        self.shm: shared_memory.SharedMemory | None = None
+        self.view: memoryview | None = None
+
+    def attach(self, name: str, size: int) -> None:
+        from .buffers import tensor_memoryview
+
+        self.detach()
+        self.shm = shared_memory.SharedMemory(name=name)
+        self.view = tensor_memoryview(torch.frombuffer(self.shm.buf, dtype=torch.uint8)[:size])
+
+    def detach(self) -> None:
+        self.view = None
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
+
+
+def _write(rank: int, arena: _Attached, req: WriteRequest) -> list[tuple]:
+    from . import storage as storage_mod  # looked up per write, so an init_fn may swap the backend
+    from .writer import WriteItem, write_items
+
+    view = arena.view
+    if view is None:
+        raise CheckpointProcessError("no staging arena received before a write")
+    work = [WriteItem(tag, view[off : off + n]) for tag, off, n in req.items]
+    storage, path = storage_mod.get_storage(req.path, req.storage)
+    records = write_items(storage, SaveTarget(path.rstrip("/"), req.tmp_path), rank, work, req.threads)
+    return [(r.tag, r.file, r.offset, r.nbytes, r.xxh3, r.blocks) for r in records]
 
 
 class CheckpointProcess:
@@ -124,13 +213,12 @@ class CheckpointProcess:
 
     Args:
         rank_info: this rank.
-        config: unused beyond timeouts; kept for call-shape compatibility.
         subprocess_init_fn: called in the subprocess before it serves (e.g. logging setup).
         subprocess_init_args: its arguments.
         init_timeout_s: how long to wait for the subprocess to start.
     """
 
-    def __init__(self, rank_info: RankInfo, config: Any = None, subprocess_init_fn: Callable[..., None] | None = None, subprocess_init_args: tuple = (), init_timeout_s: float = 60.0) -> None:
+    def __init__(self, rank_info: RankInfo, subprocess_init_fn: Callable[..., None] | None = None, subprocess_init_args: tuple = (), init_timeout_s: float = 60.0) -> None:
         self.rank = rank_info.global_rank
         ctx = tmp.get_context("spawn")
         self._requests, self._responses = ctx.Queue(), ctx.Queue()
@@ -140,11 +228,11 @@ class CheckpointProcess:
         self._receive("start", init_timeout_s)
         log.debug("[rank %d] checkpoint process %d started", self.rank, self._proc.pid)
 
-    def _receive(self, what: str, timeout: float | None = None) -> Any:
+    def _receive(self, what: str, timeout: float | None = None) -> Response:
         waited = 0.0
         while True:
             try:
-                kind, payload = self._responses.get(timeout=1.0)
+                msg: Response = self._responses.get(timeout=1.0)
                 break
             except queue.Empty:
                 waited += 1.0
@@ -152,13 +240,10 @@ class CheckpointProcess:
                     raise CheckpointProcessError(f"rank {self.rank}: checkpoint process died (exit code {self._proc.exitcode}) during {what}") from None
                 if timeout is not None and waited >= timeout:
                     raise CheckpointProcessError(f"rank {self.rank}: checkpoint process did not answer within {timeout:.0f} s ({what})") from None
-        if kind == "err":
-            name, message, tb = payload
-            log.error("[rank %d] checkpoint process failed during %s:\n%s", self.rank, what, tb)
-            if name in ("StorageError", "OSError", "PermissionError", "FileNotFoundError"):
-                raise StorageError(f"{message} (in the checkpoint process)")
-            raise CheckpointProcessError(f"{name}: {message} (in the checkpoint process)")
-        return payload
+        if isinstance(msg, WriteFailed):
+            log.error("[rank %d] checkpoint process failed during %s:\n%s", self.rank, what, msg.traceback)
+            raise msg.error(self.rank, what)
+        return msg
 
     def write(self, shm_name: str, size: int, tmp_path: str, path: str, items: Sequence[tuple[int, int, int]], threads: int,
               storage: Storage | None = None) -> list[WriteRecord]:
@@ -167,15 +252,18 @@ class CheckpointProcess:
         ``storage`` (an injected backend) is pickled to the subprocess; None: chosen there by the path's scheme.
         """
         if self._arena != (shm_name, size):
-            self._requests.put(("arena", (shm_name, size)))  # the subprocess attaches by name
+            self._requests.put(AttachArena(shm_name, size))  # the subprocess attaches by name
             self._arena = (shm_name, size)
-        self._requests.put(("write", (tmp_path, path, list(items), threads, storage)))
-        return [WriteRecord(*r) for r in self._receive("write")]
+        self._requests.put(WriteRequest(tmp_path, path, list(items), threads, storage))
+        reply = self._receive("write")
+        if not isinstance(reply, Written):
+            raise CheckpointProcessError(f"rank {self.rank}: checkpoint process answered a write with {type(reply).__name__}")
+        return [WriteRecord(*r) for r in reply.records]
 
     def close(self) -> None:
         """Stop the subprocess (waits for it, then kills it if it hangs)."""
         if self._proc.is_alive():
-            self._requests.put(("stop", None))
+            self._requests.put(Stop())
             self._proc.join(timeout=30)
             if self._proc.is_alive():
                 self._proc.kill()

@@ -1,6 +1,6 @@
 """The reader: byte ranges of data files → destination tensors, in parallel.
 
-Executes the read operations of :func:`dist_ckpt.read_planner.plan_reads`. When the
+Executes the read operations of :func:`dist_ckpt.load_planner.plan_reads`. When the
 destination box is one contiguous region of a contiguous CPU tensor the runs
 are read straight into it (``preadv``, no copy); otherwise they land in a
 bounce buffer and are copied once.
@@ -33,7 +33,7 @@ from .buffers import tensor_memoryview
 from .errors import ChecksumError, DataFileError
 from .flatten import KeyPath, format_path
 from .manifest import TensorEntry
-from .read_planner import ReadOp, plan_reads
+from .load_planner import ReadOp, plan_reads
 from .commit import segment_index
 from .storage import WRITE_PIECE, ReadHandle, Storage
 

@@ -3,33 +3,43 @@
 ``describe`` (caller thread) → ``stage`` (async only) → :func:`run_save`:
 wait for staging → plan request → write own chunks → Done → wait for
 Committed. Sync and async saves call the same :func:`run_save`; they differ
-only in which thread runs it and whether the bytes come from the stager's
+only in which thread runs it and whether the bytes come from the staging
 arena or the tensors themselves. No step calls a torch collective.
 """
 
 from __future__ import annotations
 
+import abc
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from . import wire
 from .buffers import tensor_memoryview
 from .commit import encode_objects, encode_records
-from .describe import Described
+from .describe import LocalState
 from .errors import CheckpointError, CoordinatorTimeout
 from .logs import RankStats, get_logger
 from .plan import SavePlan
 from .session import Session
 from .storage import SaveTarget, Storage, get_storage
+from .wire import Phase
 from .writer import WriteItem, WriteRecord, write_items
 
-if TYPE_CHECKING:
-    from .checkpointer import WriterHook
-
 log = get_logger(__name__)
+
+
+class WriterHook(abc.ABC):  # noqa: B024 - both hooks are optional
+    """Called on every rank around the commit of each save (by :func:`run_save`)."""
+
+    def pre_commit(self, path: str, **kwargs: Any) -> None:
+        """After this rank's files are written, before it reports Done."""
+
+    def post_commit(self, path: str, **kwargs: Any) -> None:
+        """After the coordinator committed the checkpoint for all ranks."""
 
 
 def host_bytes(t: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
@@ -49,7 +59,7 @@ def write_here(tmp_path: str, path: str, rank: int, assigned: Sequence[int], hos
     return write_items(storage, SaveTarget(path.rstrip("/"), tmp_path), rank, [WriteItem(i, mv) for i, (_, mv) in zip(assigned, keep)], threads)
 
 
-def report_failure(session: Session, ckpt: str, phase: str, error: BaseException, path: str = "") -> None:
+def report_failure(session: Session, ckpt: str, phase: Phase, error: BaseException, path: str = "") -> None:
     """Tell the coordinator this rank cannot take part in save ``ckpt`` to ``path`` (others then abort at once)."""
     log.error("[rank %d] save %s to %s failed in phase %s: %s", session.rank, ckpt, path, phase, error)
     session.agent.send(wire.Failed(session.job, ckpt, session.rank, phase, f"{type(error).__name__}: {error}", path))
@@ -59,11 +69,11 @@ def run_save(
     session: Session,
     ckpt: str,
     path: str,
-    described: Described,
+    described: LocalState,
     host: Sequence[torch.Tensor],
     overwrite: bool = False,
     ready: Callable[[], object] | None = None,
-    hook: "WriterHook | None" = None,
+    hook: WriterHook | None = None,
     write: "WriteFn | None" = None,
     user_meta: Mapping[str, Any] | None = None,
     step: int | None = None,
@@ -71,11 +81,17 @@ def run_save(
 ) -> str:
     """Save this rank's part of checkpoint ``ckpt`` and wait until it is committed.
 
+    The steps, each named once (:class:`~dist_ckpt.wire.Phase`): wait for
+    staging (``ready``) → :func:`_request_plan` → :func:`_write_and_report`
+    (write, ``pre_commit``, Done) → wait for Committed (``post_commit``).
+    A step that raises is reported to the coordinator with its phase
+    (:func:`_step`), so every rank aborts at once.
+
     Args:
         session: this rank's session (agent, rank, config).
         ckpt: save id, the same on every rank.
         path: final checkpoint directory.
-        described: metadata of this rank's state.
+        described: this rank's state, described (its description, tensors and objects).
         host: tensors aligned with ``described.tensors`` whose bytes are written
             (staged copies, or the originals for a sync save).
         overwrite: replace an existing checkpoint at ``path``.
@@ -100,52 +116,81 @@ def run_save(
         CheckpointError: this or another rank failed; lists every failed rank.
         CoordinatorTimeout: the coordinator went silent or the deadline passed.
     """
-    agent, cfg, rank = session.agent, session.config, session.rank
-    # The coordinator enforces the deadlines and names the late ranks; a rank's
-    # own wait is only the backstop for a coordinator that cannot answer.
-    backstop = cfg.timeout_s + cfg.heartbeat_timeout_s
-    phase = "stage"
+    agent = session.agent
     t0 = time.perf_counter()
     agent.open(ckpt)
     try:
-        try:
+        with _step(session, ckpt, path, Phase.STAGE):
             if ready is not None:
                 ready()  # no heartbeats yet: the coordinator learns of this save from the PlanRequest
-            t_staged = time.perf_counter()
-            phase = "plan"
-            agent.begin(ckpt, phase)
-            blob = described.desc.to_msgpack()
-            agent.send(wire.PlanRequest(session.job, ckpt, rank, path, session.world_size, described.desc.digest(), blob, overwrite))
-            reply = agent.wait(ckpt, wire.PlanReply, phase, backstop)
-            assigned = SavePlan.parse_rank_plan(reply.plan, len(described.desc.tensors))
-            t_plan = time.perf_counter()
-            phase = "write"
-            agent.begin(ckpt, phase)
-            records = (write or write_here)(reply.tmp_path, path, rank, assigned, host, cfg.writer_threads)
+        t_staged = time.perf_counter()
+        with _step(session, ckpt, path, Phase.PLAN):
+            tmp_path, assigned = _request_plan(session, ckpt, path, described, overwrite)
+        t_plan = time.perf_counter()
+        with _step(session, ckpt, path, Phase.WRITE):
+            records = (write or write_here)(tmp_path, path, session.rank, assigned, host, session.config.writer_threads)
             if hook is not None:
                 hook.pre_commit(path)
             stats = RankStats(t_staged - t0, t_plan - t_staged, time.perf_counter() - t_plan, sum(r.nbytes for r in records))
-            first = rank == 0  # replicated values, the structure and user_meta are kept from rank 0
-            objects = encode_objects(described.objects if first else {}, described.local_objects, described.structure if first else None, user_meta if first else None, stats)
-            agent.send(wire.Done(session.job, ckpt, rank, encode_records(records), objects))
-        except (CheckpointError, CoordinatorTimeout):
-            raise
-        except Exception as e:
-            report_failure(session, ckpt, phase, e, path)
-            try:
-                agent.wait(ckpt, wire.Committed, "abort", cfg.heartbeat_timeout_s * 2)
-            except CheckpointError as everyone:
-                raise everyone from e
-            raise CheckpointError(f"save {ckpt} failed on rank {rank}", {rank: f"{type(e).__name__}: {e}"}) from e
-        phase = "commit"
-        agent.begin(ckpt, phase)
-        agent.wait(ckpt, wire.Committed, phase, backstop)
+            _report_done(session, ckpt, described, records, user_meta, stats)
+        agent.begin(ckpt, Phase.COMMIT)
+        agent.wait(ckpt, wire.Committed, Phase.COMMIT, _backstop(session))
         if hook is not None:
             hook.post_commit(path)
         _log_committed(session, ckpt, path, step, stats, time.perf_counter() - t0, announce)
         return path
     finally:
         agent.end(ckpt)
+
+
+def _backstop(session: Session) -> float:
+    """How long a rank waits for the coordinator before it gives up on it.
+
+    The coordinator enforces the deadlines and names the late ranks; a rank's
+    own wait is only the backstop for a coordinator that cannot answer.
+    """
+    return session.config.timeout_s + session.config.heartbeat_timeout_s
+
+
+@contextmanager
+def _step(session: Session, ckpt: str, path: str, phase: Phase) -> Iterator[None]:
+    """Run one step of save ``ckpt`` in ``phase``; if it raises, report it and wait for everyone's outcome.
+
+    A failure that already is everyone's (``CheckpointError``, the
+    coordinator's silence) passes through. Any other error is reported as
+    ``Failed`` with ``phase``; the coordinator's ``Aborted`` (listing every
+    failed rank) is then raised, or this rank's own failure if none comes.
+    """
+    if phase is not Phase.STAGE:  # heartbeats start with the PlanRequest
+        session.agent.begin(ckpt, phase)
+    try:
+        yield
+    except (CheckpointError, CoordinatorTimeout):
+        raise
+    except Exception as e:
+        report_failure(session, ckpt, phase, e, path)
+        try:
+            session.agent.wait(ckpt, wire.Committed, Phase.ABORT, session.config.heartbeat_timeout_s * 2)
+        except CheckpointError as everyone:
+            raise everyone from e
+        raise CheckpointError(f"save {ckpt} failed on rank {session.rank}", {session.rank: f"{type(e).__name__}: {e}"}) from e
+
+
+def _request_plan(session: Session, ckpt: str, path: str, described: LocalState, overwrite: bool) -> tuple[str, tuple[int, ...]]:
+    """Send this rank's description; returns the tmp dir to write into and the indices of the tensors this rank writes."""
+    desc = described.desc
+    session.agent.send(wire.PlanRequest(session.job, ckpt, session.rank, path, session.world_size, desc.digest(), desc.to_msgpack(), overwrite))
+    reply = session.agent.wait(ckpt, wire.PlanReply, Phase.PLAN, _backstop(session))
+    assigned = SavePlan.parse_rank_plan(reply.plan, len(desc.tensors))
+    log.debug("[rank %d] save %s: %s plan, %d of %d tensors to write", session.rank, ckpt, "cached" if reply.same else "new", len(assigned), len(desc.tensors))
+    return reply.tmp_path, assigned
+
+
+def _report_done(session: Session, ckpt: str, described: LocalState, records: list[WriteRecord], user_meta: Mapping[str, Any] | None, stats: RankStats) -> None:
+    """Send Done: this rank's chunk records and its objects (replicated values, structure and user_meta from rank 0 only)."""
+    first = session.rank == 0
+    objects = encode_objects(described.objects if first else {}, described.local_objects, described.structure if first else None, user_meta if first else None, stats)
+    session.agent.send(wire.Done(session.job, ckpt, session.rank, encode_records(records), objects))
 
 
 def _log_committed(session: Session, ckpt: str, path: str, step: int | None, stats: RankStats, total_s: float, announce: bool) -> None:

@@ -89,7 +89,8 @@ class Session:
 
     Args:
         config: settings.
-        process_group: group whose store carries the endpoint and secret; default group when None.
+        process_group: the ranks that save together, and whose store carries the
+            coordinator's endpoint and the job id (never the secret); the default group when None.
 
     Raises:
         ProcessGroupNotInitialized: launched as one of several ranks without a process group.
@@ -191,5 +192,15 @@ def _parse_hello(value: bytes) -> tuple[str, str]:
 
 
 def _store(process_group: dist.ProcessGroup | None) -> dist.Store:
-    # The default store is a plain key-value TCP store: using it is not a collective.
-    return dist.distributed_c10d._get_default_store()
+    """The store of ``process_group`` (the default group's when None).
+
+    A plain key-value store: using it is not a collective. A group made by
+    ``new_group`` has its own prefixed view of the default store, so two groups
+    saving at once do not read each other's hello. torch has no public
+    accessor for it: ``_get_process_group_store`` is the one ``new_group``
+    itself uses; a group it does not know falls back to the default store.
+    """
+    c10d = dist.distributed_c10d
+    if process_group is not None and process_group in c10d._world.pg_map:
+        return c10d._get_process_group_store(process_group)
+    return c10d._get_default_store()

@@ -1,7 +1,8 @@
-"""The stager: copy a rank's tensors off the device into reusable host buffers.
+"""The staging engine (:class:`StagingArena`): copy a rank's tensors off the device into reusable host memory.
 
-One arena of host memory (pinned when CUDA is available) is allocated on the
-first save, or ahead of it by :meth:`Stager.prepare`, and reused by every
+:class:`~dist_ckpt.checkpointer.DefaultStager` is the torch-style public
+wrapper (describe + stage); this is the engine it drives. One arena of host memory (pinned when CUDA is available) is allocated on the
+first save, or ahead of it by :meth:`StagingArena.prepare`, and reused by every
 later save; it grows only when the state grows. Device tensors are copied with
 ``non_blocking=True`` on a side CUDA stream that first waits on the current
 stream, so the copies see every kernel queued before the save; the stage
@@ -34,13 +35,14 @@ def _layout(tensors: Sequence[torch.Tensor]) -> tuple[list[int], int]:
     return offsets, total
 
 
-class Stager:
-    """Host buffer pool plus the copy engine (one per checkpointer)."""
+class StagingArena:
+    """One reusable host buffer plus the copy engine that fills it (one per checkpointer)."""
 
     def __init__(self, pin_memory: bool | None = None, shared: bool = False) -> None:
         self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.shared = shared  # arena in shared memory, for a CheckpointProcess
         self.shm: shared_memory.SharedMemory | None = None
+        self._registered: int | None = None  # address of the shared arena while CUDA has it registered
         self._arena = torch.empty(0, dtype=torch.uint8)
         self._stream: torch.cuda.Stream | None = None
         self.allocations = 0  # how many times the arena was (re)allocated, for tests and logs
@@ -52,6 +54,11 @@ class Stager:
     def _release_shm(self) -> None:
         if self.shm is not None:
             self._arena = torch.empty(0, dtype=torch.uint8)
+            if self._registered is not None:  # CUDA must let go of the pages before they are unmapped
+                ptr, self._registered = self._registered, None
+                rc = torch.cuda.cudart().cudaHostUnregister(ptr)
+                if int(rc) != 0:
+                    log.warning("cudaHostUnregister of the staging arena failed (cudaError %d)", int(rc))
             self.shm.close()
             self.shm.unlink()
             self.shm = None
@@ -62,7 +69,7 @@ class Stager:
         self._arena = torch.empty(0, dtype=torch.uint8)
 
     @property
-    def arena(self) -> torch.Tensor:
+    def buffer(self) -> torch.Tensor:
         """The whole host buffer (views handed out by :meth:`views` live inside it)."""
         return self._arena
 
@@ -84,13 +91,21 @@ class Stager:
             self.shm = shared_memory.SharedMemory(create=True, size=size)
             arena = torch.frombuffer(self.shm.buf, dtype=torch.uint8)
             if self.pin:  # pinned *and* shared: register the shared pages with CUDA
-                torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), size, 0)
+                self._register(arena.data_ptr(), size)
             self._arena = arena
         else:
             self._arena = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
         self._arena.zero_()  # touch every page now, not during the first save's copies
         self.allocations += 1
         log.debug("staging arena: %.1f MB %s in %.3f s", size / 1e6, "pinned" if self.pin else "pageable", time.perf_counter() - t0)
+
+    def _register(self, ptr: int, size: int) -> None:
+        """Page-lock the shared arena for CUDA; on failure stay pageable (copies are then synchronous, still correct)."""
+        rc = torch.cuda.cudart().cudaHostRegister(ptr, size, 0)
+        if int(rc) != 0:
+            log.warning("cudaHostRegister of a %.1f MB shared staging arena failed (cudaError %d); staging into pageable memory", size / 1e6, int(rc))
+            return
+        self._registered = ptr
 
     def views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Contiguous host tensors in the arena shaped like ``tensors`` (grows the arena if needed)."""

@@ -25,19 +25,20 @@ whose ``reason`` lets the coordinator count drops by cause.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import hmac
-import reprlib
 import struct
 from dataclasses import dataclass
 from typing import Callable, ClassVar, NewType, Sequence, TypeVar, Union, get_type_hints
 
 import msgpack
 
-from dist_ckpt.errors import WireError
+from dist_ckpt.errors import WIRE_REASONS as REASONS
+from dist_ckpt.errors import BadMessage, bounded_repr
 
 __all__ = [
-    "PROTOCOL_VERSION", "REASONS", "BadMessage", "Limits", "Message", "Buffer",
+    "PROTOCOL_VERSION", "REASONS", "BadMessage", "Phase", "Limits", "Message", "Buffer",
     "PlanRequest", "PlanReply", "Heartbeat", "HeartbeatAck", "Done", "Failed",
     "CommitInProgress", "Committed", "Aborted", "encode", "decode",
 ]
@@ -46,22 +47,11 @@ PROTOCOL_VERSION = 1
 MAC_SIZE = 32
 MIN_SECRET = 16
 
-#: Every value ``BadMessage.reason`` can take.
-REASONS = ("frames", "size", "mac", "header", "version", "type", "field", "rank")
 
 #: A payload field: sent as its own frame, never packed into the header.
 Buffer = Union[bytes, bytearray, memoryview]
 #: An ``int`` that must fit in 64 unsigned bits (digests).
 UInt64 = NewType("UInt64", int)
-
-
-class BadMessage(WireError):
-    """A message was refused; ``reason`` is one of :data:`REASONS`."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        assert reason in REASONS, reason
-        self.reason = reason
-        super().__init__(f"{reason}: {message}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +70,30 @@ class Limits:
                 raise ValueError(f"Limits.{f.name} must be a positive int, got {value!r}")
         if self.max_frames < 2:
             raise ValueError("Limits.max_frames must allow header and mac (>= 2)")
+
+
+class Phase(str, enum.Enum):
+    """The phases of one save, named alike by the saver (each rank's steps), the
+    coordinator (where the save stands) and the ``Failed``/``Heartbeat`` messages.
+
+    A ``str`` enum: on the wire a phase is its value, so messages stay plain
+    msgpack strings (a peer sending any other string is still decoded).
+    """
+
+    DESCRIBE = "describe"  # (rank) state dict -> description, before anything is sent
+    STAGE = "stage"  # (rank) copies off the device; (coordinator) never: it learns of a save at its PlanRequest
+    PLAN = "plan"  # (rank) PlanRequest sent, waiting for the reply; (coordinator) waiting for every request
+    PREPARE = "prepare"  # (coordinator) the tmp dir is being made
+    WRITE = "write"  # ranks write their files and report Done
+    COMMIT = "commit"  # (coordinator) manifest + renames; (rank) waiting for Committed
+    COMMIT_FAILED = "commit-failed"  # (coordinator) the commit raised; the abort follows
+    ABORT = "abort"  # (rank) reported a failure, waiting for the Aborted
+
+    def __str__(self) -> str:  # "plan", not "Phase.PLAN", in messages and f-strings
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
 
 def _is_int(v: object) -> bool:
@@ -135,7 +149,7 @@ def _register(tag: str) -> Callable[[_M], _M]:
 @_register("plan_req")
 @dataclass(frozen=True)
 class PlanRequest(Message):
-    """rank -> coordinator: this rank's save descriptor, asking for a plan."""
+    """rank -> coordinator: this rank's description (its tensors' metadata), asking for a plan."""
     path: str
     world_size: int
     desc_digest: UInt64
@@ -146,7 +160,11 @@ class PlanRequest(Message):
 @_register("plan")
 @dataclass(frozen=True)
 class PlanReply(Message):
-    """coordinator -> rank: the global plan (empty when ``same`` as last save)."""
+    """coordinator -> rank: this rank's row of the plan (always sent, see ``SavePlan.to_msgpack_for``).
+
+    ``same``: the coordinator reused its cached plan (no rank's description
+    changed); the rank names it in its log line.
+    """
     tmp_path: str
     same: bool
     plan: Buffer
@@ -155,7 +173,7 @@ class PlanReply(Message):
 @_register("hb")
 @dataclass(frozen=True)
 class Heartbeat(Message):
-    """rank -> coordinator: still alive, currently in ``phase``."""
+    """rank -> coordinator: still alive, currently in ``phase`` (a :class:`Phase` value)."""
     phase: str
 
 
@@ -176,7 +194,7 @@ class Done(Message):
 @_register("failed")
 @dataclass(frozen=True)
 class Failed(Message):
-    """rank -> coordinator: this rank failed in ``phase`` with ``error`` saving to ``path``."""
+    """rank -> coordinator: this rank failed in ``phase`` (a :class:`Phase` value) with ``error`` saving to ``path``."""
     phase: str
     error: str
     path: str = ""  # known even when no PlanRequest came first (a failed describe or staging)
@@ -198,8 +216,14 @@ class Committed(Message):
 @_register("aborted")
 @dataclass(frozen=True)
 class Aborted(Message):
-    """coordinator -> rank: the save was abandoned; cause per failed rank."""
+    """coordinator -> rank: the save was abandoned; cause per failed rank.
+
+    ``error`` names the error every rank raises when the cause deserves its
+    own type (a key of :data:`dist_ckpt.errors.ABORT_ERRORS`, e.g.
+    ``"CheckpointExists"``); empty: a plain :class:`~dist_ckpt.errors.CheckpointError`.
+    """
     reasons: dict[int, str]
+    error: str = ""
 
 
 # -- stopping the job at one step on every rank (preempt.py); ckpt is "" -----------
@@ -255,14 +279,6 @@ def _mac(secret: bytes, parts: Sequence[memoryview]) -> bytes:
     return h.digest()
 
 
-def _short(value: object) -> str:
-    """A bounded repr for error text: values may be deep, long or huge ints."""
-    try:
-        return reprlib.repr(value)
-    except ValueError:  # an int past sys.get_int_max_str_digits()
-        return f"<{type(value).__name__}>"
-
-
 def _as_view(frame: object, what: str, reason: str = "frames") -> memoryview:
     """A flat byte view of ``frame`` without copying; BadMessage if impossible."""
     try:
@@ -289,14 +305,14 @@ def _check_fields(cls: type[Message], header: dict[object, object], max_rank: in
     if missing := expected - header.keys():
         raise BadMessage("field", f"{cls.__name__} lacks {sorted(missing)}")
     if extra := header.keys() - expected:
-        raise BadMessage("field", f"{cls.__name__} has unknown keys {_short(extra)}")
+        raise BadMessage("field", f"{cls.__name__} has unknown keys {[bounded_repr(k) for k in list(extra)[:8]]}")
     for name, ok in cls.HEADER.items():
         if not ok(header[name]):
-            raise BadMessage("field", f"{cls.__name__}.{name} = {_short(header[name])}")
+            raise BadMessage("field", f"{cls.__name__}.{name} = {bounded_repr(header[name])}")
     rank = header["rank"]
     assert isinstance(rank, int)
     if rank < 0 or (max_rank is not None and rank >= max_rank):
-        raise BadMessage("rank", f"rank {_short(rank)} outside [0, {max_rank})")
+        raise BadMessage("rank", f"rank {bounded_repr(rank)} outside [0, {max_rank})")
 
 
 def encode(msg: Message, secret: bytes, limits: Limits = Limits()) -> list[bytes | memoryview]:
@@ -408,10 +424,10 @@ def _parse_header(
         raise BadMessage("header", f"header is a {type(header).__name__}, not a map")
     version = header.get("v")
     if not _is_int(version) or version != PROTOCOL_VERSION:
-        raise BadMessage("version", f"protocol {_short(version)}, expected {PROTOCOL_VERSION}")
+        raise BadMessage("version", f"protocol {bounded_repr(version)}, expected {PROTOCOL_VERSION}")
     tag = header.get("t")
     cls = _REGISTRY.get(tag) if isinstance(tag, str) else None
     if cls is None:
-        raise BadMessage("type", f"unknown message type {_short(tag)}")
+        raise BadMessage("type", f"unknown message type {bounded_repr(tag)}")
     _check_fields(cls, header, max_rank)
     return cls, header

@@ -60,6 +60,29 @@ def _failing_background_write(rank, world, path, mode):
         ck.close()
 
 
+def _errno_of_failed_process_write(rank, world, path):
+    full = failing_storage(28, "No space left on device (injected)") if rank == 1 else None  # pickled to the subprocess
+    ck = dc.make_async_checkpointer(mode="process", storage=full)
+    try:
+        _, write_f = ck.save(path, {"w": dtensor(global_tensor("w", (64, 16)), world, "shard0")})
+        try:
+            write_f.result(timeout=60)
+        except dc.CheckpointError as e:
+            cause = e.__cause__
+            return str(e), (type(cause).__name__, cause.errno) if isinstance(cause, OSError) else None
+        return "no error", None
+    finally:
+        ck.close()
+
+
+def test_failed_process_write_keeps_its_errno_on_every_rank(tmp_path):
+    """The writer subprocess's OSError comes back typed: the same StorageError with errno 28, named by every rank."""
+    out = run_ranks(_errno_of_failed_process_write, 2, str(tmp_path / "ck"), env=FAST, timeout=120)
+    for rank, (msg, _) in out.items():
+        assert "rank 1: StorageError: [Errno 28]" in msg and "No space left on device" in msg, (rank, msg)
+    assert out[1][1] == ("StorageError", 28), out[1]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_background_write_failure_surfaces_on_every_rank(tmp_path, mode):
     path = str(tmp_path / "ck")
@@ -86,7 +109,7 @@ def _rss_over_saves(rank, world, root, n):
             write_f.result(timeout=60)
             gc.collect()
             rss.append(proc.memory_info().rss)
-        allocations = ck.stager.stager.allocations
+        allocations = ck.stager.arena.allocations
     finally:
         ck.close()
     return rss, allocations
@@ -105,10 +128,10 @@ def _late_stager_on_rank_1(rank, world, path):
     from concurrent.futures import Future
 
     import dist_ckpt.saver as saver
-    from dist_ckpt.stager import Stager
+    from dist_ckpt.stager import StagingArena
 
     stamps = {}
-    stage, write_here = Stager.stage, saver.write_here
+    stage, write_here = StagingArena.stage, saver.write_here
 
     def late_stage(self, tensors):
         dst, done = stage(self, tensors)
@@ -128,7 +151,7 @@ def _late_stager_on_rank_1(rank, world, path):
         stamps.setdefault("write", time.time())
         return write_here(*args)
 
-    Stager.stage, saver.write_here = late_stage, noted_write
+    StagingArena.stage, saver.write_here = late_stage, noted_write
     ck = dc.make_async_checkpointer()
     try:
         _, write_f = ck.save(path, {"w": dtensor(global_tensor("w", (64, 16)), world, "shard0")})
@@ -150,7 +173,7 @@ def _staging_fails_on_rank_1(rank, world, path):
     from concurrent.futures import Future
 
     from dist_ckpt.errors import CheckpointError
-    from dist_ckpt.stager import Stager
+    from dist_ckpt.stager import StagingArena
 
     if rank == 1:
         def failing_stage(self, tensors):
@@ -158,7 +181,7 @@ def _staging_fails_on_rank_1(rank, world, path):
             failed.set_exception(RuntimeError("CUDA error: an illegal memory access (injected)"))
             return self.views(tensors), failed
 
-        Stager.stage = failing_stage
+        StagingArena.stage = failing_stage
     ck = dc.make_async_checkpointer()
     try:
         stage_f, write_f = ck.save(path, {"w": dtensor(global_tensor("w", (64, 16)), world, "shard0")})

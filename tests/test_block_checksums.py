@@ -17,7 +17,7 @@ from dist_ckpt.commit import RecordTable, decode_records, encode_record_columns
 from dist_ckpt.errors import ChecksumError
 from dist_ckpt.loader import read_manifest
 from dist_ckpt.manifest import BLOCK_BYTES, Manifest, block_counts
-from dist_ckpt.planner import plan_save
+from dist_ckpt.save_planner import plan_save
 from dist_ckpt.reader import ReadTask, read_tensors
 from dist_ckpt.verify import CHECKSUM_MISMATCH, verify
 from dist_helpers import dtensor

@@ -151,3 +151,21 @@ def test_save_calls_no_torch_collective(tmp_path):
     run_ranks(_save_without_collectives, 2, path, env=FAST)
     full = dc.make_sync_checkpointer().load(path + "2")
     assert full["step"] == 2 and torch.equal(full["w"], global_tensor("w", (32, 8)))
+
+
+def _save_and_load_in_group(rank, world, path):
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    group = dist.new_group(list(range(world)))
+    dc.save({"w": global_tensor("w", (8,)), "mine": dc.rank_local(torch.full((2,), float(rank)))}, path, process_group=group)
+    hello_in_default_store = c10d._get_default_store().check(["dist_ckpt/0/hello"])
+    target = {"w": torch.zeros(8), "mine": dc.rank_local(torch.zeros(2))}
+    dc.load(target, path, process_group=group)
+    return hello_in_default_store, target["mine"].value.tolist(), torch.equal(target["w"], global_tensor("w", (8,)))
+
+
+def test_save_and_load_take_the_process_group_and_use_its_store(tmp_path):
+    """The session's hello goes through the group's own store; load takes process_group like save."""
+    out = run_ranks(_save_and_load_in_group, 2, str(tmp_path / "ck"), env=FAST, timeout=120)
+    assert out == {r: (False, [float(r)] * 2, True) for r in range(2)}, out

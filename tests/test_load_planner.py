@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_ckpt.read_planner import ReadOp, plan_reads, required_bytes
+from dist_ckpt.load_planner import ReadOp, plan_reads, required_bytes
 from test_planner import shard_boxes  # one definition of DTensor-like box placement
 
 ALIGN = 4096

@@ -16,7 +16,7 @@ from dist_ckpt.description import BoxStore, SchemaCache, decode_description
 from dist_ckpt.errors import CheckpointError, WireError
 from dist_ckpt.manifest import Manifest
 from dist_ckpt.plan import PlanCache, SavePlan
-from dist_ckpt.planner import PlanError, RankDescription, TensorDesc, plan_save
+from dist_ckpt.save_planner import PlanError, RankDescription, TensorDescription, plan_save
 from dist_ckpt.storage import SaveTarget
 
 
@@ -44,7 +44,7 @@ def describe(tensors, mesh, dtype="float32"):
     per_rank = [[] for _ in range(nranks)]
     for key, (shape, placements) in tensors.items():
         for r, (off, siz) in enumerate(shard_boxes(shape, mesh, placements)):
-            per_rank[r].append(TensorDesc(key, dtype, tuple(shape), off, siz))
+            per_rank[r].append(TensorDescription(key, dtype, tuple(shape), off, siz))
     return [RankDescription(r, tuple(ts)) for r, ts in enumerate(per_rank)]
 
 
@@ -164,7 +164,7 @@ def test_empty_tensor_writes_nothing():
 
 
 def test_rank_holding_several_chunks_of_one_tensor():
-    t = lambda o, s: TensorDesc(("x",), "float32", (4, 2), o, s)
+    t = lambda o, s: TensorDescription(("x",), "float32", (4, 2), o, s)
     descs = [RankDescription(0, (t((0, 0), (1, 2)), t((3, 0), (1, 2)))), RankDescription(1, (t((1, 0), (2, 2)),))]
     plan = plan_save(descs)
     assert plan.writes == {0: (0, 1), 1: (0,)}
@@ -247,9 +247,9 @@ def mixed_jobs(draw):
     for d in descs:
         r, ts = label[d.rank], list(d.tensors)
         if d.rank in extra:
-            ts.insert(draw(st.integers(0, len(ts))), TensorDesc(("extra",), "float32", (3, 2), (0, 0), (3, 2)))
+            ts.insert(draw(st.integers(0, len(ts))), TensorDescription(("extra",), "float32", (3, 2), (0, 0), (3, 2)))
         if d.rank in local:
-            ts.append(TensorDesc(("rng",), "float32", (r % 3 + 1,), (0,), (r % 3 + 1,), owner=r))
+            ts.append(TensorDescription(("rng",), "float32", (r % 3 + 1,), (0,), (r % 3 + 1,), owner=r))
         out.append(RankDescription(r, tuple(ts)))
     return out
 
@@ -334,7 +334,7 @@ def test_record_table_refuses_what_the_plan_did_not_assign():
 def test_dtype_disagreement_names_key_ranks_and_values():
     descs = describe({("model", "layers", 0, "w"): ((4, 4), [None])}, (3,))
     bad = descs[2].tensors[0]
-    descs[2] = RankDescription(2, (TensorDesc(bad.key, "float16", bad.shape, bad.offsets, bad.sizes),))
+    descs[2] = RankDescription(2, (TensorDescription(bad.key, "float16", bad.shape, bad.offsets, bad.sizes),))
     with pytest.raises(PlanError) as ei:
         plan_save(descs)
     msg = str(ei.value)
@@ -346,13 +346,13 @@ def test_dtype_disagreement_names_key_ranks_and_values():
 
 def test_shape_disagreement():
     descs = describe({("x",): ((8,), [0])}, (2,))
-    descs[1] = RankDescription(1, (TensorDesc(("x",), "float32", (9,), (4,), (4,)),))
+    descs[1] = RankDescription(1, (TensorDescription(("x",), "float32", (9,), (4,), (4,)),))
     with pytest.raises(PlanError, match=r"x disagrees.*rank 0 holds dtype float32 shape \[8\].*rank 1 holds dtype float32 shape \[9\]"):
         plan_save(descs)
 
 
 def test_partially_overlapping_boxes_name_the_ranks():
-    t = lambda o, s: TensorDesc(("opt", "m"), "float32", (10, 2), o, s)
+    t = lambda o, s: TensorDescription(("opt", "m"), "float32", (10, 2), o, s)
     descs = [RankDescription(0, (t((0, 0), (4, 2)),)), RankDescription(1, (t((4, 0), (3, 2)),)), RankDescription(2, (t((5, 0), (5, 2)),))]
     with pytest.raises(PlanError, match=r"opt\.m .*overlap.*ranks 1, 2") as ei:
         plan_save(descs)
@@ -374,7 +374,7 @@ def test_duplicate_rank_is_an_error():
 
 def test_unknown_dtype_is_a_plan_error():
     with pytest.raises(PlanError, match="unknown dtype 'float7'"):
-        plan_save([RankDescription(0, (TensorDesc(("x",), "float7", (2,), (0,), (2,)),))])
+        plan_save([RankDescription(0, (TensorDescription(("x",), "float7", (2,), (0,), (2,)),))])
 
 
 @pytest.mark.parametrize(
@@ -387,7 +387,7 @@ def test_unknown_dtype_is_a_plan_error():
 )
 def test_malformed_local_descriptions(offsets, sizes, match):
     with pytest.raises(PlanError, match=match):
-        plan_save([RankDescription(0, (TensorDesc(("x",), "float32", (4, 2), offsets, sizes),))])
+        plan_save([RankDescription(0, (TensorDescription(("x",), "float32", (4, 2), offsets, sizes),))])
 
 
 # --------------------------------------------------------------------------- rank-local tensors
@@ -395,7 +395,7 @@ def test_malformed_local_descriptions(offsets, sizes, match):
 
 def test_rank_local_tensors_written_by_owner_never_deduped():
     descs = [
-        RankDescription(r, (TensorDesc(("rng",), "uint8", (16,), (0,), (16,), owner=r), TensorDesc(("buf",), "int64", (r + 1,), (0,), (r + 1,), owner=r)))
+        RankDescription(r, (TensorDescription(("rng",), "uint8", (16,), (0,), (16,), owner=r), TensorDescription(("buf",), "int64", (r + 1,), (0,), (r + 1,), owner=r)))
         for r in range(4)
     ]
     plan = plan_save(descs)
@@ -404,14 +404,14 @@ def test_rank_local_tensors_written_by_owner_never_deduped():
 
 
 def test_key_both_global_and_rank_local_is_an_error():
-    descs = [RankDescription(0, (TensorDesc(("k",), "uint8", (4,), (0,), (4,), owner=0),)), RankDescription(1, (TensorDesc(("k",), "uint8", (4,), (0,), (4,)),))]
+    descs = [RankDescription(0, (TensorDescription(("k",), "uint8", (4,), (0,), (4,), owner=0),)), RankDescription(1, (TensorDescription(("k",), "uint8", (4,), (0,), (4,)),))]
     with pytest.raises(PlanError, match=r"k is rank-local on rank 0 but global on rank 1"):
         plan_save(descs)
 
 
 def test_owner_must_be_the_describing_rank():
     with pytest.raises(PlanError, match="described by rank 1 is owned by rank 0"):
-        plan_save([RankDescription(1, (TensorDesc(("k",), "uint8", (4,), (0,), (4,), owner=0),))])
+        plan_save([RankDescription(1, (TensorDescription(("k",), "uint8", (4,), (0,), (4,), owner=0),))])
 
 
 # --------------------------------------------------------------------------- wire format
@@ -426,7 +426,7 @@ def tensor_descs(draw, rank):
     off = tuple(draw(st.integers(0, d)) for d in shape)
     siz = tuple(draw(st.integers(0, d - o)) for d, o in zip(shape, off))
     owner = draw(st.sampled_from([None, rank]))
-    return TensorDesc(draw(keys), draw(st.sampled_from(DTYPES)), shape, off, siz, owner)
+    return TensorDescription(draw(keys), draw(st.sampled_from(DTYPES)), shape, off, siz, owner)
 
 
 @st.composite
@@ -446,8 +446,8 @@ def test_description_round_trip(desc):
 
 
 def test_digest_changes_with_content():
-    a = RankDescription(0, (TensorDesc(("x",), "float32", (4,), (0,), (4,)),))
-    b = RankDescription(0, (TensorDesc(("x",), "float32", (4,), (0,), (2,)),))
+    a = RankDescription(0, (TensorDescription(("x",), "float32", (4,), (0,), (4,)),))
+    b = RankDescription(0, (TensorDescription(("x",), "float32", (4,), (0,), (2,)),))
     assert a.digest() != b.digest()
 
 

@@ -126,6 +126,16 @@ def test_existing_checkpoint_is_never_overwritten_in_place(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ck"]
 
 
+def test_existing_checkpoint_raises_checkpoint_exists_not_planning_failed(tmp_path):
+    """The user's choice (pass overwrite=True) reaches them by type and in plain words."""
+    path = str(tmp_path / "ck")
+    dc.save({"w": torch.ones(3)}, path)
+    with pytest.raises(dc.CheckpointExists, match="already exists; pass overwrite=True") as info:
+        dc.save({"w": torch.zeros(3)}, path)
+    assert isinstance(info.value, FileExistsError) and "planning failed" not in str(info.value)
+    assert info.value.failures and path in info.value.failures[0]
+
+
 def test_interrupted_save_leaves_previous_loadable(tmp_path, monkeypatch):
     """A crash before the rename: the old checkpoint loads and the new path has no MANIFEST."""
     from dist_ckpt.storage.local import LocalStorage

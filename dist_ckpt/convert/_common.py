@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import DistCkptError
+from ..errors import ConvertError  # noqa: F401 - re-exported: its home is errors.py
 
 FORMATS = ("dist_ckpt", "dcp", "torch", "safetensors")
 
@@ -27,10 +27,6 @@ _WEIGHTS_ONLY_LEAVES = (type(None), bool, int, float, complex, str, bytes)
 
 Progress = Callable[[int, int], None]
 """``progress(tensor_bytes_done, tensor_bytes_total)``."""
-
-
-class ConvertError(DistCkptError, ValueError):
-    """The source cannot be expressed in the target format (names the key and why)."""
 
 
 @dataclass(frozen=True)

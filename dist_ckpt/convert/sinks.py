@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import shutil
 import struct
 import uuid
@@ -22,7 +21,7 @@ from ..errors import DistCkptError, PickleNotAllowed
 from ..flatten import KeyPath, format_path, unflatten
 from ..layout_names import TMP, sibling
 from ..logs import get_logger
-from ..manifest import BLOCK_BYTES, ChunkTable, Manifest, Pickled, TensorEntry
+from ..manifest import BLOCK_BYTES, ChunkTable, Manifest, Pickled, TensorEntry, unpickle_if_allowed
 from ..storage import SaveTarget, Storage, get_storage
 from ..writer import WriteItem, write_items
 from ._common import _ST_DTYPES, _WEIGHTS_ONLY_LEAVES, ConvertError, LazyTensor, Meter, Options, local_path
@@ -59,14 +58,9 @@ def _load(value: Any, key: KeyPath) -> torch.Tensor:
 
 
 def _object(value: Any, key: KeyPath, opts: Options, target: str) -> Any:
-    if isinstance(value, Pickled):
-        if not opts.trust_pickle:
-            raise PickleNotAllowed(
-                f"{format_path(key)} is stored pickled; writing it as {target} means unpickling it, which can execute code: "
-                "pass --trust-pickle (trust_pickle=True) only for a checkpoint you trust"
-            )
-        return pickle.loads(value.data)
-    return value
+    why = (f"{format_path(key)} is stored pickled; writing it as {target} means unpickling it, which can execute code: "
+           "pass --trust-pickle (trust_pickle=True) only for a checkpoint you trust")
+    return unpickle_if_allowed(value, opts.trust_pickle, why)
 
 
 # -- sinks ----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Pure save planning: who writes which chunk (loads: :mod:`dist_ckpt.read_planner`).
+"""Pure save planning: who writes which chunk (loads: :mod:`dist_ckpt.load_planner`).
 
 Data in, plans out: no I/O, no torch.distributed, no sockets, so resharding
 is unit-tested in one process.
@@ -11,10 +11,10 @@ Call order and who runs each step:
    (each distinct schema once), then :func:`plan_save` over all ranks at once
    (or reuse a plan from :class:`~dist_ckpt.plan.PlanCache` when no digest changed) and send
    every rank ``SavePlan.to_msgpack_for(rank)`` (:mod:`dist_ckpt.plan`);
-3. (all ranks) :meth:`SavePlan.parse_rank_plan` gives the indices to stage
-   and write;
+3. (all ranks) :meth:`SavePlan.parse_rank_plan` gives the indices of the
+   described tensors this rank writes (it has staged all of them already);
 4. (every rank, on load, no communication)
-   :func:`~dist_ckpt.read_planner.plan_reads` per target tensor turns the
+   :func:`~dist_ckpt.load_planner.plan_reads` per target tensor turns the
    manifest's chunk table into byte runs to read.
 
 Planning is vectorised over every rank's boxes: ranks that share a schema are
@@ -41,16 +41,15 @@ from .description import (
     RankColumns,
     RankDescription,
     Schema,
-    TensorDesc,
+    TensorDescription,
     box_problem,
     gc_paused,
 )
 from .dtypes import is_dtype_name
 from .flatten import format_path
-from .layout import BLOCK, blocks
-from .plan import PlanGroup, SavePlan
+from .plan import BLOCK, PlanGroup, SavePlan, blocks
 
-__all__ = ["PlanError", "RankDescription", "TensorDesc", "plan_save"]
+__all__ = ["PlanError", "RankDescription", "TensorDescription", "plan_save"]
 
 
 def _fmt_ranks(ranks: Iterable[int], limit: int = 16) -> str:
@@ -164,8 +163,7 @@ class _Planner:
             self._general(nd)
         self._assign_shared()
         dtypes, shapes = (tuple(c) for c in zip(*self.metas)) if self.metas else ((), ())
-        n_entries = len(self.keys) + sum(len(g.ranks) * len(g.local_keys) for g in self.groups)
-        return SavePlan(self.ranks, self.loads, tuple(self.groups), self.key_list, dtypes, shapes, {"boxes": (self.boxes, n_entries)})
+        return SavePlan(self.ranks, self.loads, tuple(self.groups), self.key_list, dtypes, shapes, boxes=self.boxes)
 
     # -- entries ------------------------------------------------------------
 
