@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make demo   install into .venv and run the example training job (4 ranks, then resume on 2)
-#   make test   install into .venv and run the whole test suite
+#   make test   install into .venv, lint (ruff), type-check (mypy) and run the whole test suite
 # The pinned CPU torch is installed first, so pip never resolves a CUDA build.
 
 PYTHON ?= python3
@@ -23,6 +23,9 @@ demo: install
 
 test: install
 	bash .ci/system-deps.sh
+	$(PY) -m ruff check dist_ckpt tests benchmarks launch
+	$(PY) -m ruff format --check dist_ckpt tests benchmarks launch
+	$(PY) -m mypy dist_ckpt
 	$(PY) -m pytest -q tests
 
 bench: install
