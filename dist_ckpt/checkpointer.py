@@ -178,13 +178,13 @@ class CheckpointWriter:
         return state, meta
 
     def _process_write(self, state: StagedState, storage: Storage | None) -> WriteFn:
-        process, arena = self.process, state.arena
-        assert process is not None and arena is not None
+        process, arena, shm_name = self.process, state.arena, state.shm_name
+        assert process is not None and arena is not None and shm_name is not None
         base = arena.data_ptr()
 
         def write(tmp_path: str, path: str, rank: int, assigned: Sequence[int], host: Sequence[torch.Tensor], threads: int) -> list[WriteRecord]:
             items = [(i, host[i].data_ptr() - base, host[i].numel() * host[i].element_size()) for i in assigned]
-            return process.write(state.shm_name, arena.numel(), tmp_path, path, items, threads, storage)
+            return process.write(shm_name, arena.numel(), tmp_path, path, items, threads, storage)
 
         return write
 
@@ -225,7 +225,7 @@ class CheckpointReader:
             hold the caller's value: missing ones (``strict=False``) and rank-local
             ones this rank has no saved value for.
         """
-        overrides = {k: v for k, v in (("allow_pickle", allow_pickle), ("verify_checksums", verify_checksums)) if v is not None}
+        overrides: dict[str, Any] = {k: v for k, v in (("allow_pickle", allow_pickle), ("verify_checksums", verify_checksums)) if v is not None}
         config = dataclasses.replace(self.config, **overrides) if overrides else self.config
         storage = storage if storage is not None else self.storage
         if state_dict is None:

@@ -193,11 +193,11 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _part(key: str | int) -> str:
-    return f"[{key}]" if type(key) is int else (key if key.isidentifier() else repr(key))
+    return f"[{key}]" if type(key) is int else (key if isinstance(key, str) and key.isidentifier() else repr(key))
 
 
 def _rank_local(manifest: Manifest, key: KeyPath) -> list[tuple[int, TensorEntry | None, Any]]:
-    out = []
+    out: list[tuple[int, TensorEntry | None, Any]] = []
     for r, sec in sorted(manifest.local.items()):
         if key in sec.tensors:
             out.append((r, sec.tensors[key], None))

@@ -77,7 +77,7 @@ def encode_record_columns(files: list[str], tag: Any, file: Any, offset: Any, nb
     return msgpack.packb(obj)
 
 
-def decode_records(data: bytes, rank: int) -> Records:
+def decode_records(data: bytes | bytearray | memoryview, rank: int) -> Records:
     """Decode and check one rank's records; raises WireError on anything malformed."""
     try:
         obj = msgpack.unpackb(data, raw=False)
@@ -118,7 +118,7 @@ def encode_objects(objects: Mapping[tuple, Any], local: Mapping[tuple, Any], str
     return msgpack.packb(payload, default=_pack_default, use_bin_type=True)
 
 
-def decode_objects(data: bytes, rank: int) -> dict[str, Any]:
+def decode_objects(data: bytes | bytearray | memoryview, rank: int) -> dict[str, Any]:
     """Decode one rank's objects payload; pickled values stay bytes (never unpickled here).
 
     Returns:

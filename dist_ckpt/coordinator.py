@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import os
 import queue
 import threading
 import time
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import xxhash
 import zmq
@@ -53,6 +54,7 @@ from .transport import ConnectionGate, ZapGate, pending_cap, raise_fd_limit, req
 
 log = get_logger(__name__)
 
+_malloc_trim: Callable[[int], int] | None
 try:
     _malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc
 except (OSError, AttributeError):  # another libc: nothing to do
@@ -309,7 +311,7 @@ class Coordinator:
         try:
             if plan is None:
                 self._cache.clear()  # free the old plan before building the new one
-                plan = plan_save([save.descs[r] for r in range(self.world_size)])  # type: ignore[misc] (no None: failed saves abort above)
+                plan = plan_save([save.descs[r] for r in range(self.world_size)])  # type: ignore[misc]  # no None: failed saves abort above
                 self._cache.store(key, plan)
             storage, path = self._storage_for(save.path)
             # Named before it exists, so that an abort meanwhile queues its removal behind the preparation.
@@ -351,7 +353,8 @@ class Coordinator:
         if save.phase != Phase.WRITE or msg.rank in save.done or msg.rank in save.failed:
             return self._drop("replay", f"Done from rank {msg.rank} for {msg.ckpt} in phase {save.phase}")
         try:  # decoded and merged as they arrive: the commit itself only writes
-            save.records.add(msg.rank, decode_records(msg.records, msg.rank))  # type: ignore[union-attr] (set with the plan)
+            assert save.records is not None  # set with the plan, before the phase is WRITE
+            save.records.add(msg.rank, decode_records(msg.records, msg.rank))
             save.objects[msg.rank] = decode_objects(msg.objects, msg.rank)
         except WireError as e:
             save.failed[msg.rank] = f"invalid Done payload: {e}"
@@ -569,7 +572,7 @@ class _IOThread:
                 out: object = work()
             except BaseException as e:  # handed to the event loop, which ends the save with it
                 out = e
-            self._results.put(lambda then=then, out=out: then(out))
+            self._results.put(functools.partial(then, out))
             os.write(self._wake_w, b"x")
 
     def close(self) -> None:
@@ -586,7 +589,7 @@ class _IOThread:
 def _user_id(frame: zmq.Frame) -> str | None:
     """The rank the ZAP gate admitted ``frame``'s connection as (None if it carries none)."""
     try:
-        return frame.get("User-Id")
+        return cast(str, frame.get("User-Id"))  # a str property; pyzmq's stub says int | str for every name
     except (zmq.ZMQError, AttributeError, TypeError):
         return None
 

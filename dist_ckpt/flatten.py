@@ -177,7 +177,7 @@ def _flatten_node(node: Any, path: KeyPath, leaves: dict[KeyPath, Any], active: 
     return out
 
 
-def _parse_node(node: object, path: KeyPath, max_depth: int) -> tuple[str, Sequence[str | int], list[Any]] | None:
+def _parse_node(node: Any, path: KeyPath, max_depth: int) -> tuple[str, Sequence[str | int], list[Any]] | None:
     """Validate one structure node: ``None`` for a leaf, else ``(tag, child keys, children)``."""
     if type(node) is int and node == _LEAF:  # not False, not 0.0
         return None
@@ -362,6 +362,7 @@ def set_path(root: Any, path: KeyPath, value: Any) -> Any:
         if not isinstance(container, tuple):
             container[key] = new
             return root  # ancestors still hold this same container
+        assert isinstance(key, int)  # _chain indexes a tuple by int keys only
         new = container[:key] + (new,) + container[key + 1 :]
     return new
 

@@ -320,7 +320,8 @@ class CheckpointManager:
             log.error("[rank %d] checkpoint step %d failed; retention skipped: %s", self.rank, step, error)
             return
         total_s = time.perf_counter() - t_start
-        nbytes, deleted = None, ()
+        nbytes: int | None = None
+        deleted: tuple[int, ...] = ()
         if self.rank == 0:
             try:
                 nbytes = checkpoint_bytes(path)

@@ -104,12 +104,12 @@ class ChunkTable:
 
     def column_bytes(self, name: str) -> memoryview:
         """The on-disk bytes of one column, without a copy when it is already contiguous."""
-        return memoryview(np.ascontiguousarray(getattr(self, name), dtype=_COLUMNS[name][0]).reshape(-1).view(np.uint8))
+        return np.ascontiguousarray(getattr(self, name), dtype=_COLUMNS[name][0]).reshape(-1).view(np.uint8).data
 
     def block_bytes_view(self) -> memoryview:
         """The on-disk bytes of ``blocks`` (little-endian uint64)."""
         assert self.blocks is not None
-        return memoryview(np.ascontiguousarray(self.blocks, dtype="<u8").view(np.uint8))
+        return np.ascontiguousarray(self.blocks, dtype="<u8").view(np.uint8).data
 
     def to_msgpack_obj(self) -> dict:
         out: dict[str, Any] = {"n": len(self)}
@@ -126,7 +126,7 @@ class ChunkTable:
         n = obj.get("n")
         if type(n) is not int or not 0 <= n < _MAX_INT:
             raise ManifestError(f"{where}.chunks.n must be a non-negative int, got {n!r}")
-        cols = {}
+        cols: dict[str, Any] = {}
         for name, (dt, per) in _COLUMNS.items():
             raw = obj.get(name)
             count = n * (ndim if per == "ndim" else 1)

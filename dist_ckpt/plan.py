@@ -108,7 +108,7 @@ class SavePlan:
     @cached_property
     def writes(self) -> dict[int, tuple[int, ...]]:
         """``{rank: indices of the tensors it writes}`` for every rank."""
-        out = {}
+        out: dict[int, tuple[int, ...]] = {}
         for g in self.groups:
             rows, cols = np.nonzero(g.writes)
             bounds = np.searchsorted(rows, np.arange(len(g.ranks) + 1)).tolist()
@@ -230,8 +230,8 @@ class _Class:
             return self
         order = np.argsort(self.entry, kind="stable")
         self.nbytes[:] = self.nbytes[order]
-        pick = lambda a: None if a is None else a[order]  # noqa: E731
-        return _Class(pick(self.entry), pick(self.offsets), pick(self.sizes), self.nbytes, pick(self.where), pick(self.group))
+        group = None if self.group is None else self.group[order]
+        return _Class(self.entry[order], self.offsets[order], self.sizes[order], self.nbytes, self.where[order], group)
 
 
 def _index(n: int) -> type:
@@ -260,7 +260,7 @@ def chunk_layout(groups: list[PlanGroup], boxes: list[np.ndarray], n_entries: in
     filled = dict.fromkeys(totals, 0)
     for gi, (g, b) in enumerate(zip(groups, boxes)):
         _fill(classes, filled, gi, g, b)
-    position = [np.empty(int(g.writes.sum()), _index(n)) for g in groups]
+    position: list[np.ndarray] = [np.empty(int(g.writes.sum()), _index(n)) for g in groups]
     counts = np.zeros(n_entries, np.int64)
     for nd in sorted(classes):
         cls = classes[nd] = classes[nd].sorted_by_entry()
@@ -278,7 +278,7 @@ def _fill(classes: dict[int, _Class], filled: dict[int, int], gi: int, g: PlanGr
     sch, n_cols = g.schema, g.writes.shape[1]
     flat = boxes.reshape(-1)
     # row-major index of each written cell: the order a rank's records arrive in
-    rank_of = np.cumsum(g.writes.reshape(-1), dtype=_index(g.writes.size)) - 1
+    rank_of: np.ndarray = np.cumsum(g.writes.reshape(-1), dtype=_index(g.writes.size)) - 1
     for nd in np.unique(sch.ndim).tolist():
         of_nd, dst = np.flatnonzero(sch.ndim == nd), classes[nd]
         for blk in blocks(len(of_nd)):

@@ -169,7 +169,8 @@ class _Planner:
 
     def _number_entries(self, members: list[tuple[Schema, list[int]]]) -> list[PlanGroup]:
         """Number global keys by first appearance; check they agree across schemas."""
-        groups, local_where = [], {}
+        groups: list[PlanGroup] = []
+        local_where: dict[KeyPath, int] = {}
         for schema, pos in members:
             col_entry = np.full(len(schema), -1, dtype=np.int64)
             local_pos = np.full(len(schema), -1, dtype=np.int64)

@@ -179,7 +179,7 @@ def _step(session: Session, ckpt: str, path: str, phase: Phase) -> Iterator[None
 def _request_plan(session: Session, ckpt: str, path: str, described: LocalState, overwrite: bool) -> tuple[str, tuple[int, ...]]:
     """Send this rank's description; returns the tmp dir to write into and the indices of the tensors this rank writes."""
     desc = described.desc
-    session.agent.send(wire.PlanRequest(session.job, ckpt, session.rank, path, session.world_size, desc.digest(), desc.to_msgpack(), overwrite))
+    session.agent.send(wire.PlanRequest(session.job, ckpt, session.rank, path, session.world_size, wire.UInt64(desc.digest()), desc.to_msgpack(), overwrite))
     reply = session.agent.wait(ckpt, wire.PlanReply, Phase.PLAN, _backstop(session))
     assigned = SavePlan.parse_rank_plan(reply.plan, len(desc.tensors))
     log.debug("[rank %d] save %s: %s plan, %d of %d tensors to write", session.rank, ckpt, "cached" if reply.same else "new", len(assigned), len(desc.tensors))

@@ -118,7 +118,7 @@ class Session:
                 raise
             endpoint = self.coordinator.endpoint
             if self.world_size > 1:  # public material only
-                _store(process_group).set(f"dist_ckpt/{n}/hello", f"{endpoint}|{job}".encode())
+                _store(process_group).set(f"dist_ckpt/{n}/hello", f"{endpoint}|{job}".encode())  # type: ignore[arg-type]  # takes bytes too; torch's stub says str
         else:
             endpoint, job = _parse_hello(_store(process_group).get(f"dist_ckpt/{n}/hello"))
             secret = trust.env_secret(job) or trust.read_key_file(trust.key_dir(), job, min(config.timeout_s, 60.0))

@@ -108,7 +108,8 @@ class _BlockSums:
     """Hashes a chunk's bytes, fed in pieces, block by block against its block sums."""
 
     def __init__(self, c: _Chunk) -> None:
-        self.c, self.index, self.filled, self.first_bad = c, 0, 0, None
+        self.c, self.index, self.filled = c, 0, 0
+        self.first_bad: tuple[int, int] | None = None
         self.h = xxhash.xxh3_64()
 
     def update(self, piece: memoryview) -> None:

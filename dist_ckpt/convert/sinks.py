@@ -115,7 +115,8 @@ class _BatchWriter:
     def flush(self) -> None:
         if not self._pending:
             return
-        boxes, items = [], []
+        boxes = []
+        items: list[WriteItem] = []
         for key, _, t in self._pending:
             for offsets, sizes, piece in _pieces(t):
                 boxes.append((key, offsets, sizes))

@@ -17,7 +17,7 @@ import os
 import shutil
 import stat
 import uuid
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..errors import CheckpointError, CheckpointExists, UnsafeFileError
 from ..layout_names import BAD, DATA_DIR, MANIFEST, OLD, TMP, sibling
@@ -33,7 +33,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_DIRECTORY
 _KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
 
 
-def _find_sync_file_range() -> "ctypes._CFuncPtr | None":
+def _find_sync_file_range() -> "Callable[[int, int, int, int], int] | None":
     """libc's ``sync_file_range`` (Linux), or None where there is none."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
