@@ -24,8 +24,10 @@ Group = tuple[str, dict[str, float]]  # (label, {series: value})
 def _throughput_groups(r: dict[str, Any], warm: bool) -> list[Group]:
     f, c, w = r["figures"], r["ceilings"], r["world"]
     loads = [(f"load {w}->{w}", f["load_warm_GBps" if warm else "load_GBps"], c)]
-    loads += [(f"load {w}->{k.split('to')[1]}", f["reshard_load_warm_GBps" if warm else "reshard_load_GBps"].get(k, {}), c["reshard"][k])
-              for k in f["reshard_load_GBps"]]
+    loads += [
+        (f"load {w}->{k.split('to')[1]}", f["reshard_load_warm_GBps" if warm else "reshard_load_GBps"].get(k, {}), c["reshard"][k])
+        for k in f["reshard_load_GBps"]
+    ]
     groups: list[Group] = []
     if not warm:
         s = f["save_GBps"]
@@ -87,8 +89,11 @@ def plot(r: dict[str, Any], path: str) -> None:
     _bars(axes[1], _throughput_groups(r, warm=True), "loads, page cache warm", "GB/s (higher is better)")
     _bars(axes[2], _async_groups(r), "async save (bounds: memcpy;\nblocked + sync save)", "seconds (lower is better)")
     dropped = "page cache dropped" if r["page_cache_dropped"] else "page cache NOT dropped"
-    fig.suptitle(f"dist_ckpt vs DCP: {r['device']}, world {r['world']}, {r['total_bytes'] / (1 << 20):.0f} MiB, "
-                 f"medians of {r['reps']} rep(s), {dropped}; on dist_ckpt's bars: dist_ckpt / the hatched ceiling or bound", fontsize=10)
+    fig.suptitle(
+        f"dist_ckpt vs DCP: {r['device']}, world {r['world']}, {r['total_bytes'] / (1 << 20):.0f} MiB, "
+        f"medians of {r['reps']} rep(s), {dropped}; on dist_ckpt's bars: dist_ckpt / the hatched ceiling or bound",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

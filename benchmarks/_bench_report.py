@@ -24,7 +24,13 @@ def _mark(r: dict[str, Any], *keys: str) -> str:
 
 def _row(label: str, cells: list[Any], ratios: list[Any], marks: str = "", spec: str = ".2f") -> str:
     cells = list(cells) + [""] * (4 - len(cells))
-    return f"{label:34}" + "".join(f"{_f(c, spec) if c != '' else '':>10}" for c in cells) + "   " + "".join(f"{_f(x) if x != '' else '':>9}" for x in ratios) + marks
+    return (
+        f"{label:34}"
+        + "".join(f"{_f(c, spec) if c != '' else '':>10}" for c in cells)
+        + "   "
+        + "".join(f"{_f(x) if x != '' else '':>9}" for x in ratios)
+        + marks
+    )
 
 
 def _variants(label: str, d: dict[str, float], unit: str) -> str:
@@ -38,15 +44,32 @@ def _loads(r: dict[str, Any], label: str, cold: dict[str, float], warm: dict[str
     """A cold load row, its readers line, and its warm row (``suffix``: ``""`` or ``_4to2``)."""
     key = "load" if not suffix else "reshard_load"
     q = r["ratios"]
-    print(_row(label, [cold["dist_ckpt"], cold["dcp"], cold.get("torch_load", ""), c["read_cold_GBps"]],
-               [q[f"{key}_vs_dcp{suffix}"], ratio(cold["dist_ckpt"], cold.get("torch_load", NAN)) if "torch_load" in cold else "", q[f"{key}_vs_read_ceiling{suffix}"]],
-               _mark(r, f"{key}_vs_read_ceiling{suffix}", f"{key}_vs_dcp{suffix}")))
+    print(
+        _row(
+            label,
+            [cold["dist_ckpt"], cold["dcp"], cold.get("torch_load", ""), c["read_cold_GBps"]],
+            [
+                q[f"{key}_vs_dcp{suffix}"],
+                ratio(cold["dist_ckpt"], cold.get("torch_load", NAN)) if "torch_load" in cold else "",
+                q[f"{key}_vs_read_ceiling{suffix}"],
+            ],
+            _mark(r, f"{key}_vs_read_ceiling{suffix}", f"{key}_vs_dcp{suffix}"),
+        )
+    )
     print(_variants("read ceiling", cold, "readers per rank"))
     if warm:
-        print(_row(WARM, [warm.get("dist_ckpt"), warm.get("dcp"), warm.get("torch_load", ""), c["read_warm_GBps"]],
-                   [q[f"{key}_warm_vs_dcp{suffix}"], ratio(warm.get("dist_ckpt", NAN), warm.get("torch_load", NAN)) if "torch_load" in warm else "",
-                    q[f"{key}_warm_vs_warm_ceiling{suffix}"]],
-                   _mark(r, f"{key}_warm_vs_warm_ceiling{suffix}")))
+        print(
+            _row(
+                WARM,
+                [warm.get("dist_ckpt"), warm.get("dcp"), warm.get("torch_load", ""), c["read_warm_GBps"]],
+                [
+                    q[f"{key}_warm_vs_dcp{suffix}"],
+                    ratio(warm.get("dist_ckpt", NAN), warm.get("torch_load", NAN)) if "torch_load" in warm else "",
+                    q[f"{key}_warm_vs_warm_ceiling{suffix}"],
+                ],
+                _mark(r, f"{key}_warm_vs_warm_ceiling{suffix}"),
+            )
+        )
         print(_variants("warm read ceiling", warm, "readers per rank"))
 
 
@@ -55,8 +78,14 @@ def _print_throughput(r: dict[str, Any]) -> None:
     s = f["save_GBps"]
     print(f"{'GB/s (higher is better)':34}{'dist_ckpt':>10}{'DCP':>10}{'torch':>10}{'ceiling':>10}   {'dc/DCP':>9}{'dc/torch':>9}{'dc/ceil':>9}")
     print("-" * WIDTH)
-    print(_row("sync save", [s["dist_ckpt"], s["dcp"], s["torch_save"], c["write_GBps"]], [q["save_vs_dcp"], q["save_vs_torch_save"], q["save_vs_write_ceiling"]],
-               _mark(r, "save_vs_write_ceiling", "save_vs_dcp")))
+    print(
+        _row(
+            "sync save",
+            [s["dist_ckpt"], s["dcp"], s["torch_save"], c["write_GBps"]],
+            [q["save_vs_dcp"], q["save_vs_torch_save"], q["save_vs_write_ceiling"]],
+            _mark(r, "save_vs_write_ceiling", "save_vs_dcp"),
+        )
+    )
     print(_variants("write ceiling", s, "writers (files) per rank"))
     _loads(r, f"load {w}->{w}", f["load_GBps"], f["load_warm_GBps"], c, "")
     for key, d in f["reshard_load_GBps"].items():
@@ -72,21 +101,36 @@ def _print_async(r: dict[str, Any]) -> None:
     bound = b.get("dist_ckpt", NAN) + f["save_s"].get("dist_ckpt", NAN)
     print(f"{'async save, s (lower is better)':34}{'dist_ckpt':>10}{'DCP dflt':>10}{'DCP stgr':>10}{'bound':>10}   {'dc/DCP':>9}{'dc/stgr':>9}{'dc/bound':>9}")
     print("-" * WIDTH)
-    print(_row("blocked (median)", [b["dist_ckpt"], b["dcp"], b.get("dcp_stager"), c["memcpy_s"]],
-               [q["async_block_vs_dcp"], q["async_block_vs_dcp_stager"], q["async_block_vs_memcpy"]], _mark(r, "async_block_vs_memcpy"), ".3f"))
+    print(
+        _row(
+            "blocked (median)",
+            [b["dist_ckpt"], b["dcp"], b.get("dcp_stager"), c["memcpy_s"]],
+            [q["async_block_vs_dcp"], q["async_block_vs_dcp_stager"], q["async_block_vs_memcpy"]],
+            _mark(r, "async_block_vs_memcpy"),
+            ".3f",
+        )
+    )
     print(_row("blocked (first save)", [first["dist_ckpt"], first["dcp"], first.get("dcp_stager")], [], "", ".3f"))
-    print(_row("until committed (median)", [tot["dist_ckpt"], tot["dcp"], tot.get("dcp_stager"), bound],
-               [q["async_total_vs_dcp"], ratio(tot["dist_ckpt"], tot.get("dcp_stager", NAN)), q["async_total_vs_blocked_plus_save"]],
-               _mark(r, "async_total_vs_blocked_plus_save"), ".3f"))
+    print(
+        _row(
+            "until committed (median)",
+            [tot["dist_ckpt"], tot["dcp"], tot.get("dcp_stager"), bound],
+            [q["async_total_vs_dcp"], ratio(tot["dist_ckpt"], tot.get("dcp_stager", NAN)), q["async_total_vs_blocked_plus_save"]],
+            _mark(r, "async_total_vs_blocked_plus_save"),
+            ".3f",
+        )
+    )
     print(f"    bound: blocked <- memcpy of the state ({_f(c['memcpy_GBps'])} GB/s); committed <- dist_ckpt's blocked + its sync save")
     if r.get("dcp_stager_error"):
         print(f"  DCP DefaultStager not measured: {r['dcp_stager_error']}")
     print(f"  dist_ckpt prepare() (staging arena allocation, once, before the first save): {_f(f['dc_prepare_s'], '.3f')} s")
     if "staging_ceiling_GBps" in f:
         s = f["staging_ceiling_GBps"]
-        print(f"  staging ceiling: pinned D2H {_f(s['d2h_pinned_GBps'])} GB/s (pageable {_f(s['d2h_pageable_GBps'])}); first save stages at "
-              f"{_f(f['dc_staging_first_GBps'])} GB/s = {_f(q['staging_vs_pinned'])} of pinned{_mark(r, 'staging_vs_pinned')}; "
-              f"DCP default {_f(f['dcp_staging_first_GBps'])} GB/s")
+        print(
+            f"  staging ceiling: pinned D2H {_f(s['d2h_pinned_GBps'])} GB/s (pageable {_f(s['d2h_pageable_GBps'])}); first save stages at "
+            f"{_f(f['dc_staging_first_GBps'])} GB/s = {_f(q['staging_vs_pinned'])} of pinned{_mark(r, 'staging_vs_pinned')}; "
+            f"DCP default {_f(f['dcp_staging_first_GBps'])} GB/s"
+        )
 
 
 def _print_memory(r: dict[str, Any]) -> None:
@@ -118,8 +162,10 @@ def _print_targets(r: dict[str, Any]) -> None:
 
 def print_table(r: dict[str, Any]) -> None:
     """Print the run's result (``_bench_summary.summarize``) as the human-readable table."""
-    print(f"\ndist_ckpt benchmark: {r['device']}, world {r['world']}, {r['total_bytes'] / MiB:.0f} MiB state ({r['n_tensors']} tensors), "
-          f"{r['reps']} rep(s), medians; page cache dropped before loads: {'yes' if r['page_cache_dropped'] else 'NO'}")
+    print(
+        f"\ndist_ckpt benchmark: {r['device']}, world {r['world']}, {r['total_bytes'] / MiB:.0f} MiB state ({r['n_tensors']} tensors), "
+        f"{r['reps']} rep(s), medians; page cache dropped before loads: {'yes' if r['page_cache_dropped'] else 'NO'}"
+    )
     print(f"checkpoints under {r['dir']}\n")
     _print_throughput(r)
     print()

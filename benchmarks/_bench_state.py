@@ -34,9 +34,14 @@ class ParamSpec:
 
 # (share of the parameter bytes, columns, dtype); a 1-D entry has columns 0.
 _LAYOUT = [
-    (0.24, 4096, torch.float32), (0.18, 1024, torch.float32), (0.14, 2048, torch.float32),
-    (0.12, 1024, torch.bfloat16), (0.10, 512, torch.float32), (0.08, 4096, torch.float32),
-    (0.07, 1024, torch.float32), (0.07, 2048, torch.float32),
+    (0.24, 4096, torch.float32),
+    (0.18, 1024, torch.float32),
+    (0.14, 2048, torch.float32),
+    (0.12, 1024, torch.bfloat16),
+    (0.10, 512, torch.float32),
+    (0.08, 4096, torch.float32),
+    (0.07, 1024, torch.float32),
+    (0.07, 2048, torch.float32),
 ]
 _SMALL = 12  # 1-D norm/bias vectors of 1024..12288 elements: per-tensor overhead matters too
 

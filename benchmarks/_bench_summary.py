@@ -131,8 +131,7 @@ def _ceilings(fig: dict[str, Any], reps: dict[str, Any], nbytes: int) -> dict[st
         "read_cold_GBps": best(fig["load_GBps"]),
         "read_warm_GBps": best(fig["load_warm_GBps"]),
         "reshard": {
-            key: {"read_cold_GBps": best(d), "read_warm_GBps": best(fig["reshard_load_warm_GBps"].get(key, {}))}
-            for key, d in fig["reshard_load_GBps"].items()
+            key: {"read_cold_GBps": best(d), "read_warm_GBps": best(fig["reshard_load_warm_GBps"].get(key, {}))} for key, d in fig["reshard_load_GBps"].items()
         },
         "memcpy_s": memcpy_s,
         "memcpy_GBps": nbytes / memcpy_s / 1e9 if memcpy_s == memcpy_s else NAN,
@@ -250,12 +249,19 @@ def summarize(run: dict[str, Any], main: dict[str, Any], reshard: dict[int, dict
     if "staging_ceiling" in main:
         _staging(main, fig, ratios)
     return {
-        "bench": "dist_ckpt", **run, "total_bytes": n, "n_tensors": main.get("n_tensors"),
+        "bench": "dist_ckpt",
+        **run,
+        "total_bytes": n,
+        "n_tensors": main.get("n_tensors"),
         "page_cache_dropped": bool(main.get("dropped_caches")) and all(r.get("dropped_caches") for r in reshard.values()),
         "dcp_stager_error": main.get("dcp_stager_error"),
-        "figures": fig, "ceilings": ceilings, "ratios": ratios, "paired_ratios": _paired_ratios(reps),
+        "figures": fig,
+        "ceilings": ceilings,
+        "ratios": ratios,
+        "paired_ratios": _paired_ratios(reps),
         "verified": _verified(main, reshard, world),
-        "targets": {k: list(v) for k, v in TARGETS.items()}, "targets_met": targets_met(ratios, TARGETS),
+        "targets": {k: list(v) for k, v in TARGETS.items()},
+        "targets_met": targets_met(ratios, TARGETS),
         "design_targets_met": targets_met(ratios, DESIGN_TARGETS),
         "reps_raw": reps,
     }

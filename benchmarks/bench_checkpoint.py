@@ -71,7 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 32 MiB, 1 rep")
     p.add_argument("--no-drop-caches", action="store_true", help="do not drop the page cache before loads")
     p.add_argument("--no-async", action="store_true", help="skip the async saves and the memcpy ceiling: the main job holds no second copy of the state")
-    p.add_argument("--plot", metavar="FILE.png", default=None, help="also draw the run's figures beside DCP's and the ceilings (needs matplotlib: the bench extra)")
+    p.add_argument(
+        "--plot", metavar="FILE.png", default=None, help="also draw the run's figures beside DCP's and the ceilings (needs matplotlib: the bench extra)"
+    )
     p.add_argument("--settle", type=float, default=0.3, help="seconds to pause (after a sync) before every timed step")
     p.add_argument("--log-level", default="WARNING", help="worker log level (INFO shows dist_ckpt's per-phase timings)")
     p.add_argument("--verbose", action="store_true", help="echo all worker output")
@@ -104,16 +106,45 @@ def _kill_job(proc: subprocess.Popen, log_path: str, killed: threading.Event) ->
 
 def run_job(a: argparse.Namespace, world: int, mode: str, out: str, log_path: str) -> dict[str, Any]:
     """Launch one torchrun job of ``world`` ranks; return rank 0's results."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), WORKER,
-        "--mode", mode, "--dir", a.dir, "--out", out, "--total-bytes", str(a.total_bytes), "--reps", str(a.reps),
-        "--device", a.device, "--saved-world", str(a.world), "--log-level", a.log_level, "--settle", str(a.settle),
-    ] + (["--no-drop-caches"] if a.no_drop_caches else []) + (["--no-async"] if a.no_async else [])
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(world),
+            WORKER,
+            "--mode",
+            mode,
+            "--dir",
+            a.dir,
+            "--out",
+            out,
+            "--total-bytes",
+            str(a.total_bytes),
+            "--reps",
+            str(a.reps),
+            "--device",
+            a.device,
+            "--saved-world",
+            str(a.world),
+            "--log-level",
+            a.log_level,
+            "--settle",
+            str(a.settle),
+        ]
+        + (["--no-drop-caches"] if a.no_drop_caches else [])
+        + (["--no-async"] if a.no_async else [])
+    )
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)), PYTHONUNBUFFERED="1")
     # A broken save must fail the benchmark in minutes, not after dist_ckpt's 10-minute default deadline.
     env.setdefault("DIST_CKPT_TIMEOUT_S", str(min(a.timeout, 300)))
     print(f"== {mode} job, world {world}", file=sys.stderr, flush=True)
-    with open(log_path, "a") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO, start_new_session=True) as proc:
+    with (
+        open(log_path, "a") as log,
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO, start_new_session=True) as proc,
+    ):
         killed = threading.Event()
         watchdog = threading.Timer(a.timeout, _kill_job, (proc, log_path, killed))
         watchdog.start()

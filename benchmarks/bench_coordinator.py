@@ -76,10 +76,10 @@ from dist_ckpt.config import Config
 from dist_ckpt.coordinator import Coordinator
 from dist_ckpt.description import Schema, encode_description
 from dist_ckpt.flatten import flatten
+from dist_ckpt.load_planner import plan_reads
 from dist_ckpt.loader import read_manifest
 from dist_ckpt.manifest import ALIGN
 from dist_ckpt.plan import SavePlan
-from dist_ckpt.load_planner import plan_reads
 from dist_ckpt.storage import get_storage
 from dist_ckpt.transport import secure_client
 
@@ -207,6 +207,7 @@ def _time_steps() -> list[tuple[str, float, int]]:
                 return fn(*a, **k)
             finally:
                 steps.append((name, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
+
         return run
 
     import dist_ckpt.plan as plan
@@ -258,7 +259,9 @@ class Ranks:
         world = self.layout.world
         import xxhash
 
-        self.outbox = [wire.encode(wire.PlanRequest(JOB, ckpt, int(r), path, world, xxhash.xxh3_64_intdigest(d), d, False), SECRET) for r, d in zip(self.ranks, self.descs)]
+        self.outbox = [
+            wire.encode(wire.PlanRequest(JOB, ckpt, int(r), path, world, xxhash.xxh3_64_intdigest(d), d, False), SECRET) for r, d in zip(self.ranks, self.descs)
+        ]
 
     def send(self, which: str) -> float:
         """Send the prepared messages of ``which`` ranks ("all", "all_but_last", "last"); time of the last send."""
@@ -353,7 +356,15 @@ def load_plan_main(conn: Any, path: str, world: int, n_tensors: int, rank: int) 
         ops = plan_reads(off[0, a : a + n], siz[0, a : a + n], int(sch.itemsize[i]), c.offsets, c.sizes, c.file, c.offset)
         n_ops += len(ops)
     t2 = time.perf_counter()
-    conn.send({"read_manifest_s": t1 - t0, "plan_reads_s": t2 - t1, "load_plan_s": t2 - t0, "read_ops": n_ops, "chunks": sum(len(e.chunks) for e in manifest.tensors.values())})
+    conn.send(
+        {
+            "read_manifest_s": t1 - t0,
+            "plan_reads_s": t2 - t1,
+            "load_plan_s": t2 - t0,
+            "read_ops": n_ops,
+            "chunks": sum(len(e.chunks) for e in manifest.tensors.values()),
+        }
+    )
 
 
 # ---------------------------------------------------------------- driver
@@ -476,7 +487,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--procs", type=int, default=0, help="worker processes for the simulated ranks (default: one per 1024 ranks, 1..16)")
     ap.add_argument("--arrival", choices=("straggler", "burst"), default="straggler")
     ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temporary directory, removed)")
-    ap.add_argument("--prefault-gib", type=float, default=0.0, help="touch and free this much memory in the coordinator's process first (see the module docstring)")
+    ap.add_argument(
+        "--prefault-gib", type=float, default=0.0, help="touch and free this much memory in the coordinator's process first (see the module docstring)"
+    )
     args = ap.parse_args(argv)
     hard = raise_fd_limit()
     procs = args.procs or min(16, max(1, math.ceil(args.ranks / 1024)))

@@ -72,6 +72,7 @@ def boto3_client(b: Bench) -> Any:
 
 # ---- contenders: each returns (upload(key), download(key) -> buffer) ----
 
+
 def c_s3transfer(b: Bench) -> tuple[Callable[[str], None], Callable[[str], Any]]:
     from boto3.s3.transfer import TransferConfig
 
@@ -99,12 +100,12 @@ def c_dist_ckpt(b: Bench) -> tuple[Callable[[str], None], Callable[[str], Any]]:
         with client.open_writer(key, part_size=b.part, max_in_flight=b.n) as w:
             view = memoryview(b.data)
             for s, length in b.ranges:
-                w.write(view[s:s + length])
+                w.write(view[s : s + length])
             w.complete()
 
     def down(key: str) -> Any:
         out = memoryview(bytearray(b.size))
-        list(pool.map(lambda r: client.get_range(key, r[0], r[1], out=out[r[0]:r[0] + r[1]]), b.ranges))
+        list(pool.map(lambda r: client.get_range(key, r[0], r[1], out=out[r[0] : r[0] + r[1]]), b.ranges))
         return out
 
     return up, down
@@ -114,9 +115,15 @@ def obstore_store(b: Bench) -> Any:
     from obstore.store import S3Store
 
     env = b.server.env()
-    return S3Store(b.bucket, endpoint=env["AWS_ENDPOINT_URL"], region=env["AWS_REGION"],
-                   access_key_id=env["AWS_ACCESS_KEY_ID"], secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-                   virtual_hosted_style_request=False, client_options={"allow_http": True})
+    return S3Store(
+        b.bucket,
+        endpoint=env["AWS_ENDPOINT_URL"],
+        region=env["AWS_REGION"],
+        access_key_id=env["AWS_ACCESS_KEY_ID"],
+        secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        virtual_hosted_style_request=False,
+        client_options={"allow_http": True},
+    )
 
 
 def c_obstore(b: Bench) -> tuple[Callable[[str], None], Callable[[str], Any]]:
@@ -129,7 +136,7 @@ def c_obstore(b: Bench) -> tuple[Callable[[str], None], Callable[[str], Any]]:
         obstore.put(store, key, memoryview(b.data), chunk_size=b.part, max_concurrency=b.n)
 
     def read_range(key: str, out: memoryview, s: int, n: int) -> None:
-        out[s:s + n] = memoryview(obstore.get_range(store, key, start=s, length=n))  # into the caller's buffer
+        out[s : s + n] = memoryview(obstore.get_range(store, key, start=s, length=n))  # into the caller's buffer
 
     def down(key: str) -> Any:
         # One request per range, N at a time, as for the others: get_ranges
@@ -147,8 +154,7 @@ def s3torch_client(b: Bench) -> Any:
     from s3torchconnectorclient._mountpoint_s3_client import MountpointS3Client
 
     env = b.server.env()
-    return MountpointS3Client(env["AWS_REGION"], endpoint=env["AWS_ENDPOINT_URL"], part_size=b.part,
-                              force_path_style=True)
+    return MountpointS3Client(env["AWS_REGION"], endpoint=env["AWS_ENDPOINT_URL"], part_size=b.part, force_path_style=True)
 
 
 def c_s3torch(b: Bench) -> tuple[Callable[[str], None], Callable[[str], Any]]:
@@ -159,13 +165,13 @@ def c_s3torch(b: Bench) -> tuple[Callable[[str], None], Callable[[str], Any]]:
         stream = client.put_object(b.bucket, key)
         view = memoryview(b.data)
         for s, n in b.ranges:
-            stream.write(bytes(view[s:s + n]))  # it takes bytes only: one copy per piece
+            stream.write(bytes(view[s : s + n]))  # it takes bytes only: one copy per piece
         stream.close()
 
     def read_range(key: str, out: memoryview, s: int, n: int) -> None:
         pos = s
         for chunk in client.get_object(b.bucket, key, start=s, end=s + n):
-            out[pos:pos + len(chunk)] = chunk
+            out[pos : pos + len(chunk)] = chunk
             pos += len(chunk)
 
     def down(key: str) -> Any:
@@ -176,8 +182,7 @@ def c_s3torch(b: Bench) -> tuple[Callable[[str], None], Callable[[str], Any]]:
     return up, down
 
 
-CONTENDERS = {"boto3/s3transfer": c_s3transfer, "dist_ckpt S3Client (boto3)": c_dist_ckpt,
-              "obstore": c_obstore, "s3torchconnectorclient": c_s3torch}
+CONTENDERS = {"boto3/s3transfer": c_s3transfer, "dist_ckpt S3Client (boto3)": c_dist_ckpt, "obstore": c_obstore, "s3torchconnectorclient": c_s3torch}
 
 
 def measure(b: Bench, reps: int) -> dict[str, dict[str, Any]]:
@@ -194,7 +199,7 @@ def measure(b: Bench, reps: int) -> dict[str, dict[str, Any]]:
     cpu: dict[str, dict[str, list[float]]] = {n: {"upload": [], "download": []} for n in made}
     names = list(made)
     for rep in range(reps):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
             up, down = made[name]
             key = f"rep{rep}/{name.split()[0]}.bin"
             for op, fn in (("upload", up), ("download", down)):
@@ -204,12 +209,22 @@ def measure(b: Bench, reps: int) -> dict[str, dict[str, Any]]:
                 cpu[name][op].append(time.process_time() - c)
             b.check(name, buf)
             boto3_client(b).delete_object(Bucket=b.bucket, Key=key)  # keep the server's memory flat
-    return {n: {op: {"median_s": statistics.median(v), "MBps": b.size / MiB / statistics.median(v), "reps": v,
-                     "client_cpu_s_per_GiB": statistics.median(cpu[n][op]) * (1 << 30) / b.size}
-                for op, v in t.items()} for n, t in times.items()}
+    return {
+        n: {
+            op: {
+                "median_s": statistics.median(v),
+                "MBps": b.size / MiB / statistics.median(v),
+                "reps": v,
+                "client_cpu_s_per_GiB": statistics.median(cpu[n][op]) * (1 << 30) / b.size,
+            }
+            for op, v in t.items()
+        }
+        for n, t in times.items()
+    }
 
 
 # ---- conditional puts, tried for real ----
+
 
 def cond_boto3(b: Bench, key: str) -> dict[str, Any]:
     from botocore.exceptions import ClientError
@@ -226,8 +241,7 @@ def cond_boto3(b: Bench, key: str) -> dict[str, Any]:
     first = s3.put_object(Bucket=b.bucket, Key=key, Body=b"v1", IfNoneMatch="*")["ETag"]
     second_refused = refused(IfNoneMatch="*")
     new = s3.put_object(Bucket=b.bucket, Key=key, Body=b"v2", IfMatch=first)["ETag"]
-    return {"api": True, "create_only_refuses_second": second_refused,
-            "if_match_replaces": new != first, "if_match_stale_refused": refused(IfMatch=first)}
+    return {"api": True, "create_only_refuses_second": second_refused, "if_match_replaces": new != first, "if_match_stale_refused": refused(IfMatch=first)}
 
 
 def cond_obstore(b: Bench, key: str) -> dict[str, Any]:
@@ -246,14 +260,12 @@ def cond_obstore(b: Bench, key: str) -> dict[str, Any]:
     first = obstore.put(store, key, b"v1", mode="create")["e_tag"]
     second_refused = refused("create")
     new = obstore.put(store, key, b"v2", mode={"e_tag": first})["e_tag"]
-    return {"api": True, "create_only_refuses_second": second_refused,
-            "if_match_replaces": new != first, "if_match_stale_refused": refused({"e_tag": first})}
+    return {"api": True, "create_only_refuses_second": second_refused, "if_match_replaces": new != first, "if_match_stale_refused": refused({"e_tag": first})}
 
 
 def cond_s3torch(b: Bench, key: str) -> dict[str, Any]:
     # put_object(bucket, key, storage_class) takes no precondition: nothing to try.
-    return {"api": False, "create_only_refuses_second": None,
-            "if_match_replaces": None, "if_match_stale_refused": None}
+    return {"api": False, "create_only_refuses_second": None, "if_match_replaces": None, "if_match_stale_refused": None}
 
 
 def racing_creates(b: Bench, racers: int = 8, rounds: int = 20) -> dict[str, int]:
@@ -306,12 +318,13 @@ def main() -> None:
         race = racing_creates(b)
     finally:
         server.stop()
-    print(f"{args.mb} MiB, {args.part_mb} MiB parts, {args.in_flight} in flight, "
-          f"median of {args.reps}, local moto server")
+    print(f"{args.mb} MiB, {args.part_mb} MiB parts, {args.in_flight} in flight, median of {args.reps}, local moto server")
     print(f"{'client':30} {'upload MB/s':>12} {'ranged GET MB/s':>16} {'client CPU s/GiB up':>20} {'down':>6}")
     for name, f in figures.items():
-        print(f"{name:30} {f['upload']['MBps']:12.0f} {f['download']['MBps']:16.0f} "
-              f"{f['upload']['client_cpu_s_per_GiB']:20.2f} {f['download']['client_cpu_s_per_GiB']:6.2f}")
+        print(
+            f"{name:30} {f['upload']['MBps']:12.0f} {f['download']['MBps']:16.0f} "
+            f"{f['upload']['client_cpu_s_per_GiB']:20.2f} {f['download']['client_cpu_s_per_GiB']:6.2f}"
+        )
     for name, c in cond.items():
         print(f"conditional puts, {name}: {c}")
     print(f"racing create-only puts on moto: {race}")

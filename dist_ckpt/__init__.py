@@ -29,10 +29,7 @@ from .checkpointer import (
 )
 from .config import Config
 from .convert import convert
-from .manager import CheckpointManager
-from .process import CheckpointProcess
 from .describe import RankLocal, rank_local
-from .loader import LoadInfo
 from .errors import (
     CheckpointChanged,
     CheckpointError,
@@ -54,17 +51,56 @@ from .errors import (
     UnsupportedScheme,
     WireError,
 )
+from .loader import LoadInfo
+from .manager import CheckpointManager
+from .process import CheckpointProcess
 from .session import RankInfo
 from .verify import BadChunk, VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "save", "async_save", "load", "LoadInfo", "CheckpointManager", "Config", "rank_local", "RankLocal", "RankInfo",
-    "Checkpointer", "SyncCheckpointer", "AsyncCheckpointer", "CheckpointStager", "DefaultStager",
-    "CheckpointWriter", "WriterHook", "CheckpointProcess", "CheckpointReader", "make_sync_checkpointer", "make_async_checkpointer",
-    "DistCkptError", "CheckpointError", "CheckpointNotFound", "ChecksumError", "CoordinatorTimeout",
-    "DataFileError", "LoadMismatchError", "ManifestError", "PickleNotAllowed", "StateDictError",
-    "StorageError", "WireError", "CommitOutcomeUnknown", "CheckpointChanged", "ProcessGroupNotInitialized", "UnsupportedScheme", "verify", "VerifyReport", "BadChunk", "convert", "ConvertError",
-    "CheckpointExists", "CheckpointProcessError",
+    "save",
+    "async_save",
+    "load",
+    "LoadInfo",
+    "CheckpointManager",
+    "Config",
+    "rank_local",
+    "RankLocal",
+    "RankInfo",
+    "Checkpointer",
+    "SyncCheckpointer",
+    "AsyncCheckpointer",
+    "CheckpointStager",
+    "DefaultStager",
+    "CheckpointWriter",
+    "WriterHook",
+    "CheckpointProcess",
+    "CheckpointReader",
+    "make_sync_checkpointer",
+    "make_async_checkpointer",
+    "DistCkptError",
+    "CheckpointError",
+    "CheckpointNotFound",
+    "ChecksumError",
+    "CoordinatorTimeout",
+    "DataFileError",
+    "LoadMismatchError",
+    "ManifestError",
+    "PickleNotAllowed",
+    "StateDictError",
+    "StorageError",
+    "WireError",
+    "CommitOutcomeUnknown",
+    "CheckpointChanged",
+    "ProcessGroupNotInitialized",
+    "UnsupportedScheme",
+    "verify",
+    "VerifyReport",
+    "BadChunk",
+    "convert",
+    "ConvertError",
+    "CheckpointExists",
+    "CheckpointProcessError",
 ]

@@ -141,8 +141,10 @@ class Agent:
     def _lost(self, ckpt: str, phase: str, committing: bool, what: str) -> Exception:
         """The error for a coordinator that stopped answering (``what`` it did not do)."""
         if committing:
-            return CommitOutcomeUnknown(f"rank {self.rank}: the coordinator (rank 0) at {self.endpoint} started committing save {ckpt} and then {what}; "
-                                        "the checkpoint may or may not be committed: a MANIFEST at its path means it is")
+            return CommitOutcomeUnknown(
+                f"rank {self.rank}: the coordinator (rank 0) at {self.endpoint} started committing save {ckpt} and then {what}; "
+                "the checkpoint may or may not be committed: a MANIFEST at its path means it is"
+            )
         if what.startswith("has not answered"):
             return CoordinatorTimeout(f"rank {self.rank}: the coordinator (rank 0) at {self.endpoint} {what} (save {ckpt}, phase {phase}); it is presumed dead")
         return CoordinatorTimeout(f"rank {self.rank}: the coordinator at {self.endpoint} {what} (save {ckpt}, phase {phase})")

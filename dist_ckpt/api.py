@@ -37,8 +37,17 @@ def _default(process_group: dist.ProcessGroup | None = None) -> tuple[Session, S
         return _defaults[key]
 
 
-def save(state_dict: Any, path: str, *, overwrite: bool = False, allow_pickle: bool | None = None, user_meta: Mapping[str, Any] | None = None,
-         step: int | None = None, process_group: dist.ProcessGroup | None = None, storage: Storage | None = None) -> None:
+def save(
+    state_dict: Any,
+    path: str,
+    *,
+    overwrite: bool = False,
+    allow_pickle: bool | None = None,
+    user_meta: Mapping[str, Any] | None = None,
+    step: int | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    storage: Storage | None = None,
+) -> None:
     """Save ``state_dict`` to ``path`` on all ranks; returns once committed everywhere.
 
     Args:
@@ -67,8 +76,17 @@ def save(state_dict: Any, path: str, *, overwrite: bool = False, allow_pickle: b
     sync.save(path, state_dict, overwrite=overwrite, allow_pickle=allow_pickle, user_meta=user_meta, step=step, storage=storage)
 
 
-def async_save(state_dict: Any, path: str, *, overwrite: bool = False, allow_pickle: bool | None = None, user_meta: Mapping[str, Any] | None = None,
-               step: int | None = None, process_group: dist.ProcessGroup | None = None, storage: Storage | None = None) -> tuple[Future, Future]:
+def async_save(
+    state_dict: Any,
+    path: str,
+    *,
+    overwrite: bool = False,
+    allow_pickle: bool | None = None,
+    user_meta: Mapping[str, Any] | None = None,
+    step: int | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    storage: Storage | None = None,
+) -> tuple[Future, Future]:
     """Start a background save; returns ``(stage_future, write_future)``.
 
     After ``stage_future.result()`` the caller may modify the tensors;
@@ -86,8 +104,17 @@ def async_save(state_dict: Any, path: str, *, overwrite: bool = False, allow_pic
     return asyn.save(path, state_dict, overwrite=overwrite, allow_pickle=allow_pickle, user_meta=user_meta, step=step, storage=storage)
 
 
-def load(state_dict: Any, path: str, *, strict: bool = True, allow_pickle: bool | None = None, verify_checksums: bool | None = None,
-         info: LoadInfo | None = None, storage: Storage | None = None, process_group: dist.ProcessGroup | None = None) -> Any:
+def load(
+    state_dict: Any,
+    path: str,
+    *,
+    strict: bool = True,
+    allow_pickle: bool | None = None,
+    verify_checksums: bool | None = None,
+    info: LoadInfo | None = None,
+    storage: Storage | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> Any:
     """Load ``path`` into ``state_dict`` in place and return it.
 
     Tensors and DTensor local shards are filled in place (any layout and world

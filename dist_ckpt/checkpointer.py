@@ -117,8 +117,15 @@ class CheckpointWriter:
         storage: the backend every save goes through (None: chosen by each path's URL scheme).
     """
 
-    def __init__(self, config: Config | None = None, barrier: Any = None, commit_hook: WriterHook | None = None, session: Session | None = None, process: CheckpointProcess | None = None,
-                 storage: Storage | None = None) -> None:
+    def __init__(
+        self,
+        config: Config | None = None,
+        barrier: Any = None,
+        commit_hook: WriterHook | None = None,
+        session: Session | None = None,
+        process: CheckpointProcess | None = None,
+        storage: Storage | None = None,
+    ) -> None:
         self.session = session or Session(config or Config.from_env())
         self.storage = storage
         self.rank_info = self.session.rank_info  # the session decides the rank (from the process group)
@@ -130,8 +137,18 @@ class CheckpointWriter:
         self.announce_saves = True
         self.last_summary: SaveSummary | None = None
 
-    def write(self, path: str, state: STATE_DICT | StagedState, *, ckpt: str | None = None, overwrite: bool = False,
-              allow_pickle: bool | None = None, user_meta: Mapping[str, Any] | None = None, step: int | None = None, storage: Storage | None = None) -> None:
+    def write(
+        self,
+        path: str,
+        state: STATE_DICT | StagedState,
+        *,
+        ckpt: str | None = None,
+        overwrite: bool = False,
+        allow_pickle: bool | None = None,
+        user_meta: Mapping[str, Any] | None = None,
+        step: int | None = None,
+        storage: Storage | None = None,
+    ) -> None:
         """Save ``state`` (a state dict, or a :class:`StagedState`) to ``path``; blocks until committed.
 
         Args:
@@ -161,13 +178,26 @@ class CheckpointWriter:
         else:
             write = None if storage is None else functools.partial(write_here, storage=storage)
         self.last_summary = None
-        run_save(self.session, ckpt, path, state.described, state.host, overwrite, ready=state.ready.result, hook=self.commit_hook, write=write,
-                 user_meta=meta, step=step, announce=self.announce_saves)
+        run_save(
+            self.session,
+            ckpt,
+            path,
+            state.described,
+            state.host,
+            overwrite,
+            ready=state.ready.result,
+            hook=self.commit_hook,
+            write=write,
+            user_meta=meta,
+            step=step,
+            announce=self.announce_saves,
+        )
         coordinator = self.session.coordinator
         self.last_summary = coordinator.summary(ckpt) if coordinator is not None else None
 
-    def _check(self, path: str, state: STATE_DICT | StagedState, allow_pickle: bool | None, user_meta: Mapping[str, Any] | None,
-               storage: Storage | None) -> tuple[StagedState, dict[str, Any]]:
+    def _check(
+        self, path: str, state: STATE_DICT | StagedState, allow_pickle: bool | None, user_meta: Mapping[str, Any] | None, storage: Storage | None
+    ) -> tuple[StagedState, dict[str, Any]]:
         """Everything a save can refuse before it starts: the path's scheme, ``user_meta``, the state's values."""
         get_storage(path, storage)
         meta = check_user_meta(user_meta)
@@ -209,9 +239,18 @@ class CheckpointReader:
         self.config = config or Config.from_env()
         self.storage = storage
 
-    def read(self, path: str, state_dict: STATE_DICT | None = None, *, map_location: Any = None, strict: bool = True,
-             allow_pickle: bool | None = None, verify_checksums: bool | None = None, info: LoadInfo | None = None,
-             storage: Storage | None = None) -> tuple[Any, list[str]]:
+    def read(
+        self,
+        path: str,
+        state_dict: STATE_DICT | None = None,
+        *,
+        map_location: Any = None,
+        strict: bool = True,
+        allow_pickle: bool | None = None,
+        verify_checksums: bool | None = None,
+        info: LoadInfo | None = None,
+        storage: Storage | None = None,
+    ) -> tuple[Any, list[str]]:
         """Load ``path`` into ``state_dict`` (in place), or as full tensors when None.
 
         Args:
@@ -249,19 +288,46 @@ class Checkpointer(abc.ABC):
     """Save and load checkpoints; ``save`` returns ``(stage_future, write_future)`` or None."""
 
     @abc.abstractmethod
-    def save(self, path: str, state_dict: STATE_DICT, *, overwrite: bool = False, allow_pickle: bool | None = None,
-             user_meta: Mapping[str, Any] | None = None, step: int | None = None, storage: Storage | None = None) -> tuple[Future, Future] | None:
+    def save(
+        self,
+        path: str,
+        state_dict: STATE_DICT,
+        *,
+        overwrite: bool = False,
+        allow_pickle: bool | None = None,
+        user_meta: Mapping[str, Any] | None = None,
+        step: int | None = None,
+        storage: Storage | None = None,
+    ) -> tuple[Future, Future] | None:
         """Save ``state_dict`` to ``path`` (all ranks together); see :meth:`CheckpointWriter.write` for the arguments."""
 
-    def load(self, path: str, state_dict: STATE_DICT | None = None, *, default_map_location: Any = None, strict: bool = True,
-             allow_pickle: bool | None = None, verify_checksums: bool | None = None, info: LoadInfo | None = None, storage: Storage | None = None) -> Any:
+    def load(
+        self,
+        path: str,
+        state_dict: STATE_DICT | None = None,
+        *,
+        default_map_location: Any = None,
+        strict: bool = True,
+        allow_pickle: bool | None = None,
+        verify_checksums: bool | None = None,
+        info: LoadInfo | None = None,
+        storage: Storage | None = None,
+    ) -> Any:
         """Load ``path`` into ``state_dict`` in place (or return full tensors when None).
 
         Strict by default, like :func:`dist_ckpt.load` and :meth:`CheckpointManager.load`.
         ``allow_pickle`` / ``verify_checksums`` / ``storage`` override the checkpointer's for this load.
         """
-        return self.reader.read(path, state_dict, map_location=default_map_location, strict=strict, allow_pickle=allow_pickle, verify_checksums=verify_checksums, info=info,
-                                storage=storage)[0]
+        return self.reader.read(
+            path,
+            state_dict,
+            map_location=default_map_location,
+            strict=strict,
+            allow_pickle=allow_pickle,
+            verify_checksums=verify_checksums,
+            info=info,
+            storage=storage,
+        )[0]
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -281,8 +347,17 @@ class SyncCheckpointer(Checkpointer):
     def __init__(self, writer: CheckpointWriter, reader: CheckpointReader) -> None:
         self.writer, self.reader = writer, reader
 
-    def save(self, path: str, state_dict: STATE_DICT, *, overwrite: bool = False, allow_pickle: bool | None = None,
-             user_meta: Mapping[str, Any] | None = None, step: int | None = None, storage: Storage | None = None) -> None:
+    def save(
+        self,
+        path: str,
+        state_dict: STATE_DICT,
+        *,
+        overwrite: bool = False,
+        allow_pickle: bool | None = None,
+        user_meta: Mapping[str, Any] | None = None,
+        step: int | None = None,
+        storage: Storage | None = None,
+    ) -> None:
         """Save and return once committed for all ranks (arguments: :meth:`CheckpointWriter.write`)."""
         self.writer.write(path, state_dict, overwrite=overwrite, allow_pickle=allow_pickle, user_meta=user_meta, step=step, storage=storage)
         return None
@@ -312,8 +387,17 @@ class AsyncCheckpointer(Checkpointer):
         """Allocate staging memory for ``state_dict`` ahead of the first save."""
         self.stager.prepare(state_dict)
 
-    def save(self, path: str, state_dict: STATE_DICT, *, overwrite: bool = False, allow_pickle: bool | None = None,
-             user_meta: Mapping[str, Any] | None = None, step: int | None = None, storage: Storage | None = None) -> tuple[Future, Future]:
+    def save(
+        self,
+        path: str,
+        state_dict: STATE_DICT,
+        *,
+        overwrite: bool = False,
+        allow_pickle: bool | None = None,
+        user_meta: Mapping[str, Any] | None = None,
+        step: int | None = None,
+        storage: Storage | None = None,
+    ) -> tuple[Future, Future]:
         """Stage and start the save; returns ``(stage_future, write_future)`` (arguments: :meth:`CheckpointWriter.write`).
 
         Raises:
@@ -362,8 +446,9 @@ class AsyncCheckpointer(Checkpointer):
             self.reader.close()
 
 
-def make_sync_checkpointer(config: Config | None = None, rank_info: RankInfo | None = None, commit_hook: WriterHook | None = None,
-                           storage: Storage | None = None) -> SyncCheckpointer:
+def make_sync_checkpointer(
+    config: Config | None = None, rank_info: RankInfo | None = None, commit_hook: WriterHook | None = None, storage: Storage | None = None
+) -> SyncCheckpointer:
     """A :class:`SyncCheckpointer` with its own session (all ranks must call this together).
 
     ``rank_info`` is accepted for torch's call shape only: the session takes the

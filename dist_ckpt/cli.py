@@ -242,14 +242,31 @@ def _inspect_json(manifest: Manifest, root: str) -> dict[str, Any]:
     tensors, objects = [], []
     for rank, sec in sections:
         for key, e in sec.tensors.items():
-            tensors.append({"key": list(key), "name": format_path(key), "rank": rank, "dtype": e.dtype, "shape": list(e.shape), "chunks": len(e.chunks), "nbytes": e.nbytes})
+            tensors.append(
+                {
+                    "key": list(key),
+                    "name": format_path(key),
+                    "rank": rank,
+                    "dtype": e.dtype,
+                    "shape": list(e.shape),
+                    "chunks": len(e.chunks),
+                    "nbytes": e.nbytes,
+                }
+            )
         for key, v in sec.objects.items():
             kind = "pickled" if isinstance(v, Pickled) else type(v).__name__
             objects.append({"key": list(key), "name": format_path(key), "rank": rank, "type": kind, "value": _jsonable(v)})
     return {
-        "path": root, "format_version": 1, "world_size": manifest.world_size, "created": manifest.created,
-        "files": list(manifest.files), "nbytes": sum(t["nbytes"] for t in tensors), "user_meta": _jsonable(dict(manifest.user_meta)),
-        "tensors": tensors, "objects": objects, "structure": manifest.structure,
+        "path": root,
+        "format_version": 1,
+        "world_size": manifest.world_size,
+        "created": manifest.created,
+        "files": list(manifest.files),
+        "nbytes": sum(t["nbytes"] for t in tensors),
+        "user_meta": _jsonable(dict(manifest.user_meta)),
+        "tensors": tensors,
+        "objects": objects,
+        "structure": manifest.structure,
     }
 
 
@@ -270,8 +287,10 @@ def _what_it_is(path: str, cmd: str) -> str | None:
         dirs = [e for e in scan_root(storage, p.rstrip("/") or "/") if e.kind == COMMITTED]
         if dirs:
             newest = max(dirs, key=lambda e: (e.step is not None, e.step or 0, e.name))
-            return (f"{path} is a checkpoint root holding {len(dirs)} checkpoint(s): list them with `{PROG} ls {path}`, "
-                    f"then e.g. `{PROG} {cmd} {local}/{newest.name}`")
+            return (
+                f"{path} is a checkpoint root holding {len(dirs)} checkpoint(s): list them with `{PROG} ls {path}`, "
+                f"then e.g. `{PROG} {cmd} {local}/{newest.name}`"
+            )
     return None
 
 
@@ -340,11 +359,22 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
     with _progress_bar("convert", not args.no_progress) as progress:
-        result = convert(args.src, args.dst, args.to, trust_pickle=args.trust_pickle, pickle_objects=args.pickle_objects, rank=args.rank, progress=progress,
-                         select=args.select, strip_prefix=args.strip_prefix)
+        result = convert(
+            args.src,
+            args.dst,
+            args.to,
+            trust_pickle=args.trust_pickle,
+            pickle_objects=args.pickle_objects,
+            rank=args.rank,
+            progress=progress,
+            select=args.select,
+            strip_prefix=args.strip_prefix,
+        )
     print(f"wrote {result.dst} ({result.to}) from {result.src_format}: {result.tensors} tensors, {human_bytes(result.nbytes)}, {result.objects} objects")
     if result.skipped:
-        print(f"{PROG}: warning: {len(result.skipped)} value(s) not representable in {result.to} were left out: {', '.join(result.skipped[:20])}", file=sys.stderr)
+        print(
+            f"{PROG}: warning: {len(result.skipped)} value(s) not representable in {result.to} were left out: {', '.join(result.skipped[:20])}", file=sys.stderr
+        )
     return 0
 
 
@@ -450,44 +480,71 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``dist-ckpt`` argument parser (one subparser per command)."""
     from .convert import FORMATS, trust_message
 
-    p = argparse.ArgumentParser(prog=PROG, description="Inspect, verify, convert and clean up dist_ckpt checkpoints.", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="examples:\n  dist-ckpt ls /ckpts\n  dist-ckpt verify /ckpts/step-00001000\n  dist-ckpt <command> --help")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Inspect, verify, convert and clean up dist_ckpt checkpoints.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  dist-ckpt ls /ckpts\n  dist-ckpt verify /ckpts/step-00001000\n  dist-ckpt <command> --help",
+    )
     subs = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = _sub(subs, "ls", "List the checkpoints under ROOT: state, size, world size, age; * marks the newest committed.",
-             "  dist-ckpt ls /ckpts\n\nSTATE is committed (has MANIFEST), incomplete (no MANIFEST, or a .tmp- save), old (moved\naside by an interrupted overwrite) or invalid (unreadable MANIFEST).")
+    s = _sub(
+        subs,
+        "ls",
+        "List the checkpoints under ROOT: state, size, world size, age; * marks the newest committed.",
+        "  dist-ckpt ls /ckpts\n\nSTATE is committed (has MANIFEST), incomplete (no MANIFEST, or a .tmp- save), old (moved\naside by an interrupted overwrite) or invalid (unreadable MANIFEST).",
+    )
     s.add_argument("root", metavar="ROOT", help="directory holding step-XXXXXXXX checkpoint directories")
     s.set_defaults(func=_cmd_ls)
 
-    s = _sub(subs, "inspect", "Show a checkpoint's keys as a tree: dtype, global shape, chunks, bytes, and its values.",
-             "  dist-ckpt inspect /ckpts/step-00001000\n  dist-ckpt inspect /ckpts/step-00001000 --json | jq '.tensors[].name'\n\nPickled values are shown as <pickled N bytes> and are never unpickled.")
+    s = _sub(
+        subs,
+        "inspect",
+        "Show a checkpoint's keys as a tree: dtype, global shape, chunks, bytes, and its values.",
+        "  dist-ckpt inspect /ckpts/step-00001000\n  dist-ckpt inspect /ckpts/step-00001000 --json | jq '.tensors[].name'\n\nPickled values are shown as <pickled N bytes> and are never unpickled.",
+    )
     s.add_argument("ckpt", metavar="CKPT", type=_ckpt_path, help="checkpoint directory")
     s.add_argument("--json", action="store_true", help="print machine-readable JSON")
     s.set_defaults(func=_cmd_inspect)
 
-    s = _sub(subs, "verify", "Re-read every chunk and check its xxh3-64 checksum; exit 1 listing bad chunks.",
-             "  dist-ckpt verify /ckpts/step-00001000\n  dist-ckpt verify /ckpts/step-00001000 --workers 16 --no-progress")
+    s = _sub(
+        subs,
+        "verify",
+        "Re-read every chunk and check its xxh3-64 checksum; exit 1 listing bad chunks.",
+        "  dist-ckpt verify /ckpts/step-00001000\n  dist-ckpt verify /ckpts/step-00001000 --workers 16 --no-progress",
+    )
     s.add_argument("ckpt", metavar="CKPT", type=_ckpt_path, help="checkpoint directory")
     s.add_argument("--workers", type=_positive, default=4, help="reader/hasher threads (default 4)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_verify)
 
-    s = _sub(subs, "convert", "Convert a checkpoint between dist_ckpt, DCP, torch.save and safetensors.",
-             "  dist-ckpt convert /ckpts/step-00001000 /tmp/dcp --to dcp\n"
-             "  dist-ckpt convert /ckpts/step-00001000 model.pt --to torch\n"
-             "  dist-ckpt convert /ckpts/step-00001000 model.safetensors --to safetensors\n"
-             "  dist-ckpt convert /dcp/checkpoint /ckpts/step-00000000 --to dist_ckpt --trust-pickle\n"
-             "  dist-ckpt convert model.pt /ckpts/step-00000000 --to dist_ckpt\n"
-             "  dist-ckpt convert model.safetensors /ckpts/step-00000000 --to dist_ckpt\n"
-             "  dist-ckpt convert /ckpts/step-00001000 model.safetensors --to safetensors --select model --strip-prefix\n\n"
-             "SRC is detected: a dist_ckpt checkpoint, a DCP directory (.metadata), a torch.save file or a\n.safetensors file.\n\n"
-             + textwrap.fill(f"--trust-pickle: {trust_message('dcp')}. A torch.save file is read with torch.load(weights_only=True) "
-                             "first and needs --trust-pickle only when that refuses it.", 88, break_on_hyphens=False) + "\n\n"
-             "The torch output needs the whole checkpoint in memory; the others hold about one tensor\nat a time.")
+    s = _sub(
+        subs,
+        "convert",
+        "Convert a checkpoint between dist_ckpt, DCP, torch.save and safetensors.",
+        "  dist-ckpt convert /ckpts/step-00001000 /tmp/dcp --to dcp\n"
+        "  dist-ckpt convert /ckpts/step-00001000 model.pt --to torch\n"
+        "  dist-ckpt convert /ckpts/step-00001000 model.safetensors --to safetensors\n"
+        "  dist-ckpt convert /dcp/checkpoint /ckpts/step-00000000 --to dist_ckpt --trust-pickle\n"
+        "  dist-ckpt convert model.pt /ckpts/step-00000000 --to dist_ckpt\n"
+        "  dist-ckpt convert model.safetensors /ckpts/step-00000000 --to dist_ckpt\n"
+        "  dist-ckpt convert /ckpts/step-00001000 model.safetensors --to safetensors --select model --strip-prefix\n\n"
+        "SRC is detected: a dist_ckpt checkpoint, a DCP directory (.metadata), a torch.save file or a\n.safetensors file.\n\n"
+        + textwrap.fill(
+            f"--trust-pickle: {trust_message('dcp')}. A torch.save file is read with torch.load(weights_only=True) "
+            "first and needs --trust-pickle only when that refuses it.",
+            88,
+            break_on_hyphens=False,
+        )
+        + "\n\n"
+        "The torch output needs the whole checkpoint in memory; the others hold about one tensor\nat a time.",
+    )
     s.add_argument("src", metavar="SRC", type=_ckpt_path, help="input checkpoint (format detected)")
     s.add_argument("dst", metavar="DST", type=_ckpt_path, help="output path (must not exist)")
     s.add_argument("--to", required=True, choices=FORMATS, help="output format")
-    s.add_argument("--trust-pickle", action="store_true", help="allow unpickling: needed to read DCP input, or torch.save input weights_only refuses (it can execute code)")
+    s.add_argument(
+        "--trust-pickle", action="store_true", help="allow unpickling: needed to read DCP input, or torch.save input weights_only refuses (it can execute code)"
+    )
     s.add_argument("--pickle-objects", action="store_true", help="(--to dist_ckpt) store values that are not msgpack-native pickled instead of refusing")
     s.add_argument("--rank", type=int, default=0, help="(dist_ckpt input) whose rank-local values to take (default 0)")
     s.add_argument("--select", metavar="PREFIX", default=None, help="convert only the values named PREFIX or PREFIX.* (dotted key paths, e.g. model)")
@@ -495,8 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_convert)
 
-    s = _sub(subs, "gc", "Remove unfinished saves and, with --keep-last, old committed steps; never the newest committed step.",
-             "  dist-ckpt gc /ckpts --dry-run\n  dist-ckpt gc /ckpts --keep-last 3\n  dist-ckpt gc /ckpts --min-age 3600   # while a job may be saving")
+    s = _sub(
+        subs,
+        "gc",
+        "Remove unfinished saves and, with --keep-last, old committed steps; never the newest committed step.",
+        "  dist-ckpt gc /ckpts --dry-run\n  dist-ckpt gc /ckpts --keep-last 3\n  dist-ckpt gc /ckpts --min-age 3600   # while a job may be saving",
+    )
     s.add_argument("root", metavar="ROOT", help="directory holding step-XXXXXXXX checkpoint directories")
     s.add_argument("--keep-last", type=_positive, default=None, metavar="N", help="keep only the newest N committed step directories")
     s.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")

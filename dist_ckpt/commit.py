@@ -23,10 +23,10 @@ import numpy as np
 
 from .errors import CheckpointError, WireError
 from .errors import CheckpointExists as CheckpointExists  # re-exported for its importers
-from .manifest import ALIGN, BLOCK_BYTES, ChunkTable, LocalSection, Manifest, TensorEntry, _ext_hook, _pack_default, block_counts
 from .layout_names import DATA_FILE_RE
 from .layout_names import MANIFEST as MANIFEST  # re-exported for its importers
 from .logs import RankStats
+from .manifest import ALIGN, BLOCK_BYTES, ChunkTable, LocalSection, Manifest, TensorEntry, _ext_hook, _pack_default, block_counts
 from .plan import ChunkLayout, SavePlan
 from .storage import SaveTarget, Storage
 from .writer import WriteRecord
@@ -61,7 +61,15 @@ def encode_records(records: list[WriteRecord]) -> bytes:
     files = sorted({r.file for r in records})
     fidx = {f: i for i, f in enumerate(files)}
     blocks = None if any(r.blocks is None for r in records) else np.concatenate([np.zeros(0, np.uint64)] + [r.blocks for r in records])  # type: ignore[misc]
-    return encode_record_columns(files, [r.tag for r in records], [fidx[r.file] for r in records], [r.offset for r in records], [r.nbytes for r in records], [r.xxh3 for r in records], blocks)
+    return encode_record_columns(
+        files,
+        [r.tag for r in records],
+        [fidx[r.file] for r in records],
+        [r.offset for r in records],
+        [r.nbytes for r in records],
+        [r.xxh3 for r in records],
+        blocks,
+    )
 
 
 def encode_record_columns(files: list[str], tag: Any, file: Any, offset: Any, nbytes: Any, xxh3: Any, blocks: Any = None) -> bytes:
@@ -104,7 +112,9 @@ def decode_records(data: bytes | bytearray | memoryview, rank: int) -> Records:
     return Records(files, **cols, blocks=blocks)
 
 
-def encode_objects(objects: Mapping[tuple, Any], local: Mapping[tuple, Any], structure: Any, user_meta: Mapping[str, Any] | None = None, stats: RankStats | None = None) -> bytes:
+def encode_objects(
+    objects: Mapping[tuple, Any], local: Mapping[tuple, Any], structure: Any, user_meta: Mapping[str, Any] | None = None, stats: RankStats | None = None
+) -> bytes:
     """Objects of one rank: global ones (kept from rank 0), rank-local ones, and the structure.
 
     ``user_meta`` (rank 0's is stored; checked by the caller) and ``stats``
@@ -126,8 +136,9 @@ def decode_objects(data: bytes | bytearray | memoryview, rank: int) -> dict[str,
         ``{}`` when absent) and ``stats`` (a :class:`RankStats` or None).
     """
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook,
-                              object_pairs_hook=lambda p: {tuple(k) if isinstance(k, list) else k: v for k, v in p})
+        obj = msgpack.unpackb(
+            data, raw=False, strict_map_key=False, ext_hook=_ext_hook, object_pairs_hook=lambda p: {tuple(k) if isinstance(k, list) else k: v for k, v in p}
+        )
         if not isinstance(obj, dict) or not isinstance(obj.get("objects"), dict) or not isinstance(obj.get("local"), dict):
             raise ValueError("expected a map with objects and local")
         obj["user_meta"] = obj.get("user_meta", {})
@@ -183,7 +194,9 @@ class RecordTable:
             rec = Records(rec.files, rec.tag[order], rec.file[order], rec.offset[order], rec.nbytes[order], rec.xxh3[order], blocks)
             if not np.array_equal(rec.tag, assigned):
                 wrote = rec.tag.tolist()
-                raise WireError(f"rank {rank}: wrote chunks {wrote[:8]}{'…' if len(wrote) > 8 else ''} but was assigned {assigned[:8].tolist()}{'…' if len(assigned) > 8 else ''}")
+                raise WireError(
+                    f"rank {rank}: wrote chunks {wrote[:8]}{'…' if len(wrote) > 8 else ''} but was assigned {assigned[:8].tolist()}{'…' if len(assigned) > 8 else ''}"
+                )
         pos = self.plan.layout.positions(gi, row)
         want = self.plan.layout.nbytes[pos]
         if not np.array_equal(rec.nbytes, want):
@@ -312,7 +325,9 @@ def _tables(layout: ChunkLayout, table: RecordTable, ndims: list[int]) -> list[C
         next_in[nd] = a + n
         rows, boxes = slice(a, a + n), slice(a - layout.base[nd], a - layout.base[nd] + n)
         blocks = (column[1][column[0][a] : column[0][a + n]], BLOCK_BYTES) if column is not None else (None, 0)
-        out.append(ChunkTable(layout.offsets[nd][boxes], layout.sizes[nd][boxes], table.file[rows], table.offset[rows], layout.nbytes[rows], table.xxh3[rows], *blocks))
+        out.append(
+            ChunkTable(layout.offsets[nd][boxes], layout.sizes[nd][boxes], table.file[rows], table.offset[rows], layout.nbytes[rows], table.xxh3[rows], *blocks)
+        )
     return out
 
 
@@ -331,5 +346,12 @@ def commit_checkpoint(storage: Storage, req: CommitRequest) -> Manifest:
     manifest = build_manifest(req)
     data = manifest.to_msgpack()
     storage.publish(req.target, data)
-    log.debug("[rank 0] committed %s: %d tensors, %d files, manifest %.1f KB in %.3f s", req.target.path, len(manifest.tensors), len(manifest.files), len(data) / 1e3, time.perf_counter() - t0)
+    log.debug(
+        "[rank 0] committed %s: %d tensors, %d files, manifest %.1f KB in %.3f s",
+        req.target.path,
+        len(manifest.tensors),
+        len(manifest.files),
+        len(data) / 1e3,
+        time.perf_counter() - t0,
+    )
     return manifest

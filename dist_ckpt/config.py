@@ -96,7 +96,13 @@ def _parse(var: str, raw: str, cast: type) -> object:
 
 # The type of each field as written in the environment (the annotations are strings here).
 _CASTS: dict[str, type] = {
-    "timeout_s": float, "heartbeat_interval_s": float, "heartbeat_timeout_s": float,
-    "writer_threads": int, "reader_threads": int, "verify_checksums": bool,
-    "allow_pickle": bool, "coordinator": str, "max_message_bytes": int,
+    "timeout_s": float,
+    "heartbeat_interval_s": float,
+    "heartbeat_timeout_s": float,
+    "writer_threads": int,
+    "reader_threads": int,
+    "verify_checksums": bool,
+    "allow_pickle": bool,
+    "coordinator": str,
+    "max_message_bytes": int,
 }

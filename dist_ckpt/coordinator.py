@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import functools
 import os
 import queue
 import threading
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, cast
 
@@ -49,8 +49,8 @@ from .logs import SaveSummary, get_logger, summarize
 from .plan import PlanCache, SavePlan
 from .save_planner import plan_save
 from .storage import SaveTarget, Storage, strip_scheme
-from .wire import Phase
 from .transport import ConnectionGate, ZapGate, pending_cap, raise_fd_limit, require_curve, secure_server
+from .wire import Phase
 
 log = get_logger(__name__)
 
@@ -109,7 +109,16 @@ class Coordinator:
         on_connected: called once (on the coordinator thread) when every rank's key has been admitted.
     """
 
-    def __init__(self, world_size: int, job: str, secret: bytes, bind: str, storage_for: Callable[[str], tuple[Storage, str]], config: Config, on_connected: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        world_size: int,
+        job: str,
+        secret: bytes,
+        bind: str,
+        storage_for: Callable[[str], tuple[Storage, str]],
+        config: Config,
+        on_connected: Callable[[], None] | None = None,
+    ) -> None:
         self.world_size = world_size
         self.job = job
         self._secret = secret
@@ -117,7 +126,9 @@ class Coordinator:
         self._config = config
         self._limits = wire.Limits(max_frame=config.max_message_bytes, max_total=config.max_message_bytes)
         self.dropped: collections.Counter[str] = collections.Counter()
-        self._ctx, self._sock, self._zap, self._gate, self.endpoint = _listen(bind, secret, world_size, max(config.max_message_bytes, self._limits.max_header), self.dropped)
+        self._ctx, self._sock, self._zap, self._gate, self.endpoint = _listen(
+            bind, secret, world_size, max(config.max_message_bytes, self._limits.max_header), self.dropped
+        )
         self._leftovers: dict[str, tuple[Storage, SaveTarget]] = {}  # by location: aborted saves whose removal failed, retried
         self._next_retry = 0.0
         self._on_connected = on_connected
@@ -212,8 +223,10 @@ class Coordinator:
 
     @staticmethod
     def _stall_reason(save: _Save) -> str:
-        return (f"the coordinator (rank 0) could not answer for {save.stalled:.1f} s during this save (rank 0 stalled); "
-                "another rank may have given up on it, so it is not committed")
+        return (
+            f"the coordinator (rank 0) could not answer for {save.stalled:.1f} s during this save (rank 0 stalled); "
+            "another rank may have given up on it, so it is not committed"
+        )
 
     def _drop(self, reason: str, detail: str) -> None:
         self.dropped[reason] += 1
@@ -340,7 +353,15 @@ class Coordinator:
         save.records = RecordTable(plan)
         save.descs, save.boxes = dict.fromkeys(save.descs), None
         release_free_memory()
-        log.debug("[rank 0] plan for save %s: %s in %.3f s, replies %.3f s, layout %.3f s, %.1f MB to write", save.ckpt, "cached" if same else "new", t1 - t0, t2 - t1, time.perf_counter() - t2, plan.loads.sum() / 1e6)
+        log.debug(
+            "[rank 0] plan for save %s: %s in %.3f s, replies %.3f s, layout %.3f s, %.1f MB to write",
+            save.ckpt,
+            "cached" if same else "new",
+            t1 - t0,
+            t2 - t1,
+            time.perf_counter() - t2,
+            plan.loads.sum() / 1e6,
+        )
 
     def _on_heartbeat(self, msg: wire.Heartbeat) -> None:
         if self._save_for(msg) is not None:
@@ -410,7 +431,9 @@ class Coordinator:
         wire.Heartbeat: _on_heartbeat,
         wire.Done: _on_done,
         wire.Failed: _on_failed,
-        wire.StopSubscribe: _on_stop_subscribe, wire.StopRequest: _on_stop_request, wire.StopAck: _on_stop_ack,
+        wire.StopSubscribe: _on_stop_subscribe,
+        wire.StopRequest: _on_stop_request,
+        wire.StopAck: _on_stop_ack,
     }
 
     # -- ending a save --------------------------------------------------------
@@ -456,7 +479,12 @@ class Coordinator:
         if save.phase == Phase.COMMIT:  # only the commit's own result may end it now
             log.error("[rank 0] save %s: not aborting while its commit is under way: %s", save.ckpt, reasons)
             return
-        log.error("[rank 0] save %s to %s aborted: %s", save.ckpt, save.path or "(no rank named its path)", "; ".join(f"rank {r}: {m}" for r, m in sorted(reasons.items())))
+        log.error(
+            "[rank 0] save %s to %s aborted: %s",
+            save.ckpt,
+            save.path or "(no rank named its path)",
+            "; ".join(f"rank {r}: {m}" for r, m in sorted(reasons.items())),
+        )
         if save.target is not None and save.storage is not None:
             self._remove_tmp(save.storage, save.target)
         self._end(save, lambda r: wire.Aborted(self.job, save.ckpt, r, reasons, error))
@@ -510,7 +538,12 @@ class Coordinator:
                 self._abort(save, {r: f"did not reach the save within {cfg.timeout_s:.0f} s (phase plan)" for r in missing})
                 continue
             if save.phase == Phase.PREPARE and now - save.started > cfg.timeout_s:
-                self._abort(save, {0: f"preparing the save's storage ({save.target.location if save.target else save.path}) did not finish within {cfg.timeout_s:.0f} s (phase prepare)"})
+                self._abort(
+                    save,
+                    {
+                        0: f"preparing the save's storage ({save.target.location if save.target else save.path}) did not finish within {cfg.timeout_s:.0f} s (phase prepare)"
+                    },
+                )
                 continue
             silent = {r: now - t for r, t in save.last_seen.items() if r not in save.done and r not in save.failed and now - t > cfg.heartbeat_timeout_s}
             if silent and save.stalled:  # the silence is this loop's own: blame rank 0's stall, not the ranks
@@ -594,7 +627,9 @@ def _user_id(frame: zmq.Frame) -> str | None:
         return None
 
 
-def _listen(bind: str, secret: bytes, world_size: int, max_frame: int, dropped: collections.Counter[str]) -> tuple[zmq.Context, zmq.Socket, ZapGate, ConnectionGate, str]:
+def _listen(
+    bind: str, secret: bytes, world_size: int, max_frame: int, dropped: collections.Counter[str]
+) -> tuple[zmq.Context, zmq.Socket, ZapGate, ConnectionGate, str]:
     """The coordinator's context and CURVE ROUTER bound to ``bind``, its ZAP and connection gates.
 
     Returns:
@@ -610,7 +645,9 @@ def _listen(bind: str, secret: bytes, world_size: int, max_frame: int, dropped: 
         raise
 
 
-def _bind_gated(ctx: zmq.Context, bind: str, secret: bytes, world_size: int, max_frame: int, cap: int, dropped: collections.Counter[str]) -> tuple[zmq.Context, zmq.Socket, ZapGate, ConnectionGate, str]:
+def _bind_gated(
+    ctx: zmq.Context, bind: str, secret: bytes, world_size: int, max_frame: int, cap: int, dropped: collections.Counter[str]
+) -> tuple[zmq.Context, zmq.Socket, ZapGate, ConnectionGate, str]:
     zap = ZapGate(ctx, secret, world_size)  # bound before the ROUTER: no handshake may precede it
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -118,8 +118,10 @@ def _from_numpy(value: Any, key: KeyPath) -> tuple[Any, str]:
 
     name = value.dtype.name
     if name not in NUMPY_DTYPES or (isinstance(value, np.generic) and value.dtype.kind == "c"):
-        raise StateDictError(f"{format_path(key)}: numpy {type(value).__name__} of dtype {name} cannot be stored; "
-                             f"arrays of {', '.join(sorted(NUMPY_DTYPES))} and non-complex scalars can")
+        raise StateDictError(
+            f"{format_path(key)}: numpy {type(value).__name__} of dtype {name} cannot be stored; "
+            f"arrays of {', '.join(sorted(NUMPY_DTYPES))} and non-complex scalars can"
+        )
     if isinstance(value, np.generic):
         return value.item(), name
     # torch.from_numpy needs C order (ascontiguousarray would turn 0-d into 1-d) and warns on read-only arrays

@@ -384,7 +384,11 @@ class RankDescription:
         if cols is None:
             for t in self.tensors:
                 if not len(t.offsets) == len(t.sizes) == len(t.shape):
-                    raise PlanError(f"tensor {format_path(t.key)} on rank {self.rank}: box offsets {list(t.offsets)} sizes {list(t.sizes)} do not match shape {list(t.shape)}", t.key, [self.rank])
+                    raise PlanError(
+                        f"tensor {format_path(t.key)} on rank {self.rank}: box offsets {list(t.offsets)} sizes {list(t.sizes)} do not match shape {list(t.shape)}",
+                        t.key,
+                        [self.rank],
+                    )
                 if t.owner is not None and t.owner != self.rank:
                     raise PlanError(f"tensor {format_path(t.key)} described by rank {self.rank} is owned by rank {t.owner}", t.key, [self.rank, t.owner])
             ts = self.tensors

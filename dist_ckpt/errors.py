@@ -177,4 +177,3 @@ def bounded_repr(value: object, width: int = 60) -> str:
         text = repr(value)
         return text if len(text) <= width else text[: width - 3] + "..."
     return type(value).__name__
-

@@ -42,8 +42,9 @@ _SEQ_TYPES: dict[str, type] = {"l": list, "t": tuple}
 _SEQ_TAGS: dict[type, str] = {kind: tag for tag, kind in _SEQ_TYPES.items()}
 _NUMPY = "n"
 _NODE_LEN: dict[str, int] = {_DICT: 3, "l": 2, "t": 2, _NUMPY: 2}
-NUMPY_DTYPES = frozenset({"float64", "float32", "float16", "complex128", "complex64", "int64", "int32", "int16", "int8",
-                          "uint64", "uint32", "uint16", "uint8", "bool"})
+NUMPY_DTYPES = frozenset(
+    {"float64", "float32", "float16", "complex128", "complex64", "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool"}
+)
 """numpy dtypes a ``["n", dtype]`` leaf may name (a fixed table: a name from a file never reaches ``np.dtype``)."""
 _DICT_TYPES = (dict, OrderedDict)  # OrderedDict comes back as a plain dict
 _INT_KEY_MIN, _INT_KEY_END = -(2**63), 2**64  # what msgpack can encode
@@ -186,7 +187,9 @@ def _parse_node(node: Any, path: KeyPath, max_depth: int) -> tuple[str, Sequence
     tag = node[0]
     if tag == _NUMPY:
         if len(node) != 2 or type(node[1]) is not str or node[1] not in NUMPY_DTYPES:
-            raise ManifestError(f"structure at {format_path(path)}: numpy leaf must be ['n', dtype] with a known dtype, got {bounded_repr(node[1] if len(node) > 1 else None)}")
+            raise ManifestError(
+                f"structure at {format_path(path)}: numpy leaf must be ['n', dtype] with a known dtype, got {bounded_repr(node[1] if len(node) > 1 else None)}"
+            )
         return None
     if len(node) != _NODE_LEN[tag] or any(type(part) not in (list, tuple) for part in node[1:]):
         raise ManifestError(f"structure at {format_path(path)}: {tag!r} node must be the tag then {_NODE_LEN[tag] - 1} list(s)")

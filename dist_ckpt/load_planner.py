@@ -72,10 +72,7 @@ def plan_reads(
     lo = np.maximum(c_off, t_off)
     hi = np.minimum(c_off + c_siz, t_off + t_siz)
     hits = np.flatnonzero((hi > lo).all(axis=1))  # an empty chunk never satisfies this
-    ops = [
-        _read_op(int(c), int(chunk_files[c]), int(chunk_file_offsets[c]), itemsize, c_siz[c], lo[c] - c_off[c], hi[c] - lo[c], lo[c] - t_off)
-        for c in hits
-    ]
+    ops = [_read_op(int(c), int(chunk_files[c]), int(chunk_file_offsets[c]), itemsize, c_siz[c], lo[c] - c_off[c], hi[c] - lo[c], lo[c] - t_off) for c in hits]
     ops.sort(key=lambda op: (op.file, int(op.run_offsets[0])))
     return ops
 

@@ -130,8 +130,10 @@ def load_whole(storage: Storage, path: str, attempt: Callable[[], _T], attempts:
                 return result
         log.info("checkpoint %s changed while it was loaded (try %d of %d); loading it again", path, i + 1, attempts)
         time.sleep(0.01 * (i + 1))  # let a swap in progress finish its second rename
-    raise CheckpointChanged(f"checkpoint {path} was replaced while it was being loaded, {attempts} times in a row"
-                            + (f"; last error: {type(last).__name__}: {last}" if last else "")) from last
+    raise CheckpointChanged(
+        f"checkpoint {path} was replaced while it was being loaded, {attempts} times in a row"
+        + (f"; last error: {type(last).__name__}: {last}" if last else "")
+    ) from last
 
 
 def _retry_if_changed(load: Callable[..., _T]) -> Callable[..., _T]:
@@ -353,11 +355,19 @@ def _key_list(keys: list[KeyPath]) -> str:
 def _log_outcome(m: _Match, rank: int) -> None:
     info = m.info
     if info.kept_rank_local:
-        log.warning("[rank %d] %s was saved by %d rank(s) and holds no rank-local value for rank %d at %s: this rank keeps the target's values",
-                    rank, info.path, info.saved_world_size, rank, _key_list(info.kept_rank_local))
+        log.warning(
+            "[rank %d] %s was saved by %d rank(s) and holds no rank-local value for rank %d at %s: this rank keeps the target's values",
+            rank,
+            info.path,
+            info.saved_world_size,
+            rank,
+            _key_list(info.kept_rank_local),
+        )
     if m.conversions:
         kinds = ", ".join(f"{a} -> {b}: {n}" for (a, b), n in sorted(m.conversions.items()))
-        log.info("[rank %d] converted %d tensor(s) to the target's dtype on load (%s), e.g. %s", rank, len(info.converted), kinds, format_path(info.converted[0]))
+        log.info(
+            "[rank %d] converted %d tensor(s) to the target's dtype on load (%s), e.g. %s", rank, len(info.converted), kinds, format_path(info.converted[0])
+        )
 
 
 def init_fresh_optimizers(expanded: Any, stateful: dict[KeyPath, Any], manifest: Manifest, rank: int, saved_keys: set[KeyPath]) -> None:
@@ -509,7 +519,9 @@ def check_bytes_on_disk(storage: Storage, root: str, files: Sequence[str], entri
         finally:
             handle.close()
         if size < max(total, end):
-            raise DataFileError(f"data file {name} has {size} bytes but its chunks (e.g. of {format_path(key)}) need {max(total, end)}; refusing to allocate them")
+            raise DataFileError(
+                f"data file {name} has {size} bytes but its chunks (e.g. of {format_path(key)}) need {max(total, end)}; refusing to allocate them"
+            )
 
 
 @_retry_if_changed
@@ -521,7 +533,11 @@ def load_full(path: str, rank: int, config: Config, map_location: Any = None, st
     tasks = []
     sec = manifest.local.get(rank)
     check_bytes_on_disk(storage, root, manifest.files, list(manifest.tensors.items()) + (list(sec.tensors.items()) if sec else []))
-    for key in list(manifest.tensors) + list(manifest.objects) + (list(manifest.local[rank].tensors) + list(manifest.local[rank].objects) if rank in manifest.local else []):
+    for key in (
+        list(manifest.tensors)
+        + list(manifest.objects)
+        + (list(manifest.local[rank].tensors) + list(manifest.local[rank].objects) if rank in manifest.local else [])
+    ):
         entry, obj, _ = entry_for(manifest, rank, key)
         if entry is None:
             leaves[key] = _object_value(obj, key, config.allow_pickle)

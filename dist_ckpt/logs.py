@@ -109,8 +109,10 @@ class SaveSummary:
 
     def phases(self) -> str:
         """Each phase's seconds (the slowest rank's), write throughput, and the slowest writer."""
-        return (f"stage {self.stage_s:.3f} s, plan {self.plan_s:.3f} s, write {self.write_s:.3f} s ({_gbps(self.nbytes, self.write_s)}), "
-                f"commit {self.commit_s:.3f} s; slowest rank {self.slowest} (write {self.slowest_write_s:.3f} s, {_size(self.slowest_nbytes)})")
+        return (
+            f"stage {self.stage_s:.3f} s, plan {self.plan_s:.3f} s, write {self.write_s:.3f} s ({_gbps(self.nbytes, self.write_s)}), "
+            f"commit {self.commit_s:.3f} s; slowest rank {self.slowest} (write {self.slowest_write_s:.3f} s, {_size(self.slowest_nbytes)})"
+        )
 
 
 def summarize(stats: Mapping[int, RankStats], commit_s: float) -> SaveSummary:

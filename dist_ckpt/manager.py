@@ -137,7 +137,15 @@ class SaveStats:
         return f"step {self.step}: blocked {self.blocked_ms:.1f} ms{waited}, total {self.total_s:.3f} s{size}{gone}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "blocked_ms": self.blocked_ms, "waited_ms": self.waited_ms, "total_s": self.total_s, "nbytes": self.nbytes, "gbps": self.gbps, "deleted": list(self.deleted)}
+        return {
+            "step": self.step,
+            "blocked_ms": self.blocked_ms,
+            "waited_ms": self.waited_ms,
+            "total_s": self.total_s,
+            "nbytes": self.nbytes,
+            "gbps": self.gbps,
+            "deleted": list(self.deleted),
+        }
 
 
 def checkpoint_bytes(path: str) -> int:
@@ -176,13 +184,24 @@ class CheckpointManager:
         ValueError: a bad ``keep_last`` / ``keep_every`` / ``stop_signals`` / ``stop_margin_s``.
     """
 
-    def __init__(self, root: str, keep_last: int | None = 3, keep_every: int | None = None, async_save: bool = True, config: Config | None = None,
-                 stop_signals: Iterable[str | int] = DEFAULT_STOP_SIGNALS, stop_margin_s: float = 60.0, storage: Storage | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        keep_last: int | None = 3,
+        keep_every: int | None = None,
+        async_save: bool = True,
+        config: Config | None = None,
+        stop_signals: Iterable[str | int] = DEFAULT_STOP_SIGNALS,
+        stop_margin_s: float = 60.0,
+        storage: Storage | None = None,
+    ) -> None:
         self.policy = RetentionPolicy(keep_last, keep_every)
         self.root = root.rstrip("/")
         self._storage, self._root = get_storage(self.root, storage)
         self.async_save = async_save
-        self._ckpt: AsyncCheckpointer | SyncCheckpointer = make_async_checkpointer(config, storage=storage) if async_save else make_sync_checkpointer(config, storage=storage)
+        self._ckpt: AsyncCheckpointer | SyncCheckpointer = (
+            make_async_checkpointer(config, storage=storage) if async_save else make_sync_checkpointer(config, storage=storage)
+        )
         self.rank = self._ckpt.writer.session.rank
         self._ckpt.writer.announce_saves = False  # _after_write's line carries the save's summary
         self.history: list[SaveStats] = []
@@ -284,7 +303,9 @@ class CheckpointManager:
                 return None
             return self._start_async(step, path, state_dict, overwrite, user_meta, t_call, t_start)
 
-    def _start_async(self, step: int, path: str, state_dict: Any, overwrite: bool, user_meta: Mapping[str, Any] | None, t_call: float, t_start: float) -> tuple[Future, Future]:
+    def _start_async(
+        self, step: int, path: str, state_dict: Any, overwrite: bool, user_meta: Mapping[str, Any] | None, t_call: float, t_start: float
+    ) -> tuple[Future, Future]:
         stage_f, write_f = self._ckpt.save(path, state_dict, overwrite=overwrite, user_meta=user_meta, step=step)  # type: ignore[misc]
         staged_at: list[float] = []
         stage_f.add_done_callback(lambda _: staged_at.append(time.perf_counter()))
@@ -353,7 +374,9 @@ class CheckpointManager:
         """
         entry = classify(self._storage, self._root, step_dir_name(step))
         if entry is not None and entry.kind == FOREIGN:
-            raise CheckpointExists(f"cannot save step {step}: {self.root}/{entry.name} holds {entry.detail}, not a dist_ckpt checkpoint; move it away or save under another root")
+            raise CheckpointExists(
+                f"cannot save step {step}: {self.root}/{entry.name} holds {entry.detail}, not a dist_ckpt checkpoint; move it away or save under another root"
+            )
 
     def _clear_incomplete(self, step: int) -> None:
         """(rank 0, before saving ``step``) Remove an incomplete ``step-N`` (our layout, no MANIFEST) the save would collide with."""
@@ -456,7 +479,7 @@ class CheckpointManager:
             if error is not None and not isinstance(error, DAMAGE):
                 raise error
             raise CheckpointError(f"loading step {step} from {self.root} failed on rank(s) {sorted(failures)}", failures)
-        why = "; ".join(f"rank {r}: {t[len('damaged: '):]}" for r, t in sorted(outcomes.items()) if t)
+        why = "; ".join(f"rank {r}: {t[len('damaged: ') :]}" for r, t in sorted(outcomes.items()) if t)
         log.warning("[rank %d] resume: skipping step %d of %s, it cannot be loaded (%s); trying the next older step", self.rank, step, self.root, why)
         self._unloadable.add(step)
         if self.rank == 0:

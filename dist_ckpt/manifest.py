@@ -131,7 +131,9 @@ class ChunkTable:
             raw = obj.get(name)
             count = n * (ndim if per == "ndim" else 1)
             if not isinstance(raw, bytes) or len(raw) != count * np.dtype(dt).itemsize:
-                raise ManifestError(f"{where}.chunks.{name} must be {count} x {dt} bytes, got {type(raw).__name__} of {len(raw) if isinstance(raw, bytes) else '?'}")
+                raise ManifestError(
+                    f"{where}.chunks.{name} must be {count} x {dt} bytes, got {type(raw).__name__} of {len(raw) if isinstance(raw, bytes) else '?'}"
+                )
             arr = np.frombuffer(raw, dtype=dt).astype(dt[1:], copy=False)
             cols[name] = arr.reshape(n, ndim) if per == "ndim" else arr
         if "blocks" not in obj and "block" not in obj:
@@ -346,7 +348,9 @@ def _check_file_name(f: Any, index: int) -> None:
     not the data directory or the MANIFEST (opening those would fail without naming the file)."""
     parts = f.split("/") if isinstance(f, str) else []
     if not parts or "\x00" in f or len(f) > 4096 or any(p in ("", ".", "..") for p in parts) or f in _RESERVED_NAMES:
-        raise ManifestError(f"files[{index}]: data file name {f!r:.80} must be a relative path of plain components inside the checkpoint (not data/ or MANIFEST)")
+        raise ManifestError(
+            f"files[{index}]: data file name {f!r:.80} must be a relative path of plain components inside the checkpoint (not data/ or MANIFEST)"
+        )
 
 
 def _check_depth(value: Any, where: str) -> None:

@@ -222,7 +222,14 @@ class _Class:
     @staticmethod
     def empty(nd: int, n: int, nbytes: np.ndarray, n_entries: int, groups: bool) -> _Class:
         # 32-bit indices where they fit: every byte here is fresh memory for each new plan
-        return _Class(np.empty(n, _index(n_entries)), np.empty((n, nd), np.int64), np.empty((n, nd), np.int64), nbytes, np.empty(n, _index(n)), np.empty(n, np.int32) if groups else None)
+        return _Class(
+            np.empty(n, _index(n_entries)),
+            np.empty((n, nd), np.int64),
+            np.empty((n, nd), np.int64),
+            nbytes,
+            np.empty(n, _index(n)),
+            np.empty(n, np.int32) if groups else None,
+        )
 
     def sorted_by_entry(self) -> _Class:
         """Chunks of each entry together, in their order (already so unless a key spans schemas or is rank-local)."""
@@ -270,7 +277,9 @@ def chunk_layout(groups: list[PlanGroup], boxes: list[np.ndarray], n_entries: in
             position[gi][cls.where[sel]] = flat[sel]
         counts += np.bincount(cls.entry, minlength=n_entries)
     row_start = tuple(np.concatenate([[0], np.cumsum(g.writes.sum(axis=1))]) for g in groups)
-    return ChunkLayout(counts, base, {nd: c.offsets for nd, c in classes.items()}, {nd: c.sizes for nd, c in classes.items()}, nbytes, tuple(position), row_start)
+    return ChunkLayout(
+        counts, base, {nd: c.offsets for nd, c in classes.items()}, {nd: c.sizes for nd, c in classes.items()}, nbytes, tuple(position), row_start
+    )
 
 
 def _fill(classes: dict[int, _Class], filled: dict[int, int], gi: int, g: PlanGroup, boxes: np.ndarray) -> None:

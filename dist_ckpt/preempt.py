@@ -220,7 +220,16 @@ class StopWatch:
         env: the environment (Slurm variables).
     """
 
-    def __init__(self, agent: Any, rank: int, signals: Sequence[str | int], margin_s: float, save_seconds: Callable[[], float], timeout_s: float, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        agent: Any,
+        rank: int,
+        signals: Sequence[str | int],
+        margin_s: float,
+        save_seconds: Callable[[], float],
+        timeout_s: float,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         if margin_s < 0:
             raise ValueError(f"stop_margin_s must be >= 0, got {margin_s}")
         self._agent, self.rank, self._save_seconds, self._timeout_s = agent, rank, save_seconds, timeout_s
@@ -231,8 +240,12 @@ class StopWatch:
         end = slurm_end_time(env) if rank == 0 and slurm_job_id(env) else None
         self.time_limit = TimeLimit(end, margin_s) if end is not None else None
         if rank == 0 and slurm_job_id(env):
-            log.info("[rank 0] Slurm job %s, restart count %s, time limit ends %s", slurm_job_id(env), env.get("SLURM_RESTART_COUNT", "0"),
-                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(end)) if end else "never")
+            log.info(
+                "[rank 0] Slurm job %s, restart count %s, time limit ends %s",
+                slurm_job_id(env),
+                env.get("SLURM_RESTART_COUNT", "0"),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(end)) if end else "never",
+            )
         agent.subscribe_stop()
 
     def should_stop(self, step: int) -> bool:
@@ -259,8 +272,10 @@ class StopWatch:
             log.warning("[rank %d] %s at step %d: asking every rank to stop", self.rank, self.reason, step)
             self._agent.request_stop(step)
         if not self._agent.wait_stop_ready(self._timeout_s):
-            raise CoordinatorTimeout(f"rank {self.rank}: not every rank acknowledged the stop requested at step {step} "
-                                     f"within {self._timeout_s:.0f} s (coordinator at {self._agent.endpoint})")
+            raise CoordinatorTimeout(
+                f"rank {self.rank}: not every rank acknowledged the stop requested at step {step} "
+                f"within {self._timeout_s:.0f} s (coordinator at {self._agent.endpoint})"
+            )
         assert self._agent.stop_at is not None  # StopReady is only accepted for the recorded StopAt
         return self._agent.stop_at
 

@@ -133,9 +133,9 @@ def require_main_guard() -> None:
         return
     if not any(_is_main_guard(node) for node in tree.body):
         raise CheckpointProcessError(
-            f"make_async_checkpointer(mode=\"process\") from {path}, which has no `if __name__ == \"__main__\":` guard: "
+            f'make_async_checkpointer(mode="process") from {path}, which has no `if __name__ == "__main__":` guard: '
             "the writer subprocess is spawned, which imports the main script again and would re-run the training there. "
-            "Put the script's top-level code under `if __name__ == \"__main__\":` (or use mode=\"thread\")"
+            'Put the script\'s top-level code under `if __name__ == "__main__":` (or use mode="thread")'
         )
 
 
@@ -218,11 +218,18 @@ class CheckpointProcess:
         init_timeout_s: how long to wait for the subprocess to start.
     """
 
-    def __init__(self, rank_info: RankInfo, subprocess_init_fn: Callable[..., None] | None = None, subprocess_init_args: tuple = (), init_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, rank_info: RankInfo, subprocess_init_fn: Callable[..., None] | None = None, subprocess_init_args: tuple = (), init_timeout_s: float = 60.0
+    ) -> None:
         self.rank = rank_info.global_rank
         ctx = tmp.get_context("spawn")
         self._requests, self._responses = ctx.Queue(), ctx.Queue()
-        self._proc = ctx.Process(target=_main, args=(self.rank, self._requests, self._responses, subprocess_init_fn, subprocess_init_args), daemon=True, name=f"dist_ckpt-writer-{self.rank}")
+        self._proc = ctx.Process(
+            target=_main,
+            args=(self.rank, self._requests, self._responses, subprocess_init_fn, subprocess_init_args),
+            daemon=True,
+            name=f"dist_ckpt-writer-{self.rank}",
+        )
         self._proc.start()
         self._arena: tuple[str, int] | None = None
         self._receive("start", init_timeout_s)
@@ -245,8 +252,9 @@ class CheckpointProcess:
             raise msg.error(self.rank, what)
         return msg
 
-    def write(self, shm_name: str, size: int, tmp_path: str, path: str, items: Sequence[tuple[int, int, int]], threads: int,
-              storage: Storage | None = None) -> list[WriteRecord]:
+    def write(
+        self, shm_name: str, size: int, tmp_path: str, path: str, items: Sequence[tuple[int, int, int]], threads: int, storage: Storage | None = None
+    ) -> list[WriteRecord]:
         """Write ``items`` (tag, arena byte offset, nbytes) from the shared arena ``shm_name``; returns records.
 
         ``storage`` (an injected backend) is pickled to the subprocess; None: chosen there by the path's scheme.

@@ -32,11 +32,11 @@ import torch
 import xxhash
 
 from .buffers import tensor_memoryview
+from .commit import segment_index
 from .errors import ChecksumError, DataFileError
 from .flatten import KeyPath, format_path
-from .manifest import TensorEntry
 from .load_planner import ReadOp, plan_reads
-from .commit import segment_index
+from .manifest import TensorEntry
 from .storage import WRITE_PIECE, ReadHandle, Storage
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,9 @@ def _read_whole_chunk(files: _Files, task: ReadTask, op: ReadOp, target: memoryv
         got = h.intdigest()
     want = int(task.entry.chunks.xxh3[op.chunk])
     if got != want:
-        raise ChecksumError(f"checksum mismatch for {format_path(task.key)} chunk {op.chunk} in {files.path(op.file)} at offset {off} ({n} bytes): xxh3 {got:016x}, manifest says {want:016x}")
+        raise ChecksumError(
+            f"checksum mismatch for {format_path(task.key)} chunk {op.chunk} in {files.path(op.file)} at offset {off} ({n} bytes): xxh3 {got:016x}, manifest says {want:016x}"
+        )
 
 
 def _block_mismatch(files: _Files, task: ReadTask, op: ReadOp, block: int, got: int, nbytes: int) -> ChecksumError:
@@ -257,7 +259,9 @@ def _sequential_segments(jobs: list[tuple[ReadTask, ReadOp]], threads: int) -> l
     return [seg for seg in segments if seg]
 
 
-def read_tensors(storage: Storage, root: str, file_names: Sequence[str], tasks: Sequence[ReadTask], threads: int = 4, verify: bool = True, rank: int = 0) -> int:
+def read_tensors(
+    storage: Storage, root: str, file_names: Sequence[str], tasks: Sequence[ReadTask], threads: int = 4, verify: bool = True, rank: int = 0
+) -> int:
     """Fill every task's destination; returns the bytes read.
 
     Raises:

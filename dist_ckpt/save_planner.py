@@ -180,7 +180,11 @@ class _Planner:
                 if local:
                     local_pos[j] = local_keys.setdefault(key, len(local_keys))
                     if local_meta.setdefault(key, (dtype, shape)) != (dtype, shape):
-                        raise PlanError(f"rank-local tensor {format_path(key)} is described twice with different dtype or shape on {_fmt_ranks(self.ranks[pos])}", key, self.ranks[pos].tolist())
+                        raise PlanError(
+                            f"rank-local tensor {format_path(key)} is described twice with different dtype or shape on {_fmt_ranks(self.ranks[pos])}",
+                            key,
+                            self.ranks[pos].tolist(),
+                        )
                     local_where.setdefault(key, int(self.ranks[pos[0]]))
                     continue
                 gid = self.keys.setdefault(key, len(self.keys))
@@ -245,7 +249,9 @@ class _Planner:
             g.writes[0, rep] = True
             self.loads[pos[0]] += int(nbytes[rep].sum())
         else:  # one box, every rank of the group holds it
-            self.shared.add(nbytes[rep], g.col_entry[rep], np.zeros(len(rep), np.int64), np.arange(len(rep) + 1) * n_rows, np.tile(pos, len(rep)), np.repeat(rep, n_rows))
+            self.shared.add(
+                nbytes[rep], g.col_entry[rep], np.zeros(len(rep), np.int64), np.arange(len(rep) + 1) * n_rows, np.tile(pos, len(rep)), np.repeat(rep, n_rows)
+            )
         slab = np.flatnonzero(alone & ~empty & (nonfull == 1))
         if len(slab):
             dim_of = np.full(len(sch), -1, dtype=np.int64)
@@ -304,7 +310,9 @@ class _Planner:
             self._plan_sorted(g, pos, cols[ok], d[ok], order[:, ok], z[:, ok], new[:, ok], held[:, ok])
         return ok
 
-    def _plan_sorted(self, g: PlanGroup, pos: np.ndarray, cols: np.ndarray, d: np.ndarray, order: np.ndarray, z: np.ndarray, new: np.ndarray, held: np.ndarray) -> None:
+    def _plan_sorted(
+        self, g: PlanGroup, pos: np.ndarray, cols: np.ndarray, d: np.ndarray, order: np.ndarray, z: np.ndarray, new: np.ndarray, held: np.ndarray
+    ) -> None:
         """Writers of sorted, valid columns: a box held once is its rank's; the others are shared."""
         sch = g.schema
         # Column by column (transposed), runs of equal boxes are consecutive, holders in rank order.
@@ -359,7 +367,9 @@ class _Planner:
         start = np.flatnonzero(new_box)
         count = np.diff(np.append(start, len(k_entry)))
         u_entry, u_off, u_siz = k_entry[start], k_off[start], k_siz[start]
-        self._check_cover(entry[np.append(True, entry[1:] != entry[:-1])], entry, pos, u_entry, u_off, u_siz, lambda u: self.ranks[k_pos[start[u] : start[u] + count[u]]])
+        self._check_cover(
+            entry[np.append(True, entry[1:] != entry[:-1])], entry, pos, u_entry, u_off, u_siz, lambda u: self.ranks[k_pos[start[u] : start[u] + count[u]]]
+        )
         u_nbytes = box_volume(u_siz) * k_isz[start]
         single = count == 1
         w_pos, w_idx = k_pos[start[single]], k_idx[start[single]]
@@ -370,7 +380,9 @@ class _Planner:
         ordinal = np.arange(len(u_entry)) - np.searchsorted(u_entry, u_entry)  # box order within its entry
         self.shared.add(u_nbytes[multi], u_entry[multi], ordinal[multi], np.concatenate([[0], np.cumsum(count[multi])]), k_pos[members], k_idx[members])
 
-    def _check_cover(self, entries: np.ndarray, row_entry: np.ndarray, row_pos: np.ndarray, u_entry: np.ndarray, u_off: np.ndarray, u_siz: np.ndarray, holders) -> None:
+    def _check_cover(
+        self, entries: np.ndarray, row_entry: np.ndarray, row_pos: np.ndarray, u_entry: np.ndarray, u_off: np.ndarray, u_siz: np.ndarray, holders
+    ) -> None:
         """The unique boxes of each entry tile its shape exactly once; ``holders(u)`` are the ranks of box ``u``."""
         los, his = np.searchsorted(u_entry, entries, side="left").tolist(), np.searchsorted(u_entry, entries, side="right").tolist()
         for e, lo, hi in zip(entries.tolist(), los, his):
@@ -381,7 +393,9 @@ class _Planner:
             if problem is not None:
                 overlap = _overlapping_ranks(u_off[lo:hi], u_siz[lo:hi], [holders(u) for u in range(lo, hi)]) if "overlap" in problem else None
                 involved = overlap if overlap is not None else self.ranks[row_pos[row_entry == e]]
-                raise PlanError(f"tensor {format_path(key)} (shape {list(shape)}): {problem}; boxes from {_fmt_ranks(involved)}", key, np.unique(involved).tolist())
+                raise PlanError(
+                    f"tensor {format_path(key)} (shape {list(shape)}): {problem}; boxes from {_fmt_ranks(involved)}", key, np.unique(involved).tolist()
+                )
 
     def _mark(self, w_pos: np.ndarray, w_idx: np.ndarray) -> None:
         """Record that the rank at position ``w_pos[i]`` writes its tensor ``w_idx[i]``."""

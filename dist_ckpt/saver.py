@@ -52,7 +52,9 @@ def host_bytes(t: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
 WriteFn = Callable[[str, str, int, Sequence[int], Sequence[torch.Tensor], int], list[WriteRecord]]
 
 
-def write_here(tmp_path: str, path: str, rank: int, assigned: Sequence[int], host: Sequence[torch.Tensor], threads: int, storage: Storage | None = None) -> list[WriteRecord]:
+def write_here(
+    tmp_path: str, path: str, rank: int, assigned: Sequence[int], host: Sequence[torch.Tensor], threads: int, storage: Storage | None = None
+) -> list[WriteRecord]:
     """Write ``host[i]`` for every assigned ``i`` with writer threads in this process (through ``storage`` if given)."""
     storage, path = get_storage(path, storage)
     keep = [host_bytes(host[i]) for i in assigned]  # keeps any contiguous copies alive while writing
@@ -189,14 +191,25 @@ def _request_plan(session: Session, ckpt: str, path: str, described: LocalState,
 def _report_done(session: Session, ckpt: str, described: LocalState, records: list[WriteRecord], user_meta: Mapping[str, Any] | None, stats: RankStats) -> None:
     """Send Done: this rank's chunk records and its objects (replicated values, structure and user_meta from rank 0 only)."""
     first = session.rank == 0
-    objects = encode_objects(described.objects if first else {}, described.local_objects, described.structure if first else None, user_meta if first else None, stats)
+    objects = encode_objects(
+        described.objects if first else {}, described.local_objects, described.structure if first else None, user_meta if first else None, stats
+    )
     session.agent.send(wire.Done(session.job, ckpt, session.rank, encode_records(records), objects))
 
 
 def _log_committed(session: Session, ckpt: str, path: str, step: int | None, stats: RankStats, total_s: float, announce: bool) -> None:
     """Rank 0: the one INFO line of the save (every rank's figures); every rank: its own at DEBUG."""
-    log.debug("[rank %d] save %s committed at %s: wrote %.1f MB; staging wait %.3f s, plan %.3f s, write %.3f s, total %.3f s",
-              session.rank, ckpt, path, stats.nbytes / 1e6, stats.stage_s, stats.plan_s, stats.write_s, total_s)
+    log.debug(
+        "[rank %d] save %s committed at %s: wrote %.1f MB; staging wait %.3f s, plan %.3f s, write %.3f s, total %.3f s",
+        session.rank,
+        ckpt,
+        path,
+        stats.nbytes / 1e6,
+        stats.stage_s,
+        stats.plan_s,
+        stats.write_s,
+        total_s,
+    )
     coordinator = getattr(session, "coordinator", None)  # rank 0's, in this process
     summary = coordinator.summary(ckpt) if coordinator is not None else None
     if summary is not None:

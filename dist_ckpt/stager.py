@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import threading
 import time
-from multiprocessing import shared_memory
 from concurrent.futures import Future
+from multiprocessing import shared_memory
 from typing import Sequence
 
 import torch

@@ -45,8 +45,17 @@ from .errors import TransportError
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ZAP_DOMAIN", "HANDSHAKE_TIMEOUT_S", "curve_keys", "require_curve", "secure_server",
-    "secure_client", "ZapGate", "ConnectionGate", "MAX_HANDSHAKE_BYTES", "raise_fd_limit", "pending_cap",
+    "ZAP_DOMAIN",
+    "HANDSHAKE_TIMEOUT_S",
+    "curve_keys",
+    "require_curve",
+    "secure_server",
+    "secure_client",
+    "ZapGate",
+    "ConnectionGate",
+    "MAX_HANDSHAKE_BYTES",
+    "raise_fd_limit",
+    "pending_cap",
 ]
 
 ZAP_DOMAIN = b"dist_ckpt"
@@ -205,7 +214,14 @@ class ConnectionGate:
         counter: where refusals are counted (the coordinator's ``dropped``).
     """
 
-    _EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    _EVENTS = (
+        zmq.EVENT_ACCEPTED
+        | zmq.EVENT_ACCEPT_FAILED
+        | zmq.EVENT_DISCONNECTED
+        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    )
 
     def __init__(self, sock: zmq.Socket, port: int, cap: int, counter: collections.Counter[str]) -> None:
         self.socket = sock.get_monitor_socket(self._EVENTS)
@@ -248,7 +264,7 @@ class ConnectionGate:
             self._warn("handshake", "a peer failed the CURVE handshake (no key of this job)")
 
     def _inspect(self, fd: int, shut_if_hog: bool = False, shut: bool = False) -> str:
-        """"admitted", "pending", "gone" or "shut" (connection ``fd`` was shut down now)."""
+        """ "admitted", "pending", "gone" or "shut" (connection ``fd`` was shut down now)."""
         try:
             s = pysocket.socket(fileno=fd)
         except OSError:  # closed, or no longer a socket

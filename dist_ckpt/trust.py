@@ -80,7 +80,9 @@ def _check_owned(st: os.stat_result, what: str, forbidden: int) -> None:
     if st.st_uid != os.geteuid():
         raise SecretError(f"{what} belongs to uid {st.st_uid}, not to this job's user ({os.geteuid()}); refusing to trust it")
     if st.st_mode & forbidden:
-        raise SecretError(f"{what} has mode {stat.filemode(st.st_mode)}; it must not be {'readable or writable' if forbidden == 0o077 else 'writable'} by group or others")
+        raise SecretError(
+            f"{what} has mode {stat.filemode(st.st_mode)}; it must not be {'readable or writable' if forbidden == 0o077 else 'writable'} by group or others"
+        )
 
 
 def _safe_dir(directory: str) -> None:
@@ -114,7 +116,9 @@ def write_key_file(directory: str, job: str, secret: bytes) -> str:
         finally:
             os.close(fd)
     except OSError as e:
-        raise SecretError(f"cannot write the session key file in {directory}: {e} (set {ENV_KEY_DIR} to a private directory all ranks share, or {ENV_SECRET})") from e
+        raise SecretError(
+            f"cannot write the session key file in {directory}: {e} (set {ENV_KEY_DIR} to a private directory all ranks share, or {ENV_SECRET})"
+        ) from e
     return path
 
 
@@ -132,7 +136,9 @@ def read_key_file(directory: str, job: str, timeout_s: float) -> bytes:
             return _read_checked(path)
         except FileNotFoundError:  # a shared filesystem may show it late (NFS attribute caches)
             if time.monotonic() >= deadline:
-                raise SecretError(f"no session key file {path} after {timeout_s:.0f} s: rank 0 writes it there; set {ENV_KEY_DIR} to a directory every node of the job shares, or give every rank {ENV_SECRET}") from None
+                raise SecretError(
+                    f"no session key file {path} after {timeout_s:.0f} s: rank 0 writes it there; set {ENV_KEY_DIR} to a directory every node of the job shares, or give every rank {ENV_SECRET}"
+                ) from None
             time.sleep(0.1)
 
 

@@ -62,4 +62,6 @@ def _check(value: Any, where: str, depth: int) -> None:
             _check(v, f"{where}[{k!r}]", depth + 1)
         return
     hint = " (use a list)" if isinstance(value, tuple) else ""
-    raise StateDictError(f"{where}: {type(value).__name__} is not a msgpack-native value{hint}; user_meta takes None, bool, int, float, str, bytes, lists and dicts")
+    raise StateDictError(
+        f"{where}: {type(value).__name__} is not a msgpack-native value{hint}; user_meta takes None, bool, int, float, str, bytes, lists and dicts"
+    )

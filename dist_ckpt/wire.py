@@ -38,9 +38,24 @@ from dist_ckpt.errors import WIRE_REASONS as REASONS
 from dist_ckpt.errors import BadMessage, bounded_repr
 
 __all__ = [
-    "PROTOCOL_VERSION", "REASONS", "BadMessage", "Phase", "Limits", "Message", "Buffer",
-    "PlanRequest", "PlanReply", "Heartbeat", "HeartbeatAck", "Done", "Failed",
-    "CommitInProgress", "Committed", "Aborted", "encode", "decode",
+    "PROTOCOL_VERSION",
+    "REASONS",
+    "BadMessage",
+    "Phase",
+    "Limits",
+    "Message",
+    "Buffer",
+    "PlanRequest",
+    "PlanReply",
+    "Heartbeat",
+    "HeartbeatAck",
+    "Done",
+    "Failed",
+    "CommitInProgress",
+    "Committed",
+    "Aborted",
+    "encode",
+    "decode",
 ]
 
 PROTOCOL_VERSION = 1
@@ -107,8 +122,7 @@ _CHECKS: dict[object, Callable[[object], bool]] = {
     int: _is_int,
     bool: lambda v: isinstance(v, bool),
     UInt64: lambda v: _is_int(v) and 0 <= v < 1 << 64,  # type: ignore[operator]
-    dict[int, str]: lambda v: isinstance(v, dict)
-    and all(_is_int(k) and isinstance(s, str) for k, s in v.items()),
+    dict[int, str]: lambda v: isinstance(v, dict) and all(_is_int(k) and isinstance(s, str) for k, s in v.items()),
 }
 
 
@@ -150,6 +164,7 @@ def _register(tag: str) -> Callable[[_M], _M]:
 @dataclass(frozen=True)
 class PlanRequest(Message):
     """rank -> coordinator: this rank's description (its tensors' metadata), asking for a plan."""
+
     path: str
     world_size: int
     desc_digest: UInt64
@@ -165,6 +180,7 @@ class PlanReply(Message):
     ``same``: the coordinator reused its cached plan (no rank's description
     changed); the rank names it in its log line.
     """
+
     tmp_path: str
     same: bool
     plan: Buffer
@@ -174,6 +190,7 @@ class PlanReply(Message):
 @dataclass(frozen=True)
 class Heartbeat(Message):
     """rank -> coordinator: still alive, currently in ``phase`` (a :class:`Phase` value)."""
+
     phase: str
 
 
@@ -187,6 +204,7 @@ class HeartbeatAck(Message):
 @dataclass(frozen=True)
 class Done(Message):
     """rank -> coordinator: all data written; its records and object blobs."""
+
     records: Buffer
     objects: Buffer
 
@@ -195,6 +213,7 @@ class Done(Message):
 @dataclass(frozen=True)
 class Failed(Message):
     """rank -> coordinator: this rank failed in ``phase`` (a :class:`Phase` value) with ``error`` saving to ``path``."""
+
     phase: str
     error: str
     path: str = ""  # known even when no PlanRequest came first (a failed describe or staging)
@@ -210,6 +229,7 @@ class CommitInProgress(Message):
 @dataclass(frozen=True)
 class Committed(Message):
     """coordinator -> rank: the checkpoint is committed at ``path``."""
+
     path: str
 
 
@@ -222,6 +242,7 @@ class Aborted(Message):
     own type (a key of :data:`dist_ckpt.errors.ABORT_ERRORS`, e.g.
     ``"CheckpointExists"``); empty: a plain :class:`~dist_ckpt.errors.CheckpointError`.
     """
+
     reasons: dict[int, str]
     error: str = ""
 
@@ -239,6 +260,7 @@ class StopSubscribe(Message):
 @dataclass(frozen=True)
 class StopRequest(Message):
     """rank -> coordinator: this rank was signalled (or is out of time) at ``step``."""
+
     step: int
 
 
@@ -246,6 +268,7 @@ class StopRequest(Message):
 @dataclass(frozen=True)
 class StopAt(Message):
     """coordinator -> rank: every rank stops at ``stop_at`` (the first request's step + 1)."""
+
     stop_at: int
 
 
@@ -253,6 +276,7 @@ class StopAt(Message):
 @dataclass(frozen=True)
 class StopAck(Message):
     """rank -> coordinator: this rank's agent knows ``stop_at``."""
+
     stop_at: int
 
 
@@ -260,6 +284,7 @@ class StopAck(Message):
 @dataclass(frozen=True)
 class StopReady(Message):
     """coordinator -> rank: every rank has acknowledged ``stop_at``."""
+
     stop_at: int
 
 
@@ -392,9 +417,7 @@ def decode(
     views = [_as_view(f, f"frame {i}") for i, f in enumerate(frames)]
     _check_sizes(views, limits)
     mac = views[1]
-    if mac.nbytes != MAC_SIZE or not hmac.compare_digest(
-        _mac(secret, [views[0], *views[2:]]), mac.tobytes()
-    ):
+    if mac.nbytes != MAC_SIZE or not hmac.compare_digest(_mac(secret, [views[0], *views[2:]]), mac.tobytes()):
         raise BadMessage("mac", "bad or missing HMAC")
     cls, header = _parse_header(views[0], limits, max_rank)
     if (got := len(views) - 2) != len(cls.PAYLOAD):
@@ -405,15 +428,19 @@ def decode(
     return cls(**values)  # type: ignore[arg-type]
 
 
-def _parse_header(
-    view: memoryview, limits: Limits, max_rank: int | None
-) -> tuple[type[Message], dict[object, object]]:
+def _parse_header(view: memoryview, limits: Limits, max_rank: int | None) -> tuple[type[Message], dict[object, object]]:
     """Unpack and validate an authenticated header."""
     n = limits.max_header
     try:
         header = msgpack.unpackb(
-            view, raw=False, strict_map_key=False, max_str_len=n, max_bin_len=n,
-            max_array_len=n, max_map_len=n, max_ext_len=n,
+            view,
+            raw=False,
+            strict_map_key=False,
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=n,
+            max_map_len=n,
+            max_ext_len=n,
         )
     # msgpack may raise almost anything on hostile bytes (FormatError,
     # StackError, UnicodeDecodeError, TypeError for unhashable keys, ...);

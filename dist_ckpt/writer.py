@@ -96,7 +96,9 @@ def write_items(storage: Storage, target: SaveTarget, rank: int, items: Sequence
             results = [f.result() for f in futs]
     by_tag = {r.tag: r for rs in results for r in rs}
     dt = time.perf_counter() - t0
-    log.debug("[rank %d] wrote %d chunks, %.1f MB in %.3f s (%.2f GB/s, %d file(s))", rank, len(by_tag), total / 1e6, dt, total / max(dt, 1e-9) / 1e9, len(groups))
+    log.debug(
+        "[rank %d] wrote %d chunks, %.1f MB in %.3f s (%.2f GB/s, %d file(s))", rank, len(by_tag), total / 1e6, dt, total / max(dt, 1e-9) / 1e9, len(groups)
+    )
     return [by_tag[i.tag] for i in items]
 
 

@@ -30,9 +30,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def run_job(nproc: int, ckpt_dir: str, steps: int, ckpt_every: int, summary: str, extra: list[str]) -> tuple[int, float]:
     """Run launch/train.py under torchrun on ``nproc`` local ranks; returns ``(exit code, seconds)``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           os.path.join(HERE, "train.py"), "--ckpt-dir", ckpt_dir, "--steps", str(steps), "--ckpt-every", str(ckpt_every),
-           "--summary-json", summary, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        os.path.join(HERE, "train.py"),
+        "--ckpt-dir",
+        ckpt_dir,
+        "--steps",
+        str(steps),
+        "--ckpt-every",
+        str(ckpt_every),
+        "--summary-json",
+        summary,
+        *extra,
+    ]
     print(f"\n$ {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     rc = subprocess.run(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1")).returncode
@@ -73,8 +88,10 @@ def describe_checkpoints(summary: dict[str, Any]) -> str:
     mean_total = sum(c["total_s"] for c in cks) / len(cks)
     size = cks[-1]["nbytes"] or 0
     rates = [c["gbps"] for c in cks if c["gbps"]]
-    return (f"{len(cks)} checkpoints of {size / 1e6:.1f} MB: blocked {mean_blocked:.0f} ms, committed after {mean_total:.2f} s"
-            f" on average ({max(rates, default=0):.3f} GB/s best)")
+    return (
+        f"{len(cks)} checkpoints of {size / 1e6:.1f} MB: blocked {mean_blocked:.0f} ms, committed after {mean_total:.2f} s"
+        f" on average ({max(rates, default=0):.3f} GB/s best)"
+    )
 
 
 def main() -> int:
@@ -105,8 +122,10 @@ def main() -> int:
             print(f"run 1: {args.nproc} ranks, steps 0..{args.steps1} in {t1:.1f} s, loss {first['final_loss']:.3f}; {describe_checkpoints(first)}")
         if second:
             check = second["resume_check"] or {}
-            print(f"run 2: {args.resume_nproc} ranks, resumed from step {second['resumed_from']}, steps {second['first_step']}..{args.steps2} in {t2:.1f} s,"
-                  f" loss {second['final_loss']:.3f}; {describe_checkpoints(second)}")
+            print(
+                f"run 2: {args.resume_nproc} ranks, resumed from step {second['resumed_from']}, steps {second['first_step']}..{args.steps2} in {t2:.1f} s,"
+                f" loss {second['final_loss']:.3f}; {describe_checkpoints(second)}"
+            )
             print(f"resumed state equals the saved one: {check.get('equal')} ({check.get('tensors', 0)} tensors: parameters and AdamW state)")
             where = ckpt_dir if args.ckpt_dir else "a temporary directory (pass --ckpt-dir to keep it)"
             print(f"committed steps in {where}: {second['committed_steps']}")

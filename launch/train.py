@@ -337,14 +337,20 @@ def report(summary: dict[str, Any], path: str | None) -> None:
     """(rank 0) Print the short summary and write the JSON."""
     ck = [SaveStats(**{k: v for k, v in c.items() if k != "gbps"}) for c in summary["checkpoints"]]
     check = summary["resume_check"]
-    print(f"[rank 0] trained steps {summary['first_step']}..{summary['last_step']} on {summary['world_size']} rank(s) ({summary['device']}),"
-          f" {summary['params'] / 1e6:.2f} M parameters, final loss {summary['final_loss']:.4f}, {summary['step_ms_mean'] or 0:.0f} ms/step")
+    print(
+        f"[rank 0] trained steps {summary['first_step']}..{summary['last_step']} on {summary['world_size']} rank(s) ({summary['device']}),"
+        f" {summary['params'] / 1e6:.2f} M parameters, final loss {summary['final_loss']:.4f}, {summary['step_ms_mean'] or 0:.0f} ms/step"
+    )
     if summary["resumed_from"] is not None:
-        print(f"[rank 0] resumed from step {summary['resumed_from']}: parameters and optimizer state equal to the saved ones: {check['equal']}"
-              f" ({check['tensors']} tensors{'; differ: ' + ', '.join(check['mismatched']) if check['mismatched'] else ''})")
+        print(
+            f"[rank 0] resumed from step {summary['resumed_from']}: parameters and optimizer state equal to the saved ones: {check['equal']}"
+            f" ({check['tensors']} tensors{'; differ: ' + ', '.join(check['mismatched']) if check['mismatched'] else ''})"
+        )
     if summary["stopped_at"] is not None:
-        print(f"[rank 0] stopped early at step {summary['stopped_at']} (stop signal or time limit); the emergency checkpoint is"
-              f" {'committed' if summary['stopped_at'] in summary['committed_steps'] else 'MISSING'}: a restarted job resumes from it")
+        print(
+            f"[rank 0] stopped early at step {summary['stopped_at']} (stop signal or time limit); the emergency checkpoint is"
+            f" {'committed' if summary['stopped_at'] in summary['committed_steps'] else 'MISSING'}: a restarted job resumes from it"
+        )
     for s in ck:
         print(f"[rank 0] checkpoint {s.line()}")
     print(f"[rank 0] committed steps now: {summary['committed_steps']}; parameter digest {summary['param_digest']}")

@@ -59,7 +59,9 @@ class RankFailure(AssertionError):
     """One or more ranks raised, died or hung."""
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 60.0, env: dict[str, str] | None = None, expect_fail: set[int] | None = None) -> dict[int, Any]:
+def run_ranks(
+    fn: Callable[..., Any], world: int, *args: Any, timeout: float = 60.0, env: dict[str, str] | None = None, expect_fail: set[int] | None = None
+) -> dict[int, Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return ``{rank: value}``.
 
     Args:

@@ -42,8 +42,7 @@ from dataclasses import dataclass, field
 
 ACTIONS = ("500", "reset", "reset_after", "truncate", "hold")
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection"}
-_ERROR_500 = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
-              b"<Message>injected by the fault proxy</Message></Error>")
+_ERROR_500 = b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code><Message>injected by the fault proxy</Message></Error>'
 
 
 @dataclass
@@ -57,8 +56,7 @@ class _Rule:
     seen: int = 0
 
     def matches(self, method: str, path: str) -> bool:
-        return ((self.method is None or method == self.method)
-                and (self.path_contains is None or self.path_contains in path))
+        return (self.method is None or method == self.method) and (self.path_contains is None or self.path_contains in path)
 
 
 @dataclass
@@ -147,7 +145,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._reset()
         elif action == "truncate":
             status, headers, data = self._forward(body)
-            self._reply(status, headers, data[:len(data) // 2], length=len(data))
+            self._reply(status, headers, data[: len(data) // 2], length=len(data))
             # A plain close (FIN), not a reset: a reset would make the client's
             # kernel drop the half body it has not read yet.
             self.wfile.flush()
@@ -190,8 +188,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         conn.close()
         return resp.status, headers, data
 
-    def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes, head: bool = False,
-               length: int | None = None) -> None:
+    def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes, head: bool = False, length: int | None = None) -> None:
         """Send an answer; ``length`` announces more bytes than ``data`` (a cut-off body)."""
         self.send_response_only(status)
         for name, value in headers:
@@ -230,8 +227,7 @@ class FaultProxy:
         ValueError: the upstream is not a plain-HTTP loopback address.
     """
 
-    def __init__(self, upstream: str, max_body: int = 256 << 20, max_log: int = 100_000,
-                 hold_timeout: float = 30.0) -> None:
+    def __init__(self, upstream: str, max_body: int = 256 << 20, max_log: int = 100_000, hold_timeout: float = 30.0) -> None:
         self.hold_timeout = hold_timeout
         url = urllib.parse.urlsplit(upstream)
         if url.scheme != "http" or not url.hostname or not ipaddress.ip_address(url.hostname).is_loopback:
@@ -242,8 +238,7 @@ class FaultProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, name="s3-fault-proxy", daemon=True)
         self._thread.start()
 
-    def inject(self, action: str, nth: int = 1, times: int = 1,
-               method: str | None = None, path_contains: str | None = None) -> None:
+    def inject(self, action: str, nth: int = 1, times: int = 1, method: str | None = None, path_contains: str | None = None) -> None:
         """Fail requests ``nth`` to ``nth + times - 1`` that match, counted from now.
 
         Args:

@@ -72,7 +72,9 @@ class MotoServer:
         child_env = {**os.environ, **(env or {})}
         self._proc = subprocess.Popen(
             [sys.executable, "-c", _SERVER_SCRIPT],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=child_env,
         )
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline().strip()
@@ -117,8 +119,7 @@ class MotoServer:
         import boto3  # a test dependency, imported only once the server runs
 
         name = f"{prefix}-{os.getpid()}-{next(self._buckets)}"
-        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
         client.create_bucket(Bucket=name)
         client.close()
         return name

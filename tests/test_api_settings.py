@@ -11,6 +11,7 @@ import threading
 
 import pytest
 import torch
+from launcher import run_ranks
 
 import dist_ckpt as dc
 from dist_ckpt.cli import main as cli_main
@@ -19,7 +20,6 @@ from dist_ckpt.errors import StateDictError, UnsupportedScheme
 from dist_ckpt.loader import read_manifest
 from dist_ckpt.manager import CheckpointManager
 from dist_ckpt.user_meta import MAX_USER_META_BYTES
-from launcher import run_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "30"}
@@ -54,9 +54,16 @@ except Exception as e:
 @pytest.mark.parametrize("what", ["save", "async_save", "checkpointer"])
 def test_save_before_init_process_group_refuses_on_every_rank(tmp_path, what):
     path = str(tmp_path / "ck")
-    procs = [subprocess.Popen([sys.executable, "-c", _NO_GROUP, what, path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": REPO, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"})
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _NO_GROUP, what, path],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": REPO, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     for rank, out in enumerate(outs):
         line = [x for x in out.splitlines() if x.startswith("RESULT")]
@@ -90,9 +97,17 @@ def test_from_env_reads_boolean_settings(monkeypatch, raw, value):
 
 
 def test_every_config_field_has_its_environment_variable(monkeypatch):
-    values = {"timeout_s": ("42.5", 42.5), "heartbeat_interval_s": ("0.5", 0.5), "heartbeat_timeout_s": ("7", 7.0), "writer_threads": ("3", 3),
-              "reader_threads": ("5", 5), "verify_checksums": ("no", False), "allow_pickle": ("yes", True),
-              "coordinator": ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5555"), "max_message_bytes": ("4096", 4096)}
+    values = {
+        "timeout_s": ("42.5", 42.5),
+        "heartbeat_interval_s": ("0.5", 0.5),
+        "heartbeat_timeout_s": ("7", 7.0),
+        "writer_threads": ("3", 3),
+        "reader_threads": ("5", 5),
+        "verify_checksums": ("no", False),
+        "allow_pickle": ("yes", True),
+        "coordinator": ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5555"),
+        "max_message_bytes": ("4096", 4096),
+    }
     import dataclasses
 
     assert set(values) == {f.name for f in dataclasses.fields(Config)}
@@ -103,7 +118,9 @@ def test_every_config_field_has_its_environment_variable(monkeypatch):
     assert Config.from_env(writer_threads=9).writer_threads == 9  # an override beats the environment
 
 
-@pytest.mark.parametrize("var, raw", [("DIST_CKPT_ALLOW_PICKLE", "maybe"), ("DIST_CKPT_VERIFY_CHECKSUMS", "2"), ("DIST_CKPT_WRITER_THREADS", "two"), ("DIST_CKPT_TIMEOUT_S", "10m")])
+@pytest.mark.parametrize(
+    "var, raw", [("DIST_CKPT_ALLOW_PICKLE", "maybe"), ("DIST_CKPT_VERIFY_CHECKSUMS", "2"), ("DIST_CKPT_WRITER_THREADS", "two"), ("DIST_CKPT_TIMEOUT_S", "10m")]
+)
 def test_bad_environment_values_raise_naming_the_variable(monkeypatch, var, raw):
     monkeypatch.setenv(var, raw)
     with pytest.raises(ValueError, match=var):
@@ -192,15 +209,18 @@ def test_user_meta_through_every_save_api_and_back(tmp_path, capsys):
     assert "user_meta" in capsys.readouterr().out and "3f2a9c1" in str(META)
 
 
-@pytest.mark.parametrize("meta, where", [
-    ({"t": (1, 2)}, "user_meta['t']: tuple"),
-    ({"s": {1}}, "user_meta['s']: set"),
-    ({"t": torch.ones(1)}, "user_meta['t']: Tensor"),
-    ({"d": {3: "x"}}, "keys must be str"),
-    ({"big": 2**64}, "64 bits"),
-    ({"huge": "x" * (MAX_USER_META_BYTES + 1)}, "bytes packed"),
-    (["not", "a", "map"], "must be a dict"),
-])
+@pytest.mark.parametrize(
+    "meta, where",
+    [
+        ({"t": (1, 2)}, "user_meta['t']: tuple"),
+        ({"s": {1}}, "user_meta['s']: set"),
+        ({"t": torch.ones(1)}, "user_meta['t']: Tensor"),
+        ({"d": {3: "x"}}, "keys must be str"),
+        ({"big": 2**64}, "64 bits"),
+        ({"huge": "x" * (MAX_USER_META_BYTES + 1)}, "bytes packed"),
+        (["not", "a", "map"], "must be a dict"),
+    ],
+)
 def test_user_meta_refuses_what_msgpack_cannot_store(tmp_path, meta, where):
     path = str(tmp_path / "ck")
     with pytest.raises(StateDictError, match=where.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):

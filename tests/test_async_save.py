@@ -7,10 +7,10 @@ import threading
 
 import pytest
 import torch
-
-import dist_ckpt as dc
 from dist_helpers import dtensor, failing_storage, global_tensor
 from launcher import run_ranks
+
+import dist_ckpt as dc
 
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "30"}
 MODES = ["thread", "process"]
@@ -176,6 +176,7 @@ def _staging_fails_on_rank_1(rank, world, path):
     from dist_ckpt.stager import StagingArena
 
     if rank == 1:
+
         def failing_stage(self, tensors):
             failed: Future = Future()
             failed.set_exception(RuntimeError("CUDA error: an illegal memory access (injected)"))

@@ -16,10 +16,17 @@ WRITE_VARIANTS = ["disk", "disk_2w", "disk_4w", "disk_direct"]
 READ_VARIANTS = ["disk", "disk_2r", "disk_4r"]
 # Issue 18's targets: (comparison, bound) per ratio family.
 ISSUE_18_TARGETS = {
-    "save_vs_write_ceiling": [">=", 0.9], "save_vs_dcp": [">=", 1.5],
-    "load_vs_read_ceiling": [">=", 0.95], "load_vs_dcp": [">=", 1.0], "load_warm_vs_warm_ceiling": [">=", 0.7],
-    "reshard_load_vs_read_ceiling": [">=", 0.95], "reshard_load_vs_dcp": [">=", 1.0], "reshard_load_warm_vs_warm_ceiling": [">=", 0.7],
-    "async_block_vs_memcpy": ["<=", 1.3], "async_total_vs_blocked_plus_save": ["<=", 1.2], "staging_vs_pinned": [">=", 0.8],
+    "save_vs_write_ceiling": [">=", 0.9],
+    "save_vs_dcp": [">=", 1.5],
+    "load_vs_read_ceiling": [">=", 0.95],
+    "load_vs_dcp": [">=", 1.0],
+    "load_warm_vs_warm_ceiling": [">=", 0.7],
+    "reshard_load_vs_read_ceiling": [">=", 0.95],
+    "reshard_load_vs_dcp": [">=", 1.0],
+    "reshard_load_warm_vs_warm_ceiling": [">=", 0.7],
+    "async_block_vs_memcpy": ["<=", 1.3],
+    "async_total_vs_blocked_plus_save": ["<=", 1.2],
+    "staging_vs_pinned": [">=", 0.8],
 }
 
 
@@ -97,7 +104,10 @@ def test_memcpy_ceiling_copies_every_byte_into_its_ring(worker, monkeypatch):
 def _job(sync, load, warm, blocked=(), total=(), memcpy=(), nbytes=10**9):
     """A job's results as the worker writes them: seconds per repetition per contender."""
     return {
-        "total_bytes": nbytes, "n_tensors": 1, "dropped_caches": True, "local_bytes_rank0": nbytes,
+        "total_bytes": nbytes,
+        "n_tensors": 1,
+        "dropped_caches": True,
+        "local_bytes_rank0": nbytes,
         "sync": {k: [{"s": s, "peak_rss_mb": 1.0, "rss_growth_mb": 0.0} for s in v] for k, v in sync.items()},
         "load": {k: [{"s": s, "peak_rss_mb": 1.0, "rss_growth_mb": 0.0} for s in v] for k, v in load.items()},
         "load_warm": {k: [{"s": s} for s in v] for k, v in warm.items()},
@@ -108,13 +118,23 @@ def _job(sync, load, warm, blocked=(), total=(), memcpy=(), nbytes=10**9):
 
 def test_summary_ceilings_are_the_best_variant_and_targets_follow_the_ratios(summary):
     # 1 GB state: GB/s = 1 / seconds. Two repetitions each.
-    sync = {"dist_ckpt": [1.0, 1.0], "dcp": [2.0, 2.0], "torch_save": [1.5, 1.5],
-            "disk": [1.0, 1.0], "disk_2w": [0.5, 0.8], "disk_4w": [0.8, 0.5], "disk_direct": [2.0, 2.0]}
+    sync = {
+        "dist_ckpt": [1.0, 1.0],
+        "dcp": [2.0, 2.0],
+        "torch_save": [1.5, 1.5],
+        "disk": [1.0, 1.0],
+        "disk_2w": [0.5, 0.8],
+        "disk_4w": [0.8, 0.5],
+        "disk_direct": [2.0, 2.0],
+    }
     load = {"dist_ckpt": [0.5, 0.5], "dcp": [0.5, 0.5], "torch_load": [1.0, 1.0], "disk": [0.5, 0.5], "disk_2r": [0.4, 0.4], "disk_4r": [0.45, 0.45]}
     warm = {"dist_ckpt": [0.2, 0.2], "dcp": [0.4, 0.4], "torch_load": [0.4, 0.4], "disk": [0.1, 0.1], "disk_2r": [0.05, 0.05], "disk_4r": [0.1, 0.1]}
     main = _job(sync, load, warm, {"dist_ckpt": [0.12, 0.12], "dcp": [1.0, 1.0]}, {"dist_ckpt": [1.2, 1.2], "dcp": [2.0, 2.0]}, [0.1, 0.1])
-    resh = _job({}, {"dist_ckpt": [0.5, 0.5], "dcp": [0.4, 0.4], "disk": [0.5, 0.5], "disk_2r": [0.25, 0.25], "disk_4r": [0.3, 0.3]},
-                {"dist_ckpt": [0.1, 0.1], "dcp": [0.2, 0.2], "disk": [0.1, 0.1], "disk_2r": [0.05, 0.05], "disk_4r": [0.1, 0.1]})
+    resh = _job(
+        {},
+        {"dist_ckpt": [0.5, 0.5], "dcp": [0.4, 0.4], "disk": [0.5, 0.5], "disk_2r": [0.25, 0.25], "disk_4r": [0.3, 0.3]},
+        {"dist_ckpt": [0.1, 0.1], "dcp": [0.2, 0.2], "disk": [0.1, 0.1], "disk_2r": [0.05, 0.05], "disk_4r": [0.1, 0.1]},
+    )
     run = {"device": "cpu", "world": 4, "reshard_worlds": [2], "reps": 2, "dir": "d", "no_async": False}
     r = summary.summarize(run, main, {2: resh})
     c, q, met = r["ceilings"], r["ratios"], r["targets_met"]
@@ -141,9 +161,29 @@ def test_summary_ceilings_are_the_best_variant_and_targets_follow_the_ratios(sum
 def test_bench_checkpoint_tiny_run(tmp_path):
     """Both jobs run, every load verifies, and the JSON line has every figure and ratio the README quotes."""
     out = subprocess.run(
-        [sys.executable, str(BENCH), "--world", "2", "--reshard-world", "3", "--total-mb", "2", "--reps", "1", "--settle", "0",
-         "--no-drop-caches", "--dir", str(tmp_path / "bench"), "--timeout", "240"] + _plot_args(tmp_path),
-        capture_output=True, text=True, timeout=280,
+        [
+            sys.executable,
+            str(BENCH),
+            "--world",
+            "2",
+            "--reshard-world",
+            "3",
+            "--total-mb",
+            "2",
+            "--reps",
+            "1",
+            "--settle",
+            "0",
+            "--no-drop-caches",
+            "--dir",
+            str(tmp_path / "bench"),
+            "--timeout",
+            "240",
+        ]
+        + _plot_args(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=280,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -158,8 +198,17 @@ def test_bench_checkpoint_tiny_run(tmp_path):
         assert f["load_GBps"][contender] > 0 and f["load_warm_GBps"][contender] > 0, contender
     for contender in ("dist_ckpt", "dcp", "disk"):
         assert f["reshard_load_GBps"]["2to3"][contender] > 0 and f["reshard_load_warm_GBps"]["2to3"][contender] > 0, contender
-    for key in ("save_vs_dcp", "save_vs_disk", "load_vs_dcp", "load_warm_vs_dcp", "reshard_load_vs_dcp", "reshard_load_vs_dcp_2to3",
-                "reshard_load_warm_vs_dcp_2to3", "reshard_load_vs_disk_2to3", "async_block_vs_dcp"):
+    for key in (
+        "save_vs_dcp",
+        "save_vs_disk",
+        "load_vs_dcp",
+        "load_warm_vs_dcp",
+        "reshard_load_vs_dcp",
+        "reshard_load_vs_dcp_2to3",
+        "reshard_load_warm_vs_dcp_2to3",
+        "reshard_load_vs_disk_2to3",
+        "async_block_vs_dcp",
+    ):
         assert r["ratios"][key] is not None and r["ratios"][key] > 0, key
     assert r["page_cache_dropped"] is False  # --no-drop-caches is reported, not hidden
     assert not os.path.exists(tmp_path / "bench" / "src")  # checkpoints removed at the end
@@ -214,9 +263,29 @@ def _check_ceilings_and_targets(r):
 def test_bench_checkpoint_single_process_without_async(tmp_path):
     """The one-process row (as for the 4 GiB figure): no async phase, so no second copy of the state; loads still verify."""
     out = subprocess.run(
-        [sys.executable, str(BENCH), "--world", "1", "--reshard-world", "", "--total-mb", "2", "--reps", "1", "--settle", "0",
-         "--no-drop-caches", "--no-async", "--dir", str(tmp_path / "bench"), "--timeout", "240"],
-        capture_output=True, text=True, timeout=280,
+        [
+            sys.executable,
+            str(BENCH),
+            "--world",
+            "1",
+            "--reshard-world",
+            "",
+            "--total-mb",
+            "2",
+            "--reps",
+            "1",
+            "--settle",
+            "0",
+            "--no-drop-caches",
+            "--no-async",
+            "--dir",
+            str(tmp_path / "bench"),
+            "--timeout",
+            "240",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -35,7 +35,10 @@ def test_bench_coordinator_smoke(arrival, tmp_path):
     env = dict(os.environ, BENCH_RECV_TIMEOUT_S="60")
     out = subprocess.run(
         [sys.executable, str(BENCH), "--ranks", "8", "--tensors", "5", "--procs", "2", "--arrival", arrival, "--dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=150, env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env=env,
     )
     assert out.returncode == 0, out.stderr[-4000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -9,20 +9,20 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from dist_helpers import dtensor
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from launcher import run_ranks
+from test_planner import commit, mixed_jobs, records_of
 
 import dist_ckpt as dc
 from dist_ckpt.commit import RecordTable, decode_records, encode_record_columns
 from dist_ckpt.errors import ChecksumError
 from dist_ckpt.loader import read_manifest
 from dist_ckpt.manifest import BLOCK_BYTES, Manifest, block_counts
-from dist_ckpt.save_planner import plan_save
 from dist_ckpt.reader import ReadTask, read_tensors
+from dist_ckpt.save_planner import plan_save
 from dist_ckpt.verify import CHECKSUM_MISMATCH, verify
-from dist_helpers import dtensor
-from launcher import run_ranks
-from test_planner import commit, mixed_jobs, records_of
 
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "20"}
 ROW = 1024 * 4  # bytes per row of the (rows, 1024) float32 tensors below

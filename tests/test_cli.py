@@ -94,8 +94,18 @@ def test_ls_shows_states_and_marks_newest(root, capsys):
 def test_inspect_tree_and_pickled_values_stay_pickled(tmp_path, capsys):
     path, marker = str(tmp_path / "ck"), str(tmp_path / "unpickled")
     ck = dc.make_sync_checkpointer(dc.Config(allow_pickle=True))
-    ck.save(path, {"model": {"w": torch.zeros(8, 3), "layers": [torch.arange(4)]}, "trap": Trap(marker), "step": 5, "blob": b"xyz", "empty": {},
-                   "rng": dc.rank_local(torch.zeros(3)), "pos": dc.rank_local(17)})
+    ck.save(
+        path,
+        {
+            "model": {"w": torch.zeros(8, 3), "layers": [torch.arange(4)]},
+            "trap": Trap(marker),
+            "step": 5,
+            "blob": b"xyz",
+            "empty": {},
+            "rng": dc.rank_local(torch.zeros(3)),
+            "pos": dc.rank_local(17),
+        },
+    )
     ck.close()
     size = len(read_manifest(path)[0].objects[("trap",)].data)
     assert main(["inspect", path]) == 0
@@ -270,8 +280,18 @@ def test_shape_of_2_40_elements_is_refused_before_allocating(tmp_path, capsys):
 
     def huge(m):  # one chunk of 2**40 float32 elements over a 16-byte data file
         col = lambda v, dt: np.array([v], dt).tobytes()  # noqa: E731
-        m["tensors"][("w",)].update(shape=[1 << 40], chunks={"n": 1, "offsets": col(0, "<i8"), "sizes": col(1 << 40, "<i8"), "file": col(0, "<i4"),
-                                                            "offset": col(0, "<i8"), "nbytes": col(4 << 40, "<i8"), "xxh3": col(0, "<u8")})
+        m["tensors"][("w",)].update(
+            shape=[1 << 40],
+            chunks={
+                "n": 1,
+                "offsets": col(0, "<i8"),
+                "sizes": col(1 << 40, "<i8"),
+                "file": col(0, "<i4"),
+                "offset": col(0, "<i8"),
+                "nbytes": col(4 << 40, "<i8"),
+                "xxh3": col(0, "<u8"),
+            },
+        )
 
     _rewrite_manifest(path, huge)
     with pytest.raises(dc.DataFileError, match="r00000.bin has 16 bytes but its chunks .*of w.* need 4398046511104"):

@@ -9,14 +9,14 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from dist_helpers import dtensor, global_tensor
+from launcher import run_ranks
 
 import dist_ckpt as dc
 from dist_ckpt.cli import main
 from dist_ckpt.convert import ConvertError, convert
 from dist_ckpt.loader import read_manifest
 from dist_ckpt.verify import verify
-from dist_helpers import dtensor, global_tensor
-from launcher import run_ranks
 
 # the modules, even though dist_ckpt re-exports a function named convert
 convert_sources = importlib.import_module("dist_ckpt.convert.sources")
@@ -79,7 +79,11 @@ def test_dcp_input_needs_trust_pickle(dcp_dir, tmp_path, capsys):
 def _state() -> dict:
     g = torch.Generator().manual_seed(1)
     return {
-        "model": {"w": torch.randn(40, 9, generator=g), "b": torch.randn(9, generator=g).to(torch.bfloat16), "layers": [torch.arange(6), torch.ones(2, 2, dtype=torch.bool)]},
+        "model": {
+            "w": torch.randn(40, 9, generator=g),
+            "b": torch.randn(9, generator=g).to(torch.bfloat16),
+            "layers": [torch.arange(6), torch.ones(2, 2, dtype=torch.bool)],
+        },
         "opt": {"state": {0: {"m": torch.randn(9, generator=g)}}, "param_groups": [{"lr": 0.01, "betas": (0.9, 0.99), "params": [0]}]},
         "scalar": torch.tensor(2.5),
         "step": 11,
@@ -131,8 +135,14 @@ def test_dist_ckpt_to_safetensors(ckpt, tmp_path):
     assert main(["convert", ckpt, dst, "--to", "safetensors", "--no-progress"]) == 0
     sd = _state()
     loaded = load_file(dst)
-    want = {"model.w": sd["model"]["w"], "model.b": sd["model"]["b"], "model.layers.0": sd["model"]["layers"][0],
-            "model.layers.1": sd["model"]["layers"][1], "opt.state.0.m": sd["opt"]["state"][0]["m"], "scalar": sd["scalar"]}
+    want = {
+        "model.w": sd["model"]["w"],
+        "model.b": sd["model"]["b"],
+        "model.layers.0": sd["model"]["layers"][0],
+        "model.layers.1": sd["model"]["layers"][1],
+        "opt.state.0.m": sd["opt"]["state"][0]["m"],
+        "scalar": sd["scalar"],
+    }
     assert _equal(loaded, want)
     with safe_open(dst, "pt") as f:
         meta = f.metadata()
@@ -258,7 +268,12 @@ def test_safetensors_source_and_select_with_strip_prefix(ckpt, tmp_path, capsys)
     back = str(tmp_path / "back")
     assert main(["convert", weights, back, "--to", "dist_ckpt", "--no-progress"]) == 0  # safetensors as a source
     assert "from safetensors" in capsys.readouterr().out
-    target = {"w": torch.zeros(40, 9), "b": torch.zeros(9, dtype=torch.bfloat16), "layers.0": torch.zeros(6, dtype=torch.int64), "layers.1": torch.zeros(2, 2, dtype=torch.bool)}
+    target = {
+        "w": torch.zeros(40, 9),
+        "b": torch.zeros(9, dtype=torch.bfloat16),
+        "layers.0": torch.zeros(6, dtype=torch.int64),
+        "layers.1": torch.zeros(2, 2, dtype=torch.bool),
+    }
     dc.load(target, back)
     assert _equal(target, load_file(weights)) and verify(back).ok
     sel = str(tmp_path / "sel")

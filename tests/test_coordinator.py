@@ -47,7 +47,9 @@ def job():
 
     def make(world: int = 2, config: Config = CFG, storage_for=get_storage) -> Job:
         coord = Coordinator(world, "job1", SECRET, "tcp://127.0.0.1:0", storage_for, config)
-        ranks = [SimpleNamespace(agent=Agent(coord.endpoint, SECRET, "job1", r, config), config=config, rank=r, world_size=world, job="job1") for r in range(world)]
+        ranks = [
+            SimpleNamespace(agent=Agent(coord.endpoint, SECRET, "job1", r, config), config=config, rank=r, world_size=world, job="job1") for r in range(world)
+        ]
         jobs.append(Job(coord, ranks))
         return jobs[-1]
 

@@ -55,7 +55,9 @@ def _box(shape):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(1, 4), min_size=1, max_size=3).flatmap(lambda shape: st.tuples(st.just(tuple(shape)), st.lists(_box(shape), min_size=1, max_size=6))))
+@given(
+    st.lists(st.integers(1, 4), min_size=1, max_size=3).flatmap(lambda shape: st.tuples(st.just(tuple(shape)), st.lists(_box(shape), min_size=1, max_size=6)))
+)
 def test_random_boxes_agree_with_brute_force(case):
     shape, boxes = case
     want = brute_force(shape, boxes)

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from dist_helpers import PLACEMENTS, dtensor, global_tensor
+from launcher import run_ranks
 
 import dist_ckpt as dc
 from dist_ckpt import describe as describe_mod
-from dist_helpers import PLACEMENTS, dtensor, global_tensor
-from launcher import run_ranks
 
 
 def _boxes_twice(rank, world):

@@ -6,10 +6,10 @@ import time
 
 import pytest
 import torch
-
-import dist_ckpt as dc
 from dist_helpers import dtensor, global_tensor
 from launcher import run_ranks
+
+import dist_ckpt as dc
 
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "20"}
 SHAPES = {"w": (37, 12), "v": (16, 9), "b": (23,)}
@@ -187,8 +187,12 @@ def test_load_without_target_returns_full_tensors_on_map_location(tmp_path):
 
 
 def _rank_local_state(rank, value):
-    return {"w": torch.full((4,), 7.0), "rng": dc.rank_local(torch.full((3,), float(value))), "pos": dc.rank_local(value),
-            "nested": {"seed": dc.rank_local(1000 + value)}}
+    return {
+        "w": torch.full((4,), 7.0),
+        "rng": dc.rank_local(torch.full((3,), float(value))),
+        "pos": dc.rank_local(value),
+        "nested": {"seed": dc.rank_local(1000 + value)},
+    }
 
 
 def _save_rank_local(rank, world, path):

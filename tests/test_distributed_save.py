@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
-
-import dist_ckpt as dc
 from dist_helpers import PLACEMENTS, dtensor, failing_storage, global_tensor
 from launcher import run_ranks
+
+import dist_ckpt as dc
 
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "3", "DIST_CKPT_TIMEOUT_S": "8"}
 
@@ -125,9 +125,24 @@ def _save_without_collectives(rank, world, path):
 
     w = dtensor(global_tensor("w", (32, 8)), world, "shard0")
     r = dtensor(global_tensor("r", (4, 4)), world, "replicate")
-    names = ["all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "barrier", "gather",
-             "gather_object", "scatter", "scatter_object_list", "reduce", "all_to_all", "reduce_scatter", "monitored_barrier",
-             "all_gather_into_tensor", "reduce_scatter_tensor"]
+    names = [
+        "all_reduce",
+        "all_gather",
+        "all_gather_object",
+        "broadcast",
+        "broadcast_object_list",
+        "barrier",
+        "gather",
+        "gather_object",
+        "scatter",
+        "scatter_object_list",
+        "reduce",
+        "all_to_all",
+        "reduce_scatter",
+        "monitored_barrier",
+        "all_gather_into_tensor",
+        "reduce_scatter_tensor",
+    ]
     saved = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
 
     def forbidden(*a, **k):

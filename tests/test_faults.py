@@ -11,12 +11,12 @@ import time
 import msgpack
 import pytest
 import torch
+from dist_helpers import dtensor, failing_storage, global_tensor
+from launcher import run_ranks
 
 import dist_ckpt as dc
 from dist_ckpt.commit import MANIFEST
 from dist_ckpt.loader import read_manifest
-from dist_helpers import dtensor, failing_storage, global_tensor
-from launcher import run_ranks
 
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "3", "DIST_CKPT_TIMEOUT_S": "20"}
 

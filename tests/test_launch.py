@@ -45,7 +45,20 @@ def free_port() -> int:
 
 def base_env(**extra: str) -> dict[str, str]:
     """The test's environment without torchrun/Slurm variables that would leak into the job."""
-    leak = ("SLURM_", "MASTER_", "RANK", "LOCAL_RANK", "LOCAL_ADDR", "WORLD_SIZE", "TORCHELASTIC", "DIST_CKPT_", "NNODES", "NODE_RANK", "NPROC_PER_NODE", "RDZV_")
+    leak = (
+        "SLURM_",
+        "MASTER_",
+        "RANK",
+        "LOCAL_RANK",
+        "LOCAL_ADDR",
+        "WORLD_SIZE",
+        "TORCHELASTIC",
+        "DIST_CKPT_",
+        "NNODES",
+        "NODE_RANK",
+        "NPROC_PER_NODE",
+        "RDZV_",
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(leak)}
     env.update(FAST, PYTHON=sys.executable, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.update(extra)
@@ -114,8 +127,20 @@ def test_torchrun_save_on_2_ranks_resume_on_1(tmp_path):
     p = start(["bash", str(TORCHRUN_SH), *train_args(ckpt, 4, tmp_path / "s1.json")], dict(env, NPROC_PER_NODE="2"), logs[0])
     assert finish([p], 90) == [0], tail(logs[0])
     assert sorted(os.listdir(ckpt)) == ["step-00000002", "step-00000004"]
-    p = start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", str(REPO / "launch" / "train.py"),
-               *train_args(ckpt, 6, tmp_path / "s2.json", "--sync")], env, logs[1])
+    p = start(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "1",
+            str(REPO / "launch" / "train.py"),
+            *train_args(ckpt, 6, tmp_path / "s2.json", "--sync"),
+        ],
+        env,
+        logs[1],
+    )
     assert finish([p], 90) == [0], tail(logs[1])
     first, second = summary_of(tmp_path / "s1.json", logs), summary_of(tmp_path / "s2.json", logs)
     check_resumed(first, second, ckpt, 2, 1)
@@ -165,7 +190,10 @@ PartitionName=test Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 
 
 def _daemon_logs(d: Path) -> str:
-    return "\n".join(f"--- {p.name}:\n{tail(p, 25)}" for p in (d / "munge" / "munged.log", d / "log" / "slurmctld.log", d / "log" / "slurmd.log", d / "slurmctld.out", d / "slurmd.out"))
+    return "\n".join(
+        f"--- {p.name}:\n{tail(p, 25)}"
+        for p in (d / "munge" / "munged.log", d / "log" / "slurmctld.log", d / "log" / "slurmd.log", d / "slurmctld.out", d / "slurmd.out")
+    )
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -214,8 +242,16 @@ def slurm(tmp_path) -> Iterator[dict[str, str]]:
     sock = d / "munge" / "munge.sock"
     procs: list[subprocess.Popen] = []
     try:
-        munged = ["munged", "--foreground", "--force", f"--socket={sock}", f"--key-file={key}", f"--pid-file={d}/munge/munged.pid",
-                  f"--log-file={d}/munge/munged.log", f"--seed-file={d}/munge/munged.seed"]
+        munged = [
+            "munged",
+            "--foreground",
+            "--force",
+            f"--socket={sock}",
+            f"--key-file={key}",
+            f"--pid-file={d}/munge/munged.pid",
+            f"--log-file={d}/munge/munged.log",
+            f"--seed-file={d}/munge/munged.seed",
+        ]
         procs.append(subprocess.Popen(munged, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True))
         if not _wait_for(lambda: subprocess.run(["munge", "-n", "-S", str(sock)], capture_output=True).returncode == 0, 10):
             pytest.skip("munged did not start:\n" + _daemon_logs(d))
@@ -323,8 +359,16 @@ def test_two_hosts_save_on_both_restore_on_one(two_hosts, tmp_path):
     (ns_a, dev_a, addr_a), (ns_b, dev_b, addr_b) = two_hosts
     procs, logs = [], []
     for ns, dev, addr, is_host in ((ns_a, dev_a, addr_a, 1), (ns_b, dev_b, addr_b, 0)):
-        env = base_env(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR=addr_a, MASTER_PORT="29400", RDZV_ID=f"dck-{os.getpid()}",
-                       RDZV_CONF=f"is_host={is_host}", LOCAL_ADDR=addr, GLOO_SOCKET_IFNAME=dev)
+        env = base_env(
+            NNODES="2",
+            NPROC_PER_NODE="1",
+            MASTER_ADDR=addr_a,
+            MASTER_PORT="29400",
+            RDZV_ID=f"dck-{os.getpid()}",
+            RDZV_CONF=f"is_host={is_host}",
+            LOCAL_ADDR=addr,
+            GLOO_SOCKET_IFNAME=dev,
+        )
         logs.append(tmp_path / f"{ns}.log")
         procs.append(start(["ip", "netns", "exec", ns, "bash", str(TORCHRUN_SH), *train_args(ckpt, 4, shared / "s1.json", "--verbose")], env, logs[-1]))
     codes = finish(procs, 100)

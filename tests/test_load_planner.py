@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_planner import shard_boxes  # one definition of DTensor-like box placement
 
 from dist_ckpt.load_planner import ReadOp, plan_reads, required_bytes
-from test_planner import shard_boxes  # one definition of DTensor-like box placement
 
 ALIGN = 4096
 

@@ -134,7 +134,10 @@ def test_float16_into_float64_and_strict_refusal_names_every_key_with_the_hint(t
     assert torch.equal(out["a"], torch.ones(3, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("saved, target", [(torch.float32, torch.int64), (torch.int64, torch.float32), (torch.bool, torch.uint8), (torch.float32, torch.bool), (torch.float32, torch.complex64)])
+@pytest.mark.parametrize(
+    "saved, target",
+    [(torch.float32, torch.int64), (torch.int64, torch.float32), (torch.bool, torch.uint8), (torch.float32, torch.bool), (torch.float32, torch.complex64)],
+)
 def test_conversions_that_change_meaning_are_refused_naming_the_key(tmp_path, saved, target):
     p = str(tmp_path / "ck")
     dc.save({"m": {"x": torch.ones(3, dtype=saved)}}, p)
@@ -158,10 +161,17 @@ def test_a_tensor_at_two_places_is_read_once_from_its_first_place(tmp_path):
 
 def test_numpy_arrays_and_scalars_come_back_as_numpy(tmp_path):
     p = str(tmp_path / "ck")
-    arrays = {"f32": np.arange(6, dtype=np.float32).reshape(2, 3), "i8": np.array([-1, 2], dtype=np.int8),
-              "b": np.array([True, False]), "u16": np.arange(3, dtype=np.uint16), "c": np.ones(2, dtype=np.complex64),
-              "zero_d": np.array(3.5), "strided": np.arange(12, dtype=np.int64).reshape(3, 4)[:, ::2],
-              "readonly": np.frombuffer(b"\x01\x02\x03\x04", dtype=np.uint8), "big_endian": np.arange(3, dtype=">i4")}
+    arrays = {
+        "f32": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "i8": np.array([-1, 2], dtype=np.int8),
+        "b": np.array([True, False]),
+        "u16": np.arange(3, dtype=np.uint16),
+        "c": np.ones(2, dtype=np.complex64),
+        "zero_d": np.array(3.5),
+        "strided": np.arange(12, dtype=np.int64).reshape(3, 4)[:, ::2],
+        "readonly": np.frombuffer(b"\x01\x02\x03\x04", dtype=np.uint8),
+        "big_endian": np.arange(3, dtype=">i4"),
+    }
     scalars = {"s_f32": np.float32(1.25), "s_i64": np.int64(-7), "s_u8": np.uint8(200), "s_b": np.bool_(True), "s_f16": np.float16(0.1)}
     dc.save({**arrays, **scalars, "mixed": [np.float64(2.5), 3]}, p)
     target = {k: np.zeros_like(v) for k, v in arrays.items()} | {k: type(v)(0) for k, v in scalars.items()} | {"mixed": [0.0, 0]}

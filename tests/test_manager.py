@@ -9,12 +9,12 @@ import time
 
 import pytest
 import torch
+from dist_helpers import dtensor, global_tensor
+from launcher import run_ranks
 
 import dist_ckpt as dc
 from dist_ckpt.config import Config
 from dist_ckpt.manager import CheckpointManager, RetentionPolicy, RootListing, stale_entries, step_dir_name
-from dist_helpers import dtensor, global_tensor
-from launcher import run_ranks
 
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "3", "DIST_CKPT_TIMEOUT_S": "15"}
 CONFIG = Config(timeout_s=15, heartbeat_interval_s=0.2, heartbeat_timeout_s=3)

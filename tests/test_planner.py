@@ -164,7 +164,9 @@ def test_empty_tensor_writes_nothing():
 
 
 def test_rank_holding_several_chunks_of_one_tensor():
-    t = lambda o, s: TensorDescription(("x",), "float32", (4, 2), o, s)
+    def t(o, s):
+        return TensorDescription(("x",), "float32", (4, 2), o, s)
+
     descs = [RankDescription(0, (t((0, 0), (1, 2)), t((3, 0), (1, 2)))), RankDescription(1, (t((1, 0), (2, 2)),))]
     plan = plan_save(descs)
     assert plan.writes == {0: (0, 1), 1: (0,)}
@@ -352,7 +354,9 @@ def test_shape_disagreement():
 
 
 def test_partially_overlapping_boxes_name_the_ranks():
-    t = lambda o, s: TensorDescription(("opt", "m"), "float32", (10, 2), o, s)
+    def t(o, s):
+        return TensorDescription(("opt", "m"), "float32", (10, 2), o, s)
+
     descs = [RankDescription(0, (t((0, 0), (4, 2)),)), RankDescription(1, (t((4, 0), (3, 2)),)), RankDescription(2, (t((5, 0), (5, 2)),))]
     with pytest.raises(PlanError, match=r"opt\.m .*overlap.*ranks 1, 2") as ei:
         plan_save(descs)
@@ -395,7 +399,9 @@ def test_malformed_local_descriptions(offsets, sizes, match):
 
 def test_rank_local_tensors_written_by_owner_never_deduped():
     descs = [
-        RankDescription(r, (TensorDescription(("rng",), "uint8", (16,), (0,), (16,), owner=r), TensorDescription(("buf",), "int64", (r + 1,), (0,), (r + 1,), owner=r)))
+        RankDescription(
+            r, (TensorDescription(("rng",), "uint8", (16,), (0,), (16,), owner=r), TensorDescription(("buf",), "int64", (r + 1,), (0,), (r + 1,), owner=r))
+        )
         for r in range(4)
     ]
     plan = plan_save(descs)
@@ -404,7 +410,10 @@ def test_rank_local_tensors_written_by_owner_never_deduped():
 
 
 def test_key_both_global_and_rank_local_is_an_error():
-    descs = [RankDescription(0, (TensorDescription(("k",), "uint8", (4,), (0,), (4,), owner=0),)), RankDescription(1, (TensorDescription(("k",), "uint8", (4,), (0,), (4,)),))]
+    descs = [
+        RankDescription(0, (TensorDescription(("k",), "uint8", (4,), (0,), (4,), owner=0),)),
+        RankDescription(1, (TensorDescription(("k",), "uint8", (4,), (0,), (4,)),)),
+    ]
     with pytest.raises(PlanError, match=r"k is rank-local on rank 0 but global on rank 1"):
         plan_save(descs)
 
@@ -575,7 +584,21 @@ def test_rank_plan_round_trip():
 
 @pytest.mark.parametrize(
     "obj",
-    [[3, 1], [5, b"\x00\x00"], [4, b"\x00"], [5, b"\x20"], [5, b"\x80"], [-1, b""], [True, b"\x00"], [5.0, b"\x00"], [5, "x"], [5, b"\x00", 1], "x", {"a": 1}, None],
+    [
+        [3, 1],
+        [5, b"\x00\x00"],
+        [4, b"\x00"],
+        [5, b"\x20"],
+        [5, b"\x80"],
+        [-1, b""],
+        [True, b"\x00"],
+        [5.0, b"\x00"],
+        [5, "x"],
+        [5, b"\x00", 1],
+        "x",
+        {"a": 1},
+        None,
+    ],
 )
 def test_rank_plan_garbage(obj):
     with pytest.raises(WireError):

@@ -110,7 +110,7 @@ def test_requeue_calls_scontrol_with_the_array_task_id_and_fails_clearly_without
     bin_dir.mkdir()
     called = tmp_path / "called"
     fake = bin_dir / "scontrol"  # a crafted scontrol at the boundary: records its arguments
-    fake.write_text(f"#!/bin/sh\necho \"$@\" > {called}\n")
+    fake.write_text(f'#!/bin/sh\necho "$@" > {called}\n')
     fake.chmod(0o755)
     env = {"SLURM_JOB_ID": "80", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3", "PATH": str(bin_dir)}
     assert requeue_job(0, env) is True and called.read_text().split() == ["requeue", "77_3"]
@@ -235,7 +235,7 @@ def test_slurm_time_limit_without_a_signal_stops_saves_and_requeues(tmp_path):
     bin_dir.mkdir()
     called = tmp_path / "called"
     fake = bin_dir / "scontrol"  # stands in for Slurm's scontrol: records the requeue
-    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {called}\n")
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {called}\n')
     fake.chmod(0o755)
     env = dict(FAST, SLURM_JOB_ID="4242", SLURM_JOB_END_TIME=str(int(time.time()) + 10), PATH=f"{bin_dir}:{os.environ['PATH']}")
     root = str(tmp_path / "ck")
@@ -263,8 +263,7 @@ def _wait_for_path(path: Path, seconds: float, alive=lambda: True) -> bool:
 @pytest.mark.slow
 def test_sigterm_to_torchrun_commits_the_workers_emergency_checkpoint_within_the_grace(tmp_path):
     ckpt, log = tmp_path / "ck", tmp_path / "run.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(TRAIN),
-           *train_args(ckpt, 100_000, tmp_path / "s1.json")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(TRAIN), *train_args(ckpt, 100_000, tmp_path / "s1.json")]
     p = start(cmd, base_env(GLOO_SOCKET_IFNAME="lo"), log)
     try:
         assert _wait_for_path(ckpt / "step-00000004" / "MANIFEST", 90, lambda: p.poll() is None), tail(log)
@@ -280,8 +279,11 @@ def test_sigterm_to_torchrun_commits_the_workers_emergency_checkpoint_within_the
     assert grace_used < 30, f"workers outlived torchrun's 30 s grace ({grace_used:.1f} s)\n{tail(log)}"
     text = log.read_text()
     assert f"[rank 1] stopping at step {step}" in text and "SIGKILL" not in text, tail(log)
-    p = start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", str(TRAIN),
-               *train_args(ckpt, step + 2, tmp_path / "s2.json")], base_env(GLOO_SOCKET_IFNAME="lo"), tmp_path / "run2.log")
+    p = start(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", str(TRAIN), *train_args(ckpt, step + 2, tmp_path / "s2.json")],
+        base_env(GLOO_SOCKET_IFNAME="lo"),
+        tmp_path / "run2.log",
+    )
     assert finish([p], 90) == [0], tail(tmp_path / "run2.log")
     again = summary_of(tmp_path / "s2.json", [tmp_path / "run2.log"])
     assert again["resumed_from"] == step and again["resume_check"]["equal"] is True
@@ -297,8 +299,17 @@ def _job(env: dict[str, str], job: str) -> dict[str, str]:
 def test_slurm_usr2_saves_requeues_and_the_requeued_run_resumes_and_completes(slurm, tmp_path):  # noqa: F811 (the fixture)
     ckpt, out, steps = tmp_path / "ck", tmp_path / "job.out", 40
     export = f"ALL,NPROC_PER_NODE=2,MASTER_PORT={free_port()},GLOO_SOCKET_IFNAME=lo"
-    cmd = ["sbatch", "--parsable", "--nodes", "1", "--output", str(out), f"--export={export}", str(SBATCH),
-           *train_args(ckpt, steps, tmp_path / "s.json", "--ckpt-every", "4")]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--nodes",
+        "1",
+        "--output",
+        str(out),
+        f"--export={export}",
+        str(SBATCH),
+        *train_args(ckpt, steps, tmp_path / "s.json", "--ckpt-every", "4"),
+    ]
     r = subprocess.run(cmd, env=slurm, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     job = r.stdout.strip().split(";")[0]
@@ -307,7 +318,9 @@ def test_slurm_usr2_saves_requeues_and_the_requeued_run_resumes_and_completes(sl
     r = subprocess.run(["scancel", "--signal=USR2", job], env=slurm, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     deadline, pending_since, hurried = time.monotonic() + 150, None, False
-    while time.monotonic() < deadline and not ((info := _job(slurm, job)).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and info.get("Restarts") == "1"):
+    while time.monotonic() < deadline and not (
+        (info := _job(slurm, job)).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and info.get("Restarts") == "1"
+    ):
         if info.get("Restarts") == "1" and info.get("JobState") == "PENDING":
             pending_since = pending_since or time.monotonic()
             # Slurm holds a requeued job for ~2 minutes before it is eligible again; skip the wait, but

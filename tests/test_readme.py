@@ -12,7 +12,7 @@ README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 def _pattern_code() -> str:
     text = README.read_text()
-    after = text[text.index("Training-loop patterns"):]
+    after = text[text.index("Training-loop patterns") :]
     return re.search(r"```python\n(.*?)```", after, re.DOTALL).group(1)
 
 
@@ -27,8 +27,7 @@ def _run(root: str, total_steps: int) -> torch.nn.Module:
     def next_batch(i: int) -> torch.Tensor:
         return torch.randn(2, 4) + i % 5  # uses the global RNG: a resume must restore it
 
-    env = {"model": model, "optim": optim, "sched": sched, "ckpt_root": root, "total_steps": total_steps,
-           "save_every": 3, "next_batch": next_batch}
+    env = {"model": model, "optim": optim, "sched": sched, "ckpt_root": root, "total_steps": total_steps, "save_every": 3, "next_batch": next_batch}
     exec(compile(_pattern_code(), str(README), "exec"), env)
     return model
 

@@ -113,13 +113,13 @@ def test_multipart_writer_parts_in_flight(client):
     data = os.urandom(2 * MIN_PART_SIZE + 12345)
     w = client.open_writer("d/r0.bin", part_size=MIN_PART_SIZE, max_in_flight=2)
     for i in range(0, len(data), 1 << 20):  # pieces that do not line up with parts
-        w.write(memoryview(data)[i:i + (1 << 20)])
+        w.write(memoryview(data)[i : i + (1 << 20)])
     etag = w.complete()
     assert etag.endswith('-3"')
     assert client.head("d/r0.bin").size == len(data)
     buf = bytearray(100 + 4000)
     got = client.get_range("d/r0.bin", MIN_PART_SIZE - 2000, 4000, out=memoryview(buf)[100:])
-    assert bytes(got) == data[MIN_PART_SIZE - 2000:MIN_PART_SIZE + 2000] == bytes(buf[100:])
+    assert bytes(got) == data[MIN_PART_SIZE - 2000 : MIN_PART_SIZE + 2000] == bytes(buf[100:])
     assert list(client.list_uploads("d/")) == []
 
 

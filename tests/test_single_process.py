@@ -12,8 +12,21 @@ import dist_ckpt as dc
 from dist_ckpt.commit import MANIFEST
 from dist_ckpt.loader import read_manifest
 
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
-          torch.complex64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool]
+DTYPES = [
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.complex64,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+]
 
 
 def sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -27,7 +40,14 @@ def sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.T
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8) if a.element_size() == 1 and a.dtype != torch.bool else a, b.view(torch.uint8) if b.element_size() == 1 and b.dtype != torch.bool else b)
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(
+            a.view(torch.uint8) if a.element_size() == 1 and a.dtype != torch.bool else a,
+            b.view(torch.uint8) if b.element_size() == 1 and b.dtype != torch.bool else b,
+        )
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -59,17 +79,33 @@ def test_load_into_non_contiguous_target(tmp_path):
 
 
 def test_objects_and_nesting_round_trip(tmp_path):
-    sd = {"step": 7, "name": "run", "blob": b"\x00\x01", "none": None, "flag": True, "lr": 1e-3,
-          "opt": {"state": {0: {"m": torch.ones(2)}, 1: {"m": torch.zeros(2)}}, "param_groups": [{"params": [0, 1], "betas": (0.9, 0.99)}]},
-          "empty": {}, "elist": []}
+    sd = {
+        "step": 7,
+        "name": "run",
+        "blob": b"\x00\x01",
+        "none": None,
+        "flag": True,
+        "lr": 1e-3,
+        "opt": {"state": {0: {"m": torch.ones(2)}, 1: {"m": torch.zeros(2)}}, "param_groups": [{"params": [0, 1], "betas": (0.9, 0.99)}]},
+        "empty": {},
+        "elist": [],
+    }
     dc.save(sd, str(tmp_path / "ck"))
     full = dc.make_sync_checkpointer().load(str(tmp_path / "ck"))
     assert full["opt"]["param_groups"] == [{"params": [0, 1], "betas": (0.9, 0.99)}]
     assert list(full["opt"]["state"]) == [0, 1] and torch.equal(full["opt"]["state"][1]["m"], torch.zeros(2))
     assert full["empty"] == {} and full["elist"] == [] and full["blob"] == b"\x00\x01" and full["none"] is None
-    target = {"step": 0, "name": "", "blob": b"", "none": 1, "flag": False, "lr": 0.0,
-              "opt": {"state": {0: {"m": torch.zeros(2)}, 1: {"m": torch.ones(2)}}, "param_groups": [{"params": [9, 9], "betas": (0, 0)}]},
-              "empty": {}, "elist": []}
+    target = {
+        "step": 0,
+        "name": "",
+        "blob": b"",
+        "none": 1,
+        "flag": False,
+        "lr": 0.0,
+        "opt": {"state": {0: {"m": torch.zeros(2)}, 1: {"m": torch.ones(2)}}, "param_groups": [{"params": [9, 9], "betas": (0, 0)}]},
+        "empty": {},
+        "elist": [],
+    }
     dc.load(target, str(tmp_path / "ck"))
     assert target["step"] == 7 and target["opt"]["param_groups"][0]["betas"] == (0.9, 0.99) and target["flag"] is True
 

@@ -8,12 +8,12 @@ process over 127.0.0.1, then checks the job's save still succeeds.
 from __future__ import annotations
 
 import json
-import time
 import os
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import zmq
@@ -74,7 +74,9 @@ def test_unauthenticated_big_messages_never_reach_rank_0s_memory(tmp_path):
         ctx.term()
         if raw is not None:
             raw.close()
-    print(f"coordinator peak RSS growth under two keyless 512 MiB messages and a 128 MiB handshake frame: {report['peak_growth'] / MiB:.1f} MiB; dropped {report['dropped']}")
+    print(
+        f"coordinator peak RSS growth under two keyless 512 MiB messages and a 128 MiB handshake frame: {report['peak_growth'] / MiB:.1f} MiB; dropped {report['dropped']}"
+    )
     assert "error" not in report, report
     assert report["saved"] == ["ck"]
     # The gate cuts a handshake off within one 10 ms poll, which stretches when the CPUs are busy (70 MiB
@@ -107,7 +109,9 @@ def test_idle_connection_flood_leaves_rank_0_its_descriptors(tmp_path):
     finally:
         for c in conns:
             c.close()
-    print(f"flood of {flood} idle connections at a {limit}-descriptor job: max {report['max_fds']} fds open, gate {report['gate']}, dropped {report['dropped']}")
+    print(
+        f"flood of {flood} idle connections at a {limit}-descriptor job: max {report['max_fds']} fds open, gate {report['gate']}, dropped {report['dropped']}"
+    )
     assert "error" not in report, report
     assert report["saved"][0] == "ck" and report["opened"] == 16
     assert report["max_fds"] < limit - 32, report

@@ -275,7 +275,9 @@ def test_limits_are_validated() -> None:
 # --- fuzzing -------------------------------------------------------------------
 
 FUZZ = settings(
-    max_examples=10_000, deadline=None, database=None,
+    max_examples=10_000,
+    deadline=None,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 frame_kinds = st.sampled_from([bytes, bytearray, memoryview])
@@ -292,10 +294,7 @@ def test_fuzz_random_frames(raw: list[tuple[bytes, type]]) -> None:
         pass
 
 
-scalars = (
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
-    | st.text(max_size=8) | st.binary(max_size=8)
-)
+scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=8)
 # Keys a map may really carry: the field names, other short strings, ranks.
 keys = st.sampled_from(["v", "t", "job", "ckpt", "rank", "phase"]) | st.text(max_size=4) | st.integers(-9, 9)
 # Kept small: on a 2-core box each leaf costs hypothesis ~0.2 ms per example.

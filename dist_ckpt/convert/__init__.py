@@ -111,8 +111,16 @@ def select_leaves(leaves: dict[KeyPath, Any], select: str, strip_prefix: bool) -
 
 
 def convert(
-    src: str, dst: str, to: str, *, trust_pickle: bool = False, pickle_objects: bool = False, rank: int = 0, progress: Progress | None = None,
-    select: str | None = None, strip_prefix: bool = False,
+    src: str,
+    dst: str,
+    to: str,
+    *,
+    trust_pickle: bool = False,
+    pickle_objects: bool = False,
+    rank: int = 0,
+    progress: Progress | None = None,
+    select: str | None = None,
+    strip_prefix: bool = False,
 ) -> ConvertResult:
     """Convert the checkpoint at ``src`` into a new ``to``-format checkpoint at ``dst``.
 

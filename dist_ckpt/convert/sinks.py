@@ -58,8 +58,10 @@ def _load(value: Any, key: KeyPath) -> torch.Tensor:
 
 
 def _object(value: Any, key: KeyPath, opts: Options, target: str) -> Any:
-    why = (f"{format_path(key)} is stored pickled; writing it as {target} means unpickling it, which can execute code: "
-           "pass --trust-pickle (trust_pickle=True) only for a checkpoint you trust")
+    why = (
+        f"{format_path(key)} is stored pickled; writing it as {target} means unpickling it, which can execute code: "
+        "pass --trust-pickle (trust_pickle=True) only for a checkpoint you trust"
+    )
     return unpickle_if_allowed(value, opts.trust_pickle, why)
 
 

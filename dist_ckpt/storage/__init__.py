@@ -336,7 +336,9 @@ def _factory(scheme: str, path: str) -> Callable[[], Storage]:
     try:
         loaded = ep.load()
     except Exception as e:  # a broken plugin must not look like an unknown scheme
-        raise UnsupportedScheme(f"the storage backend for {scheme}:// ({ep.value}, entry point group {ENTRY_POINT_GROUP}) failed to load: {type(e).__name__}: {e}") from e
+        raise UnsupportedScheme(
+            f"the storage backend for {scheme}:// ({ep.value}, entry point group {ENTRY_POINT_GROUP}) failed to load: {type(e).__name__}: {e}"
+        ) from e
     register_storage(scheme, loaded)
     return loaded
 

@@ -160,7 +160,9 @@ class LocalStorage(Storage):
 
     def begin_save(self, target: SaveTarget) -> None:
         if os.path.exists(target.path) and not target.overwrite:
-            raise CheckpointExists(f"checkpoint {target.path} already exists; pass overwrite=True to replace it (the new one is written beside it and swapped in)")
+            raise CheckpointExists(
+                f"checkpoint {target.path} already exists; pass overwrite=True to replace it (the new one is written beside it and swapped in)"
+            )
         self.remove_tree(target.location)  # a crashed save with the same id
         os.makedirs(f"{target.location}/{DATA_DIR}", exist_ok=True)
 
@@ -250,7 +252,9 @@ class LocalStorage(Storage):
                     sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as e:
                     if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(f"{root}/{'/'.join(parts[: i + 1])}"):
-                        raise UnsafeFileError(errno.ELOOP, f"{root}/{'/'.join(parts[: i + 1])} is a symbolic link; files inside a checkpoint are never read through links") from e
+                        raise UnsafeFileError(
+                            errno.ELOOP, f"{root}/{'/'.join(parts[: i + 1])} is a symbolic link; files inside a checkpoint are never read through links"
+                        ) from e
                     raise
                 os.close(fd)
                 fd = sub

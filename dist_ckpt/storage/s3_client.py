@@ -58,10 +58,19 @@ DELETE_BATCH = 1000  # S3's most keys in one DeleteObjects
 # what arrived (one big readinto keeps nothing when it fails).
 READ_PIECE = 1 << 20
 # Error codes S3 (and compatible stores) send for "slow down / try again".
-_RETRY_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
-                          "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
-                          # S3's answer to two conditional writes of one key at once: try again
-                          "ConditionalRequestConflict"})
+_RETRY_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        # S3's answer to two conditional writes of one key at once: try again
+        "ConditionalRequestConflict",
+    }
+)
 _NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
@@ -107,7 +116,7 @@ def parse_s3_url(url: str) -> S3Url:
     """
     if not url.startswith("s3://"):
         raise ValueError(f"not an s3:// URL: {url!r}")
-    bucket, _, rest = url[len("s3://"):].partition("/")
+    bucket, _, rest = url[len("s3://") :].partition("/")
     parts = [p for p in rest.split("/") if p]
     if not bucket or any(p in (".", "..") for p in parts):
         raise ValueError(f"bad s3:// URL {url!r}: needs s3://bucket/prefix without '.' or '..' parts")
@@ -149,8 +158,7 @@ class ObjectInfo:
 def _status(e: BaseException | None) -> tuple[int, str]:
     """(HTTP status, S3 error code) of a botocore error; (0, "") for others."""
     if isinstance(e, bexc.ClientError):
-        return (int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0),
-                str(e.response.get("Error", {}).get("Code", "")))
+        return (int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0), str(e.response.get("Error", {}).get("Code", "")))
     return 0, ""
 
 
@@ -166,8 +174,7 @@ def is_retryable(e: BaseException) -> bool:
     status, code = _status(e)
     if status:
         return status >= 500 or status == 429 or code in _RETRY_CODES
-    return isinstance(e, (bexc.HTTPClientError, bexc.ConnectionError, bexc.IncompleteReadError,
-                          ConnectionError, TimeoutError))
+    return isinstance(e, (bexc.HTTPClientError, bexc.ConnectionError, bexc.IncompleteReadError, ConnectionError, TimeoutError))
 
 
 def _md5_etag(data: bytes | bytearray | memoryview) -> str:
@@ -207,14 +214,25 @@ class S3Client:
         StorageError: the AWS configuration is invalid (e.g. an unknown profile).
     """
 
-    def __init__(self, bucket: str, *, endpoint_url: str | None = None, region: str | None = None,
-                 profile: str | None = None, retry: RetryPolicy = RetryPolicy(),
-                 max_connections: int = 32, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+        max_connections: int = 32,
+        timeout: float = 60.0,
+    ) -> None:
         self.bucket = bucket
         self.retry = retry
         config = botocore.config.Config(
             retries={"total_max_attempts": 1, "mode": "standard"},  # our loop retries: is_retryable
-            max_pool_connections=max_connections, connect_timeout=timeout, read_timeout=timeout)
+            max_pool_connections=max_connections,
+            connect_timeout=timeout,
+            read_timeout=timeout,
+        )
         try:
             session = boto3.session.Session(profile_name=profile, region_name=region)
             self._s3 = session.client("s3", endpoint_url=endpoint_url, config=config)
@@ -224,8 +242,7 @@ class S3Client:
     def _where(self, key: str | None) -> str:
         return f"s3://{self.bucket}/{key}" if key is not None else f"s3://{self.bucket}"
 
-    def call(self, op: str, key: str | None, fn: Callable[[], T],
-             on_retry_error: Callable[[BaseException], T | None] | None = None) -> T:
+    def call(self, op: str, key: str | None, fn: Callable[[], T], on_retry_error: Callable[[BaseException], T | None] | None = None) -> T:
         """Run one request with bounded retries, turning errors into StorageError.
 
         Args:
@@ -296,8 +313,7 @@ class S3Client:
             info = self.head(key)
             return info.etag if info is not None and info.etag == mine else None
 
-        resp = self.call(op, key, lambda: self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, **cond),
-                         on_retry_error=already_mine)
+        resp = self.call(op, key, lambda: self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, **cond), on_retry_error=already_mine)
         return str(resp["ETag"]) if isinstance(resp, dict) else resp
 
     def put_if_absent(self, key: str, data: bytes | bytearray) -> str:
@@ -377,6 +393,7 @@ class S3Client:
             DataFileError: the object is over ``max_size``.
             StorageError: the request failed (after retries).
         """
+
         def once() -> bytes:
             resp = self._s3.get_object(Bucket=self.bucket, Key=key)
             size = int(resp["ContentLength"])
@@ -421,10 +438,9 @@ class S3Client:
             body = resp["Body"]
             with body:
                 while done[0] < length:
-                    n = body.readinto(view[done[0]:done[0] + READ_PIECE])
+                    n = body.readinto(view[done[0] : done[0] + READ_PIECE])
                     if n == 0:
-                        raise DataFileError(f"{self._where(key)} ends at {start + done[0]}, "
-                                            f"before the end of range {start}+{length}")
+                        raise DataFileError(f"{self._where(key)} ends at {start + done[0]}, before the end of range {start}+{length}")
                     done[0] += n
             return view
 
@@ -450,8 +466,9 @@ class S3Client:
         """
         token: dict[str, str] = {}
         while True:
-            page = self.call("ListObjectsV2", prefix, functools.partial(
-                self._s3.list_objects_v2, Bucket=self.bucket, Prefix=prefix, MaxKeys=page_size, **token))
+            page = self.call(
+                "ListObjectsV2", prefix, functools.partial(self._s3.list_objects_v2, Bucket=self.bucket, Prefix=prefix, MaxKeys=page_size, **token)
+            )
             for item in page.get("Contents", []):
                 yield ObjectInfo(str(item["Key"]), int(item["Size"]), str(item["ETag"]))
             if not page.get("IsTruncated"):
@@ -479,8 +496,7 @@ class S3Client:
 
     def _delete_batch(self, keys: Sequence[str]) -> None:
         request = {"Objects": [{"Key": k} for k in keys], "Quiet": True}
-        resp = self.call("DeleteObjects", keys[0], lambda: self._s3.delete_objects(
-            Bucket=self.bucket, Delete=request))
+        resp = self.call("DeleteObjects", keys[0], lambda: self._s3.delete_objects(Bucket=self.bucket, Delete=request))
         errors = resp.get("Errors") or []
         if errors:
             listed = ", ".join(f"{e.get('Key')} ({e.get('Code')})" for e in errors[:10])
@@ -504,8 +520,7 @@ class S3Client:
         """
         marker: dict[str, str] = {}
         while True:
-            page = self.call("ListMultipartUploads", prefix, functools.partial(
-                self._s3.list_multipart_uploads, Bucket=self.bucket, Prefix=prefix, **marker))
+            page = self.call("ListMultipartUploads", prefix, functools.partial(self._s3.list_multipart_uploads, Bucket=self.bucket, Prefix=prefix, **marker))
             for up in page.get("Uploads", []):
                 yield str(up["Key"]), str(up["UploadId"])
             if not page.get("IsTruncated"):
@@ -523,8 +538,7 @@ class S3Client:
             StorageError: the request failed (after retries).
         """
         try:
-            self.call("AbortMultipartUpload", key, lambda: self._s3.abort_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id))
+            self.call("AbortMultipartUpload", key, lambda: self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id))
         except StorageError as e:
             if _status(e.__cause__)[1] != "NoSuchUpload":
                 raise
@@ -555,4 +569,3 @@ class S3Client:
     def close(self) -> None:
         """Close the HTTP connections."""
         self._s3.close()
-

@@ -39,8 +39,7 @@ class MultipartWriter:
 
     def __init__(self, client: S3Client, key: str, part_size: int, max_in_flight: int) -> None:
         if part_size < MIN_PART_SIZE or max_in_flight < 1:
-            raise ValueError(f"{client._where(key)}: part_size {part_size} (>= {MIN_PART_SIZE}) "
-                             f"and max_in_flight {max_in_flight} (>= 1) out of range")
+            raise ValueError(f"{client._where(key)}: part_size {part_size} (>= {MIN_PART_SIZE}) and max_in_flight {max_in_flight} (>= 1) out of range")
         self._client, self.key = client, key
         self.part_size, self.max_in_flight = part_size, max_in_flight
         self._upload_id: str | None = None
@@ -67,7 +66,7 @@ class MultipartWriter:
         view = memoryview(data).cast("B")
         while len(view):
             n = min(len(view), self.part_size - self._fill)
-            self._buf[self._fill:self._fill + n] = view[:n]
+            self._buf[self._fill : self._fill + n] = view[:n]
             self._fill += n
             self.size += n
             view = view[n:]
@@ -89,19 +88,20 @@ class MultipartWriter:
         except StorageError as e:
             # The part's error stays the one raised; the leftover parts are
             # named so that gc (list_uploads / abort_upload) can find them.
-            raise StorageError(f"multipart upload of {where} failed: {cause}; aborting upload "
-                               f"{self._upload_id} failed too: {e}") from cause
+            raise StorageError(f"multipart upload of {where} failed: {cause}; aborting upload {self._upload_id} failed too: {e}") from cause
         if isinstance(cause, StorageError):
             raise cause
         raise StorageError(f"multipart upload of {where} failed: {cause!r}") from cause
 
     def _submit_full_part(self) -> None:
         if len(self._parts) >= MAX_PARTS:
-            self._fail(StorageError(f"{self._client._where(self.key)}: over {MAX_PARTS} parts; "
-                                    f"raise part_size above {self.part_size}"))
+            self._fail(StorageError(f"{self._client._where(self.key)}: over {MAX_PARTS} parts; raise part_size above {self.part_size}"))
         if self._upload_id is None:
-            self._upload_id = str(self._client.call("CreateMultipartUpload", self.key, lambda: self._client.raw.
-                                  create_multipart_upload(Bucket=self._client.bucket, Key=self.key))["UploadId"])
+            self._upload_id = str(
+                self._client.call(
+                    "CreateMultipartUpload", self.key, lambda: self._client.raw.create_multipart_upload(Bucket=self._client.bucket, Key=self.key)
+                )["UploadId"]
+            )
             self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="s3-part")
         self._slots.acquire()  # the bound on memory and on requests in flight
         assert self._pool is not None
@@ -114,8 +114,11 @@ class MultipartWriter:
     def _upload_part(self, number: int, buf: bytearray, n: int) -> str:
         try:
             body = buf if n == len(buf) else bytes(buf[:n])  # botocore takes bytearray, not memoryview
-            resp = self._client.call(f"UploadPart({number})", self.key, lambda: self._client.raw.upload_part(
-                Bucket=self._client.bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=body))
+            resp = self._client.call(
+                f"UploadPart({number})",
+                self.key,
+                lambda: self._client.raw.upload_part(Bucket=self._client.bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=body),
+            )
             return str(resp["ETag"])
         finally:
             with self._spare_lock:
@@ -133,7 +136,7 @@ class MultipartWriter:
         """
         self._check_open()
         if self._upload_id is None:  # smaller than one part: one PUT
-            etag = self._client.put(self.key, bytes(self._buf[:self._fill]))
+            etag = self._client.put(self.key, bytes(self._buf[: self._fill]))
             self._finish()
             return etag
         if self._fill:
@@ -157,10 +160,12 @@ class MultipartWriter:
             return info.etag if info is not None and info.etag == expected else None
 
         try:
-            resp = self._client.call("CompleteMultipartUpload", self.key, lambda: self._client.raw.
-                                     complete_multipart_upload(Bucket=self._client.bucket, Key=self.key,
-                                                               UploadId=self._upload_id, MultipartUpload=parts),
-                                     on_retry_error=already_done)
+            resp = self._client.call(
+                "CompleteMultipartUpload",
+                self.key,
+                lambda: self._client.raw.complete_multipart_upload(Bucket=self._client.bucket, Key=self.key, UploadId=self._upload_id, MultipartUpload=parts),
+                on_retry_error=already_done,
+            )
         except StorageError as e:
             self._fail(e)
         self._finish()
