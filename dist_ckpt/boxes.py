@@ -14,8 +14,6 @@ from typing import Sequence
 
 import numpy as np
 
-KeyPath = tuple  # tuple[str | int, ...]; kept loose for msgpack round trips
-
 # A 0-d tensor has one box with no dimensions; numpy needs a column, so 0-d
 # boxes are handled as 1-element vectors internally.
 

@@ -36,10 +36,9 @@ import msgpack
 import numpy as np
 import xxhash
 
-from .boxes import KeyPath
 from .dtypes import is_dtype_name, itemsize
 from .errors import PlanError, WireError
-from .flatten import format_path
+from .flatten import KeyPath, format_path
 
 WIRE_VERSION = 2
 MAX_NDIM = 64

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 if TYPE_CHECKING:
-    from .boxes import KeyPath
+    from .flatten import KeyPath
 
 
 class DistCkptError(Exception):

@@ -23,9 +23,9 @@ from typing import Iterable, Iterator, Mapping
 import msgpack
 import numpy as np
 
-from .boxes import KeyPath
 from .description import Schema
 from .errors import WireError
+from .flatten import KeyPath
 
 __all__ = ["BLOCK", "ChunkLayout", "PlanCache", "PlanGroup", "SavePlan", "blocks", "chunk_layout"]
 

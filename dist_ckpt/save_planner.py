@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .boxes import KeyPath, box_volume, cover_problem
+from .boxes import box_volume, cover_problem
 from .description import (
     PlanError,
     RankColumns,
@@ -46,7 +46,7 @@ from .description import (
     gc_paused,
 )
 from .dtypes import is_dtype_name
-from .flatten import format_path
+from .flatten import KeyPath, format_path
 from .plan import BLOCK, PlanGroup, SavePlan, blocks
 
 __all__ = ["PlanError", "RankDescription", "TensorDescription", "plan_save"]
