@@ -6,7 +6,7 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from dist_ckpt.storage.local import LocalStorage, LocalWriteStream
+from dist_ckpt.storage.local import LocalReadHandle, LocalStorage, LocalWriteStream
 
 PLACEMENTS = {
     "shard0": ((None,), lambda: [Shard(0)]),
@@ -60,3 +60,24 @@ class _FailingStream(LocalWriteStream):
 def failing_storage(errno_: int, text: str) -> FailingStorage:
     """A :class:`FailingStorage` raising ``OSError(errno_, text)`` on every data-file write."""
     return FailingStorage(errno_, text)
+
+
+class CountingStorage(LocalStorage):
+    """A local storage whose read handles add the bytes they return to :attr:`counted` (what a load reads)."""
+
+    def __init__(self) -> None:
+        self.counted = [0]
+
+    def open_read(self, p):
+        return _CountingReadHandle(p, self.counted)
+
+
+class _CountingReadHandle(LocalReadHandle):
+    def __init__(self, path: str, counted: list[int]) -> None:
+        super().__init__(path)
+        self.counted = counted
+
+    def preadv(self, buffers, offset):
+        n = super().preadv(buffers, offset)
+        self.counted[0] += n
+        return n

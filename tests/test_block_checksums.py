@@ -9,7 +9,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from dist_helpers import dtensor
+from dist_helpers import CountingStorage, dtensor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from launcher import run_ranks
@@ -159,36 +159,13 @@ def test_verify_checks_every_block_sum(tmp_path):
     assert verify(big).bad[0].detail.startswith(f"block 17 at offset {17 * BLOCK_BYTES}: ")
 
 
-class _CountingStorage:
-    """A local storage whose read handles count the bytes they return (to pin what a partial read costs)."""
-
-    def __new__(cls):
-        from dist_ckpt.storage.local import LocalReadHandle, LocalStorage
-
-        counted = [0]
-
-        class Counting(LocalReadHandle):
-            def preadv(self, buffers, offset):
-                n = super().preadv(buffers, offset)
-                counted[0] += n
-                return n
-
-        class Storage(LocalStorage):
-            def open_read(self, p):
-                return Counting(p)
-
-        s = Storage()
-        s.counted = counted  # type: ignore[attr-defined]
-        return s
-
-
 @pytest.mark.parametrize("box, blocks", [("rows", [1, 2]), ("cols", [0, 1, 2, 3]), ("block", [2])])
 def test_a_partial_read_reads_the_touched_blocks_once_and_nothing_else(tmp_path, box, blocks):
     path, _ = _saved(tmp_path)
     manifest, root, _ = read_manifest(path)
     (r, c), (h, w) = BOXES[box]
     for verify_on, want in ((True, len(blocks) * BLOCK_BYTES), (False, h * w * 4)):
-        storage = _CountingStorage()
+        storage = CountingStorage()
         out = torch.zeros(h, w)
         read_tensors(storage, root, manifest.files, [ReadTask(("w",), manifest.tensors[("w",)], out, (r, c), (h, w))], verify=verify_on)
         assert storage.counted[0] == want and torch.equal(out, W[r : r + h, c : c + w])

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from dist_helpers import dtensor, global_tensor
+from dist_helpers import CountingStorage, dtensor, global_tensor
 from launcher import run_ranks
 
 import dist_ckpt as dc
@@ -72,26 +72,13 @@ def test_2d_mesh_save_1d_load_and_back(tmp_path):
 
 
 def _load_counting(rank, world, path):
-    from dist_ckpt.storage.local import LocalReadHandle, LocalStorage
-
-    counted = [0]
-
-    class Counting(LocalReadHandle):
-        def preadv(self, buffers, offset):
-            n = super().preadv(buffers, offset)
-            counted[0] += n
-            return n
-
-    class CountingStorage(LocalStorage):
-        def open_read(self, p):
-            return Counting(p)
-
+    storage = CountingStorage()
     sd = _zeroed(world, dim=1)
     # Verified partial reads also read the rest of each 1 MiB block they touch (test_block_checksums.py
     # pins that); with checks off a load must read exactly the bytes of its boxes.
-    dc.load(sd, path, verify_checksums=False, storage=CountingStorage())
+    dc.load(sd, path, verify_checksums=False, storage=storage)
     need = sum(v.to_local().numel() * v.to_local().element_size() for v in sd.values() if isinstance(v, torch.Tensor))
-    return counted[0], need
+    return storage.counted[0], need
 
 
 def test_load_reads_only_the_needed_bytes(tmp_path):
