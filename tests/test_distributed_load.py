@@ -117,15 +117,21 @@ def _fsdp_model():
     return model, torch.optim.Adam(model.parameters(), lr=1e-2)
 
 
-def _fsdp_train_save(rank, world, path):
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
+def _trained_fsdp(rank):
+    """The FSDP2 model and Adam after two steps on this rank's data (the same on every world size)."""
     torch.manual_seed(0)
     model, opt = _fsdp_model()
     for _ in range(2):
         model(torch.randn(4, 16, generator=torch.Generator().manual_seed(rank))).sum().backward()
         opt.step()
         opt.zero_grad()
+    return model, opt
+
+
+def _fsdp_train_save(rank, world, path):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, opt = _trained_fsdp(rank)
     msd, osd = get_state_dict(model, opt)
     dc.save({"model": msd, "optim": osd}, path)
     full = {k: v.full_tensor() for k, v in msd.items()}
@@ -251,12 +257,7 @@ def test_sequential_lr_resumes_its_last_lr_on_2_ranks(tmp_path):
 
 
 def _fsdp_save_stateful(rank, world, path):
-    torch.manual_seed(0)
-    model, opt = _fsdp_model()
-    for _ in range(2):
-        model(torch.randn(4, 16, generator=torch.Generator().manual_seed(rank))).sum().backward()
-        opt.step()
-        opt.zero_grad()
+    model, opt = _trained_fsdp(rank)
     dc.save({"model": model, "optim": opt}, path)
     return {(i, m): s[m].full_tensor() for i, s in opt.state_dict()["state"].items() for m in ("exp_avg", "exp_avg_sq")}
 
