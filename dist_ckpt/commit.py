@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import msgpack
@@ -344,6 +344,8 @@ def commit_checkpoint(storage: Storage, req: CommitRequest) -> Manifest:
     """
     t0 = time.perf_counter()
     manifest = build_manifest(req)
+    # The ranks reported logical names (checked against their rank); the MANIFEST names what the storage stored.
+    manifest = replace(manifest, files=tuple(storage.stored_name(req.target, f) for f in manifest.files))
     data = manifest.to_msgpack()
     storage.publish(req.target, data)
     log.debug(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+S3_MIN_PART_SIZE = 5 << 20  # S3 refuses smaller parts (all but an object's last)
+
 
 @dataclass(frozen=True)
 class Config:
@@ -25,6 +27,9 @@ class Config:
         coordinator: ``tcp://host:port`` the coordinator binds; default: the job's interface
             towards ``MASTER_ADDR`` with a free port (``DIST_CKPT_COORDINATOR`` overrides).
         max_message_bytes: largest coordinator message accepted.
+        s3_part_size: bytes per multipart part of an ``s3://`` data object (>= 5 MiB, S3's
+            minimum); each stream holds up to ``s3_max_in_flight + 1`` parts in memory.
+        s3_max_in_flight: parts of one data object uploading at once (each writer thread has its own object).
     """
 
     timeout_s: float = 600.0
@@ -36,6 +41,8 @@ class Config:
     allow_pickle: bool = False
     coordinator: str | None = None
     max_message_bytes: int = 1 << 30
+    s3_part_size: int = 16 << 20
+    s3_max_in_flight: int = 4
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.heartbeat_interval_s <= 0:
@@ -44,6 +51,8 @@ class Config:
             raise ValueError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must be at least twice heartbeat_interval_s ({self.heartbeat_interval_s})")
         if self.writer_threads < 1 or self.reader_threads < 1:
             raise ValueError("writer_threads and reader_threads must be >= 1")
+        if self.s3_part_size < S3_MIN_PART_SIZE or self.s3_max_in_flight < 1:
+            raise ValueError(f"s3_part_size must be >= {S3_MIN_PART_SIZE} (S3's smallest part) and s3_max_in_flight >= 1")
         if self.coordinator is not None and not self.coordinator.startswith("tcp://"):
             raise ValueError(f"coordinator must look like tcp://host:port, got {self.coordinator!r}")
 
@@ -105,4 +114,6 @@ _CASTS: dict[str, type] = {
     "allow_pickle": bool,
     "coordinator": str,
     "max_message_bytes": int,
+    "s3_part_size": int,
+    "s3_max_in_flight": int,
 }

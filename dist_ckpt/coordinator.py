@@ -460,7 +460,9 @@ class Coordinator:
         if isinstance(out, BaseException):
             log.error("[rank 0] commit of save %s to %s failed: %s", save.ckpt, path, out)
             save.phase = Phase.COMMIT_FAILED
-            return self._abort(save, {0: f"commit failed: {_text(out)}"})
+            # Another committer won (S3's create-only MANIFEST): every rank raises CheckpointExists, by type.
+            error = "CheckpointExists" if isinstance(out, CheckpointExists) else ""
+            return self._abort(save, {0: f"commit failed: {_text(out)}"}, error=error)
         self._remember_summary(save, time.perf_counter() - t_commit)
         self._end(save, lambda r: wire.Committed(self.job, save.ckpt, r, path))
 

@@ -29,8 +29,11 @@ SUFFIX_RE = re.compile(r"^(?P<base>.+?)\.(?P<kind>tmp|old|bad)-.+$")
 """A ``.tmp-`` / ``.old-`` / ``.bad-`` sibling; ``base`` is the checkpoint it belongs to."""
 DATA_FILE_RE = re.compile(r"^data/r(\d{5})(?:-t\d{1,3})?\.bin$")
 """A data file name as :func:`data_file_name` writes it; group 1 is the rank."""
-LOOSE_DATA_FILE_RE = re.compile(r"^r\d{5,}.*\.bin$")
-"""A file inside ``data/`` that looks like ours (the root scan's test for "our layout")."""
+LOOSE_DATA_FILE_RE = re.compile(r"^(?:[0-9a-f]{4}\.[A-Za-z0-9_-]{1,64}\.)?r\d{5,}.*\.bin$")
+"""A file inside ``data/`` that looks like ours (the root scan's test for "our layout"); the S3
+backend's objects carry ``<h4>.<save_id>.`` before the file name (``storage/s3.py``)."""
+BAD_MANIFEST_PREFIX = f"{MANIFEST}.{BAD}-"
+"""``MANIFEST.bad-<id>``: where the S3 backend sets a MANIFEST aside (the step is no longer committed)."""
 
 
 def data_file_name(rank: int, thread: int | None) -> str:

@@ -219,6 +219,7 @@ class CheckpointManager:
             self._storage.makedirs(self._root)
             listing = scan(self._storage, self._root)
             self._remove(stale_entries(listing), "stale entries left by an earlier run")
+            self._collect_garbage()
             for name, what in listing.foreign:
                 log.warning("[rank 0] %s/%s holds %s, not a dist_ckpt checkpoint: left alone and never counted as a step", self.root, name, what)
 
@@ -383,6 +384,18 @@ class CheckpointManager:
         entry = classify(self._storage, self._root, step_dir_name(step))
         if entry is not None and entry.kind == INCOMPLETE:
             self._remove([entry.name], f"an incomplete directory in the way of saving step {step}")
+
+    def _collect_garbage(self) -> None:
+        """(rank 0, at start) The backend's own garbage (S3: objects no MANIFEST references); a failure is logged, not raised."""
+        try:
+            removed = self._storage.collect_garbage(self._root)
+        except Exception:
+            log.exception("[rank 0] collecting garbage under %s failed; `dist-ckpt gc` retries it", self.root)
+            return
+        if removed:
+            log.info(
+                "[rank 0] removed %d unreferenced objects under %s: %s", len(removed), self.root, ", ".join(removed[:10]) + (" …" if len(removed) > 10 else "")
+            )
 
     def _remove(self, names: list[str], why: str) -> None:
         if not names:

@@ -12,6 +12,7 @@ that both decide the same way. A root holds, by name::
     step-00000400.tmp-<id>/     a save in flight or crashed, an interrupted delete
     step-00000100.old-<id>/     the old copy during an overwrite's swap
     step-00000500.bad-<id>/     a step the manager could not load and set aside
+    step-00000600/MANIFEST.bad-<id>   the same on S3 (no rename: the MANIFEST is set aside in place)
 
 Only the first kind counts as a checkpoint; only ``.tmp-`` / ``.old-`` /
 ``.bad-`` names and *incomplete* directories are garbage this library could
@@ -24,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+from .layout_names import BAD_MANIFEST_PREFIX, MANIFEST, STEP_RE, step_dir_name  # STEP_RE, step_dir_name: re-exported
 from .layout_names import LOOSE_DATA_FILE_RE as _DATA_FILE_RE
-from .layout_names import MANIFEST, STEP_RE, step_dir_name  # STEP_RE, step_dir_name: re-exported
 from .layout_names import SUFFIX_RE as _SUFFIX_RE
 from .storage import Storage
 
@@ -92,6 +93,8 @@ def classify(storage: Storage, root: str, name: str) -> Entry | None:
     step = _step_of(name)
     if storage.exists(f"{path}/{MANIFEST}"):
         return Entry(name, COMMITTED, step)
+    if any(n.startswith(BAD_MANIFEST_PREFIX) for n in storage.listdir(path)):  # the S3 backend's set_aside keeps the step in place
+        return Entry(name, BAD, step)
     ours, what = holds_own_layout(storage, path)
     if ours and (step is not None or _isdir(storage, f"{path}/data")):
         return Entry(name, INCOMPLETE, step)

@@ -107,6 +107,8 @@ def test_every_config_field_has_its_environment_variable(monkeypatch):
         "allow_pickle": ("yes", True),
         "coordinator": ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5555"),
         "max_message_bytes": ("4096", 4096),
+        "s3_part_size": (str(8 << 20), 8 << 20),
+        "s3_max_in_flight": ("6", 6),
     }
     import dataclasses
 
@@ -233,7 +235,7 @@ def test_user_meta_refuses_what_msgpack_cannot_store(tmp_path, meta, where):
 # -- item 13: URL schemes, the abort path, one INFO line per save ------------------------
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/x", "foo://x"])
+@pytest.mark.parametrize("url", ["gs://bucket/x", "foo://x"])  # s3:// is built in since issue 17
 def test_unsupported_scheme_is_refused_before_anything_starts(tmp_path, url):
     threads = {t.name for t in threading.enumerate()}
     for call in (lambda: dc.save({"x": torch.ones(2)}, url), lambda: dc.async_save({"x": torch.ones(2)}, url), lambda: CheckpointManager(url)):

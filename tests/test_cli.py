@@ -65,7 +65,7 @@ def test_bad_arguments_exit_2(capsys, tmp_path):
     assert main(["verify"]) == 2
     assert main(["gc", str(tmp_path), "--keep-last", "0"]) == 2
     assert main(["convert", "a", "b", "--to", "zip"]) == 2
-    assert main(["inspect", "s3://bucket/ck"]) == 2
+    assert main(["inspect", "gs://bucket/ck"]) == 2  # s3:// is built in since issue 17
     assert "no storage backend" in capsys.readouterr().err
 
 

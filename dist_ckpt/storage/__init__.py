@@ -3,7 +3,8 @@
 A backend owns the commit: everything above it (plan, layout, checksums,
 manifest) is the same for every backend, and nothing above it composes
 renames. Backends are chosen by URL scheme in :func:`get_storage` from one
-registry: built-in ``file`` (plain paths too), :func:`register_storage`, and
+registry: built-in ``file`` (plain paths too) and ``s3`` (:mod:`.s3`, needs
+boto3), :func:`register_storage`, and
 the ``dist_ckpt.storage`` entry-point group for third-party packages; a
 storage object can also be passed in (``storage=``) to every save, load,
 checkpointer and manager.
@@ -270,6 +271,30 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def listdir(self, path: str) -> list[str]: ...
 
+    def stored_name(self, target: SaveTarget, name: str) -> str:
+        """(coordinator, at commit) The name the MANIFEST records for data file ``name`` of save ``target``.
+
+        :meth:`open_stream` stores ``name`` under this name; a load opens it
+        by this name (no listing). The default is ``name`` itself; the S3
+        backend adds the save id and a hash (``data/<h4>.<save_id>.rNNNNN.bin``).
+        """
+        return name
+
+    def collect_garbage(self, root: str) -> list[str]:
+        """(rank 0 at a manager's start, ``dist-ckpt gc``) Remove what no committed checkpoint under ``root`` references.
+
+        For backends whose garbage is not a ``.tmp-*`` sibling the root scan
+        finds (S3: objects no MANIFEST names, unfinished uploads). The default
+        has none and returns ``[]``.
+
+        Returns:
+            What was removed.
+
+        Raises:
+            OSError: a listing or removal failed.
+        """
+        return []
+
     def version(self, path: str) -> tuple[int, ...] | None:
         """A token for the file at ``path`` that changes whenever the file is replaced.
 
@@ -318,6 +343,20 @@ def _builtin() -> None:
         from .local import LocalStorage  # imported late: local imports this module
 
         _BACKENDS["file"] = LocalStorage
+    _BACKENDS.setdefault("s3", _s3_storage)
+
+
+def _s3_storage() -> Storage:
+    """The built-in ``s3`` backend, imported on first use (boto3 is an optional dependency).
+
+    Raises:
+        UnsupportedScheme: boto3 is not installed; says how to install it.
+    """
+    try:
+        from .s3 import S3Storage
+    except ImportError as e:
+        raise UnsupportedScheme(f"s3:// paths need boto3, which is not installed: pip install 'dist-ckpt[s3]' ({e})") from e
+    return S3Storage()
 
 
 def _factory(scheme: str, path: str) -> Callable[[], Storage]:

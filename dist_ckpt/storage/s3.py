@@ -1,0 +1,418 @@
+"""S3 (and S3-compatible) backend: checkpoints committed without rename.
+
+Paths reach it as ``bucket/prefix/...`` (``s3://`` stripped by
+:func:`~dist_ckpt.storage.get_storage`). A checkpoint ``s3://b/run/step-00000100`` is::
+
+    run/step-00000100/MANIFEST                                  written last, create-only: its presence = committed
+    run/step-00000100/data/<h4>.<save_id>.r00003.bin            rank 3's data object of save <save_id>
+    run/step-00000100/data/<h4>.<save_id>.r00003-t1.bin         (one per writer thread)
+    run/step-00000100/MANIFEST.bad-<id>                         a MANIFEST set aside (the step is no longer committed)
+
+``<h4>`` is four hex digits of xxh3(``<save_id>/<name>``): the ranks' objects
+start with different characters right after ``data/``, so the store can split
+one hot prefix between partitions. The save id makes every object name
+unique: two saves to one path never write the same key, so a loser (or a
+zombie coordinator) can only ever remove its own objects. The MANIFEST names
+the real objects (:meth:`S3Storage.stored_name`), so a load needs no LIST.
+
+Commit (:meth:`S3Storage.publish`): ``PutObject(If-None-Match: *)`` of the
+MANIFEST, then a HEAD that the MANIFEST there is ours (a store that ignores
+the precondition, or moto's check-then-put, can let two puts succeed; the
+loser sees another ETag). ``overwrite=True``: ``PutObject(If-Match: <old
+ETag>)``, then the old save's objects (read from the old MANIFEST) are deleted.
+Data objects no MANIFEST references (a killed rank's completed objects, an
+aborted save's leftovers, unfinished multipart uploads) are garbage for
+:meth:`S3Storage.collect_garbage`.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import re
+import threading
+import uuid
+from datetime import datetime
+from typing import Any, Iterator, Sequence
+
+import xxhash
+
+from ..errors import CheckpointError, CheckpointExists, StorageError, UnsafeFileError
+from ..layout_names import BAD_MANIFEST_PREFIX as BAD_MANIFEST
+from ..layout_names import DATA_DIR, MANIFEST
+from . import MAX_READ_BYTES, ReadHandle, SaveTarget, Storage, WriteStream
+from .s3_client import READ_PIECE, ObjectChanged, ObjectExists, RetryPolicy, S3Client
+
+log = logging.getLogger(__name__)
+
+_SAVE_MARK = "?save="  # location = <path>?save=<save_id>: ranks rebuild object names from it
+_SAVE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+OBJECT_RE = re.compile(r"^(?P<h>[0-9a-f]{4})\.(?P<save>[A-Za-z0-9_-]{1,64})\.(?P<file>r\d{5,}(?:-t\d{1,3})?\.bin)$")
+"""A data object's name inside ``data/``, as :func:`object_name` writes it."""
+_ZEROS = bytes(1 << 20)  # gaps between appends are sent as zeros, a MiB at a time
+
+
+def object_name(save_id: str, name: str) -> str:
+    """The stored name of data file ``name`` (``data/r00003.bin``) of save ``save_id``.
+
+    Raises:
+        ValueError: ``name`` is not under ``data/``.
+    """
+    head, _, base = name.partition("/")
+    if head != DATA_DIR or not base or "/" in base:
+        raise ValueError(f"{name!r} is not a data file name (data/rNNNNN.bin)")
+    h = xxhash.xxh3_64_hexdigest(f"{save_id}/{name}".encode())[:4]
+    return f"{DATA_DIR}/{h}.{save_id}.{base}"
+
+
+def _is_data_object(key: str) -> bool:
+    """Whether ``key`` is named like one of this library's data objects (``…/data/<h4>.<save_id>.rNNNNN.bin``)."""
+    folder, _, name = key.rpartition("/")
+    return (folder == DATA_DIR or folder.endswith(f"/{DATA_DIR}")) and OBJECT_RE.match(name) is not None
+
+
+class S3WriteStream(WriteStream):
+    """One data object as a multipart upload: appends go to the writer, gaps as zeros; ``sync`` completes it."""
+
+    def __init__(self, name: str, client: S3Client, key: str, part_size: int, max_in_flight: int) -> None:
+        super().__init__(name)
+        self._writer = client.open_writer(key, part_size, max_in_flight)
+
+    def _write(self, data: memoryview, offset: int) -> None:
+        gap = offset - self._writer.size
+        while gap > 0:  # the writer placed the chunk at the next aligned offset: at most 4 KiB - 1 each
+            n = min(gap, len(_ZEROS))
+            self._writer.write(memoryview(_ZEROS)[:n])
+            gap -= n
+        self._writer.write(data)
+
+    def sync(self) -> None:
+        self._writer.complete()
+
+    def close(self) -> None:
+        self._writer.close()  # aborts the upload unless it completed: no object appears
+
+
+class S3ReadHandle(ReadHandle):
+    """One object read by ranged GETs; the size comes from the HEAD at open. Thread-safe (no state but the key)."""
+
+    def __init__(self, client: S3Client, key: str) -> None:
+        self._client, self.key = client, key
+        info = client.head(key)
+        if info is None:
+            raise FileNotFoundError(errno.ENOENT, f"no object s3://{client.bucket}/{key}")
+        self._size = info.size
+
+    def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
+        views = [memoryview(b).cast("B") for b in buffers]
+        want = min(sum(len(v) for v in views), max(0, self._size - offset))
+        if want <= 0:
+            return 0
+        done = [0]  # bytes already landed, kept across retries (a dropped body resumes)
+
+        def once() -> int:
+            first = offset + done[0]
+            resp = self._client.raw.get_object(Bucket=self._client.bucket, Key=self.key, Range=f"bytes={first}-{offset + want - 1}")
+            with resp["Body"] as body:
+                for view in _pieces(views, done[0], want):
+                    got = 0
+                    while got < len(view):
+                        n = body.readinto(view[got:])
+                        if n == 0:
+                            return done[0]  # the object is shorter than its HEAD said: a short read
+                        got += n
+                        done[0] += n
+            return done[0]
+
+        return self._client.call("GetObject(Range)", self.key, once)
+
+    def size(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        pass  # nothing held: the connection pool belongs to the client
+
+
+def _pieces(views: list[memoryview], skip: int, total: int) -> Iterator[memoryview]:
+    """The parts of ``views`` from byte ``skip`` to ``total``, each at most READ_PIECE long."""
+    pos = 0
+    for v in views:
+        lo, hi = max(skip - pos, 0), min(len(v), total - pos)
+        for a in range(lo, hi, READ_PIECE):
+            yield v[a : min(a + READ_PIECE, hi)]
+        pos += len(v)
+        if pos >= total:
+            return
+
+
+class S3Storage(Storage):
+    """``s3://bucket/prefix`` checkpoints (see the module docstring for names, commit and garbage).
+
+    Credentials, region and endpoint come from the standard AWS chain
+    (``AWS_*`` variables, profiles, instance roles).
+
+    Args:
+        part_size: bytes per multipart part (None: ``Config.from_env().s3_part_size``).
+        max_in_flight: parts uploading at once per data object (None: ``Config.from_env().s3_max_in_flight``).
+        retry: the client's retry policy (None: its default).
+        endpoint_url: overrides ``AWS_ENDPOINT_URL``.
+
+    Raises:
+        ValueError: a setting out of range (from ``Config``).
+    """
+
+    def __init__(
+        self, part_size: int | None = None, max_in_flight: int | None = None, retry: RetryPolicy | None = None, endpoint_url: str | None = None
+    ) -> None:
+        from ..config import Config  # config imports nothing of storage; late import keeps storage light
+
+        cfg = Config.from_env(s3_part_size=part_size, s3_max_in_flight=max_in_flight)
+        self.part_size, self.max_in_flight = cfg.s3_part_size, cfg.s3_max_in_flight
+        self.retry, self.endpoint_url = retry or RetryPolicy(), endpoint_url
+        self._clients: dict[str, S3Client] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Process mode pickles the storage to the writer subprocess: clients hold sockets, so they are rebuilt there.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_clients", "_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._clients, self._lock = {}, threading.Lock()
+
+    def _where(self, path: str) -> tuple[S3Client, str]:
+        """(client of the bucket, key prefix) of ``bucket/prefix``; the prefix has no leading or trailing ``/``.
+
+        Raises:
+            ValueError: no bucket, or a ``.``/``..`` component.
+        """
+        bucket, _, rest = path.strip("/").partition("/")
+        parts = [p for p in rest.split("/") if p]
+        if not bucket or any(p in (".", "..") for p in parts):
+            raise ValueError(f"bad s3:// path {path!r}: needs s3://bucket/prefix without '.' or '..' parts")
+        with self._lock:
+            client = self._clients.get(bucket)
+            if client is None:
+                client = self._clients[bucket] = S3Client(
+                    bucket, endpoint_url=self.endpoint_url, retry=self.retry, max_connections=max(32, 2 * self.max_in_flight)
+                )
+        return client, "/".join(parts)
+
+    @staticmethod
+    def _join(prefix: str, name: str) -> str:
+        return f"{prefix}/{name}" if prefix else name
+
+    # -- a save -------------------------------------------------------------------
+
+    def save_target(self, path: str, save_id: str, overwrite: bool) -> SaveTarget:
+        if not _SAVE_ID_RE.match(save_id):
+            raise ValueError(f"save id {save_id!r} cannot be part of an object name (letters, digits, '-', '_')")
+        path = path.rstrip("/")
+        return SaveTarget(path, f"{path}{_SAVE_MARK}{save_id}", save_id, overwrite)
+
+    def stored_name(self, target: SaveTarget, name: str) -> str:
+        """``data/<h4>.<save_id>.rNNNNN.bin``: what the MANIFEST records for data file ``name``."""
+        return object_name(self._save_id(target), name)
+
+    @staticmethod
+    def _save_id(target: SaveTarget) -> str:
+        path, mark, save_id = target.location.rpartition(_SAVE_MARK)
+        if not mark or path != target.path or not _SAVE_ID_RE.match(save_id):
+            raise ValueError(f"{target.location!r} is not an S3 save location of {target.path!r}")
+        return save_id
+
+    def begin_save(self, target: SaveTarget) -> None:
+        client, prefix = self._where(target.path)
+        if not target.overwrite and client.head(self._join(prefix, MANIFEST)) is not None:
+            raise CheckpointExists(f"checkpoint s3://{target.path} already exists; pass overwrite=True to replace it")
+
+    def open_stream(self, target: SaveTarget, name: str) -> WriteStream:
+        client, prefix = self._where(target.path)
+        key = self._join(prefix, self.stored_name(target, name))
+        return S3WriteStream(f"s3://{client.bucket}/{key}", client, key, self.part_size, self.max_in_flight)
+
+    def publish(self, target: SaveTarget, manifest: bytes) -> None:
+        client, prefix = self._where(target.path)
+        key = self._join(prefix, MANIFEST)
+        old = client.head(key) if target.overwrite else None
+        if old is None:
+            try:
+                etag = client.put_if_absent(key, manifest)
+            except ObjectExists as e:
+                if target.overwrite:
+                    raise CheckpointError(f"checkpoint s3://{target.path} was committed by another save at the same moment; this save was not committed") from e
+                raise CheckpointExists(f"checkpoint s3://{target.path} was committed by another save first; this save was not committed") from e
+        else:
+            old_files = self._referenced(client, prefix, MANIFEST)
+            try:
+                etag = client.replace_if_match(key, manifest, old.etag)
+            except ObjectChanged as e:
+                raise CheckpointError(f"checkpoint s3://{target.path} was replaced by another save at the same moment; this save was not committed") from e
+        self._check_won(client, key, etag, target)
+        if old is not None:
+            self._delete_quietly(client, [self._join(prefix, f) for f in old_files], f"the objects of the checkpoint s3://{target.path} replaced")
+
+    def _check_won(self, client: S3Client, key: str, etag: str, target: SaveTarget) -> None:
+        """After our conditional put: the MANIFEST there must be ours (a store ignoring the precondition can let two puts succeed)."""
+        try:
+            info = client.head(key)
+        except StorageError as e:  # the put itself succeeded: committed, as far as this store told us
+            log.warning("could not re-read s3://%s/%s after committing it: %s", client.bucket, key, e)
+            return
+        if info is None or info.etag != etag:
+            kind = CheckpointError if target.overwrite else CheckpointExists
+            raise kind(
+                f"checkpoint s3://{target.path} was committed by another save at the same moment (its MANIFEST is not this save's); this save was not committed"
+            )
+
+    def abort(self, target: SaveTarget) -> None:
+        client, prefix = self._where(target.path)
+        save_id = self._save_id(target)
+        data = self._join(prefix, f"{DATA_DIR}/")
+        for key, upload in list(client.list_uploads(data)):
+            m = OBJECT_RE.match(key[len(data) :])
+            if m and m.group("save") == save_id:
+                client.abort_upload(key, upload)
+        client.delete_many([o.key for o in client.list(data) if (m := OBJECT_RE.match(o.key[len(data) :])) and m.group("save") == save_id])
+
+    # -- un-committing ---------------------------------------------------------------
+
+    def uncommit(self, path: str) -> None:
+        client, prefix = self._where(path)
+        # One DeleteObject un-commits atomically; a crash after it leaves only garbage, never a MANIFEST beside missing data.
+        client.call("DeleteObject", self._join(prefix, MANIFEST), lambda: client.raw.delete_object(Bucket=client.bucket, Key=self._join(prefix, MANIFEST)))
+        self.remove_tree(path)
+
+    def set_aside(self, path: str) -> str:
+        """Copy MANIFEST to ``MANIFEST.bad-<id>`` beside it, then delete MANIFEST: the step is no longer committed,
+        its objects stay (referenced by the copy, so :meth:`collect_garbage` keeps them) for a post-mortem."""
+        client, prefix = self._where(path)
+        src, aside = self._join(prefix, MANIFEST), self._join(prefix, f"{BAD_MANIFEST}{uuid.uuid4().hex[:8]}")
+        source = {"Bucket": client.bucket, "Key": src}
+        client.call("CopyObject", aside, lambda: client.raw.copy_object(Bucket=client.bucket, Key=aside, CopySource=source))
+        client.call("DeleteObject", src, lambda: client.raw.delete_object(Bucket=client.bucket, Key=src))
+        return f"{path.rstrip('/')}/{aside.rsplit('/', 1)[-1]}"
+
+    # -- garbage -----------------------------------------------------------------------
+
+    def collect_garbage(self, root: str) -> list[str]:
+        """Remove this library's data objects under ``root`` that no MANIFEST (or set-aside ``MANIFEST.bad-*``) references,
+        and abort its unfinished multipart uploads there.
+
+        Run it when no save to ``root`` is in flight (the manager does at start; ``dist-ckpt gc``):
+        a save's objects are unreferenced until its MANIFEST is written. Objects of any other name are never touched.
+
+        Args:
+            root: ``bucket/prefix``: a manager's root or one checkpoint.
+
+        Returns:
+            The ``s3://`` URLs removed (uploads aborted included), sorted.
+
+        Raises:
+            StorageError: a LIST, read or delete failed.
+        """
+        client, prefix = self._where(root)
+        start = self._join(prefix, "") if prefix else ""
+        keep: set[str] = set()
+        ours: list[str] = []
+        for info in client.list(start):
+            folder, _, name = info.key.rpartition("/")
+            if name == MANIFEST or name.startswith(BAD_MANIFEST):
+                keep.update(self._join(folder, f) for f in self._referenced(client, folder, name))
+            elif _is_data_object(info.key):
+                ours.append(info.key)
+        doomed = sorted(k for k in ours if k not in keep)
+        client.delete_many(doomed)
+        removed = [f"s3://{client.bucket}/{k}" for k in doomed]
+        for key, upload in list(client.list_uploads(start)):
+            if _is_data_object(key):
+                client.abort_upload(key, upload)
+                removed.append(f"s3://{client.bucket}/{key} (upload {upload})")
+        return sorted(removed)
+
+    def _referenced(self, client: S3Client, prefix: str, manifest: str) -> list[str]:
+        """The data object names a MANIFEST of checkpoint ``prefix`` references ([] if it is gone; unreadable: an error)."""
+        from ..manifest import Manifest  # the format module; imported late, only the S3 commit and gc need it
+
+        key = self._join(prefix, manifest)
+        info = client.head(key)
+        if info is None:
+            return []
+        if info.size > MAX_READ_BYTES:
+            raise UnsafeFileError(errno.EFBIG, f"s3://{client.bucket}/{key} is {info.size} bytes, more than the {MAX_READ_BYTES} a reader accepts")
+        data = bytes(client.get_range(key, 0, info.size)) if info.size else b""
+        return list(Manifest.from_msgpack(data).files)
+
+    def _delete_quietly(self, client: S3Client, keys: list[str], what: str) -> None:
+        """Delete after a commit: a failure leaves garbage (collect_garbage removes it), never fails the committed save."""
+        try:
+            client.delete_many(keys)
+        except StorageError as e:
+            log.warning("deleting %s failed (garbage now; collect_garbage removes it): %s", what, e)
+
+    # -- reading, listing ----------------------------------------------------------------
+
+    def open_read(self, path: str) -> ReadHandle:
+        client, key = self._where(path)
+        return S3ReadHandle(client, key)
+
+    def read_bytes(self, path: str, max_bytes: int = MAX_READ_BYTES) -> bytes:
+        client, key = self._where(path)
+        info = client.head(key)
+        if info is None:
+            raise FileNotFoundError(errno.ENOENT, f"no object s3://{client.bucket}/{key}")
+        if info.size > max_bytes:
+            raise UnsafeFileError(errno.EFBIG, f"s3://{client.bucket}/{key} is {info.size} bytes, more than the {max_bytes} a reader accepts")
+        # Exactly the size the HEAD gave: an object replaced by a longer one meanwhile is not followed.
+        return bytes(client.get_range(key, 0, info.size)) if info.size else b""
+
+    def makedirs(self, path: str) -> None:
+        # No directories on S3; checking the bucket here fails a manager at construction, not at its first save.
+        client, _ = self._where(path)
+        client.call("HeadBucket", None, lambda: client.raw.head_bucket(Bucket=client.bucket))
+
+    def remove_tree(self, path: str) -> None:
+        client, prefix = self._where(path)
+        start = self._join(prefix, "") if prefix else ""
+        for key, upload in list(client.list_uploads(start)):
+            client.abort_upload(key, upload)
+        client.delete_many(o.key for o in client.list(start))
+
+    def exists(self, path: str) -> bool:
+        client, key = self._where(path)
+        if not key:
+            return True  # the bucket itself: its absence surfaces on the first request
+        return client.head(key) is not None or bool(self._list_level(client, key, limit=1))
+
+    def listdir(self, path: str) -> list[str]:
+        """Names one level below ``path``, as if ``/`` separated directories.
+
+        Raises:
+            FileNotFoundError: nothing is stored below ``path`` (an empty bucket lists as empty).
+        """
+        client, key = self._where(path)
+        names = self._list_level(client, key)
+        if not names and key:
+            raise FileNotFoundError(errno.ENOENT, f"nothing stored under s3://{client.bucket}/{key}")
+        return sorted(names)
+
+    def _list_level(self, client: S3Client, key: str, limit: int | None = None) -> list[str]:
+        start = self._join(key, "") if key else ""
+        names: list[str] = []
+        token: dict[str, str] = {}
+        while True:
+            call = functools.partial(client.raw.list_objects_v2, Bucket=client.bucket, Prefix=start, Delimiter="/", MaxKeys=limit or 1000, **token)
+            page = client.call("ListObjectsV2", start, call)
+            names += [str(p["Prefix"])[len(start) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            names += [str(o["Key"])[len(start) :] for o in page.get("Contents", [])]
+            if (limit and names) or not page.get("IsTruncated"):
+                return names
+            token = {"ContinuationToken": str(page["NextContinuationToken"])}
+
+    def version(self, path: str) -> tuple[int, ...]:
+        client, key = self._where(path)
+        resp = client.call("HeadObject", key, lambda: client.raw.head_object(Bucket=client.bucket, Key=key))
+        modified: datetime = resp["LastModified"]
+        etag = "".join(c for c in str(resp["ETag"]) if c in "0123456789abcdef")
+        return (int(modified.timestamp() * 1e9), int(etag or "0", 16), int(resp["ContentLength"]))
