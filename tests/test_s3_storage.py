@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import threading
 
 import pytest
 import torch
+from dist_helpers import dtensor, global_tensor
+from launcher import run_ranks
 
 pytest.importorskip("boto3", reason="boto3 is not installed: pip install -e '.[test]'")
 
 import dist_ckpt as dc
-from dist_ckpt.errors import CheckpointExists, ChecksumError, UnsafeFileError
+from dist_ckpt.errors import CheckpointError, CheckpointExists, ChecksumError, DistCkptError, UnsafeFileError
 from dist_ckpt.loader import read_manifest
+from dist_ckpt.manager import CheckpointManager
 from dist_ckpt.storage import get_storage
-from dist_ckpt.storage.s3 import OBJECT_RE, S3Storage
+from dist_ckpt.storage.s3 import OBJECT_RE, S3Storage, S3WriteStream
 from dist_ckpt.storage.s3_client import RetryPolicy, S3Client
 
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "30"}
@@ -102,3 +107,157 @@ def test_unknown_bucket_and_missing_checkpoint(s3_bucket):
         dc.load({"w": torch.zeros(3)}, f"s3://{s3_bucket}/nothing-here")
     storage, path = get_storage(f"s3://{s3_bucket}/x")
     assert isinstance(storage, S3Storage) and path == f"{s3_bucket}/x"
+
+
+def test_requests_failing_with_500_and_resets_are_retried(s3_bucket, s3_fault_proxy, client):
+    storage = S3Storage(retry=FAST_RETRY, endpoint_url=s3_fault_proxy.endpoint)
+    path = f"s3://{s3_bucket}/flaky"
+    s3_fault_proxy.inject("500", nth=1, method="PUT", path_contains="/data/")  # the data object's first PUT
+    s3_fault_proxy.inject("reset", nth=1, method="PUT", path_contains="MANIFEST")  # the commit's first try
+    s3_fault_proxy.inject("truncate", nth=1, method="GET", path_contains="/data/")  # a ranged read cut off mid-body
+    sd = {"w": torch.arange(4000.0)}
+    dc.save(sd, path, storage=storage)
+    out = {"w": torch.zeros(4000)}
+    dc.load(out, path, storage=storage)
+    assert torch.equal(out["w"], sd["w"])
+    fired = [(m, a) for m, _, a in s3_fault_proxy.log if a != "pass"]
+    assert sorted(fired) == [("GET", "truncate"), ("PUT", "500"), ("PUT", "reset")]
+
+
+# -- gloo ranks ------------------------------------------------------------------------
+
+
+def _state(world: int, layout: str) -> dict:
+    sd = {name: dtensor(global_tensor(name, shape), world, layout if len(shape) == 2 else "shard0") for name, shape in SHAPES.items()}
+    sd["step"] = 11
+    return sd
+
+
+def _async_save(rank, world, path):
+    stage_f, write_f = dc.async_save(_state(world, "shard0_shard1_2d"), path)
+    stage_f.result()
+    write_f.result()
+
+
+def _load_and_check(rank, world, path):
+    sd = _state(world, "shard1")
+    for v in sd.values():
+        if isinstance(v, torch.Tensor):
+            v.to_local().zero_()
+    dc.load(sd, path)
+    return all(torch.equal(sd[n].full_tensor(), global_tensor(n, shape)) for n, shape in SHAPES.items()) and sd["step"] == 11
+
+
+def test_async_save_on_4_ranks_loads_on_4_2_and_3(s3_bucket, env, client):
+    path = f"s3://{s3_bucket}/job/ck"
+    run_ranks(_async_save, 4, path, env=env)
+    files = read_manifest(path)[0].files
+    assert len(files) == 4 and {f.rsplit(".", 2)[-2] for f in files} == {f"r0000{r}" for r in range(4)}
+    assert len({f[len("data/") : len("data/") + 4] for f in files}) > 1  # the ranks' objects spread over prefixes
+    for world in (4, 2, 3):
+        assert run_ranks(_load_and_check, world, path, env=env) == dict.fromkeys(range(world), True), world
+
+
+def _manager_run(rank, world, root, leftover):
+    mgr = CheckpointManager(root, keep_last=2, async_save=True)
+    for step in (1, 2, 3):
+        mgr.save(step, {"w": torch.full((64, 8), float(step)), "step": step})
+    mgr.close()
+    if rank == 0:  # a save killed before its commit left an object behind
+        storage, _ = get_storage(root)
+        storage.open_stream(storage.save_target(f"{root.split('://')[1]}/step-00000004", "dead-1", False), "data/r00000.bin").sync()
+    torch.distributed.barrier()
+    resumed = CheckpointManager(root, keep_last=2, async_save=False)  # rank 0 collects the garbage at start
+    sd = {"w": torch.zeros(64, 8), "step": 0}
+    resumed.load(sd)
+    steps = resumed.steps()
+    resumed.close()
+    return steps, sd["step"], float(sd["w"][0, 0])
+
+
+def test_manager_retention_resume_and_garbage(s3_bucket, env, client):
+    root = f"s3://{s3_bucket}/train"
+    out = run_ranks(_manager_run, 2, root, None, env=env)
+    assert out == dict.fromkeys(range(2), ([2, 3], 3, 3.0))
+    left = keys(client)
+    assert not [k for k in left if k.startswith("train/step-00000001/")]  # retention removed MANIFEST and objects
+    assert not [k for k in left if k.startswith("train/step-00000004/")]  # the unreferenced object was collected
+    referenced = {f"train/{s}/{f}" for s in ("step-00000002", "step-00000003") for f in read_manifest(f"s3://{s3_bucket}/train/{s}")[0].files}
+    assert set(left) == {"train/step-00000002/MANIFEST", "train/step-00000003/MANIFEST"} | referenced
+
+
+def _save_one(rank, world, path):
+    try:
+        dc.save({"w": dtensor(torch.arange(2000.0), world, "shard0")}, path)  # every rank writes its half
+        return "saved"
+    except CheckpointError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def test_rank_whose_uploads_fail_fails_the_save_on_every_rank(s3_bucket, env, s3_fault_proxy, client):
+    s3_fault_proxy.inject("500", nth=1, times=1000, method="PUT", path_contains=".r00001.bin")
+    path = f"s3://{s3_bucket}/fails"
+    out = run_ranks(_save_one, 2, path, env={**env, "AWS_ENDPOINT_URL": s3_fault_proxy.endpoint})
+    for rank in (0, 1):
+        assert out[rank].startswith("CheckpointError") and "rank 1" in out[rank] and "InternalError" in out[rank], out[rank]
+    assert keys(client, "fails/") == []  # nothing committed, the aborted save's objects removed
+    assert list(client.list_uploads("fails/")) == []
+
+
+class KillingStorage(S3Storage):
+    """Rank 0 SIGKILLs itself once the first part of its data object is uploaded (a multipart upload left open)."""
+
+    def open_stream(self, target, name):
+        stream = super().open_stream(target, name)
+        if os.environ["RANK"] == "0":
+            stream.__class__ = _KillingStream
+        return stream
+
+
+class _KillingStream(S3WriteStream):
+    def _write(self, data, offset):
+        super()._write(data, offset)
+        if self._writer._parts:
+            self._writer._parts[0].result()  # the first part is stored: the upload exists server-side
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _save_killed(rank, world, path):
+    big = torch.arange((12 << 20) // 4 * world, dtype=torch.float32)  # rank 0 writes a 12 MiB share: multipart
+    try:
+        dc.save({"x": dtensor(big, world, "shard0")}, path, storage=KillingStorage(part_size=5 << 20))
+    except DistCkptError as e:  # the coordinator died with rank 0: a timeout
+        return f"{type(e).__name__}: {e}"
+    return "saved"
+
+
+def test_rank_killed_mid_upload_commits_nothing_and_gc_collects_it(s3_bucket, env, client):
+    path = f"s3://{s3_bucket}/killed/ck"
+    out = run_ranks(_save_killed, 2, path, env=env, expect_fail={0})
+    assert "died" in out[0] and "Coordinator" in out[1], out
+    left = keys(client, "killed/")
+    uploads = list(client.list_uploads("killed/"))
+    assert "killed/ck/MANIFEST" not in left and uploads, (left, uploads)  # not committed; rank 0's parts are stored
+    removed = S3Storage().collect_garbage(f"{s3_bucket}/killed")
+    assert len(removed) == len(left) + len(uploads)
+    assert keys(client, "killed/") == [] and list(client.list_uploads("killed/")) == []
+
+
+def test_two_jobs_committing_one_path_at_once_exactly_one_wins(s3_bucket, env, s3_fault_proxy, client):
+    s3_fault_proxy.inject("hold", nth=1, times=2, method="PUT", path_contains="MANIFEST")  # both commits meet here
+    path = f"s3://{s3_bucket}/race"
+    outs: dict[int, dict] = {}
+    jobs = [
+        threading.Thread(target=lambda j=j: outs.__setitem__(j, run_ranks(_save_one, 2, path, env={**env, "AWS_ENDPOINT_URL": s3_fault_proxy.endpoint})))
+        for j in range(2)
+    ]
+    for t in jobs:
+        t.start()
+    for t in jobs:
+        t.join()
+    results = sorted(outs[j][0] for j in range(2))
+    assert results[1] == "saved" and results[0].startswith("CheckpointExists"), results
+    assert all(outs[j][0] == outs[j][1] for j in range(2))  # every rank of a job hears the same outcome
+    assert s3_fault_proxy.broken_holds == 0  # the two MANIFEST puts really were in flight together
+    files = read_manifest(path)[0].files
+    assert keys(client, "race/") == sorted(["race/MANIFEST", *(f"race/{f}" for f in files)])  # the loser removed its objects

@@ -119,8 +119,8 @@ class S3ReadHandle(ReadHandle):
                     got = 0
                     while got < len(view):
                         n = body.readinto(view[got:])
-                        if n == 0:
-                            return done[0]  # the object is shorter than its HEAD said: a short read
+                        if n == 0:  # the connection ended mid-body: retried from the first missing byte
+                            raise ConnectionError(f"s3://{self._client.bucket}/{self.key}: body ended at {offset + done[0]}, before {offset + want}")
                         got += n
                         done[0] += n
             return done[0]
