@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -26,6 +28,7 @@ from dist_ckpt.manager import CheckpointManager
 from dist_ckpt.storage import get_storage
 from dist_ckpt.storage.s3 import OBJECT_RE, S3Storage, S3WriteStream
 from dist_ckpt.storage.s3_client import RetryPolicy, S3Client
+from dist_ckpt.verify import verify
 
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "30"}
 SHAPES = {"w": (37, 12), "v": (16, 9), "b": (23,)}
@@ -97,9 +100,24 @@ def test_flipped_byte_is_a_checksum_error(s3_bucket, client):
     key = f"flip/{name}"
     data = bytearray(client.get(key, 1 << 20))
     data[1234] ^= 0x40
+    assert verify(path).ok
     client.put(key, bytes(data))
     with pytest.raises(ChecksumError):
         dc.load({"w": torch.zeros(5000)}, path)
+    report = verify(path)  # what `dist-ckpt verify` runs
+    assert not report.ok and len(report.bad) == 1
+
+
+def test_without_boto3_the_scheme_says_how_to_install_it():
+    code = "import sys; sys.modules['boto3'] = None\nfrom dist_ckpt.storage import get_storage\ntry:\n    get_storage('s3://b/x')\nexcept Exception as e:\n    print(type(e).__name__, e)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(dc.__file__))},
+    ).stdout
+    assert out.startswith("UnsupportedScheme") and "pip install 'dist-ckpt[s3]'" in out, out
 
 
 def test_unknown_bucket_and_missing_checkpoint(s3_bucket):
