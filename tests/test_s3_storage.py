@@ -226,16 +226,37 @@ def test_abort_and_garbage_collection_remove_only_their_own_objects(s3_bucket, c
     assert keys(client, "own/") == sorted([*committed, "own/ck/data/notes.txt"])
 
 
+def _leftover(storage: S3Storage, ckpt: str, save_id: str) -> str:
+    """A data object of save ``save_id`` that was never committed (a killed save's); returns its key."""
+    target = storage.save_target(ckpt, save_id, True)
+    stream = storage.open_stream(target, "data/r00000.bin")
+    stream.append(memoryview(b"x" * 10), 0)
+    stream.sync()
+    stream.close()
+    return f"{ckpt.split('/', 1)[1]}/{storage.stored_name(target, 'data/r00000.bin')}"
+
+
 def test_an_unreadable_manifest_keeps_its_objects_and_can_be_overwritten(s3_bucket, client):
     path = f"s3://{s3_bucket}/crafted/ck"
     dc.save({"w": torch.arange(100.0)}, path)
+    storage = S3Storage()
+    leftover = _leftover(storage, f"{s3_bucket}/crafted/ck", "dead-1")
     before = keys(client, "crafted/")
     client.put("crafted/ck/MANIFEST", b"\x93 not a manifest")
-    assert S3Storage().collect_garbage(f"{s3_bucket}/crafted") == []  # cannot tell what it references: nothing removed
+    assert storage.collect_garbage(f"{s3_bucket}/crafted") == []  # cannot tell what it references: nothing removed
     assert keys(client, "crafted/") == before
-    dc.save({"w": torch.ones(100)}, path, overwrite=True)  # its objects are garbage now
+    dc.save({"w": torch.ones(100)}, path, overwrite=True)  # the old objects are garbage now, beside the leftover
     assert float(dc.load({"w": torch.zeros(100)}, path)["w"].sum()) == 100.0
-    assert len(S3Storage().collect_garbage(f"{s3_bucket}/crafted")) == 1
+    removed = storage.collect_garbage(f"{s3_bucket}/crafted")
+    assert len(removed) == 2 and f"s3://{s3_bucket}/{leftover}" in removed
+
+
+def test_garbage_collection_reads_no_manifest_in_the_steady_state(s3_bucket, s3_fault_proxy, client):
+    for step in (1, 2):
+        dc.save({"w": torch.arange(100.0)}, f"s3://{s3_bucket}/steady/step-{step}")
+    storage = S3Storage(endpoint_url=s3_fault_proxy.endpoint)
+    assert storage.collect_garbage(f"{s3_bucket}/steady") == []
+    assert [m for m, _, _ in s3_fault_proxy.log] == ["GET", "GET"]  # one LIST of objects, one of uploads: no MANIFEST read
 
 
 # -- gloo ranks ------------------------------------------------------------------------

@@ -72,6 +72,12 @@ def _is_data_object(key: str) -> bool:
     return (folder == DATA_DIR or folder.endswith(f"/{DATA_DIR}")) and OBJECT_RE.match(name) is not None
 
 
+def _save_of(key: str) -> str:
+    """The save id in a data object's key ("" if it is not named like one)."""
+    m = OBJECT_RE.match(key.rpartition("/")[2])
+    return m.group("save") if m else ""
+
+
 class S3WriteStream(WriteStream):
     """One data object as a multipart upload: appends go to the writer, gaps as zeros; ``sync`` completes it."""
 
@@ -271,10 +277,9 @@ class S3Storage(Storage):
         save_id = self._save_id(target)
         data = self._join(prefix, f"{DATA_DIR}/")
         for key, upload in list(client.list_uploads(data)):
-            m = OBJECT_RE.match(key[len(data) :])
-            if m and m.group("save") == save_id:
+            if _save_of(key) == save_id:
                 client.abort_upload(key, upload)
-        client.delete_many([o.key for o in client.list(data) if (m := OBJECT_RE.match(o.key[len(data) :])) and m.group("save") == save_id])
+        client.delete_many([o.key for o in client.list(data) if _save_of(o.key) == save_id])
 
     # -- un-committing ---------------------------------------------------------------
 
@@ -314,19 +319,15 @@ class S3Storage(Storage):
         """
         client, prefix = self._where(root)
         start = self._join(prefix, "") if prefix else ""
-        keep: set[str] = set()
-        unreadable: set[str] = set()  # checkpoints whose MANIFEST does not decode: all their objects are kept
-        ours: list[str] = []
+        manifests: dict[str, list[str]] = {}  # checkpoint prefix -> its MANIFEST and MANIFEST.bad-* names
+        objects: dict[str, list[str]] = {}  # checkpoint prefix -> its data object keys
         for info in client.list(start):
             folder, _, name = info.key.rpartition("/")
             if name == MANIFEST or name.startswith(BAD_MANIFEST):
-                files = self._referenced_or_none(client, folder, name)
-                keep.update(self._join(folder, f) for f in files or ())
-                if files is None:
-                    unreadable.add(folder)
+                manifests.setdefault(folder, []).append(name)
             elif _is_data_object(info.key):
-                ours.append(info.key)
-        doomed = sorted(k for k in ours if k not in keep and k.rpartition("/")[0].rpartition("/")[0] not in unreadable)
+                objects.setdefault(folder.rpartition("/")[0], []).append(info.key)
+        doomed = sorted(k for ckpt, found in objects.items() for k in self._unreferenced(client, ckpt, found, manifests.get(ckpt, [])))
         client.delete_many(doomed)
         removed = [f"s3://{client.bucket}/{k}" for k in doomed]
         for key, upload in list(client.list_uploads(start)):
@@ -334,6 +335,19 @@ class S3Storage(Storage):
                 client.abort_upload(key, upload)
                 removed.append(f"s3://{client.bucket}/{key} (upload {upload})")
         return sorted(removed)
+
+    def _unreferenced(self, client: S3Client, ckpt: str, keys: list[str], manifests: list[str]) -> list[str]:
+        """The data objects ``keys`` of checkpoint ``ckpt`` that none of its ``manifests`` names."""
+        if manifests == [MANIFEST] and len({_save_of(k) for k in keys}) == 1:
+            # One save's objects beside its MANIFEST (which names only its own save's): the steady state, decided without reading it.
+            return []
+        keep: set[str] = set()
+        for name in manifests:
+            files = self._referenced_or_none(client, ckpt, name)
+            if files is None:  # cannot tell what it references: keep everything of that checkpoint
+                return []
+            keep.update(self._join(ckpt, f) for f in files)
+        return [k for k in keys if k not in keep]
 
     def _referenced_or_none(self, client: S3Client, prefix: str, manifest: str) -> list[str] | None:
         """:meth:`_referenced`, or None (logged) when that MANIFEST is over the size limit or does not decode."""
