@@ -108,6 +108,17 @@ def test_flipped_byte_is_a_checksum_error(s3_bucket, client):
     assert not report.ok and len(report.bad) == 1
 
 
+def test_part_size_and_concurrency_come_from_config_and_environment(monkeypatch):
+    monkeypatch.setenv("DIST_CKPT_S3_PART_SIZE", str(8 << 20))
+    monkeypatch.setenv("DIST_CKPT_S3_MAX_IN_FLIGHT", "3")
+    storage = S3Storage()  # what the s3 scheme builds
+    assert (storage.part_size, storage.max_in_flight) == (8 << 20, 3)
+    assert S3Storage(max_in_flight=7).max_in_flight == 7
+    for bad in ({"s3_part_size": 1 << 20}, {"s3_max_in_flight": 0}):
+        with pytest.raises(ValueError, match="s3_part_size"):
+            dc.Config(**bad)
+
+
 def test_without_boto3_the_scheme_says_how_to_install_it():
     code = "import sys; sys.modules['boto3'] = None\nfrom dist_ckpt.storage import get_storage\ntry:\n    get_storage('s3://b/x')\nexcept Exception as e:\n    print(type(e).__name__, e)"
     out = subprocess.run(
