@@ -32,6 +32,7 @@ from dist_ckpt.verify import verify
 
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "30"}
 SHAPES = {"w": (37, 12), "v": (16, 9), "b": (23,)}
+RANKS_TIMEOUT = 150  # an upper bound for a launch on a shared, busy machine (each takes seconds when idle)
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
 
 
@@ -297,12 +298,12 @@ def _load_and_check(rank, world, path):
 
 def test_async_save_on_4_ranks_loads_on_4_2_and_3(s3_bucket, env, client):
     path = f"s3://{s3_bucket}/job/ck"
-    assert run_ranks(_async_save_then_load, 4, path, env=env) == dict.fromkeys(range(4), True)
+    assert run_ranks(_async_save_then_load, 4, path, timeout=RANKS_TIMEOUT, env=env) == dict.fromkeys(range(4), True)
     files = read_manifest(path)[0].files
     assert len(files) == 4 and {f.rsplit(".", 2)[-2] for f in files} == {f"r0000{r}" for r in range(4)}
     assert len({f[len("data/") : len("data/") + 4] for f in files}) > 1  # the ranks' objects spread over prefixes
     for world in (2, 3):
-        assert run_ranks(_load_and_check, world, path, env=env) == dict.fromkeys(range(world), True), world
+        assert run_ranks(_load_and_check, world, path, timeout=RANKS_TIMEOUT, env=env) == dict.fromkeys(range(world), True), world
 
 
 def _manager_run(rank, world, root, leftover):
@@ -324,7 +325,7 @@ def _manager_run(rank, world, root, leftover):
 
 def test_manager_retention_resume_and_garbage(s3_bucket, env, client):
     root = f"s3://{s3_bucket}/train"
-    out = run_ranks(_manager_run, 2, root, None, env=env)
+    out = run_ranks(_manager_run, 2, root, None, timeout=RANKS_TIMEOUT, env=env)
     assert out == dict.fromkeys(range(2), ([2, 3], 3, 3.0))
     left = keys(client)
     assert not [k for k in left if k.startswith("train/step-00000001/")]  # retention removed MANIFEST and objects
@@ -344,7 +345,7 @@ def _save_one(rank, world, path):
 def test_rank_whose_uploads_fail_fails_the_save_on_every_rank(s3_bucket, env, s3_fault_proxy, client):
     s3_fault_proxy.inject("500", nth=1, times=1000, method="PUT", path_contains=".r00001.bin")
     path = f"s3://{s3_bucket}/fails"
-    out = run_ranks(_save_one, 2, path, env={**env, "AWS_ENDPOINT_URL": s3_fault_proxy.endpoint})
+    out = run_ranks(_save_one, 2, path, timeout=RANKS_TIMEOUT, env={**env, "AWS_ENDPOINT_URL": s3_fault_proxy.endpoint})
     for rank in (0, 1):
         assert out[rank].startswith("CheckpointError") and "rank 1" in out[rank] and "InternalError" in out[rank], out[rank]
     assert "fails/MANIFEST" not in keys(client, "fails/")  # nothing committed
@@ -382,7 +383,7 @@ def _save_killed(rank, world, path):
 
 def test_rank_killed_mid_upload_commits_nothing_and_gc_collects_it(s3_bucket, env, client):
     path = f"s3://{s3_bucket}/killed/ck"
-    out = run_ranks(_save_killed, 2, path, env={**env, "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "2"}, expect_fail={0})
+    out = run_ranks(_save_killed, 2, path, timeout=RANKS_TIMEOUT, env={**env, "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "2"}, expect_fail={0})
     assert "died" in out[0] and "Coordinator" in out[1], out
     left = keys(client, "killed/")
     uploads = list(client.list_uploads("killed/"))
@@ -397,7 +398,11 @@ def test_two_jobs_committing_one_path_at_once_exactly_one_wins(s3_bucket, env, s
     path = f"s3://{s3_bucket}/race"
     outs: dict[int, dict] = {}
     jobs = [
-        threading.Thread(target=lambda j=j: outs.__setitem__(j, run_ranks(_save_one, 2, path, env={**env, "AWS_ENDPOINT_URL": s3_fault_proxy.endpoint})))
+        threading.Thread(
+            target=lambda j=j: outs.__setitem__(
+                j, run_ranks(_save_one, 2, path, timeout=RANKS_TIMEOUT, env={**env, "AWS_ENDPOINT_URL": s3_fault_proxy.endpoint})
+            )
+        )
         for j in range(2)
     ]
     for t in jobs:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import logging
 import re
 import threading
 import uuid
@@ -41,10 +40,11 @@ import xxhash
 from ..errors import CheckpointError, CheckpointExists, ManifestError, StorageError, UnsafeFileError
 from ..layout_names import BAD_MANIFEST_PREFIX as BAD_MANIFEST
 from ..layout_names import DATA_DIR, MANIFEST
+from ..logs import get_logger
 from . import MAX_READ_BYTES, ReadHandle, SaveTarget, Storage, WriteStream
 from .s3_client import READ_PIECE, ObjectChanged, ObjectExists, RetryPolicy, S3Client
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # prefixes the rank to each line
 
 _SAVE_MARK = "?save="  # location = <path>?save=<save_id>: ranks rebuild object names from it
 _SAVE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
