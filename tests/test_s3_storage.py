@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
+from dist_helpers import dtensor, global_tensor
+from launcher import run_ranks
 
 pytest.importorskip("boto3", reason="boto3 is not installed: pip install -e '.[test]'")
 
 import dist_ckpt as dc
-from dist_ckpt.errors import CheckpointExists, ChecksumError, UnsafeFileError
+from dist_ckpt.errors import CheckpointError, CheckpointExists, ChecksumError, DistCkptError, StorageError, UnsafeFileError
 from dist_ckpt.loader import read_manifest
+from dist_ckpt.manager import CheckpointManager
 from dist_ckpt.storage import get_storage
-from dist_ckpt.storage.s3 import OBJECT_RE, S3Storage
+from dist_ckpt.storage.s3 import OBJECT_RE, S3Storage, S3WriteStream
 from dist_ckpt.storage.s3_client import RetryPolicy, S3Client
+from dist_ckpt.verify import verify
 
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "30"}
 SHAPES = {"w": (37, 12), "v": (16, 9), "b": (23,)}
@@ -92,9 +100,24 @@ def test_flipped_byte_is_a_checksum_error(s3_bucket, client):
     key = f"flip/{name}"
     data = bytearray(client.get(key, 1 << 20))
     data[1234] ^= 0x40
+    assert verify(path).ok
     client.put(key, bytes(data))
     with pytest.raises(ChecksumError):
         dc.load({"w": torch.zeros(5000)}, path)
+    report = verify(path)  # what `dist-ckpt verify` runs
+    assert not report.ok and len(report.bad) == 1
+
+
+def test_without_boto3_the_scheme_says_how_to_install_it():
+    code = "import sys; sys.modules['boto3'] = None\nfrom dist_ckpt.storage import get_storage\ntry:\n    get_storage('s3://b/x')\nexcept Exception as e:\n    print(type(e).__name__, e)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(dc.__file__))},
+    ).stdout
+    assert out.startswith("UnsupportedScheme") and "pip install 'dist-ckpt[s3]'" in out, out
 
 
 def test_unknown_bucket_and_missing_checkpoint(s3_bucket):
@@ -102,3 +125,256 @@ def test_unknown_bucket_and_missing_checkpoint(s3_bucket):
         dc.load({"w": torch.zeros(3)}, f"s3://{s3_bucket}/nothing-here")
     storage, path = get_storage(f"s3://{s3_bucket}/x")
     assert isinstance(storage, S3Storage) and path == f"{s3_bucket}/x"
+
+
+def test_requests_failing_with_500_and_resets_are_retried(s3_bucket, s3_fault_proxy, client):
+    storage = S3Storage(retry=FAST_RETRY, endpoint_url=s3_fault_proxy.endpoint)
+    path = f"s3://{s3_bucket}/flaky"
+    s3_fault_proxy.inject("500", nth=1, method="PUT", path_contains="/data/")  # the data object's first PUT
+    s3_fault_proxy.inject("reset", nth=1, method="PUT", path_contains="MANIFEST")  # the commit's first try
+    s3_fault_proxy.inject("truncate", nth=1, method="GET", path_contains="/data/")  # a ranged read cut off mid-body
+    sd = {"w": torch.arange(4000.0)}
+    dc.save(sd, path, storage=storage)
+    out = {"w": torch.zeros(4000)}
+    dc.load(out, path, storage=storage)
+    assert torch.equal(out["w"], sd["w"])
+    fired = [(m, a) for m, _, a in s3_fault_proxy.log if a != "pass"]
+    assert sorted(fired) == [("GET", "truncate"), ("PUT", "500"), ("PUT", "reset")]
+    assert not [p for m, p, _ in s3_fault_proxy.log if "list-type=" in p or "uploads" in p]  # neither the save nor the load LISTs
+
+
+class OverwrittenDuringLoad(S3Storage):
+    """Its first open of a data object lets ``swap`` (another job's overwrite) run first: the load read the old MANIFEST."""
+
+    def __init__(self, swap) -> None:
+        super().__init__()
+        self.swaps = [swap]
+
+    def open_read(self, path):
+        if "/data/" in path and self.swaps:
+            self.swaps.pop()()
+        return super().open_read(path)
+
+
+def test_load_racing_an_overwrite_retries_with_the_new_manifest(s3_bucket, client):
+    path = f"s3://{s3_bucket}/raced"
+    dc.save({"w": torch.full((500,), 1.0)}, path)
+    storage = OverwrittenDuringLoad(lambda: dc.save({"w": torch.full((500,), 2.0)}, path, overwrite=True))
+    out = dc.load({"w": torch.zeros(500)}, path, storage=storage)
+    assert not storage.swaps and torch.equal(out["w"], torch.full((500,), 2.0))  # the old objects were gone: retried, new one whole
+
+
+def test_resume_sets_a_damaged_step_aside_in_place(s3_bucket, client):
+    root = f"s3://{s3_bucket}/resume"
+    mgr = CheckpointManager(root, keep_last=None, async_save=False)
+    for step in (1, 2):
+        mgr.save(step, {"w": torch.full((1000,), float(step))})
+    (name,) = read_manifest(f"{root}/step-00000002")[0].files
+    key = f"resume/step-00000002/{name}"
+    data = bytearray(client.get(key, 1 << 20))
+    data[100] ^= 1
+    client.put(key, bytes(data))
+    sd = {"w": torch.zeros(1000)}
+    mgr.load(sd)  # step 2 fails its checksum: step 1 is loaded, step 2 set aside
+    assert float(sd["w"][0]) == 1.0 and mgr.steps() == [1]
+    mgr.close()
+    step2 = keys(client, "resume/step-00000002/")
+    assert key in step2 and "resume/step-00000002/MANIFEST" not in step2 and any("/MANIFEST.bad-" in k for k in step2), step2
+    again = CheckpointManager(root, keep_last=None, async_save=False)  # its garbage collection keeps what MANIFEST.bad-* names
+    assert key in keys(client, "resume/step-00000002/") and again.steps() == [1]
+    again.save(2, {"w": torch.full((1000,), 5.0)})  # the set-aside step does not block a new save of it
+    again.load(sd)
+    assert again.steps() == [1, 2] and float(sd["w"][0]) == 5.0
+    again.close()
+
+
+def test_uncommit_deletes_the_manifest_before_the_objects(s3_bucket, s3_fault_proxy, client):
+    path = f"s3://{s3_bucket}/unc"
+    dc.save({"w": torch.arange(100.0)}, path)
+    (name,) = read_manifest(path)[0].files
+    storage = S3Storage(retry=FAST_RETRY, endpoint_url=s3_fault_proxy.endpoint)
+    s3_fault_proxy.inject("500", times=1000, method="POST", path_contains="delete")  # every DeleteObjects fails
+    with pytest.raises(StorageError):
+        storage.uncommit(f"{s3_bucket}/unc")
+    assert keys(client, "unc/") == [f"unc/{name}"]  # no longer committed; the data left is garbage
+    with pytest.raises(dc.CheckpointNotFound):
+        dc.load({"w": torch.zeros(100)}, path)
+    s3_fault_proxy.clear()
+    assert storage.collect_garbage(f"{s3_bucket}/unc") == [f"s3://{s3_bucket}/unc/{name}"]
+
+
+def test_abort_and_garbage_collection_remove_only_their_own_objects(s3_bucket, client):
+    storage = S3Storage(part_size=5 << 20, max_in_flight=1)
+    ck = f"{s3_bucket}/own/ck"
+    dc.save({"w": torch.arange(100.0)}, f"s3://{ck}")
+    committed = keys(client, "own/")
+    client.put("own/ck/data/notes.txt", b"a user's file")
+    mine, other = storage.save_target(ck, "job1-1", True), storage.save_target(ck, "job2-1", True)
+    for target in (mine, other):
+        stream = storage.open_stream(target, "data/r00000.bin")
+        stream.append(memoryview(b"x" * 10), 0)
+        stream.sync()
+        stream.close()
+    unfinished = storage.open_stream(mine, "data/r00001.bin")
+    unfinished.append(memoryview(bytes(6 << 20)), 0)  # over one part: a multipart upload is open, never completed
+    storage.abort(mine)
+    unfinished.close()
+    assert list(client.list_uploads("own/")) == []
+    theirs = f"own/ck/{storage.stored_name(other, 'data/r00000.bin')}"
+    assert keys(client, "own/") == sorted([*committed, "own/ck/data/notes.txt", theirs])
+    assert storage.collect_garbage(f"{s3_bucket}/own") == [f"s3://{s3_bucket}/{theirs}"]
+    assert keys(client, "own/") == sorted([*committed, "own/ck/data/notes.txt"])
+
+
+def test_an_unreadable_manifest_keeps_its_objects_and_can_be_overwritten(s3_bucket, client):
+    path = f"s3://{s3_bucket}/crafted/ck"
+    dc.save({"w": torch.arange(100.0)}, path)
+    before = keys(client, "crafted/")
+    client.put("crafted/ck/MANIFEST", b"\x93 not a manifest")
+    assert S3Storage().collect_garbage(f"{s3_bucket}/crafted") == []  # cannot tell what it references: nothing removed
+    assert keys(client, "crafted/") == before
+    dc.save({"w": torch.ones(100)}, path, overwrite=True)  # its objects are garbage now
+    assert float(dc.load({"w": torch.zeros(100)}, path)["w"].sum()) == 100.0
+    assert len(S3Storage().collect_garbage(f"{s3_bucket}/crafted")) == 1
+
+
+# -- gloo ranks ------------------------------------------------------------------------
+
+
+def _state(world: int, layout: str) -> dict:
+    sd = {name: dtensor(global_tensor(name, shape), world, layout if len(shape) == 2 else "shard0") for name, shape in SHAPES.items()}
+    sd["step"] = 11
+    return sd
+
+
+def _async_save_then_load(rank, world, path):
+    stage_f, write_f = dc.async_save(_state(world, "shard0_shard1_2d"), path)
+    stage_f.result()
+    write_f.result()
+    return _load_and_check(rank, world, path)  # on the same 4 ranks, another layout (one launch less)
+
+
+def _load_and_check(rank, world, path):
+    sd = _state(world, "shard1")
+    for v in sd.values():
+        if isinstance(v, torch.Tensor):
+            v.to_local().zero_()
+    dc.load(sd, path)
+    return all(torch.equal(sd[n].full_tensor(), global_tensor(n, shape)) for n, shape in SHAPES.items()) and sd["step"] == 11
+
+
+def test_async_save_on_4_ranks_loads_on_4_2_and_3(s3_bucket, env, client):
+    path = f"s3://{s3_bucket}/job/ck"
+    assert run_ranks(_async_save_then_load, 4, path, env=env) == dict.fromkeys(range(4), True)
+    files = read_manifest(path)[0].files
+    assert len(files) == 4 and {f.rsplit(".", 2)[-2] for f in files} == {f"r0000{r}" for r in range(4)}
+    assert len({f[len("data/") : len("data/") + 4] for f in files}) > 1  # the ranks' objects spread over prefixes
+    for world in (2, 3):
+        assert run_ranks(_load_and_check, world, path, env=env) == dict.fromkeys(range(world), True), world
+
+
+def _manager_run(rank, world, root, leftover):
+    mgr = CheckpointManager(root, keep_last=2, async_save=True)
+    for step in (1, 2, 3):
+        mgr.save(step, {"w": torch.full((64, 8), float(step)), "step": step})
+    mgr.close()
+    if rank == 0:  # a save killed before its commit left an object behind
+        storage, _ = get_storage(root)
+        storage.open_stream(storage.save_target(f"{root.split('://')[1]}/step-00000004", "dead-1", False), "data/r00000.bin").sync()
+    torch.distributed.barrier()
+    resumed = CheckpointManager(root, keep_last=2, async_save=False)  # rank 0 collects the garbage at start
+    sd = {"w": torch.zeros(64, 8), "step": 0}
+    resumed.load(sd)
+    steps = resumed.steps()
+    resumed.close()
+    return steps, sd["step"], float(sd["w"][0, 0])
+
+
+def test_manager_retention_resume_and_garbage(s3_bucket, env, client):
+    root = f"s3://{s3_bucket}/train"
+    out = run_ranks(_manager_run, 2, root, None, env=env)
+    assert out == dict.fromkeys(range(2), ([2, 3], 3, 3.0))
+    left = keys(client)
+    assert not [k for k in left if k.startswith("train/step-00000001/")]  # retention removed MANIFEST and objects
+    assert not [k for k in left if k.startswith("train/step-00000004/")]  # the unreferenced object was collected
+    referenced = {f"train/{s}/{f}" for s in ("step-00000002", "step-00000003") for f in read_manifest(f"s3://{s3_bucket}/train/{s}")[0].files}
+    assert set(left) == {"train/step-00000002/MANIFEST", "train/step-00000003/MANIFEST"} | referenced
+
+
+def _save_one(rank, world, path):
+    try:
+        dc.save({"w": dtensor(torch.arange(2000.0), world, "shard0")}, path)  # every rank writes its half
+        return "saved"
+    except CheckpointError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def test_rank_whose_uploads_fail_fails_the_save_on_every_rank(s3_bucket, env, s3_fault_proxy, client):
+    s3_fault_proxy.inject("500", nth=1, times=1000, method="PUT", path_contains=".r00001.bin")
+    path = f"s3://{s3_bucket}/fails"
+    out = run_ranks(_save_one, 2, path, env={**env, "AWS_ENDPOINT_URL": s3_fault_proxy.endpoint})
+    for rank in (0, 1):
+        assert out[rank].startswith("CheckpointError") and "rank 1" in out[rank] and "InternalError" in out[rank], out[rank]
+    assert "fails/MANIFEST" not in keys(client, "fails/")  # nothing committed
+    # The abort removed what was there; rank 0's upload, had it still been running, would complete after it: garbage.
+    S3Storage().collect_garbage(f"{s3_bucket}/fails")
+    assert keys(client, "fails/") == [] and list(client.list_uploads("fails/")) == []
+
+
+class KillingStorage(S3Storage):
+    """Rank 0 SIGKILLs itself once the first part of its data object is uploaded (a multipart upload left open)."""
+
+    def open_stream(self, target, name):
+        stream = super().open_stream(target, name)
+        if os.environ["RANK"] == "0":
+            stream.__class__ = _KillingStream
+        return stream
+
+
+class _KillingStream(S3WriteStream):
+    def _write(self, data, offset):
+        super()._write(data, offset)
+        if self._writer._parts:
+            self._writer._parts[0].result()  # the first part is stored: the upload exists server-side
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _save_killed(rank, world, path):
+    big = torch.arange((12 << 20) // 4 * world, dtype=torch.float32)  # rank 0 writes a 12 MiB share: multipart
+    try:
+        dc.save({"x": dtensor(big, world, "shard0")}, path, storage=KillingStorage(part_size=5 << 20))
+    except DistCkptError as e:  # the coordinator died with rank 0: a timeout
+        return f"{type(e).__name__}: {e}"
+    return "saved"
+
+
+def test_rank_killed_mid_upload_commits_nothing_and_gc_collects_it(s3_bucket, env, client):
+    path = f"s3://{s3_bucket}/killed/ck"
+    out = run_ranks(_save_killed, 2, path, env={**env, "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "2"}, expect_fail={0})
+    assert "died" in out[0] and "Coordinator" in out[1], out
+    left = keys(client, "killed/")
+    uploads = list(client.list_uploads("killed/"))
+    assert "killed/ck/MANIFEST" not in left and uploads, (left, uploads)  # not committed; rank 0's parts are stored
+    removed = S3Storage().collect_garbage(f"{s3_bucket}/killed")
+    assert len(removed) == len(left) + len(uploads)
+    assert keys(client, "killed/") == [] and list(client.list_uploads("killed/")) == []
+
+
+def test_two_jobs_committing_one_path_at_once_exactly_one_wins(s3_bucket, env, s3_fault_proxy, client):
+    s3_fault_proxy.inject("hold", nth=1, times=2, method="PUT", path_contains="MANIFEST")  # both commits meet here
+    path = f"s3://{s3_bucket}/race"
+    outs: dict[int, dict] = {}
+    jobs = [
+        threading.Thread(target=lambda j=j: outs.__setitem__(j, run_ranks(_save_one, 2, path, env={**env, "AWS_ENDPOINT_URL": s3_fault_proxy.endpoint})))
+        for j in range(2)
+    ]
+    for t in jobs:
+        t.start()
+    for t in jobs:
+        t.join()
+    results = sorted(outs[j][0] for j in range(2))
+    assert results[1] == "saved" and results[0].startswith("CheckpointExists"), results
+    assert all(outs[j][0] == outs[j][1] for j in range(2))  # every rank of a job hears the same outcome
+    assert s3_fault_proxy.broken_holds == 0  # the two MANIFEST puts really were in flight together
+    files = read_manifest(path)[0].files
+    assert keys(client, "race/") == sorted(["race/MANIFEST", *(f"race/{f}" for f in files)])  # the loser removed its objects

@@ -38,7 +38,7 @@ from typing import Any, Iterator, Sequence
 
 import xxhash
 
-from ..errors import CheckpointError, CheckpointExists, StorageError, UnsafeFileError
+from ..errors import CheckpointError, CheckpointExists, ManifestError, StorageError, UnsafeFileError
 from ..layout_names import BAD_MANIFEST_PREFIX as BAD_MANIFEST
 from ..layout_names import DATA_DIR, MANIFEST
 from . import MAX_READ_BYTES, ReadHandle, SaveTarget, Storage, WriteStream
@@ -119,8 +119,8 @@ class S3ReadHandle(ReadHandle):
                     got = 0
                     while got < len(view):
                         n = body.readinto(view[got:])
-                        if n == 0:
-                            return done[0]  # the object is shorter than its HEAD said: a short read
+                        if n == 0:  # the connection ended mid-body: retried from the first missing byte
+                            raise ConnectionError(f"s3://{self._client.bucket}/{self.key}: body ended at {offset + done[0]}, before {offset + want}")
                         got += n
                         done[0] += n
             return done[0]
@@ -244,7 +244,7 @@ class S3Storage(Storage):
                     raise CheckpointError(f"checkpoint s3://{target.path} was committed by another save at the same moment; this save was not committed") from e
                 raise CheckpointExists(f"checkpoint s3://{target.path} was committed by another save first; this save was not committed") from e
         else:
-            old_files = self._referenced(client, prefix, MANIFEST)
+            old_files = self._referenced_or_none(client, prefix, MANIFEST) or []  # unreadable: its objects become garbage
             try:
                 etag = client.replace_if_match(key, manifest, old.etag)
             except ObjectChanged as e:
@@ -315,14 +315,18 @@ class S3Storage(Storage):
         client, prefix = self._where(root)
         start = self._join(prefix, "") if prefix else ""
         keep: set[str] = set()
+        unreadable: set[str] = set()  # checkpoints whose MANIFEST does not decode: all their objects are kept
         ours: list[str] = []
         for info in client.list(start):
             folder, _, name = info.key.rpartition("/")
             if name == MANIFEST or name.startswith(BAD_MANIFEST):
-                keep.update(self._join(folder, f) for f in self._referenced(client, folder, name))
+                files = self._referenced_or_none(client, folder, name)
+                keep.update(self._join(folder, f) for f in files or ())
+                if files is None:
+                    unreadable.add(folder)
             elif _is_data_object(info.key):
                 ours.append(info.key)
-        doomed = sorted(k for k in ours if k not in keep)
+        doomed = sorted(k for k in ours if k not in keep and k.rpartition("/")[0].rpartition("/")[0] not in unreadable)
         client.delete_many(doomed)
         removed = [f"s3://{client.bucket}/{k}" for k in doomed]
         for key, upload in list(client.list_uploads(start)):
@@ -330,6 +334,14 @@ class S3Storage(Storage):
                 client.abort_upload(key, upload)
                 removed.append(f"s3://{client.bucket}/{key} (upload {upload})")
         return sorted(removed)
+
+    def _referenced_or_none(self, client: S3Client, prefix: str, manifest: str) -> list[str] | None:
+        """:meth:`_referenced`, or None (logged) when that MANIFEST is over the size limit or does not decode."""
+        try:
+            return self._referenced(client, prefix, manifest)
+        except (ManifestError, UnsafeFileError) as e:
+            log.warning("s3://%s/%s/%s cannot be read (%s); keeping every object of that checkpoint", client.bucket, prefix, manifest, e)
+            return None
 
     def _referenced(self, client: S3Client, prefix: str, manifest: str) -> list[str]:
         """The data object names a MANIFEST of checkpoint ``prefix`` references ([] if it is gone; unreadable: an error)."""
