@@ -340,7 +340,7 @@ class _KillingStream(S3WriteStream):
 
 
 def _save_killed(rank, world, path):
-    big = torch.arange((12 << 20) // 4 * world, dtype=torch.float32)  # rank 0 writes a 12 MiB share: multipart
+    big = torch.arange((6 << 20) // 4 * world, dtype=torch.float32)  # each rank writes a 6 MiB share: a multipart upload of 5 MiB parts
     try:
         dc.save({"x": dtensor(big, world, "shard0")}, path, storage=KillingStorage(part_size=5 << 20))
     except DistCkptError as e:  # the coordinator died with rank 0: a timeout
