@@ -26,7 +26,8 @@ from .layout_names import MANIFEST, SUFFIX_RE
 from .loader import read_manifest
 from .manifest import Manifest, Pickled, TensorEntry
 from .root_scan import BAD, COMMITTED, FOREIGN, INCOMPLETE, OLD, TMP, Entry, scan_root
-from .storage import get_storage
+from .storage import Storage, get_storage, strip_scheme
+from .usage import Usage, entry_usage
 
 PROG = "dist-ckpt"
 
@@ -118,45 +119,50 @@ def _progress_bar(desc: str, enabled: bool) -> Iterator[Callable[[int, int], Non
 class _Dir:
     name: str
     state: str  # committed | incomplete | old | invalid | bad | foreign (see dist_ckpt.root_scan)
-    size: int
+    size: int | None  # None: the storage tells no sizes (dist_ckpt.usage)
     world_size: int | None
-    time: float  # manifest creation, else directory mtime
+    time: float | None  # manifest creation, else the entry's last change (None: unknown)
     step: int | None
+    changed: float | None  # the entry's last change (gc --min-age); None: unknown
     detail: str = ""  # why a committed one is invalid, what a foreign one holds
-
-
-def _dir_size(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass  # removed while walking
-    return total
 
 
 _STATES = {COMMITTED: "committed", INCOMPLETE: "incomplete", TMP: "incomplete", OLD: "old", BAD: "bad", FOREIGN: "foreign"}
 
 
-def _describe_dir(root: str, entry: Entry) -> _Dir:
+def _join(root: str, name: str) -> str:
+    """``root/name`` for a path or a URL (``s3://bucket`` too)."""
+    return f"{root.rstrip('/')}/{name}" if "://" in root else os.path.join(root, name)
+
+
+def _describe_dir(storage: Storage, root: str, entry: Entry, usage: Usage | None) -> _Dir:
     """``ls``'s row for one entry of the shared root scan (reads the MANIFEST of committed ones)."""
-    path = os.path.join(root, entry.name)
-    d = _Dir(entry.name, _STATES[entry.kind], _dir_size(path), None, os.stat(path).st_mtime, entry.step, entry.detail)
-    if entry.kind in (COMMITTED, OLD) and os.path.lexists(os.path.join(path, MANIFEST)):
+    path = _join(root, entry.name)
+    changed = usage.mtime if usage is not None else None
+    d = _Dir(entry.name, _STATES[entry.kind], usage.nbytes if usage is not None else None, None, changed, entry.step, changed, entry.detail)
+    if entry.kind in (COMMITTED, OLD) and storage.exists(f"{strip_scheme(path)}/{MANIFEST}"):
         try:
-            manifest, _, _ = read_manifest(path)
+            manifest, _, _ = read_manifest(strip_scheme(path), storage)  # one storage (and S3 client) for the whole listing
             d.world_size, d.time = manifest.world_size, manifest.created
         except (ManifestError, OSError) as e:  # one bad step must not break the listing of the others
             d.state, d.detail = ("invalid" if entry.kind == COMMITTED else d.state), str(e)
     return d
 
 
-def _scan(root: str) -> list[_Dir]:
-    if not os.path.isdir(root):
-        raise FileNotFoundError(2, "no such directory", root)
-    storage, path = get_storage(root)
-    return [_describe_dir(root, e) for e in scan_root(storage, path.rstrip("/") or "/")]
+def _scan(root: str, storage: Storage | None = None) -> list[_Dir]:
+    """``ls``'s rows for ``root`` (``storage``: the backend to use, else chosen by scheme).
+
+    Raises:
+        FileNotFoundError: ``root`` is not a directory (or nothing is stored under the prefix).
+    """
+    storage, path = get_storage(root, storage)
+    path = path.rstrip("/") or "/"
+    try:
+        storage.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(2, "no such directory", root) from None
+    usage = entry_usage(root)
+    return [_describe_dir(storage, root, e, usage.get(e.name)) for e in scan_root(storage, path)]
 
 
 def _newest(dirs: Sequence[_Dir]) -> _Dir | None:
@@ -165,7 +171,7 @@ def _newest(dirs: Sequence[_Dir]) -> _Dir | None:
     steps = [d for d in committed if d.step is not None]
     if steps:
         return max(steps, key=lambda d: d.step or 0)
-    return max(committed, key=lambda d: d.time, default=None)
+    return max(committed, key=lambda d: d.time or 0.0, default=None)
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
@@ -179,7 +185,9 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     for d in dirs:
         mark = "*" if d is newest else " "
         world = str(d.world_size) if d.world_size is not None else "-"
-        print(f"{mark} {d.name:<{width}}  {d.state:<10}  {human_bytes(d.size):>10}  {world:>5}  {human_age(now - d.time)}")
+        size = human_bytes(d.size) if d.size is not None else "-"
+        age = human_age(now - d.time) if d.time is not None else "-"
+        print(f"{mark} {d.name:<{width}}  {d.state:<10}  {size:>10}  {world:>5}  {age}")
     for d in dirs:
         if d.state in ("foreign", "invalid"):
             hint = f"holds {d.detail}; not a dist_ckpt checkpoint, left alone by gc" if d.state == "foreign" else d.detail
@@ -270,27 +278,30 @@ def _inspect_json(manifest: Manifest, root: str) -> dict[str, Any]:
     }
 
 
+def _as_given(path: str, stripped: str) -> str:
+    """``stripped`` (a storage path) written as the user wrote ``path``: with its ``scheme://`` if it had one."""
+    return f"{path.split('://', 1)[0]}://{stripped}" if "://" in path else stripped
+
+
 def _what_it_is(path: str, cmd: str) -> str | None:
     """What ``path`` is when it is not a checkpoint, and what to run instead (None: nothing to say)."""
-    local = path[len("file://") :] if path.startswith("file://") else path
-    local = local.rstrip("/") or "/"
-    if os.path.isfile(os.path.join(local, ".metadata")):
+    storage, p = get_storage(path)
+    p = p.rstrip("/") or "/"
+    if storage.exists(f"{p}/.metadata"):
         return f"{path} is a DCP checkpoint, not a dist_ckpt one: convert it with `{PROG} convert {path} DST --to dist_ckpt --trust-pickle`"
-    if os.path.isfile(local):
-        kind = "a safetensors file" if local.endswith(".safetensors") else "a file, not a checkpoint directory (a torch.save file?)"
+    if ("://" not in path or path.startswith("file://")) and os.path.isfile(p):
+        kind = "a safetensors file" if p.endswith(".safetensors") else "a file, not a checkpoint directory (a torch.save file?)"
         return f"{path} is {kind}: convert it with `{PROG} convert {path} DST --to dist_ckpt`"
-    parent = os.path.dirname(local)
-    if os.path.basename(local) == "data" and os.path.lexists(os.path.join(parent, MANIFEST)):
-        return f"{path} is the data folder of the checkpoint {parent}: run `{PROG} {cmd} {parent}`"
-    if os.path.isdir(local):
-        storage, p = get_storage(path)
-        dirs = [e for e in scan_root(storage, p.rstrip("/") or "/") if e.kind == COMMITTED]
-        if dirs:
-            newest = max(dirs, key=lambda e: (e.step is not None, e.step or 0, e.name))
-            return (
-                f"{path} is a checkpoint root holding {len(dirs)} checkpoint(s): list them with `{PROG} ls {path}`, "
-                f"then e.g. `{PROG} {cmd} {local}/{newest.name}`"
-            )
+    parent = os.path.dirname(p)
+    if os.path.basename(p) == "data" and storage.exists(os.path.join(parent, MANIFEST)):
+        return f"{path} is the data folder of the checkpoint {_as_given(path, parent)}: run `{PROG} {cmd} {_as_given(path, parent)}`"
+    dirs = [e for e in scan_root(storage, p) if e.kind == COMMITTED]  # a missing root scans as empty
+    if dirs:
+        newest = max(dirs, key=lambda e: (e.step is not None, e.step or 0, e.name))
+        return (
+            f"{path} is a checkpoint root holding {len(dirs)} checkpoint(s): list them with `{PROG} ls {path}`, "
+            f"then e.g. `{PROG} {cmd} {_as_given(path, p)}/{newest.name}`"
+        )
     return None
 
 
@@ -313,6 +324,7 @@ def _explained(path: str, cmd: str) -> Iterator[None]:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     with _explained(args.ckpt, "inspect"):
         manifest, root, _ = read_manifest(args.ckpt)
+    root = _as_given(args.ckpt, root)
     if args.json:
         print(json.dumps(_inspect_json(manifest, root), indent=1))
         return 0
@@ -343,9 +355,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     rate = report.bytes_checked / max(report.seconds, 1e-9)
     summary = f"{report.chunks_checked} chunks, {human_bytes(report.bytes_checked)} checked in {report.seconds:.2f} s ({human_bytes(rate)}/s)"
     if report.ok:
-        print(f"OK  {report.path}: {summary}")
+        print(f"OK  {_as_given(args.ckpt, report.path)}: {summary}")
         return 0
-    print(f"FAILED  {report.path}: {len(report.bad)} bad chunk(s) of {summary}")
+    print(f"FAILED  {_as_given(args.ckpt, report.path)}: {len(report.bad)} bad chunk(s) of {summary}")
     for b in report.bad:
         owner = f" (rank {b.rank})" if b.rank is not None else ""
         print(f"  {format_path(b.key)}{owner}  file {b.file}  offset {b.offset}  {b.nbytes} bytes  {b.reason}: {b.detail}")
@@ -393,15 +405,20 @@ def gc_plan(root: str, keep_last: int | None, min_age: float = 0.0) -> list[tupl
     committed step is never removed; foreign directories (a DCP checkpoint
     named ``step-N``) and ``*.bad-*`` ones are reported by :func:`gc_kept`
     and left alone. Directories modified less than ``min_age`` seconds ago are
-    left alone (a save may be writing them).
+    left alone (a save may be writing them), and so is any entry whose age the
+    storage does not tell when ``min_age`` is given.
     """
-    dirs = _scan(root)
+    return _plan(_scan(root), keep_last, min_age)
+
+
+def _plan(dirs: list[_Dir], keep_last: int | None, min_age: float) -> list[tuple[str, str]]:
+    """:func:`gc_plan` of one scan's rows."""
     newest = _newest(dirs)
     committed = {d.name for d in dirs if d.state in ("committed", "invalid")}
     now = time.time()
     out = []
     for d in dirs:
-        if d is newest or now - os.stat(os.path.join(root, d.name)).st_mtime < min_age:
+        if d is newest or (min_age > 0 and (d.changed is None or now - d.changed < min_age)):
             continue
         m = SUFFIX_RE.match(d.name)
         if f".{TMP}-" in d.name:  # also an un-commit of an .old-* copy that was interrupted
@@ -418,8 +435,13 @@ def gc_plan(root: str, keep_last: int | None, min_age: float = 0.0) -> list[tupl
 
 def gc_kept(root: str) -> list[tuple[str, str]]:
     """``(directory name, why)`` of step-named directories ``gc`` leaves alone because this library did not write them."""
+    return _kept(_scan(root))
+
+
+def _kept(dirs: list[_Dir]) -> list[tuple[str, str]]:
+    """:func:`gc_kept` of one scan's rows."""
     out = []
-    for d in _scan(root):
+    for d in dirs:
         if d.state == "foreign":
             out.append((d.name, f"holds {d.detail}, not a dist_ckpt checkpoint"))
         elif d.state == "bad":
@@ -427,24 +449,49 @@ def gc_kept(root: str) -> list[tuple[str, str]]:
     return out
 
 
+def _has_own_garbage(storage: Storage) -> bool:
+    """Whether the backend has garbage of its own beyond what the root scan finds (S3: unreferenced objects)."""
+    return type(storage).collect_garbage is not Storage.collect_garbage
+
+
+def _collect_garbage(storage: Storage, path: str, args: argparse.Namespace) -> list[str]:
+    """Run the backend's garbage collection under the root, unless ``--dry-run`` or ``--min-age`` rule it out; what it removed."""
+    if not _has_own_garbage(storage):
+        return []
+    if args.dry_run or args.min_age > 0:
+        # It cannot preview, and it cannot tell a save in flight from a dead one's leftovers: it must run with no save in flight.
+        why = (
+            "--dry-run" if args.dry_run else "--min-age: it removes every unreferenced object, a save in flight's too; run gc without it once no job saves here"
+        )
+        print(f"objects no {MANIFEST} references (and unfinished uploads): not collected ({why})")
+        return []
+    removed = storage.collect_garbage(path)
+    for url in removed:
+        print(f"removed {url}  (no {MANIFEST} references it)")
+    return removed
+
+
 def _cmd_gc(args: argparse.Namespace) -> int:
-    plan = gc_plan(args.root, args.keep_last, args.min_age)
-    for name, why in gc_kept(args.root):
+    storage, path = get_storage(args.root)
+    dirs = _scan(args.root, storage)  # one scan (and one S3 client) for the plan, the report and the removal
+    plan = _plan(dirs, args.keep_last, args.min_age)
+    for name, why in _kept(dirs):
         print(f"left alone {name}  ({why})")
-    if not plan:
-        print(f"nothing to remove in {args.root}")
-        return 0
+    sizes = {d.name: d.size or 0 for d in dirs}
     freed = 0
-    storage, _ = get_storage(args.root)
     for name, reason in plan:
-        path = os.path.join(args.root, name)
-        size = _dir_size(path)
+        size = sizes[name]
         if not args.dry_run:
-            storage.uncommit(path)  # the one un-commit path: never a MANIFEST beside missing data
+            storage.uncommit(f"{path.rstrip('/')}/{name}")  # the one un-commit path: never a MANIFEST beside missing data
         freed += size
         print(f"{'would remove' if args.dry_run else 'removed'} {name}  ({reason}, {human_bytes(size)})")
+    garbage = _collect_garbage(storage, path.rstrip("/"), args)
+    if not plan and not garbage:
+        print(f"nothing to remove in {args.root}")
+        return 0
     verb = "would free" if args.dry_run else "freed"
-    print(f"{len(plan)} director{'y' if len(plan) == 1 else 'ies'}, {verb} {human_bytes(freed)}")
+    extra = f"; {len(garbage)} unreferenced object(s) or upload(s)" if garbage else ""
+    print(f"{len(plan)} director{'y' if len(plan) == 1 else 'ies'}, {verb} {human_bytes(freed)}{extra}")
     return 0
 
 
@@ -492,9 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
         subs,
         "ls",
         "List the checkpoints under ROOT: state, size, world size, age; * marks the newest committed.",
-        "  dist-ckpt ls /ckpts\n\nSTATE is committed (has MANIFEST), incomplete (no MANIFEST, or a .tmp- save), old (moved\naside by an interrupted overwrite) or invalid (unreadable MANIFEST).",
+        "  dist-ckpt ls /ckpts\n  dist-ckpt ls s3://bucket/run   # AWS_* variables: credentials, region, AWS_ENDPOINT_URL\n\nSTATE is committed (has MANIFEST), incomplete (no MANIFEST, or a .tmp- save), old (moved\naside by an interrupted overwrite) or invalid (unreadable MANIFEST).",
     )
-    s.add_argument("root", metavar="ROOT", help="directory holding step-XXXXXXXX checkpoint directories")
+    s.add_argument("root", metavar="ROOT", type=_ckpt_path, help="directory (or s3://bucket/prefix) holding step-XXXXXXXX checkpoints")
     s.set_defaults(func=_cmd_ls)
 
     s = _sub(
@@ -503,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Show a checkpoint's keys as a tree: dtype, global shape, chunks, bytes, and its values.",
         "  dist-ckpt inspect /ckpts/step-00001000\n  dist-ckpt inspect /ckpts/step-00001000 --json | jq '.tensors[].name'\n\nPickled values are shown as <pickled N bytes> and are never unpickled.",
     )
-    s.add_argument("ckpt", metavar="CKPT", type=_ckpt_path, help="checkpoint directory")
+    s.add_argument("ckpt", metavar="CKPT", type=_ckpt_path, help="checkpoint directory or s3://bucket/prefix")
     s.add_argument("--json", action="store_true", help="print machine-readable JSON")
     s.set_defaults(func=_cmd_inspect)
 
@@ -513,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Re-read every chunk and check its xxh3-64 checksum; exit 1 listing bad chunks.",
         "  dist-ckpt verify /ckpts/step-00001000\n  dist-ckpt verify /ckpts/step-00001000 --workers 16 --no-progress",
     )
-    s.add_argument("ckpt", metavar="CKPT", type=_ckpt_path, help="checkpoint directory")
+    s.add_argument("ckpt", metavar="CKPT", type=_ckpt_path, help="checkpoint directory or s3://bucket/prefix")
     s.add_argument("--workers", type=_positive, default=4, help="reader/hasher threads (default 4)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_verify)
@@ -556,9 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
         subs,
         "gc",
         "Remove unfinished saves and, with --keep-last, old committed steps; never the newest committed step.",
-        "  dist-ckpt gc /ckpts --dry-run\n  dist-ckpt gc /ckpts --keep-last 3\n  dist-ckpt gc /ckpts --min-age 3600   # while a job may be saving",
+        "  dist-ckpt gc /ckpts --dry-run\n  dist-ckpt gc /ckpts --keep-last 3\n  dist-ckpt gc /ckpts --min-age 3600   # while a job may be saving\n"
+        "  dist-ckpt gc s3://bucket/run --keep-last 3   # also removes objects no MANIFEST references\n\n"
+        "On s3:// roots gc also removes data objects no MANIFEST references and aborts unfinished\n"
+        "multipart uploads (a killed save's leftovers); that part runs only without --dry-run and\n"
+        "--min-age, since a save in flight has no MANIFEST yet: run it when no job saves there.",
     )
-    s.add_argument("root", metavar="ROOT", help="directory holding step-XXXXXXXX checkpoint directories")
+    s.add_argument("root", metavar="ROOT", type=_ckpt_path, help="directory (or s3://bucket/prefix) holding step-XXXXXXXX checkpoints")
     s.add_argument("--keep-last", type=_positive, default=None, metavar="N", help="keep only the newest N committed step directories")
     s.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
     s.add_argument("--min-age", type=float, default=0.0, metavar="SECONDS", help="leave directories modified more recently than this alone (default 0)")

@@ -293,3 +293,75 @@ def test_bench_checkpoint_single_process_without_async(tmp_path):
     assert r["verified"] == dict.fromkeys([f"{s}_{k}" for s in ("load", "load_warm") for k in ("dist_ckpt", "dcp", "torch_load")], True)
     assert "async save: not run (--no-async)" in out.stdout
     _check_ceilings_and_targets(r)
+
+
+def _s3_reps(dc, dcp, s3tc, put16, put8):
+    """One repetition's result of each S3 contender (GB/s from seconds for 1e9 bytes)."""
+    return {
+        "dist_ckpt": [{"s": 1 / dc, "peak_rss_mb": 1.0}],
+        "dcp_s3fs": [{"s": 1 / dcp, "peak_rss_mb": 2.0}],
+        "s3torchconnector": [{"s": 1 / s3tc, "peak_rss_mb": 3.0}],
+        "raw_a": [{"s": 1 / put16, "bytes": 1e9, "peak_rss_mb": 0.0}],
+        "raw_b": [{"s": 1 / put8, "bytes": 1e9, "peak_rss_mb": 0.0}],
+    }
+
+
+def test_s3_summary_ceilings_are_the_best_raw_variant_and_ratios_follow():
+    report = _bench_module("_bench_s3_report")
+    main = {"total_bytes": int(1e9), "n_tensors": 3, "missing": {}, "sync": _s3_reps(0.4, 0.2, 0.1, 0.8, 0.5), "load": _s3_reps(0.3, 0.1, 0.3, 0.6, 0.9)}
+    reshard = {2: {"load": _s3_reps(0.2, 0.05, 0.1, 0.4, 0.25)}}
+    r = report.summarize_s3({"storage": "s3", "world": 4, "reshard_worlds": [2], "reps": 1, "dir": "s3://b/p", "server": "moto"}, main, reshard)
+    c, q = r["ceilings"], r["ratios"]
+    assert c["upload_GBps"] == pytest.approx(0.8) and c["get_GBps"] == pytest.approx(0.9)
+    assert c["reshard"]["4to2"]["get_GBps"] == pytest.approx(0.4)
+    assert c["variants"] == {"upload": ["raw_a", "raw_b"], "get": ["raw_a", "raw_b"]}
+    assert q["save_vs_dcp"] == pytest.approx(2.0) and q["save_vs_s3torchconnector"] == pytest.approx(4.0)
+    assert q["save_vs_upload_ceiling"] == pytest.approx(0.5) and q["load_vs_get_ceiling"] == pytest.approx(1 / 3)
+    assert q["reshard_load_vs_dcp_4to2"] == pytest.approx(4.0) and q["reshard_load_vs_get_ceiling_4to2"] == pytest.approx(0.5)
+    assert r["paired_ratios"]["load_vs_s3torchconnector"] == pytest.approx(1.0)
+    assert r["peak_rss_mb"]["save"] == {"dist_ckpt": 1.0, "dcp_s3fs": 2.0, "s3torchconnector": 3.0}  # the raw ceilings are not libraries
+    assert "bottleneck" in r["bottleneck"]
+
+
+@pytest.mark.timeout(300)
+def test_bench_checkpoint_s3_tiny_run():
+    """--storage s3 starts its own server; every library saves, loads and reloads resharded, verified; the ceilings are boto3's."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed: pip install -e '.[test]'")
+    pytest.importorskip("s3fs", reason="s3fs (DCP's fsspec peer) is not installed: pip install -e '.[bench]'")
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--storage",
+            "s3",
+            "--world",
+            "2",
+            "--reshard-world",
+            "1",
+            "--total-mb",
+            "4",
+            "--reps",
+            "1",
+            "--settle",
+            "0",
+            "--timeout",
+            "240",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["storage"] == "s3" and r["dir"].startswith("s3://") and r["world"] == 2 and r["reshard_worlds"] == [1]
+    libraries = ["dist_ckpt", "dcp_s3fs"] + (["s3torchconnector"] if "s3torchconnector" not in r["missing"] else [])
+    assert r["verified"] == {f"{step}_{k}": True for step in ("load", "reshard_2to1") for k in libraries}
+    f, c = r["figures"], r["ceilings"]
+    for step, d in (("save", f["save_GBps"]), ("load", f["load_GBps"]), ("reshard", f["reshard_load_GBps"]["2to1"])):
+        for name in libraries:
+            assert d[name] > 0, (step, name)
+    assert c["upload_GBps"] == max(f["save_GBps"][v] for v in c["variants"]["upload"]) > 0
+    assert c["get_GBps"] == max(f["load_GBps"][v] for v in c["variants"]["get"]) > 0
+    for key in ("save_vs_dcp", "save_vs_upload_ceiling", "load_vs_dcp", "load_vs_get_ceiling", "reshard_load_vs_dcp_2to1", "reshard_load_vs_get_ceiling_2to1"):
+        assert r["ratios"][key] > 0, key
+    assert "the local S3 server" in out.stdout and "is the bottleneck" in out.stdout

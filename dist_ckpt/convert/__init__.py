@@ -60,6 +60,7 @@ from typing import Any
 
 from ..errors import PickleNotAllowed
 from ..flatten import KeyPath, flatten
+from ..storage import get_storage
 from ._common import _ASK_FIRST, _TRUST, FORMATS, ConvertError, ConvertResult, LazyTensor, Meter, Options, Progress, local_path
 from .sinks import SINKS, is_tensor, meta
 from .sources import SOURCES, _nest, detect_format
@@ -110,6 +111,24 @@ def select_leaves(leaves: dict[KeyPath, Any], select: str, strip_prefix: bool) -
     return out
 
 
+def _check_dst(dst: str, to: str) -> None:
+    """Refuse an existing ``dst``, and a non-local one for the formats written as local files.
+
+    Raises:
+        ConvertError: ``dst`` exists, or only the dist_ckpt sink can write to its scheme.
+    """
+    remote = "://" in dst and not dst.startswith("file://")
+    if remote and to != "dist_ckpt":
+        raise ConvertError(f"--to {to} writes local files; {dst} is not a local path (only --to dist_ckpt writes to {dst.split('://', 1)[0]}://)")
+    if remote:
+        storage, path = get_storage(dst)
+        exists = storage.exists(path)  # on S3: anything stored under the prefix
+    else:
+        exists = os.path.lexists(local_path(dst))
+    if exists:
+        raise ConvertError(f"{dst} already exists; refusing to overwrite it")
+
+
 def convert(
     src: str,
     dst: str,
@@ -125,8 +144,9 @@ def convert(
     """Convert the checkpoint at ``src`` into a new ``to``-format checkpoint at ``dst``.
 
     Args:
-        src: a dist_ckpt checkpoint, a DCP directory, a ``torch.save`` or a ``.safetensors`` file (detected).
-        dst: output path; must not exist.
+        src: a dist_ckpt checkpoint (a local path or any backend's URL, e.g. ``s3://``), a local DCP
+            directory, ``torch.save`` or ``.safetensors`` file (detected).
+        dst: output path; must not exist. ``s3://`` (or another backend's URL) only with ``to="dist_ckpt"``.
         to: one of :data:`FORMATS`.
         trust_pickle: allow unpickling: needed to read DCP input and ``torch.save`` input
             that ``weights_only=True`` refuses, and to write dist_ckpt values stored
@@ -155,8 +175,7 @@ def convert(
         raise PickleNotAllowed(trust_message(fmt))
     if strip_prefix and select is None:
         raise ConvertError("--strip-prefix (strip_prefix) needs --select PREFIX: the prefix to strip")
-    if os.path.lexists(local_path(dst)):
-        raise ConvertError(f"{dst} already exists; refusing to overwrite it")
+    _check_dst(dst, to)
     opts = Options(fmt, trust_pickle, pickle_objects)
     leaves, structure = flatten(SOURCES[fmt](src, rank, trust_pickle))
     if select is not None:

@@ -157,7 +157,9 @@ def _write_dist_ckpt(leaves: dict[KeyPath, Any], structure: Any, dst: str, meter
                 except PickleNotAllowed as e:
                     raise PickleNotAllowed(f"{e} (command line: --pickle-objects)") from e
         batch.flush()
-        manifest = Manifest(1, tuple(batch.files), batch.entries, objects, structure, user_meta={"converted_from": opts.src_format})
+        # As a save's commit does: the MANIFEST names what the storage stored (S3 adds the save id to each name).
+        files = tuple(storage.stored_name(target, f) for f in batch.files)
+        manifest = Manifest(1, files, batch.entries, objects, structure, user_meta={"converted_from": opts.src_format})
         data = manifest.to_msgpack()
         Manifest.from_msgpack(data)  # the same validation a load applies, before anything is published
         storage.publish(target, data)

@@ -40,6 +40,8 @@ def detect_format(path: str) -> str:
         find_committed(storage, p)  # an interrupted overwrite leaves the checkpoint under <path>.old-*
         return "dist_ckpt"
     except CheckpointNotFound:
+        if "://" in local and storage.exists(f"{p.rstrip('/')}/.metadata"):
+            raise ConvertError(f"{path} is a DCP checkpoint; convert reads DCP checkpoints from local directories only: copy it here first") from None
         if os.path.isdir(local) and not os.path.isdir(os.path.join(local, "data")):
             raise ConvertError(f"{path} is a directory but neither a dist_ckpt checkpoint (no {MANIFEST}) nor a DCP one (no .metadata)") from None
         raise
