@@ -151,6 +151,23 @@ class TransportError(DistCkptError, ConnectionError):
     """The coordinator link cannot be secured (e.g. libzmq without CURVE)."""
 
 
+class PeerError(DistCkptError, ConnectionError):
+    """A node-local tier peer (another rank's peer service) failed, refused a request or did not answer in time.
+
+    Attributes:
+        rank: the peer's rank.
+        file: the file (or step) the request was about ("" for none).
+        what: what went wrong.
+    """
+
+    def __init__(self, rank: int, file: str, what: str) -> None:
+        self.rank, self.file, self.what = rank, file, what
+        super().__init__(f"peer rank {rank}{f' ({file})' if file else ''}: {what}")
+
+    def __reduce__(self) -> tuple[type, tuple[int, str, str]]:  # picklable across processes (a rank's error comes back to a test)
+        return type(self), (self.rank, self.file, self.what)
+
+
 class SecretError(DistCkptError, PermissionError):
     """The job secret is missing, or its key file is not safe to trust (owner, mode, type)."""
 
