@@ -53,7 +53,7 @@ import zmq
 from ..errors import PeerError, bounded_repr
 from ..layout_names import DATA_DIR, DATA_FILE_RE, MANIFEST
 from ..logs import get_logger
-from ..storage import STREAM_ALIGN, WRITE_PIECE, WriteStream
+from ..storage import STREAM_ALIGN, WRITE_PIECE, ReadHandle, WriteStream
 from ..storage.local import LocalStorage
 from ..transport import ConnectionGate, ZapGate, pending_cap, require_curve, secure_client, secure_server
 from . import layout
@@ -84,6 +84,7 @@ _OPS: dict[str, tuple[tuple[str, ...], int]] = {
     "publish": (("step", "save"), 0),
     "abort": (("step", "save"), 0),
     "read": (("step", "name", "offset", "length"), 0),
+    "size": (("step", "name"), 0),
     "inventory": ((), 0),
     "remove": (("step",), 0),
 }
@@ -298,11 +299,22 @@ class PeerService:
         self._local.abort(self._local.save_target(layout.step_dir(self.local_root, req["step"]), req["save"], True))
         return {}, None
 
-    def _op_read(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
+    def _committed(self, req: dict) -> ReadHandle:
+        """An open handle on file ``name`` of committed step ``step`` of this node."""
         root = layout.step_dir(self.local_root, req["step"])
         if not os.path.isfile(f"{root}/{MANIFEST}"):
             raise FileNotFoundError(f"step {req['step']} is not committed on this node")
-        handle = self._local.open_in(root, req["name"])  # no link followed below the step
+        return self._local.open_in(root, req["name"])  # no link followed below the step
+
+    def _op_size(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
+        handle = self._committed(req)
+        try:
+            return {"size": handle.size()}, None
+        finally:
+            handle.close()
+
+    def _op_read(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
+        handle = self._committed(req)
         try:
             buf = bytearray(req["length"])
             n = handle.preadv([memoryview(buf)], req["offset"])
@@ -523,6 +535,17 @@ class PeerClient:
             return _check_inventory(steps)
         except ValueError as e:
             raise self.error("inventory", f"malformed inventory: {e}") from None
+
+    def size(self, step: int, name: str) -> int:
+        """The size of file ``name`` of committed ``step`` on the peer's node.
+
+        Raises:
+            PeerError: the peer refused (no such step or file), failed or did not answer.
+        """
+        size = self._call({"op": "size", "step": step, "name": layout.check_name(name)}, name).get("size")
+        if type(size) is not int or not 0 <= size <= MAX_FILE_BYTES:
+            raise self.error(name, f"size: malformed reply ({bounded_repr(size)})")
+        return size
 
     def read(self, step: int, name: str, offset: int, out: memoryview) -> int:
         """Read ``len(out)`` bytes of file ``name`` of committed ``step`` from ``offset`` into ``out``.
