@@ -285,14 +285,11 @@ def test_6_resharded_restart_from_the_local_tier(matrix: dict[int, dict[str, Any
 # -- settings and topology ----------------------------------------------------------------
 
 
-def _one_node_job(rank: int, world: int, base: str) -> str:
-    try:
-        _manager(base, rank, (0, 0))
-    except ValueError as e:
-        return str(e)
-    return "constructed"
-
-
-def test_fewer_nodes_than_replicas_plus_one_is_refused(tmp_path: Path) -> None:
-    out = run_ranks(_one_node_job, 2, str(tmp_path), env=FAST, timeout=60)
-    assert all("replicas=1 needs at least 2 nodes" in v for v in out.values()), out
+def test_fewer_nodes_than_replicas_plus_one_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIST_CKPT_NODE_ID", "only")  # one process, one node
+    with pytest.raises(ValueError, match="replicas=1 needs at least 2 nodes"):
+        dc.CheckpointManager(str(tmp_path / "root"), local_dir=str(tmp_path / "local"), replicas=1)
+    with pytest.raises(ValueError, match="local_keep must be >= 1"):
+        dc.CheckpointManager(str(tmp_path / "root"), local_dir=str(tmp_path / "local"), replicas=0, local_keep=0)
+    with dc.CheckpointManager(str(tmp_path / "root"), replicas=1) as mgr:  # no local_dir: no tier, as before
+        assert mgr.local_dir is None and mgr.last_restore is None
