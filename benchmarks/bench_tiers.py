@@ -114,7 +114,9 @@ def _timed_load(make: Callable[[], Any], sd: dict[str, Any], before: Callable[[]
     mine = time.perf_counter() - t0
     info = mgr.last_restore
     mgr.close()
-    return {"seconds": _slowest(mine), "step": step, "tier": info.tier if info else "durable", "rank_seconds": mine}
+    tiers: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(tiers, info.tier if info else "durable")
+    return {"seconds": _slowest(mine), "step": step, "tiers": tiers}
 
 
 def _drop_cache(root: str) -> None:
@@ -212,9 +214,9 @@ def report(a: argparse.Namespace, r: dict[str, Any]) -> dict[str, Any]:
     print(f"  {'':34} {'blocked s':>10} {'committed s':>12}")
     print(f"  {'durable save (disk)':34} {ds['blocked_s']:10.3f} {ds['committed_s']:12.3f}")
     print(f"  {'local-tier save (tmpfs, 1 replica)':34} {ls['blocked_s']:10.3f} {ls['committed_s']:12.3f}")
-    print(f"  {'restore':34} {'seconds':>10} {'tier':>12}")
+    print(f"  {'restore':34} {'seconds':>10}   tier")
     for name, x in (("local (every node intact)", lr), ("peer (last node wiped)", pr), ("durable, cold", dr)):
-        print(f"  {name:34} {x['seconds']:10.3f} {x['tier']:>12}")
+        print(f"  {name:34} {x['seconds']:10.3f}   {'/'.join(x['tiers'])} (per rank)")
     for k, (op, v) in targets.items():
         print(f"  {k:34} {ratios[k]:10.2f}   target {op} {v}: {'met' if met[k] else 'MISSED'}")
     return {**r, "ratios": ratios, "targets_met": met, "world": a.world, "per_node": a.per_node, "total_mb": mb}

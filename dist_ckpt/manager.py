@@ -25,6 +25,11 @@ together, in the same order; the manager itself calls no torch collective)::
                skipped one aside as ``step-N.bad-*``
     close      (all ranks) wait for the save in flight, close the checkpointer
 
+With ``local_dir`` (the node-local tier) ``save`` and ``load()`` without a step
+go through :mod:`dist_ckpt.tier.manager_tier` instead (local saves with
+replicas, every ``persist_every``-th also here; restart from the newest step
+complete over all tiers); the root, its retention and clean-up stay as above.
+
 Only rank 0 creates or removes directories, and only at points where no other
 rank can be reading what it removes: stale entries at start (before any save
 of this job), incomplete ones before the save that replaces them, and old
@@ -480,11 +485,16 @@ class CheckpointManager:
         counting it: retention then removes the step loaded only for steps this
         job commits itself.
 
+        With a node-local tier (``local_dir``) and ``step=None``: the newest step complete over
+        all tiers (local, then peers' replicas, then ``root``); ``last_restore`` says where this
+        rank's bytes came from. An explicit ``step`` reads ``root``.
+
         Returns:
             The step loaded.
 
         Raises:
-            CheckpointNotFound: no committed checkpoint under ``root`` (or ``step`` is not committed).
+            CheckpointNotFound: no committed checkpoint under ``root`` (or ``step`` is not committed;
+                with a local tier: nor a complete local step).
             LoadMismatchError: (strict) keys, shapes or dtypes differ from the checkpoint.
             ChecksumError, ManifestError, DataFileError: the given ``step`` is damaged.
             CheckpointError: (``step=None``) every committed step is damaged, or another
