@@ -293,3 +293,18 @@ def test_fewer_nodes_than_replicas_plus_one_is_refused(tmp_path: Path, monkeypat
         dc.CheckpointManager(str(tmp_path / "root"), local_dir=str(tmp_path / "local"), replicas=0, local_keep=0)
     with dc.CheckpointManager(str(tmp_path / "root"), replicas=1) as mgr:  # no local_dir: no tier, as before
         assert mgr.local_dir is None and mgr.last_restore is None
+
+
+def _broken_local_dir_job(rank: int, world: int, base: str) -> str:
+    try:
+        _manager(base, rank, (0, 1))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return "constructed"
+
+
+def test_a_rank_whose_local_dir_cannot_be_used_fails_every_rank_at_once(tmp_path: Path) -> None:
+    (tmp_path / "local1").write_text("a file where node 1's local directory should be")
+    out = run_ranks(_broken_local_dir_job, 2, str(tmp_path), env=FAST, timeout=60)  # the other rank used to wait for it forever
+    assert out[1].startswith(("NotADirectoryError", "FileExistsError")), out
+    assert out[0].startswith("CheckpointError") and "rank(s) [1] could not start their peer service" in out[0], out

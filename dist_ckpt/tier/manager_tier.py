@@ -89,9 +89,13 @@ class LocalTier:
         self.local_root = layout.local_root(local_dir, root)
         self._saves = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="dist_ckpt-tier")
-        os.makedirs(self.local_root, exist_ok=True)
         timeout = session.config.heartbeat_timeout_s  # a peer silent that long is dead, as a rank is to the coordinator
-        self.service = PeerService(self.local_root, session.secret, self.rank, self.world, job_interface(os.environ.get("MASTER_ADDR")))
+        try:
+            os.makedirs(self.local_root, exist_ok=True)
+            self.service = PeerService(self.local_root, session.secret, self.rank, self.world, job_interface(os.environ.get("MASTER_ADDR")))
+        except Exception as e:  # the other ranks wait for this rank's hello: tell them why instead of letting them hang
+            self._exchange("hello", {"error": f"{type(e).__name__}: {e}"[:2000]}, wait=False)
+            raise
         try:
             hello = self._exchange("hello", {"node": node_id_from_env(), "address": self.service.address})
             ids, addresses = self._check_hello(hello)
@@ -119,13 +123,16 @@ class LocalTier:
 
     # -- the store exchange -------------------------------------------------------
 
-    def _exchange(self, name: str, value: Any) -> list[Any]:
-        """Every rank's ``value`` (msgpack-native) for exchange ``name``; blocks until all have published."""
+    def _exchange(self, name: str, value: Any, wait: bool = True) -> list[Any]:
+        """Every rank's ``value`` (msgpack-native) for exchange ``name``; blocks until all have published
+        (``wait=False``: only publishes this rank's, and returns ``[]``)."""
         if self.world == 1:
             return [value]
         store = _store(None)
         prefix = f"dist_ckpt/{self.session.job}/tier/{name}"
         store.set(f"{prefix}/{self.rank}", msgpack.packb(value))  # type: ignore[arg-type]  # takes bytes too
+        if not wait:
+            return []
         out = []
         for r in range(self.world):
             raw = store.get(f"{prefix}/{r}")
@@ -139,6 +146,9 @@ class LocalTier:
 
     def _check_hello(self, hello: list[Any]) -> tuple[list[str], list[str]]:
         ids, addresses = [], []
+        failed = {r: h["error"] for r, h in enumerate(hello) if isinstance(h, dict) and isinstance(h.get("error"), str)}
+        if failed:
+            raise CheckpointError(f"[rank {self.rank}] node-local tier: rank(s) {sorted(failed)} could not start their peer service", failed)
         for r, h in enumerate(hello):
             node, address = (h.get("node"), h.get("address")) if isinstance(h, dict) else (None, None)
             if not (isinstance(node, str) and 0 < len(node) <= 128 and isinstance(address, str) and ADDRESS_RE.match(address)):
