@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -35,6 +36,15 @@ def service(tmp_path):
     svc = PeerService(str(tmp_path / "node1" / "job"), SECRET, rank=1, world=3, host="127.0.0.1")
     yield svc
     svc.close()
+
+
+@pytest.fixture
+def closing():
+    """``closing(x)`` returns ``x`` and closes it when the test ends, passed or failed (a socket left open blocks its context)."""
+    things: list = []
+    yield lambda x: things.append(x) or x
+    for x in reversed(things):
+        x.close()
 
 
 def _committed(client: PeerClient, step: int, files: dict[str, bytes], manifest: bytes = b"the manifest") -> None:
@@ -96,11 +106,12 @@ def test_abort_removes_the_save_and_keeps_committed_steps(service):
     client.close()
 
 
-def test_wrong_secret_gets_no_answer_and_no_file(service):
-    client = PeerClient(service.address, b"not the job's secret, 32 bytes!", rank=0, timeout_s=1.5, peer=1)
-    with pytest.raises(PeerError, match=r"peer rank 1 \(data/r00000.bin\): replica open: no reply within 1.5 s"):
+def test_wrong_secret_fails_the_handshake_and_writes_nothing(service):
+    # a long timeout: the failed handshake itself fails the request, not the wait
+    client = PeerClient(service.address, b"not the job's secret, 32 bytes!", rank=0, timeout_s=60, peer=1)
+    with pytest.raises(PeerError, match=r"peer rank 1 \(data/r00000.bin\): replica open: the CURVE handshake with the peer failed"):
         client.replica(1, "s-1", "data/r00000.bin")
-    with pytest.raises(PeerError, match="inventory: no reply"):
+    with pytest.raises(PeerError, match="inventory: the CURVE handshake with the peer failed"):
         client.inventory()
     assert os.listdir(service.local_root) == []
     deadline = time.monotonic() + 5
@@ -111,10 +122,26 @@ def test_wrong_secret_gets_no_answer_and_no_file(service):
 
 
 def test_a_rank_outside_the_world_is_refused(service):
-    client = PeerClient(service.address, SECRET, rank=3, timeout_s=1.5, peer=1)  # world is 3: ranks 0..2
-    with pytest.raises(PeerError, match="no reply"):
+    client = PeerClient(service.address, SECRET, rank=3, timeout_s=60, peer=1)  # world is 3: ranks 0..2
+    with pytest.raises(PeerError, match="inventory: the peer refused this rank's key"):
         client.inventory()
     client.close()
+
+
+def test_a_closed_service_refuses_at_once(tmp_path):
+    svc = PeerService(str(tmp_path / "job"), SECRET, rank=1, world=2, host="127.0.0.1")
+    svc.close()
+    client = PeerClient(svc.address, SECRET, rank=0, timeout_s=60, peer=1)
+    with pytest.raises(PeerError, match=r"peer rank 1: inventory: the peer refused the connection"):
+        client.inventory()
+    client.close()
+
+
+def test_a_silent_peer_times_out_naming_it(closing):
+    mute = closing(socket.create_server(("127.0.0.1", 0)))  # accepts the TCP connection (backlog), never speaks
+    client = closing(PeerClient(f"tcp://127.0.0.1:{mute.getsockname()[1]}", SECRET, rank=0, timeout_s=1, peer=4))
+    with pytest.raises(PeerError, match=r"peer rank 4 \(data/r00000.bin\): read: no reply within 1.0 s"):
+        client.read(0, "data/r00000.bin", 0, memoryview(bytearray(10)))
 
 
 class Raw:
@@ -163,8 +190,8 @@ HOSTILE = [
 ]
 
 
-def test_crafted_requests_from_a_secret_holder_get_error_replies(service, tmp_path):
-    raw = Raw(service.address)
+def test_crafted_requests_from_a_secret_holder_get_error_replies(service, tmp_path, closing):
+    raw = closing(Raw(service.address))
     for header in HOSTILE:
         reply = raw.op(**header)
         assert reply["id"] == 1 and reply["ok"] is False and reply["err"], header
@@ -175,19 +202,16 @@ def test_crafted_requests_from_a_secret_holder_get_error_replies(service, tmp_pa
     assert raw.op(op="inventory")["steps"] == {}
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["job", "node1"]
     assert sum(service.refused.values()) >= len(HOSTILE)
-    raw.close()
 
 
-def test_a_secret_holder_cannot_write_into_a_connection_it_did_not_open(service):
-    owner, other = Raw(service.address, rank=0), Raw(service.address, rank=0)
+def test_a_secret_holder_cannot_write_into_a_connection_it_did_not_open(service, closing):
+    owner, other = closing(Raw(service.address, rank=0)), closing(Raw(service.address, rank=0))
     where = {"step": 1, "save": "s", "name": "data/r00000.bin"}
     assert owner.op(op="open", **where)["ok"]
     reply = other.ask(msgpack.packb({"id": 1, "op": "write", "offset": 0, **where}), b"z" * 10)
     assert not reply["ok"] and "not open on this connection" in reply["err"]
     reply = owner.ask(msgpack.packb({"id": 1, "op": "write", "offset": 3, **where}), b"z" * 10)
     assert not reply["ok"] and "aligned" in reply["err"]
-    owner.close()
-    other.close()
 
 
 def test_reads_never_follow_a_link_inside_a_committed_step(service, tmp_path):
@@ -206,14 +230,16 @@ def test_reads_never_follow_a_link_inside_a_committed_step(service, tmp_path):
     client.close()
 
 
-def test_an_oversized_frame_drops_only_that_connection(service):
-    raw = Raw(service.address)
+def test_an_oversized_frame_drops_only_that_connection(service, closing):
+    raw = closing(Raw(service.address))
+    monitor = raw.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     raw.sock.send_multipart([msgpack.packb({"id": 1, "op": "inventory"}), bytes(MAX_FRAME + 1)])
-    assert not raw.sock.poll(1500), "libzmq must drop the frame over ZMQ_MAXMSGSIZE, not deliver it"
-    raw.close()
-    client = PeerClient(service.address, SECRET, rank=2, timeout_s=10, peer=1)
+    assert monitor.poll(10000), "libzmq must drop the connection sending a frame over ZMQ_MAXMSGSIZE"
+    assert not raw.sock.poll(0) and service.refused["inventory"] == 0  # the request never reached the service
+    raw.sock.disable_monitor()
+    monitor.close(linger=0)
+    client = closing(PeerClient(service.address, SECRET, rank=2, timeout_s=10, peer=1))
     assert client.inventory() == {}
-    client.close()
 
 
 CHILD = textwrap.dedent(
@@ -238,19 +264,19 @@ def child_service(tmp_path):
 
 def test_a_sigkilled_partner_fails_the_replica_stream_naming_it(child_service):
     proc, address = child_service
-    client = PeerClient(address, SECRET, rank=0, timeout_s=2, peer=1)
+    client = PeerClient(address, SECRET, rank=0, timeout_s=60, peer=1)  # the lost connection fails it, not the wait
     stream = client.replica(1, "s-1", "data/r00000.bin")
     stream.write_pieces(memoryview(os.urandom(2 * MiB)), 0)
     stream.sync()  # the partner is alive: acked
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    with pytest.raises(PeerError, match=r"peer rank 1 \(data/r00000.bin\): replica (write|sync): no reply within 2.0 s") as e:
+    with pytest.raises(PeerError, match=r"peer rank 1 \(data/r00000.bin\): replica (write|sync): the connection to the peer was lost") as e:
         stream.write_pieces(memoryview(bytes(8 * MiB)), 2 * MiB)
         stream.sync()
     assert e.value.rank == 1 and e.value.file == "data/r00000.bin"
     with pytest.raises(PeerError, match="replica"):
         stream.sync()  # the stream stays broken
     stream.close()
-    with pytest.raises(PeerError, match=r"peer rank 1 \(data/r00000.bin\): read: no reply"):
+    with pytest.raises(PeerError, match=r"peer rank 1 \(data/r00000.bin\): read: the peer refused the connection"):
         client.read(1, "data/r00000.bin", 0, memoryview(bytearray(10)))
     client.close()

@@ -189,6 +189,6 @@ def _partner_killed(rank, world, tmp):
 def test_a_partner_sigkilled_during_a_save_fails_it_naming_the_partner_and_keeps_the_previous_step(tmp_path):
     out = run_ranks(_partner_killed, 2, str(tmp_path), env=FAST)
     for rank, (error, _) in out.items():
-        assert "rank 0" in error and "peer rank 1 (data/r00000.bin)" in error and "no reply within 2.0 s" in error, (rank, error)
+        assert "rank 0" in error and "peer rank 1 (data/r00000.bin)" in error and "connection" in error, (rank, error)
     assert out[0][1] == ["step-00000001"]  # the previous local step is intact, the failed one removed
     assert layout.committed_steps(str(tmp_path / "node0" / KEY)).keys() == {1}

@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import hmac
+import operator
 import os
 import resource
 import threading
@@ -49,6 +51,7 @@ from typing import Any, Callable, Iterator
 
 import msgpack
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from ..errors import PeerError, bounded_repr
 from ..layout_names import DATA_DIR, DATA_FILE_RE, MANIFEST
@@ -367,8 +370,25 @@ def _client_context() -> zmq.Context:
         return _CTX
 
 
+# Connection events that lose every request in flight: the waiting side fails at once instead of at its timeout.
+_LOST: dict[zmq.Event, str] = {
+    zmq.EVENT_DISCONNECTED: "the connection to the peer was lost (its process died or closed it)",
+    zmq.EVENT_CONNECT_RETRIED: "the peer refused the connection (no service listens there: its process is gone?)",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the peer refused this rank's key (another job, or a rank outside its world)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the CURVE handshake with the peer failed (not a peer of this job, or another secret)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the CURVE handshake with the peer failed (not a peer of this job, or another secret)",
+}
+_HEARTBEAT_MS, _HEARTBEAT_TIMEOUT_MS = 2000, 10000  # a silent host (powered off, cut off) drops the connection in ~10 s
+
+
 class _Conn:
-    """One DEALER connection to a peer service, used by one thread at a time."""
+    """One DEALER connection to a peer service, used by one thread at a time.
+
+    Its monitor socket reports the connection's fate: a disconnect, a refused
+    connect or a failed handshake fails the request being waited for at once
+    (the request is lost: libzmq reconnects, but never resends). ZMTP
+    heartbeats make a silent host count as disconnected.
+    """
 
     def __init__(self, address: str, key: bytes, rank: int, error: Callable[[str, str], PeerError]) -> None:
         self._error = error
@@ -376,9 +396,31 @@ class _Conn:
         self.sock.setsockopt(zmq.LINGER, 0)
         for opt in (zmq.RCVHWM, zmq.SNDHWM):
             self.sock.setsockopt(opt, WINDOW + 2)
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_MS)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
         secure_client(self.sock, key, rank, MAX_FRAME)
+        self.monitor = self.sock.get_monitor_socket(functools.reduce(operator.or_, _LOST))
         self.sock.connect(address)
         self._ids = iter(range(1 << 62))
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self.monitor, zmq.POLLIN)
+
+    def forget_events(self) -> None:
+        """Drop connection events queued while idle (a pooled connection that since reconnected is fine)."""
+        while True:
+            try:
+                self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    def _lost(self) -> str | None:
+        """What a queued connection event says happened, or None."""
+        try:
+            event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            return None
+        return _LOST.get(zmq.Event(event["event"]))
 
     def send(self, header: dict[str, Any], data: Any = None) -> int:
         """Queue one request; returns its id (never blocks: the window keeps the queue short)."""
@@ -397,12 +439,19 @@ class _Conn:
 
         Raises:
             ValueError: the reply is malformed.
+            ConnectionAbortedError: the connection was lost (the text says how); the request is gone.
         """
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+            ready = dict(self._poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+            if not ready:
                 return None
+            if self.sock not in ready:
+                lost = self._lost()
+                if lost is not None:
+                    raise ConnectionAbortedError(lost)
+                continue
             frames = self.sock.recv_multipart(copy=False)
             header = msgpack.unpackb(frames[0].bytes, raw=False, strict_map_key=False)
             if not isinstance(header, dict) or type(header.get("id")) is not int or type(header.get("ok")) is not bool or len(frames) > 2:
@@ -411,6 +460,8 @@ class _Conn:
                 return header, frames[1].buffer if len(frames) == 2 else None
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
         self.sock.close(linger=0)
 
 
@@ -445,7 +496,11 @@ class PeerClient:
         with self._lock:
             if self._closed:
                 raise PeerError(self.peer, "", f"the client of {self.address} is closed")
-            return self._idle.pop() if self._idle else _Conn(self.address, self._key, self.rank, self.error)
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            return _Conn(self.address, self._key, self.rank, self.error)
+        conn.forget_events()
+        return conn
 
     def _give_back(self, conn: _Conn) -> None:
         with self._lock:
@@ -472,6 +527,8 @@ class PeerClient:
         """Wait for the reply to ``rid``; an error reply, a malformed one or none in time raise PeerError."""
         try:
             got = conn.recv(rid, self.timeout_s)
+        except ConnectionAbortedError as e:
+            raise self.error(file, f"{op}: {e}") from None
         except (ValueError, msgpack.UnpackException) as e:
             raise self.error(file, f"{op}: malformed reply ({e})") from e
         if got is None:
