@@ -11,6 +11,8 @@ sharded over all ranks, ``--total-mb`` in all), and measures, medians over
   seconds blocked (until the state may change) and until committed;
 * local-tier save (``local_dir`` on tmpfs, ``replicas=1``, no durable save in
   between): blocked and until committed on every node (replicas included);
+  and with ``persist_every=1`` (each save local, then durable from the same
+  staged bytes): blocked, and until both tiers are committed;
 * restore from the local tier (every node intact), from peers (the last node's
   local directory wiped: its ranks read their replicas over ZeroMQ), and from
   the durable tier cold (page cache of its files dropped: fadvise DONTNEED,
@@ -160,6 +162,9 @@ def worker(a: argparse.Namespace) -> None:
 
     with tiered() as mgr:
         out["local_save"] = _timed_saves(mgr, sd, 1, a.saves)
+    both = f"{a.base}/durable-every-save"  # persist_every=1: each save local, then durable from the same staged bytes
+    with dc.CheckpointManager(both, keep_last=2, local_dir=f"{local_dir}-both", replicas=1, persist_every=1, local_keep=2) as mgr:
+        out["local_and_durable_save"] = _timed_saves(mgr, sd, 1, a.saves)
     out["local_restore"] = _timed_load(tiered, sd)
     last_node = (world - 1) // a.per_node
     wipe = (lambda: shutil.rmtree(layout.local_root(local_dir, tier_root))) if node == last_node and rank % a.per_node == 0 else (lambda: None)
@@ -214,6 +219,8 @@ def report(a: argparse.Namespace, r: dict[str, Any]) -> dict[str, Any]:
     print(f"  {'':34} {'blocked s':>10} {'committed s':>12}")
     print(f"  {'durable save (disk)':34} {ds['blocked_s']:10.3f} {ds['committed_s']:12.3f}")
     print(f"  {'local-tier save (tmpfs, 1 replica)':34} {ls['blocked_s']:10.3f} {ls['committed_s']:12.3f}")
+    lds = r["local_and_durable_save"]
+    print(f"  {'local, then durable (persist 1)':34} {lds['blocked_s']:10.3f} {lds['committed_s']:12.3f}")
     print(f"  {'restore':34} {'seconds':>10}   tier")
     for name, x in (("local (every node intact)", lr), ("peer (last node wiped)", pr), ("durable, cold", dr)):
         print(f"  {name:34} {x['seconds']:10.3f}   {'/'.join(x['tiers'])} (per rank)")
