@@ -147,10 +147,11 @@ def test_a_silent_peer_times_out_naming_it(closing):
 class Raw:
     """A holder of the job's secret speaking the protocol by hand (rank ``rank``'s keys)."""
 
-    def __init__(self, address: str, rank: int = 0) -> None:
+    def __init__(self, address: str, rank: int = 0, rcvhwm: int = 1000) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         secure_client(self.sock, peer_secret(SECRET), rank, MAX_FRAME)
         self.sock.connect(address)
 
@@ -280,3 +281,47 @@ def test_a_sigkilled_partner_fails_the_replica_stream_naming_it(child_service):
     with pytest.raises(PeerError, match=r"peer rank 1 \(data/r00000.bin\): read: the peer refused the connection"):
         client.read(1, "data/r00000.bin", 0, memoryview(bytearray(10)))
     client.close()
+
+
+MEMORY_CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    from dist_ckpt.tier import layout
+    from dist_ckpt.tier.peer import PeerService, PIECE_BYTES
+    root = sys.argv[1]
+    step = layout.step_dir(root, 1)
+    os.makedirs(step + "/data")
+    with open(step + "/data/r00000.bin", "wb") as f:
+        f.write(os.urandom(PIECE_BYTES))
+    with open(step + "/MANIFEST", "wb") as f:
+        f.write(b"m")
+    svc = PeerService(root, bytes(range(32)), rank=1, world=2, host="127.0.0.1")
+    def hwm():
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) << 10
+    base = hwm()
+    print(svc.address, flush=True)
+    want = int(sys.stdin.readline())
+    deadline = time.monotonic() + 60
+    while svc.served["read"] < want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(svc.served["read"], hwm() - base, flush=True)
+    """
+)
+
+
+def test_a_secret_holder_asking_for_more_than_it_reads_cannot_grow_the_services_memory(tmp_path, closing):
+    proc = subprocess.Popen([sys.executable, "-c", MEMORY_CHILD, str(tmp_path / "job")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        raw = closing(Raw(proc.stdout.readline().strip(), rcvhwm=1))  # it takes in one reply, then TCP pushes back
+        asks = 48  # 48 x 16 MiB of replies asked for, none read: 768 MiB if the service queued them all
+        for i in range(asks):
+            raw.sock.send_multipart([msgpack.packb({"id": i, "op": "read", "step": 1, "name": "data/r00000.bin", "offset": 0, "length": PIECE_BYTES})])
+        proc.stdin.write(f"{asks}\n")
+        proc.stdin.flush()
+        served, growth = map(int, proc.stdout.readline().split())
+        assert served == asks
+        # WINDOW + 2 replies queued per connection (the rest dropped), plus one being read and the TCP buffers
+        assert growth < 12 * PIECE_BYTES, f"the service grew by {growth >> 20} MiB"
+    finally:
+        proc.kill()
+        proc.wait()

@@ -192,3 +192,68 @@ def test_a_partner_sigkilled_during_a_save_fails_it_naming_the_partner_and_keeps
         assert "rank 0" in error and "peer rank 1 (data/r00000.bin)" in error and "connection" in error, (rank, error)
     assert out[0][1] == ["step-00000001"]  # the previous local step is intact, the failed one removed
     assert layout.committed_steps(str(tmp_path / "node0" / KEY)).keys() == {1}
+
+
+# -- the layout, in one process ---------------------------------------------------------
+
+
+def test_job_key_names_one_root_however_it_is_spelled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert layout.job_key("ckpt") == layout.job_key("./ckpt/") == layout.job_key(str(tmp_path / "ckpt"))
+    assert layout.job_key("S3://bucket/run/") == layout.job_key("s3://bucket/run") != layout.job_key("s3://bucket/run2")
+    assert layout.local_root("/dev/shm/x/", "ckpt") == f"/dev/shm/x/{layout.job_key('ckpt')}" and len(layout.job_key("ckpt")) == 16
+
+
+def test_a_save_location_parses_back_to_step_and_save_id_and_nothing_else_does():
+    assert layout.parse_location(f"{KEY}/step-00000012.tmp-abcd1234-7") == (12, "abcd1234-7")
+    for bad in (f"{KEY}/step-00000012", f"{KEY}/step-00000012.old-x", "step-12.tmp-x", f"{KEY}/step-00000001.tmp-a.b", "step-00000001.tmp-"):
+        with pytest.raises(ValueError):
+            layout.parse_location(bad)
+
+
+def test_committed_steps_count_only_regular_files_of_steps_with_a_manifest(tmp_path):
+    root = str(tmp_path)
+    step = tmp_path / "step-00000003"
+    (step / "data").mkdir(parents=True)
+    (step / "MANIFEST").write_bytes(b"m")
+    (step / "data" / "r00001.bin").write_bytes(b"x" * 5)
+    (step / "data" / "notes.txt").write_bytes(b"?")
+    os.symlink("/etc/passwd", step / "data" / "r00002.bin")
+    (tmp_path / "step-00000004" / "data").mkdir(parents=True)  # no MANIFEST: not committed
+    (tmp_path / "step-00000005").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "step-00000005" / "MANIFEST")  # a link is no MANIFEST
+    (tmp_path / "step-00000006.tmp-s-1").mkdir()
+    (tmp_path / "step-00000006.old-s-0").mkdir()
+    assert layout.committed_steps(root) == {3: {"data/r00001.bin": 5}}
+    assert sorted(layout.clear_incomplete(root)) == ["step-00000006.old-s-0", "step-00000006.tmp-s-1"]
+    assert sorted(os.listdir(root)) == ["step-00000003", "step-00000004", "step-00000005"]
+    layout.remove_step(root, 3)
+    assert layout.committed_steps(root) == {} and not (tmp_path / "step-00000003").exists()
+    assert layout.committed_steps(str(tmp_path / "absent")) == {}
+
+
+def test_commit_step_needs_the_manifest_and_replaces_an_older_copy(tmp_path):
+    root = str(tmp_path)
+    tmp = layout.tmp_dir(root, 2, "s-1")
+    os.makedirs(f"{tmp}/data")
+    with pytest.raises(FileNotFoundError):
+        layout.commit_step(root, 2, "s-1")
+    open(f"{tmp}/MANIFEST", "wb").close()
+    layout.commit_step(root, 2, "s-1")
+    tmp2 = layout.tmp_dir(root, 2, "s-2")
+    os.makedirs(f"{tmp2}/data")
+    open(f"{tmp2}/data/r00000.bin", "wb").close()
+    open(f"{tmp2}/MANIFEST", "wb").close()
+    layout.commit_step(root, 2, "s-2")
+    assert os.listdir(root) == ["step-00000002"] and layout.committed_steps(root) == {2: {"data/r00000.bin": 0}}
+
+
+def test_local_tier_paths_name_this_nodes_tree_and_nothing_outside_it(tmp_path):
+    root = layout.local_root(str(tmp_path / "node0"), ROOT)
+    storage = LocalTierStorage(root, Nodes(0, (0,)), 0, {})
+    assert storage._own(f"{KEY}/step-00000001/MANIFEST") == f"{root}/step-00000001/MANIFEST" and storage._own(KEY) == root
+    for bad in ("/etc", "otherjob/step-00000001", f"{KEY}x/step-1"):
+        with pytest.raises(ValueError):
+            storage._own(bad)
+    with pytest.raises(ValueError, match="no PeerClient for rank"):
+        LocalTierStorage(root, Nodes(0, (0, 1)), 1, {})

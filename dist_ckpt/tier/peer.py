@@ -166,6 +166,7 @@ class PeerService:
         os.makedirs(local_root, exist_ok=True)
         self.local_root, self.rank = local_root, rank
         self.refused: collections.Counter[str] = collections.Counter()  # refused requests, by op ("handshake" etc. from the gate)
+        self.served: collections.Counter[str] = collections.Counter()  # requests answered ok, by op
         self.error: BaseException | None = None  # what ended the service thread, if anything did
         self._files: dict[str, _OpenFile] = {}
         self._local = LocalStorage()
@@ -235,6 +236,7 @@ class PeerService:
             req = _check_request(header, len(frames) - 1, sender)
             op = req["op"]
             extra, data = getattr(self, f"_op_{op}")(req, frames)
+            self.served[op] += 1
             return [msgpack.packb({"id": rid, "ok": True, **extra}), *([data] if data is not None else [])]
         except _Refused as e:
             self._count(op, f"refused: {e}")
