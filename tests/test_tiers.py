@@ -118,11 +118,18 @@ def _lose_rank1(steps: tuple[int, ...]) -> Callable[[Path], None]:
     return lose
 
 
-def _flip(work: Path) -> None:
-    path = _local_root(work, 0) / "step-00000003" / "data" / "r00000.bin"
+def _flip(work: Path, node: int = 0, step: int = 3) -> None:
+    path = _local_root(work, node) / f"step-{step:08d}" / "data" / "r00000.bin"
     data = bytearray(path.read_bytes())
     data[10] ^= 0x40  # inside the first chunk of rank 0's tensor data
     path.write_bytes(bytes(data))
+
+
+def _damage_everything(work: Path) -> None:
+    for node in (0, 1):
+        for step in (2, 3):
+            _flip(work, node, step)
+    shutil.rmtree(work / "root")
 
 
 FAULTS: dict[str, Callable[[Path], None]] = {
@@ -133,6 +140,7 @@ FAULTS: dict[str, Callable[[Path], None]] = {
     "flipped": _flip,
     # a crafted durable step 4 (a copy of step 2, renamed) is newer than every local step
     "durable_newer": lambda work: shutil.copytree(work / "root" / "step-00000002", work / "root" / "step-00000004"),
+    "every_copy_damaged": _damage_everything,  # and no durable step
 }
 
 
@@ -250,6 +258,13 @@ def test_7_durable_tier_used_when_no_local_step_is_newer(matrix: dict[int, dict[
     for r, o in out.items():
         assert "error" not in o and (o["step"], o["value_step"], o["exact"]) == (4, 2, True), (r, o)
         assert o["info"]["tier"] == "durable" and o["info"]["bytes_local"] == 0 and o["info"]["bytes_durable"] > 0
+
+
+def test_every_local_copy_damaged_and_nothing_durable_is_an_error_not_a_fresh_start(matrix: dict[int, dict[str, Any]]) -> None:
+    out = _case(matrix, "every_copy_damaged")
+    for r, o in out.items():  # CheckpointNotFound would make a resume-or-start loop start afresh over damaged data
+        assert o.get("error", "").startswith("CheckpointError: no committed step under"), (r, o)
+        assert "local steps [3, 2] could not be loaded" in o["error"], (r, o)
 
 
 # -- runs of their own: a killed node, other world sizes -------------------------------------------

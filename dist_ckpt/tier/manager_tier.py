@@ -343,7 +343,7 @@ class LocalTier:
                 mgr.last_restore = info
                 log.info("[rank %d] resume: %s", self.rank, info.line())
                 return cand.step
-        return self._load_durable(mgr, state_dict, strict, t0)
+        return self._load_durable(mgr, state_dict, strict, t0, [c.step for c in found])
 
     def _try_local(self, mgr: CheckpointManager, tag: int, attempt: int, cand: Candidate, state_dict: Any, strict: bool, t0: float) -> RestoreInfo | None:
         """Load local ``cand`` on every rank: the RestoreInfo when all ranks did, None when any could not."""
@@ -388,9 +388,17 @@ class LocalTier:
         values = self._exchange(f"restore/{tag}/{attempt}", mine[:4096])
         return {r: v if isinstance(v, str) else "fatal: malformed outcome" for r, v in enumerate(values)}
 
-    def _load_durable(self, mgr: CheckpointManager, state_dict: Any, strict: bool, t0: float) -> int:
-        """The durable tier, as the manager loads without a local tier (newest first, damaged ones skipped)."""
+    def _load_durable(self, mgr: CheckpointManager, state_dict: Any, strict: bool, t0: float, failed_local: list[int]) -> int:
+        """The durable tier, as the manager loads without a local tier (newest first, damaged ones skipped).
+
+        Raises:
+            CheckpointNotFound: nothing in any tier.
+            CheckpointError: local steps were there but none loaded, and nothing durable either
+                (not "not found": a loop that starts afresh on that must not do so over damaged data).
+        """
         steps = mgr.steps()
+        if not steps and failed_local:
+            raise CheckpointError(f"no committed step under {mgr.root}, and local steps {failed_local} could not be loaded (see the warnings above)")
         if not steps:
             raise CheckpointNotFound(f"no committed checkpoint under {mgr.root} and no complete local step under {self.local_root} (or on its peers)")
         counting = CountingReads(mgr._storage)
