@@ -9,6 +9,7 @@ secret sending crafted requests).
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -78,6 +79,16 @@ def test_replica_publish_inventory_read_remove_round_trip(service, tmp_path):
     assert client.read(7, MANIFEST, 0, memoryview(m)) == 100
     client.remove(7)
     assert client.inventory() == {} and os.listdir(root) == []
+    client.close()
+
+
+def test_a_client_pickled_into_another_process_works_there(service, tmp_path):
+    client = PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1)
+    _committed(client, 1, {"data/r00000.bin": b"p" * 4096})
+    code = "import pickle, sys; c = pickle.loads(sys.stdin.buffer.read()); print(c.inventory())"
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(client), capture_output=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == b"{1: {'data/r00000.bin': 4096}}", out.stderr[-2000:]
+    assert SECRET not in pickle.dumps(client)  # only the derived peer-plane key travels
     client.close()
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -174,24 +175,31 @@ def _partner_killed(rank, world, tmp):
         child.send_signal(signal.SIGKILL)
         child.wait()
     dist.barrier()
-    try:
-        ck.save(f"{KEY}/step-00000002", _state(rank, world), storage=storage)
-        error = "no error"
-    except dc.CheckpointError as e:
-        error = str(e)
+    errors = []
+    for step, replicas in ((2, 1), (3, 0)):  # a replica stream to the dead service; then only node 1's commit
+        try:
+            ck.save(f"{KEY}/step-{step:08d}", _state(rank, world), storage=LocalTierStorage(root, Nodes(rank, (0, 1)), replicas, clients))
+            errors.append("no error")
+        except dc.CheckpointError as e:
+            errors.append(str(e))
     dist.barrier()
-    ck.close()  # rank 0: the coordinator finishes the abort (every node's tmp directory) first
+    ck.close()  # rank 0: the coordinator finishes the aborts (every node's tmp directory) first
     if rank == 0:
         service.close()
-    return error, sorted(os.listdir(root)) if rank == 0 else None
+    return errors, sorted(os.listdir(root))
 
 
-def test_a_partner_sigkilled_during_a_save_fails_it_naming_the_partner_and_keeps_the_previous_step(tmp_path):
+def test_a_partner_sigkilled_fails_the_save_naming_it_and_keeps_the_previous_step(tmp_path):
     out = run_ranks(_partner_killed, 2, str(tmp_path), env=FAST)
-    for rank, (error, _) in out.items():
-        assert "rank 0" in error and "peer rank 1 (data/r00000.bin)" in error and "connection" in error, (rank, error)
-    assert out[0][1] == ["step-00000001"]  # the previous local step is intact, the failed one removed
-    assert layout.committed_steps(str(tmp_path / "node0" / KEY)).keys() == {1}
+    for rank, (errors, _) in out.items():
+        replica, commit = errors
+        assert "rank 0" in replica and "peer rank 1 (data/r00000.bin)" in replica and "connection" in replica, (rank, replica)
+        assert "node 1 (leader rank 1)" in commit and "refused the connection" in commit, (rank, commit)
+    # the previous local step is intact, the failed save removed; node 0 committed its copy of step 3 (a restart
+    # checks completeness over the nodes); node 1, whose service is gone, keeps its halves for clear_incomplete
+    assert out[0][1] == ["step-00000001", "step-00000003"]
+    assert out[1][1][0] == "step-00000001" and [n.split(".tmp-")[0] for n in out[1][1][1:]] == ["step-00000002", "step-00000003"]
+    assert layout.committed_steps(str(tmp_path / "node0" / KEY)) == {1: {"data/r00000.bin": ANY, "data/r00001.bin": ANY}, 3: {"data/r00000.bin": ANY}}
 
 
 # -- the layout, in one process ---------------------------------------------------------

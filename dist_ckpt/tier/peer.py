@@ -359,7 +359,6 @@ def _user_id(frame: zmq.Frame) -> int:
 
 _CTX_LOCK = threading.Lock()
 _CTX: zmq.Context | None = None
-_ZERO_COPY = 64 << 10  # pieces at least this large are sent without a copy (they stay unchanged until acked)
 _MAX_IDLE = 8  # connections a client keeps for reuse
 
 
@@ -431,7 +430,9 @@ class _Conn:
         if data is not None:
             frames.append(data)
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=data is None or len(data) < _ZERO_COPY)
+            # Copied (a memcpy at a fraction of CURVE's cost): the caller's buffer (a staging arena, maybe shared
+            # memory) is free again when append returns, whatever happens to the connection afterwards.
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=True)
         except zmq.ZMQError as e:  # a full queue: more in flight than the window allows, or a closed context
             raise self._error(str(header.get("name", "")), f"{header['op']}: cannot send ({e})") from e
         return rid
@@ -491,6 +492,11 @@ class PeerClient:
         self._idle: list[_Conn] = []
         self._lock = threading.Lock()
         self._closed = False
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Pickled into the checkpoint subprocess (process mode) inside a LocalTierStorage: the address,
+        # the derived peer-plane key (never the session secret) and the settings; connections are made anew.
+        return _client_with_key, (self.address, self._key, self.rank, self.timeout_s, self.peer)
 
     # -- connections ------------------------------------------------------------
 
@@ -654,6 +660,13 @@ class PeerClient:
             conn.close()
 
 
+def _client_with_key(address: str, key: bytes, rank: int, timeout_s: float, peer: int) -> PeerClient:
+    """A :class:`PeerClient` from a pickled one (``key`` is already the peer-plane key)."""
+    client = PeerClient(address, b"", rank, timeout_s, peer)
+    client._key = key
+    return client
+
+
 def _check_inventory(steps: object) -> dict[int, dict[str, int]]:
     """An inventory reply, checked: ``{step int: {data file name: size int}}``.
 
@@ -676,9 +689,9 @@ def _check_inventory(steps: object) -> dict[int, dict[str, int]]:
 class PeerWriteStream(WriteStream):
     """A replica file being written on a peer: pieces sent with a credit window of :data:`WINDOW`.
 
-    Each :meth:`append`'s data must stay unchanged until :meth:`sync` returns
-    (large pieces are sent without a copy). Once a request failed the stream
-    is broken: every later call raises the same :class:`PeerError`.
+    :meth:`append` copies the data into the message it queues, so the
+    caller's buffer is free when it returns. Once a request failed the
+    stream is broken: every later call raises the same :class:`PeerError`.
     """
 
     def __init__(self, client: PeerClient, step: int, save_id: str, name: str) -> None:
