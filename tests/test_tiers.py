@@ -14,10 +14,12 @@ from a fresh copy of it at the same paths (the local tier is keyed by the root's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,7 +42,7 @@ def _full(step: int) -> torch.Tensor:
 
 
 class _Probe:
-    """A Stateful whose ``state_dict`` (called while a save is being staged, after the local retention)
+    """A Stateful whose ``state_dict`` (called while a save is being staged, before its local retention)
     records how many local steps this node holds, and can SIGKILL its rank at a given step."""
 
     def __init__(self, local_root: str, rank: int, kill_at: int | None = None) -> None:
@@ -51,12 +53,39 @@ class _Probe:
     def state_dict(self) -> dict[str, Any]:
         if self.kill_at is not None and self.step == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # the node dies in the middle of a save the other node has started
-        entries = os.listdir(self.local_root) if os.path.isdir(self.local_root) else []
-        self.seen.append(sum(1 for e in entries if STEP_RE.match(e.split(".", 1)[0])))
+        self.seen.append(_steps_here(self.local_root))
         return {"step": self.step}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.step = sd["step"]
+
+
+def _steps_here(local_root: str) -> int:
+    """Local steps in this node's tree: committed ``step-N`` and ``step-N.tmp-*`` being written."""
+    entries = os.listdir(local_root) if os.path.isdir(local_root) else []
+    return sum(1 for e in entries if STEP_RE.match(e.split(".", 1)[0]) and ".old-" not in e)
+
+
+class _Watch:
+    """Samples this node's tree while the saves run (a thread) and keeps the most local steps seen at once."""
+
+    def __init__(self, local_root: str) -> None:
+        self.local_root, self.most = local_root, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.001):
+            with contextlib.suppress(OSError):  # an entry renamed or removed while listed
+                self.most = max(self.most, _steps_here(self.local_root))
+
+    def __enter__(self) -> "_Watch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _manager(base: str, rank: int, nodes: tuple[int, ...], **kw: Any) -> tuple[dc.CheckpointManager, str]:
@@ -66,23 +95,28 @@ def _manager(base: str, rank: int, nodes: tuple[int, ...], **kw: Any) -> tuple[d
     return dc.CheckpointManager(f"{base}/root", **args), layout.local_root(local_dir, f"{base}/root")
 
 
-def _save_job(rank: int, world: int, base: str, nodes: tuple[int, ...], steps: list[int], kill: tuple[int, tuple[int, ...]] | None) -> Any:
-    mgr, local_root = _manager(base, rank, nodes)
+def _save_job(
+    rank: int, world: int, base: str, nodes: tuple[int, ...], steps: list[int], kill: tuple[int, tuple[int, ...]] | None, async_save: bool = True
+) -> Any:
+    mgr, local_root = _manager(base, rank, nodes, async_save=async_save)
     kill_at = kill[0] if kill is not None and rank in kill[1] else None
     probe = _Probe(local_root, rank, kill_at)
     outcome: list[str] = []
-    with mgr:
+    watch = _Watch(local_root)
+    with mgr, watch:
         for step in steps:
             probe.step = step
             try:
-                _, write_f = mgr.save(step, {"w": dtensor(_full(step), world, "shard0"), "step": step, "probe": probe})  # type: ignore[misc]
-                write_f.result()
+                futures = mgr.save(step, {"w": dtensor(_full(step), world, "shard0"), "step": step, "probe": probe})
+                if futures is not None:  # async: committed in every tier once write_future is done
+                    futures[1].result()
                 outcome.append("ok")
             except dc.CheckpointError as e:
                 outcome.append(f"{type(e).__name__}: {e}")
                 break
         tiers = [s.tier for s in mgr.history]
-    return {"seen": probe.seen if rank == min(r for r, n in enumerate(nodes) if n == nodes[rank]) else None, "outcome": outcome, "tiers": tiers}
+    leader = rank == min(r for r, n in enumerate(nodes) if n == nodes[rank])
+    return {"seen": probe.seen if leader else None, "most": watch.most, "outcome": outcome, "tiers": tiers}
 
 
 def _load_job(rank: int, world: int, base: str, nodes: tuple[int, ...], count_root: bool) -> dict[str, Any]:
@@ -210,8 +244,10 @@ def test_local_saves_replicas_and_persist_every(matrix: dict[int, dict[str, Any]
 def test_8_local_tier_never_holds_more_than_local_keep(matrix: dict[int, dict[str, Any]]) -> None:
     saved = _case(matrix, "saved")
     for leader in (0, 2):
-        # while each save is staged, the step being written is about to count: at most local_keep - 1 others
-        assert saved[leader]["seen"] == [0, 1, 1], leader
+        # steps held when each save starts (before its retention): 0, 1, then local_keep
+        assert saved[leader]["seen"] == [0, 1, 2], leader
+    # sampled all along the three saves on every rank: never more than local_keep, the step being written included
+    assert all(o["most"] == 2 for o in saved.values()), {r: o["most"] for r, o in saved.items()}
     assert matrix[0]["listing"]["local"] == [["step-00000002", "step-00000003"]] * 2
 
 
@@ -271,10 +307,10 @@ def test_every_local_copy_damaged_and_nothing_durable_is_an_error_not_a_fresh_st
 
 
 def test_5_node_killed_during_a_local_save(tmp_path: Path) -> None:
-    nodes = (0, 1)  # one rank per node keeps this run small
+    nodes = (0, 1)  # one rank per node keeps this run small; sync saves (the matrix's are async)
     # Rank 1 (all of node 1) dies as it starts the save of step 2; rank 0 is already in it (waiting for its plan).
     env = {**FAST, "DIST_CKPT_TIMEOUT_S": "6"}  # how long the coordinator waits for a rank to reach a save
-    saved = run_ranks(_save_job, 2, str(tmp_path), nodes, [1, 2], (2, (1,)), env=env, timeout=120, expect_fail={1})
+    saved = run_ranks(_save_job, 2, str(tmp_path), nodes, [1, 2], (2, (1,)), False, env=env, timeout=120, expect_fail={1})  # sync saves
     assert saved[0]["outcome"][0] == "ok" and saved[0]["outcome"][1] != "ok", saved[0]
     out = run_ranks(_load_job, 2, str(tmp_path), nodes, False, env=FAST, timeout=120)
     _assert_exact(out, 1)

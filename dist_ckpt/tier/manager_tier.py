@@ -168,7 +168,7 @@ class LocalTier:
         return sorted(layout.committed_steps(self.local_root))
 
     def prune(self, step: int) -> list[int]:
-        """(each node's leader, before saving ``step``) Remove this node's old local steps.
+        """(each node's leader, in the save thread, before its plan request for ``step``) Remove this node's old local steps.
 
         Keeps the newest ``local_keep - 1`` others, so with ``step`` being written at most
         ``local_keep`` are here; a committed copy of ``step`` itself goes too (it is being replaced).
@@ -202,7 +202,6 @@ class LocalTier:
         """
         self._saves += 1
         persist = self._saves % self.persist_every == 0
-        self.prune(step)
         t_start = time.perf_counter()
         ckpt = mgr._ckpt
         if not isinstance(ckpt, AsyncCheckpointer):
@@ -246,9 +245,17 @@ class LocalTier:
         persist: bool,
         times: tuple[float, float, Callable[[], float]],
     ) -> None:
-        """(save thread) The local save, then (``persist``) the durable one from the same staged bytes."""
+        """(save thread) Local retention, the local save, then (``persist``) the durable one from the same staged bytes.
+
+        A leader prunes before its own plan request, and no rank's data for this save reaches a
+        node before every rank's plan request: so the step being written always counts.
+        """
         t_call, t_start, t_staged = times
         writer = mgr._ckpt.writer
+        try:  # here, not on the training thread: removing a step from memory costs about as much as writing it
+            self.prune(step)
+        except OSError as e:  # retention must not fail the save (this rank alone would miss it); the next save retries
+            log.error("[rank %d] node-local tier: removing old local steps before step %d failed: %s", self.rank, step, e)
         try:
             writer.write(self.path_for(step), state, ckpt=save_id, user_meta=meta, step=step, storage=self.save_storage)
         except Exception as e:
