@@ -21,7 +21,7 @@ import msgpack
 import pytest
 import zmq
 
-from dist_ckpt.errors import PeerError
+from dist_ckpt.errors import PeerError, UnsafeFileError
 from dist_ckpt.layout_names import MANIFEST
 from dist_ckpt.tier import layout
 from dist_ckpt.tier.peer import MAX_FRAME, PIECE_BYTES, WINDOW, PeerClient, PeerService, peer_secret
@@ -236,6 +236,21 @@ def test_an_honest_window_of_requests_never_loses_a_reply(service, closing):
         for i in range(WINDOW):
             assert raw.sock.poll(10000), f"round {round_}: reply {i} of {WINDOW} never came"
             assert msgpack.unpackb(raw.sock.recv_multipart()[0])["id"] == i
+
+
+def test_a_local_root_others_could_change_is_refused(tmp_path):
+    open_dir = tmp_path / "shared"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)  # world-writable, not sticky: another user could swap our tree
+    with pytest.raises(UnsafeFileError, match="could be changed by another user"):
+        PeerService(str(open_dir / "job"), SECRET, rank=0, world=1, host="127.0.0.1")
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    with pytest.raises(UnsafeFileError, match="is a link"):
+        PeerService(str(tmp_path / "link"), SECRET, rank=0, world=1, host="127.0.0.1")
+    open_dir.chmod(0o1777)  # sticky, as /dev/shm: fine
+    PeerService(str(open_dir / "job2"), SECRET, rank=0, world=1, host="127.0.0.1").close()
+    assert (open_dir / "job2").stat().st_mode & 0o777 == 0o700
 
 
 def test_reads_never_follow_a_link_inside_a_committed_step(service, tmp_path):

@@ -87,8 +87,9 @@ MAX_FILE_BYTES = 1 << 44
 MAX_OPEN = 256
 """Replica files one service keeps open at once; an ``open`` beyond is refused."""
 MAX_FRAME = PIECE_BYTES + MAX_HEADER
-IO_THREADS = int(os.environ.get("DIST_CKPT_PEER_IO_THREADS", "1"))
-"""libzmq I/O threads of the service's and of the clients' context: CURVE runs there, one connection on one thread."""
+IO_THREADS = 1
+"""libzmq I/O threads of the service's and of the clients' context: CURVE runs there, each connection on one of them
+(more would spread concurrent connections over cores; not measured on the 2-core test machine, so left at libzmq's default)."""
 _POLL_S = 0.1
 
 # op -> (fields, frames after the header)
@@ -163,7 +164,7 @@ class PeerService:
     """Serve this rank's node-local tree to the job's other ranks (see the module docstring).
 
     Args:
-        local_root: this node's tree for the job (:func:`layout.local_root`); created if missing.
+        local_root: this node's tree for the job (:func:`layout.local_root`); created (0700) if missing.
         secret: the session secret (``Session.secret``).
         rank: this rank (named in logs).
         world: ranks ``0 .. world-1`` are admitted.
@@ -171,12 +172,13 @@ class PeerService:
 
     Raises:
         TransportError: libzmq lacks CURVE.
+        UnsafeFileError: ``local_root`` or its parent could be changed by another user (:func:`layout.ensure_local_root`).
         zmq.ZMQError: the socket cannot be bound.
     """
 
     def __init__(self, local_root: str, secret: bytes, rank: int, world: int, host: str) -> None:
         require_curve()
-        os.makedirs(local_root, exist_ok=True)
+        layout.ensure_local_root(local_root)
         self.local_root, self.rank = local_root, rank
         self.refused: collections.Counter[str] = collections.Counter()  # refused requests, by op ("handshake" etc. from the gate)
         self.served: collections.Counter[str] = collections.Counter()  # requests answered ok, by op
