@@ -24,6 +24,7 @@ import re
 import shutil
 import stat
 
+from ..errors import UnsafeFileError
 from ..layout_names import DATA_DIR, DATA_FILE_RE, MANIFEST, OLD, STEP_RE, SUFFIX_RE, TMP, sibling, step_dir_name
 from ..storage.local import LocalStorage, fsync_dir
 
@@ -31,6 +32,7 @@ __all__ = [
     "SAVE_ID_RE",
     "job_key",
     "local_root",
+    "ensure_local_root",
     "step_dir",
     "tmp_dir",
     "parse_location",
@@ -71,6 +73,28 @@ def job_key(root: str) -> str:
 def local_root(local_dir: str, root: str) -> str:
     """``<local_dir>/<job_key(root)>``: this job's tree in the node-local directory."""
     return f"{local_dir.rstrip('/')}/{job_key(root)}"
+
+
+def ensure_local_root(local_root: str) -> None:
+    """Create ``local_root`` (0700) if needed; refuse it, or its parent, if another user could swap entries in it.
+
+    Each must be a real directory (no link) owned by this user or root, and
+    not writable by group or others unless sticky (``/dev/shm`` itself).
+    Below it every name is checked and opened without following links, so
+    this is what keeps a node-local tree in a shared ``/dev/shm`` private.
+
+    Raises:
+        UnsafeFileError: one of them is a link, not a directory, someone else's, or writable by others.
+    """
+    os.makedirs(local_root, mode=0o700, exist_ok=True)
+    for path in (os.path.dirname(os.path.abspath(local_root)), local_root):
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            raise UnsafeFileError(errno.ENOTDIR, f"node-local tier directory {path} is a link or not a directory")
+        if st.st_uid not in (os.geteuid(), 0) or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            raise UnsafeFileError(
+                errno.EPERM, f"node-local tier directory {path} (uid {st.st_uid}, {stat.filemode(st.st_mode)}) could be changed by another user"
+            )
 
 
 def step_dir(local_root: str, step: int) -> str:

@@ -69,6 +69,17 @@ PIECE_BYTES = WRITE_PIECE
 """Largest data frame on a peer connection (the writer appends 16 MiB pieces)."""
 WINDOW = 4
 """Pieces a client sends (or asks for) before it waits for the oldest one's reply: the credit window."""
+QUEUE = 2 * WINDOW
+"""Messages a connection's queues (``ZMQ_SNDHWM``/``RCVHWM``) hold, each way.
+
+Above the window with room to spare: a libzmq pipe's writer learns of reads
+in batches (every ``(HWM + 1) // 2`` messages, and only when its socket
+processes commands), so it may count replies already read as queued. A
+ROUTER would then drop an honest reply silently: the service sets
+``ROUTER_MANDATORY`` and waits up to :data:`REPLY_WAIT_S` for room, clients
+wait up to their timeout; only a client ignoring the window loses replies."""
+REPLY_WAIT_S = 0.1
+"""Longest the service waits to queue one reply (a client that does not read stalls it this long per request)."""
 MAX_HEADER = 1 << 20
 """Largest request header; a reply header (an inventory) is bounded by :data:`PIECE_BYTES`."""
 MAX_FILE_BYTES = 1 << 44
@@ -76,6 +87,9 @@ MAX_FILE_BYTES = 1 << 44
 MAX_OPEN = 256
 """Replica files one service keeps open at once; an ``open`` beyond is refused."""
 MAX_FRAME = PIECE_BYTES + MAX_HEADER
+IO_THREADS = 1
+"""libzmq I/O threads of the service's and of the clients' context: CURVE runs there, each connection on one of them
+(more would spread concurrent connections over cores; not measured on the 2-core test machine, so left at libzmq's default)."""
 _POLL_S = 0.1
 
 # op -> (fields, frames after the header)
@@ -150,7 +164,7 @@ class PeerService:
     """Serve this rank's node-local tree to the job's other ranks (see the module docstring).
 
     Args:
-        local_root: this node's tree for the job (:func:`layout.local_root`); created if missing.
+        local_root: this node's tree for the job (:func:`layout.local_root`); created (0700) if missing.
         secret: the session secret (``Session.secret``).
         rank: this rank (named in logs).
         world: ranks ``0 .. world-1`` are admitted.
@@ -158,12 +172,13 @@ class PeerService:
 
     Raises:
         TransportError: libzmq lacks CURVE.
+        UnsafeFileError: ``local_root`` or its parent could be changed by another user (:func:`layout.ensure_local_root`).
         zmq.ZMQError: the socket cannot be bound.
     """
 
     def __init__(self, local_root: str, secret: bytes, rank: int, world: int, host: str) -> None:
         require_curve()
-        os.makedirs(local_root, exist_ok=True)
+        layout.ensure_local_root(local_root)
         self.local_root, self.rank = local_root, rank
         self.refused: collections.Counter[str] = collections.Counter()  # refused requests, by op ("handshake" etc. from the gate)
         self.served: collections.Counter[str] = collections.Counter()  # requests answered ok, by op
@@ -172,13 +187,15 @@ class PeerService:
         self._local = LocalStorage()
         self._stop = threading.Event()
         key = peer_secret(secret)
-        self._ctx = zmq.Context()
+        self._ctx = zmq.Context(io_threads=IO_THREADS)
         try:
             self._zap = ZapGate(self._ctx, key, world)  # bound before the ROUTER: no handshake precedes it
             self._sock = self._ctx.socket(zmq.ROUTER)
             self._sock.setsockopt(zmq.LINGER, 0)
             for opt in (zmq.RCVHWM, zmq.SNDHWM):
-                self._sock.setsockopt(opt, WINDOW + 2)  # honest clients keep <= WINDOW in flight
+                self._sock.setsockopt(opt, QUEUE)
+            self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply that does not fit raises, never vanishes
+            self._sock.setsockopt(zmq.SNDTIMEO, int(REPLY_WAIT_S * 1000))
             secure_server(self._sock, key, MAX_FRAME)
             port = self._sock.bind_to_random_port(f"tcp://{host}")
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -220,8 +237,12 @@ class PeerService:
             except zmq.Again:
                 return
             reply = self._serve(frames)
-            with contextlib.suppress(zmq.ZMQError):  # a full queue (a client ignoring its window) drops the reply
-                self._sock.send_multipart([frames[0], *reply], zmq.NOBLOCK, copy=False)
+            try:  # waits at most REPLY_WAIT_S for room (ROUTER_MANDATORY: never a silent drop)
+                self._sock.send_multipart([frames[0], *reply], copy=False)
+            except zmq.Again:  # still full: a client ignoring its window loses this reply
+                self._count("reply", "dropped: the client's queue stayed full (it does not read its replies)")
+            except zmq.ZMQError:  # EHOSTUNREACH: the client is gone
+                pass
 
     def _serve(self, frames: list[zmq.Frame]) -> list[Any]:
         """The reply frames for one request; never raises."""
@@ -367,7 +388,7 @@ def _client_context() -> zmq.Context:
     global _CTX
     with _CTX_LOCK:
         if _CTX is None or _CTX.closed:
-            _CTX = zmq.Context()
+            _CTX = zmq.Context(io_threads=IO_THREADS)
         return _CTX
 
 
@@ -391,14 +412,16 @@ class _Conn:
     heartbeats make a silent host count as disconnected.
     """
 
-    def __init__(self, address: str, key: bytes, rank: int, error: Callable[[str, str], PeerError]) -> None:
+    def __init__(self, address: str, key: bytes, rank: int, timeout_s: float, error: Callable[[str, str], PeerError]) -> None:
         self._error = error
         self.sock = _client_context().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         for opt in (zmq.RCVHWM, zmq.SNDHWM):
-            self.sock.setsockopt(opt, WINDOW + 2)
+            self.sock.setsockopt(opt, QUEUE)
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_MS)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
+        # A send waits for room (libzmq may count replies already read as queued for a moment; see QUEUE).
+        self.sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
         secure_client(self.sock, key, rank, MAX_FRAME)
         self.monitor = self.sock.get_monitor_socket(functools.reduce(operator.or_, _LOST))
         self.sock.connect(address)
@@ -432,8 +455,8 @@ class _Conn:
         try:
             # Copied (a memcpy at a fraction of CURVE's cost): the caller's buffer (a staging arena, maybe shared
             # memory) is free again when append returns, whatever happens to the connection afterwards.
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=True)
-        except zmq.ZMQError as e:  # a full queue: more in flight than the window allows, or a closed context
+            self.sock.send_multipart(frames, copy=True)
+        except zmq.ZMQError as e:  # no room within timeout_s (SNDTIMEO), or a closed context
             raise self._error(str(header.get("name", "")), f"{header['op']}: cannot send ({e})") from e
         return rid
 
@@ -506,7 +529,7 @@ class PeerClient:
                 raise PeerError(self.peer, "", f"the client of {self.address} is closed")
             conn = self._idle.pop() if self._idle else None
         if conn is None:
-            return _Conn(self.address, self._key, self.rank, self.error)
+            return _Conn(self.address, self._key, self.rank, self.timeout_s, self.error)
         conn.forget_events()
         return conn
 
