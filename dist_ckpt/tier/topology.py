@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 NODE_ENV = ("DIST_CKPT_NODE_ID", "GROUP_RANK", "SLURM_NODEID")
 """Environment variables naming this process's node, first set one wins (else node 0)."""
@@ -48,7 +47,8 @@ class Topology:
 
     @classmethod
     def from_ids(cls, rank: int, ids: list[str]) -> "Topology":
-        """Renumber the launcher's node ids (one per rank) 0..n-1 in order of first appearance.
+        """Renumber the launcher's node ids (one per rank, :func:`node_id_from_env` on each, exchanged
+        by the manager through the process group's store) 0..n-1 in order of first appearance.
 
         Raises:
             ValueError: ``rank`` is not one of the ranks.
@@ -57,24 +57,6 @@ class Topology:
             raise ValueError(f"rank {rank} outside a world of {len(ids)}")
         index: dict[str, int] = {}
         return cls(rank, tuple(index.setdefault(i, len(index)) for i in ids))
-
-    @classmethod
-    def from_launcher(cls, rank: int, world: int, group: Any = None) -> "Topology":
-        """Every rank's node from the launcher's environment, exchanged over the process group (a collective).
-
-        Args:
-            rank: this rank in ``group``.
-            world: ranks in ``group``.
-            group: the process group (None: the default one; unused when ``world`` is 1).
-        """
-        mine = node_id_from_env()
-        if world == 1:
-            return cls.from_ids(0, [mine])
-        import torch.distributed as dist
-
-        ids: list[Any] = [None] * world
-        dist.all_gather_object(ids, mine, group=group)
-        return cls.from_ids(rank, [str(i) for i in ids])
 
     @property
     def world(self) -> int:
