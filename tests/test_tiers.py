@@ -159,6 +159,12 @@ def _flip(work: Path, node: int = 0, step: int = 3) -> None:
     path.write_bytes(bytes(data))
 
 
+def _damage_both_copies_of_durable_step(work: Path) -> None:
+    for node in (0, 1):
+        _flip(work, node, 2)
+        shutil.rmtree(_local_root(work, node) / "step-00000003")
+
+
 def _damage_everything(work: Path) -> None:
     for node in (0, 1):
         for step in (2, 3):
@@ -175,6 +181,7 @@ FAULTS: dict[str, Callable[[Path], None]] = {
     # a crafted durable step 4 (a copy of step 2, renamed) is newer than every local step
     "durable_newer": lambda work: shutil.copytree(work / "root" / "step-00000002", work / "root" / "step-00000004"),
     "every_copy_damaged": _damage_everything,  # and no durable step
+    "both_copies_flipped": _damage_both_copies_of_durable_step,  # step 2 is also durable; step 3 gone
 }
 
 
@@ -294,6 +301,14 @@ def test_7_durable_tier_used_when_no_local_step_is_newer(matrix: dict[int, dict[
     for r, o in out.items():
         assert "error" not in o and (o["step"], o["value_step"], o["exact"]) == (4, 2, True), (r, o)
         assert o["info"]["tier"] == "durable" and o["info"]["bytes_local"] == 0 and o["info"]["bytes_durable"] > 0
+
+
+def test_4_both_local_copies_damaged_reads_the_file_from_the_durable_copy(matrix: dict[int, dict[str, Any]]) -> None:
+    out = _case(matrix, "both_copies_flipped")
+    _assert_exact(out, 2)
+    info = out[0]["info"]  # rank 0's file: its own copy, then the replica, then root's copy of the same step
+    assert info["tier"] == "durable" and info["bytes_durable"] > 0 and info["bytes_local"] > 0, info
+    assert all(out[r]["info"]["tier"] == "local" for r in (1, 2, 3)), out
 
 
 def test_every_local_copy_damaged_and_nothing_durable_is_an_error_not_a_fresh_start(matrix: dict[int, dict[str, Any]]) -> None:
