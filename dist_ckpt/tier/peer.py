@@ -279,7 +279,9 @@ class PeerService:
         old = self._files.pop(path, None)
         if old is not None:
             os.close(old.fd)
-        elif len(self._files) >= MAX_OPEN:
+        live = {t for t in {f.tmp for f in self._files.values()} if os.path.isdir(t)}
+        self._close_files(lambda f: f.tmp not in live)
+        if len(self._files) >= MAX_OPEN:
             raise _Refused(f"{MAX_OPEN} replica files are open already")
         os.makedirs(f"{tmp}/{DATA_DIR}", exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
@@ -356,10 +358,21 @@ class PeerService:
         return {}, None
 
     def _close_files(self, which: Any) -> None:
+        """Close the open replica files ``which(file)`` selects.
+
+        Also run on each ``open`` for the files whose save directory is gone:
+        a writer that failed never sent ``close``, and the commit or abort of
+        its save went to the node's leader (another rank's service), not here.
+        """
         for path, f in list(self._files.items()):
             if which(f):
                 del self._files[path]
                 os.close(f.fd)
+
+    @property
+    def open_files(self) -> int:
+        """Replica files open now (at most :data:`MAX_OPEN`)."""
+        return len(self._files)
 
     def close(self) -> None:
         """Stop serving (files of saves in flight are closed, not removed); idempotent."""
