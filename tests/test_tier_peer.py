@@ -117,6 +117,23 @@ def test_abort_removes_the_save_and_keeps_committed_steps(service):
     client.close()
 
 
+def test_a_non_leader_closes_files_of_saves_its_leader_committed_or_aborted(tmp_path, closing):
+    # two ranks of one node: rank 1's service holds the replica files, rank 2's (the node's leader here) commits
+    root = str(tmp_path / "node" / "job")
+    member = closing(PeerService(root, SECRET, rank=1, world=3, host="127.0.0.1"))
+    leader = closing(PeerService(root, SECRET, rank=2, world=3, host="127.0.0.1"))
+    writer = closing(PeerClient(member.address, SECRET, rank=0, timeout_s=10, peer=1))
+    stream = writer.replica(1, "s-1", "data/r00000.bin")
+    stream.append(memoryview(b"x" * 4096), 0)
+    stream.sync()  # never closed: its writer failed elsewhere
+    closing(PeerClient(leader.address, SECRET, rank=0, timeout_s=10, peer=2)).abort(1, "s-1")
+    assert member.open_files == 1
+    other = writer.replica(2, "s-2", "data/r00000.bin")  # the next save's first open sweeps the stale file
+    assert member.open_files == 1
+    other.close()
+    assert member.open_files == 0
+
+
 def test_wrong_secret_fails_the_handshake_and_writes_nothing(service):
     # a long timeout: the failed handshake itself fails the request, not the wait
     client = PeerClient(service.address, b"not the job's secret, 32 bytes!", rank=0, timeout_s=60, peer=1)

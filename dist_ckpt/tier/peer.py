@@ -221,7 +221,7 @@ class PeerService:
                 self._gate.handle()
                 if self._sock in ready:
                     self._drain()
-        except BaseException as e:  # the service is gone: say so, clients see timeouts naming this rank
+        except BaseException as e:  # the service is gone: say so (clients see their connections refused)
             self.error = e
             log.exception("[rank %d] peer service stopped", self.rank)
         finally:
@@ -248,12 +248,12 @@ class PeerService:
         """The reply frames for one request; never raises."""
         sender, rid, op = _user_id(frames[1]) if len(frames) > 1 else -1, -1, "?"
         try:
-            if len(frames) < 2 or len(frames[1].bytes) > MAX_HEADER:
+            if len(frames) < 2 or frames[1].buffer.nbytes > MAX_HEADER:
                 raise _Refused("no header, or a header over 1 MiB")
-            header = msgpack.unpackb(frames[1].bytes, raw=False, strict_map_key=True)  # <= MAX_HEADER: checked above
+            header = msgpack.unpackb(frames[1].buffer, raw=False, strict_map_key=True)  # <= MAX_HEADER: checked above
             if isinstance(header, dict):
                 rid = header["id"] if type(header.get("id")) is int else -1
-                op = header["op"] if header.get("op") in _OPS else "?"
+                op = header["op"] if isinstance(header.get("op"), str) and header["op"] in _OPS else "?"
             req = _check_request(header, len(frames) - 1, sender)
             op = req["op"]
             extra, data = getattr(self, f"_op_{op}")(req, frames)
@@ -279,7 +279,9 @@ class PeerService:
         old = self._files.pop(path, None)
         if old is not None:
             os.close(old.fd)
-        elif len(self._files) >= MAX_OPEN:
+        live = {t for t in {f.tmp for f in self._files.values()} if os.path.isdir(t)}
+        self._close_files(lambda f: f.tmp not in live)
+        if len(self._files) >= MAX_OPEN:
             raise _Refused(f"{MAX_OPEN} replica files are open already")
         os.makedirs(f"{tmp}/{DATA_DIR}", exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
@@ -356,10 +358,21 @@ class PeerService:
         return {}, None
 
     def _close_files(self, which: Any) -> None:
+        """Close the open replica files ``which(file)`` selects.
+
+        Also run on each ``open`` for the files whose save directory is gone:
+        a writer that failed never sent ``close``, and the commit or abort of
+        its save went to the node's leader (another rank's service), not here.
+        """
         for path, f in list(self._files.items()):
             if which(f):
                 del self._files[path]
                 os.close(f.fd)
+
+    @property
+    def open_files(self) -> int:
+        """Replica files open now (at most :data:`MAX_OPEN`)."""
+        return len(self._files)
 
     def close(self) -> None:
         """Stop serving (files of saves in flight are closed, not removed); idempotent."""
@@ -494,10 +507,12 @@ class _Conn:
 class PeerClient:
     """Requests to one peer's :class:`PeerService`; safe to use from several threads (one connection each).
 
-    Nothing connects until the first request. Every wait for a reply lasts at
-    most ``timeout_s``: a dead or silent peer raises :class:`PeerError`, never
-    hangs. A connection whose request failed that way is dropped (its state is
-    unknown), so a later request starts clean.
+    Nothing connects until the first request. A lost connection (the peer's
+    process died), a refused connect or a failed handshake fail the request
+    waited for at once; any wait for a reply lasts at most ``timeout_s``
+    (a silent peer). Either raises :class:`PeerError`, never hangs. The
+    connection a request failed on is dropped (its state is unknown), so a
+    later request starts clean.
 
     Args:
         address: the peer's :attr:`PeerService.address`.
