@@ -55,6 +55,7 @@ from .loader import LoadInfo
 from .manager import CheckpointManager
 from .process import CheckpointProcess
 from .session import RankInfo
+from .tier.restore import RestoreInfo
 from .verify import BadChunk, VerifyReport, verify
 
 __version__ = "0.1.0"
@@ -65,6 +66,7 @@ __all__ = [
     "load",
     "LoadInfo",
     "CheckpointManager",
+    "RestoreInfo",
     "Config",
     "rank_local",
     "RankLocal",

@@ -7,6 +7,7 @@ the built-in exception they resemble, so ``except FileNotFoundError`` or
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 if TYPE_CHECKING:
@@ -149,6 +150,27 @@ class UnsupportedScheme(DistCkptError, ValueError):
 
 class TransportError(DistCkptError, ConnectionError):
     """The coordinator link cannot be secured (e.g. libzmq without CURVE)."""
+
+
+class PeerError(DistCkptError, ConnectionError):
+    """A node-local tier peer (another rank's peer service) failed, refused a request or did not answer in time.
+
+    Attributes:
+        rank: the peer's rank.
+        file: the file (or step) the request was about ("" for none).
+        what: what went wrong.
+    """
+
+    def __init__(self, rank: int, file: str, what: str) -> None:
+        self.rank, self.file, self.what = rank, file, what
+        # errno EREMOTEIO: code that reports an OSError's errno (the writer's StorageError) names a remote failure
+        super().__init__(errno.EREMOTEIO, f"peer rank {rank}{f' ({file})' if file else ''}: {what}")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    def __reduce__(self) -> tuple[type, tuple[int, str, str]]:  # picklable across processes (a rank's error comes back to a test)
+        return type(self), (self.rank, self.file, self.what)
 
 
 class SecretError(DistCkptError, PermissionError):

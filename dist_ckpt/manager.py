@@ -25,6 +25,11 @@ together, in the same order; the manager itself calls no torch collective)::
                skipped one aside as ``step-N.bad-*``
     close      (all ranks) wait for the save in flight, close the checkpointer
 
+With ``local_dir`` (the node-local tier) ``save`` and ``load()`` without a step
+go through :mod:`dist_ckpt.tier.manager_tier` instead (local saves with
+replicas, every ``persist_every``-th also here; restart from the newest step
+complete over all tiers); the root, its retention and clean-up stay as above.
+
 Only rank 0 creates or removes directories, and only at points where no other
 rank can be reading what it removes: stale entries at start (before any save
 of this job), incomplete ones before the save that replaces them, and old
@@ -40,11 +45,12 @@ an older step explicitly only if the policy keeps it (e.g. ``keep_every``).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer, done_future, make_async_checkpointer, make_sync_checkpointer
 from .config import Config
@@ -57,8 +63,13 @@ from .preempt import DEFAULT_STOP_SIGNALS, StopWatch, requeue_job
 from .root_scan import FOREIGN, INCOMPLETE, RootListing, classify, scan, stale_entries, step_dir_name
 from .session import _store
 from .storage import Storage, get_storage, strip_scheme
+from .tier.restore import RestoreInfo
+from .tier.topology import LOCAL_DIR_ENV, check_tier_args
 
-__all__ = ["CheckpointManager", "RetentionPolicy", "RootListing", "SaveStats", "scan", "stale_entries", "step_dir_name"]
+if TYPE_CHECKING:
+    from .tier.manager_tier import LocalTier
+
+__all__ = ["CheckpointManager", "RestoreInfo", "RetentionPolicy", "RootListing", "SaveStats", "scan", "stale_entries", "step_dir_name"]
 
 log = get_logger(__name__)
 
@@ -111,6 +122,7 @@ class SaveStats:
         nbytes: bytes of tensor data in the checkpoint (rank 0, read from the
             MANIFEST; None on other ranks).
         deleted: steps removed by retention after this commit (rank 0).
+        tier: ``"durable"`` (committed under the root) or ``"local"`` (the node-local tier).
     """
 
     step: int
@@ -119,6 +131,7 @@ class SaveStats:
     total_s: float
     nbytes: int | None = None
     deleted: tuple[int, ...] = field(default=())
+    tier: str = "durable"
 
     @property
     def gbps(self) -> float | None:
@@ -134,7 +147,8 @@ class SaveStats:
             size += f" at {self.gbps:.3f} GB/s"
         gone = f"; retention removed {list(self.deleted)}" if self.deleted else ""
         waited = f" ({self.waited_ms:.1f} ms waiting for the previous save)" if self.waited_ms >= 1 else ""
-        return f"step {self.step}: blocked {self.blocked_ms:.1f} ms{waited}, total {self.total_s:.3f} s{size}{gone}"
+        where = "local step" if self.tier == "local" else "step"
+        return f"{where} {self.step}: blocked {self.blocked_ms:.1f} ms{waited}, total {self.total_s:.3f} s{size}{gone}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -145,6 +159,7 @@ class SaveStats:
             "nbytes": self.nbytes,
             "gbps": self.gbps,
             "deleted": list(self.deleted),
+            "tier": self.tier,
         }
 
 
@@ -179,9 +194,18 @@ class CheckpointManager:
             save's duration plus this.
         storage: the backend for the root, its saves, loads, retention and clean-up
             (None: chosen by ``root``'s URL scheme).
+        local_dir: node-local directory of the node-local tier (e.g. ``/dev/shm/dist_ckpt``;
+            None: ``DIST_CKPT_LOCAL_DIR``, else no local tier and the manager behaves as without one).
+            With it every save goes to the local tier (plus ``replicas`` copies on other nodes),
+            every ``persist_every``-th also to ``root``, and ``load`` restores the newest step
+            complete over all tiers (see :mod:`dist_ckpt.tier.manager_tier`).
+        replicas: copies of each rank's local files on other nodes (needs ``replicas + 1`` nodes).
+        persist_every: every this-many-th save of this manager also goes to ``root``.
+        local_keep: local steps kept per node, the one being written included.
 
     Raises:
-        ValueError: a bad ``keep_last`` / ``keep_every`` / ``stop_signals`` / ``stop_margin_s``.
+        ValueError: a bad ``keep_last`` / ``keep_every`` / ``stop_signals`` / ``stop_margin_s`` /
+            tier setting, or fewer nodes than ``replicas + 1``.
     """
 
     def __init__(
@@ -194,8 +218,16 @@ class CheckpointManager:
         stop_signals: Iterable[str | int] = DEFAULT_STOP_SIGNALS,
         stop_margin_s: float = 60.0,
         storage: Storage | None = None,
+        local_dir: str | None = None,
+        replicas: int = 1,
+        persist_every: int = 10,
+        local_keep: int = 2,
     ) -> None:
         self.policy = RetentionPolicy(keep_last, keep_every)
+        local_dir = local_dir or os.environ.get(LOCAL_DIR_ENV) or None
+        self.local_dir = local_dir  # the node-local tier's directory, None without one
+        if local_dir:
+            check_tier_args(replicas, persist_every, local_keep)
         self.root = root.rstrip("/")
         self._storage, self._root = get_storage(self.root, storage)
         self.async_save = async_save
@@ -222,6 +254,17 @@ class CheckpointManager:
             self._collect_garbage()
             for name, what in listing.foreign:
                 log.warning("[rank 0] %s/%s holds %s, not a dist_ckpt checkpoint: left alone and never counted as a step", self.root, name, what)
+        self.last_restore: RestoreInfo | None = None  # this rank's view of the last load (with a local tier)
+        self._tier: LocalTier | None = None
+        if local_dir:
+            from .tier.manager_tier import LocalTier  # the peer plane (zmq service thread) only with a local tier
+
+            try:
+                self._tier = LocalTier(session, self.root, local_dir, replicas, persist_every, local_keep)
+            except BaseException:
+                self._stop.close()
+                self._ckpt.close()
+                raise
 
     # -- queries (any rank, no communication) --
 
@@ -288,6 +331,8 @@ class CheckpointManager:
             if self._closed:
                 raise RuntimeError("save() on a closed CheckpointManager")
             self._pending.result()
+            if self._tier is not None:
+                return self._tier.save(self, step, state_dict, overwrite, user_meta, t_call)
             path = self.path_for(step)
             self._refuse_foreign(step)
             if self.rank == 0:
@@ -453,11 +498,16 @@ class CheckpointManager:
         counting it: retention then removes the step loaded only for steps this
         job commits itself.
 
+        With a node-local tier (``local_dir``) and ``step=None``: the newest step complete over
+        all tiers (local, then peers' replicas, then ``root``); ``last_restore`` says where this
+        rank's bytes came from. An explicit ``step`` reads ``root``.
+
         Returns:
             The step loaded.
 
         Raises:
-            CheckpointNotFound: no committed checkpoint under ``root`` (or ``step`` is not committed).
+            CheckpointNotFound: no committed checkpoint under ``root`` (or ``step`` is not committed;
+                with a local tier: nor a complete local step).
             LoadMismatchError: (strict) keys, shapes or dtypes differ from the checkpoint.
             ChecksumError, ManifestError, DataFileError: the given ``step`` is damaged.
             CheckpointError: (``step=None``) every committed step is damaged, or another
@@ -468,6 +518,8 @@ class CheckpointManager:
             step = self._committed_or_latest(step)
             self._ckpt.load(self.path_for(step), state_dict, strict=strict)
             return step
+        if self._tier is not None:
+            return self._tier.load(self, state_dict, strict)
         self._loads += 1
         candidates = self.steps()
         if not candidates:
@@ -477,11 +529,11 @@ class CheckpointManager:
                 return candidate
         raise self._all_damaged(candidates)
 
-    def _try_load(self, attempt: int, step: int, state_dict: Any, strict: bool) -> bool:
-        """Load ``step`` on every rank; True when all ranks did, False when any found it damaged."""
+    def _try_load(self, attempt: int, step: int, state_dict: Any, strict: bool, storage: Storage | None = None) -> bool:
+        """Load ``step`` on every rank (through ``storage`` when given); True when all ranks did, False when any found it damaged."""
         error: BaseException | None = None
         try:
-            self._ckpt.load(self.path_for(step), state_dict, strict=strict)
+            self._ckpt.load(self.path_for(step), state_dict, strict=strict, storage=storage)
         except Exception as e:  # noqa: BLE001 (every rank's outcome is exchanged first; non-damage is re-raised below)
             error = e
         outcomes = self._agree(attempt, error)
@@ -534,6 +586,8 @@ class CheckpointManager:
             self._closed = True
             self._pending.result()
             self._stop.close()
+            if self._tier is not None:
+                self._tier.close()
             self._ckpt.close()
 
     def __enter__(self) -> "CheckpointManager":

@@ -123,6 +123,9 @@ class Session:
             endpoint, job = _parse_hello(_store(process_group).get(f"dist_ckpt/{n}/hello"))
             secret = trust.env_secret(job) or trust.read_key_file(trust.key_dir(), job, min(config.timeout_s, 60.0))
         self.job = job
+        #: The session secret, for services of the same job that authenticate like the control plane
+        #: (the node-local tier's peer services derive their own keys from it). Never sent anywhere.
+        self.secret = secret
         self.agent = Agent(endpoint, secret, job, self.rank, config)
         self.rank_info = RankInfo(self.rank, self.world_size)
         set_rank(self.rank)

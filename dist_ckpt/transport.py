@@ -212,6 +212,7 @@ class ConnectionGate:
             connection to this port: descriptors are reused).
         cap: most pending connections.
         counter: where refusals are counted (the coordinator's ``dropped``).
+        who: names the server in its log lines.
     """
 
     _EVENTS = (
@@ -223,7 +224,8 @@ class ConnectionGate:
         | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     )
 
-    def __init__(self, sock: zmq.Socket, port: int, cap: int, counter: collections.Counter[str]) -> None:
+    def __init__(self, sock: zmq.Socket, port: int, cap: int, counter: collections.Counter[str], who: str = "[rank 0] coordinator") -> None:
+        self._who = who
         self.socket = sock.get_monitor_socket(self._EVENTS)
         self._port, self._cap, self._counter = port, cap, counter
         self._pending: collections.OrderedDict[int, float] = collections.OrderedDict()  # fd -> accepted at
@@ -295,7 +297,7 @@ class ConnectionGate:
     def _warn(self, kind: str, text: str) -> None:
         if kind not in self._warned:  # once per kind: a flood must not flood the log
             self._warned.add(kind)
-            log.warning("[rank 0] coordinator: %s; further ones are only counted", text)
+            log.warning("%s: %s; further ones are only counted", self._who, text)
 
     def close(self) -> None:
         """Close the monitor socket."""

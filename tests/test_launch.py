@@ -148,6 +148,37 @@ def test_torchrun_save_on_2_ranks_resume_on_1(tmp_path):
     assert "resumed from step 4" in (tmp_path / "run2.log").read_text()
 
 
+def test_torchrun_two_nodes_with_a_node_local_tier_restore_from_the_partner(tmp_path):
+    """torchrun --nnodes 2 (static rendezvous, one rank per node, a local dir each): the second run finds
+    node 0's local dir wiped and rank 0 restores from its replica on node 1, equal to root's copy."""
+    ckpt = tmp_path / "ck"
+
+    def run(steps: int, summary: Path, tag: str) -> list[Path]:
+        env, port = base_env(GLOO_SOCKET_IFNAME="lo"), str(free_port())
+        logs, procs = [], []
+        for node in (0, 1):
+            node_env = dict(env, NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NPROC_PER_NODE="1")
+            tier = ["--local-dir", str(tmp_path / f"local{node}"), "--replicas", "1", "--persist-every", "1", "--local-keep", "2"]
+            logs.append(tmp_path / f"{tag}-node{node}.log")
+            procs.append(start(["bash", str(TORCHRUN_SH), *train_args(ckpt, steps, summary, *tier)], node_env, logs[-1]))
+        assert finish(procs, 120) == [0, 0], "\n".join(f"--- {p}\n{tail(p)}" for p in logs)
+        return logs
+
+    logs = run(4, tmp_path / "s1.json", "run1")
+    # every save went to both tiers (--persist-every 1); each node holds both ranks' files of the kept steps
+    assert sorted(os.listdir(ckpt)) == ["step-00000002", "step-00000004"]
+    (job,) = os.listdir(tmp_path / "local1")
+    assert sorted(os.listdir(tmp_path / "local1" / job)) == ["step-00000002", "step-00000004"]
+    assert sorted(os.listdir(tmp_path / "local1" / job / "step-00000004" / "data")) == ["r00000.bin", "r00001.bin"]
+    shutil.rmtree(tmp_path / "local0")  # node 0 replaced
+    logs += run(6, tmp_path / "s2.json", "run2")
+    second = summary_of(tmp_path / "s2.json", logs)
+    assert second["resumed_from"] == 4 and second["resume_check"]["equal"] is True, second["resume_check"]
+    restore = second["resume_check"]["restore"]
+    assert restore["tier"] == "peer" and restore["bytes_peer"] > 0 and restore["bytes_durable"] == 0, restore
+    assert [c["tier"] for c in second["checkpoints"]] == ["local", "durable"] and second["checkpoints"][-1]["step"] == 6
+
+
 # -- (b) a real one-node Slurm ---------------------------------------------------------------
 
 
@@ -389,3 +420,40 @@ def test_two_hosts_save_on_both_restore_on_one(two_hosts, tmp_path):
     assert finish([p], 90) == [0], tail(restore_log)
     first, second = summary_of(shared / "s1.json", logs), summary_of(shared / "s2.json", [restore_log])
     check_resumed(first, second, ckpt, 2, 1)
+
+
+def test_two_hosts_node_local_tier_restores_a_wiped_host_from_its_partner(two_hosts, tmp_path):
+    """The node-local tier over a real link: each host keeps its own local dir and the other's replica;
+    host a loses its local dir and its rank restores through the peer service across the veth pair."""
+    shared = tmp_path / "shared"
+    ckpt = shared / "ck"
+    shared.mkdir()
+    (ns_a, dev_a, addr_a), (ns_b, dev_b, addr_b) = two_hosts
+
+    def run(steps: int, summary: Path, tag: str) -> dict[str, str]:
+        procs, logs = [], []
+        for ns, dev, addr, is_host in ((ns_a, dev_a, addr_a, 1), (ns_b, dev_b, addr_b, 0)):
+            env = base_env(
+                NNODES="2",
+                NPROC_PER_NODE="1",
+                MASTER_ADDR=addr_a,
+                MASTER_PORT="29401",
+                RDZV_ID=f"dck-tier-{os.getpid()}-{tag}",
+                RDZV_CONF=f"is_host={is_host}",
+                LOCAL_ADDR=addr,
+                GLOO_SOCKET_IFNAME=dev,
+            )
+            tier = ["--local-dir", str(tmp_path / f"local-{ns}"), "--replicas", "1", "--persist-every", "1", "--verbose"]
+            logs.append(tmp_path / f"{tag}-{ns}.log")
+            procs.append(start(["ip", "netns", "exec", ns, "bash", str(TORCHRUN_SH), *train_args(ckpt, steps, summary, *tier)], env, logs[-1]))
+        codes = finish(procs, 120)
+        assert codes == [0, 0], "\n".join(f"--- {p}\n{tail(p)}" for p in logs)
+        return {ns: log.read_text() for ns, log in zip((ns_a, ns_b), logs)}
+
+    run(4, shared / "s1.json", "run1")
+    shutil.rmtree(tmp_path / f"local-{ns_a}")  # host a replaced (whichever rank it runs next)
+    text = run(6, shared / "s2.json", "run2")
+    second = summary_of(shared / "s2.json", [])
+    assert second["resumed_from"] == 4 and second["resume_check"]["equal"] is True, second["resume_check"]  # equal to root's step 4
+    assert "resume: restored step 4 from the peer tier" in text[ns_a], tail(tmp_path / f"run2-{ns_a}.log")
+    assert "resume: restored step 4 from the local tier" in text[ns_b], tail(tmp_path / f"run2-{ns_b}.log")

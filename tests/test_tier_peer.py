@@ -1,0 +1,382 @@
+"""The node-local tier's peer service and client, over real CURVE sockets.
+
+Services run in this process (a thread each, as in a rank) or, for the
+crash cases, in a child process that is SIGKILLed. Hostile clients are raw
+DEALER sockets: without the job's keys, and with them (a holder of the
+secret sending crafted requests).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from dist_ckpt.errors import PeerError, UnsafeFileError
+from dist_ckpt.layout_names import MANIFEST
+from dist_ckpt.tier import layout
+from dist_ckpt.tier.peer import MAX_FRAME, PIECE_BYTES, WINDOW, PeerClient, PeerService, peer_secret
+from dist_ckpt.transport import secure_client
+
+pytestmark = pytest.mark.timeout(60)
+SECRET = bytes(range(32))
+MiB = 1 << 20
+
+
+@pytest.fixture
+def service(tmp_path):
+    svc = PeerService(str(tmp_path / "node1" / "job"), SECRET, rank=1, world=3, host="127.0.0.1")
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def closing():
+    """``closing(x)`` returns ``x`` and closes it when the test ends, passed or failed (a socket left open blocks its context)."""
+    things: list = []
+    yield lambda x: things.append(x) or x
+    for x in reversed(things):
+        x.close()
+
+
+def _committed(client: PeerClient, step: int, files: dict[str, bytes], manifest: bytes = b"the manifest") -> None:
+    for name, data in files.items():
+        stream = client.replica(step, "s-1", name)
+        stream.write_pieces(memoryview(data), 0)
+        stream.sync()
+        stream.close()
+    client.publish(step, "s-1", manifest)
+
+
+def test_replica_publish_inventory_read_remove_round_trip(service, tmp_path):
+    client = PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1)
+    data = os.urandom(PIECE_BYTES + 5 * 4096 + 17)  # more than one piece, a short tail
+    stream = client.replica(7, "s-1", "data/r00000.bin")
+    stream.append(memoryview(data[:4096]), 0)
+    stream.append(memoryview(data[4096:]), 4096)
+    stream.sync()
+    stream.close()
+    assert client.inventory() == {}  # not committed before the publish
+    client.publish(7, "s-1", b"M" * 100)
+    root = service.local_root
+    assert sorted(os.listdir(root)) == ["step-00000007"]
+    assert client.inventory() == {7: {"data/r00000.bin": len(data)}} == layout.committed_steps(root)
+    out = bytearray(len(data) + 1000)
+    assert client.read(7, "data/r00000.bin", 0, memoryview(out)) == len(data)  # short at the end of the file
+    assert bytes(out[: len(data)]) == data
+    part = bytearray(10000)
+    assert client.read(7, "data/r00000.bin", 12345, memoryview(part)) == 10000 and bytes(part) == data[12345:22345]
+    m = bytearray(200)
+    assert client.read(7, MANIFEST, 0, memoryview(m)) == 100
+    client.remove(7)
+    assert client.inventory() == {} and os.listdir(root) == []
+    client.close()
+
+
+def test_a_client_pickled_into_another_process_works_there(service, tmp_path):
+    client = PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1)
+    _committed(client, 1, {"data/r00000.bin": b"p" * 4096})
+    code = "import pickle, sys; c = pickle.loads(sys.stdin.buffer.read()); print(c.inventory())"
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(client), capture_output=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == b"{1: {'data/r00000.bin': 4096}}", out.stderr[-2000:]
+    assert SECRET not in pickle.dumps(client)  # only the derived peer-plane key travels
+    client.close()
+
+
+def test_a_re_save_of_a_step_replaces_the_nodes_copy(service):
+    client = PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1)
+    _committed(client, 3, {"data/r00000.bin": b"a" * 8192})
+    stream = client.replica(3, "s-2", "data/r00000.bin")
+    stream.append(memoryview(b"b" * 100), 0)
+    stream.sync()
+    stream.close()
+    client.publish(3, "s-2", b"new")
+    assert client.inventory() == {3: {"data/r00000.bin": 100}}
+    assert sorted(os.listdir(service.local_root)) == ["step-00000003"]
+    client.close()
+
+
+def test_abort_removes_the_save_and_keeps_committed_steps(service):
+    client = PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1)
+    _committed(client, 1, {"data/r00000.bin": b"x" * 10})
+    stream = client.replica(2, "s-9", "data/r00000-t1.bin")
+    stream.append(memoryview(b"y" * 10), 0)  # never synced nor closed: the save failed elsewhere
+    client.abort(2, "s-9")
+    assert sorted(os.listdir(service.local_root)) == ["step-00000001"]
+    client.abort(2, "s-9")  # nothing there: not an error
+    stream.close()
+    client.close()
+
+
+def test_a_non_leader_closes_files_of_saves_its_leader_committed_or_aborted(tmp_path, closing):
+    # two ranks of one node: rank 1's service holds the replica files, rank 2's (the node's leader here) commits
+    root = str(tmp_path / "node" / "job")
+    member = closing(PeerService(root, SECRET, rank=1, world=3, host="127.0.0.1"))
+    leader = closing(PeerService(root, SECRET, rank=2, world=3, host="127.0.0.1"))
+    writer = closing(PeerClient(member.address, SECRET, rank=0, timeout_s=10, peer=1))
+    stream = writer.replica(1, "s-1", "data/r00000.bin")
+    stream.append(memoryview(b"x" * 4096), 0)
+    stream.sync()  # never closed: its writer failed elsewhere
+    closing(PeerClient(leader.address, SECRET, rank=0, timeout_s=10, peer=2)).abort(1, "s-1")
+    assert member.open_files == 1
+    other = writer.replica(2, "s-2", "data/r00000.bin")  # the next save's first open sweeps the stale file
+    assert member.open_files == 1
+    other.close()
+    assert member.open_files == 0
+
+
+def test_wrong_secret_fails_the_handshake_and_writes_nothing(service):
+    # a long timeout: the failed handshake itself fails the request, not the wait
+    client = PeerClient(service.address, b"not the job's secret, 32 bytes!", rank=0, timeout_s=60, peer=1)
+    with pytest.raises(PeerError, match=r"peer rank 1 \(data/r00000.bin\): replica open: the CURVE handshake with the peer failed"):
+        client.replica(1, "s-1", "data/r00000.bin")
+    with pytest.raises(PeerError, match="inventory: the CURVE handshake with the peer failed"):
+        client.inventory()
+    assert os.listdir(service.local_root) == []
+    deadline = time.monotonic() + 5
+    while service.refused["handshake"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert service.refused["handshake"] >= 1
+    client.close()
+
+
+def test_a_rank_outside_the_world_is_refused(service):
+    client = PeerClient(service.address, SECRET, rank=3, timeout_s=60, peer=1)  # world is 3: ranks 0..2
+    with pytest.raises(PeerError, match="inventory: the peer refused this rank's key"):
+        client.inventory()
+    client.close()
+
+
+def test_a_closed_service_refuses_at_once(tmp_path):
+    svc = PeerService(str(tmp_path / "job"), SECRET, rank=1, world=2, host="127.0.0.1")
+    svc.close()
+    client = PeerClient(svc.address, SECRET, rank=0, timeout_s=60, peer=1)
+    with pytest.raises(PeerError, match=r"peer rank 1: inventory: the peer refused the connection"):
+        client.inventory()
+    client.close()
+
+
+def test_a_silent_peer_times_out_naming_it(closing):
+    mute = closing(socket.create_server(("127.0.0.1", 0)))  # accepts the TCP connection (backlog), never speaks
+    client = closing(PeerClient(f"tcp://127.0.0.1:{mute.getsockname()[1]}", SECRET, rank=0, timeout_s=1, peer=4))
+    with pytest.raises(PeerError, match=r"peer rank 4 \(data/r00000.bin\): read: no reply within 1.0 s"):
+        client.read(0, "data/r00000.bin", 0, memoryview(bytearray(10)))
+
+
+class Raw:
+    """A holder of the job's secret speaking the protocol by hand (rank ``rank``'s keys)."""
+
+    def __init__(self, address: str, rank: int = 0, rcvhwm: int = 1000) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        secure_client(self.sock, peer_secret(SECRET), rank, MAX_FRAME)
+        self.sock.connect(address)
+
+    def ask(self, *frames: bytes) -> dict:
+        self.sock.send_multipart(list(frames))
+        assert self.sock.poll(10000), "no reply"
+        reply = self.sock.recv_multipart()
+        return msgpack.unpackb(reply[0], strict_map_key=False)
+
+    def op(self, **header) -> dict:
+        return self.ask(msgpack.packb({"id": 1, **header}))
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+HOSTILE = [
+    {"op": "open", "step": 1, "save": "s", "name": "../../../outside.bin"},
+    {"op": "open", "step": 1, "save": "s", "name": "data/../../x/r00000.bin"},
+    {"op": "open", "step": 1, "save": "../../s", "name": "data/r00000.bin"},
+    {"op": "open", "step": 1, "save": "a/b", "name": "data/r00000.bin"},
+    {"op": "open", "step": -1, "save": "s", "name": "data/r00000.bin"},
+    {"op": "open", "step": True, "save": "s", "name": "data/r00000.bin"},
+    {"op": "open", "step": 1 << 63, "save": "s", "name": "data/r00000.bin"},
+    {"op": "open", "step": "1", "save": "s", "name": "data/r00000.bin"},
+    {"op": "open", "step": 1, "save": "s", "name": "data/r00002.bin"},  # another rank's file
+    {"op": "open", "step": 1, "save": "s"},
+    {"op": "write", "step": 1, "save": "s", "name": "data/r00000.bin", "offset": 0},  # one frame short
+    {"op": "sync", "step": 1, "save": "s", "name": "data/r00000.bin"},  # never opened
+    {"op": "read", "step": 1, "name": "data/r00000.bin", "offset": 0, "length": PIECE_BYTES + 1},
+    {"op": "read", "step": 1, "name": "data/r00000.bin", "offset": -5, "length": 10},
+    {"op": "read", "step": 1, "name": "/etc/passwd", "offset": 0, "length": 10},
+    {"op": "read", "step": 99, "name": "data/r00000.bin", "offset": 0, "length": 10},  # no such step
+    {"op": "remove", "step": "step-00000001/../.."},
+    {"op": "rmtree"},
+    {"op": None},
+]
+
+
+def test_crafted_requests_from_a_secret_holder_get_error_replies(service, tmp_path, closing):
+    raw = closing(Raw(service.address))
+    for header in HOSTILE:
+        reply = raw.op(**header)
+        assert reply["id"] == 1 and reply["ok"] is False and reply["err"], header
+    for frames in ([b"\xc1"], [msgpack.packb([1, 2])], [msgpack.packb({"id": 2, "op": "inventory"}), b"extra"], [msgpack.packb("op")]):
+        reply = raw.ask(*frames)
+        assert reply["ok"] is False, frames
+    # the service still serves, and nothing was created anywhere
+    assert raw.op(op="inventory")["steps"] == {}
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["job", "node1"]
+    assert sum(service.refused.values()) >= len(HOSTILE)
+
+
+def test_a_secret_holder_cannot_write_into_a_connection_it_did_not_open(service, closing):
+    owner, other = closing(Raw(service.address, rank=0)), closing(Raw(service.address, rank=0))
+    where = {"step": 1, "save": "s", "name": "data/r00000.bin"}
+    assert owner.op(op="open", **where)["ok"]
+    reply = other.ask(msgpack.packb({"id": 1, "op": "write", "offset": 0, **where}), b"z" * 10)
+    assert not reply["ok"] and "not open on this connection" in reply["err"]
+    reply = owner.ask(msgpack.packb({"id": 1, "op": "write", "offset": 3, **where}), b"z" * 10)
+    assert not reply["ok"] and "aligned" in reply["err"]
+
+
+def test_an_honest_window_of_requests_never_loses_a_reply(service, closing):
+    # libzmq may count replies already read as still queued; a ROUTER dropped such a reply silently
+    # (within ~100 rounds) before the service set ROUTER_MANDATORY and waited for room
+    raw = closing(Raw(service.address))
+    for round_ in range(1000):
+        for i in range(WINDOW):
+            raw.sock.send_multipart([msgpack.packb({"id": i, "op": "inventory"})])
+        for i in range(WINDOW):
+            assert raw.sock.poll(10000), f"round {round_}: reply {i} of {WINDOW} never came"
+            assert msgpack.unpackb(raw.sock.recv_multipart()[0])["id"] == i
+
+
+def test_a_local_root_others_could_change_is_refused(tmp_path):
+    open_dir = tmp_path / "shared"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)  # world-writable, not sticky: another user could swap our tree
+    with pytest.raises(UnsafeFileError, match="could be changed by another user"):
+        PeerService(str(open_dir / "job"), SECRET, rank=0, world=1, host="127.0.0.1")
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    with pytest.raises(UnsafeFileError, match="is a link"):
+        PeerService(str(tmp_path / "link"), SECRET, rank=0, world=1, host="127.0.0.1")
+    open_dir.chmod(0o1777)  # sticky, as /dev/shm: fine
+    PeerService(str(open_dir / "job2"), SECRET, rank=0, world=1, host="127.0.0.1").close()
+    assert (open_dir / "job2").stat().st_mode & 0o777 == 0o700
+
+
+def test_reads_never_follow_a_link_inside_a_committed_step(service, tmp_path):
+    secret_file = tmp_path / "secret.txt"
+    secret_file.write_bytes(b"outside the local tier")
+    step = tmp_path / "node1" / "job" / "step-00000004"
+    (step / "data").mkdir(parents=True)
+    (step / MANIFEST).write_bytes(b"m")
+    os.symlink(secret_file, step / "data" / "r00000.bin")
+    os.symlink(tmp_path, step / "data" / "r00001.bin")
+    client = PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1)
+    assert client.inventory() == {4: {}}  # links are not held files
+    for name in ("data/r00000.bin", "data/r00001.bin"):
+        with pytest.raises(PeerError, match="symbolic link"):
+            client.read(4, name, 0, memoryview(bytearray(100)))
+    client.close()
+
+
+def test_an_oversized_frame_drops_only_that_connection(service, closing):
+    raw = closing(Raw(service.address))
+    monitor = raw.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    raw.sock.send_multipart([msgpack.packb({"id": 1, "op": "inventory"}), bytes(MAX_FRAME + 1)])
+    assert monitor.poll(10000), "libzmq must drop the connection sending a frame over ZMQ_MAXMSGSIZE"
+    assert not raw.sock.poll(0) and service.refused["inventory"] == 0  # the request never reached the service
+    raw.sock.disable_monitor()
+    monitor.close(linger=0)
+    client = closing(PeerClient(service.address, SECRET, rank=2, timeout_s=10, peer=1))
+    assert client.inventory() == {}
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from dist_ckpt.tier.peer import PeerService
+    svc = PeerService(sys.argv[1], bytes(range(32)), rank=1, world=2, host="127.0.0.1")
+    print(svc.address, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+@pytest.fixture
+def child_service(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "child")], stdout=subprocess.PIPE, text=True)
+    address = proc.stdout.readline().strip()
+    yield proc, address
+    proc.kill()
+    proc.wait()
+
+
+def test_a_sigkilled_partner_fails_the_replica_stream_naming_it(child_service):
+    proc, address = child_service
+    client = PeerClient(address, SECRET, rank=0, timeout_s=60, peer=1)  # the lost connection fails it, not the wait
+    stream = client.replica(1, "s-1", "data/r00000.bin")
+    stream.write_pieces(memoryview(os.urandom(2 * MiB)), 0)
+    stream.sync()  # the partner is alive: acked
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(PeerError, match=r"peer rank 1 \(data/r00000.bin\): replica (write|sync): the connection to the peer was lost") as e:
+        stream.write_pieces(memoryview(bytes(8 * MiB)), 2 * MiB)
+        stream.sync()
+    assert e.value.rank == 1 and e.value.file == "data/r00000.bin"
+    with pytest.raises(PeerError, match="replica"):
+        stream.sync()  # the stream stays broken
+    stream.close()
+    with pytest.raises(PeerError, match=r"peer rank 1 \(data/r00000.bin\): read: the peer refused the connection"):
+        client.read(1, "data/r00000.bin", 0, memoryview(bytearray(10)))
+    client.close()
+
+
+MEMORY_CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    from dist_ckpt.tier import layout
+    from dist_ckpt.tier.peer import PeerService, PIECE_BYTES
+    root = sys.argv[1]
+    step = layout.step_dir(root, 1)
+    os.makedirs(step + "/data")
+    with open(step + "/data/r00000.bin", "wb") as f:
+        f.write(os.urandom(PIECE_BYTES))
+    with open(step + "/MANIFEST", "wb") as f:
+        f.write(b"m")
+    svc = PeerService(root, bytes(range(32)), rank=1, world=2, host="127.0.0.1")
+    def hwm():
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) << 10
+    base = hwm()
+    print(svc.address, flush=True)
+    want = int(sys.stdin.readline())
+    deadline = time.monotonic() + 60
+    while svc.served["read"] < want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(svc.served["read"], hwm() - base, flush=True)
+    """
+)
+
+
+def test_a_secret_holder_asking_for_more_than_it_reads_cannot_grow_the_services_memory(tmp_path, closing):
+    proc = subprocess.Popen([sys.executable, "-c", MEMORY_CHILD, str(tmp_path / "job")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        raw = closing(Raw(proc.stdout.readline().strip(), rcvhwm=1))  # it takes in one reply, then TCP pushes back
+        asks = 32  # 32 x 16 MiB of replies asked for, none read: 512 MiB if the service queued them all
+        for i in range(asks):
+            raw.sock.send_multipart([msgpack.packb({"id": i, "op": "read", "step": 1, "name": "data/r00000.bin", "offset": 0, "length": PIECE_BYTES})])
+        proc.stdin.write(f"{asks}\n")
+        proc.stdin.flush()
+        served, growth = map(int, proc.stdout.readline().split())
+        assert served == asks
+        # QUEUE (8) replies queued per connection (the rest dropped), plus one being read and the TCP buffers
+        assert growth < 16 * PIECE_BYTES, f"the service grew by {growth >> 20} MiB"
+    finally:
+        proc.kill()
+        proc.wait()
