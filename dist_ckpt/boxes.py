@@ -135,3 +135,34 @@ def _tiles_along_one_dim(shape: np.ndarray, off: np.ndarray, siz: np.ndarray) ->
         order = np.argsort(start, kind="stable")
         start, end = start[order], end[order]
     return bool(start[0] == 0 and end[-1] == shape[d] and (start[1:] == end[:-1]).all())
+
+
+def chained_along_one_dim(shapes: np.ndarray, off: np.ndarray, siz: np.ndarray, owner: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """:func:`_tiles_along_one_dim` for many tables at once: one ``True``/``False`` per table.
+
+    Args:
+        shapes: ``(t, ndim)`` each table's tensor shape (``ndim`` >= 1).
+        off, sizes: ``(n, ndim)`` the boxes of all tables, table after table.
+        owner: ``(n,)`` the table of each box; starts, counts: ``(t,)`` where each table's boxes are.
+
+    Returns:
+        ``True`` for a table whose boxes are in bounds, non-empty (the caller
+        checked both), whole in every dim but one and chained along it
+        without gap or overlap (or one box that is the whole tensor): those
+        tile their tensor exactly once. ``False`` means "not shown here".
+    """
+    n = len(owner)
+    whole = np.logical_and.reduceat((off == 0) & (siz == shapes[owner]), starts, axis=0)  # (t, ndim): dims no box splits
+    split = (~whole).sum(axis=1)
+    d = np.argmin(whole, axis=1)  # the first split dim (0 when none is split)
+    rows = np.arange(n)
+    lo = off[rows, d[owner]]
+    hi = lo + siz[rows, d[owner]]
+    order = np.lexsort((lo, owner))  # by table, then by start: each table's boxes stay at starts[i]:starts[i] + counts[i]
+    lo, hi = lo[order], hi[order]
+    linked = np.ones(n, bool)
+    linked[1:] = lo[1:] == hi[:-1]
+    linked[starts] = True  # a table's first box follows nothing
+    ends = starts + counts - 1
+    chained = np.logical_and.reduceat(linked, starts) & (lo[starts] == 0) & (hi[ends] == shapes[np.arange(len(starts)), d])
+    return ((split == 1) & chained) | ((split == 0) & (counts == 1))

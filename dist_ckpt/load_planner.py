@@ -16,6 +16,8 @@ import numpy as np
 
 __all__ = ["ReadOp", "plan_reads", "required_bytes"]
 
+_FEW_CHUNKS = 16  # up to this many chunks, the intersections are found in plain Python ints
+
 
 @dataclass(frozen=True, eq=False)  # eq on an ndarray field would be ambiguous: compare by identity
 class ReadOp:
@@ -59,48 +61,58 @@ def plan_reads(
         One :class:`ReadOp` per saved chunk that intersects the target, ordered
         by file and offset. Empty for an empty target.
     """
-    t_off = np.asarray(target_offsets, dtype=np.int64).reshape(-1)
-    t_siz = np.asarray(target_sizes, dtype=np.int64).reshape(-1)
+    t_off = [int(x) for x in np.asarray(target_offsets, dtype=np.int64).reshape(-1)]
+    t_siz = [int(x) for x in np.asarray(target_sizes, dtype=np.int64).reshape(-1)]
     ndim = len(t_off)
     n = len(chunk_files)
+    if len(t_siz) != ndim or len(chunk_file_offsets) != n or np.size(chunk_offsets) != n * ndim or np.size(chunk_sizes) != n * ndim:
+        raise ValueError("target and chunk boxes do not agree in rank or count")
+    if 0 in t_siz:
+        return []
     c_off = np.asarray(chunk_offsets, dtype=np.int64).reshape(n, ndim)  # explicit n: -1 is ambiguous for 0-d
     c_siz = np.asarray(chunk_sizes, dtype=np.int64).reshape(n, ndim)
-    if len(t_siz) != ndim or len(chunk_file_offsets) != n:
-        raise ValueError("target and chunk boxes do not agree in rank or count")
-    if (t_siz == 0).any():
-        return []
-    lo = np.maximum(c_off, t_off)
-    hi = np.minimum(c_off + c_siz, t_off + t_siz)
-    hits = np.flatnonzero((hi > lo).all(axis=1))  # an empty chunk never satisfies this
-    ops = [_read_op(int(c), int(chunk_files[c]), int(chunk_file_offsets[c]), itemsize, c_siz[c], lo[c] - c_off[c], hi[c] - lo[c], lo[c] - t_off) for c in hits]
+    if n <= _FEW_CHUNKS:  # plain ints: a handful of chunks per tensor costs less than numpy's per-call overhead
+        offs, sizs = c_off.tolist(), c_siz.tolist()
+        hits = [c for c in range(n) if all(min(o + s, t + u) > max(o, t) for o, s, t, u in zip(offs[c], sizs[c], t_off, t_siz))]
+        offs, sizs = [offs[c] for c in hits], [sizs[c] for c in hits]
+    else:
+        t_lo = np.asarray(t_off, dtype=np.int64)
+        hits = np.flatnonzero((np.minimum(c_off + c_siz, t_lo + t_siz) > np.maximum(c_off, t_lo)).all(axis=1)).tolist()
+        offs, sizs = c_off[hits].tolist(), c_siz[hits].tolist()
+    files, bases = np.asarray(chunk_files)[hits].tolist(), np.asarray(chunk_file_offsets)[hits].tolist()
+    ops = [_read_op(c, f, b, itemsize, cs, co, t_off, t_siz) for c, f, b, co, cs in zip(hits, files, bases, offs, sizs)]
     ops.sort(key=lambda op: (op.file, int(op.run_offsets[0])))
     return ops
 
 
-def _read_op(chunk: int, file: int, base: int, isz: int, csize: np.ndarray, sub_off: np.ndarray, sub_size: np.ndarray, dst_off: np.ndarray) -> ReadOp:
-    """Byte runs of the sub-box ``sub_off``/``sub_size`` of a row-major chunk."""
+def _read_op(chunk: int, file: int, base: int, isz: int, csize: list[int], coff: list[int], t_off: list[int], t_siz: list[int]) -> ReadOp:
+    """Byte runs of the chunk ``coff``/``csize``'s part inside the target box, in plain ints (a few per tensor)."""
     ndim = len(csize)
-    strides = np.ones(ndim, dtype=np.int64)  # in elements
-    if ndim > 1:
-        strides[:-1] = np.cumprod(csize[::-1])[-2::-1]
+    lo = [max(c, t) for c, t in zip(coff, t_off)]
+    sub_size = [min(c + s, t + u) - a for c, s, t, u, a in zip(coff, csize, t_off, t_siz, lo)]
+    sub_off = [a - c for a, c in zip(lo, coff)]
+    strides = [1] * ndim  # in elements, row-major
+    for d in range(ndim - 2, -1, -1):
+        strides[d] = strides[d + 1] * csize[d + 1]
     # Dims inside the innermost partially spanned one are whole; together with
     # it they form one contiguous run. The dims outside it enumerate the runs,
     # which never touch (the partial dim leaves a gap between them).
-    partial = np.flatnonzero(sub_size != csize)
-    k = int(partial[-1]) if len(partial) else 0
-    run_elems = int(sub_size[k] * strides[k]) if ndim else 1
-    starts = np.array([int((sub_off * strides).sum())], dtype=np.int64)
+    partial = [d for d in range(ndim) if sub_size[d] != csize[d]]
+    k = partial[-1] if partial else 0
+    run_elems = sub_size[k] * strides[k] if ndim else 1
+    first = base + sum(o * s for o, s in zip(sub_off, strides)) * isz
+    starts = np.array([first], dtype=np.int64)
     for d in range(k):
         if sub_size[d] > 1:
-            starts = (starts[:, None] + np.arange(sub_size[d], dtype=np.int64) * strides[d]).reshape(-1)
+            starts = (starts[:, None] + np.arange(sub_size[d], dtype=np.int64) * (strides[d] * isz)).reshape(-1)
     return ReadOp(
         chunk=chunk,
         file=file,
-        run_offsets=base + starts * isz,
+        run_offsets=starts,
         run_nbytes=run_elems * isz,
-        whole_chunk=not len(partial),
-        dst_offsets=tuple(dst_off.tolist()),
-        dst_sizes=tuple(sub_size.tolist()),
+        whole_chunk=not partial,
+        dst_offsets=tuple(a - t for a, t in zip(lo, t_off)),
+        dst_sizes=tuple(sub_size),
     )
 
 

@@ -50,6 +50,10 @@ _COLUMNS: dict[str, tuple[str, str | int]] = {
 }
 
 
+# Per column: name, on-disk dtype, the native dtype to convert to (None when they agree), one value per dim.
+_COLUMN_DTYPES = [(name, np.dtype(dt), None if np.dtype(dt).isnative else np.dtype(dt[1:]), per == "ndim") for name, (dt, per) in _COLUMNS.items()]
+
+
 @dataclass(frozen=True)
 class Pickled:
     """An opted-in pickled object, still as bytes: unpickled only by an opted-in load."""
@@ -122,20 +126,23 @@ class ChunkTable:
 
     @staticmethod
     def from_msgpack_obj(obj: Any, ndim: int, where: str) -> "ChunkTable":
-        _expect(obj, dict, f"{where}.chunks")
+        if type(obj) is not dict:
+            _expect(obj, dict, f"{where}.chunks")
         n = obj.get("n")
         if type(n) is not int or not 0 <= n < _MAX_INT:
             raise ManifestError(f"{where}.chunks.n must be a non-negative int, got {n!r}")
         cols: dict[str, Any] = {}
-        for name, (dt, per) in _COLUMNS.items():
+        for name, dt, native, per_ndim in _COLUMN_DTYPES:
             raw = obj.get(name)
-            count = n * (ndim if per == "ndim" else 1)
-            if not isinstance(raw, bytes) or len(raw) != count * np.dtype(dt).itemsize:
+            count = n * ndim if per_ndim else n
+            if type(raw) is not bytes or len(raw) != count * dt.itemsize:
                 raise ManifestError(
-                    f"{where}.chunks.{name} must be {count} x {dt} bytes, got {type(raw).__name__} of {len(raw) if isinstance(raw, bytes) else '?'}"
+                    f"{where}.chunks.{name} must be {count} x {dt.str} bytes, got {type(raw).__name__} of {len(raw) if isinstance(raw, bytes) else '?'}"
                 )
-            arr = np.frombuffer(raw, dtype=dt).astype(dt[1:], copy=False)
-            cols[name] = arr.reshape(n, ndim) if per == "ndim" else arr
+            arr = np.frombuffer(raw, dtype=dt)
+            if native is not None:  # a big-endian host: the columns are little-endian on disk
+                arr = arr.astype(native)
+            cols[name] = arr.reshape(n, ndim) if per_ndim else arr
         if "blocks" not in obj and "block" not in obj:
             return ChunkTable(**cols)
         block, raw = obj.get("block"), obj.get("blocks")
@@ -373,16 +380,38 @@ def _decode_objects(objs: Any, where: str) -> dict[KeyPath, Any]:
 
 
 def _decode_tensors(tensors: Any, nfiles: int, where: str) -> dict[KeyPath, TensorEntry]:
+    """Decode a map of tensor entries, checking their chunk tables in one vectorised pass.
+
+    Raises the same error as decoding and checking each entry in turn would
+    (:func:`decode_tensor_entry`): the first entry, in map order, with a problem.
+    """
     _expect(tensors, dict, where)
-    out = {}
-    for k, e in tensors.items():
-        key = _key(k, where)
-        out[key] = decode_tensor_entry(e, nfiles, f"{where}[{list(key)!r:.120}]")
-    return out
+    keys: list[KeyPath] = []
+    entries: list[tuple[str, TensorEntry]] = []
+    try:
+        for k, e in tensors.items():
+            key = _key(k, where)
+            at = f"{where}[{list(key)!r:.120}]"
+            entries.append((at, _parse_entry(e, at)))
+            keys.append(key)
+    except ManifestError:
+        _raise_first_table_problem(entries, nfiles)  # the tables before the ill-formed entry come first, as one by one
+        raise
+    _raise_first_table_problem(entries, nfiles)
+    return dict(zip(keys, (e for _, e in entries)))
 
 
 def decode_tensor_entry(e: Any, nfiles: int, where: str) -> TensorEntry:
     """Decode one tensor entry and check its chunk table (bounds, sizes, alignment, cover)."""
+    entry = _parse_entry(e, where)
+    problem = _chunk_problem(entry.chunks, entry.shape, itemsize(entry.dtype), nfiles)
+    if problem:
+        raise ManifestError(f"{where}: {problem}")
+    return entry
+
+
+def _parse_entry(e: Any, where: str) -> TensorEntry:
+    """One tensor entry's fields, type-checked; its chunk table is not checked yet."""
     _expect(e, dict, where)
     dtype = e.get("dtype")
     if not is_dtype_name(dtype):
@@ -393,11 +422,68 @@ def decode_tensor_entry(e: Any, nfiles: int, where: str) -> TensorEntry:
     shape = tuple(shape)
     if math.prod(shape) * itemsize(dtype) >= _MAX_INT:
         raise ManifestError(f"{where}: shape {list(shape)} is too large")
-    chunks = ChunkTable.from_msgpack_obj(e.get("chunks"), len(shape), where)
-    problem = _chunk_problem(chunks, shape, itemsize(dtype), nfiles)
-    if problem:
-        raise ManifestError(f"{where}: {problem}")
-    return TensorEntry(dtype, shape, chunks)
+    return TensorEntry(dtype, shape, ChunkTable.from_msgpack_obj(e.get("chunks"), len(shape), where))
+
+
+def _raise_first_table_problem(entries: list[tuple[str, TensorEntry]], nfiles: int) -> None:
+    """Raise the first entry's chunk-table problem, checking one by one only the tables the batch does not accept."""
+    for i in np.flatnonzero(~_tables_accepted([e for _, e in entries], nfiles)).tolist():
+        where, e = entries[i]
+        problem = _chunk_problem(e.chunks, e.shape, itemsize(e.dtype), nfiles)
+        if problem:
+            raise ManifestError(f"{where}: {problem}")
+
+
+def _tables_accepted(entries: list[TensorEntry], nfiles: int) -> np.ndarray:
+    """Per entry, True when the whole-column checks over all tables of its rank (ndim) show its table sound.
+
+    A sufficient condition only: what ``_chunk_problem`` accepts through its
+    common path (in-bounds, aligned, non-empty chunks chained along one dim,
+    or one chunk for a 0-d tensor). False leaves the entry to ``_chunk_problem``,
+    which decides and explains. One pass costs about what one table's checks
+    did, whatever the number of tensors.
+    """
+    accepted = np.zeros(len(entries), bool)
+    groups: dict[int, list[int]] = {}
+    for i, e in enumerate(entries):
+        if len(e.chunks):  # an empty table is left to the one-by-one check
+            groups.setdefault(len(e.shape), []).append(i)
+    for ndim, idx in groups.items():
+        accepted[idx] = _group_accepted([entries[i] for i in idx], ndim, nfiles)
+    return accepted
+
+
+def _group_accepted(group: list[TensorEntry], ndim: int, nfiles: int) -> np.ndarray:
+    """:func:`_tables_accepted` for entries of one rank: the chunks of all of them as one table."""
+    tables = [e.chunks for e in group]
+    counts = np.fromiter((len(c) for c in tables), np.int64, len(tables))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    owner = np.repeat(np.arange(len(tables)), counts)
+    off, siz = np.concatenate([c.offsets for c in tables]), np.concatenate([c.sizes for c in tables])
+    shapes = np.array([e.shape for e in group], np.int64).reshape(len(group), ndim)
+    shape = shapes[owner]
+    isz = np.array([itemsize(e.dtype) for e in group], np.int64)[owner]
+    file, offset, nbytes = (np.concatenate([getattr(c, name) for c in tables]) for name in ("file", "offset", "nbytes"))
+    # Values of a rejected row may wrap around below; the row is refused by its first flag anyway.
+    bad = ((off | siz) >> 62).any(axis=1) | (file.astype(np.int64).view(np.uint64) >= nfiles) | ((offset & _BAD_OFFSET_BITS) != 0)
+    vol = boxes.box_volume(siz)
+    bad |= ((off + siz) > shape).any(axis=1) | (vol * isz != nbytes) | (vol == 0)
+    ok = ~np.logical_or.reduceat(bad, starts)
+    ok &= _blocks_match(tables, nbytes, starts)
+    if ndim == 0:
+        return ok & (counts == 1)
+    return ok & boxes.chained_along_one_dim(shapes, off, siz, owner, starts, counts)
+
+
+def _blocks_match(tables: list[ChunkTable], nbytes: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Per table: True when it has no block sums, or as many as its chunks' blocks (nbytes checked first)."""
+    has = np.fromiter((c.blocks is not None for c in tables), bool, len(tables))
+    if not has.any():
+        return np.ones(len(tables), bool)
+    block = np.array([c.block_bytes if c.blocks is not None else 1 for c in tables], np.int64)
+    want = np.add.reduceat(-(-nbytes // np.repeat(block, np.diff(np.append(starts, len(nbytes))))), starts)
+    have = np.fromiter((len(c.blocks) if c.blocks is not None else 0 for c in tables), np.int64, len(tables))
+    return ~has | (want == have)
 
 
 # Bits a file offset must not have: the sign, 2**62 and up, and those below the alignment.

@@ -8,8 +8,10 @@ one at the next 4 KiB-aligned offset, so no write ever goes back. Each is hashed
 with xxh3-64 while it is written (xxhash releases the GIL, so hashing on one
 thread overlaps writing on another): once whole, and once per
 :data:`~dist_ckpt.manifest.BLOCK_BYTES` block, so that a load reading part of
-the chunk can verify the blocks it reads. Both hashes run block by block, so
-the second finds the block in the CPU cache.
+the chunk can verify the blocks it reads. Both hashes run block by block,
+and each block is appended right after them, so the second hash and the copy
+into the file find the block in the CPU cache; each piece's writeback starts
+once its blocks are written.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ import xxhash
 from .errors import StorageError
 from .layout_names import data_file_name
 from .manifest import ALIGN, BLOCK_BYTES
-from .storage import STREAM_ALIGN, WRITE_PIECE, SaveTarget, Storage
+from .storage import STREAM_ALIGN, WRITE_PIECE, SaveTarget, Storage, WriteStream
 
 # Blocks are hashed piece by piece, so no block may straddle two pieces.
 assert WRITE_PIECE % BLOCK_BYTES == 0, "WRITE_PIECE must be a multiple of BLOCK_BYTES"
-# Chunks start at ALIGN multiples, pieces at WRITE_PIECE multiples past them: every append is stream-aligned.
-assert ALIGN % STREAM_ALIGN == 0 and WRITE_PIECE % STREAM_ALIGN == 0
+# Chunks start at ALIGN multiples, blocks at BLOCK_BYTES multiples past them: every append is stream-aligned.
+assert ALIGN % STREAM_ALIGN == 0 and BLOCK_BYTES % STREAM_ALIGN == 0
 
 log = logging.getLogger(__name__)
 
@@ -112,24 +114,34 @@ def _write_file(storage: Storage, target: SaveTarget, name: str, items: list[Wri
     offset = 0
     try:
         for item in items:
-            h = xxhash.xxh3_64()
-            blocks: list[int] = []
-
-            def hash_piece(piece: memoryview) -> None:
-                # Block by block, both hashes: the second pass over a block finds it
-                # in the CPU cache (a whole piece is larger than the cache).
-                for b in range(0, len(piece), BLOCK_BYTES):
-                    block = piece[b : b + BLOCK_BYTES]
-                    h.update(block)
-                    blocks.append(xxhash.xxh3_64_intdigest(block))
-
-            data = item.data
-            handle.write_pieces(data, offset, hash_piece)
-            records.append(WriteRecord(item.tag, name, offset, len(data), h.intdigest(), np.array(blocks, np.uint64)))
-            offset += -(-len(data) // ALIGN) * ALIGN if len(data) else 0
+            records.append(_write_chunk(handle, name, item, offset))
+            offset += -(-len(item.data) // ALIGN) * ALIGN if len(item.data) else 0
         handle.sync()
     except OSError as e:
         raise StorageError(e.errno, f"writing data file {path} failed at byte {offset}: {e.strerror or e}") from e
     finally:
         handle.close()
     return records
+
+
+def _write_chunk(handle: WriteStream, name: str, item: WriteItem, offset: int) -> WriteRecord:
+    """Append one chunk at ``offset``, hashed whole and per block, each piece's writeback started once written.
+
+    Block by block: both hashes, then the append, so the second hash and the
+    copy into the file (the page cache) find the block in the CPU cache; a
+    whole piece is larger than the cache, and hashing a piece before writing
+    it read every byte from memory twice (64 MiB per rank: 28-30 -> 24 ms of
+    CPU before the fsync).
+    """
+    data = memoryview(item.data).cast("B")
+    h = xxhash.xxh3_64()
+    blocks: list[int] = []
+    for start in range(0, len(data), WRITE_PIECE):
+        piece = data[start : start + WRITE_PIECE]
+        for b in range(0, len(piece), BLOCK_BYTES):
+            block = piece[b : b + BLOCK_BYTES]
+            h.update(block)
+            blocks.append(xxhash.xxh3_64_intdigest(block))
+            handle.append(block, offset + start + b)
+        handle.start_writeback(offset + start, len(piece))
+    return WriteRecord(item.tag, name, offset, len(data), h.intdigest(), np.array(blocks, np.uint64))

@@ -142,3 +142,66 @@ def test_fuzz_mutated_valid_manifest(data):
         Manifest.from_msgpack(bytes(blob))
     except ManifestError:
         pass
+
+
+def _layout(draw) -> TensorEntry:
+    """A tensor entry of 0-3 dims: a sound layout (chained along one dim, a grid, one chunk), then maybe one defect."""
+    ndim = draw(st.integers(0, 3))
+    shape = tuple(draw(st.integers(0, 5)) for _ in range(ndim))
+    d = draw(st.integers(0, max(ndim - 1, 0)))
+    if ndim and draw(st.booleans()):  # chained along dim d, possibly with empty chunks
+        cuts = sorted(draw(st.lists(st.integers(0, shape[d]), max_size=4)))
+        bounds = [0, *cuts, shape[d]]
+        boxes = [
+            (tuple(lo if i == d else 0 for i in range(ndim)), tuple(hi - lo if i == d else shape[i] for i in range(ndim))) for lo, hi in zip(bounds, bounds[1:])
+        ]
+    elif ndim >= 2 and shape[0] >= 2 and shape[1] >= 2:  # a 2 x 2 grid over the first two dims
+        a, b = shape[0] // 2, shape[1] // 2
+        rest = shape[2:]
+        boxes = [((r, c) + (0,) * len(rest), (h, w) + rest) for r, h in ((0, a), (a, shape[0] - a)) for c, w in ((0, b), (b, shape[1] - b))]
+    else:
+        boxes = [((0,) * ndim, shape)]
+    if draw(st.booleans()):
+        boxes = draw(st.permutations(boxes))
+    t = table(boxes, 4)
+    cols = {name: getattr(t, name).copy() for name in ("offsets", "sizes", "file", "offset", "nbytes", "xxh3")}
+    defect = draw(st.sampled_from(["none", "none", "offsets", "sizes", "file", "offset", "nbytes", "dup", "drop", "blocks"]))
+    i = draw(st.integers(0, max(len(t) - 1, 0)))
+    if defect in ("offsets", "sizes") and ndim and len(t):
+        cols[defect][i, draw(st.integers(0, ndim - 1))] += draw(st.sampled_from([-1, 1, 1 << 62]))
+    elif defect == "file" and len(t):
+        cols["file"][i] = draw(st.sampled_from([1, 2, -1]))
+    elif defect == "offset" and len(t):
+        cols["offset"][i] += draw(st.sampled_from([1, -ALIGN, 1 << 62]))
+    elif defect == "nbytes" and len(t):
+        cols["nbytes"][i] += 4
+    elif defect in ("dup", "drop") and len(t):
+        keep = list(range(len(t))) + [i] if defect == "dup" else [j for j in range(len(t)) if j != i]
+        cols = {k: v[keep] for k, v in cols.items()}
+    blocks = None
+    if defect == "blocks" or draw(st.booleans()):
+        count = int((-(-cols["nbytes"] // ALIGN)).clip(0).sum()) + (draw(st.sampled_from([-1, 1])) if defect == "blocks" else 0)
+        blocks = np.zeros(max(count, 0), np.uint64)
+    return TensorEntry("float32", shape, ChunkTable(**cols, blocks=blocks, block_bytes=ALIGN if blocks is not None else 0))
+
+
+@settings(max_examples=1_500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_tables_checked_together_fail_exactly_as_one_by_one(data):
+    """The vectorised pass over all tables accepts and refuses what checking each table in turn does, with its message."""
+    from dist_ckpt.manifest import decode_tensor_entry
+
+    entries = {(f"t{i}",): _layout(data.draw) for i in range(data.draw(st.integers(1, 5)))}
+    obj = raw(make(tensors=entries))
+    try:
+        for k, e in obj["tensors"].items():
+            decode_tensor_entry(e, 1, f"tensors[{list(k)!r:.120}]")
+        want = None
+    except ManifestError as e:
+        want = str(e)
+    try:
+        Manifest.from_msgpack(repack(obj))
+        got = None
+    except ManifestError as e:
+        got = str(e)
+    assert got == want

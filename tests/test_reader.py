@@ -80,3 +80,18 @@ def test_with_two_threads_the_calling_thread_reads_one_segment(tmp_path):
     assert torch.equal(outs["a"], W) and torch.equal(outs["b"], W + 1)
     readers = {t for _, _, t in calls}
     assert threading.current_thread() in readers and len(readers) == 2
+
+
+def test_reader_threads_are_kept_between_loads(tmp_path):
+    """The second load reads on the threads of the first: a load starts no thread (each start waits until it runs)."""
+    state = {"a": W, "b": W + 1, "c": W + 2}
+    boxes = {k: ((0, 0), (1024, 1024)) for k in state}
+    first, _, _, _ = _read(tmp_path, state, boxes, threads=3)
+    kept = {t for _, _, t in first} - {threading.current_thread()}
+    assert kept and all(t.is_alive() and t.name.startswith("dist_ckpt-reader") for t in kept)
+    again = _RecordingStorage()
+    manifest, root, _ = read_manifest(str(tmp_path / "ck"))
+    read_tensors(again, root, manifest.files, [ReadTask((k,), manifest.tensors[(k,)], torch.zeros(1024, 1024), *boxes[k]) for k in state], threads=3)
+    pool = {t for t in threading.enumerate() if t.name.startswith("dist_ckpt-reader")}
+    assert kept <= pool  # still there, idle, for the next load
+    assert {t for _, _, t in again.calls} - {threading.current_thread()} <= pool

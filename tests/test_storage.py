@@ -206,3 +206,30 @@ def test_uncommit_unpublishes_before_it_removes_so_a_failed_removal_leaves_no_ch
     storage.uncommit(str(tmp_path / left[0]))  # what gc does with the leftover
     storage.uncommit(path)  # nothing there: not an error
     assert list(tmp_path.iterdir()) == []
+
+
+class AppendRecording(LocalWriteStream):
+    def __init__(self, path: str, calls: list) -> None:
+        super().__init__(path)
+        self.calls = calls
+
+    def append(self, data, offset: int) -> None:
+        self.calls.append((offset, len(memoryview(data).cast("B"))))
+        super().append(data, offset)
+
+
+def test_writer_appends_each_block_as_soon_as_it_is_hashed(tmp_path):
+    """Appends of one block each (the block just hashed, still in the CPU cache), not of whole pieces."""
+    from dist_ckpt.manifest import BLOCK_BYTES
+
+    (tmp_path / "data").mkdir()
+    calls: list = []
+
+    class Storage(LocalStorage):
+        def open_stream(self, target: SaveTarget, name: str) -> LocalWriteStream:
+            return AppendRecording(f"{target.location}/{name}", calls)
+
+    big = bytes(range(256)) * ((PIECE + 5000) // 256 + 1)
+    (record,) = write_items(Storage(), SaveTarget(str(tmp_path), str(tmp_path)), 0, [WriteItem(0, memoryview(big))], threads=1)
+    assert calls == [(record.offset + b, min(BLOCK_BYTES, len(big) - b)) for b in range(0, len(big), BLOCK_BYTES)]
+    assert (tmp_path / record.file).read_bytes()[: len(big)] == big
