@@ -120,6 +120,35 @@ def test_part_size_and_concurrency_come_from_config_and_environment(monkeypatch)
             dc.Config(**bad)
 
 
+def test_s3_paths_share_one_storage_and_client_per_process_and_settings(s3_bucket, monkeypatch):
+    path = f"s3://{s3_bucket}/shared/step-00000001"
+    dc.save({"w": torch.ones(4)}, path)
+    storage = get_storage(path)[0]
+    client = storage._where(s3_bucket)[0]
+    assert dc.load({"w": torch.zeros(4)}, path)["w"].sum() == 4
+    assert get_storage(f"s3://{s3_bucket}/other")[0] is storage and storage._where(s3_bucket)[0] is client  # the save's client served the load
+    monkeypatch.setenv("DIST_CKPT_S3_MAX_IN_FLIGHT", "2")  # other settings: another storage
+    other = get_storage(path)[0]
+    assert other is not storage and other.max_in_flight == 2
+    key_id = os.environ["AWS_ACCESS_KEY_ID"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-else")  # other credentials: other clients
+    assert get_storage(path)[0] is not other
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.delenv("DIST_CKPT_S3_MAX_IN_FLIGHT")
+    assert get_storage(path)[0] is storage
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a forked child: neither the parent's storage nor, through an inherited storage, its client
+        try:
+            fresh = get_storage(path)[0] is not storage and storage._where(s3_bucket)[0] is not client
+            os.write(write, b"ok" if fresh else b"parent's")
+        finally:
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 16) == b"ok"
+    os.waitpid(pid, 0)
+
+
 def test_without_boto3_the_scheme_says_how_to_install_it():
     code = "import sys; sys.modules['boto3'] = None\nfrom dist_ckpt.storage import get_storage\ntry:\n    get_storage('s3://b/x')\nexcept Exception as e:\n    print(type(e).__name__, e)"
     out = subprocess.run(

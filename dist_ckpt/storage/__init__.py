@@ -347,16 +347,16 @@ def _builtin() -> None:
 
 
 def _s3_storage() -> Storage:
-    """The built-in ``s3`` backend, imported on first use (boto3 is an optional dependency).
+    """The built-in ``s3`` backend, imported on first use (boto3 is an optional dependency); one per process and settings (:func:`.s3.shared_storage`).
 
     Raises:
         UnsupportedScheme: boto3 is not installed; says how to install it.
     """
     try:
-        from .s3 import S3Storage
+        from .s3 import shared_storage
     except ImportError as e:
         raise UnsupportedScheme(f"s3:// paths need boto3, which is not installed: pip install 'dist-ckpt[s3]' ({e})") from e
-    return S3Storage()
+    return shared_storage()
 
 
 def _factory(scheme: str, path: str) -> Callable[[], Storage]:

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
+import os
 import re
 import threading
 import uuid
@@ -152,6 +154,56 @@ def _pieces(views: list[memoryview], skip: int, total: int) -> Iterator[memoryvi
             return
 
 
+_SHARED_MAX = 8  # settings seen by one process (a process that keeps changing its AWS_* variables evicts the oldest)
+_shared: dict[str, S3Storage] = {}
+_shared_lock = threading.Lock()
+
+
+def _forget_shared() -> None:
+    """In a forked child: drop the parent's storages (their clients' sockets are the parent's) and a lock it may have held."""
+    global _shared_lock
+    _shared.clear()
+    _shared_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_shared)
+
+
+def _settings_key() -> str:
+    """What selects the clients of :func:`shared_storage`: every ``AWS_*`` and ``DIST_CKPT_S3_*`` variable, and the pid.
+
+    The AWS chain reads endpoint, region, profile, credentials and config files from ``AWS_*``;
+    part size and concurrency come from ``DIST_CKPT_S3_*``. Hashed: the key holds no secret.
+    """
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "DIST_CKPT_S3_")))
+    return f"{os.getpid()}:" + hashlib.sha256(repr(env).encode()).hexdigest()
+
+
+def shared_storage() -> S3Storage:
+    """This process's :class:`S3Storage` for the current environment: what ``s3://`` paths get from ``get_storage``.
+
+    Building boto3 clients costs most of a small save (a one-tensor save took 0.8-1.0 s with new
+    clients, 0.06 s reusing them), so every ``dc.save`` / ``dc.load`` on ``s3://`` shares one
+    storage (and its per-bucket clients, whose connection pools are thread-safe) while the
+    ``AWS_*`` / ``DIST_CKPT_S3_*`` variables stay the same. A forked child never gets its parent's.
+
+    Returns:
+        The storage (built on first use for these settings).
+
+    Raises:
+        ValueError: a ``DIST_CKPT_S3_*`` setting out of range.
+    """
+    key = _settings_key()
+    with _shared_lock:
+        storage = _shared.get(key)
+        if storage is None:
+            storage = S3Storage()
+            if len(_shared) >= _SHARED_MAX:
+                del _shared[next(iter(_shared))]
+            _shared[key] = storage
+        return storage
+
+
 class S3Storage(Storage):
     """``s3://bucket/prefix`` checkpoints (see the module docstring for names, commit and garbage).
 
@@ -176,16 +228,20 @@ class S3Storage(Storage):
         cfg = Config.from_env(s3_part_size=part_size, s3_max_in_flight=max_in_flight)
         self.part_size, self.max_in_flight = cfg.s3_part_size, cfg.s3_max_in_flight
         self.retry, self.endpoint_url = retry or RetryPolicy(), endpoint_url
+        self._reset_clients()
+
+    def _reset_clients(self) -> None:
         self._clients: dict[str, S3Client] = {}
         self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         # Process mode pickles the storage to the writer subprocess: clients hold sockets, so they are rebuilt there.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_clients", "_lock")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_clients", "_lock", "_pid")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._clients, self._lock = {}, threading.Lock()
+        self._reset_clients()
 
     def _where(self, path: str) -> tuple[S3Client, str]:
         """(client of the bucket, key prefix) of ``bucket/prefix``; the prefix has no leading or trailing ``/``.
@@ -197,6 +253,8 @@ class S3Storage(Storage):
         parts = [p for p in rest.split("/") if p]
         if not bucket or any(p in (".", "..") for p in parts):
             raise ValueError(f"bad s3:// path {path!r}: needs s3://bucket/prefix without '.' or '..' parts")
+        if self._pid != os.getpid():  # a forked child: the parent's clients share its sockets (and maybe a held lock)
+            self._reset_clients()
         with self._lock:
             client = self._clients.get(bucket)
             if client is None:
