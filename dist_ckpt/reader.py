@@ -259,6 +259,25 @@ def _sequential_segments(jobs: list[tuple[ReadTask, ReadOp]], threads: int) -> l
     return [seg for seg in segments if seg]
 
 
+def _will_read(files: _Files, segment: list[tuple[ReadTask, ReadOp]], verify: bool) -> None:
+    """Tell each file's handle, once, the byte runs this thread reads from it, in order (S3 fetches them in a few large GETs).
+
+    A verified partial read also reads the rest of the blocks its runs touch, so those runs are widened to block edges.
+    """
+    by_file: dict[int, list[tuple[int, int]]] = {}
+    for task, op in segment:
+        c = task.entry.chunks
+        starts = op.run_offsets.astype(np.int64)
+        ends = starts + op.run_nbytes
+        if verify and not op.whole_chunk and c.blocks is not None:
+            base, bsz = int(c.offset[op.chunk]), c.block_bytes
+            starts = base + (starts - base) // bsz * bsz
+            ends = np.minimum(base + -(-(ends - base) // bsz) * bsz, base + int(c.nbytes[op.chunk]))
+        by_file.setdefault(op.file, []).extend(zip(starts.tolist(), (ends - starts).tolist()))
+    for index, ranges in by_file.items():
+        files.get(index).will_read(ranges)
+
+
 def read_tensors(
     storage: Storage, root: str, file_names: Sequence[str], tasks: Sequence[ReadTask], threads: int = 4, verify: bool = True, rank: int = 0
 ) -> int:
@@ -279,6 +298,7 @@ def read_tensors(
     segments = _sequential_segments(jobs, threads)
 
     def run(segment: list[tuple[ReadTask, ReadOp]]) -> int:
+        _will_read(files, segment, verify)
         return sum(_run_op(files, t, op, verify) for t, op in segment)
 
     try:

@@ -184,6 +184,39 @@ def test_requests_failing_with_500_and_resets_are_retried(s3_bucket, s3_fault_pr
     assert not [p for m, p, _ in s3_fault_proxy.log if "list-type=" in p or "uploads" in p]  # neither the save nor the load LISTs
 
 
+def _data_ranges(proxy) -> list[tuple[int, int]]:
+    """(first, last) byte of each ranged GET of a data object the proxy saw."""
+    return [(a, b) for p, a, b in proxy.ranges if "/data/" in p]
+
+
+def test_load_reads_each_file_in_a_few_coalesced_gets(s3_bucket, s3_fault_proxy):
+    storage = S3Storage(retry=FAST_RETRY, endpoint_url=s3_fault_proxy.endpoint)
+    path = f"s3://{s3_bucket}/many"
+    sd = {f"t{i:02d}": torch.arange(1000.0) + i for i in range(40)}  # 40 chunks in one data object
+    dc.save(sd, path, storage=storage)
+    s3_fault_proxy.clear()
+    out = dc.load({k: torch.zeros(1000) for k in sd}, path, storage=storage)
+    assert all(torch.equal(out[k], sd[k]) for k in sd)  # every chunk still checksum-verified by the reader
+    got = _data_ranges(s3_fault_proxy)
+    assert 1 <= len(got) <= dc.Config().reader_threads  # one GET per reader thread, not one per chunk (40 before)
+    spans = sorted(got)
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # no byte fetched twice
+
+
+def test_coalesced_reads_skip_what_the_load_does_not_need(s3_bucket, s3_fault_proxy):
+    storage = S3Storage(retry=FAST_RETRY, endpoint_url=s3_fault_proxy.endpoint)
+    path = f"s3://{s3_bucket}/skip"
+    sd = {"a": torch.arange(3000.0), "big": torch.ones(3 << 20), "z": torch.arange(2000.0)}  # 12 MiB between two small tensors
+    dc.save(sd, path, storage=storage)
+    big = read_manifest(path, storage)[0].tensors[("big",)].chunks
+    lo, hi = int(big.offset[0]), int(big.offset[0]) + int(big.nbytes[0])
+    s3_fault_proxy.clear()
+    out = dc.load({"a": torch.zeros(3000), "z": torch.zeros(2000)}, path, storage=storage, strict=False)
+    assert torch.equal(out["a"], sd["a"]) and torch.equal(out["z"], sd["z"])
+    got = _data_ranges(s3_fault_proxy)
+    assert got and not [(a, b) for a, b in got if a < hi and b >= lo]  # no byte of "big" fetched
+
+
 class OverwrittenDuringLoad(S3Storage):
     """Its first open of a data object lets ``swap`` (another job's overwrite) run first: the load read the old MANIFEST."""
 

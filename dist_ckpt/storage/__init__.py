@@ -145,6 +145,15 @@ class ReadHandle(abc.ABC):
     def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
         """Fill ``buffers`` in order from ``offset``; returns bytes read (short at EOF)."""
 
+    def will_read(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Hint: the calling thread's next ``preadv`` calls read these ``(offset, length)`` runs, in this order.
+
+        The reader calls it once per file and reader thread with what that
+        thread is about to read; a backend whose requests are costly (S3)
+        can fetch them in a few large requests ahead of the reads. The reads
+        themselves are unchanged (and still verified). The default does nothing.
+        """
+
     @abc.abstractmethod
     def size(self) -> int:
         """Length of the file in bytes."""

@@ -34,6 +34,9 @@ import os
 import re
 import threading
 import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterator, Sequence
 
@@ -102,8 +105,83 @@ class S3WriteStream(WriteStream):
         self._writer.close()  # aborts the upload unless it completed: no object appears
 
 
+COALESCE_GAP = 1 << 20
+"""Runs of one :meth:`S3ReadHandle.will_read` this close are fetched by one GET (the gap's bytes are read and dropped)."""
+WINDOW_BYTES = 16 << 20
+"""The most bytes one coalesced GET fetches (a window)."""
+WINDOWS_AHEAD = 2
+"""Windows a reading thread holds: the one it reads, the next one fetching meanwhile (memory: 2 x 16 MiB per thread)."""
+_FETCH_THREADS = 16
+
+
+@dataclass
+class _Window:
+    start: int
+    end: int
+    bytes: Future[memoryview] | None = None  # None until its GET is started
+
+
+class _Plan:
+    """One thread's announced windows of one object, consumed front to back by its ``preadv`` calls."""
+
+    def __init__(self, windows: list[_Window]) -> None:
+        self.windows = deque(windows)
+
+    def serve(self, handle: S3ReadHandle, views: list[memoryview], offset: int, want: int) -> int:
+        """Copy what the windows hold of ``[offset, offset + want)`` into ``views``; the bytes served (a prefix, maybe 0)."""
+        done = 0
+        while done < want and self.windows:
+            pos = offset + done
+            while self.windows and self.windows[0].end <= pos:  # the reader moved past it
+                self._drop()
+            self._start(handle)
+            if not self.windows or self.windows[0].start > pos:
+                break  # not announced: a direct GET reads it
+            w = self.windows[0]
+            assert w.bytes is not None
+            data = w.bytes.result()  # raises the window's StorageError / DataFileError here, in the reading thread
+            n = min(want - done, w.end - pos)
+            _scatter(views, done, data[pos - w.start : pos - w.start + n])
+            done += n
+        return done
+
+    def _start(self, handle: S3ReadHandle) -> None:
+        for w in list(self.windows)[:WINDOWS_AHEAD]:
+            if w.bytes is None:
+                w.bytes = _fetch_pool().submit(handle.fetch, w.start, w.end - w.start)
+
+    def _drop(self) -> None:
+        w = self.windows.popleft()
+        if w.bytes is not None:
+            w.bytes.cancel()  # a GET not yet started is not sent; one under way finishes and is dropped
+
+    def close(self) -> None:
+        while self.windows:
+            self._drop()
+
+
+def _coalesce(ranges: Sequence[tuple[int, int]], size: int) -> list[_Window]:
+    """Windows covering ``ranges`` (clipped to ``size``): runs at most COALESCE_GAP apart share one, each at most WINDOW_BYTES."""
+    windows: list[_Window] = []
+    for off, n in sorted((int(o), int(n)) for o, n in ranges):
+        lo, hi = max(0, off), min(size, off + n)
+        if lo >= hi:
+            continue
+        if windows and lo - windows[-1].end <= COALESCE_GAP and hi - windows[-1].start <= WINDOW_BYTES:
+            windows[-1].end = max(windows[-1].end, hi)
+            continue
+        if windows and lo < windows[-1].end:  # overlaps a full window: the rest goes in new ones
+            lo = windows[-1].end
+        windows += [_Window(a, min(a + WINDOW_BYTES, hi)) for a in range(lo, hi, WINDOW_BYTES)]
+    return windows
+
+
 class S3ReadHandle(ReadHandle):
-    """One object read by ranged GETs; the size comes from the HEAD at open. Thread-safe (no state but the key)."""
+    """One object read by ranged GETs; the size comes from the HEAD at open. Thread-safe.
+
+    A thread that announces its reads (:meth:`will_read`) gets them from a few large
+    coalesced GETs, fetched ahead; any other read is one ranged GET of its own.
+    """
 
     def __init__(self, client: S3Client, key: str) -> None:
         self._client, self.key = client, key
@@ -111,13 +189,46 @@ class S3ReadHandle(ReadHandle):
         if info is None:
             raise FileNotFoundError(errno.ENOENT, f"no object s3://{client.bucket}/{key}")
         self._size = info.size
+        self._plans: dict[int, _Plan] = {}  # thread ident -> its plan
+        self._lock = threading.Lock()
+
+    def will_read(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Plan this thread's next reads: ``(offset, length)`` runs, coalesced into windows of at most WINDOW_BYTES.
+
+        Replaces the thread's earlier plan; the first windows' GETs start now.
+        """
+        plan = _Plan(_coalesce(ranges, self._size))
+        with self._lock:
+            old = self._plans.pop(threading.get_ident(), None)
+            if plan.windows:
+                self._plans[threading.get_ident()] = plan
+        if old is not None:
+            old.close()
+        plan._start(self)
+
+    def fetch(self, start: int, length: int) -> memoryview:
+        """One window's bytes (a ranged GET, resumed if the body drops); failures are logged and raised."""
+        try:
+            return self._client.get_range(self.key, start, length)
+        except BaseException as e:
+            log.warning("prefetching s3://%s/%s bytes %d+%d failed: %s", self._client.bucket, self.key, start, length, e)
+            raise
 
     def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
         views = [memoryview(b).cast("B") for b in buffers]
         want = min(sum(len(v) for v in views), max(0, self._size - offset))
         if want <= 0:
             return 0
-        done = [0]  # bytes already landed, kept across retries (a dropped body resumes)
+        with self._lock:
+            plan = self._plans.get(threading.get_ident())
+        done = plan.serve(self, views, offset, want) if plan is not None else 0
+        if done < want:
+            self._get(views, offset, want, done)
+        return want
+
+    def _get(self, views: list[memoryview], offset: int, want: int, skip: int) -> None:
+        """Bytes ``skip`` to ``want`` of the read at ``offset`` into ``views``: one ranged GET streamed in, resumed if it drops."""
+        done = [skip]  # bytes already landed, kept across retries (a dropped body resumes)
 
         def once() -> int:
             first = offset + done[0]
@@ -133,13 +244,41 @@ class S3ReadHandle(ReadHandle):
                         done[0] += n
             return done[0]
 
-        return self._client.call("GetObject(Range)", self.key, once)
+        self._client.call("GetObject(Range)", self.key, once)
 
     def size(self) -> int:
         return self._size
 
     def close(self) -> None:
-        pass  # nothing held: the connection pool belongs to the client
+        # The connection pool belongs to the client; windows not yet fetched are cancelled, fetched ones freed.
+        with self._lock:
+            plans, self._plans = list(self._plans.values()), {}
+        for plan in plans:
+            plan.close()
+
+
+def _scatter(views: list[memoryview], skip: int, src: memoryview) -> None:
+    """Copy ``src`` into the concatenation of ``views`` from its byte ``skip``."""
+    pos, done = 0, 0
+    for v in views:
+        lo = max(skip + done - pos, 0)
+        if lo < len(v) and done < len(src):
+            n = min(len(v) - lo, len(src) - done)
+            v[lo : lo + n] = src[done : done + n]
+            done += n
+        pos += len(v)
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _fetch_pool() -> ThreadPoolExecutor:
+    """The process's window-fetching threads (started on first use; a forked child starts its own)."""
+    global _pool
+    with _shared_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_FETCH_THREADS, thread_name_prefix="dist_ckpt-s3-fetch")
+        return _pool
 
 
 def _pieces(views: list[memoryview], skip: int, total: int) -> Iterator[memoryview]:
@@ -161,9 +300,9 @@ _shared_lock = threading.Lock()
 
 def _forget_shared() -> None:
     """In a forked child: drop the parent's storages (their clients' sockets are the parent's) and a lock it may have held."""
-    global _shared_lock
+    global _shared_lock, _pool
     _shared.clear()
-    _shared_lock = threading.Lock()
+    _shared_lock, _pool = threading.Lock(), None
 
 
 os.register_at_fork(after_in_child=_forget_shared)
