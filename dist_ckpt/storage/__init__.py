@@ -289,12 +289,15 @@ class Storage(abc.ABC):
         """
         return name
 
-    def collect_garbage(self, root: str) -> list[str]:
+    def collect_garbage(self, root: str, dry_run: bool = False, min_age_s: float = 0.0) -> list[str]:
         """(rank 0 at a manager's start, ``dist-ckpt gc``) Remove what no committed checkpoint under ``root`` references.
 
         For backends whose garbage is not a ``.tmp-*`` sibling the root scan
         finds (S3: objects no MANIFEST names, unfinished uploads). The default
-        has none and returns ``[]``.
+        has none and returns ``[]``. ``dry_run``: remove nothing, return what
+        would be removed; ``min_age_s``: keep what was written less than that
+        many seconds ago (a save in flight's). A backend overriding it with
+        ``root`` alone gets neither (``dist-ckpt gc`` then skips it with them).
 
         Returns:
             What was removed.

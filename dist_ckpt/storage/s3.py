@@ -33,6 +33,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -498,38 +499,56 @@ class S3Storage(Storage):
 
     # -- garbage -----------------------------------------------------------------------
 
-    def collect_garbage(self, root: str) -> list[str]:
+    def collect_garbage(self, root: str, dry_run: bool = False, min_age_s: float = 0.0) -> list[str]:
         """Remove this library's data objects under ``root`` that no MANIFEST (or set-aside ``MANIFEST.bad-*``) references,
         and abort its unfinished multipart uploads there.
 
-        Run it when no save to ``root`` is in flight (the manager does at start; ``dist-ckpt gc``):
-        a save's objects are unreferenced until its MANIFEST is written. Objects of any other name are never touched.
+        A save's objects are unreferenced until its MANIFEST is written: run it when no save to ``root`` is in flight
+        (the manager does at start), or with ``min_age_s`` longer than any save takes (``dist-ckpt gc --min-age``).
+        Objects of any other name are never touched.
 
         Args:
             root: ``bucket/prefix``: a manager's root or one checkpoint.
+            dry_run: remove nothing; return what would be removed.
+            min_age_s: keep objects written, and uploads begun or given a part, less than this many seconds ago (by
+                this machine's clock against the store's LastModified / Initiated; one the store gives no time for is
+                kept, and so is an upload with no part yet).
 
         Returns:
-            The ``s3://`` URLs removed (uploads aborted included), sorted.
+            The ``s3://`` URLs removed (uploads aborted included), sorted; with ``dry_run``, those that would be.
 
         Raises:
             StorageError: a LIST, read or delete failed.
         """
         client, prefix = self._where(root)
         start = self._join(prefix, "") if prefix else ""
+        young = time.time() - min_age_s
+
+        def old_enough(when: float | None) -> bool:
+            return min_age_s <= 0 or (when is not None and when < young)
+
         manifests: dict[str, list[str]] = {}  # checkpoint prefix -> its MANIFEST and MANIFEST.bad-* names
         objects: dict[str, list[str]] = {}  # checkpoint prefix -> its data object keys
+        recent: set[str] = set()
         for info in client.list(start):
             folder, _, name = info.key.rpartition("/")
             if name == MANIFEST or name.startswith(BAD_MANIFEST):
                 manifests.setdefault(folder, []).append(name)
             elif _is_data_object(info.key):
                 objects.setdefault(folder.rpartition("/")[0], []).append(info.key)
-        doomed = sorted(k for ckpt, found in objects.items() for k in self._unreferenced(client, ckpt, found, manifests.get(ckpt, [])))
-        client.delete_many(doomed)
+                if not old_enough(info.modified):
+                    recent.add(info.key)
+        found = (k for ckpt, keys in objects.items() for k in self._unreferenced(client, ckpt, keys, manifests.get(ckpt, [])))
+        doomed = sorted(k for k in found if k not in recent)
+        if not dry_run:
+            client.delete_many(doomed)
         removed = [f"s3://{client.bucket}/{k}" for k in doomed]
-        for key, upload in list(client.list_uploads(start)):
-            if _is_data_object(key):
-                client.abort_upload(key, upload)
+        for key, upload, began in list(client.uploads(start)):
+            # A writer still uploading adds parts: its newest part dates it (it may have begun long ago). An upload
+            # with no part yet holds no bytes: kept under min_age_s (a writer about to send its first), aborted by a gc without it.
+            if _is_data_object(key) and old_enough(began) and (min_age_s <= 0 or old_enough(client.last_part_time(key, upload))):
+                if not dry_run:
+                    client.abort_upload(key, upload)
                 removed.append(f"s3://{client.bucket}/{key} (upload {upload})")
         return sorted(removed)
 
