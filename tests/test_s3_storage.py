@@ -26,7 +26,7 @@ from dist_ckpt.errors import CheckpointError, CheckpointExists, ChecksumError, D
 from dist_ckpt.loader import read_manifest
 from dist_ckpt.manager import CheckpointManager
 from dist_ckpt.storage import get_storage
-from dist_ckpt.storage.s3 import OBJECT_RE, S3Storage, S3WriteStream
+from dist_ckpt.storage.s3 import COALESCE_GAP, OBJECT_RE, WINDOW_BYTES, S3Storage, S3WriteStream, _coalesce
 from dist_ckpt.storage.s3_client import RetryPolicy, S3Client
 from dist_ckpt.verify import verify
 
@@ -201,6 +201,25 @@ def test_load_reads_each_file_in_a_few_coalesced_gets(s3_bucket, s3_fault_proxy)
     assert 1 <= len(got) <= dc.Config().reader_threads  # one GET per reader thread, not one per chunk (40 before)
     spans = sorted(got)
     assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # no byte fetched twice
+
+
+def test_a_failing_coalesced_get_fails_the_load_naming_the_object(s3_bucket, s3_fault_proxy):
+    storage = S3Storage(retry=FAST_RETRY, endpoint_url=s3_fault_proxy.endpoint)
+    path = f"s3://{s3_bucket}/failing"
+    sd = {f"t{i}": torch.arange(1000.0) for i in range(8)}
+    dc.save(sd, path, storage=storage)
+    (name,) = read_manifest(path, storage)[0].files
+    s3_fault_proxy.inject("500", times=1000, method="GET", path_contains="/data/")  # every try of every window's GET
+    with pytest.raises(StorageError, match=name.rpartition("/")[2]):  # raised in the reading thread, not lost in the fetch pool
+        dc.load({k: torch.zeros(1000) for k in sd}, path, storage=storage)
+
+
+def test_coalescing_merges_runs_across_small_gaps_only_and_caps_windows():
+    gap, win, mib = COALESCE_GAP, WINDOW_BYTES, 1 << 20
+    runs = [(5 * mib, 100), (0, 10), (10 + gap, 10), (5 * mib + 100 + gap + 1, 50), (40 * mib, 40 * mib)]  # unsorted, one past the end
+    got = [(w.start, w.end) for w in _coalesce(runs, 60 * mib)]
+    assert got == [(0, 20 + gap), (5 * mib, 5 * mib + 100), (5 * mib + 101 + gap, 5 * mib + 151 + gap), (40 * mib, 40 * mib + win), (40 * mib + win, 60 * mib)]
+    assert _coalesce([(0, 0), (70 * mib, 10)], 60 * mib) == []
 
 
 def test_coalesced_reads_skip_what_the_load_does_not_need(s3_bucket, s3_fault_proxy):

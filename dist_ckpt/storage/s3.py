@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import itertools
 import os
 import re
 import threading
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import xxhash
 
 from ..errors import CheckpointError, CheckpointExists, ManifestError, StorageError, UnsafeFileError
@@ -147,7 +149,7 @@ class _Plan:
         return done
 
     def _start(self, handle: S3ReadHandle) -> None:
-        for w in list(self.windows)[:WINDOWS_AHEAD]:
+        for w in itertools.islice(self.windows, WINDOWS_AHEAD):
             if w.bytes is None:
                 w.bytes = _fetch_pool().submit(handle.fetch, w.start, w.end - w.start)
 
@@ -162,19 +164,19 @@ class _Plan:
 
 
 def _coalesce(ranges: Sequence[tuple[int, int]], size: int) -> list[_Window]:
-    """Windows covering ``ranges`` (clipped to ``size``): runs at most COALESCE_GAP apart share one, each at most WINDOW_BYTES."""
-    windows: list[_Window] = []
-    for off, n in sorted((int(o), int(n)) for o, n in ranges):
-        lo, hi = max(0, off), min(size, off + n)
-        if lo >= hi:
-            continue
-        if windows and lo - windows[-1].end <= COALESCE_GAP and hi - windows[-1].start <= WINDOW_BYTES:
-            windows[-1].end = max(windows[-1].end, hi)
-            continue
-        if windows and lo < windows[-1].end:  # overlaps a full window: the rest goes in new ones
-            lo = windows[-1].end
-        windows += [_Window(a, min(a + WINDOW_BYTES, hi)) for a in range(lo, hi, WINDOW_BYTES)]
-    return windows
+    """Windows covering ``ranges`` (clipped to ``size``): runs at most COALESCE_GAP apart share a span, cut in WINDOW_BYTES windows."""
+    arr = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+    lo, hi = np.clip(arr[:, 0], 0, size), np.clip(arr[:, 0] + arr[:, 1], 0, size)
+    keep = hi > lo
+    order = np.argsort(lo[keep], kind="stable")
+    lo, hi = lo[keep][order], hi[keep][order]
+    if not len(lo):
+        return []
+    reach = np.maximum.accumulate(hi)  # the end of everything up to each run
+    first = np.flatnonzero(np.concatenate(([True], lo[1:] - reach[:-1] > COALESCE_GAP)))
+    spans = zip(lo[first].tolist(), np.maximum.reduceat(hi, first).tolist())
+    # Every window of a span holds needed bytes: its gaps are at most COALESCE_GAP, less than a window.
+    return [_Window(a, min(a + WINDOW_BYTES, b)) for a0, b in spans for a in range(a0, b, WINDOW_BYTES)]
 
 
 class S3ReadHandle(ReadHandle):
