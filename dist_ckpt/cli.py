@@ -10,6 +10,7 @@ traceback), 2 bad arguments (argparse). ``inspect`` never unpickles anything.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -454,20 +455,31 @@ def _has_own_garbage(storage: Storage) -> bool:
     return type(storage).collect_garbage is not Storage.collect_garbage
 
 
+def _takes_gc_options(storage: Storage) -> bool:
+    """Whether the backend's ``collect_garbage`` takes ``dry_run`` and ``min_age_s`` (a plugin's may take ``root`` alone)."""
+    params = inspect.signature(storage.collect_garbage).parameters
+    return "dry_run" in params and "min_age_s" in params
+
+
 def _collect_garbage(storage: Storage, path: str, args: argparse.Namespace) -> list[str]:
-    """Run the backend's garbage collection under the root, unless ``--dry-run`` or ``--min-age`` rule it out; what it removed."""
+    """Run the backend's garbage collection under the root (previewed with ``--dry-run``, sparing ``--min-age``); what it removed."""
     if not _has_own_garbage(storage):
         return []
-    if args.dry_run or args.min_age > 0:
+    what = f"objects no {MANIFEST} references (and unfinished uploads)"
+    if not _takes_gc_options(storage) and (args.dry_run or args.min_age > 0):
         # It cannot preview, and it cannot tell a save in flight from a dead one's leftovers: it must run with no save in flight.
         why = (
             "--dry-run" if args.dry_run else "--min-age: it removes every unreferenced object, a save in flight's too; run gc without it once no job saves here"
         )
-        print(f"objects no {MANIFEST} references (and unfinished uploads): not collected ({why})")
+        print(f"{what}: not collected ({why})")
         return []
-    removed = storage.collect_garbage(path)
+    removed = storage.collect_garbage(path, dry_run=args.dry_run, min_age_s=args.min_age) if _takes_gc_options(storage) else storage.collect_garbage(path)
     for url in removed:
-        print(f"removed {url}  (no {MANIFEST} references it)")
+        print(f"{'would remove' if args.dry_run else 'removed'} {url}  (no {MANIFEST} references it)")
+    if args.min_age > 0:
+        print(f"{what} younger than {args.min_age:g} s: not collected (--min-age: a save in flight may own them)")
+    if args.dry_run:
+        print(f"{what}: {len(removed)} would be removed, not collected (--dry-run)")
     return removed
 
 
@@ -606,8 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  dist-ckpt gc /ckpts --dry-run\n  dist-ckpt gc /ckpts --keep-last 3\n  dist-ckpt gc /ckpts --min-age 3600   # while a job may be saving\n"
         "  dist-ckpt gc s3://bucket/run --keep-last 3   # also removes objects no MANIFEST references\n\n"
         "On s3:// roots gc also removes data objects no MANIFEST references and aborts unfinished\n"
-        "multipart uploads (a killed save's leftovers); that part runs only without --dry-run and\n"
-        "--min-age, since a save in flight has no MANIFEST yet: run it when no job saves there.",
+        "multipart uploads (a killed save's leftovers); --dry-run lists them, and since a save in flight\n"
+        "has no MANIFEST yet, --min-age keeps those written (or begun) more recently than it.",
     )
     s.add_argument("root", metavar="ROOT", type=_ckpt_path, help="directory (or s3://bucket/prefix) holding step-XXXXXXXX checkpoints")
     s.add_argument("--keep-last", type=_positive, default=None, metavar="N", help="keep only the newest N committed step directories")

@@ -281,6 +281,32 @@ def _sequential_segments(jobs: list[tuple[ReadTask, ReadOp]], threads: int) -> l
     return [seg for seg in segments if seg]
 
 
+def _will_read(files: _Files, segment: list[tuple[ReadTask, ReadOp]], verify: bool) -> None:
+    """Tell each file's handle that takes hints, once, the byte runs this thread reads from it, in order (S3 fetches them in a few large GETs).
+
+    A verified partial read also reads the rest of the blocks its runs touch, so those runs are widened to block edges
+    (and then merged where they touch).
+    """
+    by_file: dict[int, list[tuple[int, int]]] = {}
+    for task, op in segment:
+        if op.file not in by_file:
+            if type(files.get(op.file)).will_read is ReadHandle.will_read:
+                continue  # the local backend: nothing to compute
+            by_file[op.file] = []
+        c = task.entry.chunks
+        starts = op.run_offsets.astype(np.int64)
+        ends = starts + op.run_nbytes
+        if verify and not op.whole_chunk and c.blocks is not None and len(starts):
+            base, bsz = int(c.offset[op.chunk]), c.block_bytes
+            starts = base + (starts - base) // bsz * bsz
+            ends = np.minimum(base + -(-(ends - base) // bsz) * bsz, base + int(c.nbytes[op.chunk]))
+            first = np.flatnonzero(np.concatenate(([True], starts[1:] > ends[:-1])))  # runs are in file order
+            starts, ends = starts[first], np.maximum.reduceat(ends, first)
+        by_file[op.file].extend(zip(starts.tolist(), (ends - starts).tolist()))
+    for index, ranges in by_file.items():
+        files.get(index).will_read(ranges)
+
+
 def read_tensors(
     storage: Storage, root: str, file_names: Sequence[str], tasks: Sequence[ReadTask], threads: int = 4, verify: bool = True, rank: int = 0
 ) -> int:
@@ -301,6 +327,7 @@ def read_tensors(
     segments = _sequential_segments(jobs, threads)
 
     def run(segment: list[tuple[ReadTask, ReadOp]]) -> int:
+        _will_read(files, segment, verify)
         return sum(_run_op(files, t, op, verify) for t, op in segment)
 
     try:

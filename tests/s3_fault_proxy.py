@@ -66,14 +66,17 @@ class _State:
     max_log: int
     rules: list[_Rule] = field(default_factory=list)
     log: list[tuple[str, str, str]] = field(default_factory=list)
+    ranges: list[tuple[str, str]] = field(default_factory=list)  # (path, Range header) of each ranged request
     lock: threading.Lock = field(default_factory=threading.Lock)
     in_flight: int = 0
     peak_in_flight: int = 0
     broken_holds: int = 0
 
-    def decide(self, method: str, path: str) -> tuple[str, _Rule | None]:
+    def decide(self, method: str, path: str, range_header: str | None = None) -> tuple[str, _Rule | None]:
         """Count the request against every rule; the first that fires wins."""
         with self.lock:
+            if range_header is not None and len(self.ranges) < self.max_log:
+                self.ranges.append((path, range_header))
             action, fired = "pass", None
             for rule in self.rules:
                 if not rule.matches(method, path):
@@ -125,7 +128,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = self._read_body()
         if body is None:
             return
-        self._act(*self.server.state.decide(self.command, self.path), body)
+        self._act(*self.server.state.decide(self.command, self.path, self.headers.get("Range")), body)
 
     def _act(self, action: str, rule: _Rule | None, body: bytes) -> None:
         if action == "hold":
@@ -262,6 +265,7 @@ class FaultProxy:
         with self._state.lock:
             self._state.rules.clear()
             self._state.log.clear()
+            self._state.ranges.clear()
             self._state.peak_in_flight = self._state.broken_holds = 0
 
     @property
@@ -273,6 +277,17 @@ class FaultProxy:
     def broken_holds(self) -> int:
         """Requests whose "hold" barrier timed out (fewer arrived at once than asked)."""
         return self._state.broken_holds
+
+    @property
+    def ranges(self) -> list[tuple[str, int, int]]:
+        """(path, first byte, last byte) of each ranged request seen (``Range: bytes=a-b``)."""
+        with self._state.lock:
+            got = list(self._state.ranges)
+        out = []
+        for path, header in got:
+            first, _, last = header.removeprefix("bytes=").partition("-")
+            out.append((path, int(first), int(last)))
+        return out
 
     @property
     def log(self) -> list[tuple[str, str, str]]:

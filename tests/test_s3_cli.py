@@ -10,6 +10,7 @@ multipart upload.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -123,6 +124,7 @@ def test_gc_on_s3_retention_and_unreferenced_objects(s3_bucket, client, capsys):
     assert main(["gc", root, "--keep-last", "2", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "would remove step-00000001  (retention: keeping the last 2" in out and "not collected (--dry-run)" in out
+    assert f"would remove s3://{s3_bucket}/{leftover}" in out and upload in out  # the preview names the unreferenced objects and uploads
     assert main(["gc", root, "--min-age", "3600"]) == 0  # a save may be in flight: its objects have no MANIFEST yet
     assert "not collected (--min-age" in capsys.readouterr().out
     assert _keys(client, "run/") == before and list(client.list_uploads("run/")) == [(upload_key, upload)]
@@ -138,3 +140,26 @@ def test_gc_on_s3_retention_and_unreferenced_objects(s3_bucket, client, capsys):
     assert dc.load(_target(), f"{root}/step-00000003")["step"] == 3
     assert main(["gc", root, "--keep-last", "2"]) == 0
     assert "nothing to remove" in capsys.readouterr().out
+
+
+def test_gc_min_age_on_s3_spares_a_save_in_flight(s3_bucket, client, capsys):
+    root = f"s3://{s3_bucket}/run"
+    dc.save(_state(1), f"{root}/step-00000001")
+    dead = "run/step-00000001/" + object_name("killedsave", "data/r00001.bin")  # a killed save's leftovers
+    client.put(dead, b"y" * 64)
+    dead_key = "run/step-00000001/" + object_name("killedsave", "data/r00002.bin")
+    dead_upload = client.raw.create_multipart_upload(Bucket=s3_bucket, Key=dead_key)["UploadId"]
+    client.raw.upload_part(Bucket=s3_bucket, Key=dead_key, UploadId=dead_upload, PartNumber=1, Body=b"p" * 100)
+    time.sleep(4)
+    young = "run/step-00000002/" + object_name("inflight", "data/r00000.bin")  # a save in flight: done object, no MANIFEST yet
+    client.put(young, b"z" * 64)
+    young_key = "run/step-00000002/" + object_name("inflight", "data/r00001.bin")
+    young_upload = client.raw.create_multipart_upload(Bucket=s3_bucket, Key=young_key)["UploadId"]
+    client.raw.upload_part(Bucket=s3_bucket, Key=young_key, UploadId=young_upload, PartNumber=1, Body=b"p" * 100)  # its writer is uploading
+    assert main(["gc", root, "--min-age", "2.5"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed s3://{s3_bucket}/{dead}" in out and dead_upload in out
+    assert young not in out and young_upload not in out and "younger than 2.5 s: not collected" in out
+    assert client.head(dead) is None and client.head(young) is not None
+    assert [u for _, u in client.list_uploads("run/")] == [young_upload]
+    assert dc.load(_target(), f"{root}/step-00000001")["step"] == 1

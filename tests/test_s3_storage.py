@@ -26,7 +26,7 @@ from dist_ckpt.errors import CheckpointError, CheckpointExists, ChecksumError, D
 from dist_ckpt.loader import read_manifest
 from dist_ckpt.manager import CheckpointManager
 from dist_ckpt.storage import get_storage
-from dist_ckpt.storage.s3 import OBJECT_RE, S3Storage, S3WriteStream
+from dist_ckpt.storage.s3 import COALESCE_GAP, OBJECT_RE, WINDOW_BYTES, S3Storage, S3WriteStream, _coalesce
 from dist_ckpt.storage.s3_client import RetryPolicy, S3Client
 from dist_ckpt.verify import verify
 
@@ -120,6 +120,35 @@ def test_part_size_and_concurrency_come_from_config_and_environment(monkeypatch)
             dc.Config(**bad)
 
 
+def test_s3_paths_share_one_storage_and_client_per_process_and_settings(s3_bucket, monkeypatch):
+    path = f"s3://{s3_bucket}/shared/step-00000001"
+    dc.save({"w": torch.ones(4)}, path)
+    storage = get_storage(path)[0]
+    client = storage._where(s3_bucket)[0]
+    assert dc.load({"w": torch.zeros(4)}, path)["w"].sum() == 4
+    assert get_storage(f"s3://{s3_bucket}/other")[0] is storage and storage._where(s3_bucket)[0] is client  # the save's client served the load
+    monkeypatch.setenv("DIST_CKPT_S3_MAX_IN_FLIGHT", "2")  # other settings: another storage
+    other = get_storage(path)[0]
+    assert other is not storage and other.max_in_flight == 2
+    key_id = os.environ["AWS_ACCESS_KEY_ID"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-else")  # other credentials: other clients
+    assert get_storage(path)[0] is not other
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.delenv("DIST_CKPT_S3_MAX_IN_FLIGHT")
+    assert get_storage(path)[0] is storage
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a forked child: neither the parent's storage nor, through an inherited storage, its client
+        try:
+            fresh = get_storage(path)[0] is not storage and storage._where(s3_bucket)[0] is not client
+            os.write(write, b"ok" if fresh else b"parent's")
+        finally:
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 16) == b"ok"
+    os.waitpid(pid, 0)
+
+
 def test_without_boto3_the_scheme_says_how_to_install_it():
     code = "import sys; sys.modules['boto3'] = None\nfrom dist_ckpt.storage import get_storage\ntry:\n    get_storage('s3://b/x')\nexcept Exception as e:\n    print(type(e).__name__, e)"
     out = subprocess.run(
@@ -153,6 +182,58 @@ def test_requests_failing_with_500_and_resets_are_retried(s3_bucket, s3_fault_pr
     fired = [(m, a) for m, _, a in s3_fault_proxy.log if a != "pass"]
     assert sorted(fired) == [("GET", "truncate"), ("PUT", "500"), ("PUT", "reset")]
     assert not [p for m, p, _ in s3_fault_proxy.log if "list-type=" in p or "uploads" in p]  # neither the save nor the load LISTs
+
+
+def _data_ranges(proxy) -> list[tuple[int, int]]:
+    """(first, last) byte of each ranged GET of a data object the proxy saw."""
+    return [(a, b) for p, a, b in proxy.ranges if "/data/" in p]
+
+
+def test_load_reads_each_file_in_a_few_coalesced_gets(s3_bucket, s3_fault_proxy):
+    storage = S3Storage(retry=FAST_RETRY, endpoint_url=s3_fault_proxy.endpoint)
+    path = f"s3://{s3_bucket}/many"
+    sd = {f"t{i:02d}": torch.arange(1000.0) + i for i in range(40)}  # 40 chunks in one data object
+    dc.save(sd, path, storage=storage)
+    s3_fault_proxy.clear()
+    out = dc.load({k: torch.zeros(1000) for k in sd}, path, storage=storage)
+    assert all(torch.equal(out[k], sd[k]) for k in sd)  # every chunk still checksum-verified by the reader
+    got = _data_ranges(s3_fault_proxy)
+    assert 1 <= len(got) <= dc.Config().reader_threads  # one GET per reader thread, not one per chunk (40 before)
+    spans = sorted(got)
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # no byte fetched twice
+
+
+def test_a_failing_coalesced_get_fails_the_load_naming_the_object(s3_bucket, s3_fault_proxy):
+    storage = S3Storage(retry=FAST_RETRY, endpoint_url=s3_fault_proxy.endpoint)
+    path = f"s3://{s3_bucket}/failing"
+    sd = {f"t{i}": torch.arange(1000.0) for i in range(8)}
+    dc.save(sd, path, storage=storage)
+    (name,) = read_manifest(path, storage)[0].files
+    s3_fault_proxy.inject("500", times=1000, method="GET", path_contains="/data/")  # every try of every window's GET
+    with pytest.raises(StorageError, match=name.rpartition("/")[2]):  # raised in the reading thread, not lost in the fetch pool
+        dc.load({k: torch.zeros(1000) for k in sd}, path, storage=storage)
+
+
+def test_coalescing_merges_runs_across_small_gaps_only_and_caps_windows():
+    gap, win, mib = COALESCE_GAP, WINDOW_BYTES, 1 << 20
+    runs = [(5 * mib, 100), (0, 10), (10 + gap, 10), (5 * mib + 100 + gap + 1, 50), (40 * mib, 40 * mib)]  # unsorted, one past the end
+    got = [(w.start, w.end) for w in _coalesce(runs, 60 * mib)]
+    assert got == [(0, 20 + gap), (5 * mib, 5 * mib + 100), (5 * mib + 101 + gap, 5 * mib + 151 + gap), (40 * mib, 40 * mib + win), (40 * mib + win, 60 * mib)]
+    assert _coalesce([(0, 0), (70 * mib, 10)], 60 * mib) == []
+
+
+def test_coalesced_reads_skip_what_the_load_does_not_need(s3_bucket, s3_fault_proxy):
+    storage = S3Storage(retry=FAST_RETRY, endpoint_url=s3_fault_proxy.endpoint)
+    path = f"s3://{s3_bucket}/skip"
+    sd = {"a": torch.arange(3000.0), "big": torch.ones(3 << 20), "z": torch.arange(2000.0)}  # 12 MiB between two small tensors
+    dc.save(sd, path, storage=storage)
+    big = read_manifest(path, storage)[0].tensors[("big",)].chunks
+    lo, hi = int(big.offset[0]), int(big.offset[0]) + int(big.nbytes[0])
+    s3_fault_proxy.clear()
+    out = dc.load({"a": torch.zeros(3000), "z": torch.zeros(2000)}, path, storage=storage, strict=False)
+    assert torch.equal(out["a"], sd["a"]) and torch.equal(out["z"], sd["z"])
+    got = _data_ranges(s3_fault_proxy)
+    assert got and not [(a, b) for a, b in got if a < hi and b >= lo]  # no byte of "big" fetched
 
 
 class OverwrittenDuringLoad(S3Storage):

@@ -145,6 +145,15 @@ class ReadHandle(abc.ABC):
     def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
         """Fill ``buffers`` in order from ``offset``; returns bytes read (short at EOF)."""
 
+    def will_read(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Hint: the calling thread's next ``preadv`` calls read these ``(offset, length)`` runs, in this order.
+
+        The reader calls it once per file and reader thread with what that
+        thread is about to read; a backend whose requests are costly (S3)
+        can fetch them in a few large requests ahead of the reads. The reads
+        themselves are unchanged (and still verified). The default does nothing.
+        """
+
     @abc.abstractmethod
     def size(self) -> int:
         """Length of the file in bytes."""
@@ -280,12 +289,15 @@ class Storage(abc.ABC):
         """
         return name
 
-    def collect_garbage(self, root: str) -> list[str]:
+    def collect_garbage(self, root: str, dry_run: bool = False, min_age_s: float = 0.0) -> list[str]:
         """(rank 0 at a manager's start, ``dist-ckpt gc``) Remove what no committed checkpoint under ``root`` references.
 
         For backends whose garbage is not a ``.tmp-*`` sibling the root scan
         finds (S3: objects no MANIFEST names, unfinished uploads). The default
-        has none and returns ``[]``.
+        has none and returns ``[]``. ``dry_run``: remove nothing, return what
+        would be removed; ``min_age_s``: keep what was written less than that
+        many seconds ago (a save in flight's). A backend overriding it with
+        ``root`` alone gets neither (``dist-ckpt gc`` then skips it with them).
 
         Returns:
             What was removed.
@@ -347,16 +359,16 @@ def _builtin() -> None:
 
 
 def _s3_storage() -> Storage:
-    """The built-in ``s3`` backend, imported on first use (boto3 is an optional dependency).
+    """The built-in ``s3`` backend, imported on first use (boto3 is an optional dependency); one per process and settings (:func:`.s3.shared_storage`).
 
     Raises:
         UnsupportedScheme: boto3 is not installed; says how to install it.
     """
     try:
-        from .s3 import S3Storage
+        from .s3 import shared_storage
     except ImportError as e:
         raise UnsupportedScheme(f"s3:// paths need boto3, which is not installed: pip install 'dist-ckpt[s3]' ({e})") from e
-    return S3Storage()
+    return shared_storage()
 
 
 def _factory(scheme: str, path: str) -> Callable[[], Storage]:

@@ -153,6 +153,7 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+    modified: float | None = None  # LastModified (Unix seconds) where a LIST gave it
 
 
 def _status(e: BaseException | None) -> tuple[int, str]:
@@ -470,7 +471,8 @@ class S3Client:
                 "ListObjectsV2", prefix, functools.partial(self._s3.list_objects_v2, Bucket=self.bucket, Prefix=prefix, MaxKeys=page_size, **token)
             )
             for item in page.get("Contents", []):
-                yield ObjectInfo(str(item["Key"]), int(item["Size"]), str(item["ETag"]))
+                modified = item.get("LastModified")
+                yield ObjectInfo(str(item["Key"]), int(item["Size"]), str(item["ETag"]), modified.timestamp() if modified is not None else None)
             if not page.get("IsTruncated"):
                 return
             token = {"ContinuationToken": str(page["NextContinuationToken"])}
@@ -518,14 +520,52 @@ class S3Client:
         Raises:
             StorageError: a request failed (after retries).
         """
+        for key, upload, _ in self.uploads(prefix):
+            yield key, upload
+
+    def uploads(self, prefix: str) -> Iterator[tuple[str, str, float | None]]:
+        """:meth:`list_uploads` with when each upload began.
+
+        Yields:
+            (key, upload id, Initiated as Unix seconds, None if not given) of each upload.
+
+        Raises:
+            StorageError: a request failed (after retries).
+        """
         marker: dict[str, str] = {}
         while True:
             page = self.call("ListMultipartUploads", prefix, functools.partial(self._s3.list_multipart_uploads, Bucket=self.bucket, Prefix=prefix, **marker))
             for up in page.get("Uploads", []):
-                yield str(up["Key"]), str(up["UploadId"])
+                began = up.get("Initiated")
+                yield str(up["Key"]), str(up["UploadId"]), began.timestamp() if began is not None else None
             if not page.get("IsTruncated"):
                 return
             marker = {"KeyMarker": str(page["NextKeyMarker"]), "UploadIdMarker": str(page["NextUploadIdMarker"])}
+
+    def last_part_time(self, key: str, upload_id: str) -> float | None:
+        """When the newest part of an unfinished upload was stored (Unix seconds; None: no part yet).
+
+        A writer still uploading adds parts: this says it is alive better than when the upload began.
+
+        Raises:
+            StorageError: a request failed (after retries); an upload gone meanwhile reads as None.
+        """
+        newest: float | None = None
+        marker: dict[str, int] = {}
+        while True:
+            call = functools.partial(self._s3.list_parts, Bucket=self.bucket, Key=key, UploadId=upload_id, **marker)
+            try:
+                page = self.call("ListParts", key, call)
+            except StorageError as e:
+                if _status(e.__cause__)[1] == "NoSuchUpload":
+                    return newest
+                raise
+            for part in page.get("Parts", []):
+                t = part["LastModified"].timestamp()
+                newest = t if newest is None else max(newest, t)
+            if not page.get("IsTruncated"):
+                return newest
+            marker = {"PartNumberMarker": int(page["NextPartNumberMarker"])}
 
     def abort_upload(self, key: str, upload_id: str) -> None:
         """Abort a multipart upload, dropping its parts; one already gone is fine.
