@@ -10,7 +10,8 @@ coordinator's). It serves, for its node's local tree
   write it (a rank's file is named after it);
 * the commit of the node's copy: the manifest is written as a file named
   ``MANIFEST`` of the save, then ``publish`` renames the tmp directory to
-  ``step-N``; ``abort`` removes it;
+  ``step-N``; ``abort`` removes it; ``sweep`` removes every other save's
+  (what a failed save's late writers left);
 * byte-range ``read`` of a committed step's files, ``inventory`` (the node's
   committed steps), ``remove`` (retention).
 
@@ -100,6 +101,7 @@ _OPS: dict[str, tuple[tuple[str, ...], int]] = {
     "close": (("step", "save", "name"), 0),
     "publish": (("step", "save"), 0),
     "abort": (("step", "save"), 0),
+    "sweep": (("save",), 0),
     "read": (("step", "name", "offset", "length"), 0),
     "size": (("step", "name"), 0),
     "inventory": ((), 0),
@@ -340,6 +342,10 @@ class PeerService:
             return {"size": handle.size()}, None
         finally:
             handle.close()
+
+    def _op_sweep(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
+        removed = layout.clear_incomplete(self.local_root, keep=req["save"])
+        return {"removed": len(removed)}, None
 
     def _op_read(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
         handle = self._committed(req)
@@ -618,6 +624,14 @@ class PeerClient:
             PeerError: the peer failed or did not answer.
         """
         self._call({"op": "abort", "step": step, "save": save_id}, f"step {step}")
+
+    def sweep(self, keep: str) -> None:
+        """(coordinator, preparing save ``keep``) Remove the peer node's tmp directories of every other save.
+
+        Raises:
+            PeerError: the peer failed or did not answer.
+        """
+        self._call({"op": "sweep", "save": keep})
 
     def remove(self, step: int) -> None:
         """Remove the peer node's committed copy of ``step`` (retention; missing is fine).
