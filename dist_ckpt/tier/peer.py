@@ -399,15 +399,19 @@ def _user_id(frame: zmq.Frame) -> int:
 
 _CTX_LOCK = threading.Lock()
 _CTX: zmq.Context | None = None
+_CTX_PID = -1
 _MAX_IDLE = 8  # connections a client keeps for reuse
 
 
 def _client_context() -> zmq.Context:
-    """One context (one I/O thread) for every client of this process: a restart talks to every rank."""
-    global _CTX
+    """One context (one I/O thread) for every client of this process: a restart talks to every rank.
+
+    A forked child gets its own (a context's I/O thread does not survive a fork; the parent's is left alone).
+    """
+    global _CTX, _CTX_PID
     with _CTX_LOCK:
-        if _CTX is None or _CTX.closed:
-            _CTX = zmq.Context(io_threads=IO_THREADS)
+        if _CTX is None or _CTX.closed or _CTX_PID != os.getpid():
+            _CTX, _CTX_PID = zmq.Context(io_threads=IO_THREADS), os.getpid()
         return _CTX
 
 
@@ -534,6 +538,7 @@ class PeerClient:
         self.address, self.rank, self.peer, self.timeout_s = address, rank, peer, timeout_s
         self._key = peer_secret(secret)
         self._idle: list[_Conn] = []
+        self._pid = os.getpid()  # a forked child never reuses the parent's connections
         self._lock = threading.Lock()
         self._closed = False
 
@@ -548,6 +553,8 @@ class PeerClient:
         with self._lock:
             if self._closed:
                 raise PeerError(self.peer, "", f"the client of {self.address} is closed")
+            if self._pid != os.getpid():
+                self._idle, self._pid = [], os.getpid()  # the parent's sockets: left alone, never used here
             conn = self._idle.pop() if self._idle else None
         if conn is None:
             return _Conn(self.address, self._key, self.rank, self.timeout_s, self.error)
