@@ -92,6 +92,26 @@ def test_a_client_pickled_into_another_process_works_there(service, tmp_path):
     client.close()
 
 
+def test_a_forked_child_makes_its_own_connections(service):
+    client = PeerClient(service.address, SECRET, rank=0, timeout_s=5, peer=1)
+    assert client.inventory() == {}  # a pooled connection of this process now
+    pid = os.fork()
+    if pid == 0:  # the parent's sockets belong to an I/O thread the child does not have
+        try:
+            os._exit(0 if client.inventory() == {} else 1)
+        except BaseException:
+            os._exit(2)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:  # reusing the parent's sockets spun forever
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert done[0] == pid and done[1] == 0, "the forked child could not talk to the peer"
+    assert client.inventory() == {}  # and the parent's connection still works
+    client.close()
+
+
 def test_a_re_save_of_a_step_replaces_the_nodes_copy(service):
     client = PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1)
     _committed(client, 3, {"data/r00000.bin": b"a" * 8192})

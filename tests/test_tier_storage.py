@@ -31,6 +31,7 @@ from dist_ckpt.tier.storage import LocalTierStorage, TieredReadStorage
 pytestmark = pytest.mark.timeout(120)
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "20"}
 ROOT = "/durable/root/of/the/job"
+SECRET_FOR_TESTS = bytes(range(32))
 KEY = layout.job_key(ROOT)
 
 
@@ -265,3 +266,23 @@ def test_local_tier_paths_name_this_nodes_tree_and_nothing_outside_it(tmp_path):
             storage._own(bad)
     with pytest.raises(ValueError, match="no PeerClient for rank"):
         LocalTierStorage(root, Nodes(0, (0, 1)), 1, {})
+
+
+def test_beginning_a_save_clears_what_failed_saves_left_on_every_node(tmp_path):
+    roots = [layout.local_root(str(tmp_path / f"node{n}"), ROOT) for n in (0, 1)]
+    services = [PeerService(roots[n], SECRET_FOR_TESTS, n, 2, "127.0.0.1") for n in (0, 1)]
+    try:
+        client = PeerClient(services[1].address, SECRET_FOR_TESTS, 0, timeout_s=10, peer=1)
+        for root in roots:
+            os.makedirs(f"{root}/step-00000003.tmp-old-1/data")  # a failed save's late writers re-created it
+            os.makedirs(f"{root}/step-00000004/data")
+            open(f"{root}/step-00000004/MANIFEST", "wb").close()
+        storage = LocalTierStorage(roots[0], Nodes(0, (0, 1)), 1, {1: client})
+        target = storage.save_target(f"{KEY}/step-00000005", "new-2", False)
+        storage.begin_save(target)
+        assert sorted(os.listdir(roots[0])) == ["step-00000004", "step-00000005.tmp-new-2"]
+        assert sorted(os.listdir(roots[1])) == ["step-00000004"]
+        client.close()
+    finally:
+        for s in services:
+            s.close()

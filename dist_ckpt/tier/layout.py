@@ -250,10 +250,14 @@ def remove_step(local_root: str, step: int) -> None:
     LocalStorage().uncommit(step_dir(local_root, step))
 
 
-def clear_incomplete(local_root: str) -> list[str]:
-    """Remove every ``step-N.tmp-*`` / ``step-N.old-*`` entry of ``local_root`` (local saves that crashed).
+def clear_incomplete(local_root: str, keep: str | None = None) -> list[str]:
+    """Remove every ``step-N.tmp-*`` / ``step-N.old-*`` entry of ``local_root`` (local saves that crashed or failed).
 
-    Call it only while no local save is in flight on this node.
+    Call it only while no local save but save ``keep`` is in flight on this node.
+
+    Args:
+        local_root: this node's tree.
+        keep: a save id whose ``step-N.tmp-<keep>`` stays (the save being prepared).
 
     Returns:
         The names removed.
@@ -265,7 +269,7 @@ def clear_incomplete(local_root: str) -> list[str]:
     removed = []
     for entry in entries:
         m = SUFFIX_RE.match(entry)
-        if m and m.group("kind") in (TMP, OLD) and STEP_RE.match(m.group("base")):
+        if m and m.group("kind") in (TMP, OLD) and STEP_RE.match(m.group("base")) and entry != f"{m.group('base')}.{TMP}-{keep}":
             path = f"{local_root}/{entry}"
             if os.path.islink(path) or not os.path.isdir(path):
                 os.unlink(path)

@@ -10,7 +10,8 @@ coordinator's). It serves, for its node's local tree
   write it (a rank's file is named after it);
 * the commit of the node's copy: the manifest is written as a file named
   ``MANIFEST`` of the save, then ``publish`` renames the tmp directory to
-  ``step-N``; ``abort`` removes it;
+  ``step-N``; ``abort`` removes it; ``sweep`` removes every other save's
+  (what a failed save's late writers left);
 * byte-range ``read`` of a committed step's files, ``inventory`` (the node's
   committed steps), ``remove`` (retention).
 
@@ -100,6 +101,7 @@ _OPS: dict[str, tuple[tuple[str, ...], int]] = {
     "close": (("step", "save", "name"), 0),
     "publish": (("step", "save"), 0),
     "abort": (("step", "save"), 0),
+    "sweep": (("save",), 0),
     "read": (("step", "name", "offset", "length"), 0),
     "size": (("step", "name"), 0),
     "inventory": ((), 0),
@@ -341,6 +343,10 @@ class PeerService:
         finally:
             handle.close()
 
+    def _op_sweep(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
+        removed = layout.clear_incomplete(self.local_root, keep=req["save"])
+        return {"removed": len(removed)}, None
+
     def _op_read(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
         handle = self._committed(req)
         try:
@@ -393,15 +399,19 @@ def _user_id(frame: zmq.Frame) -> int:
 
 _CTX_LOCK = threading.Lock()
 _CTX: zmq.Context | None = None
+_CTX_PID = -1
 _MAX_IDLE = 8  # connections a client keeps for reuse
 
 
 def _client_context() -> zmq.Context:
-    """One context (one I/O thread) for every client of this process: a restart talks to every rank."""
-    global _CTX
+    """One context (one I/O thread) for every client of this process: a restart talks to every rank.
+
+    A forked child gets its own (a context's I/O thread does not survive a fork; the parent's is left alone).
+    """
+    global _CTX, _CTX_PID
     with _CTX_LOCK:
-        if _CTX is None or _CTX.closed:
-            _CTX = zmq.Context(io_threads=IO_THREADS)
+        if _CTX is None or _CTX.closed or _CTX_PID != os.getpid():
+            _CTX, _CTX_PID = zmq.Context(io_threads=IO_THREADS), os.getpid()
         return _CTX
 
 
@@ -528,6 +538,7 @@ class PeerClient:
         self.address, self.rank, self.peer, self.timeout_s = address, rank, peer, timeout_s
         self._key = peer_secret(secret)
         self._idle: list[_Conn] = []
+        self._pid = os.getpid()  # a forked child never reuses the parent's connections
         self._lock = threading.Lock()
         self._closed = False
 
@@ -542,6 +553,8 @@ class PeerClient:
         with self._lock:
             if self._closed:
                 raise PeerError(self.peer, "", f"the client of {self.address} is closed")
+            if self._pid != os.getpid():
+                self._idle, self._pid = [], os.getpid()  # the parent's sockets: left alone, never used here
             conn = self._idle.pop() if self._idle else None
         if conn is None:
             return _Conn(self.address, self._key, self.rank, self.timeout_s, self.error)
@@ -618,6 +631,14 @@ class PeerClient:
             PeerError: the peer failed or did not answer.
         """
         self._call({"op": "abort", "step": step, "save": save_id}, f"step {step}")
+
+    def sweep(self, keep: str) -> None:
+        """(coordinator, preparing save ``keep``) Remove the peer node's tmp directories of every other save.
+
+        Raises:
+            PeerError: the peer failed or did not answer.
+        """
+        self._call({"op": "sweep", "save": keep})
 
     def remove(self, step: int) -> None:
         """Remove the peer node's committed copy of ``step`` (retention; missing is fine).

@@ -6,8 +6,9 @@ order (which rank runs each step), as for every backend:
 1. (coordinator) ``save_target(path, save_id)``: ``path`` is the same string
    on every rank (``<job_key>/step-N``); the location ``step-N.tmp-<id>``
    is rebuilt by every node in its own local root.
-2. (coordinator) ``begin_save``: creates its own node's tmp directory; nothing
-   remote (each rank creates its node's in ``open_stream``).
+2. (coordinator) ``begin_save``: every node's leader removes the tmp
+   directories earlier (failed) saves left; the coordinator creates its own
+   node's tmp directory (each rank creates its node's in ``open_stream``).
 3. (every rank) ``open_stream`` → a tee: the rank's own file in its node's tmp
    directory and one replica stream to each partner rank
    (:meth:`PeerClient.replica`); ``sync`` returns once the local file is
@@ -145,7 +146,22 @@ class LocalTierStorage(Storage):
         return SaveTarget(path, sibling(path, TMP, save_id), save_id, overwrite)
 
     def begin_save(self, target: SaveTarget) -> None:
+        """(coordinator) Clear what earlier saves left on every node, then create this node's tmp directory.
+
+        Every rank has asked for this save's plan, so none still writes for an
+        earlier one: a failed save's tmp directories (re-created by writers
+        that were still going when it was aborted) go now, not at the next start.
+
+        A node that cannot be cleared is only logged: the save fails where
+        that node is needed (a replica stream, its commit), naming what failed.
+
+        Raises:
+            OSError: this node's tmp directory cannot be created.
+        """
         step, save_id = layout.parse_location(target.location)
+        failed = self._each_node("sweep", lambda: layout.clear_incomplete(self.local_root, keep=save_id), lambda c: c.sweep(save_id))
+        for n, e in sorted(failed.items()):
+            log.warning("[rank %d] local step %d: could not clear earlier saves' leftovers on node %d: %s", self.topology.rank, step, n, e)
         os.makedirs(f"{layout.tmp_dir(self.local_root, step, save_id)}/{DATA_DIR}", exist_ok=True)
 
     def open_stream(self, target: SaveTarget, name: str) -> WriteStream:
