@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from _bench_summary import NAN, gbps, med, paired, ratio
+from _bench_summary import NAN, best, best_per_rep, gbps, med, paired, ratio, variants
 
 MiB = 1 << 20
 PEERS = {"dcp": "dcp_s3fs", "s3torchconnector": "s3torchconnector"}  # ratio name -> contender
@@ -22,16 +22,7 @@ BOTTLENECK = (
 )
 
 
-def _ceiling_names(d: dict[str, Any]) -> list[str]:
-    return sorted(k for k in d if k.startswith("raw_"))
-
-
-def _best(d: dict[str, float]) -> float:
-    return max((d[k] for k in _ceiling_names(d)), default=NAN)
-
-
-def _best_per_rep(d: dict[str, list[float]]) -> list[float]:
-    return [max(xs) for xs in zip(*(d[k] for k in _ceiling_names(d)))]
+RAW = "raw_"  # the ceiling's variants: boto3's raw uploads and ranged GETs
 
 
 def _step_ratios(prefix: str, fig: dict[str, float], reps: dict[str, list[float]], ceiling: str, suffix: str, out: dict[str, Any]) -> None:
@@ -39,8 +30,8 @@ def _step_ratios(prefix: str, fig: dict[str, float], reps: dict[str, list[float]
     for peer, name in PEERS.items():
         out["ratios"][f"{prefix}_vs_{peer}{suffix}"] = ratio(fig.get("dist_ckpt", NAN), fig.get(name, NAN))
         out["paired_ratios"][f"{prefix}_vs_{peer}{suffix}"] = paired(reps.get("dist_ckpt", []), reps.get(name, []))
-    out["ratios"][f"{prefix}_vs_{ceiling}_ceiling{suffix}"] = ratio(fig.get("dist_ckpt", NAN), _best(fig))
-    out["paired_ratios"][f"{prefix}_vs_{ceiling}_ceiling{suffix}"] = paired(reps.get("dist_ckpt", []), _best_per_rep(reps))
+    out["ratios"][f"{prefix}_vs_{ceiling}_ceiling{suffix}"] = ratio(fig.get("dist_ckpt", NAN), best(fig, RAW))
+    out["paired_ratios"][f"{prefix}_vs_{ceiling}_ceiling{suffix}"] = paired(reps.get("dist_ckpt", []), best_per_rep(reps, RAW))
 
 
 def _verified(main: dict[str, Any], reshard: dict[int, dict[str, Any]], world: int) -> dict[str, bool]:
@@ -91,10 +82,10 @@ def summarize_s3(run: dict[str, Any], main: dict[str, Any], reshard: dict[int, d
         "missing": main.get("missing", {}),
         "figures": fig,
         "ceilings": {
-            "upload_GBps": _best(fig["save_GBps"]),
-            "get_GBps": _best(fig["load_GBps"]),
-            "reshard": {key: {"get_GBps": _best(d)} for key, d in fig["reshard_load_GBps"].items()},
-            "variants": {"upload": _ceiling_names(fig["save_GBps"]), "get": _ceiling_names(fig["load_GBps"])},
+            "upload_GBps": best(fig["save_GBps"], RAW),
+            "get_GBps": best(fig["load_GBps"], RAW),
+            "reshard": {key: {"get_GBps": best(d, RAW)} for key, d in fig["reshard_load_GBps"].items()},
+            "variants": {"upload": variants(fig["save_GBps"], RAW), "get": variants(fig["load_GBps"], RAW)},
         },
         **out,
         "peak_rss_mb": rss,
@@ -111,7 +102,7 @@ def _f(x: Any, spec: str = ".2f") -> str:
 def _s3_row(label: str, d: dict[str, float], ceiling: float, ratios: list[float]) -> None:
     cells = [d.get("dist_ckpt", NAN), d.get("dcp_s3fs", NAN), d.get("s3torchconnector", NAN), ceiling]
     print(f"{label:26}" + "".join(f"{_f(c * 1000, '.1f'):>10}" for c in cells) + "   " + "".join(f"{_f(x):>8}" for x in ratios))
-    print("    ceiling = best of boto3 " + ", ".join(f"{k} {_f(d[k] * 1000, '.1f')}" for k in _ceiling_names(d)))
+    print("    ceiling = best of boto3 " + ", ".join(f"{k} {_f(d[k] * 1000, '.1f')}" for k in variants(d, RAW)))
 
 
 def print_s3_table(r: dict[str, Any]) -> None:

@@ -66,19 +66,19 @@ def paired(xs: list[float], ys: list[float]) -> float:
     return med([ratio(x, y) for x, y in zip(xs, ys)])
 
 
-def variants(d: dict[str, Any]) -> list[str]:
-    """The ceiling's variants among a step's contenders."""
-    return sorted(k for k in d if k.startswith("disk"))
+def variants(d: dict[str, Any], prefix: str = "disk") -> list[str]:
+    """The ceiling's variants among a step's contenders (named ``disk*``; the S3 run's are ``raw_*``)."""
+    return sorted(k for k in d if k.startswith(prefix))
 
 
-def best(d: dict[str, float]) -> float:
+def best(d: dict[str, float], prefix: str = "disk") -> float:
     """The ceiling: the best of its variants' figures (NaN when none ran)."""
-    return max((d[k] for k in variants(d)), default=NAN)
+    return max((d[k] for k in variants(d, prefix)), default=NAN)
 
 
-def best_per_rep(d: dict[str, list[float]]) -> list[float]:
+def best_per_rep(d: dict[str, list[float]], prefix: str = "disk") -> list[float]:
     """Each repetition's best variant, for the paired ratios against a ceiling."""
-    return [max(xs) for xs in zip(*(d[k] for k in variants(d)))]
+    return [max(xs) for xs in zip(*(d[k] for k in variants(d, prefix)))]
 
 
 def meets(value: float | None, op: str, bound: float) -> bool | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..storage import MAX_READ_BYTES, ReadHandle, SaveTarget, Storage, WriteStream
 
@@ -25,10 +25,10 @@ class CountingReads(Storage):
             self.nbytes += n
 
     def open_read(self, path: str) -> ReadHandle:
-        return _Counted(self.inner.open_read(path), self)
+        return CountedHandle(self.inner.open_read(path), self.add)
 
     def open_in(self, root: str, name: str) -> ReadHandle:
-        return _Counted(self.inner.open_in(root, name), self)
+        return CountedHandle(self.inner.open_in(root, name), self.add)
 
     def read_bytes(self, path: str, max_bytes: int = MAX_READ_BYTES) -> bytes:
         return self.inner.read_bytes(path, max_bytes)
@@ -70,14 +70,23 @@ class CountingReads(Storage):
         return self.inner.version(path)
 
 
-class _Counted(ReadHandle):
-    def __init__(self, inner: ReadHandle, owner: CountingReads) -> None:
-        self.inner, self.owner = inner, owner
+class CountedHandle(ReadHandle):
+    """``inner``, with every byte its reads return passed to ``add`` (a restore's bytes per tier).
+
+    The read hint goes through to ``inner``, so a wrapped S3 object is still
+    fetched in a few large GETs.
+    """
+
+    def __init__(self, inner: ReadHandle, add: Callable[[int], None]) -> None:
+        self.inner, self._add = inner, add
 
     def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
         n = self.inner.preadv(buffers, offset)
-        self.owner.add(n)
+        self._add(n)
         return n
+
+    def will_read(self, ranges: Sequence[tuple[int, int]]) -> None:
+        self.inner.will_read(ranges)
 
     def size(self) -> int:
         return self.inner.size()

@@ -29,6 +29,7 @@ next source, and the bytes read from each tier are counted.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ from ..logs import get_logger
 from ..storage import MAX_READ_BYTES, ReadHandle, SaveTarget, Storage, WriteStream
 from ..storage.local import LocalStorage, LocalWriteStream
 from . import layout
+from .counting import CountedHandle
 from .peer import PeerClient
 
 log = get_logger(__name__)
@@ -290,24 +292,6 @@ class _PeerReadHandle(ReadHandle):
         pass
 
 
-class _Counted(ReadHandle):
-    """Adds the bytes ``inner`` returns to ``owner``'s count for ``tier``."""
-
-    def __init__(self, inner: ReadHandle, owner: TieredReadStorage, tier: str) -> None:
-        self.inner, self._owner, self._tier = inner, owner, tier
-
-    def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
-        n = self.inner.preadv(buffers, offset)
-        self._owner._count(self._tier, n)
-        return n
-
-    def size(self) -> int:
-        return self.inner.size()
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 class TieredReadStorage(Storage):
     """The ``storage=`` of a restore of local step ``step``: each file from the first of its sources.
 
@@ -393,7 +377,7 @@ class TieredReadStorage(Storage):
         if not srcs:
             raise FileNotFoundError(errno.ENOENT, f"local step {self.step}: no copy of {name} is left to read")
         handle, tier = self._open(srcs[0], name)
-        return _Counted(handle, self, tier)
+        return CountedHandle(handle, functools.partial(self._count, tier))
 
     def open_read(self, path: str) -> ReadHandle:
         return self.open_in("", _tail(path))
