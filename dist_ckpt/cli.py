@@ -27,8 +27,7 @@ from .layout_names import MANIFEST, SUFFIX_RE
 from .loader import read_manifest
 from .manifest import Manifest, Pickled, TensorEntry
 from .root_scan import BAD, COMMITTED, FOREIGN, INCOMPLETE, OLD, TMP, Entry, scan_root
-from .storage import Storage, get_storage, strip_scheme
-from .usage import Usage, entry_usage
+from .storage import Storage, Usage, get_storage, strip_scheme
 
 PROG = "dist-ckpt"
 
@@ -120,7 +119,7 @@ def _progress_bar(desc: str, enabled: bool) -> Iterator[Callable[[int, int], Non
 class _Dir:
     name: str
     state: str  # committed | incomplete | old | invalid | bad | foreign (see dist_ckpt.root_scan)
-    size: int | None  # None: the storage tells no sizes (dist_ckpt.usage)
+    size: int | None  # None: the storage tells no sizes (Storage.entry_usage)
     world_size: int | None
     time: float | None  # manifest creation, else the entry's last change (None: unknown)
     step: int | None
@@ -162,7 +161,7 @@ def _scan(root: str, storage: Storage | None = None) -> list[_Dir]:
         storage.listdir(path)
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(2, "no such directory", root) from None
-    usage = entry_usage(root)
+    usage = storage.entry_usage(path)
     return [_describe_dir(storage, root, e, usage.get(e.name)) for e in scan_root(storage, path)]
 
 

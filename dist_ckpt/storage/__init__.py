@@ -79,6 +79,14 @@ class SaveTarget:
     overwrite: bool = False
 
 
+@dataclass(frozen=True)
+class Usage:
+    """One entry's bytes (every file or object below it) and its last change (seconds since the epoch)."""
+
+    nbytes: int
+    mtime: float
+
+
 class WriteStream(abc.ABC):
     """One data file being written by one thread of one rank, as an append stream.
 
@@ -279,6 +287,17 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def listdir(self, path: str) -> list[str]: ...
+
+    def entry_usage(self, path: str) -> dict[str, Usage]:
+        """Bytes and last change of every entry directly under ``path``, by name (``dist-ckpt ls`` and ``gc --min-age``).
+
+        The default (a backend that cannot tell) is empty: the command line
+        shows ``-`` and treats an age as unknown.
+
+        Raises:
+            OSError: ``path`` cannot be listed.
+        """
+        return {}
 
     def stored_name(self, target: SaveTarget, name: str) -> str:
         """(coordinator, at commit) The name the MANIFEST records for data file ``name`` of save ``target``.

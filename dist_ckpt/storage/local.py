@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 from ..errors import CheckpointError, CheckpointExists, UnsafeFileError
 from ..layout_names import BAD, DATA_DIR, MANIFEST, OLD, TMP, sibling
 from ..logs import get_logger
-from . import MAX_READ_BYTES, ReadHandle, SaveTarget, Storage, WriteStream
+from . import MAX_READ_BYTES, ReadHandle, SaveTarget, Storage, Usage, WriteStream
 
 log = get_logger(__name__)  # prefixes the rank to each line
 
@@ -305,7 +305,29 @@ class LocalStorage(Storage):
     def listdir(self, path: str) -> list[str]:
         return sorted(os.listdir(path))
 
+    def entry_usage(self, path: str) -> dict[str, Usage]:
+        """Each entry's bytes (files below it, links not followed) and its own mtime (a save adding files changes it)."""
+        out = {}
+        for name in os.listdir(path):
+            entry = os.path.join(path, name)
+            try:
+                out[name] = Usage(_tree_bytes(entry), os.stat(entry).st_mtime)
+            except FileNotFoundError:
+                pass  # removed meanwhile
+        return out
+
     def version(self, path: str) -> tuple[int, ...]:
         # A replaced file is a new inode with a later ctime (an inode number alone may be reused).
         st = os.stat(path)
         return (st.st_mtime_ns, st.st_ctime_ns, st.st_dev, st.st_ino, st.st_size)
+
+
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass  # removed while walking
+    return total

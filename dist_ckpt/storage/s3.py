@@ -49,7 +49,7 @@ from ..errors import CheckpointError, CheckpointExists, ManifestError, StorageEr
 from ..layout_names import BAD_MANIFEST_PREFIX as BAD_MANIFEST
 from ..layout_names import DATA_DIR, MANIFEST
 from ..logs import get_logger
-from . import MAX_READ_BYTES, ReadHandle, SaveTarget, Storage, WriteStream
+from . import MAX_READ_BYTES, ReadHandle, SaveTarget, Storage, Usage, WriteStream
 from .s3_client import READ_PIECE, ObjectChanged, ObjectExists, RetryPolicy, S3Client
 
 log = get_logger(__name__)  # prefixes the rank to each line
@@ -640,6 +640,17 @@ class S3Storage(Storage):
         if not names and key:
             raise FileNotFoundError(errno.ENOENT, f"nothing stored under s3://{client.bucket}/{key}")
         return sorted(names)
+
+    def entry_usage(self, path: str) -> dict[str, Usage]:
+        """One paginated LIST of ``path``: each first-level name's summed object sizes and newest ``LastModified``."""
+        client, key = self._where(path)
+        start = self._join(key, "") if key else ""
+        out: dict[str, Usage] = {}
+        for info in client.list(start):
+            name = info.key[len(start) :].split("/", 1)[0]
+            seen = out.get(name, Usage(0, 0.0))
+            out[name] = Usage(seen.nbytes + info.size, max(seen.mtime, info.modified or 0.0))
+        return out
 
     def _list_level(self, client: S3Client, key: str, limit: int | None = None) -> list[str]:
         start = self._join(key, "") if key else ""
