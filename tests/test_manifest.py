@@ -271,7 +271,7 @@ def check_tables_together(entries: dict[tuple[str, ...], TensorEntry]) -> None:
     assert got == want
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_tables_checked_together_fail_exactly_as_one_by_one(data):
     """The vectorised pass over all tables accepts and refuses what checking each table in turn does, with its message."""

@@ -497,8 +497,8 @@ def description_refused_or_valid(data: bytes, rank: int) -> None:
         assert t.owner in (None, rank)
 
 
-# 250 hypothesis examples (~10 ms each here); the seeded twin below runs 10,000 in seconds (fuzz_gen.py).
-@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+# 100 hypothesis examples (~10 ms each here); the seeded twin below runs 10,000 in seconds (fuzz_gen.py).
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(garbage(), st.integers(0, 8))
 def test_from_msgpack_only_raises_wire_error(data, rank):
     description_refused_or_valid(data, rank)

@@ -275,11 +275,11 @@ def test_limits_are_validated() -> None:
 
 # --- fuzzing -------------------------------------------------------------------
 
-# Hypothesis (shrinking, its own edge cases) on a few hundred inputs; the seeded
+# Hypothesis (shrinking, its own edge cases) on 100 inputs; the seeded
 # twin of each fuzzer runs the 10,000 (see fuzz_gen.py: hypothesis' per-example
 # cost, not the decoder, made 10,000 examples take a minute).
 FUZZ = settings(
-    max_examples=300,
+    max_examples=100,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
