@@ -11,10 +11,12 @@ world of one with a local coordinator.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import itertools
 import os
 import socket
+import threading
 import uuid
 from dataclasses import dataclass
 
@@ -30,6 +32,11 @@ from .storage import Storage, get_storage
 
 log = get_logger(__name__)
 _counter = itertools.count()
+# Sessions not closed yet, closed at interpreter exit (after the functional
+# API's shared ones, whose atexit hook is registered later and so runs first).
+# Held strongly: a dropped session's agent thread would run on regardless.
+_open: dict[int, "Session"] = {}
+_open_lock = threading.Lock()
 
 
 @dataclass
@@ -129,6 +136,8 @@ class Session:
         self.agent = Agent(endpoint, secret, job, self.rank, config)
         self.rank_info = RankInfo(self.rank, self.world_size)
         set_rank(self.rank)
+        with _open_lock:
+            _open[id(self)] = self
 
     def _new_secret(self, job: str) -> bytes:
         """(rank 0) The session secret: from the environment, else random and written to a key file."""
@@ -176,10 +185,39 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        with _open_lock:
+            _open.pop(id(self), None)
         self.agent.close()
         if self.coordinator is not None:
             self.coordinator.close()
         self._remove_key_file()
+
+
+def close_open_sessions() -> None:
+    """Close every session nobody closed (a checkpointer left open); run at interpreter exit.
+
+    Without it their agent and coordinator threads run into the interpreter's
+    teardown: replies still queued are lost, and a heartbeat thread starved by
+    the teardown logs that this process "was unresponsive".
+    """
+    with _open_lock:
+        sessions = list(_open.values())
+    for session in sessions:
+        try:
+            session.close()
+        except Exception:  # one session's failure must not keep the others open; exit goes on
+            log.exception("[rank %d] closing session %s at exit failed", session.rank, session.job)
+
+
+def _forget_open_sessions() -> None:
+    """In a forked child: the parent's sessions (their threads and sockets) are not this process's to close."""
+    global _open_lock
+    _open_lock = threading.Lock()  # a parent's thread may have held it at the fork
+    _open.clear()
+
+
+atexit.register(close_open_sessions)
+os.register_at_fork(after_in_child=_forget_open_sessions)
 
 
 def _parse_hello(value: bytes) -> tuple[str, str]:

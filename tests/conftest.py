@@ -1,6 +1,34 @@
 import os
 import sys
+import threading
+
+import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # the multi-rank launcher and rank functions
 
 pytest_plugins = ["s3_server"]  # the S3 server fixtures (s3_server, s3_bucket, s3_fault_proxy)
+
+# Threads of the services a session, checkpointer or tier opens in this process.
+# One left running outlived its test until interpreter exit, and its heartbeat
+# thread, starved by the teardown, logged "this process was unresponsive".
+SERVICE_THREADS = ("dist_ckpt-agent-", "dist_ckpt-coordinator", "dist_ckpt-peer-")
+
+
+@pytest.fixture(autouse=True)
+def _closes_what_it_opens(request: pytest.FixtureRequest):
+    """Fail a test that leaves an agent, coordinator or peer service of its own running.
+
+    The functional API's shared session (``dc.save``) lives per process by
+    design; it is closed here after each test, so no test inherits another's
+    session (or the ``DIST_CKPT_*`` settings it was made with).
+    """
+    before = set(threading.enumerate())
+    yield
+    import dist_ckpt.api
+
+    dist_ckpt.api._close_defaults()
+    left = sorted(t.name for t in threading.enumerate() if t not in before and t.name.startswith(SERVICE_THREADS) and t.is_alive())
+    if left:
+        pytest.fail(
+            f"{request.node.nodeid} left {left} running: close the checkpointer, session or service it opened (a with block or try/finally)", pytrace=False
+        )

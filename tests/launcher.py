@@ -1,8 +1,8 @@
 """Run a function on N gloo ranks in fresh processes (the multi-rank test helper).
 
-Processes come from a forkserver that has already imported torch, so each
-rank starts in well under a second, without inheriting the test runner's
-threads. Every rank's return value or traceback comes back to the test; a
+Processes come from a forkserver that has already imported torch and the
+modules rank functions use (DTensor, dynamo, DCP, FSDP), so each rank starts
+in well under a second, without inheriting the test runner's threads. Every rank's return value or traceback comes back to the test; a
 rank that does not finish within ``timeout`` fails the test with its number.
 """
 
@@ -18,7 +18,24 @@ import traceback
 from typing import Any, Callable
 
 _CTX = mp.get_context("forkserver")
-_CTX.set_forkserver_preload(["torch", "torch.distributed", "dist_ckpt", "zmq", "numpy"])
+# What rank functions and their test modules import, so no rank pays for it:
+# torch.distributed.tensor (via dist_helpers) costs ~1.5 s, and the first
+# DTensor built imports torch._dynamo, another ~1 s, per rank process.
+_CTX.set_forkserver_preload(
+    [
+        "torch",
+        "torch.distributed",
+        "torch.distributed.tensor",
+        "torch.distributed.device_mesh",
+        "torch._dynamo",
+        "torch.distributed.checkpoint",
+        "torch.distributed.checkpoint.state_dict",
+        "torch.distributed.fsdp",
+        "dist_ckpt",
+        "zmq",
+        "numpy",
+    ]
+)
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from dist_helpers import dtensor, failing_storage, global_tensor
+from dist_helpers import checkpointer_load, dtensor, failing_storage, global_tensor
 from launcher import run_ranks
 
 import dist_ckpt as dc
@@ -38,9 +38,9 @@ def _mutate_after_stage(rank, world, path, mode):
 def test_checkpoint_holds_values_from_stage_time(tmp_path, mode, world):
     path = str(tmp_path / "ck")
     run_ranks(_mutate_after_stage, world, path, mode, env=FAST, timeout=120)
-    full = dc.make_sync_checkpointer().load(path)
+    full = checkpointer_load(path)
     assert torch.equal(full["w"], global_tensor("w", (64, 16))) and torch.equal(full["r"], global_tensor("r", (8,)))
-    second = dc.make_sync_checkpointer().load(path + "-b")
+    second = checkpointer_load(path + "-b")
     assert torch.equal(second["w"], global_tensor("w", (64, 16)) + 1000.0) and torch.equal(second["r"], torch.zeros(8))
 
 
@@ -165,7 +165,7 @@ def test_no_rank_writes_before_every_rank_has_staged(tmp_path):
     """Writers on a shared host slow the other ranks' staging, which the training thread waits for."""
     out = run_ranks(_late_stager_on_rank_1, 2, str(tmp_path / "ck"), env=FAST, timeout=120)
     assert out[0]["write"] >= out[1]["staged"], out
-    full = dc.make_sync_checkpointer().load(str(tmp_path / "ck"))
+    full = checkpointer_load(str(tmp_path / "ck"))
     assert torch.equal(full["w"], global_tensor("w", (64, 16)))
 
 

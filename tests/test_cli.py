@@ -295,7 +295,8 @@ def test_shape_of_2_40_elements_is_refused_before_allocating(tmp_path, capsys):
 
     _rewrite_manifest(path, huge)
     with pytest.raises(dc.DataFileError, match="r00000.bin has 16 bytes but its chunks .*of w.* need 4398046511104"):
-        dc.make_sync_checkpointer().load(path)  # no target: would allocate 4 TiB
+        with dc.make_sync_checkpointer() as ck:
+            ck.load(path)  # no target: would allocate 4 TiB
     assert main(["convert", path, str(tmp_path / "out"), "--to", "dist_ckpt", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("dist-ckpt: error: data file") and "refusing to allocate" in err and err.count("\n") == 1

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from dist_helpers import dtensor, global_tensor
+from dist_helpers import checkpointer_load, dtensor, global_tensor
 from launcher import run_ranks
 
 import dist_ckpt as dc
@@ -203,7 +203,7 @@ def test_converter_reads_one_tensor_at_a_time(ckpt, tmp_path, monkeypatch):
     m, _, _ = read_manifest(str(tmp_path / "copy"))
     assert len(m.files) > 1 and len(m.tensors[("model", "w")].chunks) == 3  # 14 rows of 36 bytes each
     assert verify(str(tmp_path / "copy")).ok
-    assert _equal(dc.make_sync_checkpointer().load(str(tmp_path / "copy")), _state())
+    assert _equal(checkpointer_load(str(tmp_path / "copy")), _state())
 
 
 class Opaque:
@@ -278,7 +278,7 @@ def test_safetensors_source_and_select_with_strip_prefix(ckpt, tmp_path, capsys)
     assert _equal(target, load_file(weights)) and verify(back).ok
     sel = str(tmp_path / "sel")
     assert main(["convert", ckpt, sel, "--to", "dist_ckpt", "--select", "model.layers", "--no-progress"]) == 0
-    assert _equal(dc.make_sync_checkpointer().load(sel), {"model": {"layers": sd["layers"]}})
+    assert _equal(checkpointer_load(sel), {"model": {"layers": sd["layers"]}})
     assert main(["convert", ckpt, str(tmp_path / "none"), "--to", "dist_ckpt", "--select", "modle"]) == 1
     err = capsys.readouterr().err
     assert "--select 'modle' matches no value" in err and "model" in err and not os.path.exists(tmp_path / "none")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from dist_helpers import PLACEMENTS, dtensor, failing_storage, global_tensor
+from dist_helpers import PLACEMENTS, checkpointer_load, dtensor, failing_storage, global_tensor
 from launcher import run_ranks
 
 import dist_ckpt as dc
@@ -30,7 +30,7 @@ def _save_layouts(rank, world, path):
 
 
 def _check_full(path, world):
-    full = dc.make_sync_checkpointer().load(path)
+    full = checkpointer_load(path)
     for name in PLACEMENTS:
         if world == 4 or "2d" not in name:
             assert torch.equal(full["layouts"][name], global_tensor(name, (8, 12))), name
@@ -72,7 +72,7 @@ def test_replicated_data_is_written_once(tmp_path):
     unique = (256 * 256 + 128 * 64 + 64 * 64) * 4
     on_disk = sum(os.path.getsize(os.path.join(path, "data", f)) for f in os.listdir(os.path.join(path, "data")))
     assert unique <= on_disk <= unique + 16 * 4096  # alignment padding only
-    full = dc.make_sync_checkpointer().load(path)
+    full = checkpointer_load(path)
     assert torch.equal(full["a"], global_tensor("a", (256, 256)))
 
 
@@ -171,7 +171,7 @@ def _save_without_collectives(rank, world, path):
 def test_save_calls_no_torch_collective(tmp_path):
     path = str(tmp_path / "ck")
     run_ranks(_save_without_collectives, 2, path, env=FAST)
-    full = dc.make_sync_checkpointer().load(path + "2")
+    full = checkpointer_load(path + "2")
     assert full["step"] == 2 and torch.equal(full["w"], global_tensor("w", (32, 8)))
 
 

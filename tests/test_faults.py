@@ -11,7 +11,7 @@ import time
 import msgpack
 import pytest
 import torch
-from dist_helpers import dtensor, failing_storage, global_tensor
+from dist_helpers import checkpointer_load, dtensor, failing_storage, global_tensor
 from launcher import run_ranks
 
 import dist_ckpt as dc
@@ -52,7 +52,7 @@ def test_rank_killed_during_write_fails_the_others_naming_it(tmp_path):
         assert kind == "CheckpointError" and "rank 2" in msg and "heartbeat" in msg, (rank, msg)
         assert took < 15
     assert not os.path.exists(tmp_path / "bad")
-    full = dc.make_sync_checkpointer().load(str(tmp_path / "good"))  # the previous checkpoint still loads
+    full = checkpointer_load(str(tmp_path / "good"))  # the previous checkpoint still loads
     assert torch.equal(full["w"], global_tensor("w", (64, 32)))
     run_ranks(_save_again, 3, str(tmp_path / "bad"), env=FAST)  # a restarted job saves fine
     assert os.path.exists(tmp_path / "bad" / MANIFEST)
@@ -207,7 +207,8 @@ def test_checkpoint_with_pickle_payload_does_not_execute_code(saved):
     with pytest.raises(dc.PickleNotAllowed):
         dc.load({**_target(), "evil": None}, saved)
     dc.load(_target(), saved, strict=False)  # the pickled value is skipped, never unpickled
-    dc.make_sync_checkpointer().reader  # constructing readers never touches it either
+    with dc.make_sync_checkpointer() as ck:
+        ck.reader  # constructing readers never touches it either
     with pytest.raises(dc.PickleNotAllowed):
         dc.CheckpointReader().read(saved)
     assert not os.path.exists("/tmp/dist_ckpt_pwned")

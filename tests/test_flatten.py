@@ -8,6 +8,7 @@ from typing import Any
 import msgpack
 import pytest
 import torch
+from fuzz_gen import Gen, fuzz
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -339,15 +340,54 @@ _msgpackish = st.recursive(
 )
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_msgpackish)
-def test_check_structure_only_raises_manifest_error(value: Any) -> None:
+def structure_checked_or_usable(value: Any) -> None:
+    """``check_structure`` refuses ``value`` with a ``ManifestError``, or it unflattens."""
     for candidate in (value, msgpack_round_trip(value)):
         try:
             check_structure(candidate)
         except ManifestError:
             continue
         unflatten(AnyLeaf(), candidate)  # a structure that passes must be usable
+
+
+# 150 hypothesis examples (~15 ms each here); the seeded twin below runs 10,000 in about a second (fuzz_gen.py).
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_msgpackish)
+def test_check_structure_only_raises_manifest_error(value: Any) -> None:
+    structure_checked_or_usable(value)
+
+
+def _seeded_msgpackish(g: Gen) -> Any:
+    """What ``_msgpackish`` draws: scalars and tag strings in lists, tagged nodes (``["d", keys, values]``...) and maps."""
+    budget = [g.randint(1, 20)]
+
+    def leaf() -> Any:
+        return g.choice(["d", "l", "t", 0, 0, 0.0, False]) if g.random() < 1 / 7 else g.scalar(4, 4)
+
+    def items(n: int) -> list:
+        return [node() for _ in range(g.randint(0, n)) if budget[0] > 0]
+
+    def key() -> Any:
+        return g.choice([g.integer, lambda: g.text(3), lambda: g.binary(3)])()
+
+    def node() -> Any:
+        if budget[0] <= 1 or g.random() < 0.4:
+            budget[0] -= 1
+            return leaf()
+        kind = g.randrange(4)
+        if kind == 0:
+            return items(4)
+        if kind == 1:
+            return [g.choice(["d", "l", "t"]), items(3)]
+        if kind == 2:
+            return ["d", items(3), items(3)]
+        return {key(): node() for _ in range(g.randint(0, 3)) if budget[0] > 0}
+
+    return node()
+
+
+def test_check_structure_only_raises_manifest_error_seeded() -> None:
+    fuzz("check_structure", _seeded_msgpackish, structure_checked_or_usable)
 
 
 def _slots(node: Any) -> list[tuple[list, int]]:

@@ -179,7 +179,8 @@ def test_numpy_arrays_and_scalars_come_back_as_numpy(tmp_path):
     for k, v in {**arrays, **scalars}.items():
         assert type(out[k]) is type(v) and out[k].dtype == v.dtype.newbyteorder("=") and np.shape(out[k]) == np.shape(v) and np.array_equal(out[k], v), k
     assert type(out["mixed"][0]) is np.float64 and out["mixed"] == [2.5, 3]
-    full = dc.make_sync_checkpointer().load(p)  # no target: numpy too, from the manifest's marker
+    with dc.make_sync_checkpointer() as ck:
+        full = ck.load(p)  # no target: numpy too, from the manifest's marker
     assert type(full["f32"]) is np.ndarray and full["f32"].dtype == np.float32 and type(full["s_u8"]) is np.uint8
     assert type(full["mixed"][1]) is int
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from dist_helpers import dtensor, global_tensor
+from dist_helpers import checkpointer_load, dtensor, global_tensor
 from launcher import run_ranks
 
 import dist_ckpt as dc
@@ -86,7 +86,7 @@ def test_retention_keep_last_and_keep_every(tmp_path, async_save):
     assert on_disk(root) == names(3, 6, 7)
     assert [s.step for s in mgr.history] == list(range(1, 8))
     assert mgr.history[3].deleted == (2,)  # removed only after step 4 committed: the newest 2 were 3 and 4
-    full = dc.make_sync_checkpointer().load(str(root / step_dir_name(7)))
+    full = checkpointer_load(str(root / step_dir_name(7)))
     assert full["step"] == 7 and torch.equal(full["w"], torch.full((64, 32), 7.0))
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import msgpack
 import numpy as np
 import pytest
+from fuzz_gen import Gen, fuzz
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -122,38 +125,102 @@ _values = st.recursive(
 )
 
 
-@settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.one_of(st.binary(max_size=200), _values.map(lambda v: msgpack.packb(v, use_bin_type=True))))
-def test_fuzz_decoder_only_raises_manifest_error(data):
+def decodes_or_manifest_error(data: bytes) -> None:
+    """Whatever the bytes, decoding yields a manifest or raises :class:`ManifestError`, nothing else."""
     try:
         Manifest.from_msgpack(data)
     except ManifestError:
         pass
 
 
-@settings(max_examples=2_000, deadline=None, suppress_health_check=list(HealthCheck))
+# Hypothesis on a few hundred inputs (shrinking, its own edge cases); each seeded twin
+# runs 10,000 of the same kinds in a second or two (see fuzz_gen.py).
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(st.binary(max_size=200), _values.map(lambda v: msgpack.packb(v, use_bin_type=True))))
+def test_fuzz_decoder_only_raises_manifest_error(data):
+    decodes_or_manifest_error(data)
+
+
+def _seeded_manifest_input(g: Gen) -> bytes:
+    """What the hypothesis fuzzer draws: up to 200 random bytes, or a packed value as ``_values`` draws it."""
+    if g.random() < 0.5:
+        return g.binary(200)
+    value = g.value(20, 4, key=lambda: g.text(6) if g.random() < 0.5 else g.randint(0, 5), leaf=lambda: g.scalar(8, 16))
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def test_fuzz_decoder_only_raises_manifest_error_seeded():
+    fuzz("manifest_decoder", _seeded_manifest_input, decodes_or_manifest_error)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_fuzz_mutated_valid_manifest(data):
     blob = bytearray(make().to_msgpack())
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(blob) - 1))
         blob[i] = data.draw(st.integers(0, 255))
-    try:
-        Manifest.from_msgpack(bytes(blob))
-    except ManifestError:
-        pass
+    decodes_or_manifest_error(bytes(blob))
 
 
-def _layout(draw) -> TensorEntry:
+def test_fuzz_mutated_valid_manifest_seeded():
+    valid = make().to_msgpack()
+    fuzz("manifest_mutated", lambda g: g.mutate(valid, 4), decodes_or_manifest_error)
+
+
+class _Draws:
+    """The draws :func:`_layout` makes, from hypothesis (``data.draw``); :class:`_SeededDraws` makes them from a :class:`Gen`."""
+
+    def __init__(self, draw: Callable[[st.SearchStrategy[Any]], Any]) -> None:
+        self.draw = draw
+
+    def integer(self, lo: int, hi: int) -> int:
+        return self.draw(st.integers(lo, hi))
+
+    def coin(self) -> bool:
+        return self.draw(st.booleans())
+
+    def pick(self, options: list[Any]) -> Any:
+        return self.draw(st.sampled_from(options))
+
+    def sorted_ints(self, lo: int, hi: int, max_size: int) -> list[int]:
+        return sorted(self.draw(st.lists(st.integers(lo, hi), max_size=max_size)))
+
+    def permutation(self, items: list[Any]) -> list[Any]:
+        return list(self.draw(st.permutations(items)))
+
+
+class _SeededDraws(_Draws):
+    def __init__(self, gen: Gen) -> None:
+        self.gen = gen
+
+    def integer(self, lo: int, hi: int) -> int:
+        return self.gen.randint(lo, hi)
+
+    def coin(self) -> bool:
+        return self.gen.random() < 0.5
+
+    def pick(self, options: list[Any]) -> Any:
+        return self.gen.choice(options)
+
+    def sorted_ints(self, lo: int, hi: int, max_size: int) -> list[int]:
+        return sorted(self.gen.randint(lo, hi) for _ in range(self.gen.size(max_size)))
+
+    def permutation(self, items: list[Any]) -> list[Any]:
+        return self.gen.sample(items, len(items))
+
+
+def _layout(d: _Draws) -> TensorEntry:
     """A tensor entry of 0-3 dims: a sound layout (chained along one dim, a grid, one chunk), then maybe one defect."""
-    ndim = draw(st.integers(0, 3))
-    shape = tuple(draw(st.integers(0, 5)) for _ in range(ndim))
-    d = draw(st.integers(0, max(ndim - 1, 0)))
-    if ndim and draw(st.booleans()):  # chained along dim d, possibly with empty chunks
-        cuts = sorted(draw(st.lists(st.integers(0, shape[d]), max_size=4)))
-        bounds = [0, *cuts, shape[d]]
+    ndim = d.integer(0, 3)
+    shape = tuple(d.integer(0, 5) for _ in range(ndim))
+    dim = d.integer(0, max(ndim - 1, 0))
+    if ndim and d.coin():  # chained along dim d, possibly with empty chunks
+        cuts = d.sorted_ints(0, shape[dim], 4)
+        bounds = [0, *cuts, shape[dim]]
         boxes = [
-            (tuple(lo if i == d else 0 for i in range(ndim)), tuple(hi - lo if i == d else shape[i] for i in range(ndim))) for lo, hi in zip(bounds, bounds[1:])
+            (tuple(lo if i == dim else 0 for i in range(ndim)), tuple(hi - lo if i == dim else shape[i] for i in range(ndim)))
+            for lo, hi in zip(bounds, bounds[1:])
         ]
     elif ndim >= 2 and shape[0] >= 2 and shape[1] >= 2:  # a 2 x 2 grid over the first two dims
         a, b = shape[0] // 2, shape[1] // 2
@@ -161,37 +228,34 @@ def _layout(draw) -> TensorEntry:
         boxes = [((r, c) + (0,) * len(rest), (h, w) + rest) for r, h in ((0, a), (a, shape[0] - a)) for c, w in ((0, b), (b, shape[1] - b))]
     else:
         boxes = [((0,) * ndim, shape)]
-    if draw(st.booleans()):
-        boxes = draw(st.permutations(boxes))
+    if d.coin():
+        boxes = d.permutation(boxes)
     t = table(boxes, 4)
     cols = {name: getattr(t, name).copy() for name in ("offsets", "sizes", "file", "offset", "nbytes", "xxh3")}
-    defect = draw(st.sampled_from(["none", "none", "offsets", "sizes", "file", "offset", "nbytes", "dup", "drop", "blocks"]))
-    i = draw(st.integers(0, max(len(t) - 1, 0)))
+    defect = d.pick(["none", "none", "offsets", "sizes", "file", "offset", "nbytes", "dup", "drop", "blocks"])
+    i = d.integer(0, max(len(t) - 1, 0))
     if defect in ("offsets", "sizes") and ndim and len(t):
-        cols[defect][i, draw(st.integers(0, ndim - 1))] += draw(st.sampled_from([-1, 1, 1 << 62]))
+        cols[defect][i, d.integer(0, ndim - 1)] += d.pick([-1, 1, 1 << 62])
     elif defect == "file" and len(t):
-        cols["file"][i] = draw(st.sampled_from([1, 2, -1]))
+        cols["file"][i] = d.pick([1, 2, -1])
     elif defect == "offset" and len(t):
-        cols["offset"][i] += draw(st.sampled_from([1, -ALIGN, 1 << 62]))
+        cols["offset"][i] += d.pick([1, -ALIGN, 1 << 62])
     elif defect == "nbytes" and len(t):
         cols["nbytes"][i] += 4
     elif defect in ("dup", "drop") and len(t):
         keep = list(range(len(t))) + [i] if defect == "dup" else [j for j in range(len(t)) if j != i]
         cols = {k: v[keep] for k, v in cols.items()}
     blocks = None
-    if defect == "blocks" or draw(st.booleans()):
-        count = int((-(-cols["nbytes"] // ALIGN)).clip(0).sum()) + (draw(st.sampled_from([-1, 1])) if defect == "blocks" else 0)
+    if defect == "blocks" or d.coin():
+        count = int((-(-cols["nbytes"] // ALIGN)).clip(0).sum()) + (d.pick([-1, 1]) if defect == "blocks" else 0)
         blocks = np.zeros(max(count, 0), np.uint64)
     return TensorEntry("float32", shape, ChunkTable(**cols, blocks=blocks, block_bytes=ALIGN if blocks is not None else 0))
 
 
-@settings(max_examples=1_500, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.data())
-def test_tables_checked_together_fail_exactly_as_one_by_one(data):
-    """The vectorised pass over all tables accepts and refuses what checking each table in turn does, with its message."""
+def check_tables_together(entries: dict[tuple[str, ...], TensorEntry]) -> None:
+    """Decoding all tables at once fails exactly as decoding each in turn (or neither fails)."""
     from dist_ckpt.manifest import decode_tensor_entry
 
-    entries = {(f"t{i}",): _layout(data.draw) for i in range(data.draw(st.integers(1, 5)))}
     obj = raw(make(tensors=entries))
     try:
         for k, e in obj["tensors"].items():
@@ -205,3 +269,15 @@ def test_tables_checked_together_fail_exactly_as_one_by_one(data):
     except ManifestError as e:
         got = str(e)
     assert got == want
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_tables_checked_together_fail_exactly_as_one_by_one(data):
+    """The vectorised pass over all tables accepts and refuses what checking each table in turn does, with its message."""
+    check_tables_together({(f"t{i}",): _layout(_Draws(data.draw)) for i in range(data.draw(st.integers(1, 5)))})
+
+
+def test_tables_checked_together_fail_exactly_as_one_by_one_seeded():
+    """The same on 1,500 seeded inputs (hypothesis' own cost made 1,500 examples take ~20 s)."""
+    fuzz("tables_together", lambda g: {(f"t{i}",): _layout(_SeededDraws(g)) for i in range(g.randint(1, 5))}, check_tables_together, n=1_500)

@@ -91,7 +91,8 @@ def test_objects_and_nesting_round_trip(tmp_path):
         "elist": [],
     }
     dc.save(sd, str(tmp_path / "ck"))
-    full = dc.make_sync_checkpointer().load(str(tmp_path / "ck"))
+    with dc.make_sync_checkpointer() as ck:
+        full = ck.load(str(tmp_path / "ck"))
     assert full["opt"]["param_groups"] == [{"params": [0, 1], "betas": (0.9, 0.99)}]
     assert list(full["opt"]["state"]) == [0, 1] and torch.equal(full["opt"]["state"][1]["m"], torch.zeros(2))
     assert full["empty"] == {} and full["elist"] == [] and full["blob"] == b"\x00\x01" and full["none"] is None
@@ -306,3 +307,23 @@ def test_loads_racing_overwrites_return_one_checkpoint_whole_and_leave_no_old_co
     assert sorted(os.listdir(tmp_path)) == ["ck"], os.listdir(tmp_path)  # no .old-* or .tmp-* left by racing swaps
     sd = dc.load({"t": torch.zeros(64, 256), "u": torch.zeros(4096), "i": -1}, path)
     assert bool((sd["t"] == float(sd["i"])).all())
+
+
+_LEFT_OPEN = """
+import atexit, sys, threading
+# Registered before dist_ckpt is imported, so it runs after dist_ckpt's own exit hooks.
+atexit.register(lambda: print("LEFT", sorted(t.name for t in threading.enumerate() if t.name.startswith(("dist_ckpt-agent", "dist_ckpt-coord")))))
+import torch, dist_ckpt as dc
+dc.save({"w": torch.ones(2)}, sys.argv[1])
+dc.make_sync_checkpointer().load(sys.argv[1])  # a checkpointer nobody closes
+"""
+
+
+def test_checkpointers_left_open_are_closed_at_interpreter_exit(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    out = subprocess.run([sys.executable, "-c", _LEFT_OPEN, str(tmp_path / "ck")], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "LEFT []" in out.stdout, out.stdout + out.stderr[-3000:]
