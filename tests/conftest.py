@@ -1,6 +1,7 @@
 import os
 import sys
 import threading
+import time
 
 import pytest
 
@@ -27,7 +28,11 @@ def _closes_what_it_opens(request: pytest.FixtureRequest):
     import dist_ckpt.api
 
     dist_ckpt.api._close_defaults()
-    left = sorted(t.name for t in threading.enumerate() if t not in before and t.name.startswith(SERVICE_THREADS) and t.is_alive())
+    started = [t for t in threading.enumerate() if t not in before and t.name.startswith(SERVICE_THREADS)]
+    deadline = time.monotonic() + 5.0  # a closed service's thread may still be on its way out: a leaked one never is
+    for t in started:
+        t.join(max(0.0, deadline - time.monotonic()))
+    left = sorted(t.name for t in started if t.is_alive())
     if left:
         pytest.fail(
             f"{request.node.nodeid} left {left} running: close the checkpointer, session or service it opened (a with block or try/finally)", pytrace=False
