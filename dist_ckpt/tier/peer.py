@@ -33,6 +33,14 @@ Keys: the peer plane derives its own secret from the session secret
 (:func:`peer_secret`), so its keys never open the coordinator and vice versa.
 Any rank may talk to any rank's service; a holder of the secret is a rank
 (the same trust boundary as the control plane).
+
+The bulk socket (unless ``encryption``): the same requests, unencrypted,
+on a second ROUTER with ZeroMQ's PLAIN mechanism. A client asks for a
+session over CURVE (``bulk``: a one-time token, its PLAIN password, and a
+MAC key, bound to the asking rank); every message then carries a seal
+(:func:`seal`: sequence number + Poly1305 tag under a per-message key), checked
+before the service touches the request (a bad one drops the connection,
+nothing written) and by the client before it uses a reply.
 """
 
 from __future__ import annotations
