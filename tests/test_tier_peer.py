@@ -573,3 +573,52 @@ def test_unauthenticated_plaintext_peers_sending_big_frames_do_not_grow_the_serv
         ctx.destroy(linger=0)
         proc.kill()
         proc.wait()
+
+
+def _encryption_job(rank: int, world: int, base: str) -> dict:
+    """2 ranks as 2 nodes: save step 1 (rank r's replica on the other node), wipe node 1, restore."""
+    import shutil
+
+    import torch
+    from dist_helpers import dtensor
+    from torch.distributed.tensor import DTensor
+
+    import dist_ckpt as dc
+
+    os.environ["DIST_CKPT_NODE_ID"] = f"node{rank}"
+    full = torch.arange(64, dtype=torch.float32).reshape(8, 8)
+
+    def manager() -> dc.CheckpointManager:
+        return dc.CheckpointManager(f"{base}/root", local_dir=f"{base}/local{rank}", replicas=1, persist_every=100, local_keep=2)
+
+    with manager() as mgr:
+        futures = mgr.save(1, {"w": dtensor(full, world, "shard0")})
+        if futures is not None:
+            futures[1].result()
+        service = mgr._tier.service
+        seen = {"bulk_address": service.bulk_address, "bulk_requests": service.bulk_requests, "writes": service.served["write"]}
+    torch.distributed.barrier()
+    if rank == 1:
+        shutil.rmtree(f"{base}/local1")  # a replaced node: rank 1 reads its file from rank 0's node
+    torch.distributed.barrier()
+    with manager() as mgr:
+        target = {"w": dtensor(torch.zeros(8, 8), world, "shard0")}
+        step = mgr.load(target)
+        w = target["w"]
+        exact = torch.equal(w.full_tensor() if isinstance(w, DTensor) else w, full)
+        return {**seen, "step": step, "exact": exact, "tier": mgr.last_restore.tier, "reads": mgr._tier.service.bulk_requests}
+
+
+@pytest.mark.parametrize("encrypt", ["0", "1"])
+def test_dist_ckpt_peer_encryption_keeps_a_managers_replicas_and_peer_restore_on_curve(tmp_path, encrypt):
+    from launcher import run_ranks
+
+    env = {"DIST_CKPT_PEER_ENCRYPTION": encrypt, "DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "4", "DIST_CKPT_TIMEOUT_S": "30"}
+    out = run_ranks(_encryption_job, 2, str(tmp_path), env=env, timeout=120)
+    assert [o["step"] for o in out.values()] == [1, 1] and all(o["exact"] for o in out.values()), out
+    assert out[1]["tier"] == "peer", out
+    assert all(o["writes"] > 0 for o in out.values()), out  # each node stored the other's replica
+    if encrypt == "1":
+        assert all(o["bulk_address"] is None and o["bulk_requests"] == 0 and o["reads"] == 0 for o in out.values()), out
+    else:
+        assert all(o["bulk_address"] and o["bulk_requests"] > 0 for o in out.values()) and out[0]["reads"] > 0, out
