@@ -87,7 +87,7 @@ log = get_logger(__name__)
 __all__ = ["PIECE_BYTES", "WINDOW", "peer_secret", "PeerService", "PeerClient", "PeerWriteStream"]
 
 PIECE_BYTES = WRITE_PIECE
-"""Largest data frame on a peer connection (the writer appends 16 MiB pieces)."""
+"""Largest data frame on a peer connection (a read piece; a replica write is one per append, and the writer appends 1 MiB blocks)."""
 WINDOW = 4
 """Pieces a client sends (or asks for) before it waits for the oldest one's reply: the credit window."""
 QUEUE = 2 * WINDOW
