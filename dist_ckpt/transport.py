@@ -252,6 +252,7 @@ class ConnectionGate:
         self._port, self._cap, self._counter = port, cap, counter
         self._pending: collections.OrderedDict[int, float] = collections.OrderedDict()  # fd -> accepted at
         self.shed = 0
+        self.disconnects = 0  # connections closed so far (admitted or not): a service tied to connections checks its own then
         self._warned: set[str] = set()
 
     @property
@@ -281,6 +282,7 @@ class ConnectionGate:
             self._pending[fd] = time.monotonic()
         elif kind == zmq.EVENT_DISCONNECTED:
             self._pending.pop(fd, None)
+            self.disconnects += 1
         elif kind == zmq.EVENT_ACCEPT_FAILED:
             self._warn("accept", f"accepting a connection failed ({zmq.strerror(fd)})")
         else:  # a handshake failed: wrong mechanism, bad key, not a rank of this job, timeout

@@ -507,6 +507,59 @@ def test_a_bulk_frame_with_a_bad_mac_a_replayed_sequence_or_another_sessions_mac
     assert client.inventory() == {} and service.bulk_requests > 0
 
 
+def test_a_bulk_session_is_forgotten_once_its_connection_closes_and_an_open_one_is_kept(service, closing):
+    control = closing(Raw(service.address, rank=0))  # CURVE: the sessions are handed out here
+    keep = closing(BulkRaw(control.op(op="bulk")))
+    assert keep.op(op="inventory")["ok"]
+    for i in range(30):  # each one bulk connection: opened, used, closed (by hand, or by a client's close)
+        if i % 2:
+            raw = BulkRaw(session := control.op(op="bulk"))
+            assert raw.op(op="inventory")["ok"]
+            raw.close()
+        else:
+            client = PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1)
+            assert client.inventory() == {}
+            client.close()
+    deadline = time.monotonic() + 10  # the service hears of the closes on its own thread
+    while service.bulk_sessions > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert service.bulk_sessions == 1, f"{service.bulk_sessions} sessions kept after 30 bulk connections closed"
+    assert keep.op(op="inventory")["ok"]  # the others reused descriptors: the open connection kept its session
+    again = closing(BulkRaw(session))  # a closed connection's token opens nothing
+    assert again.event() == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    assert service.refused["bulk-seal"] == 0
+
+
+def test_the_session_table_forgets_closed_connections_and_unspent_tokens_only():
+    from dist_ckpt.tier.bulk import SessionTable
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        table = SessionTable(bind_s=3600)
+        table.port = listener.getsockname()[1]
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(2)]
+        served = [listener.accept()[0] for _ in clients]
+        a, b = (table.issue(0)[0] for _ in served)
+        for token, conn in zip((a, b), served):
+            assert table.admit(b"dist_ckpt", token.encode()) == token
+            table.bind(token, conn.fileno())
+        table.issue(1)  # not spent yet, within bind_s
+        assert table.prune() == 0 and len(table) == 3
+        clients[0].close()
+        assert served[0].recv(1) == b""  # its FIN arrived: the service's end is in CLOSE_WAIT
+        assert table.prune() == 1 and table.get(a) is None and table.get(b) is not None
+        c = table.issue(2)[0]
+        table.admit(b"dist_ckpt", c.encode())
+        table.bind(c, served[1].fileno())  # c's first request on b's descriptor: b's connection must have closed
+        assert table.get(b) is None and table.get(c) is not None and table.prune() == 0
+        for conn in (*clients, *served):
+            conn.close()
+        assert table.prune() == 1 and table.get(c) is None  # its descriptor is gone
+    quick = SessionTable(bind_s=0)
+    spent, unspent = quick.issue(0)[0], quick.issue(0)[0]
+    quick.admit(b"dist_ckpt", spent.encode())
+    assert quick.prune() == 1 and quick.get(unspent) is None and quick.get(spent) is not None  # spent: its first request is on its way
+
+
 BULK_MEMORY_CHILD = textwrap.dedent(
     """
     import json, sys

@@ -7,6 +7,12 @@ password, and a MAC key, bound to the asking rank (:class:`SessionTable`).
 Every message then carries a seal (:func:`seal`: sequence number + Poly1305
 tag under a per-message key), checked before the service touches the request
 and by the client before it uses a reply.
+
+A session lives as long as its connection: it is bound to the connection's
+descriptor and remote address on its first request, and forgotten once that
+connection is closed (:meth:`SessionTable.prune`, run on the bulk socket's
+disconnect events), once a session issued later turns up on the same
+descriptor, or when its token was not spent within :data:`BIND_S`.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import collections
 import hmac
 import secrets
+import socket as pysocket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,14 +31,17 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 from ..transport import HANDSHAKE_TIMEOUT_S, ZAP_DOMAIN
 from .peer_protocol import MAX_FRAME, QUEUE, REPLY_WAIT_S
 
-__all__ = ["MAX_SESSIONS", "SEAL_BYTES", "PLAIN_USER", "seal", "sealed_ok", "Session", "SessionTable", "BulkSession", "bind_bulk_socket"]
+__all__ = ["MAX_SESSIONS", "BIND_S", "SEAL_BYTES", "PLAIN_USER", "seal", "sealed_ok", "Session", "SessionTable", "BulkSession", "bind_bulk_socket"]
 
 MAX_SESSIONS = 1024
 """Bulk sessions a service keeps (beyond, the oldest is forgotten: its connection's next frame is refused)."""
+BIND_S = 6 * HANDSHAKE_TIMEOUT_S
+"""A session whose token no handshake spent this long after it was issued is forgotten (its client never came)."""
 MAC_BYTES = 16
 SEAL_BYTES = 8 + MAC_BYTES
 """A bulk message's first frame: its sequence number (8 bytes, little-endian) and Poly1305 tag."""
 PLAIN_USER = b"dist_ckpt"
+_TCP_ESTABLISHED = 1  # tcpi_state (linux/tcp_states.h)
 
 
 def _mac(key: bytes, direction: bytes, seq: int, frames: list[Any]) -> bytes:
@@ -73,6 +83,8 @@ class Session:
     admitted: bool = False  # its one-time token was spent on a PLAIN handshake
     seq_in: int = 0  # the next request's sequence number
     seq_out: int = 0  # the next reply's
+    fd: int = -1  # its connection's descriptor (from its first request; -1: none yet)
+    peer: Any = None  # that connection's remote address: a reused descriptor is another connection
 
 
 @dataclass(frozen=True)
@@ -85,16 +97,25 @@ class BulkSession:
 
 
 class SessionTable:
-    """A service's bulk sessions by token (service thread only)."""
+    """A service's bulk sessions by token (service thread only).
 
-    def __init__(self) -> None:
+    Args:
+        bind_s: a session whose token no handshake spent this long after it was issued is forgotten (:data:`BIND_S`).
+    """
+
+    def __init__(self, bind_s: float = BIND_S) -> None:
+        self._bind_s = bind_s
+        self.port = -1  # the bulk socket's TCP port, once bound: a descriptor is only looked at while it is a connection to it
         self._sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()  # token -> session, oldest first
+        self._by_fd: dict[int, str] = {}  # descriptor -> token of the session bound to it
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def issue(self, rank: int) -> tuple[str, bytes]:
-        """A new session for ``rank``: ``(token, key)``; beyond :data:`MAX_SESSIONS` the oldest is forgotten."""
+        """A new session for ``rank``: ``(token, key)``; at :data:`MAX_SESSIONS` the dead ones, then the oldest, are forgotten."""
+        if len(self._sessions) >= MAX_SESSIONS:
+            self.prune()
         while len(self._sessions) >= MAX_SESSIONS:
             self.forget(next(iter(self._sessions)))
         token = secrets.token_hex(16)
@@ -114,9 +135,74 @@ class SessionTable:
         """The session of ``token``, or None (never issued, or forgotten)."""
         return self._sessions.get(token)
 
+    def bind(self, token: str, fd: int) -> None:
+        """Tie session ``token`` to connection ``fd`` (a request of it, its seal checked, came from there); idempotent.
+
+        A session bound to ``fd`` before is forgotten: two open connections
+        never share a descriptor, so that one's connection is closed (its
+        disconnect event may not have been read yet).
+        """
+        session = self._sessions.get(token)
+        if session is None or session.fd >= 0:
+            return
+        old = self._by_fd.get(fd)
+        if old is not None and old != token:
+            self.forget(old)
+        try:
+            session.peer = _remote(fd, self.port)
+        except OSError:
+            return  # already closed: the next prune forgets it
+        session.fd, self._by_fd[fd] = fd, token
+
     def forget(self, token: str) -> None:
         """Drop session ``token`` (missing is fine): its token and key open nothing any more."""
-        self._sessions.pop(token, None)
+        session = self._sessions.pop(token, None)
+        if session is not None and self._by_fd.get(session.fd) == token:
+            del self._by_fd[session.fd]
+
+    def prune(self) -> int:
+        """Forget the sessions whose connection is closed, and those whose token was not spent within ``bind_s``.
+
+        A session admitted but not yet bound stays (its first request is on its way).
+
+        Returns:
+            How many were forgotten.
+        """
+        now = time.monotonic()
+        dead = [t for t, s in self._sessions.items() if (not s.admitted and now - s.issued >= self._bind_s) or (s.fd >= 0 and not self._alive(s))]
+        for token in dead:
+            self.forget(token)
+        return len(dead)
+
+    def _alive(self, session: Session) -> bool:
+        try:
+            return _remote(session.fd, self.port) == session.peer and _tcp_state(session.fd) == _TCP_ESTABLISHED
+        except OSError:
+            return False
+
+
+def _remote(fd: int, port: int) -> Any:
+    """The remote address of TCP connection ``fd`` to local ``port``, never closing it (libzmq owns it).
+
+    Raises:
+        OSError: ``fd`` is not (any more) a TCP connection to ``port``.
+    """
+    s = pysocket.socket(fileno=fd)
+    try:
+        if s.family not in (pysocket.AF_INET, pysocket.AF_INET6) or s.getsockname()[1] != port:
+            raise OSError(f"descriptor {fd} is not a connection to port {port}")
+        return s.getpeername()
+    finally:
+        s.detach()
+
+
+def _tcp_state(fd: int) -> int:
+    """``tcpi_state`` of TCP connection ``fd`` (Linux ``TCP_INFO``)."""
+    s = pysocket.socket(fileno=fd)
+    try:
+        return s.getsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_INFO, 1)[0]
+    finally:
+        s.detach()
 
 
 def bind_bulk_socket(ctx: zmq.Context, host: str) -> tuple[zmq.Socket, int]:

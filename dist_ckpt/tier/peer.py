@@ -149,6 +149,7 @@ class PeerService:
             self.bulk_address: str | None = None  # None: everything stays on CURVE
             if not encryption:
                 self._bulk, self._bulk_port = bind_bulk_socket(self._ctx, host)
+                self._sessions.port = self._bulk_port
                 self._bulk_gate = ConnectionGate(
                     self._bulk, self._bulk_port, pending_cap(soft), self.refused, who=f"[rank {rank}] peer bulk socket", admitted_sent=PLAIN_ADMITTED_SENT
                 )
@@ -168,6 +169,7 @@ class PeerService:
         sockets = [self._sock] if self._bulk is None else [self._sock, self._bulk]
         for s in (*sockets, self._zap.socket, *(g.socket for g in gates)):
             poller.register(s, zmq.POLLIN)
+        closed = 0  # the bulk gate's disconnects seen so far
         try:
             while not self._stop.is_set():
                 ready = dict(poller.poll(10 if any(g.pending for g in gates) else int(_POLL_S * 1000)))
@@ -175,6 +177,9 @@ class PeerService:
                     self._zap.handle()
                 for g in gates:
                     g.handle()
+                if self._bulk is not None and self._bulk_gate.disconnects != closed:
+                    closed = self._bulk_gate.disconnects
+                    self._sessions.prune()  # a bulk connection closed: its session goes with it
                 if self._sock in ready:
                     self._drain(self._sock, self._serve_control)
                 if self._bulk is not None and self._bulk in ready:
@@ -232,6 +237,9 @@ class PeerService:
             return None
         session.seq_in += 1
         self.bulk_requests += 1
+        if session.fd < 0:  # its first request: tie the session to this connection, forgotten when it closes
+            with contextlib.suppress(zmq.ZMQError, TypeError):
+                self._sessions.bind(token, frames[-1].get(zmq.SRCFD))
         reply = self._serve(body, session.rank, b"b" + token.encode(), bulk=True)
         first = seal(session.key, b"rep", session.seq_out, reply)
         session.seq_out += 1
@@ -375,6 +383,11 @@ class PeerService:
             if which(f):
                 del self._files[path]
                 os.close(f.fd)
+
+    @property
+    def bulk_sessions(self) -> int:
+        """Bulk sessions kept now: those handed out and not yet spent, and those of open bulk connections."""
+        return len(self._sessions)
 
     @property
     def open_files(self) -> int:
