@@ -560,6 +560,25 @@ def test_the_session_table_forgets_closed_connections_and_unspent_tokens_only():
     assert quick.prune() == 1 and quick.get(unspent) is None and quick.get(spent) is not None  # spent: its first request is on its way
 
 
+def test_a_plaintext_peer_sending_over_4_kib_without_authenticating_is_cut_off(service, closing):
+    # a valid ZMTP 3.0 greeting asking for PLAIN, then a HELLO declared 1 MiB (under ZMQ_MAXMSGSIZE, so libzmq would
+    # buffer it until the 10 s handshake timeout) of which 64 KiB arrive: only the ConnectionGate's cut-off drops it
+    host, port = service.bulk_address[len("tcp://") :].rsplit(":", 1)
+    raw = closing(socket.create_connection((host, int(port))))
+    raw.settimeout(30)
+    greeting = b"\xff" + bytes(8) + b"\x7f\x03\x00" + b"PLAIN".ljust(20, b"\0") + bytes(32)
+    start = time.monotonic()
+    raw.sendall(greeting + b"\x06" + MiB.to_bytes(8, "big") + b"\x05HELLO" + bytes(64 << 10))
+    got = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := raw.recv(4096):  # the service's greeting, then the end of the connection
+            got += chunk
+    print(f"cut off after {time.monotonic() - start:.2f} s, having been sent {len(got)} B")
+    assert service.refused["handshake-size"] == 1 and len(got) <= 64, dict(service.refused)
+    client = closing(PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1))
+    assert client.inventory() == {} and service.bulk_requests == 1  # the bulk socket still serves
+
+
 BULK_MEMORY_CHILD = textwrap.dedent(
     """
     import json, sys
