@@ -151,7 +151,7 @@ class SessionTable:
         try:
             session.peer = _remote(fd, self.port)
         except OSError:
-            return  # already closed: the next prune forgets it
+            return  # closed already (its reply goes nowhere): left unbound, it goes at the cap
         session.fd, self._by_fd[fd] = fd, token
 
     def forget(self, token: str) -> None:

@@ -44,7 +44,8 @@ session over CURVE (``bulk``: a one-time token, its PLAIN password, and a
 MAC key, bound to the asking rank); every message then carries a seal
 (:func:`~dist_ckpt.tier.bulk.seal`: sequence number + Poly1305 tag under a per-message key), checked
 before the service touches the request (a bad one drops the connection,
-nothing written) and by the client before it uses a reply.
+nothing written) and by the client before it uses a reply. A session is
+forgotten once its connection closes (:class:`~dist_ckpt.tier.bulk.SessionTable`).
 """
 
 from __future__ import annotations
