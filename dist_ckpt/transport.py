@@ -35,6 +35,7 @@ import resource
 import socket as pysocket
 import struct
 import time
+from typing import Callable
 
 import zmq
 from zmq.utils import z85
@@ -56,6 +57,8 @@ __all__ = [
     "MAX_HANDSHAKE_BYTES",
     "raise_fd_limit",
     "pending_cap",
+    "PLAIN_ADMITTED_SENT",
+    "shut_connection",
 ]
 
 ZAP_DOMAIN = b"dist_ckpt"
@@ -128,15 +131,21 @@ class ZapGate:
     received on it carries (``frame.get("User-Id")``), so the coordinator
     can check that a message claiming rank r came over rank r's key.
 
+    A PLAIN handshake (the peer plane's bulk socket) is admitted only when
+    ``plain(username, password)`` returns a user id; without ``plain`` every
+    PLAIN handshake is refused.
+
     Args:
         ctx: the context of the ROUTER it guards (ZAP is per context).
         secret: the job secret.
         world_size: ranks ``0 .. world_size-1`` are admitted.
+        plain: the user id for PLAIN credentials, or None to refuse them (a one-time token check).
     """
 
-    def __init__(self, ctx: zmq.Context, secret: bytes, world_size: int) -> None:
+    def __init__(self, ctx: zmq.Context, secret: bytes, world_size: int, plain: Callable[[bytes, bytes], str | None] | None = None) -> None:
         # Derived once: 16k ranks cost ~1 s of key derivation, not one per handshake.
         self._ranks = {z85.decode(curve_keys(secret, f"rank {r}")[0]): r for r in range(world_size)}
+        self._plain = plain
         self.admitted: set[int] = set()
         self.refused = 0
         self.socket = ctx.socket(zmq.REP)
@@ -155,14 +164,19 @@ class ZapGate:
     def _answer(self, request: list[bytes]) -> list[bytes]:
         # RFC 27: version, request id, domain, address, identity, mechanism, credentials...
         version, request_id = (request + [b"", b""])[:2]
-        rank = None
-        if len(request) == 7 and version == b"1.0" and request[2] == ZAP_DOMAIN and request[5] == b"CURVE":
-            rank = self._ranks.get(request[6])
-        if rank is None:
+        user = None
+        if len(request) >= 6 and version == b"1.0" and request[2] == ZAP_DOMAIN:
+            if len(request) == 7 and request[5] == b"CURVE":
+                rank = self._ranks.get(request[6])
+                if rank is not None:
+                    self.admitted.add(rank)
+                    user = str(rank)
+            elif len(request) == 8 and request[5] == b"PLAIN" and self._plain is not None:
+                user = self._plain(request[6], request[7])
+        if user is None:
             self.refused += 1
             return [b"1.0", request_id, b"400", b"not a rank of this job", b"", b""]
-        self.admitted.add(rank)
-        return [b"1.0", request_id, b"200", b"OK", str(rank).encode(), b""]
+        return [b"1.0", request_id, b"200", b"OK", user.encode(), b""]
 
     def close(self) -> None:
         """Close the ZAP socket."""
@@ -185,6 +199,10 @@ def pending_cap(soft_limit: int) -> int:
 # connection means the ZAP gate admitted it. An honest client's whole handshake
 # (greeting, HELLO, INITIATE with its metadata) is well under 1 KiB.
 _ADMITTED_SENT = 64 + 170 + 16
+#: The same for a PLAIN server (the peer plane's bulk socket): greeting (64)
+#: before the ZAP answer; WELCOME (10) + READY (~43) once admitted (117 B
+#: measured), an ERROR (~12) and a close when refused.
+PLAIN_ADMITTED_SENT = 64 + 36
 MAX_HANDSHAKE_BYTES = 4096
 
 
@@ -213,6 +231,8 @@ class ConnectionGate:
         cap: most pending connections.
         counter: where refusals are counted (the coordinator's ``dropped``).
         who: names the server in its log lines.
+        admitted_sent: bytes the server has sent (acked) once it admitted a connection
+            (CURVE's default; :data:`PLAIN_ADMITTED_SENT` for a PLAIN server).
     """
 
     _EVENTS = (
@@ -224,12 +244,15 @@ class ConnectionGate:
         | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     )
 
-    def __init__(self, sock: zmq.Socket, port: int, cap: int, counter: collections.Counter[str], who: str = "[rank 0] coordinator") -> None:
-        self._who = who
+    def __init__(
+        self, sock: zmq.Socket, port: int, cap: int, counter: collections.Counter[str], who: str = "[rank 0] coordinator", admitted_sent: int = _ADMITTED_SENT
+    ) -> None:
+        self._who, self._admitted_sent = who, admitted_sent
         self.socket = sock.get_monitor_socket(self._EVENTS)
         self._port, self._cap, self._counter = port, cap, counter
         self._pending: collections.OrderedDict[int, float] = collections.OrderedDict()  # fd -> accepted at
         self.shed = 0
+        self.disconnects = 0  # connections closed so far (admitted or not): a service tied to connections checks its own then
         self._warned: set[str] = set()
 
     @property
@@ -259,11 +282,12 @@ class ConnectionGate:
             self._pending[fd] = time.monotonic()
         elif kind == zmq.EVENT_DISCONNECTED:
             self._pending.pop(fd, None)
+            self.disconnects += 1
         elif kind == zmq.EVENT_ACCEPT_FAILED:
             self._warn("accept", f"accepting a connection failed ({zmq.strerror(fd)})")
         else:  # a handshake failed: wrong mechanism, bad key, not a rank of this job, timeout
             self._counter["handshake"] += 1
-            self._warn("handshake", "a peer failed the CURVE handshake (no key of this job)")
+            self._warn("handshake", "a peer failed the handshake (no key or token of this job)")
 
     def _inspect(self, fd: int, shut_if_hog: bool = False, shut: bool = False) -> str:
         """ "admitted", "pending", "gone" or "shut" (connection ``fd`` was shut down now)."""
@@ -275,7 +299,7 @@ class ConnectionGate:
             if s.family not in (pysocket.AF_INET, pysocket.AF_INET6) or s.getsockname()[1] != self._port:
                 return "gone"  # the descriptor now belongs to something else
             sent, received = _tcp_counters(s)
-            if sent > _ADMITTED_SENT:
+            if sent > self._admitted_sent:
                 return "admitted"
             hog = shut_if_hog and received > MAX_HANDSHAKE_BYTES
             if hog or shut:
@@ -302,6 +326,30 @@ class ConnectionGate:
     def close(self) -> None:
         """Close the monitor socket."""
         self.socket.close(linger=0)
+
+
+def shut_connection(fd: int, port: int) -> bool:
+    """Shut down the TCP connection ``fd`` of a socket bound to ``port`` (libzmq sees the end and closes it).
+
+    ``shutdown``, never ``close``: libzmq owns the descriptor. Nothing is done
+    unless ``fd`` is still a TCP connection to ``port`` (descriptors are reused).
+
+    Returns:
+        Whether it was shut down.
+    """
+    try:
+        s = pysocket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        if s.family not in (pysocket.AF_INET, pysocket.AF_INET6) or s.getsockname()[1] != port:
+            return False
+        s.shutdown(pysocket.SHUT_RDWR)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.detach()
 
 
 def _tcp_counters(s: pysocket.socket) -> tuple[int, int]:

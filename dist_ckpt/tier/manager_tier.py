@@ -92,7 +92,8 @@ class LocalTier:
         timeout = session.config.heartbeat_timeout_s  # a peer silent that long is dead, as a rank is to the coordinator
         try:
             os.makedirs(self.local_root, exist_ok=True)
-            self.service = PeerService(self.local_root, session.secret, self.rank, self.world, job_interface(os.environ.get("MASTER_ADDR")))
+            encrypt = session.config.peer_encryption
+            self.service = PeerService(self.local_root, session.secret, self.rank, self.world, job_interface(os.environ.get("MASTER_ADDR")), encrypt)
         except Exception as e:  # the other ranks wait for this rank's hello: tell them why instead of letting them hang
             self._exchange("hello", {"error": f"{type(e).__name__}: {e}"[:2000]}, wait=False)
             raise
@@ -101,7 +102,7 @@ class LocalTier:
             ids, addresses = self._check_hello(hello)
             self.topology = Topology.from_ids(self.rank, ids)
             self.topology.check_replicas(replicas)
-            self.clients = {r: PeerClient(addresses[r], session.secret, self.rank, timeout, peer=r) for r in range(self.world) if r != self.rank}
+            self.clients = {r: PeerClient(addresses[r], session.secret, self.rank, timeout, r, encrypt) for r in range(self.world) if r != self.rank}
         except BaseException:
             self.service.close()
             raise

@@ -29,136 +29,74 @@ unacknowledged (credit window), and the server's receive and send queues
 hold at most a few messages per connection (``ZMQ_RCVHWM``/``SNDHWM``), so
 a client ignoring the window only stalls its own TCP connection.
 
+The wire protocol (sizes, ops, field checks) is :mod:`dist_ckpt.tier.peer_protocol`,
+the bulk path's sessions and seals :mod:`dist_ckpt.tier.bulk`, the client
+:mod:`dist_ckpt.tier.peer_client`; their public names are importable from here too.
+
 Keys: the peer plane derives its own secret from the session secret
-(:func:`peer_secret`), so its keys never open the coordinator and vice versa.
+(:func:`~dist_ckpt.tier.peer_protocol.peer_secret`), so its keys never open the coordinator and vice versa.
 Any rank may talk to any rank's service; a holder of the secret is a rank
 (the same trust boundary as the control plane).
+
+The bulk socket (unless ``encryption``): the same requests, unencrypted,
+on a second ROUTER with ZeroMQ's PLAIN mechanism. A client asks for a
+session over CURVE (``bulk``: a one-time token, its PLAIN password, and a
+MAC key, bound to the asking rank); every message then carries a seal
+(:func:`~dist_ckpt.tier.bulk.seal`: sequence number + Poly1305 tag under a per-message key), checked
+before the service touches the request (a bad one drops the connection,
+nothing written) and by the client before it uses a reply. A session is
+forgotten once its connection closes (:class:`~dist_ckpt.tier.bulk.SessionTable`).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import functools
-import hashlib
-import hmac
-import operator
 import os
 import resource
 import threading
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import msgpack
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
-from ..errors import PeerError, bounded_repr
-from ..layout_names import DATA_DIR, DATA_FILE_RE, MANIFEST
+from ..layout_names import DATA_DIR, MANIFEST
 from ..logs import get_logger
-from ..storage import STREAM_ALIGN, WRITE_PIECE, ReadHandle, WriteStream
+from ..storage import STREAM_ALIGN, ReadHandle
 from ..storage.local import LocalStorage
-from ..transport import ConnectionGate, ZapGate, pending_cap, require_curve, secure_client, secure_server
+from ..transport import PLAIN_ADMITTED_SENT, ConnectionGate, ZapGate, pending_cap, require_curve, secure_server, shut_connection
 from . import layout
+from .bulk import MAX_SESSIONS, SessionTable, bind_bulk_socket, seal, sealed_ok
+from .peer_client import PeerClient, PeerWriteStream
+from .peer_protocol import IO_THREADS, MAX_FILE_BYTES, MAX_FRAME, MAX_HEADER, OPS, PIECE_BYTES, QUEUE, REPLY_WAIT_S, WINDOW, Refused, check_request, peer_secret
 
 log = get_logger(__name__)
 
-__all__ = ["PIECE_BYTES", "WINDOW", "peer_secret", "PeerService", "PeerClient", "PeerWriteStream"]
+# the names other modules and tests import from here, wherever they live now
+__all__ = [
+    "PIECE_BYTES",
+    "WINDOW",
+    "MAX_FRAME",
+    "MAX_FILE_BYTES",
+    "MAX_SESSIONS",
+    "peer_secret",
+    "seal",
+    "sealed_ok",
+    "PeerService",
+    "PeerClient",
+    "PeerWriteStream",
+]
 
-PIECE_BYTES = WRITE_PIECE
-"""Largest data frame on a peer connection (the writer appends 16 MiB pieces)."""
-WINDOW = 4
-"""Pieces a client sends (or asks for) before it waits for the oldest one's reply: the credit window."""
-QUEUE = 2 * WINDOW
-"""Messages a connection's queues (``ZMQ_SNDHWM``/``RCVHWM``) hold, each way.
-
-Above the window with room to spare: a libzmq pipe's writer learns of reads
-in batches (every ``(HWM + 1) // 2`` messages, and only when its socket
-processes commands), so it may count replies already read as queued. A
-ROUTER would then drop an honest reply silently: the service sets
-``ROUTER_MANDATORY`` and waits up to :data:`REPLY_WAIT_S` for room, clients
-wait up to their timeout; only a client ignoring the window loses replies."""
-REPLY_WAIT_S = 0.1
-"""Longest the service waits to queue one reply (a client that does not read stalls it this long per request)."""
-MAX_HEADER = 1 << 20
-"""Largest request header; a reply header (an inventory) is bounded by :data:`PIECE_BYTES`."""
-MAX_FILE_BYTES = 1 << 44
-"""No request writes or reads past this offset in a file (16 TiB)."""
 MAX_OPEN = 256
 """Replica files one service keeps open at once; an ``open`` beyond is refused."""
-MAX_FRAME = PIECE_BYTES + MAX_HEADER
-IO_THREADS = 1
-"""libzmq I/O threads of the service's and of the clients' context: CURVE runs there, each connection on one of them
-(more would spread concurrent connections over cores; not measured on the 2-core test machine, so left at libzmq's default)."""
 _POLL_S = 0.1
-
-# op -> (fields, frames after the header)
-_OPS: dict[str, tuple[tuple[str, ...], int]] = {
-    "open": (("step", "save", "name"), 0),
-    "write": (("step", "save", "name", "offset"), 1),
-    "sync": (("step", "save", "name"), 0),
-    "close": (("step", "save", "name"), 0),
-    "publish": (("step", "save"), 0),
-    "abort": (("step", "save"), 0),
-    "sweep": (("save",), 0),
-    "read": (("step", "name", "offset", "length"), 0),
-    "size": (("step", "name"), 0),
-    "inventory": ((), 0),
-    "remove": (("step",), 0),
-}
-
-
-def peer_secret(secret: bytes) -> bytes:
-    """The peer plane's secret, derived from the session secret (domain-separated from the coordinator's keys)."""
-    return hmac.new(secret, b"dist_ckpt/tier-peer", hashlib.sha256).digest()
-
-
-class _Refused(ValueError):
-    """A request that is malformed or not allowed; its text goes back in the error reply."""
-
-
-def _int_field(header: dict, key: str, low: int, high: int) -> int:
-    value = header.get(key)
-    if type(value) is not int or not low <= value <= high:
-        raise _Refused(f"{key} must be an int in [{low}, {high}], got {bounded_repr(value)}")
-    return value
-
-
-def _check_request(header: object, frames: int, sender: int) -> dict[str, Any]:
-    """The checked fields of a request (``op``, ``id`` and the op's own), or raise :class:`_Refused`."""
-    if not isinstance(header, dict):
-        raise _Refused(f"the header is a {type(header).__name__}, not a map")
-    op = header.get("op")
-    if not isinstance(op, str) or op not in _OPS:
-        raise _Refused(f"unknown op {bounded_repr(op)}")
-    fields, extra = _OPS[op]
-    if frames != 1 + extra:
-        raise _Refused(f"{op} takes {1 + extra} frame(s), got {frames}")
-    out: dict[str, Any] = {"op": op, "id": _int_field(header, "id", 0, (1 << 63) - 1)}
-    for f in fields:
-        if f == "step":
-            out[f] = _int_field(header, f, 0, layout.MAX_STEP)
-        elif f == "offset":
-            out[f] = _int_field(header, f, 0, MAX_FILE_BYTES)
-        elif f == "length":
-            out[f] = _int_field(header, f, 1, PIECE_BYTES)
-        else:
-            try:
-                out[f] = layout.check_save_id(header.get(f)) if f == "save" else layout.check_name(header.get(f))
-            except ValueError as e:
-                raise _Refused(str(e)) from None
-    if op in ("open", "write", "sync", "close") and out["name"] != MANIFEST:
-        origin = int(DATA_FILE_RE.match(out["name"]).group(1))  # type: ignore[union-attr]  # check_name matched it
-        if origin != sender:
-            raise _Refused(f"rank {sender} may only write its own files, not {out['name']}")
-    return out
 
 
 @dataclass
 class _OpenFile:
     fd: int
-    owner: bytes  # the routing id of the connection that opened it
+    owner: bytes  # the connection that opened it: b"c" + its routing id, or b"b" + its bulk session's token
     tmp: str  # the save's tmp directory
 
 
@@ -171,6 +109,9 @@ class PeerService:
         rank: this rank (named in logs).
         world: ranks ``0 .. world-1`` are admitted.
         host: interface to bind (the job's network, as the coordinator's).
+        encryption: keep every byte on CURVE (``Config.peer_encryption``); otherwise
+            replica writes and reads may use the bulk socket (:attr:`bulk_address`):
+            unencrypted, every frame MACed (see docs/architecture.md, "Node-local tier: data plane").
 
     Raises:
         TransportError: libzmq lacks CURVE.
@@ -178,20 +119,23 @@ class PeerService:
         zmq.ZMQError: the socket cannot be bound.
     """
 
-    def __init__(self, local_root: str, secret: bytes, rank: int, world: int, host: str) -> None:
+    def __init__(self, local_root: str, secret: bytes, rank: int, world: int, host: str, encryption: bool = False) -> None:
         require_curve()
         layout.ensure_local_root(local_root)
         self.local_root, self.rank = local_root, rank
         self.refused: collections.Counter[str] = collections.Counter()  # refused requests, by op ("handshake" etc. from the gate)
         self.served: collections.Counter[str] = collections.Counter()  # requests answered ok, by op
+        self.bulk_requests = 0  # requests that came over the bulk socket (their seal checked)
         self.error: BaseException | None = None  # what ended the service thread, if anything did
         self._files: dict[str, _OpenFile] = {}
+        self._sessions = SessionTable()
         self._local = LocalStorage()
         self._stop = threading.Event()
         key = peer_secret(secret)
         self._ctx = zmq.Context(io_threads=IO_THREADS)
         try:
-            self._zap = ZapGate(self._ctx, key, world)  # bound before the ROUTER: no handshake precedes it
+            # bound before the ROUTERs: no handshake precedes it; PLAIN (the bulk socket) admits one-time tokens only
+            self._zap = ZapGate(self._ctx, key, world, plain=None if encryption else self._sessions.admit)
             self._sock = self._ctx.socket(zmq.ROUTER)
             self._sock.setsockopt(zmq.LINGER, 0)
             for opt in (zmq.RCVHWM, zmq.SNDHWM):
@@ -202,6 +146,15 @@ class PeerService:
             port = self._sock.bind_to_random_port(f"tcp://{host}")
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
             self._gate = ConnectionGate(self._sock, port, pending_cap(soft), self.refused, who=f"[rank {rank}] peer service")
+            self._bulk: zmq.Socket | None = None
+            self.bulk_address: str | None = None  # None: everything stays on CURVE
+            if not encryption:
+                self._bulk, self._bulk_port = bind_bulk_socket(self._ctx, host)
+                self._sessions.port = self._bulk_port
+                self._bulk_gate = ConnectionGate(
+                    self._bulk, self._bulk_port, pending_cap(soft), self.refused, who=f"[rank {rank}] peer bulk socket", admitted_sent=PLAIN_ADMITTED_SENT
+                )
+                self.bulk_address = f"tcp://{host}:{self._bulk_port}"
         except BaseException:
             self._ctx.destroy(linger=0)
             raise
@@ -213,55 +166,104 @@ class PeerService:
 
     def _run(self) -> None:
         poller = zmq.Poller()
-        for s in (self._sock, self._zap.socket, self._gate.socket):
+        gates = [self._gate] if self._bulk is None else [self._gate, self._bulk_gate]
+        sockets = [self._sock] if self._bulk is None else [self._sock, self._bulk]
+        for s in (*sockets, self._zap.socket, *(g.socket for g in gates)):
             poller.register(s, zmq.POLLIN)
+        closed = 0  # the bulk gate's disconnects seen so far
         try:
             while not self._stop.is_set():
-                ready = dict(poller.poll(10 if self._gate.pending else int(_POLL_S * 1000)))
+                ready = dict(poller.poll(10 if any(g.pending for g in gates) else int(_POLL_S * 1000)))
                 if self._zap.socket in ready:
                     self._zap.handle()
-                self._gate.handle()
+                for g in gates:
+                    g.handle()
+                if self._bulk is not None and self._bulk_gate.disconnects != closed:
+                    closed = self._bulk_gate.disconnects
+                    self._sessions.prune()  # a bulk connection closed: its session goes with it
                 if self._sock in ready:
-                    self._drain()
+                    self._drain(self._sock, self._serve_control)
+                if self._bulk is not None and self._bulk in ready:
+                    self._drain(self._bulk, self._serve_bulk)
         except BaseException as e:  # the service is gone: say so (clients see their connections refused)
             self.error = e
             log.exception("[rank %d] peer service stopped", self.rank)
         finally:
             self._close_files(lambda f: True)
-            for s in (self._sock, self._zap, self._gate):
+            self._zap.close()
+            for g in gates:
+                g.close()
+            for s in sockets:
                 s.close()
             self._ctx.term()
 
-    def _drain(self) -> None:
+    def _drain(self, sock: zmq.Socket, serve: Callable[[list[zmq.Frame]], list[Any] | None]) -> None:
         for _ in range(64):  # then look at the ZAP gate again
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            reply = self._serve(frames)
+            reply = serve(frames)
+            if reply is None:  # refused without a reply (a bulk frame that failed its MAC)
+                continue
             try:  # waits at most REPLY_WAIT_S for room (ROUTER_MANDATORY: never a silent drop)
-                self._sock.send_multipart([frames[0], *reply], copy=False)
+                sock.send_multipart([frames[0], *reply], copy=False)
             except zmq.Again:  # still full: a client ignoring its window loses this reply
                 self._count("reply", "dropped: the client's queue stayed full (it does not read its replies)")
             except zmq.ZMQError:  # EHOSTUNREACH: the client is gone
                 pass
 
-    def _serve(self, frames: list[zmq.Frame]) -> list[Any]:
-        """The reply frames for one request; never raises."""
-        sender, rid, op = _user_id(frames[1]) if len(frames) > 1 else -1, -1, "?"
+    def _serve_control(self, frames: list[zmq.Frame]) -> list[Any]:
+        """A CURVE request ``[routing id, header, (data)]``: its sender is the connection's ZAP user id (a rank)."""
+        sender = _user_id(frames[1]) if len(frames) > 1 else -1
+        return self._serve(frames[1:], sender, b"c" + frames[0].bytes, bulk=False)
+
+    def _serve_bulk(self, frames: list[zmq.Frame]) -> list[Any] | None:
+        """A bulk request ``[routing id, seal, header, (data)]``, or None when its seal fails.
+
+        The seal (sequence number + MAC with the connection's session key) is
+        checked before anything else reads the frames; a failure is counted,
+        logged once, the connection shut down and its session forgotten, and
+        nothing is written or answered.
+        """
+        user = frames[1].get("User-Id") if len(frames) > 1 else None
+        token = user if isinstance(user, str) else ""
+        session = self._sessions.get(token)
+        body = frames[2:]
+        if session is None or not 1 <= len(body) <= 2 or not sealed_ok(session.key, b"req", session.seq_in, frames[1].buffer, body):
+            self._count("bulk-seal", "refused a bulk frame (unknown session, out of sequence, or a bad MAC); its connection is dropped")
+            self._sessions.forget(token)
+            with contextlib.suppress(zmq.ZMQError, TypeError):
+                shut_connection(frames[-1].get(zmq.SRCFD), self._bulk_port)
+            return None
+        session.seq_in += 1
+        self.bulk_requests += 1
+        if session.fd < 0:  # its first request: tie the session to this connection, forgotten when it closes
+            with contextlib.suppress(zmq.ZMQError, TypeError):
+                self._sessions.bind(token, frames[-1].get(zmq.SRCFD))
+        reply = self._serve(body, session.rank, b"b" + token.encode(), bulk=True)
+        first = seal(session.key, b"rep", session.seq_out, reply)
+        session.seq_out += 1
+        return [first, *reply]
+
+    def _serve(self, frames: list[zmq.Frame], sender: int, owner: bytes, bulk: bool) -> list[Any]:
+        """The reply frames for one request ``[header, (data)]`` of rank ``sender`` over connection ``owner``; never raises."""
+        rid, op = -1, "?"
         try:
-            if len(frames) < 2 or frames[1].buffer.nbytes > MAX_HEADER:
-                raise _Refused("no header, or a header over 1 MiB")
-            header = msgpack.unpackb(frames[1].buffer, raw=False, strict_map_key=True)  # <= MAX_HEADER: checked above
+            if not frames or frames[0].buffer.nbytes > MAX_HEADER:
+                raise Refused("no header, or a header over 1 MiB")
+            header = msgpack.unpackb(frames[0].buffer, raw=False, strict_map_key=True)  # <= MAX_HEADER: checked above
             if isinstance(header, dict):
                 rid = header["id"] if type(header.get("id")) is int else -1
-                op = header["op"] if isinstance(header.get("op"), str) and header["op"] in _OPS else "?"
-            req = _check_request(header, len(frames) - 1, sender)
+                op = header["op"] if isinstance(header.get("op"), str) and header["op"] in OPS else "?"
+            req = check_request(header, len(frames), sender)
             op = req["op"]
-            extra, data = getattr(self, f"_op_{op}")(req, frames)
+            if op == "bulk" and bulk:
+                raise Refused("a bulk session is asked for over CURVE only")
+            extra, data = getattr(self, f"_op_{op}")(req, owner, frames[1] if len(frames) > 1 else None)
             self.served[op] += 1
             return [msgpack.packb({"id": rid, "ok": True, **extra}), *([data] if data is not None else [])]
-        except _Refused as e:
+        except Refused as e:
             self._count(op, f"refused: {e}")
             return [msgpack.packb({"id": rid, "ok": False, "err": str(e)})]
         except Exception as e:  # an OSError of this node's files, or a bug: the client hears it, the service lives
@@ -275,7 +277,7 @@ class PeerService:
 
     # -- ops: each returns (reply fields, data frame or None) --------------------
 
-    def _op_open(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
+    def _op_open(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
         tmp = layout.tmp_dir(self.local_root, req["step"], req["save"])
         path = f"{tmp}/{req['name']}"
         old = self._files.pop(path, None)
@@ -284,46 +286,47 @@ class PeerService:
         live = {t for t in {f.tmp for f in self._files.values()} if os.path.isdir(t)}
         self._close_files(lambda f: f.tmp not in live)
         if len(self._files) >= MAX_OPEN:
-            raise _Refused(f"{MAX_OPEN} replica files are open already")
+            raise Refused(f"{MAX_OPEN} replica files are open already")
         os.makedirs(f"{tmp}/{DATA_DIR}", exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-        self._files[path] = _OpenFile(fd, frames[0].bytes, tmp)
+        self._files[path] = _OpenFile(fd, owner, tmp)
         return {}, None
 
-    def _open_file(self, req: dict, frames: list[zmq.Frame]) -> _OpenFile:
+    def _open_file(self, req: dict, owner: bytes) -> _OpenFile:
         path = f"{layout.tmp_dir(self.local_root, req['step'], req['save'])}/{req['name']}"
         f = self._files.get(path)
-        if f is None or f.owner != frames[0].bytes:
-            raise _Refused(f"{req['name']} of save {req['save']} is not open on this connection")
+        if f is None or f.owner != owner:
+            raise Refused(f"{req['name']} of save {req['save']} is not open on this connection")
         return f
 
-    def _op_write(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
-        f = self._open_file(req, frames)
-        view, offset = frames[2].buffer, req["offset"]
+    def _op_write(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
+        f = self._open_file(req, owner)
+        assert data is not None  # the op's frame count was checked
+        view, offset = data.buffer, req["offset"]
         if offset % STREAM_ALIGN or offset + len(view) > MAX_FILE_BYTES:
-            raise _Refused(f"write at {offset} (+{len(view)} B) is not {STREAM_ALIGN}-aligned or past {MAX_FILE_BYTES}")
+            raise Refused(f"write at {offset} (+{len(view)} B) is not {STREAM_ALIGN}-aligned or past {MAX_FILE_BYTES}")
         while len(view):
             n = os.pwrite(f.fd, view, offset)
             view, offset = view[n:], offset + n
         return {}, None
 
-    def _op_sync(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
-        os.fsync(self._open_file(req, frames).fd)
+    def _op_sync(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
+        os.fsync(self._open_file(req, owner).fd)
         return {}, None
 
-    def _op_close(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
-        f = self._open_file(req, frames)
+    def _op_close(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
+        f = self._open_file(req, owner)
         del self._files[f"{f.tmp}/{req['name']}"]
         os.close(f.fd)
         return {}, None
 
-    def _op_publish(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
+    def _op_publish(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
         tmp = layout.tmp_dir(self.local_root, req["step"], req["save"])
         self._close_files(lambda f: f.tmp == tmp)
         layout.commit_step(self.local_root, req["step"], req["save"])
         return {}, None
 
-    def _op_abort(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
+    def _op_abort(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
         tmp = layout.tmp_dir(self.local_root, req["step"], req["save"])
         self._close_files(lambda f: f.tmp == tmp)
         self._local.abort(self._local.save_target(layout.step_dir(self.local_root, req["step"]), req["save"], True))
@@ -336,18 +339,18 @@ class PeerService:
             raise FileNotFoundError(f"step {req['step']} is not committed on this node")
         return self._local.open_in(root, req["name"])  # no link followed below the step
 
-    def _op_size(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
+    def _op_size(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
         handle = self._committed(req)
         try:
             return {"size": handle.size()}, None
         finally:
             handle.close()
 
-    def _op_sweep(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
+    def _op_sweep(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
         removed = layout.clear_incomplete(self.local_root, keep=req["save"])
         return {"removed": len(removed)}, None
 
-    def _op_read(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
+    def _op_read(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
         handle = self._committed(req)
         try:
             buf = bytearray(req["length"])
@@ -356,12 +359,19 @@ class PeerService:
             handle.close()
         return {"n": n}, memoryview(buf)[:n]
 
-    def _op_inventory(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
+    def _op_inventory(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
         return {"steps": layout.committed_steps(self.local_root)}, None
 
-    def _op_remove(self, req: dict, frames: list[zmq.Frame]) -> tuple[dict, Any]:
+    def _op_remove(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
         layout.remove_step(self.local_root, req["step"])
         return {}, None
+
+    def _op_bulk(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
+        """A bulk session for the asking rank: a one-time token (its PLAIN password) and a MAC key, sent over CURVE."""
+        if self._bulk is None:
+            return {"address": None}, None  # peer_encryption: everything stays on CURVE
+        token, key = self._sessions.issue(req["sender"])
+        return {"address": self.bulk_address, "token": token, "key": key}, None
 
     def _close_files(self, which: Any) -> None:
         """Close the open replica files ``which(file)`` selects.
@@ -374,6 +384,11 @@ class PeerService:
             if which(f):
                 del self._files[path]
                 os.close(f.fd)
+
+    @property
+    def bulk_sessions(self) -> int:
+        """Bulk sessions kept now: those handed out and not yet spent, and those of open bulk connections."""
+        return len(self._sessions)
 
     @property
     def open_files(self) -> int:
@@ -393,430 +408,3 @@ def _user_id(frame: zmq.Frame) -> int:
         return int(frame.get("User-Id"))
     except (zmq.ZMQError, AttributeError, TypeError, ValueError):
         return -1
-
-
-# -- the client side ----------------------------------------------------------------
-
-_CTX_LOCK = threading.Lock()
-_CTX: zmq.Context | None = None
-_CTX_PID = -1
-_MAX_IDLE = 8  # connections a client keeps for reuse
-
-
-def _client_context() -> zmq.Context:
-    """One context (one I/O thread) for every client of this process: a restart talks to every rank.
-
-    A forked child gets its own (a context's I/O thread does not survive a fork; the parent's is left alone).
-    """
-    global _CTX, _CTX_PID
-    with _CTX_LOCK:
-        if _CTX is None or _CTX.closed or _CTX_PID != os.getpid():
-            _CTX, _CTX_PID = zmq.Context(io_threads=IO_THREADS), os.getpid()
-        return _CTX
-
-
-# Connection events that lose every request in flight: the waiting side fails at once instead of at its timeout.
-_LOST: dict[zmq.Event, str] = {
-    zmq.EVENT_DISCONNECTED: "the connection to the peer was lost (its process died or closed it)",
-    zmq.EVENT_CONNECT_RETRIED: "the peer refused the connection (no service listens there: its process is gone?)",
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the peer refused this rank's key (another job, or a rank outside its world)",
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the CURVE handshake with the peer failed (not a peer of this job, or another secret)",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the CURVE handshake with the peer failed (not a peer of this job, or another secret)",
-}
-_HEARTBEAT_MS, _HEARTBEAT_TIMEOUT_MS = 2000, 10000  # a silent host (powered off, cut off) drops the connection in ~10 s
-
-
-class _Conn:
-    """One DEALER connection to a peer service, used by one thread at a time.
-
-    Its monitor socket reports the connection's fate: a disconnect, a refused
-    connect or a failed handshake fails the request being waited for at once
-    (the request is lost: libzmq reconnects, but never resends). ZMTP
-    heartbeats make a silent host count as disconnected.
-    """
-
-    def __init__(self, address: str, key: bytes, rank: int, timeout_s: float, error: Callable[[str, str], PeerError]) -> None:
-        self._error = error
-        self.sock = _client_context().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        for opt in (zmq.RCVHWM, zmq.SNDHWM):
-            self.sock.setsockopt(opt, QUEUE)
-        self.sock.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_MS)
-        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
-        # A send waits for room (libzmq may count replies already read as queued for a moment; see QUEUE).
-        self.sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
-        secure_client(self.sock, key, rank, MAX_FRAME)
-        self.monitor = self.sock.get_monitor_socket(functools.reduce(operator.or_, _LOST))
-        self.sock.connect(address)
-        self._ids = iter(range(1 << 62))
-        self._poller = zmq.Poller()
-        self._poller.register(self.sock, zmq.POLLIN)
-        self._poller.register(self.monitor, zmq.POLLIN)
-
-    def forget_events(self) -> None:
-        """Drop connection events queued while idle (a pooled connection that since reconnected is fine)."""
-        while True:
-            try:
-                self.monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-
-    def _lost(self) -> str | None:
-        """What a queued connection event says happened, or None."""
-        try:
-            event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
-        except zmq.Again:
-            return None
-        return _LOST.get(zmq.Event(event["event"]))
-
-    def send(self, header: dict[str, Any], data: Any = None) -> int:
-        """Queue one request; returns its id (never blocks: the window keeps the queue short)."""
-        header["id"] = rid = next(self._ids)
-        frames: list[Any] = [msgpack.packb(header)]
-        if data is not None:
-            frames.append(data)
-        try:
-            # Copied (a memcpy at a fraction of CURVE's cost): the caller's buffer (a staging arena, maybe shared
-            # memory) is free again when append returns, whatever happens to the connection afterwards.
-            self.sock.send_multipart(frames, copy=True)
-        except zmq.ZMQError as e:  # no room within timeout_s (SNDTIMEO), or a closed context
-            raise self._error(str(header.get("name", "")), f"{header['op']}: cannot send ({e})") from e
-        return rid
-
-    def recv(self, rid: int, timeout_s: float) -> tuple[dict[str, Any], memoryview | None] | None:
-        """The reply to request ``rid`` (replies to older ids are skipped), or None after ``timeout_s``.
-
-        Raises:
-            ValueError: the reply is malformed.
-            ConnectionAbortedError: the connection was lost (the text says how); the request is gone.
-        """
-        deadline = time.monotonic() + timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            ready = dict(self._poller.poll(int(left * 1000) + 1)) if left > 0 else {}
-            if not ready:
-                return None
-            if self.sock not in ready:
-                lost = self._lost()
-                if lost is not None:
-                    raise ConnectionAbortedError(lost)
-                continue
-            frames = self.sock.recv_multipart(copy=False)
-            header = msgpack.unpackb(frames[0].bytes, raw=False, strict_map_key=False)
-            if not isinstance(header, dict) or type(header.get("id")) is not int or type(header.get("ok")) is not bool or len(frames) > 2:
-                raise ValueError("malformed reply")
-            if header["id"] == rid:
-                return header, frames[1].buffer if len(frames) == 2 else None
-
-    def close(self) -> None:
-        self.sock.disable_monitor()
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
-
-
-class PeerClient:
-    """Requests to one peer's :class:`PeerService`; safe to use from several threads (one connection each).
-
-    Nothing connects until the first request. A lost connection (the peer's
-    process died), a refused connect or a failed handshake fail the request
-    waited for at once; any wait for a reply lasts at most ``timeout_s``
-    (a silent peer). Either raises :class:`PeerError`, never hangs. The
-    connection a request failed on is dropped (its state is unknown), so a
-    later request starts clean.
-
-    Args:
-        address: the peer's :attr:`PeerService.address`.
-        secret: the session secret.
-        rank: this (the calling) rank: its keys authenticate the requests.
-        timeout_s: longest wait for one reply.
-        peer: the peer's rank, named in errors (-1: unknown, the address is named).
-    """
-
-    def __init__(self, address: str, secret: bytes, rank: int, timeout_s: float, peer: int = -1) -> None:
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-        self.address, self.rank, self.peer, self.timeout_s = address, rank, peer, timeout_s
-        self._key = peer_secret(secret)
-        self._idle: list[_Conn] = []
-        self._pid = os.getpid()  # a forked child never reuses the parent's connections
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # Pickled into the checkpoint subprocess (process mode) inside a LocalTierStorage: the address,
-        # the derived peer-plane key (never the session secret) and the settings; connections are made anew.
-        return _client_with_key, (self.address, self._key, self.rank, self.timeout_s, self.peer)
-
-    # -- connections ------------------------------------------------------------
-
-    def _take(self) -> _Conn:
-        with self._lock:
-            if self._closed:
-                raise PeerError(self.peer, "", f"the client of {self.address} is closed")
-            if self._pid != os.getpid():
-                self._idle, self._pid = [], os.getpid()  # the parent's sockets: left alone, never used here
-            conn = self._idle.pop() if self._idle else None
-        if conn is None:
-            return _Conn(self.address, self._key, self.rank, self.timeout_s, self.error)
-        conn.forget_events()
-        return conn
-
-    def _give_back(self, conn: _Conn) -> None:
-        with self._lock:
-            if self._closed or len(self._idle) >= _MAX_IDLE:
-                conn.close()
-            else:
-                self._idle.append(conn)
-
-    @contextlib.contextmanager
-    def _conn(self) -> Iterator[_Conn]:
-        conn = self._take()
-        try:
-            yield conn
-        except BaseException:
-            conn.close()  # a request may still be in flight on it: never reuse
-            raise
-        self._give_back(conn)
-
-    def error(self, file: str, what: str) -> PeerError:
-        """A :class:`PeerError` naming this peer (by rank, else by address) and ``file``."""
-        return PeerError(self.peer, file, what if self.peer >= 0 else f"{self.address}: {what}")
-
-    def reply(self, conn: _Conn, rid: int, op: str, file: str) -> tuple[dict[str, Any], memoryview | None]:
-        """Wait for the reply to ``rid``; an error reply, a malformed one or none in time raise PeerError."""
-        try:
-            got = conn.recv(rid, self.timeout_s)
-        except ConnectionAbortedError as e:
-            raise self.error(file, f"{op}: {e}") from None
-        except (ValueError, msgpack.UnpackException) as e:
-            raise self.error(file, f"{op}: malformed reply ({e})") from e
-        if got is None:
-            raise self.error(file, f"{op}: no reply within {self.timeout_s:.1f} s (is the peer alive?)")
-        if not got[0]["ok"]:
-            raise self.error(file, f"{op} refused: {bounded_repr(got[0].get('err'), 500)}")
-        return got
-
-    def _call(self, header: dict[str, Any], file: str = "") -> dict[str, Any]:
-        with self._conn() as conn:
-            return self.reply(conn, conn.send(header), header["op"], file)[0]
-
-    # -- requests ----------------------------------------------------------------
-
-    def replica(self, step: int, save_id: str, name: str) -> PeerWriteStream:
-        """Open data file ``name`` of save ``save_id`` of ``step`` on the peer (in its node's tmp directory).
-
-        Raises:
-            PeerError: the peer refused or did not answer.
-        """
-        return PeerWriteStream(self, step, save_id, name)
-
-    def publish(self, step: int, save_id: str, manifest: bytes) -> None:
-        """(coordinator, to each node's leader) Commit the peer node's copy of ``step``: ``MANIFEST``, then the rename.
-
-        Raises:
-            PeerError: the peer refused (e.g. its tmp directory is missing) or did not answer.
-        """
-        stream = self.replica(step, save_id, MANIFEST)
-        try:
-            stream.write_pieces(memoryview(manifest), 0)
-            stream.sync()
-        finally:
-            stream.close()
-        self._call({"op": "publish", "step": step, "save": save_id}, f"step {step}")
-
-    def abort(self, step: int, save_id: str) -> None:
-        """Remove the peer node's tmp directory of save ``save_id`` (missing is fine).
-
-        Raises:
-            PeerError: the peer failed or did not answer.
-        """
-        self._call({"op": "abort", "step": step, "save": save_id}, f"step {step}")
-
-    def sweep(self, keep: str) -> None:
-        """(coordinator, preparing save ``keep``) Remove the peer node's tmp directories of every other save.
-
-        Raises:
-            PeerError: the peer failed or did not answer.
-        """
-        self._call({"op": "sweep", "save": keep})
-
-    def remove(self, step: int) -> None:
-        """Remove the peer node's committed copy of ``step`` (retention; missing is fine).
-
-        Raises:
-            PeerError: the peer failed or did not answer.
-        """
-        self._call({"op": "remove", "step": step}, f"step {step}")
-
-    def inventory(self) -> dict[int, dict[str, int]]:
-        """The peer node's committed steps: ``{step: {data file name: size}}`` (checked).
-
-        Raises:
-            PeerError: the peer failed, did not answer, or sent a malformed inventory.
-        """
-        steps = self._call({"op": "inventory"}).get("steps")
-        try:
-            return _check_inventory(steps)
-        except ValueError as e:
-            raise self.error("inventory", f"malformed inventory: {e}") from None
-
-    def size(self, step: int, name: str) -> int:
-        """The size of file ``name`` of committed ``step`` on the peer's node.
-
-        Raises:
-            PeerError: the peer refused (no such step or file), failed or did not answer.
-        """
-        size = self._call({"op": "size", "step": step, "name": layout.check_name(name)}, name).get("size")
-        if type(size) is not int or not 0 <= size <= MAX_FILE_BYTES:
-            raise self.error(name, f"size: malformed reply ({bounded_repr(size)})")
-        return size
-
-    def read(self, step: int, name: str, offset: int, out: memoryview) -> int:
-        """Read ``len(out)`` bytes of file ``name`` of committed ``step`` from ``offset`` into ``out``.
-
-        Up to :data:`WINDOW` pieces are asked for at once.
-
-        Returns:
-            Bytes read (short at the end of the file).
-
-        Raises:
-            PeerError: the peer refused (no such step or file), failed or did not answer.
-        """
-        view = memoryview(out).cast("B")
-        layout.check_name(name)
-        if offset < 0 or offset + len(view) > MAX_FILE_BYTES:
-            raise ValueError(f"read of {name} at {offset} (+{len(view)} B) is out of range")
-        with self._conn() as conn:
-            return self._read(conn, step, name, offset, view)
-
-    def _read(self, conn: _Conn, step: int, name: str, offset: int, view: memoryview) -> int:
-        pending: collections.deque[tuple[int, int, int]] = collections.deque()  # (id, position in view, length)
-        pos, got, eof = 0, 0, False
-        while pending or (pos < len(view) and not eof):
-            while len(pending) < WINDOW and pos < len(view) and not eof:
-                length = min(PIECE_BYTES, len(view) - pos)
-                rid = conn.send({"op": "read", "step": step, "name": name, "offset": offset + pos, "length": length})
-                pending.append((rid, pos, length))
-                pos += length
-            rid, at, length = pending.popleft()
-            header, data = self.reply(conn, rid, "read", name)
-            n = header.get("n")
-            if type(n) is not int or not 0 <= n <= length or len(data or b"") != n:
-                raise self.error(name, f"read: malformed reply ({bounded_repr(n)} bytes for a {length}-byte piece)")
-            if not eof and n:
-                assert data is not None  # n > 0: a view of n bytes
-                view[at : at + n] = data
-                got = at + n
-            eof = eof or n < length
-        return got
-
-    def close(self) -> None:
-        """Close every idle connection; idempotent (streams still open close their own)."""
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
-
-def _client_with_key(address: str, key: bytes, rank: int, timeout_s: float, peer: int) -> PeerClient:
-    """A :class:`PeerClient` from a pickled one (``key`` is already the peer-plane key)."""
-    client = PeerClient(address, b"", rank, timeout_s, peer)
-    client._key = key
-    return client
-
-
-def _check_inventory(steps: object) -> dict[int, dict[str, int]]:
-    """An inventory reply, checked: ``{step int: {data file name: size int}}``.
-
-    Raises:
-        ValueError: anything else.
-    """
-    if not isinstance(steps, dict):
-        raise ValueError("not a map of steps")
-    out: dict[int, dict[str, int]] = {}
-    for step, files in steps.items():
-        if type(step) is not int or not 0 <= step <= layout.MAX_STEP or not isinstance(files, dict):
-            raise ValueError(f"step {bounded_repr(step)} is not a step number with a map of files")
-        for name, size in files.items():
-            if not isinstance(name, str) or not DATA_FILE_RE.match(name) or type(size) is not int or not 0 <= size <= MAX_FILE_BYTES:
-                raise ValueError(f"step {step}: {bounded_repr(name)} -> {bounded_repr(size)} is not a data file and its size")
-        out[step] = dict(files)
-    return out
-
-
-class PeerWriteStream(WriteStream):
-    """A replica file being written on a peer: pieces sent with a credit window of :data:`WINDOW`.
-
-    :meth:`append` copies the data into the message it queues, so the
-    caller's buffer is free when it returns. Once a request failed the
-    stream is broken: every later call raises the same :class:`PeerError`.
-    """
-
-    def __init__(self, client: PeerClient, step: int, save_id: str, name: str) -> None:
-        super().__init__(name)
-        layout.check_name(name)
-        self._client, self._where = client, {"step": step, "save": save_id, "name": name}
-        self._pending: collections.deque[tuple[int, str]] = collections.deque()  # (request id, op)
-        self._failed: PeerError | None = None
-        self._conn: _Conn | None = client._take()
-        try:
-            self._request("open")
-        except BaseException:
-            self._conn.close()
-            self._conn = None
-            raise
-
-    def _request(self, op: str) -> None:
-        """Send ``op`` and wait for its reply (and every write before it)."""
-        self._wait(0)
-        self._pending.append((self._send({"op": op, **self._where}), op))
-        self._wait(0)
-
-    def _send(self, header: dict[str, Any], data: Any = None) -> int:
-        if self._failed is not None:
-            raise self._failed
-        assert self._conn is not None, "request on a closed stream"
-        return self._conn.send(header, data)
-
-    def _wait(self, most: int) -> None:
-        """Wait until at most ``most`` requests are unanswered."""
-        while len(self._pending) > most:
-            rid, op = self._pending.popleft()
-            try:
-                assert self._conn is not None
-                self._client.reply(self._conn, rid, f"replica {op}", self.name)
-            except PeerError as e:
-                self._failed = e
-                raise
-
-    def _write(self, data: memoryview, offset: int) -> None:
-        for start in range(0, len(data), PIECE_BYTES):
-            self._wait(WINDOW - 1)
-            piece = data[start : start + PIECE_BYTES]
-            self._pending.append((self._send({"op": "write", **self._where, "offset": offset + start}, piece), "write"))
-
-    def sync(self) -> None:
-        """Return once the peer has every byte appended so far on its storage (fsync'd).
-
-        Raises:
-            PeerError: the peer refused, failed or did not answer in time.
-        """
-        self._request("sync")
-
-    def close(self) -> None:
-        """Close the peer's file (it stays in the save's tmp directory); idempotent; never raises."""
-        conn = self._conn
-        if conn is None:
-            return
-        healthy = self._failed is None
-        if healthy:
-            try:
-                self._request("close")
-            except PeerError:
-                healthy = False
-        self._conn = None
-        if healthy:
-            self._client._give_back(conn)
-        else:
-            conn.close()  # state unknown: the peer closes the file when the save is published or aborted
