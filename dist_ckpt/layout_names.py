@@ -29,7 +29,12 @@ SUFFIX_RE = re.compile(r"^(?P<base>.+?)\.(?P<kind>tmp|old|bad)-.+$")
 """A ``.tmp-`` / ``.old-`` / ``.bad-`` sibling; ``base`` is the checkpoint it belongs to."""
 DATA_FILE_RE = re.compile(r"^data/r(\d{5})(?:-t\d{1,3})?\.bin$")
 """A data file name as :func:`data_file_name` writes it; group 1 is the rank."""
-LOOSE_DATA_FILE_RE = re.compile(r"^(?:[0-9a-f]{4}\.[A-Za-z0-9_-]{1,64}\.)?r\d{5,}.*\.bin$")
+FRAGMENT_RE = re.compile(r"^data/r(\d{5})\.frag$")
+"""A rank's fragment of a version-2 checkpoint as :func:`fragment_name` writes it; group 1 is the rank."""
+STORED_RE = re.compile(r"^data/(?:[0-9a-f]{4}\.[A-Za-z0-9_-]{1,64}\.)?r(\d{5,})(?:-t\d{1,3})?\.(bin|frag)$")
+"""A data file or fragment as a MANIFEST names it (plain, or the S3 backend's stored name); group 1 is the
+rank that wrote it, group 2 ``bin`` or ``frag``."""
+LOOSE_DATA_FILE_RE = re.compile(r"^(?:[0-9a-f]{4}\.[A-Za-z0-9_-]{1,64}\.)?r\d{5,}.*\.(?:bin|frag)$")
 """A file inside ``data/`` that looks like ours (the root scan's test for "our layout"); the S3
 backend's objects carry ``<h4>.<save_id>.`` before the file name (``storage/s3.py``)."""
 BAD_MANIFEST_PREFIX = f"{MANIFEST}.{BAD}-"
@@ -39,6 +44,17 @@ BAD_MANIFEST_PREFIX = f"{MANIFEST}.{BAD}-"
 def data_file_name(rank: int, thread: int | None) -> str:
     """Relative name of a rank's data file (``thread`` None: the single-file form)."""
     return f"{DATA_DIR}/r{rank:05d}.bin" if thread is None else f"{DATA_DIR}/r{rank:05d}-t{thread}.bin"
+
+
+def fragment_name(rank: int) -> str:
+    """Relative name of a rank's fragment (its chunk records) in a version-2 checkpoint."""
+    return f"{DATA_DIR}/r{rank:05d}.frag"
+
+
+def stored_rank(name: str) -> int | None:
+    """The rank that wrote data file or fragment ``name`` (as a MANIFEST names it), None if it is not named so."""
+    m = STORED_RE.match(name)
+    return int(m.group(1)) if m else None
 
 
 def step_dir_name(step: int) -> str:
