@@ -486,12 +486,15 @@ def materialize(index: Index, fragments: Mapping[int, Fragment], cells: Mapping[
     tables: list[ChunkTable] = []
     for e, (_, _, entry) in enumerate(index.entries):
         split, (a, b) = entry.split, starts[e : e + 2].tolist()
-        want = np.arange(split.ncells, dtype=np.int64) if cells is None else cells.get(e, np.zeros(0, np.int64))
+        if cells is None:  # every cell: the records' cells are sorted, unique and below ncells, so all iff as many
+            if b - a != split.ncells:  # (never allocates per cell: a crafted split may claim 2**40 of them)
+                gap = np.flatnonzero(rec.cell[a:b] != np.arange(b - a))
+                _missing(index, e, split, np.array([gap[0] if len(gap) else b - a]))
+            tables.append(rec.table(split, np.arange(a, b)) if b > a else ChunkTable.empty(len(entry.shape)))
+            continue
+        want = cells.get(e, np.zeros(0, np.int64))
         if not len(want):
             tables.append(ChunkTable.empty(len(entry.shape)))
-            continue
-        if cells is None and b - a == split.ncells:  # sorted unique cells below ncells: all of them
-            tables.append(rec.table(split, np.arange(a, b)))
             continue
         at = a + np.searchsorted(rec.cell[a:b], want)
         found = at < b

@@ -449,3 +449,33 @@ def test_v2_save_on_4_ranks_loads_on_2_reading_only_the_fragments_it_needs(tmp_p
     # rank 0 of 2 holds rows [0, 19) of w, [0, 8) of v, [0, 12) of b: cells of ranks 0 and 1 only
     assert read[0] == ["r00000.frag", "r00001.frag"]
     assert read[1] == ["r00001.frag", "r00002.frag", "r00003.frag"]
+
+
+def test_index_claiming_2_40_cells_is_refused_before_allocating():
+    obj = _index_obj()
+    obj["tensors"][("w",)].update(shape=[3 << 40, 3], split={"grid": [3, 3], "owner": [0, 0]})  # 2**40 cells of 3 rows, all rank 0's
+    index = v2.decode_index(msgpack.packb(obj, use_bin_type=True))
+    _, frags = encode(sample_manifest())
+    frag0 = v2.decode_fragment(frags[0], 0, index)  # its record of w is cell 0 (rows 0-2): consistent
+    with pytest.raises(FragmentError, match=r"cell 1 of key \['w'\] is missing: .*rank 0's fragment data/r00000\.frag"):
+        v2.materialize(index, {0: frag0})  # a per-cell array would be 8 TiB
+
+
+def test_s3_v2_fragments_are_kept_by_gc_and_an_aborted_saves_are_collected(s3_bucket):
+    from dist_ckpt.storage.s3 import S3Storage
+
+    storage = S3Storage(part_size=5 << 20, max_in_flight=1)
+    ck = f"{s3_bucket}/v2/ck"
+    saved = _save_single(f"s3://{ck}", 2)
+    index = v2.decode_index(storage.read_bytes(f"{ck}/MANIFEST"))
+    (ref,) = index.fragments
+    assert ref.name.startswith("data/") and ref.name.endswith(".r00000.frag") and ref.name != "data/r00000.frag"  # the stored name
+    leftover = storage.save_target(ck, "job9-1", True)  # a killed save's fragment: no MANIFEST names it
+    stream = storage.open_stream(leftover, "data/r00000.frag")
+    stream.append(memoryview(b"x" * 10), 0)
+    stream.sync()
+    stream.close()
+    assert storage.collect_garbage(f"{s3_bucket}/v2") == [f"s3://{ck}/{storage.stored_name(leftover, 'data/r00000.frag')}"]
+    assert storage.exists(f"{ck}/{ref.name}")
+    _equal(dc.load(_zeros(), f"s3://{ck}"), saved)
+    assert verify(f"s3://{ck}").ok
