@@ -32,7 +32,8 @@ class Config:
         s3_max_in_flight: parts of one data object uploading at once (each writer thread has its own object).
         format_version: the checkpoint format a save writes (rank 0's setting decides): 2, an index
             MANIFEST and one fragment of chunk records per rank (docs/format.md "Version 2"), or 1,
-            one MANIFEST with every chunk record. Loads read both.
+            one MANIFEST with every chunk record (the default for now: several existing tests assert
+            v1's file lists and GET counts). Loads read both.
     """
 
     timeout_s: float = 600.0
