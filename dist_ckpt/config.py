@@ -30,6 +30,9 @@ class Config:
         s3_part_size: bytes per multipart part of an ``s3://`` data object (>= 5 MiB, S3's
             minimum); each stream holds up to ``s3_max_in_flight + 1`` parts in memory.
         s3_max_in_flight: parts of one data object uploading at once (each writer thread has its own object).
+        format_version: the checkpoint format a save writes (rank 0's setting decides): 2, an index
+            MANIFEST and one fragment of chunk records per rank (docs/format.md "Version 2"), or 1,
+            one MANIFEST with every chunk record. Loads read both.
     """
 
     timeout_s: float = 600.0
@@ -43,6 +46,7 @@ class Config:
     max_message_bytes: int = 1 << 30
     s3_part_size: int = 16 << 20
     s3_max_in_flight: int = 4
+    format_version: int = 1
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.heartbeat_interval_s <= 0:
@@ -53,6 +57,8 @@ class Config:
             raise ValueError("writer_threads and reader_threads must be >= 1")
         if self.s3_part_size < S3_MIN_PART_SIZE or self.s3_max_in_flight < 1:
             raise ValueError(f"s3_part_size must be >= {S3_MIN_PART_SIZE} (S3's smallest part) and s3_max_in_flight >= 1")
+        if self.format_version not in (1, 2):
+            raise ValueError(f"format_version must be 1 or 2, got {self.format_version!r}")
         if self.coordinator is not None and not self.coordinator.startswith("tcp://"):
             raise ValueError(f"coordinator must look like tcp://host:port, got {self.coordinator!r}")
 
@@ -116,4 +122,5 @@ _CASTS: dict[str, type] = {
     "max_message_bytes": int,
     "s3_part_size": int,
     "s3_max_in_flight": int,
+    "format_version": int,
 }

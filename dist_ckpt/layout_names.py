@@ -27,13 +27,15 @@ STEP_RE = re.compile(r"^step-(\d{8,})$")
 """A step directory, as :func:`step_dir_name` writes it."""
 SUFFIX_RE = re.compile(r"^(?P<base>.+?)\.(?P<kind>tmp|old|bad)-.+$")
 """A ``.tmp-`` / ``.old-`` / ``.bad-`` sibling; ``base`` is the checkpoint it belongs to."""
-DATA_FILE_RE = re.compile(r"^data/r(\d{5})(?:-t\d{1,3})?\.bin$")
-"""A data file name as :func:`data_file_name` writes it; group 1 is the rank."""
+DATA_FILE_RE = re.compile(r"^data/r(\d{5})(?:(?:-t\d{1,3})?\.bin|\.frag)$")
+"""A file a rank writes into a checkpoint: a data file as :func:`data_file_name` writes it, or its
+version-2 fragment (:func:`fragment_name`); group 1 is the rank. (The node-local tier replicates,
+serves and inventories both kinds alike.)"""
 FRAGMENT_RE = re.compile(r"^data/r(\d{5})\.frag$")
 """A rank's fragment of a version-2 checkpoint as :func:`fragment_name` writes it; group 1 is the rank."""
-STORED_RE = re.compile(r"^data/(?:[0-9a-f]{4}\.[A-Za-z0-9_-]{1,64}\.)?r(\d{5,})(?:-t\d{1,3})?\.(bin|frag)$")
-"""A data file or fragment as a MANIFEST names it (plain, or the S3 backend's stored name); group 1 is the
-rank that wrote it, group 2 ``bin`` or ``frag``."""
+STORED_RE = re.compile(r"^data/(?:[0-9a-f]{4}\.[A-Za-z0-9_-]{1,64}\.)?(?P<base>r(?P<rank>\d{5,})(?P<thread>-t\d{1,3})?\.(?P<kind>bin|frag))$")
+"""A data file or fragment as a MANIFEST names it (plain, or the S3 backend's stored name): ``rank``
+wrote it, ``base`` is its plain name without ``data/``, ``kind`` ``bin`` or ``frag``."""
 LOOSE_DATA_FILE_RE = re.compile(r"^(?:[0-9a-f]{4}\.[A-Za-z0-9_-]{1,64}\.)?r\d{5,}.*\.(?:bin|frag)$")
 """A file inside ``data/`` that looks like ours (the root scan's test for "our layout"); the S3
 backend's objects carry ``<h4>.<save_id>.`` before the file name (``storage/s3.py``)."""
@@ -54,7 +56,7 @@ def fragment_name(rank: int) -> str:
 def stored_rank(name: str) -> int | None:
     """The rank that wrote data file or fragment ``name`` (as a MANIFEST names it), None if it is not named so."""
     m = STORED_RE.match(name)
-    return int(m.group(1)) if m else None
+    return int(m.group("rank")) if m else None
 
 
 def step_dir_name(step: int) -> str:

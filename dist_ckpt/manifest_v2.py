@@ -62,6 +62,7 @@ __all__ = [
     "from_manifest",
     "materialize",
     "peek_version",
+    "plain_name",
 ]
 
 VERSION = 2
@@ -127,6 +128,11 @@ class Index:
         """int64 rank that wrote each of ``files`` (-1 for a name that does not say)."""
         return np.array([_rank_or(f, -1) for f in self.files], np.int64)
 
+    @functools.cached_property
+    def file_position(self) -> dict[str, int]:
+        """Position in ``files`` of each data file by its plain name (``data/r00003.bin``: what its rank calls it)."""
+        return {plain_name(f): i for i, f in enumerate(self.files) if STORED_RE.match(f)}
+
     def to_msgpack(self) -> bytes:
         """Encode (docs/format.md "Version 2")."""
         obj = {
@@ -145,6 +151,12 @@ class Index:
         return msgpack.packb(obj, default=_pack_default, use_bin_type=True)
 
 
+def plain_name(name: str) -> str:
+    """The name a rank gave a file the MANIFEST names ``name`` (``data/28c8.x-3.r00003.bin`` -> ``data/r00003.bin``)."""
+    m = STORED_RE.match(name)
+    return f"data/{m.group('base')}" if m else name
+
+
 def _rank_or(name: str, default: int) -> int:
     r = stored_rank(name)
     return default if r is None or r >= 1 << 31 else r  # no rank of any world_size: and it must fit the int64 columns
@@ -161,18 +173,19 @@ class Fragment:
     rank: int
     entry: np.ndarray  # int32
     cell: np.ndarray  # int64
-    file: np.ndarray  # int32, index into the index's files
+    file: np.ndarray  # int32: index into ``files`` as stored; once decoded against an index, into the index's files
     offset: np.ndarray  # int64
     nbytes: np.ndarray  # int64
     xxh3: np.ndarray  # uint64
     blocks: np.ndarray | None = None  # uint64 block sums of every record, record after record
     block_bytes: int = 0
+    files: tuple[str, ...] = ()  # the rank's data files by their plain names (data/r00003.bin)
 
     def __len__(self) -> int:
         return len(self.entry)
 
     def to_msgpack(self) -> bytes:
-        obj: dict[str, Any] = {"format": FRAGMENT_FORMAT, "version": VERSION, "rank": self.rank, "n": len(self)}
+        obj: dict[str, Any] = {"format": FRAGMENT_FORMAT, "version": VERSION, "rank": self.rank, "files": list(self.files), "n": len(self)}
         for name, dt in _COLS:
             obj[name] = np.ascontiguousarray(getattr(self, name), dt).tobytes()
         if self.blocks is not None:
@@ -255,7 +268,7 @@ def _decode_refs(refs: Any, ws: int) -> tuple[FragmentRef | None, ...]:
             raise ManifestError(f"fragments[{r}] must be nil or [name, nbytes, xxh3], got {ref!r:.80}")
         name, nbytes, digest = ref
         m = STORED_RE.match(name)
-        if not m or m.group(2) != "frag" or int(m.group(1)) != r or "-t" in name.rsplit(".r", 1)[-1]:
+        if not m or m.group("kind") != "frag" or int(m.group("rank")) != r or m.group("thread"):
             raise ManifestError(f"fragments[{r}]: {name!r:.80} is not the name of rank {r}'s fragment ({fragment_name(r)})")
         if not 0 <= nbytes <= MAX_FRAGMENT_BYTES or not 0 <= digest < 1 << 64:
             raise ManifestError(f"fragments[{r}] ({name}): nbytes {nbytes} or xxh3 out of range")
@@ -318,11 +331,32 @@ def decode_fragment(data: bytes, rank: int, index: Index, where: str | None = No
         if type(raw) is not bytes or len(raw) != n * np.dtype(dt).itemsize:
             raise FragmentError(f"fragment {where}: {name} must be {n} x {dt} bytes")
         cols[name] = np.frombuffer(raw, dt).astype(dt[1:])
+    files = _decode_files(obj.get("files"), rank, index, where)
+    if n and (int(cols["file"].min()) < 0 or int(cols["file"].max()) >= len(files)):
+        raise FragmentError(f"fragment {where}: a record names a file index outside its {len(files)} files")
+    cols["file"] = files[cols["file"]].astype(np.int32) if n else cols["file"]
     frag = Fragment(rank, **cols, **_decode_blocks(obj, where))  # type: ignore[arg-type]
     problem = _records_problem(frag, index)
     if problem:
         raise FragmentError(f"fragment {where}: {problem}")
     return frag
+
+
+def _decode_files(files: Any, rank: int, index: Index, where: str) -> np.ndarray:
+    """Positions in the index's files of the fragment's ``files`` (its rank's plain data file names)."""
+    if type(files) is not list or len(files) > len(index.files):
+        raise FragmentError(f"fragment {where}: files must be an array of at most {len(index.files)} names")
+    out = []
+    for f in files:
+        m = STORED_RE.match(f) if type(f) is str else None
+        if not m or m.group("kind") != "bin" or plain_name(f) != f:
+            raise FragmentError(f"fragment {where}: {f!r:.80} is not a data file name (data/rNNNNN[-tK].bin)")
+        if int(m.group("rank")) != rank:
+            raise FragmentError(f"fragment {where}: data file {f!r}, which is not rank {rank}'s")
+        if f not in index.file_position:
+            raise FragmentError(f"fragment {where}: data file {f!r} is not among the MANIFEST's files")
+        out.append(index.file_position[f])
+    return np.array(out, np.int64)
 
 
 def _decode_blocks(obj: dict, where: str) -> dict[str, Any]:
@@ -452,12 +486,15 @@ def materialize(index: Index, fragments: Mapping[int, Fragment], cells: Mapping[
     tables: list[ChunkTable] = []
     for e, (_, _, entry) in enumerate(index.entries):
         split, (a, b) = entry.split, starts[e : e + 2].tolist()
-        want = np.arange(split.ncells, dtype=np.int64) if cells is None else cells.get(e, np.zeros(0, np.int64))
+        if cells is None:  # every cell: the records' cells are sorted, unique and below ncells, so all iff as many
+            if b - a != split.ncells:  # (never allocates per cell: a crafted split may claim 2**40 of them)
+                gap = np.flatnonzero(rec.cell[a:b] != np.arange(b - a))
+                _missing(index, e, split, np.array([gap[0] if len(gap) else b - a]))
+            tables.append(rec.table(split, np.arange(a, b)) if b > a else ChunkTable.empty(len(entry.shape)))
+            continue
+        want = cells.get(e, np.zeros(0, np.int64))
         if not len(want):
             tables.append(ChunkTable.empty(len(entry.shape)))
-            continue
-        if cells is None and b - a == split.ncells:  # sorted unique cells below ncells: all of them
-            tables.append(rec.table(split, np.arange(a, b)))
             continue
         at = a + np.searchsorted(rec.cell[a:b], want)
         found = at < b
@@ -541,7 +578,7 @@ def from_manifest(m: Manifest, name: Callable[[str], str] = lambda n: n) -> tupl
             cols.setdefault(r, []).append(
                 (number, cell[keep][sel], c.file[keep][sel], c.offset[keep][sel], c.nbytes[keep][sel], c.xxh3[keep][sel], rb, c.block_bytes)
             )
-    frags = {r: _fragment(r, rows) for r, rows in cols.items()}
+    frags = {r: _fragment(r, rows, m.files) for r, rows in cols.items()}
     data = {r: f.to_msgpack() for r, f in frags.items()}
     refs = tuple(FragmentRef(name(fragment_name(r)), len(data[r]), xxhash.xxh3_64_intdigest(data[r])) if r in data else None for r in range(ws))
     entries = iter(IndexEntry(e.dtype, e.shape, s) for (_, _, e), s in zip(sources, splits))
@@ -550,10 +587,13 @@ def from_manifest(m: Manifest, name: Callable[[str], str] = lambda n: n) -> tupl
     return Index(ws, m.files, refs, tensors, m.objects, m.structure, local, m.user_meta, m.created), data
 
 
-def _fragment(rank: int, rows: list[tuple]) -> Fragment:
+def _fragment(rank: int, rows: list[tuple], files: tuple[str, ...]) -> Fragment:
+    """Rank ``rank``'s fragment from its rows; record file indices (into ``files``) become indices into its own file list."""
     with_blocks = all(r[6] is not None for r in rows) and len({r[7] for r in rows}) == 1
     entry, cell, file, offset, nbytes, xxh3 = (np.concatenate([np.full(len(r[1]), r[0], np.int32) for r in rows]),) + tuple(
         np.concatenate([r[i] for r in rows]) for i in range(1, 6)
     )
+    used, local = np.unique(file, return_inverse=True)
     blocks = np.concatenate([r[6] for r in rows]) if with_blocks else None
-    return Fragment(rank, entry, cell, file, offset, nbytes, xxh3, blocks=blocks, block_bytes=rows[0][7] if with_blocks else 0)
+    own = tuple(plain_name(files[i]) for i in used.tolist())
+    return Fragment(rank, entry, cell, local.astype(np.int32), offset, nbytes, xxh3, blocks=blocks, block_bytes=rows[0][7] if with_blocks else 0, files=own)

@@ -81,3 +81,13 @@ class _CountingReadHandle(LocalReadHandle):
         n = super().preadv(buffers, offset)
         self.counted[0] += n
         return n
+
+
+def as_v1(path: str) -> None:
+    """Rewrite the checkpoint at ``path`` with its MANIFEST in format version 1 (a version-2 one's fragments
+    are then unused): for tests that craft the v1 chunk tables of a checkpoint saved in either version."""
+    from dist_ckpt.loader import read_manifest
+
+    manifest, root, _ = read_manifest(path)
+    with open(f"{root}/MANIFEST", "wb") as f:
+        f.write(manifest.to_msgpack())

@@ -233,7 +233,7 @@ def _set(i, v):
     [
         (1, {"cell": _set(0, 0)}, "belongs to rank 0, not rank 1"),  # w's cell 0 is rank 0's
         (0, {"nbytes": _set(0, 4)}, "has nbytes 4, its box needs"),
-        (0, {"file": _set(0, 1)}, r"data/r00001\.bin.*not rank 0's"),
+        (0, {"file": _set(0, 1)}, "outside its 1 files"),
         (0, {"entry": _set(0, 99)}, "outside"),
         (0, {"offset": _set(0, 5)}, "aligned"),
     ],
@@ -253,6 +253,16 @@ def test_duplicate_cell_is_refused():
         obj[name] = np.concatenate([col, col[:1]]).tobytes()
     obj["n"] += 1
     with pytest.raises(FragmentError, match="appears twice"):
+        v2.decode_fragment(msgpack.packb(obj), 0, index)
+
+
+@pytest.mark.parametrize("files, match", [(["data/r00001.bin"], "not rank 0's"), (["data/r00000-t9.bin"], "not among"), (["../x.bin"], "not a data file name")])
+def test_fragment_naming_a_file_not_its_own_is_refused(files, match):
+    data, frags = encode(sample_manifest())
+    index = v2.decode_index(data)
+    obj = msgpack.unpackb(frags[0])
+    obj["files"] = files
+    with pytest.raises(FragmentError, match=match):
         v2.decode_fragment(msgpack.packb(obj), 0, index)
 
 
@@ -307,3 +317,165 @@ def test_selective_materialisation_builds_only_needed_rows():
     m = v2.materialize(index, {r: frags[r] for r in owners}, {w: cells})
     assert len(m.tensors[("w",)].chunks) == 1 and m.tensors[("w",)].chunks.offsets.tolist() == [[3, 0]]
     assert all(len(e.chunks) == 0 for k, e in m.tensors.items() if k != ("w",))
+
+
+# -- checkpoints on disk ---------------------------------------------------------------------
+
+import os  # noqa: E402
+
+import torch  # noqa: E402
+from dist_helpers import dtensor, global_tensor  # noqa: E402
+from launcher import run_ranks  # noqa: E402
+
+import dist_ckpt as dc  # noqa: E402
+from dist_ckpt.cli import main as cli  # noqa: E402
+from dist_ckpt.config import Config  # noqa: E402
+from dist_ckpt.convert import convert  # noqa: E402
+from dist_ckpt.loader import LoadInfo, read_manifest  # noqa: E402
+from dist_ckpt.storage.local import LocalStorage  # noqa: E402
+from dist_ckpt.verify import verify  # noqa: E402
+
+ENV2 = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "20", "DIST_CKPT_FORMAT_VERSION": "2"}
+SHAPES = {"w": (37, 12), "v": (16, 9), "b": (23,)}
+
+
+class FragmentCounting(LocalStorage):
+    """A local storage that records which fragments a reader fetched (the boundary a load reads through)."""
+
+    def __init__(self) -> None:
+        self.fragments: list[str] = []
+
+    def read_bytes(self, path, max_bytes=1 << 32):
+        if path.endswith(".frag"):
+            self.fragments.append(os.path.basename(path))
+        return super().read_bytes(path, max_bytes)
+
+
+def _state():
+    return {"w": torch.randn(10, 3), "n": {"b": torch.arange(7), "s": torch.tensor(2.5)}, "empty": torch.zeros(0, 4), "step": 3}
+
+
+def _save_single(path, version):
+    ck = dc.make_sync_checkpointer(config=Config(format_version=version))
+    try:
+        sd = _state()
+        ck.save(path, sd)
+    finally:
+        ck.close()
+    return sd
+
+
+def _equal(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        if isinstance(a[k], dict):
+            _equal(a[k], b[k])
+        elif isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def _zeros():
+    sd = _state()
+    for t in (sd["w"], sd["n"]["b"], sd["n"]["s"]):
+        t.zero_()
+    sd["step"] = 0
+    return sd
+
+
+def test_v1_and_v2_checkpoints_load_verify_convert_and_list(tmp_path, capsys):
+    saved = {v: _save_single(str(tmp_path / f"step-0000000{v}"), v) for v in (1, 2)}
+    for v in (1, 2):
+        path = str(tmp_path / f"step-0000000{v}")
+        assert v2.peek_version(open(f"{path}/MANIFEST", "rb").read()) == v
+        assert os.path.exists(f"{path}/data/r00000.frag") == (v == 2)
+        got = dc.load(_zeros(), path)
+        _equal(got, saved[v])
+        assert verify(path).ok
+        assert cli(["inspect", "--json", path]) == 0
+        assert f'"format_version": {v}' in capsys.readouterr().out
+    # v1 -> v2 -> v1 gives the same tensors
+    convert(str(tmp_path / "step-00000001"), str(tmp_path / "as_v2"), "dist_ckpt", format_version=2)
+    convert(str(tmp_path / "as_v2"), str(tmp_path / "back_v1"), "dist_ckpt", format_version=1)
+    assert read_manifest(str(tmp_path / "as_v2"))[0].version == 2 and read_manifest(str(tmp_path / "back_v1"))[0].version == 1
+    for p in ("as_v2", "back_v1"):
+        _equal(dc.load(_zeros(), str(tmp_path / p)), saved[1])
+        assert verify(str(tmp_path / p)).ok
+    assert cli(["ls", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "step-00000001" in out and "step-00000002" in out
+
+
+def test_corrupt_or_missing_fragment_on_disk_is_a_typed_error_naming_it(tmp_path):
+    path = str(tmp_path / "ck")
+    _save_single(path, 2)
+    frag = f"{path}/data/r00000.frag"
+    data = bytearray(open(frag, "rb").read())
+    data[-3] ^= 0x01
+    open(frag, "wb").write(bytes(data))
+    for load in (lambda: dc.load(_zeros(), path), lambda: verify(path), lambda: read_manifest(path)):
+        with pytest.raises(FragmentError, match=r"r00000\.frag.*xxh3"):
+            load()
+    os.remove(frag)
+    with pytest.raises(FragmentError, match=r"r00000\.frag.*missing"):
+        dc.load(_zeros(), path)
+
+
+def _save_sharded(rank, world, path):
+    sd = {name: dtensor(global_tensor(name, shape), world, "shard0") for name, shape in SHAPES.items()}
+    sd["step"] = 11
+    dc.save(sd, path)
+
+
+def _load_sharded(rank, world, path):
+    sd = {name: dtensor(torch.zeros(shape), world, "shard0") for name, shape in SHAPES.items()}
+    sd["step"] = 0
+    storage, info = FragmentCounting(), LoadInfo()
+    dc.load(sd, path, storage=storage, info=info)
+    for name, shape in SHAPES.items():
+        assert torch.equal(sd[name].full_tensor(), global_tensor(name, shape)), name
+    assert sd["step"] == 11 and info.fragments_read == len(storage.fragments)
+    return sorted(storage.fragments)
+
+
+def test_v2_save_on_4_ranks_loads_on_2_reading_only_the_fragments_it_needs(tmp_path):
+    path = str(tmp_path / "ck")
+    run_ranks(_save_sharded, 4, path, env=ENV2)
+    index = v2.decode_index(open(f"{path}/MANIFEST", "rb").read())
+    assert [f.name for f in index.fragments] == [f"data/r{r:05d}.frag" for r in range(4)]
+    assert index.tensors[("w",)].split.dims == (10, 12) and index.tensors[("w",)].split.affine == (0, 1)  # torch.chunk over 4: a formula
+    read = run_ranks(_load_sharded, 2, path, env=ENV2)
+    # rank 0 of 2 holds rows [0, 19) of w, [0, 8) of v, [0, 12) of b: cells of ranks 0 and 1 only
+    assert read[0] == ["r00000.frag", "r00001.frag"]
+    assert read[1] == ["r00001.frag", "r00002.frag", "r00003.frag"]
+
+
+def test_index_claiming_2_40_cells_is_refused_before_allocating():
+    obj = _index_obj()
+    obj["tensors"][("w",)].update(shape=[3 << 40, 3], split={"grid": [3, 3], "owner": [0, 0]})  # 2**40 cells of 3 rows, all rank 0's
+    index = v2.decode_index(msgpack.packb(obj, use_bin_type=True))
+    _, frags = encode(sample_manifest())
+    frag0 = v2.decode_fragment(frags[0], 0, index)  # its record of w is cell 0 (rows 0-2): consistent
+    with pytest.raises(FragmentError, match=r"cell 1 of key \['w'\] is missing: .*rank 0's fragment data/r00000\.frag"):
+        v2.materialize(index, {0: frag0})  # a per-cell array would be 8 TiB
+
+
+def test_s3_v2_fragments_are_kept_by_gc_and_an_aborted_saves_are_collected(s3_bucket):
+    from dist_ckpt.storage.s3 import S3Storage
+
+    storage = S3Storage(part_size=5 << 20, max_in_flight=1)
+    ck = f"{s3_bucket}/v2/ck"
+    saved = _save_single(f"s3://{ck}", 2)
+    index = v2.decode_index(storage.read_bytes(f"{ck}/MANIFEST"))
+    (ref,) = index.fragments
+    assert ref.name.startswith("data/") and ref.name.endswith(".r00000.frag") and ref.name != "data/r00000.frag"  # the stored name
+    leftover = storage.save_target(ck, "job9-1", True)  # a killed save's fragment: no MANIFEST names it
+    stream = storage.open_stream(leftover, "data/r00000.frag")
+    stream.append(memoryview(b"x" * 10), 0)
+    stream.sync()
+    stream.close()
+    assert storage.collect_garbage(f"{s3_bucket}/v2") == [f"s3://{ck}/{storage.stored_name(leftover, 'data/r00000.frag')}"]
+    assert storage.exists(f"{ck}/{ref.name}")
+    _equal(dc.load(_zeros(), f"s3://{ck}"), saved)
+    assert verify(f"s3://{ck}").ok
