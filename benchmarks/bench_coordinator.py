@@ -98,7 +98,7 @@ from dist_ckpt.flatten import flatten
 from dist_ckpt.fragments import needed_cells, needed_manifest
 from dist_ckpt.index_build import write_fragment
 from dist_ckpt.load_planner import plan_reads
-from dist_ckpt.loader import read_manifest, read_metadata_at
+from dist_ckpt.loader import read_metadata_at
 from dist_ckpt.manifest import ALIGN, Manifest
 from dist_ckpt.plan import SavePlan
 from dist_ckpt.storage import SaveTarget, get_storage
