@@ -408,7 +408,7 @@ def load_plan_main(conn: Any, path: str, world: int, n_tensors: int, rank: int) 
     sch = layout.schema
     box = [(key, off[0, a : a + n], siz[0, a : a + n]) for key, a, n in zip(sch.keys, sch.start.tolist(), sch.ndim.tolist())]
     storage = CountingStorage()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     meta, root, _ = read_metadata_at(path, storage)
     fragments_read = 0
     if isinstance(meta, Manifest):
@@ -421,7 +421,7 @@ def load_plan_main(conn: Any, path: str, world: int, n_tensors: int, rank: int) 
     for i, (key, o, z) in enumerate(box):
         c = manifest.tensors[key].chunks
         n_ops += len(plan_reads(o, z, int(sch.itemsize[i]), c.offsets, c.sizes, c.file, c.offset))
-    t2 = time.perf_counter()
+    t2, cpu2 = time.perf_counter(), time.process_time()
     # chunk records decoded: every one of a v1 MANIFEST; a v2 load's, those of the fragments it read
     decoded = sum(len(e.chunks) for e in manifest.tensors.values())
     if fragments_read:
@@ -431,6 +431,7 @@ def load_plan_main(conn: Any, path: str, world: int, n_tensors: int, rank: int) 
             "read_manifest_s": t1 - t0,
             "plan_reads_s": t2 - t1,
             "load_plan_s": t2 - t0,
+            "load_plan_cpu_s": cpu2 - cpu0,
             "read_ops": n_ops,
             "load_plan_read_bytes": storage.read_bytes_total,
             "load_plan_fragments": fragments_read,
@@ -446,6 +447,7 @@ class Driver:
     def __init__(self, world: int, n_tensors: int, procs: int, root: str, prefault_gib: float = 0.0, fmt: int = 2) -> None:
         self.world, self.n_tensors, self.root = world, n_tensors, root
         self.marks: list[tuple[str, float]] = []
+        self.cpu: list[float] = []  # per phase (plan, commit, plan, commit): the coordinator's CPU seconds
         ctx = mp.get_context("fork")
         self.ctx = ctx
         self.coord_conn, child = ctx.Pipe()
@@ -492,13 +494,20 @@ class Driver:
             still = still + 0.05 if now - last < 0.004 else 0.0
             last = now
 
+    def coordinator_cpu(self) -> float:
+        """CPU seconds (user + system) the coordinator's process has used: less sensitive than wall time to other load on the machine."""
+        return sum(psutil.Process(self.coord.pid).cpu_times()[:2])
+
     def phase(self, prepare: tuple, recv: str, arrival: str) -> float:
-        """Send one message per rank, collect one reply per rank; seconds from the last send to the last reply."""
+        """Send one message per rank, collect one reply per rank; seconds from the last send to the last reply
+        (and in :attr:`cpu`, the coordinator's CPU seconds meanwhile)."""
         conns = [c for _, c in self.workers]
         self.call(conns, *prepare)
         if arrival == "burst":
+            cpu = self.coordinator_cpu()
             sent = self.call(conns, "send", "all")
             got = self.call(conns, recv)
+            self.cpu.append(self.coordinator_cpu() - cpu)
             return max(got) - max(sent)
         self.call(conns[:-1], "send", "all")
         self.call(conns[-1:], "send", "all_but_last")
@@ -506,10 +515,12 @@ class Driver:
         for c in conns[:-1]:
             c.send((recv,))
         last = conns[-1]
+        cpu = self.coordinator_cpu()
         last.send(("send", "last"))
         last.send((recv,))
         t_sent = last.recv()
         got = [c.recv() for c in conns]
+        self.cpu.append(self.coordinator_cpu() - cpu)
         return max(got) - t_sent
 
     def save(self, ckpt: str, path: str, arrival: str) -> tuple[float, float]:
@@ -595,6 +606,9 @@ def run_one(args: argparse.Namespace, ranks: int, fmt: int) -> dict:
         "fragments_mb": mb(fragment_bytes),
         "coordinator_peak_mb": round(report["peak"] / 2**20, 1),
         "load_plan_s": round(load["load_plan_s"], 4),
+        "plan_cpu_s": round(drv.cpu[0], 3),
+        "commit_cpu_s": round(drv.cpu[1], 3),
+        "load_plan_cpu_s": round(load["load_plan_cpu_s"], 4),
         "load_plan_read_mb": mb(load["load_plan_read_bytes"]),
         "load_plan_fragments": load["load_plan_fragments"],
         "load_plan_records": load["load_plan_records"],
