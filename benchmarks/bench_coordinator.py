@@ -39,6 +39,10 @@ the cached plan. Measured:
   read (counted at its storage); ``load_plan_records`` of ``chunks`` are the
   chunk records it decoded (``load_plan_records_pct``).
 
+``plan_cpu_s`` / ``commit_cpu_s`` are the coordinator process's CPU seconds
+over the same spans and ``load_plan_cpu_s`` the loading rank's: on a machine
+that other work shares, they move less than the wall times do.
+
 Arrival (``--arrival``): ``straggler`` (default) sends every rank's request
 but one, waits until the coordinator is idle, then times from the last rank's
 request — the usual shape of a save, where ranks arrive spread out and the
