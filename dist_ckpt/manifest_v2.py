@@ -160,7 +160,7 @@ def plain_name(name: str) -> str:
 
 def _rank_or(name: str, default: int) -> int:
     r = stored_rank(name)
-    return default if r is None else r
+    return default if r is None or r >= 1 << 31 else r  # no rank of any world_size: and it must fit the int64 columns
 
 
 def _entries_obj(tensors: Mapping[KeyPath, IndexEntry]) -> dict:
