@@ -36,39 +36,82 @@ __all__ = ["FragmentReport", "PlanCells", "build_index", "decode_fragment_report
 
 @dataclass(frozen=True, eq=False)
 class PlanCells:
-    """Per manifest entry its split; per flat chunk position of the plan's layout its entry and cell (-1: an empty box)."""
+    """Per manifest entry its split; per plan group the cell of each written (row, tensor), row-major (-1: an empty box)."""
 
     splits: list[Split]
-    entry: np.ndarray  # int32
-    cell: np.ndarray  # int64
+    cells: tuple[np.ndarray, ...]  # per group, int32: the plan's write order (row-major over ``writes``)
+    row_start: tuple[np.ndarray, ...]  # per group, (R + 1,): where each row's cells start
+
+    def for_rank(self, plan: SavePlan, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(entries, cells)`` of the tensors ``rank`` writes, ascending tensor order (empty if it took no part)."""
+        where = plan.where(rank)
+        if where is None:
+            return np.zeros(0, np.int32), np.zeros(0, np.int32)
+        gi, row = where
+        g = plan.groups[gi]
+        cols = np.flatnonzero(g.writes[row])
+        entries = g.entries(cols, np.full(len(cols), row, np.int64))
+        return entries, self.cells[gi][self.row_start[gi][row] : self.row_start[gi][row + 1]]
 
 
 def plan_cells(plan: SavePlan) -> PlanCells:
-    """Split every entry of ``plan`` (one :func:`~dist_ckpt.split.detect_split` per entry over its chunk boxes)."""
+    """Split every entry of ``plan`` from its groups' boxes (one :func:`~dist_ckpt.split.detect_split` per distinct split).
+
+    No :class:`~dist_ckpt.plan.ChunkLayout` is built: an entry's boxes are gathered
+    from the boxes matrix of each group that writes it (group, then row order, as the
+    layout orders them), and the plan's boxes are released afterwards, as building
+    the layout does (format version 2 needs neither again).
+    """
     from .commit import entry_names  # commit imports this module for the commit itself
 
-    layout = plan.layout
-    n = len(layout.nbytes)
-    owner = np.empty(n, np.int64)
-    for gi, g in enumerate(plan.groups):
-        owner[layout.position[gi]] = np.repeat(g.ranks.astype(np.int64), np.diff(layout.row_start[gi]))
-    entry, cell = np.empty(n, np.int32), np.full(n, -1, np.int64)
-    splits, next_in = [], dict(layout.base)
+    assert plan.boxes is not None, "a plan's splits need the boxes it was made from"
+    parts = _entry_parts(plan)
+    dense = [np.full(g.writes.shape, -1, np.int32) for g in plan.groups]  # cell per (row, tensor), while filling
+    splits: list[Split] = []
     seen: dict[tuple, tuple[Split, np.ndarray]] = {}
-    for e, ((_, _, _, shape), count) in enumerate(zip(entry_names(plan), layout.counts.tolist())):
-        nd = len(shape)
-        a = next_in.get(nd, 0)
-        next_in[nd] = a + count
-        b = a - layout.base.get(nd, 0)
-        off = layout.offsets[nd][b : b + count] if count else np.zeros((0, nd), np.int64)
-        siz = layout.sizes[nd][b : b + count] if count else np.zeros((0, nd), np.int64)
-        key = (tuple(shape), xxhash.xxh3_128_intdigest(off.tobytes() + siz.tobytes() + owner[a : a + count].tobytes()))
+    for (_, _, _, shape), where in zip(entry_names(plan), parts):
+        off, siz, own = _entry_boxes(plan, plan.boxes, where, len(shape))
+        key = (tuple(shape), xxhash.xxh3_128_intdigest(off.tobytes() + siz.tobytes() + own.tobytes()))
         if key not in seen:  # tensors of one shape in one schema share their boxes and writers: split them once
-            seen[key] = detect_split(shape, off, siz, owner[a : a + count])
+            seen[key] = detect_split(shape, off, siz, own)
         split, cells = seen[key]
         splits.append(split)
-        entry[a : a + count], cell[a : a + count] = e, cells
-    return PlanCells(splits, entry, cell)
+        a = 0
+        for gi, col, rows in where:
+            dense[gi][rows, col] = cells[a : a + len(rows)]
+            a += len(rows)
+    plan.boxes = None
+    row_start = tuple(np.concatenate([[0], np.cumsum(g.writes.sum(axis=1))]) for g in plan.groups)
+    return PlanCells(splits, tuple(d[g.writes] for d, g in zip(dense, plan.groups)), row_start)
+
+
+def _entry_parts(plan: SavePlan) -> list[list[tuple[int, int, np.ndarray]]]:
+    """Per manifest entry, the ``(group, column, rows)`` that write it, in group order (rows ascending)."""
+    n_entries = len(plan.keys) + sum(len(g.ranks) * len(g.local_keys) for g in plan.groups)
+    parts: list[list[tuple[int, int, np.ndarray]]] = [[] for _ in range(n_entries)]
+    for gi, g in enumerate(plan.groups):
+        for col in range(g.writes.shape[1]):
+            rows = np.flatnonzero(g.writes[:, col])
+            if g.col_entry[col] >= 0:
+                parts[int(g.col_entry[col])].append((gi, col, rows))
+                continue
+            for row in rows.tolist():  # a rank-local tensor: an entry per rank
+                parts[g.local_base + row * len(g.local_keys) + int(g.local_pos[col])].append((gi, col, np.array([row])))
+    return parts
+
+
+def _entry_boxes(plan: SavePlan, boxes: list[np.ndarray], where: list[tuple[int, int, np.ndarray]], nd: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Offsets, sizes (``(n, nd)`` each) and writers of one entry's chunks, from its groups' boxes matrices."""
+    if not where:
+        return np.zeros((0, nd), np.int64), np.zeros((0, nd), np.int64), np.zeros(0, np.int64)
+    offs, sizs, owns = [], [], []
+    for gi, col, rows in where:
+        g = plan.groups[gi]
+        s, w = int(g.schema.start[col]), g.schema.width
+        offs.append(boxes[gi][rows, s : s + nd])
+        sizs.append(boxes[gi][rows, w + s : w + s + nd])
+        owns.append(g.ranks[rows].astype(np.int64))
+    return (np.ascontiguousarray(np.concatenate(offs), np.int64), np.ascontiguousarray(np.concatenate(sizs), np.int64), np.concatenate(owns))
 
 
 # -- the rank's side ---------------------------------------------------------------

@@ -72,8 +72,9 @@ class SavePlan:
     from them (:attr:`writes`, each group's reply bitmap, :attr:`layout`) is
     computed on first use and then kept (``cached_property``); ``boxes``, the
     ``(R, 2S)`` offsets-then-sizes matrix of each group's ranks, is only
-    needed for the layout and is released once it is built (a 4096-rank
-    plan's boxes are ~100 MB).
+    needed for the layout (or, format version 2, the splits:
+    :func:`dist_ckpt.index_build.plan_cells`) and is released once that is
+    built (a 4096-rank plan's boxes are ~100 MB).
     """
 
     ranks: np.ndarray  # (W,) ascending
@@ -130,9 +131,9 @@ class SavePlan:
     def to_msgpack_for(self, rank: int, entry: np.ndarray | None = None, cell: np.ndarray | None = None) -> bytes:
         """The plan of one rank, as sent in the coordinator's reply: ``[n_tensors, bitmap]``.
 
-        Format version 2 (``entry``/``cell``: per flat layout position, from
-        :func:`dist_ckpt.index_build.plan_cells`) appends the (entry, cell) of each tensor
-        the rank writes, in ascending tensor order: ``[n, bitmap, entries int32, cells int64]``.
+        Format version 2 (``entry``/``cell``: this rank's, in ascending tensor order, from
+        :meth:`dist_ckpt.index_build.PlanCells.for_rank`) appends the (entry, cell) of each
+        tensor the rank writes: ``[n, bitmap, entries int32, cells int64]``.
         """
         where = self._row_of.get(rank)
         if where is None:
@@ -140,8 +141,7 @@ class SavePlan:
         gi, row = where
         head = [self.groups[gi].writes.shape[1], self._bits[gi][row].tobytes()]
         if entry is not None and cell is not None:
-            pos = self.layout.positions(gi, row)
-            head += [entry[pos].astype("<i4").tobytes(), cell[pos].astype("<i8").tobytes()]
+            head += [entry.astype("<i4").tobytes(), cell.astype("<i8").tobytes()]
         return msgpack.packb(head, use_bin_type=True)
 
     @staticmethod
