@@ -10,6 +10,13 @@ Ranks write no tensor bytes: after their plan arrives each creates its data
 file as a sparse file of the right length and reports Done with records
 pointing into it, so the manifest is valid.
 
+Format (``--format 1``, ``2`` or ``both``, one fresh coordinator each): in
+version 1 the records travel in Done and the coordinator merges them into one
+MANIFEST; in version 2 each simulated rank writes its real fragment through
+the library's own writer (:func:`dist_ckpt.index_build.write_fragment`, the
+storage stream, fsync'd) and reports its name, size and xxh3 in Done, as a real
+rank does; the coordinator writes only the index.
+
 Two saves run with the same descriptions: the first plans, the second reuses
 the cached plan. Measured:
 
@@ -19,12 +26,22 @@ the cached plan. Measured:
 * ``commit_s`` / ``commit_cached_s``: from the last Done sent to the last
   Committed received (records merged and checked, manifest written with fsync,
   directory renamed);
-* ``manifest_mb``: size of ``MANIFEST`` on disk;
+* ``manifest_mb`` (= ``manifest_index_mb``): size of ``MANIFEST`` on disk (version 2: the index);
+  ``fragments_mb``: all fragments together (version 1: 0);
 * ``coordinator_peak_mb``: peak RSS of the coordinator's process (it imports
   torch, like rank 0: ``coordinator_base_mb`` is its RSS before the first save);
 * ``load_plan_s``: one rank (a fresh process) reads and validates the manifest
-  (``loader.read_manifest``) and plans the reads of its shard of every tensor
-  (``load_planner.plan_reads``).
+  and plans the reads of its shard of every tensor (``load_planner.plan_reads``).
+  Version 1: ``loader.read_manifest``. Version 2: the load's selective path
+  (``loader.read_metadata_at``, then ``fragments.needed_cells`` and
+  ``fragments.needed_manifest``: the index, then only the fragments of the
+  cells its shard touches). ``load_plan_read_mb``: the metadata bytes that rank
+  read (counted at its storage); ``load_plan_records`` of ``chunks`` are the
+  chunk records it decoded (``load_plan_records_pct``).
+
+``plan_cpu_s`` / ``commit_cpu_s`` are the coordinator process's CPU seconds
+over the same spans and ``load_plan_cpu_s`` the loading rank's: on a machine
+that other work shares, they move less than the wall times do.
 
 Arrival (``--arrival``): ``straggler`` (default) sends every rank's request
 but one, waits until the coordinator is idle, then times from the last rank's
@@ -45,8 +62,13 @@ The coordinator's page faults and kernel-side time per step are reported in
 Usage::
 
     python benchmarks/bench_coordinator.py --ranks 4096 --tensors 1000
+    python benchmarks/bench_coordinator.py --ranks 4096,16384 --format both --out runs.jsonl
+    python benchmarks/bench_coordinator.py --from runs.jsonl --plot docs/figures/coordinator_scale.png
 
-The last line printed is one JSON object with every figure.
+Each run prints one JSON object with every figure on a line of its own
+(``--out`` appends them to a file); ``--plot`` draws time and coordinator
+memory against ranks, version 1 beside version 2, from this invocation's runs
+and those of ``--from`` files.
 """
 
 from __future__ import annotations
@@ -66,6 +88,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import numpy as np
 import psutil
 import zmq
@@ -76,12 +99,16 @@ from dist_ckpt.config import Config
 from dist_ckpt.coordinator import Coordinator
 from dist_ckpt.description import Schema, encode_description
 from dist_ckpt.flatten import flatten
+from dist_ckpt.fragments import needed_cells, needed_manifest
+from dist_ckpt.index_build import write_fragment
 from dist_ckpt.load_planner import plan_reads
-from dist_ckpt.loader import read_manifest
-from dist_ckpt.manifest import ALIGN
+from dist_ckpt.loader import read_metadata_at
+from dist_ckpt.manifest import ALIGN, Manifest
 from dist_ckpt.plan import SavePlan
-from dist_ckpt.storage import get_storage
+from dist_ckpt.storage import SaveTarget, get_storage
+from dist_ckpt.storage.local import LocalStorage
 from dist_ckpt.transport import secure_client
+from dist_ckpt.writer import WriteRecord
 
 JOB = "bench-coordinator"
 SECRET = b"bench-coordinator-secret-0123456789"
@@ -134,6 +161,13 @@ class Layout:
         vol[:, has] = np.multiply.reduceat(siz, sch.start[has], axis=1)
         return vol * sch.itemsize
 
+    def chunks(self) -> int:
+        """Chunk records of a save: every non-empty torch.chunk shard of each sharded tensor, and each replicated tensor once."""
+        sch = self.schema
+        rows = sch.shape_flat[sch.start[: self.n_sharded]].astype(np.int64)
+        chunk = -(-rows // self.world)
+        return int((-(-rows // chunk)).sum()) + len(sch) - self.n_sharded
+
     def structure(self) -> Any:
         nested: dict = {}
         for key in self.schema.keys + (("meta", "created_by"),):
@@ -154,7 +188,7 @@ def raise_fd_limit() -> int:
 # ---------------------------------------------------------------- processes
 
 
-def coordinator_main(conn: Any, world: int, root: str, prefault_gib: float) -> None:
+def coordinator_main(conn: Any, world: int, root: str, prefault_gib: float, fmt: int) -> None:
     """The coordinator's own process: serve, then report peak memory and its log lines."""
     raise_fd_limit()
     if prefault_gib:  # touch, then free: see --prefault-gib
@@ -171,7 +205,7 @@ def coordinator_main(conn: Any, world: int, root: str, prefault_gib: float) -> N
     log.setLevel(logging.INFO)
     log.addHandler(Keep())
     steps = _time_steps()
-    cfg = Config(timeout_s=3600, heartbeat_interval_s=60, heartbeat_timeout_s=3600)
+    cfg = Config(timeout_s=3600, heartbeat_interval_s=60, heartbeat_timeout_s=3600, format_version=fmt)
     coord = Coordinator(world, JOB, SECRET, "tcp://127.0.0.1:0", get_storage, cfg)
     samples: list[tuple[float, int]] = []  # (monotonic time, RSS): which phase peaks
     stop = threading.Event()
@@ -217,7 +251,13 @@ def _time_steps() -> list[tuple[str, float, int]]:
     LocalStorage.begin_save = timed("begin_save (tmp dir)", LocalStorage.begin_save)
     coordinator.release_free_memory = timed("release_free_memory", coordinator.release_free_memory)
     commit.build_manifest = timed("build_manifest", commit.build_manifest)
+    for module, name, label in ((coordinator, "plan_cells", "plan_cells (v2 splits)"), (commit, "build_index", "build_index (v2)")):
+        if hasattr(module, name):
+            setattr(module, name, timed(label, getattr(module, name)))
     Manifest.to_msgpack = timed("manifest_to_msgpack", Manifest.to_msgpack)
+    from dist_ckpt.manifest_v2 import Index
+
+    Index.to_msgpack = timed("index_to_msgpack (v2)", Index.to_msgpack)
     LocalStorage.write_atomic = timed("write_manifest_fsync", LocalStorage.write_atomic)
     LocalStorage._rename_dir = timed("rename_dir_fsync", LocalStorage._rename_dir)
     return steps
@@ -235,8 +275,8 @@ def _peak_rss() -> int:
 class Ranks:
     """Simulated ranks ``lo .. hi-1`` of one worker process: one DEALER socket each."""
 
-    def __init__(self, layout: Layout, lo: int, hi: int, endpoint: str) -> None:
-        self.layout, self.ranks = layout, np.arange(lo, hi)
+    def __init__(self, layout: Layout, lo: int, hi: int, endpoint: str, fmt: int) -> None:
+        self.layout, self.ranks, self.fmt = layout, np.arange(lo, hi), fmt
         self.ctx = zmq.Context(io_threads=1)
         self.ctx.set(zmq.MAX_SOCKETS, len(self.ranks) + 64)
         self.socks = []
@@ -253,6 +293,7 @@ class Ranks:
         self.row_bytes = layout.nbytes(self.siz)
         self.outbox: list[list] = []
         self.plans: list[tuple[int, ...]] = []
+        self.cells: list[tuple[np.ndarray, np.ndarray] | None] = []  # version 2: each rank's (entries, cells) from its plan
         self.tmp_path = ""
 
     def prepare_plan(self, ckpt: str, path: str) -> None:
@@ -298,14 +339,19 @@ class Ranks:
     def recv_plans(self) -> float:
         t, replies = self.recv(wire.PlanReply)
         n = len(self.layout.schema)
-        self.plans = [SavePlan.parse_rank_plan(m.plan, n) for m in replies]  # type: ignore[attr-defined]
+        parsed = [SavePlan.parse_rank_plan_v2(m.plan, n) for m in replies]  # type: ignore[attr-defined]
+        self.plans, self.cells = [p for p, _ in parsed], [c for _, c in parsed]
+        if any((c is None) != (self.fmt == 1) for c in self.cells):
+            raise RuntimeError(f"format {self.fmt} save, but the plan replies {'carry' if self.fmt == 1 else 'lack'} cells")
         self.tmp_path = replies[0].tmp_path  # type: ignore[attr-defined]
         return t
 
-    def prepare_done(self, ckpt: str) -> None:
-        """Sparse data files of the right length, and Done messages pointing into them."""
+    def prepare_done(self, ckpt: str, path: str) -> None:
+        """Sparse data files of the right length, and Done messages pointing into them (version 2: into the rank's fragment)."""
         os.makedirs(f"{self.tmp_path}/data", exist_ok=True)
         objects = {("meta", "created_by"): "bench_coordinator"}
+        storage, final = get_storage(path)
+        target = SaveTarget(final.rstrip("/"), self.tmp_path)
         self.outbox = []
         for i, r in enumerate(self.ranks.tolist()):
             tags = np.array(self.plans[i], np.int64)
@@ -317,7 +363,12 @@ class Ranks:
             if len(tags):
                 with open(f"{self.tmp_path}/{name}", "wb") as f:
                     f.truncate(int(offset[-1] + nbytes[-1]))
-            records = encode_record_columns(files, tags, np.zeros(len(tags)), offset, nbytes, np.zeros(len(tags), np.uint64))
+            cells = self.cells[i]
+            if cells is None:
+                records = encode_record_columns(files, tags, np.zeros(len(tags)), offset, nbytes, np.zeros(len(tags), np.uint64))
+            else:  # the real rank's path: its records into its fragment (written, fsync'd), Done names it
+                recs = [WriteRecord(t, name, o, n, 0) for t, o, n in zip(tags.tolist(), offset.tolist(), nbytes.tolist())]
+                records = write_fragment(storage, target, r, recs, cells[0], cells[1])
             objs = encode_objects(objects if r == 0 else {}, {}, self.layout.structure() if r == 0 else None)
             self.outbox.append(wire.encode(wire.Done(JOB, ckpt, r, records, objs), SECRET))
 
@@ -325,10 +376,10 @@ class Ranks:
         return self.recv(wire.Committed)[0]
 
 
-def worker_main(conn: Any, world: int, n_tensors: int, lo: int, hi: int, endpoint: str) -> None:
+def worker_main(conn: Any, world: int, n_tensors: int, lo: int, hi: int, endpoint: str, fmt: int) -> None:
     """Serve the driver's commands for ranks ``lo .. hi-1`` until "exit"."""
     raise_fd_limit()
-    ranks = Ranks(Layout.make(world, n_tensors), lo, hi, endpoint)
+    ranks = Ranks(Layout.make(world, n_tensors), lo, hi, endpoint, fmt)
     conn.send("ready")
     while True:
         cmd, *args = conn.recv()
@@ -340,29 +391,55 @@ def worker_main(conn: Any, world: int, n_tensors: int, lo: int, hi: int, endpoin
     ranks.ctx.term()
 
 
+class CountingStorage(LocalStorage):
+    """Local files, counting what whole-file reads (MANIFEST, fragments) return: the metadata a load reads."""
+
+    def __init__(self) -> None:
+        self.read_bytes_total, self.paths, self._lock = 0, [], threading.Lock()
+
+    def read_bytes(self, path: str, *a: Any, **k: Any) -> bytes:
+        data = super().read_bytes(path, *a, **k)
+        with self._lock:  # fragments are read by a few threads at once
+            self.read_bytes_total += len(data)
+            self.paths.append(path)
+        return data
+
+
 def load_plan_main(conn: Any, path: str, world: int, n_tensors: int, rank: int) -> None:
-    """One rank loading: read and validate the manifest, plan the reads of its shard of every tensor."""
+    """One rank loading: read and validate the metadata its shard needs, plan the reads of its shard of every tensor."""
     layout = Layout.make(world, n_tensors)
     off, siz = layout.boxes(np.array([rank]))
     sch = layout.schema
-    t0 = time.perf_counter()
-    manifest, _, _ = read_manifest(path)
+    box = [(key, off[0, a : a + n], siz[0, a : a + n]) for key, a, n in zip(sch.keys, sch.start.tolist(), sch.ndim.tolist())]
+    storage = CountingStorage()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    meta, root, _ = read_metadata_at(path, storage)
+    fragments_read = 0
+    if isinstance(meta, Manifest):
+        manifest = meta
+    else:  # version 2: what load_into does: the cells its boxes touch, from only their owners' fragments
+        cells = needed_cells(meta, [(meta.number[(None, key)], o, z) for key, o, z in box])
+        manifest, fragments_read = needed_manifest(storage, root, meta, cells)
     t1 = time.perf_counter()
     n_ops = 0
-    for i, key in enumerate(sch.keys):
-        e = manifest.tensors[key]
-        a, n = int(sch.start[i]), int(sch.ndim[i])
-        c = e.chunks
-        ops = plan_reads(off[0, a : a + n], siz[0, a : a + n], int(sch.itemsize[i]), c.offsets, c.sizes, c.file, c.offset)
-        n_ops += len(ops)
-    t2 = time.perf_counter()
+    for i, (key, o, z) in enumerate(box):
+        c = manifest.tensors[key].chunks
+        n_ops += len(plan_reads(o, z, int(sch.itemsize[i]), c.offsets, c.sizes, c.file, c.offset))
+    t2, cpu2 = time.perf_counter(), time.process_time()
+    # chunk records decoded: every one of a v1 MANIFEST; a v2 load's, those of the fragments it read
+    decoded = sum(len(e.chunks) for e in manifest.tensors.values())
+    if fragments_read:
+        decoded = sum(msgpack.unpackb(LocalStorage().read_bytes(p), raw=False)["n"] for p in storage.paths if p.endswith(".frag"))
     conn.send(
         {
             "read_manifest_s": t1 - t0,
             "plan_reads_s": t2 - t1,
             "load_plan_s": t2 - t0,
+            "load_plan_cpu_s": cpu2 - cpu0,
             "read_ops": n_ops,
-            "chunks": sum(len(e.chunks) for e in manifest.tensors.values()),
+            "load_plan_read_bytes": storage.read_bytes_total,
+            "load_plan_fragments": fragments_read,
+            "load_plan_records": decoded,
         }
     )
 
@@ -371,13 +448,14 @@ def load_plan_main(conn: Any, path: str, world: int, n_tensors: int, rank: int) 
 
 
 class Driver:
-    def __init__(self, world: int, n_tensors: int, procs: int, root: str, prefault_gib: float = 0.0) -> None:
+    def __init__(self, world: int, n_tensors: int, procs: int, root: str, prefault_gib: float = 0.0, fmt: int = 2) -> None:
         self.world, self.n_tensors, self.root = world, n_tensors, root
         self.marks: list[tuple[str, float]] = []
+        self.cpu: list[float] = []  # per phase (plan, commit, plan, commit): the coordinator's CPU seconds
         ctx = mp.get_context("fork")
         self.ctx = ctx
         self.coord_conn, child = ctx.Pipe()
-        self.coord = ctx.Process(target=coordinator_main, args=(child, world, root, prefault_gib), daemon=True)
+        self.coord = ctx.Process(target=coordinator_main, args=(child, world, root, prefault_gib, fmt), daemon=True)
         self.coord.start()
         child.close()  # only the child holds its end now: its death ends our recv() with EOFError
         endpoint, self.coord_base = self.coord_conn.recv()
@@ -385,7 +463,7 @@ class Driver:
         self.workers = []
         for lo, hi in zip(bounds, bounds[1:]):
             a, b = ctx.Pipe()
-            p = ctx.Process(target=worker_main, args=(b, world, n_tensors, lo, hi, endpoint), daemon=True)
+            p = ctx.Process(target=worker_main, args=(b, world, n_tensors, lo, hi, endpoint, fmt), daemon=True)
             p.start()
             b.close()
             self.workers.append((p, a))
@@ -420,13 +498,20 @@ class Driver:
             still = still + 0.05 if now - last < 0.004 else 0.0
             last = now
 
+    def coordinator_cpu(self) -> float:
+        """CPU seconds (user + system) the coordinator's process has used: less sensitive than wall time to other load on the machine."""
+        return sum(psutil.Process(self.coord.pid).cpu_times()[:2])
+
     def phase(self, prepare: tuple, recv: str, arrival: str) -> float:
-        """Send one message per rank, collect one reply per rank; seconds from the last send to the last reply."""
+        """Send one message per rank, collect one reply per rank; seconds from the last send to the last reply
+        (and in :attr:`cpu`, the coordinator's CPU seconds meanwhile)."""
         conns = [c for _, c in self.workers]
         self.call(conns, *prepare)
         if arrival == "burst":
+            cpu = self.coordinator_cpu()
             sent = self.call(conns, "send", "all")
             got = self.call(conns, recv)
+            self.cpu.append(self.coordinator_cpu() - cpu)
             return max(got) - max(sent)
         self.call(conns[:-1], "send", "all")
         self.call(conns[-1:], "send", "all_but_last")
@@ -434,17 +519,19 @@ class Driver:
         for c in conns[:-1]:
             c.send((recv,))
         last = conns[-1]
+        cpu = self.coordinator_cpu()
         last.send(("send", "last"))
         last.send((recv,))
         t_sent = last.recv()
         got = [c.recv() for c in conns]
+        self.cpu.append(self.coordinator_cpu() - cpu)
         return max(got) - t_sent
 
     def save(self, ckpt: str, path: str, arrival: str) -> tuple[float, float]:
         self.marks.append((f"plan{ckpt}", time.monotonic()))
         plan_s = self.phase(("prepare_plan", ckpt, path), "recv_plans", arrival)
         self.marks.append((f"commit{ckpt}", time.monotonic()))
-        commit_s = self.phase(("prepare_done", ckpt), "recv_committed", arrival)
+        commit_s = self.phase(("prepare_done", ckpt, path), "recv_committed", arrival)
         self.marks.append(("end", time.monotonic()))
         return plan_s, commit_s
 
@@ -480,26 +567,17 @@ class Driver:
         return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ranks", type=int, default=4096)
-    ap.add_argument("--tensors", type=int, default=1000, help="Shard(0) tensors per rank (plus 2 replicated)")
-    ap.add_argument("--procs", type=int, default=0, help="worker processes for the simulated ranks (default: one per 1024 ranks, 1..16)")
-    ap.add_argument("--arrival", choices=("straggler", "burst"), default="straggler")
-    ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temporary directory, removed)")
-    ap.add_argument(
-        "--prefault-gib", type=float, default=0.0, help="touch and free this much memory in the coordinator's process first (see the module docstring)"
-    )
-    args = ap.parse_args(argv)
+def run_one(args: argparse.Namespace, ranks: int, fmt: int) -> dict:
+    """One benchmark run: ``ranks`` simulated ranks saving twice in format ``fmt``, then one rank's load plan."""
+    procs = args.procs or min(16, max(1, math.ceil(ranks / 1024)))
     hard = raise_fd_limit()
-    procs = args.procs or min(16, max(1, math.ceil(args.ranks / 1024)))
-    if args.ranks + 256 > hard:
-        sys.exit(f"{args.ranks} ranks need {args.ranks + 256} file descriptors in the coordinator; RLIMIT_NOFILE allows {hard}")
-    root = args.dir or tempfile.mkdtemp(prefix="bench_coordinator-")
+    if ranks + 256 > hard:
+        sys.exit(f"{ranks} ranks need {ranks + 256} file descriptors in the coordinator; RLIMIT_NOFILE allows {hard}")
+    root = f"{args.dir}/v{fmt}-{ranks}" if args.dir else tempfile.mkdtemp(prefix="bench_coordinator-")
     os.makedirs(root, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        drv = Driver(args.ranks, args.tensors, procs, root, args.prefault_gib)
+        drv = Driver(ranks, args.tensors, procs, root, args.prefault_gib, fmt)
         setup_s = time.perf_counter() - t0
         try:
             plan_s, commit_s = drv.save("0", f"{root}/ckpt-0", args.arrival)
@@ -512,25 +590,39 @@ def main(argv: list[str] | None = None) -> dict:
             if sys.exc_info()[0] is not None:
                 print("coordinator log:", *report["log"], f"dropped: {report['dropped']}", sep="\n  ", file=sys.stderr)
         manifest_bytes = os.path.getsize(f"{root}/ckpt-1/{MANIFEST}")
-        load = drv.load_plan(f"{root}/ckpt-1", args.ranks // 3)
+        data_dir = f"{root}/ckpt-1/data"
+        fragment_bytes = sum(e.stat().st_size for e in os.scandir(data_dir) if e.name.endswith(".frag"))
+        load = drv.load_plan(f"{root}/ckpt-1", ranks // 3)
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    result = {
-        "ranks": args.ranks,
+    layout = Layout.make(ranks, args.tensors)
+    mb = lambda n: round(n / 2**20, 3)  # noqa: E731
+    return {
+        "format": fmt,
+        "ranks": ranks,
         "tensors": args.tensors,
         "plan_s": round(plan_s, 4),
         "plan_cached_s": round(plan_cached_s, 4),
         "commit_s": round(commit_s, 4),
-        "manifest_mb": round(manifest_bytes / 2**20, 2),
+        "manifest_mb": mb(manifest_bytes),
+        "manifest_index_mb": mb(manifest_bytes),
+        "fragments_mb": mb(fragment_bytes),
         "coordinator_peak_mb": round(report["peak"] / 2**20, 1),
         "load_plan_s": round(load["load_plan_s"], 4),
+        "plan_cpu_s": round(drv.cpu[0], 3),
+        "commit_cpu_s": round(drv.cpu[1], 3),
+        "load_plan_cpu_s": round(load["load_plan_cpu_s"], 4),
+        "load_plan_read_mb": mb(load["load_plan_read_bytes"]),
+        "load_plan_fragments": load["load_plan_fragments"],
+        "load_plan_records": load["load_plan_records"],
+        "chunks": layout.chunks(),
+        "load_plan_records_pct": round(100 * load["load_plan_records"] / max(1, layout.chunks()), 4),
         "commit_cached_s": round(commit_cached_s, 4),
         "coordinator_base_mb": round(drv.coord_base / 2**20, 1),
         "coordinator_peak_mb_by_phase": drv.peaks(report["rss"]),
         "read_manifest_s": round(load["read_manifest_s"], 4),
         "plan_reads_s": round(load["plan_reads_s"], 4),
-        "chunks": load["chunks"],
         "arrival": args.arrival,
         "procs": procs,
         "prefault_gib": args.prefault_gib,
@@ -539,11 +631,44 @@ def main(argv: list[str] | None = None) -> dict:
         "coordinator_log": [line for line in report["log"] if "plan for save" in line or "committed" in line],
         "coordinator_steps_s": [(name, round(t, 3), faults) for name, t, faults in report["steps"]],
     }
-    return result
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run every (ranks, format) asked for, print each result as a JSON line, draw ``--plot``; returns the results."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ranks", default=None, help="rank counts, comma-separated (default 4096; none with --from)")
+    ap.add_argument("--tensors", type=int, default=1000, help="Shard(0) tensors per rank (plus 2 replicated)")
+    ap.add_argument("--format", choices=("1", "2", "both"), default="2", help="checkpoint format version the coordinator writes")
+    ap.add_argument("--procs", type=int, default=0, help="worker processes for the simulated ranks (default: one per 1024 ranks, 1..16)")
+    ap.add_argument("--arrival", choices=("straggler", "burst"), default="straggler")
+    ap.add_argument("--dir", default=None, help="where checkpoints go, one subdirectory per run (default: a temporary directory, removed)")
+    ap.add_argument(
+        "--prefault-gib", type=float, default=0.0, help="touch and free this much memory in the coordinator's process first (see the module docstring)"
+    )
+    ap.add_argument("--out", default=None, help="append each run's JSON line to this file")
+    ap.add_argument("--from", dest="sources", action="append", default=[], help="earlier runs' JSON lines (a file of --out) to plot with these")
+    ap.add_argument("--plot", default=None, help="draw time and coordinator memory against ranks, v1 beside v2, into this PNG")
+    args = ap.parse_args(argv)
+    ranks = [int(r) for r in (args.ranks or ("" if args.sources else "4096")).split(",") if r]
+    formats = [1, 2] if args.format == "both" else [int(args.format)]
+    results = []
+    for r in ranks:
+        for fmt in formats:
+            out = run_one(args, r, fmt)
+            for line in out.pop("coordinator_log"):
+                print("coordinator:", line)
+            print(json.dumps(out), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(out) + "\n")
+            results.append(out)
+    if args.plot:
+        from _bench_coordinator_plot import plot  # matplotlib: the bench extra
+
+        earlier = [json.loads(line) for src in args.sources for line in open(src) if line.strip().startswith("{")]
+        plot(earlier + results, args.plot)
+    return results
 
 
 if __name__ == "__main__":
-    out = main()
-    for line in out.pop("coordinator_log"):
-        print("coordinator:", line)
-    print(json.dumps(out))
+    main()

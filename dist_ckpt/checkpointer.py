@@ -191,6 +191,7 @@ class CheckpointWriter:
             user_meta=meta,
             step=step,
             announce=self.announce_saves,
+            storage=storage,
         )
         coordinator = self.session.coordinator
         self.last_summary = coordinator.summary(ckpt) if coordinator is not None else None

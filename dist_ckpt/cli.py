@@ -266,7 +266,9 @@ def _inspect_json(manifest: Manifest, root: str) -> dict[str, Any]:
             objects.append({"key": list(key), "name": format_path(key), "rank": rank, "type": kind, "value": _jsonable(v)})
     return {
         "path": root,
-        "format_version": 1,
+        "format_version": manifest.version,
+        "fragments": sum(f is not None for f in manifest.fragments),
+        "fragments_nbytes": sum(f.nbytes for f in manifest.fragments if f is not None),
         "world_size": manifest.world_size,
         "created": manifest.created,
         "files": list(manifest.files),
@@ -332,6 +334,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.created))
     print(f"checkpoint  {root}")
     print(f"committed   {created} ({human_age(time.time() - manifest.created)} ago), world size {manifest.world_size}")
+    if manifest.version > 1:
+        print(f"format      version {manifest.version}: {info['fragments']} fragment(s), {human_bytes(info['fragments_nbytes'])} of chunk records")
     print(f"data        {len(info['tensors'])} tensors, {human_bytes(info['nbytes'])} in {len(manifest.files)} file(s); {len(info['objects'])} objects")
     if manifest.user_meta:
         print(f"user_meta   {_value_text(dict(manifest.user_meta))}")
@@ -381,6 +385,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             progress=progress,
             select=args.select,
             strip_prefix=args.strip_prefix,
+            format_version=args.format_version,
         )
     print(f"wrote {result.dst} ({result.to}) from {result.src_format}: {result.tensors} tensors, {human_bytes(result.nbytes)}, {result.objects} objects")
     if result.skipped:
@@ -607,6 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rank", type=int, default=0, help="(dist_ckpt input) whose rank-local values to take (default 0)")
     s.add_argument("--select", metavar="PREFIX", default=None, help="convert only the values named PREFIX or PREFIX.* (dotted key paths, e.g. model)")
     s.add_argument("--strip-prefix", action="store_true", help="(with --select) drop PREFIX from the names (model.w -> w)")
+    s.add_argument(
+        "--format-version",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="(--to dist_ckpt) checkpoint format to write (default: DIST_CKPT_FORMAT_VERSION, else the library's)",
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_convert)
 

@@ -23,10 +23,12 @@ import numpy as np
 
 from .errors import CheckpointError, WireError
 from .errors import CheckpointExists as CheckpointExists  # re-exported for its importers
+from .index_build import FragmentReport, PlanCells, build_index
 from .layout_names import DATA_FILE_RE
 from .layout_names import MANIFEST as MANIFEST  # re-exported for its importers
 from .logs import RankStats
 from .manifest import ALIGN, BLOCK_BYTES, ChunkTable, LocalSection, Manifest, TensorEntry, _ext_hook, _pack_default, block_counts
+from .manifest_v2 import Index, segment_index
 from .plan import ChunkLayout, SavePlan
 from .storage import SaveTarget, Storage
 from .writer import WriteRecord
@@ -249,14 +251,16 @@ class RecordTable:
 
 @dataclass(frozen=True)
 class CommitRequest:
-    """Everything the coordinator commits: the plan, every rank's records and objects."""
+    """Everything the coordinator commits: the plan, every rank's records (v1) or fragment reports (v2), and objects."""
 
     target: SaveTarget  # where the ranks wrote, and the final path
     world_size: int
     plan: SavePlan
-    records: RecordTable
+    records: RecordTable | None
     objects: Mapping[int, dict[str, Any]]  # by rank, from decode_objects
     user_meta: Mapping[str, Any] | None = None
+    cells: "PlanCells | None" = None  # format version 2: the plan's splits (index_build.plan_cells)
+    reports: "Mapping[int, FragmentReport] | None" = None  # format version 2: by rank
 
 
 def build_manifest(req: CommitRequest) -> Manifest:
@@ -266,8 +270,9 @@ def build_manifest(req: CommitRequest) -> Manifest:
         CheckpointError: a rank of the plan has not reported.
     """
     plan, table = req.plan, req.records
+    assert table is not None, "a version-1 commit needs the records"
     files = table.files()
-    names = _entry_names(plan)
+    names = entry_names(plan)
     tensors: dict[tuple, TensorEntry] = {}
     local: dict[int, dict[tuple, TensorEntry]] = {}
     for (owner, key, dtype, shape), chunks in zip(names, _tables(plan.layout, table, [len(n[3]) for n in names])):
@@ -292,7 +297,7 @@ def build_manifest(req: CommitRequest) -> Manifest:
     )
 
 
-def _entry_names(plan: SavePlan) -> list[tuple[int | None, tuple, str, tuple[int, ...]]]:
+def entry_names(plan: SavePlan) -> list[tuple[int | None, tuple, str, tuple[int, ...]]]:
     """``(owner, key, dtype, shape)`` of every manifest entry, in entry order (see PlanGroup)."""
     names: list[tuple[int | None, tuple, str, tuple[int, ...]]] = [(None, k, d, s) for k, d, s in zip(plan.keys, plan.dtypes, plan.shapes)]
     for g in plan.groups:
@@ -301,15 +306,6 @@ def _entry_names(plan: SavePlan) -> list[tuple[int | None, tuple, str, tuple[int
             metas = [(k, g.schema.dtypes[first[k]], g.schema.shapes[first[k]]) for k in g.local_keys]
             names.extend((rank, k, d, s) for rank in g.ranks.tolist() for k, d, s in metas)
     return names
-
-
-def segment_index(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``concatenate([arange(s, s + c) for s, c in zip(starts, counts)])``, vectorised."""
-    counts = np.asarray(counts, np.int64)
-    if not len(counts):
-        return np.zeros(0, np.int64)
-    ends = np.cumsum(counts)
-    return np.repeat(np.asarray(starts, np.int64) - (ends - counts), counts) + np.arange(int(ends[-1]), dtype=np.int64)
 
 
 def _tables(layout: ChunkLayout, table: RecordTable, ndims: list[int]) -> list[ChunkTable]:
@@ -331,11 +327,11 @@ def _tables(layout: ChunkLayout, table: RecordTable, ndims: list[int]) -> list[C
     return out
 
 
-def commit_checkpoint(storage: Storage, req: CommitRequest) -> Manifest:
-    """(coordinator's I/O thread) Build the manifest and have the storage publish it atomically.
+def commit_checkpoint(storage: Storage, req: CommitRequest) -> Manifest | Index:
+    """(coordinator's I/O thread) Build the manifest (v2: the index) and have the storage publish it atomically.
 
     Returns:
-        The manifest as committed.
+        The manifest (v2: the index) as committed.
 
     Raises:
         CheckpointExists: a checkpoint appeared at the path and ``overwrite`` is false.
@@ -343,6 +339,19 @@ def commit_checkpoint(storage: Storage, req: CommitRequest) -> Manifest:
         OSError: the manifest write or the commit failed.
     """
     t0 = time.perf_counter()
+    if req.cells is not None:
+        assert req.reports is not None
+        index = build_index(storage, req.target, req.plan, req.cells, req.reports, req.objects, req.world_size, req.user_meta)
+        data = index.to_msgpack()
+        storage.publish(req.target, data)
+        log.debug(
+            "[rank 0] committed %s (format 2): %d tensors, index %.1f KB in %.3f s",
+            req.target.path,
+            len(index.tensors),
+            len(data) / 1e3,
+            time.perf_counter() - t0,
+        )
+        return index
     manifest = build_manifest(req)
     # The ranks reported logical names (checked against their rank); the MANIFEST names what the storage stored.
     manifest = replace(manifest, files=tuple(storage.stored_name(req.target, f) for f in manifest.files))

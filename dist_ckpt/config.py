@@ -32,8 +32,12 @@ class Config:
         s3_max_in_flight: parts of one data object uploading at once (each writer thread has its own object).
         peer_encryption: keep the node-local tier's replica writes and peer reads on CURVE
             (encrypted, ~1.4-2x slower here). Off: they cross the network unencrypted on a
-            second socket per peer service, every frame authenticated (HMAC-SHA256 with a
-            per-connection key handed out over CURVE, sequence-numbered), as NCCL's traffic does.
+            second socket per peer service, every frame authenticated (a Poly1305 tag under a
+            per-message key derived from a per-connection key handed out over CURVE, sequence-numbered), as NCCL's traffic does.
+        format_version: the checkpoint format a save writes (rank 0's setting decides): 2 (the
+            default), an index MANIFEST and one fragment of chunk records per rank (docs/format.md
+            "Version 2"), or 1, one MANIFEST with every chunk record (still written on request).
+            Loads read both.
     """
 
     timeout_s: float = 600.0
@@ -48,6 +52,7 @@ class Config:
     s3_part_size: int = 16 << 20
     s3_max_in_flight: int = 4
     peer_encryption: bool = False
+    format_version: int = 2
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.heartbeat_interval_s <= 0:
@@ -58,6 +63,8 @@ class Config:
             raise ValueError("writer_threads and reader_threads must be >= 1")
         if self.s3_part_size < S3_MIN_PART_SIZE or self.s3_max_in_flight < 1:
             raise ValueError(f"s3_part_size must be >= {S3_MIN_PART_SIZE} (S3's smallest part) and s3_max_in_flight >= 1")
+        if self.format_version not in (1, 2):
+            raise ValueError(f"format_version must be 1 or 2, got {self.format_version!r}")
         if self.coordinator is not None and not self.coordinator.startswith("tcp://"):
             raise ValueError(f"coordinator must look like tcp://host:port, got {self.coordinator!r}")
 
@@ -122,4 +129,5 @@ _CASTS: dict[str, type] = {
     "s3_part_size": int,
     "s3_max_in_flight": int,
     "peer_encryption": bool,
+    "format_version": int,
 }

@@ -45,6 +45,7 @@ from .commit import CommitRequest, RecordTable, commit_checkpoint, decode_object
 from .config import Config
 from .description import BoxStore, RankColumns, SchemaCache, decode_description
 from .errors import CheckpointExists, DistCkptError, WireError
+from .index_build import FragmentReport, PlanCells, decode_fragment_report, plan_cells
 from .logs import SaveSummary, get_logger, summarize
 from .plan import PlanCache, SavePlan
 from .save_planner import plan_save
@@ -89,7 +90,9 @@ class _Save:
     target: SaveTarget | None = None  # where the save writes, named before it is prepared
     storage: Storage | None = None  # the backend that prepared it: commits and aborts through the same one
     done: set[int] = field(default_factory=set)
-    records: RecordTable | None = None  # every Done's records, merged as they arrive
+    records: RecordTable | None = None  # every Done's records, merged as they arrive (format version 1)
+    cells: PlanCells | None = None  # format version 2: the plan's splits and each written chunk's (entry, cell)
+    reports: dict[int, FragmentReport] = field(default_factory=dict)  # format version 2: each Done's fragment
     objects: dict[int, dict[str, Any]] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     last_seen: dict[int, float] = field(default_factory=dict)
@@ -124,6 +127,7 @@ class Coordinator:
         self._secret = secret
         self._storage_for = storage_for
         self._config = config
+        self._cells: tuple[SavePlan, PlanCells] | None = None  # the last plan's splits (format version 2)
         self._limits = wire.Limits(max_frame=config.max_message_bytes, max_total=config.max_message_bytes)
         self.dropped: collections.Counter[str] = collections.Counter()
         self._ctx, self._sock, self._zap, self._gate, self.endpoint = _listen(
@@ -324,6 +328,7 @@ class Coordinator:
         try:
             if plan is None:
                 self._cache.clear()  # free the old plan before building the new one
+                self._cells = None
                 plan = plan_save([save.descs[r] for r in range(self.world_size)])  # type: ignore[misc]  # no None: failed saves abort above
                 self._cache.store(key, plan)
             storage, path = self._storage_for(save.path)
@@ -346,11 +351,14 @@ class Coordinator:
         assert plan is not None and target is not None
         save.phase = Phase.WRITE
         t1 = time.perf_counter()
+        cells = self._plan_cells(plan) if self._config.format_version == 2 else None
+        save.cells = cells
         for r in range(self.world_size):
-            self._send(r, wire.PlanReply(self.job, save.ckpt, r, target.location, same, plan.to_msgpack_for(r)))
+            reply = plan.to_msgpack_for(r) if cells is None else plan.to_msgpack_for(r, *cells.for_rank(plan, r))
+            self._send(r, wire.PlanReply(self.job, save.ckpt, r, target.location, same, reply))
         t2 = time.perf_counter()
         # While the ranks write: place their chunks in the manifest (once per plan), free the boxes.
-        save.records = RecordTable(plan)
+        save.records = RecordTable(plan) if cells is None else None
         save.descs, save.boxes = dict.fromkeys(save.descs), None
         release_free_memory()
         log.debug(
@@ -363,6 +371,12 @@ class Coordinator:
             plan.loads.sum() / 1e6,
         )
 
+    def _plan_cells(self, plan: SavePlan) -> PlanCells:
+        """The splits of ``plan`` (format version 2), computed once per plan and kept with it."""
+        if self._cells is None or self._cells[0] is not plan:
+            self._cells = (plan, plan_cells(plan))
+        return self._cells[1]
+
     def _on_heartbeat(self, msg: wire.Heartbeat) -> None:
         if self._save_for(msg) is not None:
             self._send(msg.rank, wire.HeartbeatAck(self.job, msg.ckpt, msg.rank))
@@ -374,8 +388,11 @@ class Coordinator:
         if save.phase != Phase.WRITE or msg.rank in save.done or msg.rank in save.failed:
             return self._drop("replay", f"Done from rank {msg.rank} for {msg.ckpt} in phase {save.phase}")
         try:  # decoded and merged as they arrive: the commit itself only writes
-            assert save.records is not None  # set with the plan, before the phase is WRITE
-            save.records.add(msg.rank, decode_records(msg.records, msg.rank))
+            if save.cells is not None:  # format version 2: the rank wrote its records into its fragment
+                save.reports[msg.rank] = decode_fragment_report(msg.records, msg.rank)
+            else:
+                assert save.records is not None  # set with the plan, before the phase is WRITE
+                save.records.add(msg.rank, decode_records(msg.records, msg.rank))
             save.objects[msg.rank] = decode_objects(msg.objects, msg.rank)
         except WireError as e:
             save.failed[msg.rank] = f"invalid Done payload: {e}"
@@ -451,7 +468,7 @@ class Coordinator:
         release_free_memory()  # the Done messages' buffers, before the manifest is built: the coordinator's peak
         storage, target = save.storage, save.target
         assert storage is not None and target is not None  # set when the plan was replied
-        request = CommitRequest(target, self.world_size, save.plan, save.records, save.objects)  # type: ignore[arg-type]
+        request = CommitRequest(target, self.world_size, save.plan, save.records, save.objects, cells=save.cells, reports=save.reports)  # type: ignore[arg-type]
         t_commit = time.perf_counter()
         self._io.submit(lambda: commit_checkpoint(storage, request), lambda out: self._committed(save, strip_scheme(save.path), out, t_commit))
 
@@ -500,7 +517,7 @@ class Coordinator:
         # before its PlanRequest (e.g. while staging) and waits for the Aborted.
         for r in sorted(set(save.descs) | set(save.failed)):
             self._send(r, make(r))
-        save.records = None
+        save.records, save.reports = None, {}
         release_free_memory()
 
     def _remove_tmp(self, storage: Storage, target: SaveTarget) -> None:

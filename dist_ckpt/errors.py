@@ -66,6 +66,10 @@ class ManifestError(DistCkptError, ValueError):
     """A MANIFEST is malformed, of an unknown version, or inconsistent."""
 
 
+class FragmentError(ManifestError):
+    """A version-2 fragment (a rank's chunk records) is missing, corrupt (size or xxh3 not the MANIFEST's) or inconsistent with the MANIFEST."""
+
+
 class ChecksumError(DistCkptError, ValueError):
     """Bytes read from a data file do not match the checksum in the manifest."""
 

@@ -27,9 +27,16 @@ STEP_RE = re.compile(r"^step-(\d{8,})$")
 """A step directory, as :func:`step_dir_name` writes it."""
 SUFFIX_RE = re.compile(r"^(?P<base>.+?)\.(?P<kind>tmp|old|bad)-.+$")
 """A ``.tmp-`` / ``.old-`` / ``.bad-`` sibling; ``base`` is the checkpoint it belongs to."""
-DATA_FILE_RE = re.compile(r"^data/r(\d{5})(?:-t\d{1,3})?\.bin$")
-"""A data file name as :func:`data_file_name` writes it; group 1 is the rank."""
-LOOSE_DATA_FILE_RE = re.compile(r"^(?:[0-9a-f]{4}\.[A-Za-z0-9_-]{1,64}\.)?r\d{5,}.*\.bin$")
+DATA_FILE_RE = re.compile(r"^data/r(\d{5})(?:(?:-t\d{1,3})?\.bin|\.frag)$")
+"""A file a rank writes into a checkpoint: a data file as :func:`data_file_name` writes it, or its
+version-2 fragment (:func:`fragment_name`); group 1 is the rank. (The node-local tier replicates,
+serves and inventories both kinds alike.)"""
+FRAGMENT_RE = re.compile(r"^data/r(\d{5})\.frag$")
+"""A rank's fragment of a version-2 checkpoint as :func:`fragment_name` writes it; group 1 is the rank."""
+STORED_RE = re.compile(r"^data/(?:[0-9a-f]{4}\.[A-Za-z0-9_-]{1,64}\.)?(?P<base>r(?P<rank>\d{5,})(?P<thread>-t\d{1,3})?\.(?P<kind>bin|frag))$")
+"""A data file or fragment as a MANIFEST names it (plain, or the S3 backend's stored name): ``rank``
+wrote it, ``base`` is its plain name without ``data/``, ``kind`` ``bin`` or ``frag``."""
+LOOSE_DATA_FILE_RE = re.compile(r"^(?:[0-9a-f]{4}\.[A-Za-z0-9_-]{1,64}\.)?r\d{5,}.*\.(?:bin|frag)$")
 """A file inside ``data/`` that looks like ours (the root scan's test for "our layout"); the S3
 backend's objects carry ``<h4>.<save_id>.`` before the file name (``storage/s3.py``)."""
 BAD_MANIFEST_PREFIX = f"{MANIFEST}.{BAD}-"
@@ -39,6 +46,17 @@ BAD_MANIFEST_PREFIX = f"{MANIFEST}.{BAD}-"
 def data_file_name(rank: int, thread: int | None) -> str:
     """Relative name of a rank's data file (``thread`` None: the single-file form)."""
     return f"{DATA_DIR}/r{rank:05d}.bin" if thread is None else f"{DATA_DIR}/r{rank:05d}-t{thread}.bin"
+
+
+def fragment_name(rank: int) -> str:
+    """Relative name of a rank's fragment (its chunk records) in a version-2 checkpoint."""
+    return f"{DATA_DIR}/r{rank:05d}.frag"
+
+
+def stored_rank(name: str) -> int | None:
+    """The rank that wrote data file or fragment ``name`` (as a MANIFEST names it), None if it is not named so."""
+    m = STORED_RE.match(name)
+    return int(m.group("rank")) if m else None
 
 
 def step_dir_name(step: int) -> str:

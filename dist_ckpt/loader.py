@@ -17,12 +17,13 @@ import functools
 import inspect
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
 
+from . import manifest_v2 as v2
 from .config import Config
 from .describe import RankLocal, is_numpy, local_box, numpy_scalar
 from .dtypes import dtype_from_name, dtype_name
@@ -44,6 +45,7 @@ from .flatten import (
     place_values,
     unflatten,
 )
+from .fragments import needed_cells, needed_manifest, read_metadata, whole_manifest
 from .layout_names import MANIFEST, OLD, TMP, is_sibling_of
 from .logs import get_logger
 from .manifest import Manifest, TensorEntry, unpickle_if_allowed
@@ -152,10 +154,28 @@ def _retry_if_changed(load: Callable[..., _T]) -> Callable[..., _T]:
 
 @_retry_if_changed
 def read_manifest(path: str, storage: Storage | None = None) -> tuple[Manifest, str, Storage]:
-    """Read and validate the manifest of the committed checkpoint at ``path``.
+    """Read and validate the manifest of the committed checkpoint at ``path`` (format version 1 or 2).
+
+    A version-2 checkpoint's every fragment is read and checked, and the whole
+    v1-equivalent manifest materialised (``manifest.version`` says 2).
 
     Returns:
         ``(manifest, directory it was read from, storage)``.
+
+    Raises:
+        ManifestError: the MANIFEST is malformed; FragmentError (a subclass) for a missing or bad fragment.
+    """
+    meta, root, storage = read_metadata_at(path, storage)
+    if isinstance(meta, v2.Index):
+        return whole_manifest(storage, root, meta), root, storage
+    return meta, root, storage
+
+
+def read_metadata_at(path: str, storage: Storage | None = None) -> tuple[Manifest | v2.Index, str, Storage]:
+    """The committed checkpoint's MANIFEST as it is: a v1 :class:`Manifest` or a v2 index (no fragment read).
+
+    Returns:
+        ``(manifest or index, directory it was read from, storage)``.
     """
     if storage is None:
         storage, path = get_storage(path)
@@ -166,10 +186,7 @@ def read_manifest(path: str, storage: Storage | None = None) -> tuple[Manifest, 
         if e.errno != errno.EISDIR:
             raise
         raise ManifestError(f"{root}/{MANIFEST} is a directory, not a manifest file") from None
-    try:
-        return Manifest.from_msgpack(data), root, storage
-    except ManifestError as e:
-        raise ManifestError(f"{root}/{MANIFEST}: {e}") from e
+    return read_metadata(data, f"{root}/{MANIFEST}"), root, storage
 
 
 def _object_value(value: Any, key: KeyPath, allow_pickle: bool) -> Any:
@@ -220,6 +237,8 @@ class LoadInfo:
         kept_rank_local: Keys other ranks saved rank-local but this rank did not (e.g. a job saved
             on 2 ranks resumed on 4: ranks 2-3 here); this rank kept the target's value.
         converted: Tensors converted from the saved floating dtype to the target's (``strict=False``).
+        fragments_read: (a format-version-2 checkpoint) fragments of chunk records this load read:
+            only those of the ranks that wrote cells the target's boxes touch.
     """
 
     path: str = ""
@@ -228,6 +247,7 @@ class LoadInfo:
     unexpected: list[KeyPath] = field(default_factory=list)
     kept_rank_local: list[KeyPath] = field(default_factory=list)
     converted: list[KeyPath] = field(default_factory=list)
+    fragments_read: int = 0
 
     @property
     def not_restored(self) -> list[KeyPath]:
@@ -430,7 +450,8 @@ def load_into(state_dict: Any, path: str, rank: int, config: Config, strict: boo
         LoadMismatchError: Every key whose value does not fit, listed in one error (and, strict,
             every missing and unexpected key).
     """
-    manifest, root, storage = read_manifest(path, storage)
+    meta, root, storage = read_metadata_at(path, storage)
+    manifest = v2.skeleton(meta) if isinstance(meta, v2.Index) else meta  # v2: chunk rows come once the targets are known
     info = info if info is not None else LoadInfo()
     info.path, info.saved_world_size = root, manifest.world_size
     expanded, stateful = expand_stateful(state_dict)
@@ -445,6 +466,8 @@ def load_into(state_dict: Any, path: str, rank: int, config: Config, strict: boo
     error = _mismatch_error(root, m, strict)
     if error is not None:
         raise error
+    if isinstance(meta, v2.Index):
+        m.tasks = _with_needed_chunks(storage, root, meta, manifest, m.tasks, info)
     read_tensors(storage, root, manifest.files, m.tasks, config.reader_threads, config.verify_checksums, rank)
     for local, dst in m.copy_back:
         local.copy_(dst)
@@ -452,6 +475,20 @@ def load_into(state_dict: Any, path: str, rank: int, config: Config, strict: boo
         m.objects[key] = RankLocal(t.numpy()) if wrap else t.numpy()
     _log_outcome(m, rank)
     return _apply(state_dict, expanded, stateful, m.objects)
+
+
+def _with_needed_chunks(storage: Storage, root: str, index: v2.Index, skeleton: Manifest, tasks: list[ReadTask], info: LoadInfo) -> list[ReadTask]:
+    """The tasks with their entries' chunk rows: only the cells their boxes touch, read from only their owners' fragments."""
+    number = {id(e): i for i, e in enumerate(_entries(skeleton))}
+    cells = needed_cells(index, [(number[id(t.entry)], t.offsets, t.sizes) for t in tasks])
+    full, info.fragments_read = needed_manifest(storage, root, index, cells)
+    entries = _entries(full)
+    return [replace(t, entry=entries[number[id(t.entry)]]) for t in tasks]
+
+
+def _entries(m: Manifest) -> list[TensorEntry]:
+    """A manifest's tensor entries in v2 entry order (global, then each local section)."""
+    return list(m.tensors.values()) + [e for sec in m.local.values() for e in sec.tensors.values()]
 
 
 def _apply(state_dict: Any, expanded: Any, stateful: dict[KeyPath, Any], objects: dict[KeyPath, Any]) -> Any:

@@ -177,7 +177,7 @@ class LocalSection:
 
 @dataclass(frozen=True, eq=False)
 class Manifest:
-    """Everything needed to read a checkpoint back (format version 1)."""
+    """Everything needed to read a checkpoint back (format version 1, or version 2 materialised)."""
 
     world_size: int
     files: tuple[str, ...]
@@ -187,6 +187,11 @@ class Manifest:
     local: Mapping[int, LocalSection] = field(default_factory=dict)
     user_meta: Mapping[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
+    # Read from a version-2 MANIFEST (an index and per-rank fragments, dist_ckpt/manifest_v2.py): the
+    # version it had and its fragments (manifest_v2.FragmentRef, by rank, None for a rank without one).
+    # to_msgpack always writes version 1: what this object holds is the whole v1 content.
+    version: int = VERSION
+    fragments: tuple[Any, ...] = ()
 
     def to_msgpack(self) -> bytes:
         """Encode as a msgpack map (see docs/format.md).
@@ -306,12 +311,37 @@ def _key(k: Any, what: str) -> KeyPath:
 
 
 def _decode(obj: Any) -> Manifest:
+    head = decode_header(obj, VERSION, "tensors")
+    ws, nfiles = head["world_size"], len(head["files"])
+    local = {}
+    for r, sec in head["local"].items():
+        local[r] = LocalSection(_decode_tensors(sec.get("tensors", {}), nfiles, f"local[{r}]"), _decode_objects(sec.get("objects", {}), f"local[{r}]"))
+    return Manifest(
+        world_size=ws,
+        files=head["files"],
+        tensors=_decode_tensors(obj["tensors"], nfiles, "tensors"),
+        objects=head["objects"],
+        structure=head["structure"],
+        local=local,
+        user_meta=head["user_meta"],
+        created=head["created"],
+    )
+
+
+def decode_header(obj: Any, version: int, *required: str) -> dict[str, Any]:
+    """The fields every MANIFEST version shares, checked: ``format``, ``version``, ``world_size``, ``files``,
+    ``user_meta``, ``created``, ``structure``, ``objects``, and ``local`` (its ranks and maps; their
+    tensors are left to the caller).
+
+    Raises:
+        ManifestError: a shared field is missing, ill-typed or out of range, or ``version`` differs.
+    """
     _expect(obj, dict, "MANIFEST")
-    missing = [f for f in ("format", "version", "world_size", "files", "tensors", "objects", "structure") if f not in obj]
+    missing = [f for f in ("format", "version", "world_size", "files", *required, "objects", "structure") if f not in obj]
     if obj.get("format") != FORMAT:
         raise ManifestError(f"not a dist_ckpt MANIFEST (format={obj.get('format')!r:.40})")
-    if obj.get("version") != VERSION:
-        raise ManifestError(f"MANIFEST version {obj.get('version')!r:.20} is not supported; this dist_ckpt reads version {VERSION}")
+    if obj.get("version") != version:
+        raise ManifestError(f"MANIFEST version {obj.get('version')!r:.20} is not supported here; this decoder reads version {version}")
     if missing:
         raise ManifestError(f"MANIFEST lacks field(s) {', '.join(missing)}")
     ws = obj["world_size"]
@@ -332,22 +362,19 @@ def _decode(obj: Any) -> Manifest:
     check_structure(structure)
     local_obj = obj.get("local", {})
     _expect(local_obj, dict, "local")
-    local = {}
     for r, sec in local_obj.items():
         if type(r) is not int or not 0 <= r < ws:
             raise ManifestError(f"local section for rank {r!r:.20} outside world_size {ws}")
         _expect(sec, dict, f"local[{r}]")
-        local[r] = LocalSection(_decode_tensors(sec.get("tensors", {}), len(files), f"local[{r}]"), _decode_objects(sec.get("objects", {}), f"local[{r}]"))
-    return Manifest(
-        world_size=ws,
-        files=tuple(files),
-        tensors=_decode_tensors(obj["tensors"], len(files), "tensors"),
-        objects=_decode_objects(obj["objects"], "objects"),
-        structure=structure,
-        local=local,
-        user_meta=user_meta,
-        created=float(created),
-    )
+    return {
+        "world_size": ws,
+        "files": tuple(files),
+        "user_meta": user_meta,
+        "created": float(created),
+        "structure": structure,
+        "objects": _decode_objects(obj["objects"], "objects"),
+        "local": local_obj,
+    }
 
 
 def _check_file_name(f: Any, index: int) -> None:
@@ -412,6 +439,16 @@ def decode_tensor_entry(e: Any, nfiles: int, where: str) -> TensorEntry:
 
 def _parse_entry(e: Any, where: str) -> TensorEntry:
     """One tensor entry's fields, type-checked; its chunk table is not checked yet."""
+    dtype, shape = parse_dtype_shape(e, where)
+    return TensorEntry(dtype, shape, ChunkTable.from_msgpack_obj(e.get("chunks"), len(shape), where))
+
+
+def parse_dtype_shape(e: Any, where: str) -> tuple[str, tuple[int, ...]]:
+    """A tensor entry's ``dtype`` and ``shape``, checked (known dtype, at most 64 dims, under 2**62 bytes).
+
+    Raises:
+        ManifestError: naming ``where``.
+    """
     _expect(e, dict, where)
     dtype = e.get("dtype")
     if not is_dtype_name(dtype):
@@ -422,7 +459,7 @@ def _parse_entry(e: Any, where: str) -> TensorEntry:
     shape = tuple(shape)
     if math.prod(shape) * itemsize(dtype) >= _MAX_INT:
         raise ManifestError(f"{where}: shape {list(shape)} is too large")
-    return TensorEntry(dtype, shape, ChunkTable.from_msgpack_obj(e.get("chunks"), len(shape), where))
+    return dtype, shape
 
 
 def _raise_first_table_problem(entries: list[tuple[str, TensorEntry]], nfiles: int) -> None:

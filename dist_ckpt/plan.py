@@ -72,8 +72,9 @@ class SavePlan:
     from them (:attr:`writes`, each group's reply bitmap, :attr:`layout`) is
     computed on first use and then kept (``cached_property``); ``boxes``, the
     ``(R, 2S)`` offsets-then-sizes matrix of each group's ranks, is only
-    needed for the layout and is released once it is built (a 4096-rank
-    plan's boxes are ~100 MB).
+    needed for the layout (or, format version 2, the splits:
+    :func:`dist_ckpt.index_build.plan_cells`) and is released once that is
+    built (a 4096-rank plan's boxes are ~100 MB).
     """
 
     ranks: np.ndarray  # (W,) ascending
@@ -127,13 +128,21 @@ class SavePlan:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SavePlan) and self.writes == other.writes and self.bytes_per_rank == other.bytes_per_rank
 
-    def to_msgpack_for(self, rank: int) -> bytes:
-        """The plan of one rank, as sent in the coordinator's reply: ``[n_tensors, bitmap]``."""
+    def to_msgpack_for(self, rank: int, entry: np.ndarray | None = None, cell: np.ndarray | None = None) -> bytes:
+        """The plan of one rank, as sent in the coordinator's reply: ``[n_tensors, bitmap]``.
+
+        Format version 2 (``entry``/``cell``: this rank's, in ascending tensor order, from
+        :meth:`dist_ckpt.index_build.PlanCells.for_rank`) appends the (entry, cell) of each
+        tensor the rank writes: ``[n, bitmap, entries int32, cells int64]``.
+        """
         where = self._row_of.get(rank)
         if where is None:
-            return msgpack.packb([0, b""], use_bin_type=True)
+            return msgpack.packb([0, b""] if entry is None else [0, b"", b"", b""], use_bin_type=True)
         gi, row = where
-        return msgpack.packb([self.groups[gi].writes.shape[1], self._bits[gi][row].tobytes()], use_bin_type=True)
+        head = [self.groups[gi].writes.shape[1], self._bits[gi][row].tobytes()]
+        if entry is not None and cell is not None:
+            head += [entry.astype("<i4").tobytes(), cell.astype("<i8").tobytes()]
+        return msgpack.packb(head, use_bin_type=True)
 
     @staticmethod
     def parse_rank_plan(data: bytes, n_tensors: int) -> tuple[int, ...]:
@@ -142,13 +151,30 @@ class SavePlan:
         Raises:
             WireError: on anything that is not a plan for ``n_tensors`` tensors.
         """
+        return SavePlan.parse_rank_plan_v2(data, n_tensors)[0]
+
+    @staticmethod
+    def parse_rank_plan_v2(data: bytes, n_tensors: int) -> tuple[tuple[int, ...], tuple[np.ndarray, np.ndarray] | None]:
+        """:meth:`parse_rank_plan`, and for format version 2 the (entries, cells) of the tensors written (else None).
+
+        Raises:
+            WireError: on anything that is not a plan for ``n_tensors`` tensors, or cells not one per tensor written.
+        """
         try:
-            obj = msgpack.unpackb(data, raw=False, use_list=True, max_str_len=0, max_array_len=2, max_map_len=0, max_ext_len=0)
+            obj = msgpack.unpackb(data, raw=False, use_list=True, max_str_len=0, max_array_len=4, max_map_len=0, max_ext_len=0)
         except Exception as e:
             raise WireError(f"save plan is not valid msgpack ({type(e).__name__}: {e})") from e
-        if type(obj) is not list or len(obj) != 2 or type(obj[0]) is not int or type(obj[1]) is not bytes:
-            raise WireError("save plan must be [n_tensors, bitmap]")
-        n, bits = obj
+        if type(obj) is not list or len(obj) not in (2, 4) or type(obj[0]) is not int or not all(type(b) is bytes for b in obj[1:]):
+            raise WireError("save plan must be [n_tensors, bitmap] or [n_tensors, bitmap, entries, cells]")
+        assigned = SavePlan._assigned(obj[0], obj[1], n_tensors)
+        if len(obj) == 2:
+            return assigned, None
+        if len(obj[2]) != 4 * len(assigned) or len(obj[3]) != 8 * len(assigned):
+            raise WireError(f"save plan's cells are not one per tensor written ({len(assigned)})")
+        return assigned, (np.frombuffer(obj[2], "<i4").astype(np.int32), np.frombuffer(obj[3], "<i8").astype(np.int64))
+
+    @staticmethod
+    def _assigned(n: int, bits: bytes, n_tensors: int) -> tuple[int, ...]:
         if n != n_tensors or len(bits) != -(-n // 8):
             raise WireError(f"save plan is for {n} tensors in {len(bits)} bytes; this rank described {n_tensors}")
         mask = np.unpackbits(np.frombuffer(bits, np.uint8), bitorder="little")

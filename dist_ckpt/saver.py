@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from . import wire
@@ -22,6 +23,7 @@ from .buffers import tensor_memoryview
 from .commit import encode_objects, encode_records
 from .describe import LocalState
 from .errors import CheckpointError, CoordinatorTimeout
+from .index_build import write_fragment
 from .logs import RankStats, get_logger
 from .plan import SavePlan
 from .session import Session
@@ -80,6 +82,7 @@ def run_save(
     user_meta: Mapping[str, Any] | None = None,
     step: int | None = None,
     announce: bool = True,
+    storage: Storage | None = None,
 ) -> str:
     """Save this rank's part of checkpoint ``ckpt`` and wait until it is committed.
 
@@ -108,6 +111,8 @@ def run_save(
             :func:`write_here` (writer threads in this process).
         user_meta: checked metadata for the MANIFEST (rank 0's is stored).
         step: the training step, for the log line (the save id otherwise).
+        storage: the storage the data goes through (None: by the path's scheme); a format-version-2
+            save writes this rank's fragment through it too.
         announce: (rank 0) log the save's summary at INFO; False: at DEBUG
             (the caller logs it in its own line).
 
@@ -127,14 +132,18 @@ def run_save(
                 ready()  # no heartbeats yet: the coordinator learns of this save from the PlanRequest
         t_staged = time.perf_counter()
         with _step(session, ckpt, path, Phase.PLAN):
-            tmp_path, assigned = _request_plan(session, ckpt, path, described, overwrite)
+            tmp_path, assigned, cells = _request_plan(session, ckpt, path, described, overwrite)
         t_plan = time.perf_counter()
         with _step(session, ckpt, path, Phase.WRITE):
             records = (write or write_here)(tmp_path, path, session.rank, assigned, host, session.config.writer_threads)
+            if cells is None:
+                payload = encode_records(records)
+            else:  # format version 2: the records go into this rank's fragment, beside its data; Done names it
+                payload = _write_fragment(tmp_path, path, session.rank, assigned, records, cells, storage)
             if hook is not None:
                 hook.pre_commit(path)
             stats = RankStats(t_staged - t0, t_plan - t_staged, time.perf_counter() - t_plan, sum(r.nbytes for r in records))
-            _report_done(session, ckpt, described, records, user_meta, stats)
+            _report_done(session, ckpt, described, payload, user_meta, stats)
         agent.begin(ckpt, Phase.COMMIT)
         agent.wait(ckpt, wire.Committed, Phase.COMMIT, _backstop(session))
         if hook is not None:
@@ -178,23 +187,40 @@ def _step(session: Session, ckpt: str, path: str, phase: Phase) -> Iterator[None
         raise CheckpointError(f"save {ckpt} failed on rank {session.rank}", {session.rank: f"{type(e).__name__}: {e}"}) from e
 
 
-def _request_plan(session: Session, ckpt: str, path: str, described: LocalState, overwrite: bool) -> tuple[str, tuple[int, ...]]:
-    """Send this rank's description; returns the tmp dir to write into and the indices of the tensors this rank writes."""
+def _request_plan(
+    session: Session, ckpt: str, path: str, described: LocalState, overwrite: bool
+) -> tuple[str, tuple[int, ...], tuple[np.ndarray, np.ndarray] | None]:
+    """Send this rank's description; returns the tmp dir to write into, the indices of the tensors this rank
+    writes and, for a format-version-2 save, their (entries, cells)."""
     desc = described.desc
     session.agent.send(wire.PlanRequest(session.job, ckpt, session.rank, path, session.world_size, wire.UInt64(desc.digest()), desc.to_msgpack(), overwrite))
     reply = session.agent.wait(ckpt, wire.PlanReply, Phase.PLAN, _backstop(session))
-    assigned = SavePlan.parse_rank_plan(reply.plan, len(desc.tensors))
+    assigned, cells = SavePlan.parse_rank_plan_v2(reply.plan, len(desc.tensors))
     log.debug("[rank %d] save %s: %s plan, %d of %d tensors to write", session.rank, ckpt, "cached" if reply.same else "new", len(assigned), len(desc.tensors))
-    return reply.tmp_path, assigned
+    return reply.tmp_path, assigned, cells
 
 
-def _report_done(session: Session, ckpt: str, described: LocalState, records: list[WriteRecord], user_meta: Mapping[str, Any] | None, stats: RankStats) -> None:
-    """Send Done: this rank's chunk records and its objects (replicated values, structure and user_meta from rank 0 only)."""
+def _write_fragment(
+    tmp_path: str, path: str, rank: int, assigned: Sequence[int], records: list[WriteRecord], cells: tuple[np.ndarray, np.ndarray], storage: Storage | None
+) -> bytes:
+    """Write this rank's fragment (its records by (entry, cell)) through the storage its data went through; returns the Done payload."""
+    storage, path = get_storage(path, storage)
+    at = {t: i for i, t in enumerate(assigned)}
+    order = [at[r.tag] for r in records]  # the writer reports each assigned tensor once, tagged with its index
+    if sorted(order) != list(range(len(assigned))):
+        raise CheckpointError(f"rank {rank}: the writer reported tensors {sorted(r.tag for r in records)[:8]}, not the assigned {list(assigned)[:8]}")
+    entries, cell = cells
+    return write_fragment(storage, SaveTarget(path.rstrip("/"), tmp_path), rank, records, entries[order], cell[order])
+
+
+def _report_done(session: Session, ckpt: str, described: LocalState, payload: bytes, user_meta: Mapping[str, Any] | None, stats: RankStats) -> None:
+    """Send Done: this rank's chunk records (v2: its fragment's name, size, hash) and its objects
+    (replicated values, structure and user_meta from rank 0 only)."""
     first = session.rank == 0
     objects = encode_objects(
         described.objects if first else {}, described.local_objects, described.structure if first else None, user_meta if first else None, stats
     )
-    session.agent.send(wire.Done(session.job, ckpt, session.rank, encode_records(records), objects))
+    session.agent.send(wire.Done(session.job, ckpt, session.rank, payload, objects))
 
 
 def _log_committed(session: Session, ckpt: str, path: str, step: int | None, stats: RankStats, total_s: float, announce: bool) -> None:

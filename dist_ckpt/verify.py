@@ -247,7 +247,9 @@ def verify(path: str, workers: int = 4, progress: Progress | None = None) -> Ver
 
     Raises:
         CheckpointNotFound: nothing committed at ``path``.
-        ManifestError: the MANIFEST is malformed.
+        ManifestError: the MANIFEST is malformed; ``FragmentError`` (a subclass): a version-2
+            fragment is missing, its size or xxh3 is not the MANIFEST's, or its records are bad
+            (every fragment is checked before any chunk is).
         ValueError: ``workers`` is below 1.
     """
     if workers < 1:

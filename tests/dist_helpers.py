@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import dist_ckpt as dc
+from dist_ckpt.config import Config
 from dist_ckpt.storage.local import LocalReadHandle, LocalStorage, LocalWriteStream
 
 PLACEMENTS = {
@@ -16,6 +19,15 @@ PLACEMENTS = {
     "rep_shard0_2d": ((2, 2), lambda: [Replicate(), Shard(0)]),
     "shard0_shard1_2d": ((2, 2), lambda: [Shard(0), Shard(1)]),
 }
+
+
+def rank_files(ranks: Iterable[int]) -> set[str]:
+    """What ``ranks`` write into a checkpoint under the format this environment's saves use (``DIST_CKPT_FORMAT_VERSION``).
+
+    Version 1: ``data/rNNNNN.bin``; version 2: that and the rank's fragment ``data/rNNNNN.frag``.
+    """
+    exts = ("bin", "frag") if Config.from_env().format_version == 2 else ("bin",)
+    return {f"data/r{r:05d}.{ext}" for r in ranks for ext in exts}
 
 
 def global_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -88,3 +100,13 @@ class _CountingReadHandle(LocalReadHandle):
         n = super().preadv(buffers, offset)
         self.counted[0] += n
         return n
+
+
+def as_v1(path: str) -> None:
+    """Rewrite the checkpoint at ``path`` with its MANIFEST in format version 1 (a version-2 one's fragments
+    are then unused): for tests that craft the v1 chunk tables of a checkpoint saved in either version."""
+    from dist_ckpt.loader import read_manifest
+
+    manifest, root, _ = read_manifest(path)
+    with open(f"{root}/MANIFEST", "wb") as f:
+        f.write(manifest.to_msgpack())

@@ -110,6 +110,7 @@ def test_every_config_field_has_its_environment_variable(monkeypatch):
         "s3_part_size": (str(8 << 20), 8 << 20),
         "s3_max_in_flight": ("6", 6),
         "peer_encryption": ("1", True),
+        "format_version": ("2", 2),
     }
     import dataclasses
 

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from dist_ckpt.loader import read_manifest
+
 pytestmark = pytest.mark.timeout(180)
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_coordinator.py"
 FIELDS = ("ranks", "tensors", "plan_s", "plan_cached_s", "commit_s", "manifest_mb", "coordinator_peak_mb", "load_plan_s")
+FIELDS += ("format", "load_plan_read_mb", "manifest_index_mb", "fragments_mb", "load_plan_fragments", "load_plan_records")
 
 
 def expected_chunks(world: int, tensors: int) -> int:
@@ -30,21 +33,37 @@ def expected_chunks(world: int, tensors: int) -> int:
     return int((layout.nbytes(sizes)[:, : layout.n_sharded] > 0).sum()) + len(layout.schema) - layout.n_sharded
 
 
-@pytest.mark.parametrize("arrival", ["straggler", "burst"])
-def test_bench_coordinator_smoke(arrival, tmp_path):
+def run_bench(tmp_path: Path, *args: str) -> list[dict]:
+    """The benchmark's JSON lines, run on 8 ranks x 5 tensors unless ``args`` say otherwise."""
     env = dict(os.environ, BENCH_RECV_TIMEOUT_S="60")
-    out = subprocess.run(
-        [sys.executable, str(BENCH), "--ranks", "8", "--tensors", "5", "--procs", "2", "--arrival", arrival, "--dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=150,
-        env=env,
-    )
+    size = [] if "--from" in args else ["--ranks", "8", "--tensors", "5", "--procs", "2"]
+    out = subprocess.run([sys.executable, str(BENCH), *size, "--dir", str(tmp_path / "runs"), *args], capture_output=True, text=True, timeout=150, env=env)
     assert out.returncode == 0, out.stderr[-4000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    for name in FIELDS:
-        assert name in result, name
-    assert (result["ranks"], result["tensors"]) == (8, 5)
-    assert result["chunks"] == expected_chunks(8, 5)
-    assert result["dropped"] == {}
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-0", "ckpt-1"]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("arrival, formats", [("straggler", "both"), ("burst", "2")])
+def test_bench_coordinator_smoke(arrival, formats, tmp_path):
+    png, jsonl = tmp_path / "scale.png", tmp_path / "runs.jsonl"
+    results = run_bench(tmp_path, "--arrival", arrival, "--format", formats, "--out", str(jsonl), "--plot", str(png))
+    assert [r["format"] for r in results] == ([1, 2] if formats == "both" else [2])
+    for result in results:
+        for name in FIELDS:
+            assert name in result, name
+        assert (result["ranks"], result["tensors"]) == (8, 5)
+        assert result["chunks"] == expected_chunks(8, 5)
+        assert result["dropped"] == {}
+        assert sorted(os.listdir(tmp_path / "runs" / f"v{result['format']}-8")) == ["ckpt-0", "ckpt-1"]
+    v1 = next((r for r in results if r["format"] == 1), None)
+    if v1 is not None:  # one MANIFEST read whole: every record
+        assert v1["load_plan_records"] == v1["chunks"] and v1["fragments_mb"] == 0 and v1["load_plan_read_mb"] == v1["manifest_mb"]
+    v2 = results[-1]
+    # the simulated ranks' real fragments make a checkpoint the library reads whole (every fragment read, checked, materialised)
+    manifest, _, _ = read_manifest(str(tmp_path / "runs" / "v2-8" / "ckpt-1"))
+    assert manifest.version == 2 and sum(f is not None for f in manifest.fragments) == 8
+    assert sum(len(e.chunks) for e in manifest.tensors.values()) == v2["chunks"]
+    # and one rank's load plan reads only some of them
+    assert v2["fragments_mb"] > 0 and 1 <= v2["load_plan_fragments"] < 8 and v2["load_plan_records"] < v2["chunks"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(jsonl.read_text().splitlines()) == len(results)
+    png.unlink()  # the picture is redrawn from the saved runs alone
+    assert run_bench(tmp_path, "--from", str(jsonl), "--plot", str(png)) == [] and png.exists()

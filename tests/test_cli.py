@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from dist_helpers import as_v1
 
 import dist_ckpt as dc
 from dist_ckpt.cli import main
@@ -293,6 +294,7 @@ def test_shape_of_2_40_elements_is_refused_before_allocating(tmp_path, capsys):
             },
         )
 
+    as_v1(path)  # the chunk table to craft is version 1's
     _rewrite_manifest(path, huge)
     with pytest.raises(dc.DataFileError, match="r00000.bin has 16 bytes but its chunks .*of w.* need 4398046511104"):
         with dc.make_sync_checkpointer() as ck:

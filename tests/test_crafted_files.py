@@ -28,7 +28,7 @@ def _target() -> dict:
 
 
 def _data_file(path: str) -> str:
-    (name,) = os.listdir(f"{path}/data")
+    (name,) = [n for n in os.listdir(f"{path}/data") if n.endswith(".bin")]  # the data file (a v2 save also has its fragment)
     return f"{path}/data/{name}"
 
 

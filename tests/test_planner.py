@@ -12,9 +12,10 @@ from fuzz_gen import Gen, fuzz
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dist_ckpt.commit import CommitRequest, Records, RecordTable, build_manifest
+from dist_ckpt.commit import CommitRequest, Records, RecordTable, build_manifest, entry_names
 from dist_ckpt.description import BoxStore, SchemaCache, decode_description
 from dist_ckpt.errors import CheckpointError, WireError
+from dist_ckpt.index_build import plan_cells
 from dist_ckpt.manifest import Manifest
 from dist_ckpt.plan import PlanCache, SavePlan
 from dist_ckpt.save_planner import PlanError, RankDescription, TensorDescription, plan_save
@@ -264,6 +265,38 @@ def test_mixed_jobs_match_reference(descs):
     assert (plan.writes, plan.bytes_per_rank) == reference_plan(descs)
     cache, store = SchemaCache(), BoxStore(len(descs))  # as the coordinator: one box matrix per schema
     assert plan_save([store.put(decode_description(d.to_msgpack(), d.rank, cache)) for d in descs]) == plan
+
+
+@settings(max_examples=60, deadline=None)
+@given(mixed_jobs())
+def test_v2_cells_come_from_the_groups_boxes_without_a_chunk_layout(descs):
+    """plan_cells: every written box is its entry's split cell, owned by its writer, each cell once; no ChunkLayout built."""
+    plan = plan_save(descs)
+    cells = plan_cells(plan)
+    assert "layout" not in vars(plan) and plan.boxes is None  # nothing chunk-proportional besides the cells themselves
+    entry_of = {(key, owner): e for e, (owner, key, _, _) in enumerate(entry_names(plan))}
+    claimed: dict[int, list[int]] = {}
+    for d in descs:
+        entries, got = cells.for_rank(plan, d.rank)
+        tags = plan.writes[d.rank]
+        assert len(entries) == len(got) == len(tags)
+        for i, e, c in zip(tags, entries.tolist(), got.tolist()):
+            t = d.tensors[i]
+            assert e == entry_of[(t.key, t.owner)]
+            if math.prod(t.sizes) == 0:
+                assert c == -1
+                continue
+            split = cells.splits[e]
+            off, siz = split.cell_boxes(np.array([c]))
+            assert (tuple(off[0]), tuple(siz[0])) == (t.offsets, t.sizes) and int(split.owner(np.array([c]))[0]) == d.rank
+            claimed.setdefault(e, []).append(c)
+    for e, split in enumerate(cells.splits):
+        nonempty = np.flatnonzero(split.volumes(np.arange(split.ncells)) > 0).tolist()
+        assert sorted(claimed.get(e, [])) == nonempty, e  # each cell written exactly once
+    assert (
+        SavePlan.parse_rank_plan_v2(plan.to_msgpack_for(descs[0].rank, *cells.for_rank(plan, descs[0].rank)), len(descs[0].tensors))[0]
+        == plan.writes[descs[0].rank]
+    )
 
 
 def report_all(plan, descs, shuffle=None):

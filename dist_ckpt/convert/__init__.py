@@ -58,6 +58,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..config import Config
 from ..errors import PickleNotAllowed
 from ..flatten import KeyPath, flatten
 from ..storage import get_storage
@@ -140,6 +141,7 @@ def convert(
     progress: Progress | None = None,
     select: str | None = None,
     strip_prefix: bool = False,
+    format_version: int | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint at ``src`` into a new ``to``-format checkpoint at ``dst``.
 
@@ -157,6 +159,8 @@ def convert(
         progress: called with ``(tensor_bytes_done, tensor_bytes_total)``.
         select: keep only the values named ``select`` or ``select.*`` (dotted key paths).
         strip_prefix: (with ``select``) drop the selected prefix from the names.
+        format_version: (to dist_ckpt) 1 or 2 (docs/format.md); None: ``Config.from_env().format_version``
+            (``DIST_CKPT_FORMAT_VERSION``).
 
     Returns:
         A :class:`ConvertResult`.
@@ -176,7 +180,10 @@ def convert(
     if strip_prefix and select is None:
         raise ConvertError("--strip-prefix (strip_prefix) needs --select PREFIX: the prefix to strip")
     _check_dst(dst, to)
-    opts = Options(fmt, trust_pickle, pickle_objects)
+    version = format_version if format_version is not None else Config.from_env().format_version
+    if version not in (1, 2):
+        raise ValueError(f"format_version must be 1 or 2, got {version!r}")
+    opts = Options(fmt, trust_pickle, pickle_objects, version)
     leaves, structure = flatten(SOURCES[fmt](src, rank, trust_pickle))
     if select is not None:
         leaves, structure = flatten(_nest(list(select_leaves(leaves, select, strip_prefix).items())))

@@ -74,6 +74,7 @@ class Options:
     src_format: str
     trust_pickle: bool
     pickle_objects: bool
+    format_version: int = 1  # (to dist_ckpt) the format the sink writes: 1, or 2 (index + fragments)
 
 
 class Meter:

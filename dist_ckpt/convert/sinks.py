@@ -19,9 +19,11 @@ from ..describe import check_object
 from ..dtypes import dtype_name
 from ..errors import DistCkptError, PickleNotAllowed
 from ..flatten import KeyPath, format_path, unflatten
-from ..layout_names import TMP, sibling
+from ..fragments import read_metadata
+from ..layout_names import TMP, fragment_name, sibling
 from ..logs import get_logger
 from ..manifest import BLOCK_BYTES, ChunkTable, Manifest, Pickled, TensorEntry, unpickle_if_allowed
+from ..manifest_v2 import decode_fragment, decode_index, from_manifest
 from ..storage import SaveTarget, Storage, get_storage
 from ..writer import WriteItem, write_items
 from ._common import _ST_DTYPES, _WEIGHTS_ONLY_LEAVES, ConvertError, LazyTensor, Meter, Options, local_path
@@ -160,8 +162,8 @@ def _write_dist_ckpt(leaves: dict[KeyPath, Any], structure: Any, dst: str, meter
         # As a save's commit does: the MANIFEST names what the storage stored (S3 adds the save id to each name).
         files = tuple(storage.stored_name(target, f) for f in batch.files)
         manifest = Manifest(1, files, batch.entries, objects, structure, user_meta={"converted_from": opts.src_format})
-        data = manifest.to_msgpack()
-        Manifest.from_msgpack(data)  # the same validation a load applies, before anything is published
+        data = manifest.to_msgpack() if opts.format_version == 1 else _write_fragments(storage, target, manifest)
+        read_metadata(data, "the converted MANIFEST")  # the same validation a load applies, before anything is published
         storage.publish(target, data)
     except BaseException:
         try:
@@ -170,6 +172,22 @@ def _write_dist_ckpt(leaves: dict[KeyPath, Any], structure: Any, dst: str, meter
             log.error("removing the unfinished conversion %s failed: %s", target.location, e)
         raise
     return []
+
+
+def _write_fragments(storage: Storage, target: SaveTarget, manifest: Manifest) -> bytes:
+    """Format version 2: write each writer batch's fragment (fsync'd) and return the index, its fragments checked."""
+    index, frags = from_manifest(manifest, lambda name: storage.stored_name(target, name))
+    data = index.to_msgpack()
+    check = decode_index(data)
+    for r, frag in frags.items():
+        decode_fragment(frag, r, check)
+        stream = storage.open_stream(target, fragment_name(r))
+        try:
+            stream.append(memoryview(frag), 0)
+            stream.sync()
+        finally:
+            stream.close()
+    return data
 
 
 def _lazy_save_planner(lazy: dict[int, tuple[KeyPath, Any]], meter: Meter) -> Any:

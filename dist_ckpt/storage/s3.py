@@ -56,8 +56,8 @@ log = get_logger(__name__)  # prefixes the rank to each line
 
 _SAVE_MARK = "?save="  # location = <path>?save=<save_id>: ranks rebuild object names from it
 _SAVE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-OBJECT_RE = re.compile(r"^(?P<h>[0-9a-f]{4})\.(?P<save>[A-Za-z0-9_-]{1,64})\.(?P<file>r\d{5,}(?:-t\d{1,3})?\.bin)$")
-"""A data object's name inside ``data/``, as :func:`object_name` writes it."""
+OBJECT_RE = re.compile(r"^(?P<h>[0-9a-f]{4})\.(?P<save>[A-Za-z0-9_-]{1,64})\.(?P<file>r\d{5,}(?:(?:-t\d{1,3})?\.bin|\.frag))$")
+"""A data object's (or a version-2 fragment's) name inside ``data/``, as :func:`object_name` writes it."""
 _ZEROS = bytes(1 << 20)  # gaps between appends are sent as zeros, a MiB at a time
 
 
@@ -576,8 +576,9 @@ class S3Storage(Storage):
             return None
 
     def _referenced(self, client: S3Client, prefix: str, manifest: str) -> list[str]:
-        """The data object names a MANIFEST of checkpoint ``prefix`` references ([] if it is gone; unreadable: an error)."""
-        from ..manifest import Manifest  # the format module; imported late, only the S3 commit and gc need it
+        """The objects a MANIFEST of checkpoint ``prefix`` references: data objects, and a version-2 one's
+        fragments (named by its index; no fragment is read) ([] if it is gone; unreadable: an error)."""
+        from ..fragments import checkpoint_files, read_metadata  # the format modules; imported late, only the S3 commit and gc need them
 
         key = self._join(prefix, manifest)
         info = client.head(key)
@@ -586,7 +587,7 @@ class S3Storage(Storage):
         if info.size > MAX_READ_BYTES:
             raise UnsafeFileError(errno.EFBIG, f"s3://{client.bucket}/{key} is {info.size} bytes, more than the {MAX_READ_BYTES} a reader accepts")
         data = bytes(client.get_range(key, 0, info.size)) if info.size else b""
-        return list(Manifest.from_msgpack(data).files)
+        return list(checkpoint_files(read_metadata(data, f"s3://{client.bucket}/{key}")))
 
     def _delete_quietly(self, client: S3Client, keys: list[str], what: str) -> None:
         """Delete after a commit: a failure leaves garbage (collect_garbage removes it), never fails the committed save."""

@@ -37,9 +37,9 @@ import xxhash
 
 from ..checkpointer import AsyncCheckpointer
 from ..errors import CheckpointError, CheckpointNotFound, ChecksumError, DataFileError, ManifestError, PeerError
+from ..fragments import checkpoint_files, read_metadata
 from ..layout_names import MANIFEST, step_dir_name
 from ..logs import get_logger
-from ..manifest import Manifest
 from ..saver import report_failure
 from ..session import Session, _store, job_interface
 from ..storage.local import LocalStorage
@@ -302,7 +302,7 @@ class LocalTier:
             where = f"{layout.step_dir(self.local_root, step)}/{MANIFEST}"
             try:
                 data = reader.read_bytes(where)
-                needed = Manifest.from_msgpack(data).files
+                needed = checkpoint_files(read_metadata(data, where))
             except (OSError, ManifestError) as e:
                 log.warning("[rank %d] node-local tier: local step %d is not usable on this node: %s", self.rank, step, e)
                 continue

@@ -1,0 +1,110 @@
+"""Reading a version-2 checkpoint's metadata: the index, then only the fragments a reader needs.
+
+:func:`read_metadata` reads a MANIFEST of either version. A v2 one is an
+:class:`~dist_ckpt.manifest_v2.Index`; :func:`read_fragments` fetches fragments
+(bounded parallel reads, each checked against the index's size and xxh3
+before it is decoded), :func:`whole_manifest` materialises the whole v1-equivalent
+manifest (verify, convert, CLI, manager), and :func:`needed_manifest` only the
+cells some target boxes touch (a load).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from . import manifest_v2 as v2
+from .errors import FragmentError, ManifestError, UnsafeFileError
+from .layout_names import MANIFEST
+from .manifest import Manifest
+from .split import cells_for_box
+from .storage import Storage
+
+__all__ = ["checkpoint_files", "read_fragments", "read_metadata", "needed_cells", "needed_manifest", "whole_manifest"]
+
+FRAGMENT_READERS = 8
+"""Fragments read at once: a whole-checkpoint read of 16,384 fragments keeps at most this many requests in flight."""
+
+
+def read_metadata(data: bytes, where: str) -> Manifest | v2.Index:
+    """Decode MANIFEST bytes of either version: a v1 :class:`Manifest` or a v2 :class:`~dist_ckpt.manifest_v2.Index`.
+
+    Raises:
+        ManifestError: malformed, or a version other than 1 and 2 (names ``where``).
+    """
+    try:
+        if v2.peek_version(data) == v2.VERSION:
+            return v2.decode_index(data)
+        return Manifest.from_msgpack(data)
+    except ManifestError as e:
+        raise type(e)(f"{where}: {e}") from e
+
+
+def checkpoint_files(meta: Manifest | v2.Index) -> tuple[str, ...]:
+    """Every file a MANIFEST names, besides itself: data files, then a v2 checkpoint's fragments (none read)."""
+    frags = meta.fragments if isinstance(meta, v2.Index) else ()
+    return tuple(meta.files) + tuple(f.name for f in frags if f is not None)
+
+
+def read_fragments(storage: Storage, root: str, index: v2.Index, ranks: Iterable[int], threads: int = FRAGMENT_READERS) -> dict[int, v2.Fragment]:
+    """Read, check and decode the fragments of ``ranks`` (ranks the index lists without one are skipped).
+
+    Raises:
+        FragmentError: a fragment is missing, of the wrong size or xxh3, or its records are
+            inconsistent with the index (names the fragment's path).
+    """
+    todo = sorted({r for r in ranks if 0 <= r < len(index.fragments) and index.fragments[r] is not None})
+    if not todo:
+        return {}
+    if len(todo) == 1:
+        return {todo[0]: _read_one(storage, root, index, todo[0])}
+    with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="dist_ckpt-fragments") as pool:
+        return dict(zip(todo, pool.map(lambda r: _read_one(storage, root, index, r), todo)))
+
+
+def _read_one(storage: Storage, root: str, index: v2.Index, rank: int) -> v2.Fragment:
+    ref = index.fragments[rank]
+    assert ref is not None
+    path = f"{root}/{ref.name}"
+    try:
+        data = storage.read_bytes(path, max_bytes=ref.nbytes)
+    except FileNotFoundError as e:
+        raise FragmentError(f"fragment {path} of rank {rank}, listed in {root}/{MANIFEST}, is missing") from e
+    except UnsafeFileError as e:  # longer than the index says (refused past max_bytes), a link, not a regular file
+        raise FragmentError(f"fragment {path} of rank {rank} is not the file {root}/{MANIFEST} lists: {e}") from e
+    # Any other OSError (a failing disk or store: StorageError, DataFileError) propagates as it is: it names the
+    # object and is no statement about the checkpoint's metadata.
+    v2.check_fragment_bytes(data, ref, path)
+    return v2.decode_fragment(data, rank, index, path)
+
+
+def whole_manifest(storage: Storage, root: str, index: v2.Index) -> Manifest:
+    """The whole v1-equivalent manifest: every fragment read (and checked).
+
+    Raises:
+        FragmentError: a fragment is missing or bad, or a cell is in none.
+    """
+    return v2.materialize(index, read_fragments(storage, root, index, range(index.world_size)))
+
+
+def needed_cells(index: v2.Index, needs: Sequence[tuple[int, Sequence[int], Sequence[int]]]) -> dict[int, np.ndarray]:
+    """``{entry: ascending cells}`` that the boxes ``needs`` (``(entry, offsets, sizes)`` each) touch."""
+    found: dict[int, list[np.ndarray]] = {}
+    for e, off, siz in needs:
+        found.setdefault(e, []).append(cells_for_box(index.entries[e][2].split, off, siz))
+    return {e: np.unique(np.concatenate(c)) for e, c in found.items()}
+
+
+def needed_manifest(storage: Storage, root: str, index: v2.Index, cells: Mapping[int, np.ndarray]) -> tuple[Manifest, int]:
+    """The manifest with only ``cells`` materialised, from only their owners' fragments.
+
+    Returns:
+        ``(manifest, fragments read)``.
+    """
+    owners: set[int] = set()
+    for e, c in cells.items():
+        owners.update(np.unique(index.entries[e][2].split.owner(c)).tolist())
+    frags = read_fragments(storage, root, index, owners)
+    return v2.materialize(index, frags, dict(cells)), len(frags)
