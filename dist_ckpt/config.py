@@ -30,9 +30,10 @@ class Config:
         s3_part_size: bytes per multipart part of an ``s3://`` data object (>= 5 MiB, S3's
             minimum); each stream holds up to ``s3_max_in_flight + 1`` parts in memory.
         s3_max_in_flight: parts of one data object uploading at once (each writer thread has its own object).
-        format_version: the checkpoint format a save writes (rank 0's setting decides): 2, an index
-            MANIFEST and one fragment of chunk records per rank (docs/format.md "Version 2"), or 1,
-            one MANIFEST with every chunk record. Loads read both.
+        format_version: the checkpoint format a save writes (rank 0's setting decides): 2 (the
+            default), an index MANIFEST and one fragment of chunk records per rank (docs/format.md
+            "Version 2"), or 1, one MANIFEST with every chunk record (still written on request).
+            Loads read both.
     """
 
     timeout_s: float = 600.0
@@ -46,7 +47,7 @@ class Config:
     max_message_bytes: int = 1 << 30
     s3_part_size: int = 16 << 20
     s3_max_in_flight: int = 4
-    format_version: int = 1
+    format_version: int = 2
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.heartbeat_interval_s <= 0:

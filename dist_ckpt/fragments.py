@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from . import manifest_v2 as v2
-from .errors import FragmentError, ManifestError
+from .errors import FragmentError, ManifestError, UnsafeFileError
 from .layout_names import MANIFEST
 from .manifest import Manifest
 from .split import cells_for_box
@@ -72,8 +72,10 @@ def _read_one(storage: Storage, root: str, index: v2.Index, rank: int) -> v2.Fra
         data = storage.read_bytes(path, max_bytes=ref.nbytes)
     except FileNotFoundError as e:
         raise FragmentError(f"fragment {path} of rank {rank}, listed in {root}/{MANIFEST}, is missing") from e
-    except OSError as e:  # longer than the index says (the storage refuses past max_bytes), unreadable
-        raise FragmentError(f"fragment {path} of rank {rank} cannot be read: {e}") from e
+    except UnsafeFileError as e:  # longer than the index says (refused past max_bytes), a link, not a regular file
+        raise FragmentError(f"fragment {path} of rank {rank} is not the file {root}/{MANIFEST} lists: {e}") from e
+    # Any other OSError (a failing disk or store: StorageError, DataFileError) propagates as it is: it names the
+    # object and is no statement about the checkpoint's metadata.
     v2.check_fragment_bytes(data, ref, path)
     return v2.decode_fragment(data, rank, index, path)
 

@@ -54,6 +54,7 @@ def plan_cells(plan: SavePlan) -> PlanCells:
         owner[layout.position[gi]] = np.repeat(g.ranks.astype(np.int64), np.diff(layout.row_start[gi]))
     entry, cell = np.empty(n, np.int32), np.full(n, -1, np.int64)
     splits, next_in = [], dict(layout.base)
+    seen: dict[tuple, tuple[Split, np.ndarray]] = {}
     for e, ((_, _, _, shape), count) in enumerate(zip(entry_names(plan), layout.counts.tolist())):
         nd = len(shape)
         a = next_in.get(nd, 0)
@@ -61,7 +62,10 @@ def plan_cells(plan: SavePlan) -> PlanCells:
         b = a - layout.base.get(nd, 0)
         off = layout.offsets[nd][b : b + count] if count else np.zeros((0, nd), np.int64)
         siz = layout.sizes[nd][b : b + count] if count else np.zeros((0, nd), np.int64)
-        split, cells = detect_split(shape, off, siz, owner[a : a + count])
+        key = (tuple(shape), xxhash.xxh3_128_intdigest(off.tobytes() + siz.tobytes() + owner[a : a + count].tobytes()))
+        if key not in seen:  # tensors of one shape in one schema share their boxes and writers: split them once
+            seen[key] = detect_split(shape, off, siz, owner[a : a + count])
+        split, cells = seen[key]
         splits.append(split)
         entry[a : a + count], cell[a : a + count] = e, cells
     return PlanCells(splits, entry, cell)

@@ -237,6 +237,8 @@ class LoadInfo:
         kept_rank_local: Keys other ranks saved rank-local but this rank did not (e.g. a job saved
             on 2 ranks resumed on 4: ranks 2-3 here); this rank kept the target's value.
         converted: Tensors converted from the saved floating dtype to the target's (``strict=False``).
+        fragments_read: (a format-version-2 checkpoint) fragments of chunk records this load read:
+            only those of the ranks that wrote cells the target's boxes touch.
     """
 
     path: str = ""
@@ -245,7 +247,7 @@ class LoadInfo:
     unexpected: list[KeyPath] = field(default_factory=list)
     kept_rank_local: list[KeyPath] = field(default_factory=list)
     converted: list[KeyPath] = field(default_factory=list)
-    fragments_read: int = 0  # a version-2 checkpoint: fragments (chunk records) this load read
+    fragments_read: int = 0
 
     @property
     def not_restored(self) -> list[KeyPath]:

@@ -37,6 +37,7 @@ from .manifest import (
     LocalSection,
     Manifest,
     TensorEntry,
+    _decode_objects,
     _expect,
     _ext_hook,
     _key,
@@ -249,12 +250,6 @@ def decode_index(data: bytes) -> Index:
     )
 
 
-def _decode_objects(objs: Any, where: str) -> dict:
-    from .manifest import _decode_objects as decode
-
-    return decode(objs, where)
-
-
 def _decode_refs(refs: Any, ws: int) -> tuple[FragmentRef | None, ...]:
     _expect(refs, list, "fragments")
     if len(refs) != ws:
@@ -313,7 +308,9 @@ def decode_fragment(data: bytes, rank: int, index: Index, where: str | None = No
     Raises:
         FragmentError: naming the fragment (``where``, default its index name) and the field.
     """
-    where = where or (index.fragments[rank].name if 0 <= rank < len(index.fragments) and index.fragments[rank] else fragment_name(rank))  # type: ignore[union-attr]
+    if where is None:
+        ref = index.fragments[rank] if 0 <= rank < len(index.fragments) else None
+        where = ref.name if ref is not None else fragment_name(rank)
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as e:

@@ -150,19 +150,30 @@ def _grid(shape: tuple[int, ...], off: np.ndarray, siz: np.ndarray) -> tuple[tup
         return ((), np.zeros(1, np.int64)) if len(off) == 1 else None
     ks, dims, counts = [], [], []
     for d in range(nd):
-        u, inv = np.unique(off[:, d], return_inverse=True)
+        u, inv = _distinct(off[:, d])
         b = np.append(u, shape[d])
         if u[0] != 0 or (siz[:, d] != b[inv + 1] - b[inv]).any():
             return None
-        ks.append(inv.reshape(-1))
+        ks.append(inv)
         counts.append(len(u))
         dims.append(_compact_dim(b, shape[d]))
     if math.prod(counts) != len(off):
         return None
     cells = np.ravel_multi_index(ks, counts).astype(np.int64)
-    if len(np.unique(cells)) != len(cells):
+    if np.bincount(cells, minlength=len(cells)).max() != 1:  # cells < prod(counts) = len(cells)
         return None
     return tuple(dims), cells
+
+
+def _distinct(col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(col, return_inverse=True)``, without the sort for the two common columns: all zero
+    (a dim no box splits) and strictly rising (boxes in split order)."""
+    if not col.any():
+        return np.zeros(1, np.int64), np.zeros(len(col), np.int64)
+    if (col[1:] > col[:-1]).all():
+        return col, np.arange(len(col), dtype=np.int64)
+    u, inv = np.unique(col, return_inverse=True)
+    return u, inv.reshape(-1)
 
 
 def _compact_dim(b: np.ndarray, L: int) -> int | np.ndarray:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+from dist_ckpt.config import Config
 from dist_ckpt.storage.local import LocalReadHandle, LocalStorage, LocalWriteStream
 
 PLACEMENTS = {
@@ -15,6 +18,15 @@ PLACEMENTS = {
     "rep_shard0_2d": ((2, 2), lambda: [Replicate(), Shard(0)]),
     "shard0_shard1_2d": ((2, 2), lambda: [Shard(0), Shard(1)]),
 }
+
+
+def rank_files(ranks: Iterable[int]) -> set[str]:
+    """What ``ranks`` write into a checkpoint under the format this environment's saves use (``DIST_CKPT_FORMAT_VERSION``).
+
+    Version 1: ``data/rNNNNN.bin``; version 2: that and the rank's fragment ``data/rNNNNN.frag``.
+    """
+    exts = ("bin", "frag") if Config.from_env().format_version == 2 else ("bin",)
+    return {f"data/r{r:05d}.{ext}" for r in ranks for ext in exts}
 
 
 def global_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -479,3 +479,25 @@ def test_s3_v2_fragments_are_kept_by_gc_and_an_aborted_saves_are_collected(s3_bu
     assert storage.exists(f"{ck}/{ref.name}")
     _equal(dc.load(_zeros(), f"s3://{ck}"), saved)
     assert verify(f"s3://{ck}").ok
+
+
+@pytest.mark.parametrize(
+    "fragment, files, match",
+    [
+        (["data/r00002.frag", 10, 1], ["data/r00003.bin"], "not its own data/r00003.frag"),
+        (["data/r00003.frag", 10, 1], ["data/r00002.bin"], "not one of its own"),
+        (["data/r00003.frag", 10, 1], ["data/r00003.frag"], "not one of its own"),
+        (["../r00003.frag", 10, 1], [], "not its own"),
+        (["data/r00003.frag", 0, 1], [], "out of range"),
+        (["data/r00003.frag", 10, -1], [], "out of range"),
+        (["data/r00003.frag", 10], [], "malformed"),
+    ],
+)
+def test_done_fragment_report_is_checked_against_the_sending_rank(fragment, files, match):
+    from dist_ckpt.errors import WireError
+    from dist_ckpt.index_build import decode_fragment_report
+
+    ok = msgpack.packb({"fragment": ["data/r00003.frag", 10, 1], "files": ["data/r00003.bin", "data/r00003-t1.bin"]})
+    assert decode_fragment_report(ok, 3).files == ("data/r00003.bin", "data/r00003-t1.bin")
+    with pytest.raises(WireError, match=match):
+        decode_fragment_report(msgpack.packb({"fragment": fragment, "files": files}), 3)

@@ -22,8 +22,9 @@ from launcher import run_ranks
 pytest.importorskip("boto3", reason="boto3 is not installed: pip install -e '.[test]'")
 
 import dist_ckpt as dc
-from dist_ckpt.errors import CheckpointError, CheckpointExists, ChecksumError, DistCkptError, StorageError, UnsafeFileError
-from dist_ckpt.loader import read_manifest
+from dist_ckpt.errors import CheckpointError, CheckpointExists, ChecksumError, DistCkptError, ManifestError, StorageError, UnsafeFileError
+from dist_ckpt.fragments import checkpoint_files
+from dist_ckpt.loader import read_manifest, read_metadata_at
 from dist_ckpt.manager import CheckpointManager
 from dist_ckpt.storage import get_storage
 from dist_ckpt.storage.s3 import COALESCE_GAP, OBJECT_RE, WINDOW_BYTES, S3Storage, S3WriteStream, _coalesce
@@ -53,6 +54,14 @@ def keys(client: S3Client, prefix: str = "") -> list[str]:
     return sorted(o.key for o in client.list(prefix))
 
 
+def objects(path: str) -> list[str]:
+    """Every object the committed MANIFEST at ``s3://`` ``path`` names besides itself: data objects, and in version 2 the fragments.
+
+    Read through the process's own storage, not a test's fault-proxy one: the proxy's log stays the load's.
+    """
+    return sorted(checkpoint_files(read_metadata_at(path)[0]))
+
+
 # -- one process -----------------------------------------------------------------------
 
 
@@ -64,7 +73,9 @@ def test_save_load_overwrite_in_one_process(s3_bucket, client):
     assert root == f"{s3_bucket}/run/ck"
     (name,) = manifest.files
     assert name.startswith("data/") and OBJECT_RE.match(name[len("data/") :]), name  # the real object, named with the save id
-    assert keys(client) == sorted(["run/ck/MANIFEST", f"run/ck/{name}"])
+    stored = objects(path)  # v1: the data object; v2: and the rank's fragment, also named with the save id
+    assert name in stored and all(OBJECT_RE.match(f[len("data/") :]) for f in stored), stored
+    assert keys(client) == sorted(["run/ck/MANIFEST", *(f"run/ck/{f}" for f in stored)])
     out = {"w": torch.zeros(30, 100), "b": torch.zeros(7), "step": 0}
     assert dc.load(out, path)["step"] == 3 and torch.equal(out["w"], sd["w"])
 
@@ -74,7 +85,9 @@ def test_save_load_overwrite_in_one_process(s3_bucket, client):
     dc.save(sd, path, overwrite=True)
     (new_name,) = read_manifest(path)[0].files
     assert new_name != name
-    assert keys(client) == sorted(["run/ck/MANIFEST", f"run/ck/{new_name}"])  # the old save's object is gone
+    new_stored = objects(path)
+    assert new_name in new_stored and not set(new_stored) & set(stored)
+    assert keys(client) == sorted(["run/ck/MANIFEST", *(f"run/ck/{f}" for f in new_stored)])  # the old save's objects are gone
     dc.load(out, path)
     assert torch.equal(out["w"], sd["w"])
 
@@ -184,9 +197,9 @@ def test_requests_failing_with_500_and_resets_are_retried(s3_bucket, s3_fault_pr
     assert not [p for m, p, _ in s3_fault_proxy.log if "list-type=" in p or "uploads" in p]  # neither the save nor the load LISTs
 
 
-def _data_ranges(proxy) -> list[tuple[int, int]]:
-    """(first, last) byte of each ranged GET of a data object the proxy saw."""
-    return [(a, b) for p, a, b in proxy.ranges if "/data/" in p]
+def _data_ranges(proxy, suffix: str = ".bin") -> list[tuple[int, int]]:
+    """(first, last) byte of each ranged GET of a data object (``suffix=".frag"``: of a v2 fragment) the proxy saw."""
+    return [(a, b) for p, a, b in proxy.ranges if "/data/" in p and p.partition("?")[0].endswith(suffix)]
 
 
 def test_load_reads_each_file_in_a_few_coalesced_gets(s3_bucket, s3_fault_proxy):
@@ -199,6 +212,8 @@ def test_load_reads_each_file_in_a_few_coalesced_gets(s3_bucket, s3_fault_proxy)
     assert all(torch.equal(out[k], sd[k]) for k in sd)  # every chunk still checksum-verified by the reader
     got = _data_ranges(s3_fault_proxy)
     assert 1 <= len(got) <= dc.Config().reader_threads  # one GET per reader thread, not one per chunk (40 before)
+    fragments = [f for f in objects(path) if f.endswith(".frag")]  # v2 only: the chunk records, read before the data
+    assert len(_data_ranges(s3_fault_proxy, ".frag")) == len(fragments)  # one GET per fragment
     spans = sorted(got)
     assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # no byte fetched twice
 
@@ -209,9 +224,26 @@ def test_a_failing_coalesced_get_fails_the_load_naming_the_object(s3_bucket, s3_
     sd = {f"t{i}": torch.arange(1000.0) for i in range(8)}
     dc.save(sd, path, storage=storage)
     (name,) = read_manifest(path, storage)[0].files
-    s3_fault_proxy.inject("500", times=1000, method="GET", path_contains="/data/")  # every try of every window's GET
+    s3_fault_proxy.inject("500", times=1000, method="GET", path_contains=name)  # every try of every window's GET of the data object
     with pytest.raises(StorageError, match=name.rpartition("/")[2]):  # raised in the reading thread, not lost in the fetch pool
         dc.load({k: torch.zeros(1000) for k in sd}, path, storage=storage)
+
+
+def test_a_failing_fragment_get_fails_the_load_naming_the_fragment(s3_bucket, s3_fault_proxy):
+    storage = S3Storage(retry=FAST_RETRY, endpoint_url=s3_fault_proxy.endpoint)
+    path = f"s3://{s3_bucket}/failing-frag"
+    sd = {f"t{i}": torch.arange(1000.0) for i in range(8)}
+    ck = dc.make_sync_checkpointer(config=dc.Config(format_version=2), storage=storage)  # a version-2 save whatever the default
+    try:
+        ck.save(path, sd)
+    finally:
+        ck.close()
+    (fragment,) = [f for f in objects(path) if f.endswith(".frag")]
+    s3_fault_proxy.inject("500", times=1000, method="GET", path_contains=fragment)  # every try of the fragment's GET
+    with pytest.raises(StorageError, match=fragment.rpartition("/")[2]) as e:  # the store's failure, not a claim that the checkpoint is bad
+        dc.load({k: torch.zeros(1000) for k in sd}, path, storage=storage)
+    assert not isinstance(e.value, ManifestError)
+    assert not _data_ranges(s3_fault_proxy)  # no data object read without its records
 
 
 def test_coalescing_merges_runs_across_small_gaps_only_and_caps_windows():
@@ -284,16 +316,16 @@ def test_resume_sets_a_damaged_step_aside_in_place(s3_bucket, client):
 def test_uncommit_deletes_the_manifest_before_the_objects(s3_bucket, s3_fault_proxy, client):
     path = f"s3://{s3_bucket}/unc"
     dc.save({"w": torch.arange(100.0)}, path)
-    (name,) = read_manifest(path)[0].files
+    stored = objects(path)  # the data object (and in v2 the fragment)
     storage = S3Storage(retry=FAST_RETRY, endpoint_url=s3_fault_proxy.endpoint)
     s3_fault_proxy.inject("500", times=1000, method="POST", path_contains="delete")  # every DeleteObjects fails
     with pytest.raises(StorageError):
         storage.uncommit(f"{s3_bucket}/unc")
-    assert keys(client, "unc/") == [f"unc/{name}"]  # no longer committed; the data left is garbage
+    assert keys(client, "unc/") == [f"unc/{f}" for f in stored]  # no longer committed; the objects left are garbage
     with pytest.raises(dc.CheckpointNotFound):
         dc.load({"w": torch.zeros(100)}, path)
     s3_fault_proxy.clear()
-    assert storage.collect_garbage(f"{s3_bucket}/unc") == [f"s3://{s3_bucket}/unc/{name}"]
+    assert sorted(storage.collect_garbage(f"{s3_bucket}/unc")) == [f"s3://{s3_bucket}/unc/{f}" for f in stored]
 
 
 def test_abort_and_garbage_collection_remove_only_their_own_objects(s3_bucket, client):
@@ -335,13 +367,14 @@ def test_an_unreadable_manifest_keeps_its_objects_and_can_be_overwritten(s3_buck
     storage = S3Storage()
     leftover = _leftover(storage, f"{s3_bucket}/crafted/ck", "dead-1")
     before = keys(client, "crafted/")
+    old = objects(path)  # what the MANIFEST named before it was damaged
     client.put("crafted/ck/MANIFEST", b"\x93 not a manifest")
     assert storage.collect_garbage(f"{s3_bucket}/crafted") == []  # cannot tell what it references: nothing removed
     assert keys(client, "crafted/") == before
     dc.save({"w": torch.ones(100)}, path, overwrite=True)  # the old objects are garbage now, beside the leftover
     assert float(dc.load({"w": torch.zeros(100)}, path)["w"].sum()) == 100.0
     removed = storage.collect_garbage(f"{s3_bucket}/crafted")
-    assert len(removed) == 2 and f"s3://{s3_bucket}/{leftover}" in removed
+    assert sorted(removed) == sorted([f"s3://{s3_bucket}/{leftover}", *(f"s3://{s3_bucket}/crafted/ck/{f}" for f in old)])
 
 
 def test_garbage_collection_reads_no_manifest_in_the_steady_state(s3_bucket, s3_fault_proxy, client):
@@ -411,7 +444,7 @@ def test_manager_retention_resume_and_garbage(s3_bucket, env, client):
     left = keys(client)
     assert not [k for k in left if k.startswith("train/step-00000001/")]  # retention removed MANIFEST and objects
     assert not [k for k in left if k.startswith("train/step-00000004/")]  # the unreferenced object was collected
-    referenced = {f"train/{s}/{f}" for s in ("step-00000002", "step-00000003") for f in read_manifest(f"s3://{s3_bucket}/train/{s}")[0].files}
+    referenced = {f"train/{s}/{f}" for s in ("step-00000002", "step-00000003") for f in objects(f"s3://{s3_bucket}/train/{s}")}
     assert set(left) == {"train/step-00000002/MANIFEST", "train/step-00000003/MANIFEST"} | referenced
 
 
@@ -494,5 +527,4 @@ def test_two_jobs_committing_one_path_at_once_exactly_one_wins(s3_bucket, env, s
     assert results[1] == "saved" and results[0].startswith("CheckpointExists"), results
     assert all(outs[j][0] == outs[j][1] for j in range(2))  # every rank of a job hears the same outcome
     assert s3_fault_proxy.broken_holds == 0  # the two MANIFEST puts really were in flight together
-    files = read_manifest(path)[0].files
-    assert keys(client, "race/") == sorted(["race/MANIFEST", *(f"race/{f}" for f in files)])  # the loser removed its objects
+    assert keys(client, "race/") == sorted(["race/MANIFEST", *(f"race/{f}" for f in objects(path))])  # the loser removed its objects

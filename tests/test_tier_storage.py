@@ -20,7 +20,7 @@ from unittest.mock import ANY
 import pytest
 import torch
 import torch.distributed as dist
-from dist_helpers import dtensor, global_tensor
+from dist_helpers import dtensor, global_tensor, rank_files
 from launcher import run_ranks
 
 import dist_ckpt as dc
@@ -127,7 +127,7 @@ def _save_then_restore(rank, world, tmp, node_of_rank):
 def test_local_save_replicates_to_the_partner_node_and_a_wiped_node_or_a_flipped_byte_reads_from_peers(tmp_path):
     nodes = (0, 0, 1, 1)
     out = run_ranks(_save_then_restore, 4, str(tmp_path), nodes, env=FAST)
-    files = {f"data/r{r:05d}.bin" for r in range(4)}
+    files = rank_files(range(4))  # every rank's data file (and, in version 2, its fragment)
     for r in range(4):
         assert set(out[r]["held"]) == {5} and set(out[r]["held"][5]) == files, r  # own primaries + the partners' replicas
         assert out[r]["exact"] and out[r]["exact_after_flip"], r
@@ -200,7 +200,7 @@ def test_a_partner_sigkilled_fails_the_save_naming_it_and_keeps_the_previous_ste
     # checks completeness over the nodes); node 1, whose service is gone, keeps its halves for clear_incomplete
     assert out[0][1] == ["step-00000001", "step-00000003"]
     assert out[1][1][0] == "step-00000001" and [n.split(".tmp-")[0] for n in out[1][1][1:]] == ["step-00000002", "step-00000003"]
-    assert layout.committed_steps(str(tmp_path / "node0" / KEY)) == {1: {"data/r00000.bin": ANY, "data/r00001.bin": ANY}, 3: {"data/r00000.bin": ANY}}
+    assert layout.committed_steps(str(tmp_path / "node0" / KEY)) == {1: dict.fromkeys(rank_files((0, 1)), ANY), 3: dict.fromkeys(rank_files((0,)), ANY)}
 
 
 # -- the layout, in one process ---------------------------------------------------------

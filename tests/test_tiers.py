@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from dist_helpers import CountingStorage, dtensor
+from dist_helpers import CountingStorage, dtensor, rank_files
 from launcher import run_ranks
 
 import dist_ckpt as dc
@@ -245,7 +245,7 @@ def test_local_saves_replicas_and_persist_every(matrix: dict[int, dict[str, Any]
     assert listing["root"] == ["step-00000002"]
     assert listing["local"] == [["step-00000002", "step-00000003"]] * 2
     # primaries of the node's ranks and replicas of the other node's: every file on both nodes
-    assert listing["data3"] == [[f"r{r:05d}.bin" for r in range(4)]] * 2
+    assert listing["data3"] == [sorted(f.removeprefix("data/") for f in rank_files(range(4)))] * 2  # (v2: and every rank's fragment)
 
 
 def test_8_local_tier_never_holds_more_than_local_keep(matrix: dict[int, dict[str, Any]]) -> None:
