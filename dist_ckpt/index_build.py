@@ -26,7 +26,7 @@ from .errors import CheckpointError, WireError
 from .layout_names import DATA_FILE_RE, FRAGMENT_RE, fragment_name
 from .manifest import BLOCK_BYTES
 from .manifest_v2 import MAX_FRAGMENT_BYTES, Fragment, FragmentRef, Index, IndexEntry
-from .plan import SavePlan
+from .plan import PlanGroup, SavePlan
 from .split import Split, detect_split
 from .storage import SaveTarget, Storage
 from .writer import WriteRecord
@@ -40,6 +40,9 @@ class PlanCells:
 
     splits: list[Split]
     cells: tuple[np.ndarray, ...]  # per group, int32: the plan's write order (row-major over ``writes``)
+    # Per group, int32, the entry of each of those chunks, computed with the cells: a reply is then
+    # two slices (per rank, np.flatnonzero + entries took ~0.3 s per save at 4096 ranks x 1000 tensors).
+    entries: tuple[np.ndarray, ...]
     row_start: tuple[np.ndarray, ...]  # per group, (R + 1,): where each row's cells start
 
     def for_rank(self, plan: SavePlan, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,10 +51,8 @@ class PlanCells:
         if where is None:
             return np.zeros(0, np.int32), np.zeros(0, np.int32)
         gi, row = where
-        g = plan.groups[gi]
-        cols = np.flatnonzero(g.writes[row])
-        entries = g.entries(cols, np.full(len(cols), row, np.int64))
-        return entries, self.cells[gi][self.row_start[gi][row] : self.row_start[gi][row + 1]]
+        a, b = self.row_start[gi][row], self.row_start[gi][row + 1]
+        return self.entries[gi][a:b], self.cells[gi][a:b]
 
 
 def plan_cells(plan: SavePlan) -> PlanCells:
@@ -82,7 +83,21 @@ def plan_cells(plan: SavePlan) -> PlanCells:
             a += len(rows)
     plan.boxes = None
     row_start = tuple(np.concatenate([[0], np.cumsum(g.writes.sum(axis=1))]) for g in plan.groups)
-    return PlanCells(splits, tuple(d[g.writes] for d, g in zip(dense, plan.groups)), row_start)
+    entries = tuple(_written_entries(g, starts) for g, starts in zip(plan.groups, row_start))
+    return PlanCells(splits, tuple(d[g.writes] for d, g in zip(dense, plan.groups)), entries, row_start)
+
+
+def _written_entries(g: PlanGroup, row_start: np.ndarray, rows_per_pass: int = 256) -> np.ndarray:
+    """int32, the entry of each chunk ``g`` writes, row-major over ``g.writes`` (the order of the cells).
+
+    A few hundred rows per pass: the int64 temporaries of a 16,384-rank group
+    at once would be ~400 MB on top of the plan.
+    """
+    out = np.empty(int(row_start[-1]), np.int32)
+    for a in range(0, len(g.ranks), rows_per_pass):
+        rows, cols = np.nonzero(g.writes[a : a + rows_per_pass])
+        out[row_start[a] : row_start[min(a + rows_per_pass, len(g.ranks))]] = g.entries(cols, rows + a)
+    return out
 
 
 def _entry_parts(plan: SavePlan) -> list[list[tuple[int, int, np.ndarray]]]:
