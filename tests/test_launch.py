@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from dist_helpers import rank_files
 
 from dist_ckpt.loader import read_manifest
 
@@ -169,7 +170,7 @@ def test_torchrun_two_nodes_with_a_node_local_tier_restore_from_the_partner(tmp_
     assert sorted(os.listdir(ckpt)) == ["step-00000002", "step-00000004"]
     (job,) = os.listdir(tmp_path / "local1")
     assert sorted(os.listdir(tmp_path / "local1" / job)) == ["step-00000002", "step-00000004"]
-    assert sorted(os.listdir(tmp_path / "local1" / job / "step-00000004" / "data")) == ["r00000.bin", "r00001.bin"]
+    assert sorted(os.listdir(tmp_path / "local1" / job / "step-00000004" / "data")) == sorted(f.split("/")[1] for f in rank_files([0, 1]))
     shutil.rmtree(tmp_path / "local0")  # node 0 replaced
     logs += run(6, tmp_path / "s2.json", "run2")
     second = summary_of(tmp_path / "s2.json", logs)
