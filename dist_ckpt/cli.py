@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 from .errors import CheckpointNotFound, DistCkptError, ManifestError
 from .flatten import KeyPath, format_path
 from .layout_names import MANIFEST, SUFFIX_RE
-from .loader import read_manifest
+from .loader import read_manifest, read_metadata_at
 from .manifest import Manifest, Pickled, TensorEntry
 from .root_scan import BAD, COMMITTED, FOREIGN, INCOMPLETE, OLD, TMP, Entry, scan_root
 from .storage import Storage, Usage, get_storage, strip_scheme
@@ -142,8 +142,9 @@ def _describe_dir(storage: Storage, root: str, entry: Entry, usage: Usage | None
     d = _Dir(entry.name, _STATES[entry.kind], usage.nbytes if usage is not None else None, None, changed, entry.step, changed, entry.detail)
     if entry.kind in (COMMITTED, OLD) and storage.exists(f"{strip_scheme(path)}/{MANIFEST}"):
         try:
-            manifest, _, _ = read_manifest(strip_scheme(path), storage)  # one storage (and S3 client) for the whole listing
-            d.world_size, d.time = manifest.world_size, manifest.created
+            # one storage (and S3 client) for the whole listing; the MANIFEST alone (a v2 one's fragments are not needed)
+            meta, _, _ = read_metadata_at(strip_scheme(path), storage)
+            d.world_size, d.time = meta.world_size, meta.created
         except (ManifestError, OSError) as e:  # one bad step must not break the listing of the others
             d.state, d.detail = ("invalid" if entry.kind == COMMITTED else d.state), str(e)
     return d

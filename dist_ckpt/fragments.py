@@ -10,19 +10,21 @@ cells some target boxes touch (a load).
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from . import manifest_v2 as v2
+from .dtypes import itemsize
 from .errors import FragmentError, ManifestError, UnsafeFileError
 from .layout_names import MANIFEST
 from .manifest import Manifest
 from .split import cells_for_box
 from .storage import Storage
 
-__all__ = ["checkpoint_files", "read_fragments", "read_metadata", "needed_cells", "needed_manifest", "whole_manifest"]
+__all__ = ["checkpoint_files", "read_fragments", "read_metadata", "needed_cells", "needed_manifest", "tensor_bytes", "whole_manifest"]
 
 FRAGMENT_READERS = 8
 """Fragments read at once: a whole-checkpoint read of 16,384 fragments keeps at most this many requests in flight."""
@@ -46,6 +48,13 @@ def checkpoint_files(meta: Manifest | v2.Index) -> tuple[str, ...]:
     """Every file a MANIFEST names, besides itself: data files, then a v2 checkpoint's fragments (none read)."""
     frags = meta.fragments if isinstance(meta, v2.Index) else ()
     return tuple(meta.files) + tuple(f.name for f in frags if f is not None)
+
+
+def tensor_bytes(meta: Manifest | v2.Index) -> int:
+    """Bytes of tensor data (global and rank-local) a MANIFEST of either version describes: from dtypes and shapes, no fragment read."""
+    sections = [t for t, _ in meta.local.values()] if isinstance(meta, v2.Index) else [sec.tensors for sec in meta.local.values()]
+    entries = [*meta.tensors.values(), *(e for tensors in sections for e in tensors.values())]
+    return sum(math.prod(e.shape) * itemsize(e.dtype) for e in entries)
 
 
 def read_fragments(storage: Storage, root: str, index: v2.Index, ranks: Iterable[int], threads: int = FRAGMENT_READERS) -> dict[int, v2.Fragment]:

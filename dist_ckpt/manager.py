@@ -55,8 +55,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer, done_future, make_async_checkpointer, make_sync_checkpointer
 from .config import Config
 from .errors import CheckpointError, CheckpointExists, CheckpointNotFound, ChecksumError, CommitOutcomeUnknown, DataFileError, ManifestError
+from .fragments import tensor_bytes
 from .layout_names import MANIFEST
-from .loader import read_manifest
+from .loader import read_manifest, read_metadata_at
 from .logs import get_logger
 from .manifest import Manifest
 from .preempt import DEFAULT_STOP_SIGNALS, StopWatch, requeue_job
@@ -164,10 +165,12 @@ class SaveStats:
 
 
 def checkpoint_bytes(path: str) -> int:
-    """Bytes of tensor data (global and rank-local) in the committed checkpoint at ``path``."""
-    manifest, _, _ = read_manifest(path)
-    total = sum(e.nbytes for e in manifest.tensors.values())
-    return total + sum(e.nbytes for sec in manifest.local.values() for e in sec.tensors.values())
+    """Bytes of tensor data (global and rank-local) in the committed checkpoint at ``path``.
+
+    Read from the MANIFEST alone: after every save rank 0 logs this figure, and a
+    version-2 checkpoint's fragments (one per rank) are not needed for it.
+    """
+    return tensor_bytes(read_metadata_at(path)[0])
 
 
 # -- the manager -------------------------------------------------------------------

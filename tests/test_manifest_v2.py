@@ -407,6 +407,20 @@ def test_v1_and_v2_checkpoints_load_verify_convert_and_list(tmp_path, capsys):
     assert "step-00000001" in out and "step-00000002" in out
 
 
+def test_ls_and_the_managers_size_figure_read_the_index_alone(tmp_path, capsys):
+    from dist_ckpt.manager import checkpoint_bytes
+
+    path = str(tmp_path / "step-00000003")
+    _save_single(path, 2)
+    full = read_manifest(path)[0]
+    size = sum(e.nbytes for e in full.tensors.values()) + sum(e.nbytes for sec in full.local.values() for e in sec.tensors.values())
+    os.remove(f"{path}/data/r00000.frag")  # what reads a fragment now fails: these two must not
+    assert checkpoint_bytes(path) == size > 0
+    assert cli(["ls", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "committed" in out and "invalid" not in out, out
+
+
 def test_corrupt_or_missing_fragment_on_disk_is_a_typed_error_naming_it(tmp_path):
     path = str(tmp_path / "ck")
     _save_single(path, 2)
