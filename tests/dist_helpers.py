@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import dist_ckpt as dc
 from dist_ckpt.config import Config
+from dist_ckpt.manifest import ALIGN, BLOCK_BYTES, ChunkTable, block_counts
 from dist_ckpt.storage.local import LocalReadHandle, LocalStorage, LocalWriteStream
 
 PLACEMENTS = {
@@ -110,3 +112,15 @@ def as_v1(path: str) -> None:
     manifest, root, _ = read_manifest(path)
     with open(f"{root}/MANIFEST", "wb") as f:
         f.write(manifest.to_msgpack())
+
+
+def chunk_table(boxes, ranks, itemsize=4, blocks=False) -> ChunkTable:
+    """A v1 chunk table of ``boxes`` ((offsets, sizes) pairs), box i written by rank ``ranks[i]`` into file ``ranks[i]``."""
+    nd = len(boxes[0][0]) if boxes else 0
+    off = np.array([b[0] for b in boxes], np.int64).reshape(len(boxes), nd)
+    siz = np.array([b[1] for b in boxes], np.int64).reshape(len(boxes), nd)
+    nbytes = (np.prod(siz, axis=1) if nd else np.ones(len(boxes))).astype(np.int64) * itemsize
+    pos = np.concatenate([[0], np.cumsum(-(-nbytes // ALIGN) * ALIGN)[:-1]]).astype(np.int64)
+    xxh = np.arange(100, 100 + len(boxes), dtype=np.uint64)
+    blk = np.arange(int(block_counts(nbytes, BLOCK_BYTES).sum()), dtype=np.uint64) + 7 if blocks else None
+    return ChunkTable(off, siz, np.asarray(ranks, np.int32), pos, nbytes, xxh, blk, BLOCK_BYTES if blocks else 0)

@@ -7,27 +7,16 @@ import itertools
 import msgpack
 import numpy as np
 import pytest
+from dist_helpers import chunk_table
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dist_ckpt import manifest_v2 as v2
 from dist_ckpt.errors import FragmentError, ManifestError
-from dist_ckpt.manifest import ALIGN, BLOCK_BYTES, ChunkTable, LocalSection, Manifest, TensorEntry, block_counts
+from dist_ckpt.manifest import ChunkTable, LocalSection, Manifest, TensorEntry
 from dist_ckpt.split import cells_for_box, detect_split
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def table(boxes, ranks, itemsize=4, blocks=False):
-    """A v1 chunk table of ``boxes`` ((offsets, sizes) pairs), box i written by rank ``ranks[i]`` into file ``ranks[i]``."""
-    nd = len(boxes[0][0]) if boxes else 0
-    off = np.array([b[0] for b in boxes], np.int64).reshape(len(boxes), nd)
-    siz = np.array([b[1] for b in boxes], np.int64).reshape(len(boxes), nd)
-    nbytes = (np.prod(siz, axis=1) if nd else np.ones(len(boxes))).astype(np.int64) * itemsize
-    pos = np.concatenate([[0], np.cumsum(-(-nbytes // ALIGN) * ALIGN)[:-1]]).astype(np.int64)
-    xxh = np.arange(100, 100 + len(boxes), dtype=np.uint64)
-    blk = np.arange(int(block_counts(nbytes, BLOCK_BYTES).sum()), dtype=np.uint64) + 7 if blocks else None
-    return ChunkTable(off, siz, np.asarray(ranks, np.int32), pos, nbytes, xxh, blk, BLOCK_BYTES if blocks else 0)
 
 
 FILES = tuple(f"data/r{r:05d}.bin" for r in range(4))
@@ -37,19 +26,19 @@ def fsdp(rows, cols, ranks=4, blocks=False):
     """torch.chunk of a (rows, cols) tensor along dim 0 over ``ranks`` ranks (empty shards dropped, as the planner does)."""
     step = -(-rows // ranks)
     boxes = [((a, 0), (min(step, rows - a), cols)) for a in range(0, rows, step)]
-    return table(boxes, list(range(len(boxes))), blocks=blocks)
+    return chunk_table(boxes, list(range(len(boxes))), blocks=blocks)
 
 
 def sample_manifest(blocks=True) -> Manifest:
     tensors = {
         ("w",): TensorEntry("float32", (10, 3), fsdp(10, 3, blocks=blocks)),
-        ("bias",): TensorEntry("float32", (6,), table([((0,), (6,))], [2], blocks=blocks)),
-        ("mesh",): TensorEntry("float32", (4, 6), table([((a, b), (2, 3)) for a in (0, 2) for b in (0, 3)], [0, 1, 2, 3], blocks=blocks)),
-        ("irr",): TensorEntry("float32", (4, 4), table([((0, 0), (2, 4)), ((2, 0), (2, 1)), ((2, 1), (2, 3))], [3, 1, 0], blocks=blocks)),
-        ("scalar",): TensorEntry("int64", (), table([((), ())], [1], itemsize=8, blocks=blocks)),
+        ("bias",): TensorEntry("float32", (6,), chunk_table([((0,), (6,))], [2], blocks=blocks)),
+        ("mesh",): TensorEntry("float32", (4, 6), chunk_table([((a, b), (2, 3)) for a in (0, 2) for b in (0, 3)], [0, 1, 2, 3], blocks=blocks)),
+        ("irr",): TensorEntry("float32", (4, 4), chunk_table([((0, 0), (2, 4)), ((2, 0), (2, 1)), ((2, 1), (2, 3))], [3, 1, 0], blocks=blocks)),
+        ("scalar",): TensorEntry("int64", (), chunk_table([((), ())], [1], itemsize=8, blocks=blocks)),
         ("empty",): TensorEntry("float32", (0, 5), ChunkTable.empty(2)),
     }
-    local = {1: LocalSection({("rng",): TensorEntry("uint8", (8,), table([((0,), (8,))], [1], itemsize=1, blocks=blocks))}, {("seed",): 7})}
+    local = {1: LocalSection({("rng",): TensorEntry("uint8", (8,), chunk_table([((0,), (8,))], [1], itemsize=1, blocks=blocks))}, {("seed",): 7})}
     structure = ["d", ["w", "bias", "mesh", "irr", "scalar", "empty", "rng", "seed", "step"], [0] * 9]
     return Manifest(4, FILES, tensors, {("step",): 3}, structure, local=local, user_meta={"tag": "x"}, created=1.5e9)
 

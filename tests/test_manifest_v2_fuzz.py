@@ -26,11 +26,12 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 import pytest
+from dist_helpers import chunk_table
 
 from dist_ckpt import manifest_v2 as v2
 from dist_ckpt.dtypes import itemsize
 from dist_ckpt.errors import ManifestError
-from dist_ckpt.manifest import ALIGN, BLOCK_BYTES, ChunkTable, LocalSection, Manifest, TensorEntry, block_counts
+from dist_ckpt.manifest import ALIGN, ChunkTable, LocalSection, Manifest, TensorEntry, block_counts
 from dist_ckpt.split import cells_for_box
 
 N_INPUTS = 10_000
@@ -41,44 +42,32 @@ pytestmark = pytest.mark.timeout(300)
 # -- valid checkpoints to mutate ------------------------------------------------------------
 
 
-def _table(boxes: list, ranks: list, isz: int = 4, blocks: bool = False) -> ChunkTable:
-    """A v1 chunk table: box ``i`` (offsets, sizes) written by rank ``ranks[i]`` into file ``ranks[i]``."""
-    nd = len(boxes[0][0]) if boxes else 0
-    off = np.array([b[0] for b in boxes], np.int64).reshape(len(boxes), nd)
-    siz = np.array([b[1] for b in boxes], np.int64).reshape(len(boxes), nd)
-    nbytes = (np.prod(siz, axis=1) if nd else np.ones(len(boxes))).astype(np.int64) * isz
-    pos = np.concatenate([[0], np.cumsum(-(-nbytes // ALIGN) * ALIGN)[:-1]]).astype(np.int64)
-    xxh = np.arange(100, 100 + len(boxes), dtype=np.uint64)
-    blk = np.arange(int(block_counts(nbytes, BLOCK_BYTES).sum()), dtype=np.uint64) + 7 if blocks else None
-    return ChunkTable(off, siz, np.asarray(ranks, np.int32), pos, nbytes, xxh, blk, BLOCK_BYTES if blocks else 0)
-
-
 def _chunked(rows: int, cols: int, ranks: int, blocks: bool = False) -> ChunkTable:
     """torch.chunk of dim 0 over ``ranks`` ranks (empty shards dropped, as the planner does)."""
     step = -(-rows // ranks)
     boxes = [((a, 0), (min(step, rows - a), cols)) for a in range(0, rows, step)]
-    return _table(boxes, list(range(len(boxes))), blocks=blocks)
+    return chunk_table(boxes, list(range(len(boxes))), blocks=blocks)
 
 
 def _manifests() -> list[Manifest]:
     """Every split form (even grid, boundaries, 2-D mesh, explicit boxes, explicit owners, scalar, empty), locals, blocks."""
     files = tuple(f"data/r{r:05d}.bin" for r in range(4))
-    uneven = _table([((0,), (3,)), ((3,), (4,)), ((7,), (1,))], [1, 3, 0], isz=2)  # boundaries, owners not affine
+    uneven = chunk_table([((0,), (3,)), ((3,), (4,)), ((7,), (1,))], [1, 3, 0], itemsize=2)  # boundaries, owners not affine
     tensors = {
         ("w",): TensorEntry("float32", (10, 3), _chunked(10, 3, 4, blocks=True)),
-        ("bias",): TensorEntry("float32", (6,), _table([((0,), (6,))], [2], blocks=True)),
-        ("mesh",): TensorEntry("bfloat16", (4, 6), _table([((a, b), (2, 3)) for a in (0, 2) for b in (0, 3)], [0, 1, 2, 3], isz=2, blocks=True)),
-        ("irr",): TensorEntry("float32", (4, 4), _table([((0, 0), (2, 4)), ((2, 0), (2, 1)), ((2, 1), (2, 3))], [3, 1, 0], blocks=True)),
-        ("scalar",): TensorEntry("int64", (), _table([((), ())], [1], isz=8, blocks=True)),
+        ("bias",): TensorEntry("float32", (6,), chunk_table([((0,), (6,))], [2], blocks=True)),
+        ("mesh",): TensorEntry("bfloat16", (4, 6), chunk_table([((a, b), (2, 3)) for a in (0, 2) for b in (0, 3)], [0, 1, 2, 3], itemsize=2, blocks=True)),
+        ("irr",): TensorEntry("float32", (4, 4), chunk_table([((0, 0), (2, 4)), ((2, 0), (2, 1)), ((2, 1), (2, 3))], [3, 1, 0], blocks=True)),
+        ("scalar",): TensorEntry("int64", (), chunk_table([((), ())], [1], itemsize=8, blocks=True)),
         ("empty",): TensorEntry("float32", (0, 5), ChunkTable.empty(2)),
     }
-    local = {1: LocalSection({("rng",): TensorEntry("uint8", (8,), _table([((0,), (8,))], [1], isz=1, blocks=True))}, {("seed",): 7})}
+    local = {1: LocalSection({("rng",): TensorEntry("uint8", (8,), chunk_table([((0,), (8,))], [1], itemsize=1, blocks=True))}, {("seed",): 7})}
     structure = ["d", ["w", "bias", "mesh", "irr", "scalar", "empty", "rng", "seed", "step"], [0] * 9]
     small = Manifest(4, files, tensors, {("step",): 3}, structure, local=local, user_meta={"tag": "x"}, created=1.5e9)
     files8 = tuple(f"data/r{r:05d}.bin" for r in range(8))
     plain = {
         ("a",): TensorEntry("float32", (37, 5), _chunked(37, 5, 8)),
-        ("u",): TensorEntry("int32", (8,), _table([((0,), (3,)), ((3,), (4,)), ((7,), (1,))], [5, 7, 6], isz=4)),
+        ("u",): TensorEntry("int32", (8,), chunk_table([((0,), (3,)), ((3,), (4,)), ((7,), (1,))], [5, 7, 6], itemsize=4)),
         ("b",): TensorEntry("float16", (8,), uneven),
     }
     fsdp = Manifest(8, files8, plain, {}, ["d", ["a", "u", "b"], [0, 0, 0]], created=2.0e9)
