@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 from dist_helpers import rank_files
@@ -384,25 +384,36 @@ def two_hosts() -> Iterator[list[tuple[str, str, str]]]:
         subprocess.run(["ip", "link", "del", hosts[0][1]], capture_output=True)
 
 
-def test_two_hosts_save_on_both_restore_on_one(two_hosts, tmp_path):
-    shared = tmp_path / "shared"  # both "hosts" see the same filesystem, as with NFS or Lustre
-    ckpt = shared / "ck"
-    shared.mkdir()
-    (ns_a, dev_a, addr_a), (ns_b, dev_b, addr_b) = two_hosts
+def start_on_two_hosts(
+    hosts: list[tuple[str, str, str]], port: int, rdzv_id: str, log_for: Callable[[str], Path], args_for: Callable[[str], list[str]]
+) -> tuple[list[subprocess.Popen], list[Path]]:
+    """One torchrun agent per host (namespace), the first hosting the rendezvous on its link address; ``(procs, logs)``."""
+    addr_a = hosts[0][2]
     procs, logs = [], []
-    for ns, dev, addr, is_host in ((ns_a, dev_a, addr_a, 1), (ns_b, dev_b, addr_b, 0)):
+    for (ns, dev, addr), is_host in zip(hosts, (1, 0)):
         env = base_env(
             NNODES="2",
             NPROC_PER_NODE="1",
             MASTER_ADDR=addr_a,
-            MASTER_PORT="29400",
-            RDZV_ID=f"dck-{os.getpid()}",
+            MASTER_PORT=str(port),
+            RDZV_ID=rdzv_id,
             RDZV_CONF=f"is_host={is_host}",
             LOCAL_ADDR=addr,
             GLOO_SOCKET_IFNAME=dev,
         )
-        logs.append(tmp_path / f"{ns}.log")
-        procs.append(start(["ip", "netns", "exec", ns, "bash", str(TORCHRUN_SH), *train_args(ckpt, 4, shared / "s1.json", "--verbose")], env, logs[-1]))
+        logs.append(log_for(ns))
+        procs.append(start(["ip", "netns", "exec", ns, "bash", str(TORCHRUN_SH), *args_for(ns)], env, logs[-1]))
+    return procs, logs
+
+
+def test_two_hosts_save_on_both_restore_on_one(two_hosts, tmp_path):
+    shared = tmp_path / "shared"  # both "hosts" see the same filesystem, as with NFS or Lustre
+    ckpt = shared / "ck"
+    shared.mkdir()
+    (ns_a, _, addr_a), (ns_b, _, addr_b) = two_hosts
+    procs, logs = start_on_two_hosts(
+        two_hosts, 29400, f"dck-{os.getpid()}", lambda ns: tmp_path / f"{ns}.log", lambda ns: train_args(ckpt, 4, shared / "s1.json", "--verbose")
+    )
     codes = finish(procs, 100)
     report = "\n".join(f"--- {p}\n{tail(p)}" for p in logs)
     assert codes == [0, 0], report
@@ -429,24 +440,13 @@ def test_two_hosts_node_local_tier_restores_a_wiped_host_from_its_partner(two_ho
     shared = tmp_path / "shared"
     ckpt = shared / "ck"
     shared.mkdir()
-    (ns_a, dev_a, addr_a), (ns_b, dev_b, addr_b) = two_hosts
+    (ns_a, _, _), (ns_b, _, _) = two_hosts
 
     def run(steps: int, summary: Path, tag: str) -> dict[str, str]:
-        procs, logs = [], []
-        for ns, dev, addr, is_host in ((ns_a, dev_a, addr_a, 1), (ns_b, dev_b, addr_b, 0)):
-            env = base_env(
-                NNODES="2",
-                NPROC_PER_NODE="1",
-                MASTER_ADDR=addr_a,
-                MASTER_PORT="29401",
-                RDZV_ID=f"dck-tier-{os.getpid()}-{tag}",
-                RDZV_CONF=f"is_host={is_host}",
-                LOCAL_ADDR=addr,
-                GLOO_SOCKET_IFNAME=dev,
-            )
-            tier = ["--local-dir", str(tmp_path / f"local-{ns}"), "--replicas", "1", "--persist-every", "1", "--verbose"]
-            logs.append(tmp_path / f"{tag}-{ns}.log")
-            procs.append(start(["ip", "netns", "exec", ns, "bash", str(TORCHRUN_SH), *train_args(ckpt, steps, summary, *tier)], env, logs[-1]))
+        def args(ns: str) -> list[str]:
+            return train_args(ckpt, steps, summary, "--local-dir", str(tmp_path / f"local-{ns}"), "--replicas", "1", "--persist-every", "1", "--verbose")
+
+        procs, logs = start_on_two_hosts(two_hosts, 29401, f"dck-tier-{os.getpid()}-{tag}", lambda ns: tmp_path / f"{tag}-{ns}.log", args)
         codes = finish(procs, 120)
         assert codes == [0, 0], "\n".join(f"--- {p}\n{tail(p)}" for p in logs)
         return {ns: log.read_text() for ns, log in zip((ns_a, ns_b), logs)}
