@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import os
+import resource
 import shutil
 import threading
 import time
@@ -70,6 +71,12 @@ class PeakRSS:
             self.peak = max(self.peak, self._hwm())
 
 
+def process_cpu_s() -> float:
+    """This process's CPU seconds so far, user + system, every thread (not a writer subprocess's)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 class Bench:
     """This rank's view of the job: timing across ranks, cleanup, page-cache control."""
 
@@ -89,23 +96,30 @@ class Bench:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # CPU tensor: goes through gloo on every backend
         return t.tolist()
 
+    def sum_over_ranks(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return float(t.item())
+
     def timed(self, fn: Callable[[], Any]) -> dict[str, float]:
-        """Run ``fn`` on every rank at once; its wall time and peak RSS, max over ranks.
+        """Run ``fn`` on every rank at once; its wall time and peak RSS, max over ranks, and its CPU seconds, summed over ranks.
 
         ``fn`` may return a dict of extra per-rank seconds (e.g. ``blocked_s``), also max-reduced.
+        ``cpu_s`` is each rank's process CPU time (user + system, all its threads) over the step:
+        on cores shared by the ranks, wall time moves 2x between runs, CPU time much less.
         """
         self.settle()
         self.sync()
         with PeakRSS() as mem:
-            t0 = time.perf_counter()
+            c0, t0 = process_cpu_s(), time.perf_counter()
             extra = fn()
             extra = extra if isinstance(extra, dict) else {}  # dcp.save returns its Metadata
             if self.device == "cuda":
                 torch.cuda.synchronize()
-            elapsed = time.perf_counter() - t0
+            elapsed, cpu = time.perf_counter() - t0, process_cpu_s() - c0
         keys = sorted(extra)
         vals = self.max_over_ranks([elapsed, mem.peak / MiB, (mem.peak - mem.start) / MiB] + [extra[k] for k in keys])
-        out = {"s": vals[0], "peak_rss_mb": vals[1], "rss_growth_mb": vals[2]}
+        out = {"s": vals[0], "peak_rss_mb": vals[1], "rss_growth_mb": vals[2], "cpu_s": self.sum_over_ranks(cpu)}
         out.update(zip(keys, vals[3:]))
         return out
 

@@ -153,6 +153,19 @@ def _print_memory(r: dict[str, Any]) -> None:
     print("  (peak includes the state, the load target and arenas kept from earlier steps; growth is over the RSS at the step's start)")
 
 
+def _print_cpu(r: dict[str, Any]) -> None:
+    """CPU seconds per step, summed over the step's ranks (medians): what a step costs the host, not how long it waits."""
+    cpu = r["figures"].get("cpu_s", {})
+    if not cpu:
+        return
+    names = ["dist_ckpt", "dcp", "torch_save", "torch_load", "dcp_stager", "disk"]
+    print(f"{'CPU s summed over ranks':34}" + "".join(f"{n:>12}" for n in names))
+    print("-" * WIDTH)
+    for step, d in cpu.items():
+        print(f"{step:34}" + "".join(f"{d[n]:>12.3f}" if n in d else f"{'':>12}" for n in names))
+    print("  (each rank's process CPU time, user + system, all threads; disk: the 1-thread raw writer/reader)")
+
+
 def _print_targets(r: dict[str, Any]) -> None:
     families = ", ".join(f"{k} {op} {b:g}" for k, (op, b) in TARGETS.items())
     print(f"targets (issue 18, marked per row): {families}")
@@ -172,6 +185,8 @@ def print_table(r: dict[str, Any]) -> None:
     _print_async(r)
     print()
     _print_memory(r)
+    print()
+    _print_cpu(r)
     print()
     _print_targets(r)
     print("paired per-repetition ratios (median): " + ", ".join(f"{k} {_f(v)}" for k, v in r["paired_ratios"].items()))

@@ -113,7 +113,17 @@ def _per_rep(main: dict[str, Any], reshard: dict[int, dict[str, Any]], world: in
         "memcpy_s": [r["s"] for r in main.get("memcpy", [])],
         "reshard_load_GBps": {f"{world}to{m}": {k: gbps(v, n) for k, v in r["load"].items()} for m, r in reshard.items()},
         "reshard_load_warm_GBps": {f"{world}to{m}": {k: gbps(v, n) for k, v in r.get("load_warm", {}).items()} for m, r in reshard.items()},
+        "cpu_s": _cpu(main, reshard, world),
     }
+
+
+def _cpu(main: dict[str, Any], reshard: dict[int, dict[str, Any]], world: int) -> dict[str, dict[str, list[float]]]:
+    """CPU seconds of every repetition (summed over the step's ranks) per step and contender; steps measured without it are left out."""
+    steps = {"save": main["sync"], "async_save": main["async"], "load": main["load"], "load_warm": main.get("load_warm", {})}
+    for m, r in reshard.items():
+        steps[f"reshard_load_{world}to{m}"], steps[f"reshard_load_warm_{world}to{m}"] = r["load"], r.get("load_warm", {})
+    out = {step: {k: [r["cpu_s"] for r in v] for k, v in items.items() if v and all("cpu_s" in r for r in v)} for step, items in steps.items()}
+    return {step: d for step, d in out.items() if d}
 
 
 def _memory(main: dict[str, Any], reshard: dict[int, dict[str, Any]], world: int, field: str) -> dict[str, dict[str, float]]:
@@ -208,6 +218,7 @@ def _figures(main: dict[str, Any], reshard: dict[int, dict[str, Any]], reps: dic
         "async_total_s": {k: med(v) for k, v in reps["async_total_s"].items()},
         "async_total_GBps": {k: n / med(v) / 1e9 for k, v in reps["async_total_s"].items()},
         "dc_prepare_s": main.get("dc_prepare_s"),
+        "cpu_s": {step: {k: med(v) for k, v in d.items()} for step, d in reps["cpu_s"].items()},
         "peak_rss_mb": _memory(main, reshard, world, "peak_rss_mb"),
         "rss_growth_mb": _memory(main, reshard, world, "rss_growth_mb"),
     }

@@ -198,6 +198,10 @@ def test_bench_checkpoint_tiny_run(tmp_path):
         assert f["load_GBps"][contender] > 0 and f["load_warm_GBps"][contender] > 0, contender
     for contender in ("dist_ckpt", "dcp", "disk"):
         assert f["reshard_load_GBps"]["2to3"][contender] > 0 and f["reshard_load_warm_GBps"]["2to3"][contender] > 0, contender
+    for step in ("save", "async_save", "load", "load_warm", "reshard_load_2to3", "reshard_load_warm_2to3"):
+        for contender in ("dist_ckpt", "dcp"):  # CPU seconds of each step, summed over its ranks
+            assert f["cpu_s"][step][contender] > 0, (step, contender)
+        assert len(r["reps_raw"]["cpu_s"][step]["dist_ckpt"]) == 1, step
     for key in (
         "save_vs_dcp",
         "save_vs_disk",
