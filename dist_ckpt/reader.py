@@ -12,7 +12,8 @@ hashed right after they are read, while still in the CPU cache: a whole
 chunk in :data:`READ_PIECE` pieces, one run block by block (read in place,
 the bytes of its two edge blocks outside it read by the same ``preadv``
 into scratch); several runs (a slice of a middle dimension) are read
-as whole touched blocks into a bounce buffer, checked, and copied out.
+as whole touched blocks into a bounce buffer, checked, and copied out
+(equally spaced runs as one strided copy per span).
 A checkpoint saved before block sums (none in its manifest) cannot have a
 partial read checked; ``dist-ckpt verify`` checks every chunk.
 """
@@ -98,13 +99,44 @@ def _contiguous_region(sizes: tuple[int, ...], box_off: tuple[int, ...], box_siz
     return sum(o * s for o, s in zip(box_off, strides)), math.prod(box_size)
 
 
-def _run_op(files: _Files, task: ReadTask, op: ReadOp, verify: bool) -> int:
+class _Segment:
+    """What one thread's reads share: the files, a scratch buffer, each task's destination bytes.
+
+    The scratch holds the bytes a verified read needs but does not return
+    (edge blocks, touched blocks of a multi-run read) and grows to the
+    largest need of the segment; it lives as long as the segment's reads, so
+    a load allocates it once per thread instead of once per read (a fresh
+    buffer is zero-filled and page-faulted in: for a resharded load that was
+    every edge block of every chunk it reads part of).
+    """
+
+    def __init__(self, files: _Files, verify: bool) -> None:
+        self.files, self.verify = files, verify
+        self._scratch = bytearray(0)
+        self._views: dict[int, memoryview] = {}
+
+    def scratch(self, n: int) -> memoryview:
+        """``n`` bytes of scratch (contents undefined), valid until the next call."""
+        if len(self._scratch) < n:
+            self._scratch = bytearray(n)
+        return memoryview(self._scratch)[:n]
+
+    def view(self, task: ReadTask) -> memoryview:
+        """The bytes of ``task``'s destination, made once per task."""
+        v = self._views.get(id(task))
+        if v is None:
+            v = self._views[id(task)] = tensor_memoryview(task.dst)
+        return v
+
+
+def _run_op(seg: _Segment, task: ReadTask, op: ReadOp) -> int:
+    files, verify = seg.files, seg.verify
     item = task.dst.element_size()
     total = len(op.run_offsets) * op.run_nbytes
     region = _contiguous_region(task.sizes, op.dst_offsets, op.dst_sizes)
     if region is not None:
         start, count = region
-        target = tensor_memoryview(task.dst)[start * item : (start + count) * item]
+        target = seg.view(task)[start * item : (start + count) * item]
         bounce = None
     else:
         bounce = torch.empty(total, dtype=torch.uint8)
@@ -114,9 +146,9 @@ def _run_op(files: _Files, task: ReadTask, op: ReadOp, verify: bool) -> int:
     if verify and op.whole_chunk:
         _read_whole_chunk(files, task, op, target)
     elif by_blocks and len(op.run_offsets) > 1:
-        _read_blocks(files, task, op, target)
+        _read_blocks(seg, task, op, target)
     elif by_blocks:
-        _read_run_blocks(files, task, op, target)
+        _read_run_blocks(seg, task, op, target)
     else:
         _read_runs(files, task, op, target)
     if bounce is not None:
@@ -127,8 +159,8 @@ def _run_op(files: _Files, task: ReadTask, op: ReadOp, verify: bool) -> int:
 
 def _pread(files: _Files, task: ReadTask, op: ReadOp, buf: memoryview, off: int, more: Sequence[memoryview] = ()) -> None:
     """Fill ``buf`` (then each of ``more``) from ``off`` of the op's file, or raise naming the file and key."""
-    bufs = [buf, *more]
-    want = sum(len(b) for b in bufs)
+    bufs = [buf, *more] if more else [buf]
+    want = sum(len(b) for b in bufs) if more else len(buf)
     n = files.get(op.file).preadv(bufs, off)
     if n != want:
         raise DataFileError(f"data file {files.path(op.file)} is truncated: wanted {want} bytes at offset {off} for {format_path(task.key)}, got {n}")
@@ -167,18 +199,23 @@ def _read_whole_chunk(files: _Files, task: ReadTask, op: ReadOp, target: memoryv
         )
 
 
-def _block_mismatch(files: _Files, task: ReadTask, op: ReadOp, block: int, got: int, nbytes: int) -> ChecksumError:
+def _block_sums(task: ReadTask, op: ReadOp) -> list[int]:
+    """The manifest's sums of the op's chunk's blocks, as ints (one conversion per op, not per block)."""
     c = task.entry.chunks
-    want = int(c.blocks[c.block_starts[op.chunk] + block])  # type: ignore[index]
+    assert c.blocks is not None
+    return c.blocks[c.block_starts[op.chunk] : c.block_starts[op.chunk + 1]].tolist()
+
+
+def _block_mismatch(files: _Files, task: ReadTask, op: ReadOp, block: int, got: int, want: int, nbytes: int) -> ChecksumError:
+    c = task.entry.chunks
     off = int(c.offset[op.chunk]) + block * c.block_bytes
     return ChecksumError(
         f"checksum mismatch for {format_path(task.key)} chunk {op.chunk} block {block} in {files.path(op.file)} at offset {off} ({nbytes} bytes): xxh3 {got:016x}, manifest says {want:016x}"
     )
 
 
-def _check_block(files: _Files, task: ReadTask, op: ReadOp, block: int, parts: Sequence[memoryview]) -> None:
-    """Raise ChecksumError unless the concatenated ``parts`` hash to block ``block``'s sum."""
-    c = task.entry.chunks
+def _check_block(files: _Files, task: ReadTask, op: ReadOp, block: int, want: int, parts: Sequence[memoryview]) -> None:
+    """Raise ChecksumError unless the concatenated ``parts`` hash to ``want``, block ``block``'s sum."""
     if len(parts) == 1:
         got = xxhash.xxh3_64_intdigest(parts[0])
     else:
@@ -186,45 +223,74 @@ def _check_block(files: _Files, task: ReadTask, op: ReadOp, block: int, parts: S
         for p in parts:
             h.update(p)
         got = h.intdigest()
-    if got != int(c.blocks[c.block_starts[op.chunk] + block]):  # type: ignore[index]
-        raise _block_mismatch(files, task, op, block, got, sum(len(p) for p in parts))
+    if got != want:
+        raise _block_mismatch(files, task, op, block, got, want, sum(len(p) for p in parts))
 
 
-def _read_run_blocks(files: _Files, task: ReadTask, op: ReadOp, target: memoryview) -> None:
+def _read_run_blocks(seg: _Segment, task: ReadTask, op: ReadOp, target: memoryview) -> None:
     """One run straight into ``target``, block by block, each touched block verified as soon as it is read.
 
     The run's part of a block goes into ``target``; the head of the first
-    block and the tail of the last (outside the run) into a scratch buffer,
-    read by the same ``preadv``. Each block is hashed while its bytes are
-    still in the CPU cache.
+    block and the tail of the last (outside the run) into the segment's
+    scratch, read by the same ``preadv``. Each block is hashed while its
+    bytes are still in the CPU cache.
     """
-    c = task.entry.chunks
+    files, c = seg.files, task.entry.chunks
     bsz, base, size = c.block_bytes, int(c.offset[op.chunk]), int(c.nbytes[op.chunk])
+    sums = _block_sums(task, op)
     lo = int(op.run_offsets[0]) - base
     hi = lo + op.run_nbytes
-    for b in range(lo // bsz, (hi - 1) // bsz + 1):
+    first, last = lo // bsz, (hi - 1) // bsz
+    head, tail = lo - first * bsz, min((last + 1) * bsz, size) - hi  # bytes of the edge blocks outside the run
+    scratch = seg.scratch(head + tail)
+    for b in range(first, last + 1):
         b_lo, b_hi = b * bsz, min((b + 1) * bsz, size)
-        inner = target[max(b_lo, lo) - lo : min(b_hi, hi) - lo]
-        parts = [inner]
-        if b_lo < lo:  # the head of the first block, before the run
-            parts.insert(0, memoryview(bytearray(lo - b_lo)))
-        if b_hi > hi:  # the tail of the last block, after the run
-            parts.append(memoryview(bytearray(b_hi - hi)))
+        parts = [target[max(b_lo, lo) - lo : min(b_hi, hi) - lo]]
+        if b == first and head:
+            parts.insert(0, scratch[:head])
+        if b == last and tail:
+            parts.append(scratch[head:])
         _pread(files, task, op, parts[0], base + b_lo, parts[1:])
-        _check_block(files, task, op, b, parts)
+        _check_block(files, task, op, b, sums[b], parts)
 
 
-def _read_blocks(files: _Files, task: ReadTask, op: ReadOp, target: memoryview) -> None:
+def _copy_runs(target: memoryview, span: memoryview, s_lo: int, rel: np.ndarray, j0: int, j1: int, n: int) -> None:
+    """Copy the parts inside ``span`` (chunk bytes from ``s_lo``) of runs ``j0 .. j1 - 1`` (at chunk offsets ``rel``, ``n`` bytes each) to ``target``.
+
+    The runs wholly inside the span are one strided numpy copy when equally
+    spaced (the rows of a slice of the last dimension), not one Python step
+    per run; the two a span edge cuts (and any unequally spaced ones) are
+    copied one by one.
+    """
+    s_hi = s_lo + len(span)
+    w0 = j0 if j0 < j1 and rel[j0] >= s_lo else j0 + 1  # the wholly inside runs: w0 .. w1 - 1
+    w1 = j1 if j1 > w0 and rel[j1 - 1] + n <= s_hi else j1 - 1
+    one_by_one: Sequence[int] = range(j0, j1)
+    if w1 - w0 > 1 and np.all(np.diff(rel[w0:w1]) == rel[w0 + 1] - rel[w0]):
+        rows = np.lib.stride_tricks.as_strided(
+            np.frombuffer(span, np.uint8)[int(rel[w0]) - s_lo :], shape=(w1 - w0, n), strides=(int(rel[w0 + 1] - rel[w0]), 1), writeable=False
+        )
+        np.frombuffer(target, np.uint8)[w0 * n : w1 * n].reshape(w1 - w0, n)[...] = rows
+        one_by_one = [j for j in (j0, j1 - 1) if not w0 <= j < w1]
+    for j in sorted(set(one_by_one)):
+        r = int(rel[j])
+        a, z = max(r, s_lo), min(r + n, s_hi)
+        if a < z:
+            target[j * n + a - r : j * n + z - r] = span[a - s_lo : z - s_lo]
+
+
+def _read_blocks(seg: _Segment, task: ReadTask, op: ReadOp, target: memoryview) -> None:
     """Several runs: read the whole blocks they touch (only those), verify each, copy the runs out."""
-    c = task.entry.chunks
+    files, c = seg.files, task.entry.chunks
     bsz, base, size, n = c.block_bytes, int(c.offset[op.chunk]), int(c.nbytes[op.chunk]), op.run_nbytes
+    sums = _block_sums(task, op)
     rel = op.run_offsets - base  # run starts within the chunk, ascending
     first, last = rel // bsz, (rel + n - 1) // bsz
     touched = np.unique(segment_index(first, last - first + 1))
     # Spans of consecutive touched blocks, at most SPAN_BYTES each.
     cut = np.flatnonzero(np.diff(touched) != 1) + 1
     per = max(1, SPAN_BYTES // bsz)
-    buf = memoryview(bytearray(min(per * bsz, size)))
+    buf = seg.scratch(min(per * bsz, size))
     for run in np.split(touched, cut):
         for i in range(0, len(run), per):
             b0, b1 = int(run[i]), int(run[min(i + per, len(run)) - 1]) + 1
@@ -232,12 +298,9 @@ def _read_blocks(files: _Files, task: ReadTask, op: ReadOp, target: memoryview) 
             span = buf[: s_hi - s_lo]
             _pread(files, task, op, span, base + s_lo)
             for b in range(b0, b1):
-                _check_block(files, task, op, b, [span[b * bsz - s_lo : min((b + 1) * bsz, size) - s_lo]])
+                _check_block(files, task, op, b, sums[b], [span[b * bsz - s_lo : min((b + 1) * bsz, size) - s_lo]])
             j0, j1 = int(np.searchsorted(rel, s_lo - n, side="right")), int(np.searchsorted(rel, s_hi, side="left"))
-            for j, r in zip(range(j0, j1), rel[j0:j1].tolist()):
-                a, z = max(r, s_lo), min(r + n, s_hi)
-                if a < z:
-                    target[j * n + a - r : j * n + z - r] = span[a - s_lo : z - s_lo]
+            _copy_runs(target, span, s_lo, rel, j0, j1, n)
 
 
 _pool_lock = threading.Lock()
@@ -328,7 +391,8 @@ def read_tensors(
 
     def run(segment: list[tuple[ReadTask, ReadOp]]) -> int:
         _will_read(files, segment, verify)
-        return sum(_run_op(files, t, op, verify) for t, op in segment)
+        seg = _Segment(files, verify)
+        return sum(_run_op(seg, t, op) for t, op in segment)
 
     try:
         # The calling thread reads the first segment itself, the others go to

@@ -95,3 +95,27 @@ def test_reader_threads_are_kept_between_loads(tmp_path):
     pool = {t for t in threading.enumerate() if t.name.startswith("dist_ckpt-reader")}
     assert kept <= pool  # still there, idle, for the next load
     assert {t for _, _, t in again.calls} - {threading.current_thread()} <= pool
+
+
+T3 = torch.arange(17 * 8 * 33000, dtype=torch.int32).reshape(17, 8, 33000)  # 17.1 MiB: one chunk, 18 blocks, two spans; rows cross blocks
+
+# Boxes of T3 read as several runs: the rows of a slice of the last dim (equally spaced runs, copied out as one strided copy per
+# span), a slice of the two inner dims (runs spaced unequally at each outer index), single-row runs crossing blocks and spans.
+RUN_BOXES = {
+    "last-dim": ((0, 0, 100), (17, 8, 3000)),
+    "last-dim-wide": ((0, 0, 1), (17, 8, 32998)),
+    "two-inner-dims": ((2, 1, 40), (9, 5, 30000)),
+    "one-column": ((5, 0, 32999), (12, 8, 1)),
+}
+
+
+@pytest.mark.parametrize("box", RUN_BOXES, ids=list(RUN_BOXES))
+def test_multi_run_reads_return_the_box_with_and_without_checks(tmp_path, box):
+    path = str(tmp_path / "ck")
+    dc.save({"t": T3}, path)
+    manifest, root, _ = read_manifest(path)
+    (o0, o1, o2), sizes = RUN_BOXES[box]
+    for verify in (True, False):
+        out = torch.full(sizes, -1, dtype=torch.int32)
+        read_tensors(LocalStorage(), root, manifest.files, [ReadTask(("t",), manifest.tensors[("t",)], out, (o0, o1, o2), sizes)], verify=verify)
+        assert torch.equal(out, T3[o0 : o0 + sizes[0], o1 : o1 + sizes[1], o2 : o2 + sizes[2]]), verify
