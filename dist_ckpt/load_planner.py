@@ -9,6 +9,7 @@ front to back.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -61,8 +62,7 @@ def plan_reads(
         One :class:`ReadOp` per saved chunk that intersects the target, ordered
         by file and offset. Empty for an empty target.
     """
-    t_off = [int(x) for x in np.asarray(target_offsets, dtype=np.int64).reshape(-1)]
-    t_siz = [int(x) for x in np.asarray(target_sizes, dtype=np.int64).reshape(-1)]
+    t_off, t_siz = _ints(target_offsets), _ints(target_sizes)
     ndim = len(t_off)
     n = len(chunk_files)
     if len(t_siz) != ndim or len(chunk_file_offsets) != n or np.size(chunk_offsets) != n * ndim or np.size(chunk_sizes) != n * ndim:
@@ -74,20 +74,32 @@ def plan_reads(
     if n <= _FEW_CHUNKS:  # plain ints: a handful of chunks per tensor costs less than numpy's per-call overhead
         offs, sizs = c_off.tolist(), c_siz.tolist()
         hits = [c for c in range(n) if all(min(o + s, t + u) > max(o, t) for o, s, t, u in zip(offs[c], sizs[c], t_off, t_siz))]
+        all_files, all_bases = np.asarray(chunk_files).tolist(), np.asarray(chunk_file_offsets).tolist()
+        files, bases = [all_files[c] for c in hits], [all_bases[c] for c in hits]
         offs, sizs = [offs[c] for c in hits], [sizs[c] for c in hits]
     else:
         t_lo = np.asarray(t_off, dtype=np.int64)
         hits = np.flatnonzero((np.minimum(c_off + c_siz, t_lo + t_siz) > np.maximum(c_off, t_lo)).all(axis=1)).tolist()
         offs, sizs = c_off[hits].tolist(), c_siz[hits].tolist()
-    files, bases = np.asarray(chunk_files)[hits].tolist(), np.asarray(chunk_file_offsets)[hits].tolist()
+        files, bases = np.asarray(chunk_files)[hits].tolist(), np.asarray(chunk_file_offsets)[hits].tolist()
     ops = [_read_op(c, f, b, itemsize, cs, co, t_off, t_siz) for c, f, b, co, cs in zip(hits, files, bases, offs, sizs)]
-    ops.sort(key=lambda op: (op.file, int(op.run_offsets[0])))
+    if len(ops) > 1:
+        ops.sort(key=lambda op: (op.file, int(op.run_offsets[0])))
     return ops
+
+
+def _ints(values: Sequence[int]) -> list[int]:
+    """``values`` as plain ints (a tuple of ints, the usual box, without a numpy round trip)."""
+    if isinstance(values, (tuple, list)) and all(type(x) is int for x in values):
+        return list(values)
+    return [int(x) for x in np.asarray(values, dtype=np.int64).reshape(-1)]
 
 
 def _read_op(chunk: int, file: int, base: int, isz: int, csize: list[int], coff: list[int], t_off: list[int], t_siz: list[int]) -> ReadOp:
     """Byte runs of the chunk ``coff``/``csize``'s part inside the target box, in plain ints (a few per tensor)."""
     ndim = len(csize)
+    if coff == t_off and csize == t_siz:  # the chunk is the target box (a tensor saved and loaded whole): one run, all of it
+        return ReadOp(chunk, file, np.array([base], dtype=np.int64), math.prod(csize) * isz, True, (0,) * ndim, tuple(csize))
     lo = [max(c, t) for c, t in zip(coff, t_off)]
     sub_size = [min(c + s, t + u) - a for c, s, t, u, a in zip(coff, csize, t_off, t_siz, lo)]
     sub_off = [a - c for a, c in zip(lo, coff)]

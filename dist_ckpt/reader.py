@@ -89,6 +89,8 @@ class _Files:
 
 def _contiguous_region(sizes: tuple[int, ...], box_off: tuple[int, ...], box_size: tuple[int, ...]) -> tuple[int, int] | None:
     """Element ``(start, count)`` of a box inside a row-major array, if it is one contiguous region."""
+    if tuple(box_size) == tuple(sizes):  # the whole array (box_off is then all zeros)
+        return 0, math.prod(sizes)
     nd = len(sizes)
     k = 0
     while k < nd and box_size[k] == 1:
