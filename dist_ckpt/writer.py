@@ -11,7 +11,8 @@ thread overlaps writing on another): once whole, and once per
 the chunk can verify the blocks it reads. Both hashes run block by block,
 and each block is appended right after them, so the second hash and the copy
 into the file find the block in the CPU cache; each piece's writeback starts
-once its blocks are written.
+once its blocks are written (small chunks' together, once a piece's worth
+of them is written).
 """
 
 from __future__ import annotations
@@ -104,6 +105,35 @@ def write_items(storage: Storage, target: SaveTarget, rank: int, items: Sequence
     return [by_tag[i.tag] for i in items]
 
 
+class _Writeback:
+    """When a data file's written bytes start going to the device: a whole piece at once, small chunks together.
+
+    Starting writeback is a syscall that submits the range to the device at
+    once; after every chunk of a state of many small tensors it was most of
+    the save's CPU (3000 chunks of 1-2.5 KiB: 263 ms of CPU, 55 without).
+    So small chunks' bytes wait until a piece's worth has gathered, a large
+    chunk (or the end of the file) comes; a large chunk's pieces start one by one.
+    """
+
+    def __init__(self, handle: WriteStream) -> None:
+        self.handle = handle
+        self.start = self.end = 0  # the written range whose writeback has not started
+
+    def wrote(self, offset: int, nbytes: int) -> None:
+        """``nbytes`` were appended at ``offset``; start the writeback of a piece's worth gathered."""
+        if self.start == self.end:
+            self.start = offset
+        self.end = offset + nbytes
+        if self.end - self.start >= WRITE_PIECE:
+            self.flush()
+
+    def flush(self) -> None:
+        """Start the writeback of everything written and not yet started."""
+        if self.end > self.start:
+            self.handle.start_writeback(self.start, self.end - self.start)
+        self.start = self.end
+
+
 def _write_file(storage: Storage, target: SaveTarget, name: str, items: list[WriteItem]) -> list[WriteRecord]:
     path = f"{target.location}/{name}"
     try:
@@ -112,10 +142,12 @@ def _write_file(storage: Storage, target: SaveTarget, name: str, items: list[Wri
         raise StorageError(e.errno, f"cannot create data file {path}: {e.strerror or e}") from e
     records = []
     offset = 0
+    writeback = _Writeback(handle)
     try:
         for item in items:
-            records.append(_write_chunk(handle, name, item, offset))
+            records.append(_write_chunk(handle, name, item, offset, writeback))
             offset += -(-len(item.data) // ALIGN) * ALIGN if len(item.data) else 0
+        writeback.flush()
         handle.sync()
     except OSError as e:
         raise StorageError(e.errno, f"writing data file {path} failed at byte {offset}: {e.strerror or e}") from e
@@ -124,16 +156,20 @@ def _write_file(storage: Storage, target: SaveTarget, name: str, items: list[Wri
     return records
 
 
-def _write_chunk(handle: WriteStream, name: str, item: WriteItem, offset: int) -> WriteRecord:
-    """Append one chunk at ``offset``, hashed whole and per block, each piece's writeback started once written.
+def _write_chunk(handle: WriteStream, name: str, item: WriteItem, offset: int, writeback: _Writeback) -> WriteRecord:
+    """Append one chunk at ``offset``, hashed whole and per block, the writeback of its pieces started as they are written.
 
     Block by block: both hashes, then the append, so the second hash and the
     copy into the file (the page cache) find the block in the CPU cache; a
     whole piece is larger than the cache, and hashing a piece before writing
     it read every byte from memory twice (64 MiB per rank: 28-30 -> 24 ms of
-    CPU before the fsync).
+    CPU before the fsync). A chunk of a piece or more starts the writeback of
+    the small chunks before it, then of each of its pieces.
     """
     data = memoryview(item.data).cast("B")
+    large = len(data) >= WRITE_PIECE
+    if large:
+        writeback.flush()
     h = xxhash.xxh3_64()
     blocks: list[int] = []
     for start in range(0, len(data), WRITE_PIECE):
@@ -143,5 +179,7 @@ def _write_chunk(handle: WriteStream, name: str, item: WriteItem, offset: int) -
             h.update(block)
             blocks.append(xxhash.xxh3_64_intdigest(block))
             handle.append(block, offset + start + b)
-        handle.start_writeback(offset + start, len(piece))
+        writeback.wrote(offset + start, len(piece))
+        if large:
+            writeback.flush()
     return WriteRecord(item.tag, name, offset, len(data), h.intdigest(), np.array(blocks, np.uint64))
