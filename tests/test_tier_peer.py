@@ -127,6 +127,27 @@ def test_a_re_save_of_a_step_replaces_the_nodes_copy(service):
     client.close()
 
 
+def test_a_replica_written_into_a_recycled_step_reuses_its_file_zeroes_its_gaps_and_is_cut_at_its_end(service):
+    client = PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1)
+    _committed(client, 1, {"data/r00000.bin": b"\xff" * (4 * 4096), "data/r00000-t1.bin": b"\xee" * 10})
+    root = service.local_root
+    inode = os.stat(f"{root}/step-00000001/data/r00000.bin").st_ino
+    assert layout.recycle_step(root, 1, 2, "s-2")  # what retention does before the save of step 2
+    stream = client.replica(2, "s-2", "data/r00000.bin")
+    stream.append(memoryview(b"a" * 10), 0)
+    stream.append(memoryview(b"b" * 10), 8192)  # its gap lies over the old file's bytes
+    stream.sync()
+    stream.close()
+    client.publish(2, "s-2", b"new")
+    path = f"{root}/step-00000002/data/r00000.bin"
+    assert os.stat(path).st_ino == inode  # written over in place: no page freed, none allocated
+    with open(path, "rb") as f:
+        assert f.read() == b"a" * 10 + bytes(8192 - 10) + b"b" * 10
+    assert sorted(os.listdir(root)) == ["step-00000002"]
+    assert client.inventory() == {2: {"data/r00000.bin": 8202}}  # the file this save did not write again went with the commit
+    client.close()
+
+
 def test_abort_removes_the_save_and_keeps_committed_steps(service):
     client = PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1)
     _committed(client, 1, {"data/r00000.bin": b"x" * 10})

@@ -98,6 +98,8 @@ class _OpenFile:
     fd: int
     owner: bytes  # the connection that opened it: b"c" + its routing id, or b"b" + its bulk session's token
     tmp: str  # the save's tmp directory
+    old: int = 0  # reused (a recycled step's file): its old size, whose bytes in a gap are zeroed and past the end cut at sync
+    end: int = 0  # bytes written so far (the end of the highest write)
 
 
 class PeerService:
@@ -288,8 +290,9 @@ class PeerService:
         if len(self._files) >= MAX_OPEN:
             raise Refused(f"{MAX_OPEN} replica files are open already")
         os.makedirs(f"{tmp}/{DATA_DIR}", exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-        self._files[path] = _OpenFile(fd, owner, tmp)
+        reused = layout.reuse_file(tmp, req["name"])  # the recycled step's file of that name: written over in place
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if reused else os.O_TRUNC) | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        self._files[path] = _OpenFile(fd, owner, tmp, os.fstat(fd).st_size if reused else 0)
         return {}, None
 
     def _open_file(self, req: dict, owner: bytes) -> _OpenFile:
@@ -305,13 +308,19 @@ class PeerService:
         view, offset = data.buffer, req["offset"]
         if offset % STREAM_ALIGN or offset + len(view) > MAX_FILE_BYTES:
             raise Refused(f"write at {offset} (+{len(view)} B) is not {STREAM_ALIGN}-aligned or past {MAX_FILE_BYTES}")
+        layout.zero_stale(f.fd, f.end, offset, f.old)
+        f.end = max(f.end, offset + len(view))
         while len(view):
             n = os.pwrite(f.fd, view, offset)
             view, offset = view[n:], offset + n
         return {}, None
 
     def _op_sync(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
-        os.fsync(self._open_file(req, owner).fd)
+        f = self._open_file(req, owner)
+        if f.old > f.end:  # a reused file that was longer
+            os.ftruncate(f.fd, f.end)
+            f.old = f.end
+        os.fsync(f.fd)
         return {}, None
 
     def _op_close(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
