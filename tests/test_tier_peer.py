@@ -381,6 +381,25 @@ def test_a_sigkilled_partner_fails_the_replica_stream_naming_it(child_service):
     client.close()
 
 
+def test_replica_pieces_go_out_of_the_callers_buffer_and_a_piece_changed_before_sync_fails_its_seal(child_service, tmp_path):
+    proc, address = child_service
+    client = PeerClient(address, SECRET, rank=0, timeout_s=10, peer=1)  # the dropped connection's reply never comes
+    stream = client.replica(1, "s-1", "data/r00000.bin")  # over the bulk socket (the default)
+    data = bytearray(os.urandom(WINDOW * PIECE_BYTES))
+    proc.send_signal(signal.SIGSTOP)  # the partner takes nothing in: the last piece stays queued here (TCP buffers hold < 48 MiB)
+    try:
+        stream.append(memoryview(data), 0)  # WINDOW pieces queued, none answered yet
+        data[-1] ^= 0xFF  # a caller breaking the contract: the queued piece is sent from this buffer, not from a copy
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    with pytest.raises(PeerError, match=r"peer rank 1 \(data/r00000.bin\): replica (write|sync)"):
+        stream.sync()  # the partner refused the changed piece's seal and dropped the connection: never a wrong replica
+    stream.close()
+    client.close()
+    path = f"{layout.tmp_dir(str(tmp_path / 'child'), 1, 's-1')}/data/r00000.bin"
+    assert os.path.getsize(path) <= (WINDOW - 1) * PIECE_BYTES  # nothing of the refused piece was written
+
+
 MEMORY_CHILD = textwrap.dedent(
     """
     import os, sys, time

@@ -130,9 +130,10 @@ class _Conn:
             frames.insert(0, seal(self._bulk.key, b"req", self._seq_out, frames))
             self._seq_out += 1
         try:
-            # Copied (a memcpy at a fraction of CURVE's cost): the caller's buffer (a staging arena, maybe shared
-            # memory) is free again when append returns, whatever happens to the connection afterwards.
-            self.sock.send_multipart(frames, copy=True)
+            # Not copied (a data frame goes out of the caller's buffer: a staging arena, maybe shared memory; the
+            # small frames are copied anyway, under pyzmq's copy threshold): the caller keeps the bytes unchanged
+            # until the request's reply (PeerWriteStream: until sync). A change meanwhile fails the seal (bulk path).
+            self.sock.send_multipart(frames, copy=False)
         except zmq.ZMQError as e:  # no room within timeout_s (SNDTIMEO), or a closed context
             raise self._error(str(header.get("name", "")), f"{header['op']}: cannot send ({e})") from e
         return rid
@@ -411,9 +412,13 @@ def _client_with_key(address: str, key: bytes, rank: int, timeout_s: float, peer
 class PeerWriteStream(WriteStream):
     """A replica file being written on a peer: pieces sent with a credit window of :data:`WINDOW`.
 
-    :meth:`append` copies the data into the message it queues, so the
-    caller's buffer is free when it returns. Once a request failed the
-    stream is broken: every later call raises the same :class:`PeerError`.
+    :meth:`append` queues the data without copying it (zero-copy frames):
+    the caller keeps those bytes unchanged until :meth:`sync` returns (the
+    writer's chunks are in the staging arena or the live state, unchanged
+    until the save ends). On the bulk path a piece changed meanwhile fails
+    its seal at the peer, which drops the connection: a :class:`PeerError`,
+    never a wrong replica. Once a request failed the stream is broken:
+    every later call raises the same :class:`PeerError`.
     """
 
     def __init__(self, client: PeerClient, step: int, save_id: str, name: str) -> None:
