@@ -26,7 +26,7 @@ import zmq.utils.monitor
 from dist_ckpt.errors import PeerError, UnsafeFileError
 from dist_ckpt.layout_names import MANIFEST
 from dist_ckpt.tier import layout
-from dist_ckpt.tier.peer import MAX_FRAME, PIECE_BYTES, WINDOW, PeerClient, PeerService, peer_secret, seal, sealed_ok
+from dist_ckpt.tier.peer import MAX_FRAME, PIECE_BYTES, WINDOW, WRITE_FRAMES, PeerClient, PeerService, peer_secret, seal, sealed_ok
 from dist_ckpt.transport import secure_client
 
 pytestmark = pytest.mark.timeout(60)
@@ -145,6 +145,22 @@ def test_a_replica_written_into_a_recycled_step_reuses_its_file_zeroes_its_gaps_
         assert f.read() == b"a" * 10 + bytes(8192 - 10) + b"b" * 10
     assert sorted(os.listdir(root)) == ["step-00000002"]
     assert client.inventory() == {2: {"data/r00000.bin": 8202}}  # the file this save did not write again went with the commit
+    client.close()
+
+
+def test_a_replicas_appended_blocks_go_as_one_write_per_run_of_contiguous_bytes(service):
+    client = PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1)
+    data = os.urandom(PIECE_BYTES + 3 * MiB)
+    stream = client.replica(1, "s-1", "data/r00000.bin")
+    for start in range(0, len(data), MiB):  # as the writer appends: 1 MiB blocks
+        stream.append(memoryview(data)[start : start + MiB], start)
+    stream.append(memoryview(b"z" * 10), len(data) + 4096)  # after a gap: a run of its own
+    stream.sync()
+    stream.close()
+    assert service.served["write"] == 3  # 16 blocks, 3 blocks, the tail (it was one request per block)
+    client.publish(1, "s-1", b"m")
+    with open(f"{service.local_root}/step-00000001/data/r00000.bin", "rb") as f:
+        assert f.read() == data + bytes(4096) + b"z" * 10
     client.close()
 
 
@@ -274,6 +290,21 @@ def test_crafted_requests_from_a_secret_holder_get_error_replies(service, tmp_pa
     assert raw.op(op="inventory")["steps"] == {}
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["job", "node1"]
     assert sum(service.refused.values()) >= len(HOSTILE)
+
+
+def test_a_write_carries_at_most_write_frames_data_frames_and_piece_bytes_in_all(service, closing):
+    raw = closing(Raw(service.address, rank=0))
+    where = {"step": 1, "save": "s", "name": "data/r00000.bin"}
+    assert raw.op(op="open", **where)["ok"]
+    header = msgpack.packb({"id": 2, "op": "write", "offset": 0, **where})
+    assert raw.ask(header, b"a" * 4096, b"b" * 10)["ok"]  # a run: one frame after the other
+    too_many = raw.ask(header, *[b"c"] * (WRITE_FRAMES + 1))
+    assert not too_many["ok"] and f"write takes 2 to {WRITE_FRAMES + 1} frames" in too_many["err"]
+    too_big = raw.ask(header, bytes(PIECE_BYTES // 2 + 4096), bytes(PIECE_BYTES // 2))
+    assert not too_big["ok"] and f"over {PIECE_BYTES} B" in too_big["err"]
+    assert raw.ask(msgpack.packb({"id": 3, "op": "write", "offset": 0, **where}))["ok"] is False  # no data frame
+    with open(f"{layout.tmp_dir(service.local_root, 1, 's')}/data/r00000.bin", "rb") as f:
+        assert f.read() == b"a" * 4096 + b"b" * 10  # the refused writes wrote nothing
 
 
 def test_a_secret_holder_cannot_write_into_a_connection_it_did_not_open(service, closing):
