@@ -414,7 +414,7 @@ def test_a_sigkilled_partner_fails_the_replica_stream_naming_it(child_service):
 
 def test_replica_pieces_go_out_of_the_callers_buffer_and_a_piece_changed_before_sync_fails_its_seal(child_service, tmp_path):
     proc, address = child_service
-    client = PeerClient(address, SECRET, rank=0, timeout_s=10, peer=1)  # the dropped connection's reply never comes
+    client = PeerClient(address, SECRET, rank=0, timeout_s=10, peer=1)  # the dropped connection fails the stream at once
     stream = client.replica(1, "s-1", "data/r00000.bin")  # over the bulk socket (the default)
     data = bytearray(os.urandom(WINDOW * PIECE_BYTES))
     proc.send_signal(signal.SIGSTOP)  # the partner takes nothing in: the last piece stays queued here (TCP buffers hold < 48 MiB)
