@@ -26,7 +26,7 @@ import zmq.utils.monitor
 from dist_ckpt.errors import PeerError, UnsafeFileError
 from dist_ckpt.layout_names import MANIFEST
 from dist_ckpt.tier import layout
-from dist_ckpt.tier.peer import MAX_FRAME, PIECE_BYTES, WINDOW, PeerClient, PeerService, peer_secret, seal, sealed_ok
+from dist_ckpt.tier.peer import MAX_FRAME, PIECE_BYTES, WINDOW, WRITE_FRAMES, PeerClient, PeerService, peer_secret, seal, sealed_ok
 from dist_ckpt.transport import secure_client
 
 pytestmark = pytest.mark.timeout(60)
@@ -124,6 +124,43 @@ def test_a_re_save_of_a_step_replaces_the_nodes_copy(service):
     client.publish(3, "s-2", b"new")
     assert client.inventory() == {3: {"data/r00000.bin": 100}}
     assert sorted(os.listdir(service.local_root)) == ["step-00000003"]
+    client.close()
+
+
+def test_a_replica_written_into_a_recycled_step_reuses_its_file_zeroes_its_gaps_and_is_cut_at_its_end(service):
+    client = PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1)
+    _committed(client, 1, {"data/r00000.bin": b"\xff" * (4 * 4096), "data/r00000-t1.bin": b"\xee" * 10})
+    root = service.local_root
+    inode = os.stat(f"{root}/step-00000001/data/r00000.bin").st_ino
+    assert layout.recycle_step(root, 1, 2, "s-2")  # what retention does before the save of step 2
+    stream = client.replica(2, "s-2", "data/r00000.bin")
+    stream.append(memoryview(b"a" * 10), 0)
+    stream.append(memoryview(b"b" * 10), 8192)  # its gap lies over the old file's bytes
+    stream.sync()
+    stream.close()
+    client.publish(2, "s-2", b"new")
+    path = f"{root}/step-00000002/data/r00000.bin"
+    assert os.stat(path).st_ino == inode  # written over in place: no page freed, none allocated
+    with open(path, "rb") as f:
+        assert f.read() == b"a" * 10 + bytes(8192 - 10) + b"b" * 10
+    assert sorted(os.listdir(root)) == ["step-00000002"]
+    assert client.inventory() == {2: {"data/r00000.bin": 8202}}  # the file this save did not write again went with the commit
+    client.close()
+
+
+def test_a_replicas_appended_blocks_go_as_one_write_per_run_of_contiguous_bytes(service):
+    client = PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1)
+    data = os.urandom(PIECE_BYTES + 3 * MiB)
+    stream = client.replica(1, "s-1", "data/r00000.bin")
+    for start in range(0, len(data), MiB):  # as the writer appends: 1 MiB blocks
+        stream.append(memoryview(data)[start : start + MiB], start)
+    stream.append(memoryview(b"z" * 10), len(data) + 4096)  # after a gap: a run of its own
+    stream.sync()
+    stream.close()
+    assert service.served["write"] == 3  # 16 blocks, 3 blocks, the tail (it was one request per block)
+    client.publish(1, "s-1", b"m")
+    with open(f"{service.local_root}/step-00000001/data/r00000.bin", "rb") as f:
+        assert f.read() == data + bytes(4096) + b"z" * 10
     client.close()
 
 
@@ -255,6 +292,21 @@ def test_crafted_requests_from_a_secret_holder_get_error_replies(service, tmp_pa
     assert sum(service.refused.values()) >= len(HOSTILE)
 
 
+def test_a_write_carries_at_most_write_frames_data_frames_and_piece_bytes_in_all(service, closing):
+    raw = closing(Raw(service.address, rank=0))
+    where = {"step": 1, "save": "s", "name": "data/r00000.bin"}
+    assert raw.op(op="open", **where)["ok"]
+    header = msgpack.packb({"id": 2, "op": "write", "offset": 0, **where})
+    assert raw.ask(header, b"a" * 4096, b"b" * 10)["ok"]  # a run: one frame after the other
+    too_many = raw.ask(header, *[b"c"] * (WRITE_FRAMES + 1))
+    assert not too_many["ok"] and f"write takes 2 to {WRITE_FRAMES + 1} frames" in too_many["err"]
+    too_big = raw.ask(header, bytes(PIECE_BYTES // 2 + 4096), bytes(PIECE_BYTES // 2))
+    assert not too_big["ok"] and f"over {PIECE_BYTES} B" in too_big["err"]
+    assert raw.ask(msgpack.packb({"id": 3, "op": "write", "offset": 0, **where}))["ok"] is False  # no data frame
+    with open(f"{layout.tmp_dir(service.local_root, 1, 's')}/data/r00000.bin", "rb") as f:
+        assert f.read() == b"a" * 4096 + b"b" * 10  # the refused writes wrote nothing
+
+
 def test_a_secret_holder_cannot_write_into_a_connection_it_did_not_open(service, closing):
     owner, other = closing(Raw(service.address, rank=0)), closing(Raw(service.address, rank=0))
     where = {"step": 1, "save": "s", "name": "data/r00000.bin"}
@@ -358,6 +410,25 @@ def test_a_sigkilled_partner_fails_the_replica_stream_naming_it(child_service):
     with pytest.raises(PeerError, match=r"peer rank 1 \(data/r00000.bin\): read: the peer refused the connection"):
         client.read(1, "data/r00000.bin", 0, memoryview(bytearray(10)))
     client.close()
+
+
+def test_replica_pieces_go_out_of_the_callers_buffer_and_a_piece_changed_before_sync_fails_its_seal(child_service, tmp_path):
+    proc, address = child_service
+    client = PeerClient(address, SECRET, rank=0, timeout_s=10, peer=1)  # the dropped connection fails the stream at once
+    stream = client.replica(1, "s-1", "data/r00000.bin")  # over the bulk socket (the default)
+    data = bytearray(os.urandom(WINDOW * PIECE_BYTES))
+    proc.send_signal(signal.SIGSTOP)  # the partner takes nothing in: the last piece stays queued here (TCP buffers hold < 48 MiB)
+    try:
+        stream.append(memoryview(data), 0)  # WINDOW pieces queued, none answered yet
+        data[-1] ^= 0xFF  # a caller breaking the contract: the queued piece is sent from this buffer, not from a copy
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    with pytest.raises(PeerError, match=r"peer rank 1 \(data/r00000.bin\): replica (write|sync)"):
+        stream.sync()  # the partner refused the changed piece's seal and dropped the connection: never a wrong replica
+    stream.close()
+    client.close()
+    path = f"{layout.tmp_dir(str(tmp_path / 'child'), 1, 's-1')}/data/r00000.bin"
+    assert os.path.getsize(path) <= (WINDOW - 1) * PIECE_BYTES  # nothing of the refused piece was written
 
 
 MEMORY_CHILD = textwrap.dedent(

@@ -26,7 +26,7 @@ from launcher import run_ranks
 import dist_ckpt as dc
 from dist_ckpt.tier import layout
 from dist_ckpt.tier.peer import PeerClient, PeerService
-from dist_ckpt.tier.storage import LocalTierStorage, TieredReadStorage
+from dist_ckpt.tier.storage import LocalTierStorage, ReusedWriteStream, TieredReadStorage
 
 pytestmark = pytest.mark.timeout(120)
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "20"}
@@ -255,6 +255,37 @@ def test_commit_step_needs_the_manifest_and_replaces_an_older_copy(tmp_path):
     open(f"{tmp2}/MANIFEST", "wb").close()
     layout.commit_step(root, 2, "s-2")
     assert os.listdir(root) == ["step-00000002"] and layout.committed_steps(root) == {2: {"data/r00000.bin": 0}}
+
+
+def test_a_recycled_step_becomes_the_saves_tmp_directory_and_its_files_are_written_over_in_place(tmp_path):
+    root = str(tmp_path)
+    step = tmp_path / "step-00000001"
+    (step / "data").mkdir(parents=True)
+    (step / "MANIFEST").write_bytes(b"m")
+    (step / "data" / "r00000.bin").write_bytes(b"\xff" * (3 * 4096))
+    inode = os.stat(step / "data" / "r00000.bin").st_ino
+    assert not layout.recycle_step(root, 5, 2, "s-2")  # nothing committed there
+    os.symlink(step, tmp_path / "step-00000003")
+    assert not layout.recycle_step(root, 3, 2, "s-2")  # a link is never taken for a step
+    os.unlink(tmp_path / "step-00000003")
+    assert layout.recycle_step(root, 1, 2, "s-2")
+    tmp = layout.tmp_dir(root, 2, "s-2")
+    assert layout.committed_steps(root) == {} and sorted(os.listdir(tmp)) == ["data", "recycled"]  # un-committed: its MANIFEST went first
+    assert not layout.recycle_step(root, 1, 2, "s-2")
+    assert not layout.reuse_file(tmp, "data/r00001.bin") and not layout.reuse_file(tmp, "MANIFEST")
+    assert layout.reuse_file(tmp, "data/r00000.bin")
+    stream = ReusedWriteStream(f"{tmp}/data/r00000.bin")
+    stream.append(memoryview(b"a" * 10), 0)
+    stream.append(memoryview(b"b" * 10), 8192)
+    stream.sync()
+    stream.close()
+    with open(f"{tmp}/data/r00000.bin", "rb") as f:
+        assert f.read() == b"a" * 10 + bytes(8192 - 10) + b"b" * 10  # the gap reads as zeros, the old tail is cut
+    assert os.stat(f"{tmp}/data/r00000.bin").st_ino == inode
+    with open(f"{tmp}/MANIFEST", "wb") as f:
+        f.write(b"m2")
+    layout.commit_step(root, 2, "s-2")
+    assert sorted(os.listdir(layout.step_dir(root, 2))) == ["MANIFEST", "data"] and layout.committed_steps(root) == {2: {"data/r00000.bin": 8202}}
 
 
 def test_local_tier_paths_name_this_nodes_tree_and_nothing_outside_it(tmp_path):

@@ -258,6 +258,29 @@ def test_8_local_tier_never_holds_more_than_local_keep(matrix: dict[int, dict[st
     assert matrix[0]["listing"]["local"] == [["step-00000002", "step-00000003"]] * 2
 
 
+def _recycling_job(rank: int, world: int, base: str) -> list[bool]:
+    mgr, local_root = _manager(base, rank, (0, 1), async_save=False)
+    names = [f"data/r{r:05d}.bin" for r in range(world)]  # each node holds its rank's primary and its partner's replica
+    probe = _Probe(local_root, rank)  # the state _load_job restores into has one
+    with mgr:
+        for step in (1, 2, 3):
+            probe.step = step
+            if step == 3:  # a second name for step 1's files: they keep step 1's bytes unless step 3 is written over them
+                for i, name in enumerate(names):
+                    os.link(f"{local_root}/step-00000001/{name}", f"{base}/kept-{rank}-{i}")
+            mgr.save(step, {"w": dtensor(_full(step), world, "shard0"), "step": step, "probe": probe})
+    return [os.path.samefile(f"{base}/kept-{rank}-{i}", f"{local_root}/step-00000003/{name}") for i, name in enumerate(names)]
+
+
+def test_retention_hands_the_removed_steps_files_to_the_next_save_to_write_over(tmp_path: Path) -> None:
+    # local_keep=2: the save of step 3 removes step 1, whose pages it reuses instead of freeing and allocating them again
+    out = run_ranks(_recycling_job, 2, str(tmp_path), env=FAST, timeout=120)
+    assert out == {0: [True, True], 1: [True, True]}, out
+    for node in (0, 1):
+        assert sorted(os.listdir(_local_root(tmp_path, node))) == ["step-00000002", "step-00000003"]
+    _assert_exact(run_ranks(_load_job, 2, str(tmp_path), (0, 1), False, env=FAST, timeout=120), 3)
+
+
 # -- the failure matrix ------------------------------------------------------------------
 
 

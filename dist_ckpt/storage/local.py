@@ -81,12 +81,15 @@ def open_regular(path: str) -> tuple[int, os.stat_result]:
 
 
 class LocalWriteStream(WriteStream):
-    """A data file opened for writing; appends are ``pwrite`` calls (a gap stays a sparse hole)."""
+    """A data file opened for writing; appends are ``pwrite`` calls (a gap stays a sparse hole).
 
-    def __init__(self, path: str) -> None:
+    ``truncate=False`` keeps an existing file's bytes (a subclass that writes over them in place must zero its gaps).
+    """
+
+    def __init__(self, path: str, truncate: bool = True) -> None:
         super().__init__(path)
         self.path = path
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else 0) | os.O_CLOEXEC, 0o644)
         self._writeback = _sync_file_range
 
     def _write(self, view: memoryview, offset: int) -> None:

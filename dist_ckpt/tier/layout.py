@@ -7,6 +7,8 @@
                                                             primaries and the replicas it keeps for partners)
     <local_dir>/<job_key>/step-<N>.tmp-<save_id>/...        a local save in flight (or crashed)
     <local_dir>/<job_key>/step-<N>.old-<save_id>/...        a copy being replaced by a re-save of step N
+    <local_dir>/<job_key>/step-<N>.tmp-<save_id>/recycled/  (in a save in flight) the data files of the step
+                                                            retention removed for it, reused file by file
 
 A node's copy of a step is committed iff its step directory holds a regular
 ``MANIFEST``: :func:`commit_step` fsyncs the manifest in the tmp directory
@@ -41,12 +43,18 @@ __all__ = [
     "committed_steps",
     "commit_step",
     "remove_step",
+    "recycle_step",
+    "reuse_file",
+    "zero_stale",
     "clear_incomplete",
 ]
 
 SAVE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 """A save id that may name a ``.tmp-`` directory (the coordinator's ``<job[:8]>-<seq>``)."""
 MAX_STEP = (1 << 63) - 1
+RECYCLED = "recycled"
+"""In a save's tmp directory: the data files of the step retention removed for it, until each is reused or the save commits."""
+_ZEROS = bytes(1 << 20)
 
 
 def job_key(root: str) -> str:
@@ -227,6 +235,7 @@ def commit_step(local_root: str, step: int, save_id: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    shutil.rmtree(f"{tmp}/{RECYCLED}", ignore_errors=True)  # what a recycled step held that this save did not write again
     fsync_dir(tmp)
     old = None
     if os.path.lexists(final):
@@ -248,6 +257,68 @@ def remove_step(local_root: str, step: int) -> None:
         OSError: it could not be un-committed (it is then still committed).
     """
     LocalStorage().uncommit(step_dir(local_root, step))
+
+
+def recycle_step(local_root: str, step: int, new_step: int, save_id: str) -> bool:
+    """Un-commit ``step`` by making it the tmp directory of save ``save_id`` of ``new_step``, its data files kept for reuse.
+
+    The save then writes each of its files over the removed step's file of
+    the same name (:func:`reuse_file`) instead of this node freeing every page
+    of the old step and allocating as many again (on tmpfs the two cost about
+    as much as writing the bytes). The rename un-commits atomically: a crash
+    leaves a ``.tmp-`` directory, cleared at the next start. Nothing is done
+    (False) when ``step`` is not a committed directory (a link is never one)
+    or the save's tmp directory exists already.
+
+    Returns:
+        Whether ``step`` was recycled (else it is untouched).
+
+    Raises:
+        OSError: a rename failed; ``step`` is then still committed, or only a tmp directory.
+    """
+    src, dst = step_dir(local_root, step), tmp_dir(local_root, new_step, save_id)
+    if not (_is_dir(src) and _is_dir(f"{src}/{DATA_DIR}") and _is_regular(f"{src}/{MANIFEST}")) or os.path.lexists(dst):
+        return False
+    os.rename(src, dst)
+    os.unlink(f"{dst}/{MANIFEST}")
+    os.rename(f"{dst}/{DATA_DIR}", f"{dst}/{RECYCLED}")
+    os.mkdir(f"{dst}/{DATA_DIR}")
+    return True
+
+
+def reuse_file(tmp: str, name: str) -> bool:
+    """Move data file ``name`` of the step recycled into save directory ``tmp`` (if it held one) to its place there.
+
+    Returns:
+        Whether a file was moved: its writer then overwrites it in place (see :func:`zero_stale`).
+    """
+    if not name.startswith(f"{DATA_DIR}/"):
+        return False
+    src = f"{tmp}/{RECYCLED}/{name[len(DATA_DIR) + 1 :]}"
+    try:
+        if not stat.S_ISREG(os.lstat(src).st_mode):
+            return False
+        os.rename(src, f"{tmp}/{name}")
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def zero_stale(fd: int, start: int, stop: int, old_size: int) -> None:
+    """Zero the bytes ``[start, stop)`` of a reused file that still hold its old content (those below ``old_size``).
+
+    A stream's gap must read as zeros; past the old size it already does.
+    """
+    stop = min(stop, old_size)
+    while start < stop:
+        start += os.pwrite(fd, memoryview(_ZEROS)[: min(len(_ZEROS), stop - start)], start)
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def clear_incomplete(local_root: str, keep: str | None = None) -> list[str]:

@@ -8,7 +8,9 @@ rank calls its methods together, through the manager's ``save``/``load``)::
               fewer nodes than replicas + 1; (each node's leader) remove local
               saves a crash left half-written
     save      (each node's leader) drop old local steps so that, with the one
-              being written, at most local_keep remain; (every rank) save to
+              being written, at most local_keep remain (the newest of them is
+              recycled: its files are written over by this save, not freed and
+              allocated again); (every rank) save to
               the local tier (own node + replicas on partner nodes); every
               persist_every-th save then also to the durable root, from the
               same staged host bytes, in the save thread
@@ -168,12 +170,15 @@ class LocalTier:
         """Committed local steps on this node, ascending."""
         return sorted(layout.committed_steps(self.local_root))
 
-    def prune(self, step: int) -> list[int]:
+    def prune(self, step: int, save_id: str | None = None) -> list[int]:
         """(each node's leader, in the save thread, before its plan request for ``step``) Remove this node's old local steps.
 
         Keeps the newest ``local_keep - 1`` others, so with ``step`` being written at most
         ``local_keep`` are here; a committed copy of ``step`` itself goes too (it is being replaced).
         The previous save is done, and every restore's reads were agreed on: nobody reads them.
+        With ``save_id``, the newest of them is not deleted but recycled into that save's tmp
+        directory (:func:`layout.recycle_step`): a rename here, and the save writes over its
+        files' pages instead of this thread freeing them (on tmpfs about as costly as the write).
 
         Returns:
             The steps removed.
@@ -183,10 +188,23 @@ class LocalTier:
         others = [s for s in self.local_steps() if s != step]
         keep = set(others[len(others) - (self.local_keep - 1) :]) if self.local_keep > 1 else set()
         doomed = [s for s in self.local_steps() if s not in keep]
+        recycled = None
+        # the save's tmp directory is named as the coordinator names a save's location (coordinator.py, save_target)
+        tmp_id = f"{self.session.job[:8]}-{save_id}"
+        if doomed and save_id is not None and layout.recycle_step(self.local_root, doomed[-1], step, tmp_id):
+            recycled = doomed[-1]
         for s in doomed:
-            layout.remove_step(self.local_root, s)
+            if s != recycled:
+                layout.remove_step(self.local_root, s)
         if doomed:
-            log.info("[rank %d] node-local tier: removed local step(s) %s of node %d (local_keep=%d)", self.rank, doomed, self.topology.node, self.local_keep)
+            log.info(
+                "[rank %d] node-local tier: removed local step(s) %s of node %d (local_keep=%d)%s",
+                self.rank,
+                doomed,
+                self.topology.node,
+                self.local_keep,
+                f"; step {recycled}'s files are reused by step {step}" if recycled is not None else "",
+            )
         return doomed
 
     def save(
@@ -253,8 +271,9 @@ class LocalTier:
         """
         t_call, t_start, t_staged = times
         writer = mgr._ckpt.writer
-        try:  # here, not on the training thread: removing a step from memory costs about as much as writing it
-            self.prune(step)
+        save_id = save_id if save_id is not None else writer.session.next_save_id()  # its tmp directory takes a recycled step
+        try:  # here, not on the training thread (a step's recycling falls back to removing it, which costs about as much as writing it)
+            self.prune(step, save_id)
         except OSError as e:  # retention must not fail the save (this rank alone would miss it); the next save retries
             log.error("[rank %d] node-local tier: removing old local steps before step %d failed: %s", self.rank, step, e)
         try:

@@ -5,7 +5,7 @@ with its own ``zmq.Context``, a CURVE ROUTER behind a ZAP gate like the
 coordinator's). It serves, for its node's local tree
 (:mod:`dist_ckpt.tier.layout`):
 
-* replica writes: ``open`` → ``write`` pieces → ``sync`` → ``close`` of a
+* replica writes: ``open`` → ``write`` runs (1 to :data:`WRITE_FRAMES` data frames) → ``sync`` → ``close`` of a
   data file in ``step-N.tmp-<save_id>/``; only the file's origin rank may
   write it (a rank's file is named after it);
 * the commit of the node's copy: the manifest is written as a file named
@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgpack
+import numpy as np
 import zmq
 
 from ..layout_names import DATA_DIR, MANIFEST
@@ -69,13 +70,28 @@ from ..transport import PLAIN_ADMITTED_SENT, ConnectionGate, ZapGate, pending_ca
 from . import layout
 from .bulk import MAX_SESSIONS, SessionTable, bind_bulk_socket, seal, sealed_ok
 from .peer_client import PeerClient, PeerWriteStream
-from .peer_protocol import IO_THREADS, MAX_FILE_BYTES, MAX_FRAME, MAX_HEADER, OPS, PIECE_BYTES, QUEUE, REPLY_WAIT_S, WINDOW, Refused, check_request, peer_secret
+from .peer_protocol import (
+    IO_THREADS,
+    MAX_FILE_BYTES,
+    MAX_FRAME,
+    MAX_HEADER,
+    OPS,
+    PIECE_BYTES,
+    QUEUE,
+    REPLY_WAIT_S,
+    WINDOW,
+    WRITE_FRAMES,
+    Refused,
+    check_request,
+    peer_secret,
+)
 
 log = get_logger(__name__)
 
 # the names other modules and tests import from here, wherever they live now
 __all__ = [
     "PIECE_BYTES",
+    "WRITE_FRAMES",
     "WINDOW",
     "MAX_FRAME",
     "MAX_FILE_BYTES",
@@ -91,6 +107,7 @@ __all__ = [
 MAX_OPEN = 256
 """Replica files one service keeps open at once; an ``open`` beyond is refused."""
 _POLL_S = 0.1
+_IOV_MAX = 1024
 
 
 @dataclass
@@ -98,6 +115,8 @@ class _OpenFile:
     fd: int
     owner: bytes  # the connection that opened it: b"c" + its routing id, or b"b" + its bulk session's token
     tmp: str  # the save's tmp directory
+    old: int = 0  # reused (a recycled step's file): its old size, whose bytes in a gap are zeroed and past the end cut at sync
+    end: int = 0  # bytes written so far (the end of the highest write)
 
 
 class PeerService:
@@ -230,7 +249,7 @@ class PeerService:
         token = user if isinstance(user, str) else ""
         session = self._sessions.get(token)
         body = frames[2:]
-        if session is None or not 1 <= len(body) <= 2 or not sealed_ok(session.key, b"req", session.seq_in, frames[1].buffer, body):
+        if session is None or not 1 <= len(body) <= 1 + WRITE_FRAMES or not sealed_ok(session.key, b"req", session.seq_in, frames[1].buffer, body):
             self._count("bulk-seal", "refused a bulk frame (unknown session, out of sequence, or a bad MAC); its connection is dropped")
             self._sessions.forget(token)
             with contextlib.suppress(zmq.ZMQError, TypeError):
@@ -260,7 +279,7 @@ class PeerService:
             op = req["op"]
             if op == "bulk" and bulk:
                 raise Refused("a bulk session is asked for over CURVE only")
-            extra, data = getattr(self, f"_op_{op}")(req, owner, frames[1] if len(frames) > 1 else None)
+            extra, data = getattr(self, f"_op_{op}")(req, owner, frames[1:])
             self.served[op] += 1
             return [msgpack.packb({"id": rid, "ok": True, **extra}), *([data] if data is not None else [])]
         except Refused as e:
@@ -277,7 +296,7 @@ class PeerService:
 
     # -- ops: each returns (reply fields, data frame or None) --------------------
 
-    def _op_open(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
+    def _op_open(self, req: dict, owner: bytes, data: list[zmq.Frame]) -> tuple[dict, Any]:
         tmp = layout.tmp_dir(self.local_root, req["step"], req["save"])
         path = f"{tmp}/{req['name']}"
         old = self._files.pop(path, None)
@@ -288,8 +307,9 @@ class PeerService:
         if len(self._files) >= MAX_OPEN:
             raise Refused(f"{MAX_OPEN} replica files are open already")
         os.makedirs(f"{tmp}/{DATA_DIR}", exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-        self._files[path] = _OpenFile(fd, owner, tmp)
+        reused = layout.reuse_file(tmp, req["name"])  # the recycled step's file of that name: written over in place
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if reused else os.O_TRUNC) | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        self._files[path] = _OpenFile(fd, owner, tmp, os.fstat(fd).st_size if reused else 0)
         return {}, None
 
     def _open_file(self, req: dict, owner: bytes) -> _OpenFile:
@@ -299,34 +319,39 @@ class PeerService:
             raise Refused(f"{req['name']} of save {req['save']} is not open on this connection")
         return f
 
-    def _op_write(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
+    def _op_write(self, req: dict, owner: bytes, data: list[zmq.Frame]) -> tuple[dict, Any]:
+        """Bytes at ``offset``: the data frames one after the other (a run of the writer's blocks, contiguous in the file)."""
         f = self._open_file(req, owner)
-        assert data is not None  # the op's frame count was checked
-        view, offset = data.buffer, req["offset"]
-        if offset % STREAM_ALIGN or offset + len(view) > MAX_FILE_BYTES:
-            raise Refused(f"write at {offset} (+{len(view)} B) is not {STREAM_ALIGN}-aligned or past {MAX_FILE_BYTES}")
-        while len(view):
-            n = os.pwrite(f.fd, view, offset)
-            view, offset = view[n:], offset + n
+        views, offset = [d.buffer for d in data], req["offset"]  # 1..WRITE_FRAMES frames: the op's frame count was checked
+        total = sum(v.nbytes for v in views)
+        if offset % STREAM_ALIGN or total > PIECE_BYTES or offset + total > MAX_FILE_BYTES:
+            raise Refused(f"write at {offset} (+{total} B) is not {STREAM_ALIGN}-aligned, over {PIECE_BYTES} B or past {MAX_FILE_BYTES}")
+        layout.zero_stale(f.fd, f.end, offset, f.old)
+        f.end = max(f.end, offset + total)
+        _pwrite_all(f.fd, views, offset)
         return {}, None
 
-    def _op_sync(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
-        os.fsync(self._open_file(req, owner).fd)
+    def _op_sync(self, req: dict, owner: bytes, data: list[zmq.Frame]) -> tuple[dict, Any]:
+        f = self._open_file(req, owner)
+        if f.old > f.end:  # a reused file that was longer
+            os.ftruncate(f.fd, f.end)
+            f.old = f.end
+        os.fsync(f.fd)
         return {}, None
 
-    def _op_close(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
+    def _op_close(self, req: dict, owner: bytes, data: list[zmq.Frame]) -> tuple[dict, Any]:
         f = self._open_file(req, owner)
         del self._files[f"{f.tmp}/{req['name']}"]
         os.close(f.fd)
         return {}, None
 
-    def _op_publish(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
+    def _op_publish(self, req: dict, owner: bytes, data: list[zmq.Frame]) -> tuple[dict, Any]:
         tmp = layout.tmp_dir(self.local_root, req["step"], req["save"])
         self._close_files(lambda f: f.tmp == tmp)
         layout.commit_step(self.local_root, req["step"], req["save"])
         return {}, None
 
-    def _op_abort(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
+    def _op_abort(self, req: dict, owner: bytes, data: list[zmq.Frame]) -> tuple[dict, Any]:
         tmp = layout.tmp_dir(self.local_root, req["step"], req["save"])
         self._close_files(lambda f: f.tmp == tmp)
         self._local.abort(self._local.save_target(layout.step_dir(self.local_root, req["step"]), req["save"], True))
@@ -339,34 +364,34 @@ class PeerService:
             raise FileNotFoundError(f"step {req['step']} is not committed on this node")
         return self._local.open_in(root, req["name"])  # no link followed below the step
 
-    def _op_size(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
+    def _op_size(self, req: dict, owner: bytes, data: list[zmq.Frame]) -> tuple[dict, Any]:
         handle = self._committed(req)
         try:
             return {"size": handle.size()}, None
         finally:
             handle.close()
 
-    def _op_sweep(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
+    def _op_sweep(self, req: dict, owner: bytes, data: list[zmq.Frame]) -> tuple[dict, Any]:
         removed = layout.clear_incomplete(self.local_root, keep=req["save"])
         return {"removed": len(removed)}, None
 
-    def _op_read(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
+    def _op_read(self, req: dict, owner: bytes, data: list[zmq.Frame]) -> tuple[dict, Any]:
         handle = self._committed(req)
         try:
-            buf = bytearray(req["length"])
-            n = handle.preadv([memoryview(buf)], req["offset"])
+            buf = np.empty(req["length"], np.uint8).data  # not zeroed (bytearray would write every page first): only the n bytes read are sent
+            n = handle.preadv([buf], req["offset"])
         finally:
             handle.close()
-        return {"n": n}, memoryview(buf)[:n]
+        return {"n": n}, buf[:n]
 
-    def _op_inventory(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
+    def _op_inventory(self, req: dict, owner: bytes, data: list[zmq.Frame]) -> tuple[dict, Any]:
         return {"steps": layout.committed_steps(self.local_root)}, None
 
-    def _op_remove(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
+    def _op_remove(self, req: dict, owner: bytes, data: list[zmq.Frame]) -> tuple[dict, Any]:
         layout.remove_step(self.local_root, req["step"])
         return {}, None
 
-    def _op_bulk(self, req: dict, owner: bytes, data: zmq.Frame | None) -> tuple[dict, Any]:
+    def _op_bulk(self, req: dict, owner: bytes, data: list[zmq.Frame]) -> tuple[dict, Any]:
         """A bulk session for the asking rank: a one-time token (its PLAIN password) and a MAC key, sent over CURVE."""
         if self._bulk is None:
             return {"address": None}, None  # peer_encryption: everything stays on CURVE
@@ -400,6 +425,19 @@ class PeerService:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
+
+
+def _pwrite_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """Write ``views`` one after the other at ``offset`` (``pwritev``, again after a short write)."""
+    views = [v.cast("B") for v in views if v.nbytes]
+    while views:
+        n = os.pwritev(fd, views[:_IOV_MAX], offset)
+        offset += n
+        while views and n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
 
 
 def _user_id(frame: zmq.Frame) -> int:

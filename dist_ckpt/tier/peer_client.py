@@ -31,7 +31,7 @@ from ..storage import WriteStream
 from ..transport import HANDSHAKE_TIMEOUT_S, secure_client
 from . import layout
 from .bulk import PLAIN_USER, BulkSession, seal, sealed_ok
-from .peer_protocol import IO_THREADS, MAX_FILE_BYTES, MAX_FRAME, PIECE_BYTES, QUEUE, WINDOW, check_inventory, peer_secret
+from .peer_protocol import IO_THREADS, MAX_FILE_BYTES, MAX_FRAME, PIECE_BYTES, QUEUE, WINDOW, WRITE_FRAMES, check_inventory, peer_secret
 
 log = get_logger(__name__)
 
@@ -121,18 +121,19 @@ class _Conn:
         return _LOST.get(zmq.Event(event["event"]))
 
     def send(self, header: dict[str, Any], data: Any = None) -> int:
-        """Queue one request; returns its id (never blocks: the window keeps the queue short)."""
+        """Queue one request with its data frame (or a list of them); returns its id (never blocks: the window keeps the queue short)."""
         header["id"] = rid = next(self._ids)
         frames: list[Any] = [msgpack.packb(header)]
         if data is not None:
-            frames.append(data)
+            frames.extend(data if isinstance(data, list) else [data])
         if self._bulk is not None:
             frames.insert(0, seal(self._bulk.key, b"req", self._seq_out, frames))
             self._seq_out += 1
         try:
-            # Copied (a memcpy at a fraction of CURVE's cost): the caller's buffer (a staging arena, maybe shared
-            # memory) is free again when append returns, whatever happens to the connection afterwards.
-            self.sock.send_multipart(frames, copy=True)
+            # Not copied (a data frame goes out of the caller's buffer: a staging arena, maybe shared memory; the
+            # small frames are copied anyway, under pyzmq's copy threshold): the caller keeps the bytes unchanged
+            # until the request's reply (PeerWriteStream: until sync). A change meanwhile fails the seal (bulk path).
+            self.sock.send_multipart(frames, copy=False)
         except zmq.ZMQError as e:  # no room within timeout_s (SNDTIMEO), or a closed context
             raise self._error(str(header.get("name", "")), f"{header['op']}: cannot send ({e})") from e
         return rid
@@ -411,9 +412,13 @@ def _client_with_key(address: str, key: bytes, rank: int, timeout_s: float, peer
 class PeerWriteStream(WriteStream):
     """A replica file being written on a peer: pieces sent with a credit window of :data:`WINDOW`.
 
-    :meth:`append` copies the data into the message it queues, so the
-    caller's buffer is free when it returns. Once a request failed the
-    stream is broken: every later call raises the same :class:`PeerError`.
+    :meth:`append` queues the data without copying it (zero-copy frames):
+    the caller keeps those bytes unchanged until :meth:`sync` returns (the
+    writer's chunks are in the staging arena or the live state, unchanged
+    until the save ends). On the bulk path a piece changed meanwhile fails
+    its seal at the peer, which drops the connection: a :class:`PeerError`,
+    never a wrong replica. Once a request failed the stream is broken:
+    every later call raises the same :class:`PeerError`.
     """
 
     def __init__(self, client: PeerClient, step: int, save_id: str, name: str) -> None:
@@ -421,6 +426,8 @@ class PeerWriteStream(WriteStream):
         layout.check_name(name)
         self._client, self._where = client, {"step": step, "save": save_id, "name": name}
         self._pending: collections.deque[tuple[int, str]] = collections.deque()  # (request id, op)
+        self._run: list[memoryview] = []  # appended, not sent yet: contiguous in the file from _run_at, sent as one write
+        self._run_at = self._run_bytes = 0
         self._failed: PeerError | None = None
         self._conn: _Conn | None = client._take("replica open", name)
         try:
@@ -432,6 +439,7 @@ class PeerWriteStream(WriteStream):
 
     def _request(self, op: str) -> None:
         """Send ``op`` and wait for its reply (and every write before it)."""
+        self._flush()
         self._wait(0)
         self._pending.append((self._send({"op": op, **self._where}), op))
         self._wait(0)
@@ -454,10 +462,31 @@ class PeerWriteStream(WriteStream):
                 raise
 
     def _write(self, data: memoryview, offset: int) -> None:
+        """Add ``data`` to the run being gathered; a run is sent once it holds PIECE_BYTES or WRITE_FRAMES pieces.
+
+        The writer appends 1 MiB blocks: one request (seal, reply, service
+        wake-up) per block cost more than its bytes; a run of them is one
+        request of up to 16 frames, still sent out of the caller's buffers.
+        """
         for start in range(0, len(data), PIECE_BYTES):
-            self._wait(WINDOW - 1)
-            piece = data[start : start + PIECE_BYTES]
-            self._pending.append((self._send({"op": "write", **self._where, "offset": offset + start}, piece), "write"))
+            piece, at = data[start : start + PIECE_BYTES], offset + start
+            if self._run and (at != self._run_at + self._run_bytes or self._run_bytes + len(piece) > PIECE_BYTES):
+                self._flush()
+            if not self._run:
+                self._run_at = at
+            self._run.append(piece)
+            self._run_bytes += len(piece)
+            if self._run_bytes >= PIECE_BYTES or len(self._run) >= WRITE_FRAMES:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Send the run gathered so far as one ``write`` (within the credit window)."""
+        if not self._run:
+            return
+        run, at = self._run, self._run_at
+        self._run, self._run_bytes = [], 0
+        self._wait(WINDOW - 1)
+        self._pending.append((self._send({"op": "write", **self._where, "offset": at}, run), "write"))
 
     def sync(self) -> None:
         """Return once the peer has every byte appended so far on its storage (fsync'd).

@@ -18,10 +18,26 @@ from ..layout_names import DATA_FILE_RE, MANIFEST
 from ..storage import WRITE_PIECE
 from . import layout
 
-__all__ = ["PIECE_BYTES", "WINDOW", "QUEUE", "REPLY_WAIT_S", "MAX_HEADER", "MAX_FILE_BYTES", "MAX_FRAME", "IO_THREADS", "OPS", "peer_secret", "Refused"]
+__all__ = [
+    "PIECE_BYTES",
+    "WRITE_FRAMES",
+    "WINDOW",
+    "QUEUE",
+    "REPLY_WAIT_S",
+    "MAX_HEADER",
+    "MAX_FILE_BYTES",
+    "MAX_FRAME",
+    "IO_THREADS",
+    "OPS",
+    "peer_secret",
+    "Refused",
+]
 
 PIECE_BYTES = WRITE_PIECE
-"""Largest data frame on a peer connection (a read piece; a replica write is one per append, and the writer appends 1 MiB blocks)."""
+"""Largest data frame on a peer connection (a read piece), and most bytes of one replica write (a run of appends, :data:`WRITE_FRAMES`)."""
+WRITE_FRAMES = 16
+"""Data frames one ``write`` may carry (a run of the writer's 1 MiB blocks, contiguous in the file), at most PIECE_BYTES in all:
+one request, seal and reply per run instead of per block."""
 WINDOW = 4
 """Pieces a client sends (or asks for) before it waits for the oldest one's reply: the credit window."""
 QUEUE = 2 * WINDOW
@@ -48,7 +64,7 @@ IO_THREADS = 1
 # op -> (fields, frames after the header)
 OPS: dict[str, tuple[tuple[str, ...], int]] = {
     "open": (("step", "save", "name"), 0),
-    "write": (("step", "save", "name", "offset"), 1),
+    "write": (("step", "save", "name", "offset"), 1),  # 1 to WRITE_FRAMES data frames
     "sync": (("step", "save", "name"), 0),
     "close": (("step", "save", "name"), 0),
     "publish": (("step", "save"), 0),
@@ -86,7 +102,9 @@ def check_request(header: object, frames: int, sender: int) -> dict[str, Any]:
     if not isinstance(op, str) or op not in OPS:
         raise Refused(f"unknown op {bounded_repr(op)}")
     fields, extra = OPS[op]
-    if frames != 1 + extra:
+    if op == "write" and not 2 <= frames <= 1 + WRITE_FRAMES:
+        raise Refused(f"write takes 2 to {1 + WRITE_FRAMES} frames (the header and its data), got {frames}")
+    if op != "write" and frames != 1 + extra:
         raise Refused(f"{op} takes {1 + extra} frame(s), got {frames}")
     out: dict[str, Any] = {"op": op, "id": _int_field(header, "id", 0, (1 << 63) - 1), "sender": sender}
     for f in fields:

@@ -46,7 +46,7 @@ from .peer import PeerClient
 
 log = get_logger(__name__)
 
-__all__ = ["LocalTierStorage", "TieredReadStorage", "TeeStream"]
+__all__ = ["LocalTierStorage", "TieredReadStorage", "TeeStream", "ReusedWriteStream"]
 
 
 class TopologyLike(Protocol):
@@ -107,6 +107,31 @@ class TeeStream(WriteStream):
     def close(self) -> None:
         for s in (self._primary, *self._replicas):
             s.close()
+
+
+class ReusedWriteStream(LocalWriteStream):
+    """A data file written over the file of the same name of a step retention recycled (:func:`layout.recycle_step`).
+
+    Its pages are overwritten instead of freed and allocated again; the old
+    bytes in a gap are zeroed as they are passed, and :meth:`sync` cuts the file at its end.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, truncate=False)
+        assert self._fd is not None
+        self._old = os.fstat(self._fd).st_size
+
+    def _write(self, view: memoryview, offset: int) -> None:
+        assert self._fd is not None, "write on a closed stream"
+        layout.zero_stale(self._fd, self.end, offset, self._old)
+        super()._write(view, offset)
+
+    def sync(self) -> None:
+        assert self._fd is not None
+        if self._old > self.end:  # the old file was longer
+            os.ftruncate(self._fd, self.end)
+            self._old = self.end
+        super().sync()
 
 
 class LocalTierStorage(Storage):
@@ -174,7 +199,8 @@ class LocalTierStorage(Storage):
         try:
             for p in self.partners:
                 replicas.append(self.clients[p].replica(step, save_id, name))
-            return TeeStream(name, LocalWriteStream(f"{tmp}/{name}"), replicas)
+            path = f"{tmp}/{name}"
+            return TeeStream(name, ReusedWriteStream(path) if layout.reuse_file(tmp, name) else LocalWriteStream(path), replicas)
         except BaseException:
             for r in replicas:
                 r.close()
