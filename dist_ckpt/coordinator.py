@@ -46,6 +46,7 @@ from .config import Config
 from .description import BoxStore, RankColumns, SchemaCache, decode_description
 from .errors import CheckpointExists, DistCkptError, WireError
 from .index_build import FragmentReport, PlanCells, decode_fragment_report, plan_cells
+from .layout_names import save_tag
 from .logs import SaveSummary, get_logger, summarize
 from .plan import PlanCache, SavePlan
 from .save_planner import plan_save
@@ -333,7 +334,7 @@ class Coordinator:
                 self._cache.store(key, plan)
             storage, path = self._storage_for(save.path)
             # Named before it exists, so that an abort meanwhile queues its removal behind the preparation.
-            target = storage.save_target(path, f"{self.job[:8]}-{save.ckpt}", save.overwrite)
+            target = storage.save_target(path, save_tag(self.job, save.ckpt), save.overwrite)
         except (DistCkptError, OSError) as e:
             return self._abort(save, {0: f"planning failed: {e}"})
         save.target, save.storage, save.plan, save.phase = target, storage, plan, Phase.PREPARE

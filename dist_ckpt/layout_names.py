@@ -59,6 +59,12 @@ def stored_rank(name: str) -> int | None:
     return int(m.group("rank")) if m else None
 
 
+def save_tag(job: str, save_id: str) -> str:
+    """``<job[:8]>-<save id>``: what a save's temporary sibling is tagged with (the coordinator names its
+    target so, and the node-local tier's retention recycles a step into that same directory)."""
+    return f"{job[:8]}-{save_id}"
+
+
 def step_dir_name(step: int) -> str:
     """``step-<8 digits>`` (more digits past 99,999,999).
 

@@ -40,7 +40,7 @@ import xxhash
 from ..checkpointer import AsyncCheckpointer
 from ..errors import CheckpointError, CheckpointNotFound, ChecksumError, DataFileError, ManifestError, PeerError
 from ..fragments import checkpoint_files, read_metadata
-from ..layout_names import MANIFEST, step_dir_name
+from ..layout_names import MANIFEST, save_tag, step_dir_name
 from ..logs import get_logger
 from ..saver import report_failure
 from ..session import Session, _store, job_interface
@@ -189,9 +189,8 @@ class LocalTier:
         keep = set(others[len(others) - (self.local_keep - 1) :]) if self.local_keep > 1 else set()
         doomed = [s for s in self.local_steps() if s not in keep]
         recycled = None
-        # the save's tmp directory is named as the coordinator names a save's location (coordinator.py, save_target)
-        tmp_id = f"{self.session.job[:8]}-{save_id}"
-        if doomed and save_id is not None and layout.recycle_step(self.local_root, doomed[-1], step, tmp_id):
+        # into the tmp directory the coordinator will name for this save
+        if doomed and save_id is not None and layout.recycle_step(self.local_root, doomed[-1], step, save_tag(self.session.job, save_id)):
             recycled = doomed[-1]
         for s in doomed:
             if s != recycled:
