@@ -60,7 +60,7 @@ class LocalRanks(bc.Ranks):
 
     def recv(self, kind: type) -> tuple[float, list[wire.Message]]:
         """This block's messages of type ``kind`` (``CommitInProgress`` skipped, as the socket ranks do)."""
-        got = [m for m in self.inbox if isinstance(m, kind)]
+        got = sorted((m for m in self.inbox if isinstance(m, kind)), key=lambda m: m.rank)  # the socket ranks read them rank by rank
         self.inbox = [m for m in self.inbox if not isinstance(m, (kind, wire.CommitInProgress))]
         if [m.rank for m in got] != self.ranks.tolist():
             raise RuntimeError(f"ranks {self.ranks[0]}..{self.ranks[-1]}: expected one {kind.__name__} each, got {len(got)}")
