@@ -59,9 +59,19 @@ figures are then what the code costs rather than what this VM's memory costs.
 The coordinator's page faults and kernel-side time per step are reported in
 ``coordinator_steps_s`` either way.
 
+Past the socket limit (``--in-process``): the coordinator's process holds
+one TCP connection per rank and this container's hard open-file limit is
+20,000, so the socket runs end at ~19,744 ranks. ``--in-process`` drives the
+same coordinator code without sockets (its handlers fed the ranks' real wire
+messages; see ``_bench_coordinator_inprocess.py`` for what it leaves out) to
+65,536 ranks, with the same JSON fields and ``"mode": "in-process"``
+(``"sockets"`` otherwise). Every run also reports ``plan_us_per_rank``,
+``commit_us_per_rank`` and ``coordinator_kb_per_rank`` (peak above the base).
+
 Usage::
 
     python benchmarks/bench_coordinator.py --ranks 4096 --tensors 1000
+    python benchmarks/bench_coordinator.py --in-process --ranks 16384,32768,65536 --out runs.jsonl
     python benchmarks/bench_coordinator.py --ranks 4096,16384 --format both --out runs.jsonl
     python benchmarks/bench_coordinator.py --from runs.jsonl --plot docs/figures/coordinator_scale.png
 
@@ -277,16 +287,7 @@ class Ranks:
 
     def __init__(self, layout: Layout, lo: int, hi: int, endpoint: str, fmt: int) -> None:
         self.layout, self.ranks, self.fmt = layout, np.arange(lo, hi), fmt
-        self.ctx = zmq.Context(io_threads=1)
-        self.ctx.set(zmq.MAX_SOCKETS, len(self.ranks) + 64)
-        self.socks = []
-        for r in self.ranks.tolist():
-            s = self.ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)
-            secure_client(s, SECRET, r, 1 << 30)  # CURVE with rank r's key, as a real rank's agent
-            s.connect(endpoint)
-            self.socks.append(s)
+        self.socks = self._connect(endpoint)
         off, self.siz = layout.boxes(self.ranks)
         blob = layout.schema.blob
         self.descs = [encode_description(blob, off[i], self.siz[i]) for i in range(len(self.ranks))]
@@ -295,6 +296,20 @@ class Ranks:
         self.plans: list[tuple[int, ...]] = []
         self.cells: list[tuple[np.ndarray, np.ndarray] | None] = []  # version 2: each rank's (entries, cells) from its plan
         self.tmp_path = ""
+
+    def _connect(self, endpoint: str) -> list[zmq.Socket]:
+        """One DEALER per rank, connected to the coordinator (``--in-process`` ranks have none)."""
+        self.ctx = zmq.Context(io_threads=1)
+        self.ctx.set(zmq.MAX_SOCKETS, len(self.ranks) + 64)
+        socks = []
+        for r in self.ranks.tolist():
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)
+            secure_client(s, SECRET, r, 1 << 30)  # CURVE with rank r's key, as a real rank's agent
+            s.connect(endpoint)
+            socks.append(s)
+        return socks
 
     def prepare_plan(self, ckpt: str, path: str) -> None:
         world = self.layout.world
@@ -558,13 +573,19 @@ class Driver:
         return report
 
     def load_plan(self, path: str, rank: int) -> dict:
-        a, b = self.ctx.Pipe()
-        p = self.ctx.Process(target=load_plan_main, args=(b, path, self.world, self.n_tensors, rank))
-        p.start()
-        b.close()
-        out = a.recv()
-        p.join()
-        return out
+        return load_plan_fresh(path, self.world, self.n_tensors, rank)
+
+
+def load_plan_fresh(path: str, world: int, n_tensors: int, rank: int) -> dict:
+    """:func:`load_plan_main` in a fresh process: its figures."""
+    ctx = mp.get_context("fork")
+    a, b = ctx.Pipe()
+    p = ctx.Process(target=load_plan_main, args=(b, path, world, n_tensors, rank))
+    p.start()
+    b.close()
+    out = a.recv()
+    p.join()
+    return out
 
 
 def run_one(args: argparse.Namespace, ranks: int, fmt: int) -> dict:
@@ -572,7 +593,7 @@ def run_one(args: argparse.Namespace, ranks: int, fmt: int) -> dict:
     procs = args.procs or min(16, max(1, math.ceil(ranks / 1024)))
     hard = raise_fd_limit()
     if ranks + 256 > hard:
-        sys.exit(f"{ranks} ranks need {ranks + 256} file descriptors in the coordinator; RLIMIT_NOFILE allows {hard}")
+        sys.exit(f"{ranks} ranks need {ranks + 256} file descriptors in the coordinator; RLIMIT_NOFILE allows {hard} (--in-process runs past it)")
     root = f"{args.dir}/v{fmt}-{ranks}" if args.dir else tempfile.mkdtemp(prefix="bench_coordinator-")
     os.makedirs(root, exist_ok=True)
     try:
@@ -596,40 +617,55 @@ def run_one(args: argparse.Namespace, ranks: int, fmt: int) -> dict:
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    layout = Layout.make(ranks, args.tensors)
+    figures = {"plan_s": plan_s, "plan_cached_s": plan_cached_s, "commit_s": commit_s, "commit_cached_s": commit_cached_s}
+    figures.update(plan_cpu_s=drv.cpu[0], commit_cpu_s=drv.cpu[1])
+    out = result_fields(ranks, args.tensors, fmt, figures, manifest_bytes, fragment_bytes, report["peak"], drv.coord_base, load)
+    out.update(
+        mode="sockets",
+        coordinator_peak_mb_by_phase=drv.peaks(report["rss"]),
+        arrival=args.arrival,
+        procs=procs,
+        prefault_gib=args.prefault_gib,
+        setup_s=round(setup_s, 2),
+        dropped=report["dropped"],
+        coordinator_log=[line for line in report["log"] if "plan for save" in line or "committed" in line],
+        coordinator_steps_s=[(name, round(t, 3), faults) for name, t, faults in report["steps"]],
+    )
+    return out
+
+
+def result_fields(ranks: int, tensors: int, fmt: int, t: dict[str, float], manifest_bytes: int, fragment_bytes: int, peak: int, base: int, load: dict) -> dict:
+    """The JSON fields both modes share (``t``: the phases' seconds and CPU seconds), per rank too."""
+    layout = Layout.make(ranks, tensors)
     mb = lambda n: round(n / 2**20, 3)  # noqa: E731
     return {
         "format": fmt,
         "ranks": ranks,
-        "tensors": args.tensors,
-        "plan_s": round(plan_s, 4),
-        "plan_cached_s": round(plan_cached_s, 4),
-        "commit_s": round(commit_s, 4),
+        "tensors": tensors,
+        "plan_s": round(t["plan_s"], 4),
+        "plan_cached_s": round(t["plan_cached_s"], 4),
+        "commit_s": round(t["commit_s"], 4),
         "manifest_mb": mb(manifest_bytes),
         "manifest_index_mb": mb(manifest_bytes),
         "fragments_mb": mb(fragment_bytes),
-        "coordinator_peak_mb": round(report["peak"] / 2**20, 1),
+        "coordinator_peak_mb": round(peak / 2**20, 1),
         "load_plan_s": round(load["load_plan_s"], 4),
-        "plan_cpu_s": round(drv.cpu[0], 3),
-        "commit_cpu_s": round(drv.cpu[1], 3),
+        "plan_cpu_s": round(t["plan_cpu_s"], 3),
+        "commit_cpu_s": round(t["commit_cpu_s"], 3),
         "load_plan_cpu_s": round(load["load_plan_cpu_s"], 4),
         "load_plan_read_mb": mb(load["load_plan_read_bytes"]),
         "load_plan_fragments": load["load_plan_fragments"],
         "load_plan_records": load["load_plan_records"],
         "chunks": layout.chunks(),
         "load_plan_records_pct": round(100 * load["load_plan_records"] / max(1, layout.chunks()), 4),
-        "commit_cached_s": round(commit_cached_s, 4),
-        "coordinator_base_mb": round(drv.coord_base / 2**20, 1),
-        "coordinator_peak_mb_by_phase": drv.peaks(report["rss"]),
+        "commit_cached_s": round(t["commit_cached_s"], 4),
+        "coordinator_base_mb": round(base / 2**20, 1),
+        # per rank: what each added rank costs the coordinator (memory above its base before the first save)
+        "plan_us_per_rank": round(1e6 * t["plan_s"] / ranks, 3),
+        "commit_us_per_rank": round(1e6 * t["commit_s"] / ranks, 3),
+        "coordinator_kb_per_rank": round((peak - base) / 1024 / ranks, 3),
         "read_manifest_s": round(load["read_manifest_s"], 4),
         "plan_reads_s": round(load["plan_reads_s"], 4),
-        "arrival": args.arrival,
-        "procs": procs,
-        "prefault_gib": args.prefault_gib,
-        "setup_s": round(setup_s, 2),
-        "dropped": report["dropped"],
-        "coordinator_log": [line for line in report["log"] if "plan for save" in line or "committed" in line],
-        "coordinator_steps_s": [(name, round(t, 3), faults) for name, t, faults in report["steps"]],
     }
 
 
@@ -645,6 +681,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument(
         "--prefault-gib", type=float, default=0.0, help="touch and free this much memory in the coordinator's process first (see the module docstring)"
     )
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="no sockets: the coordinator's own handlers fed the ranks' messages directly, past the ~19.7k ranks the open-file limit allows "
+        "(benchmarks/_bench_coordinator_inprocess.py; no wire cost measured)",
+    )
     ap.add_argument("--out", default=None, help="append each run's JSON line to this file")
     ap.add_argument("--from", dest="sources", action="append", default=[], help="earlier runs' JSON lines (a file of --out) to plot with these")
     ap.add_argument("--plot", default=None, help="draw time and coordinator memory against ranks, v1 beside v2, into this PNG")
@@ -652,9 +694,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ranks = [int(r) for r in (args.ranks or ("" if args.sources else "4096")).split(",") if r]
     formats = [1, 2] if args.format == "both" else [int(args.format)]
     results = []
+    run = run_one
+    if args.in_process:
+        from _bench_coordinator_inprocess import run_one as run  # noqa: F811
     for r in ranks:
         for fmt in formats:
-            out = run_one(args, r, fmt)
+            out = run(args, r, fmt)
             for line in out.pop("coordinator_log"):
                 print("coordinator:", line)
             print(json.dumps(out), flush=True)

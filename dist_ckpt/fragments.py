@@ -99,11 +99,21 @@ def whole_manifest(storage: Storage, root: str, index: v2.Index) -> Manifest:
 
 
 def needed_cells(index: v2.Index, needs: Sequence[tuple[int, Sequence[int], Sequence[int]]]) -> dict[int, np.ndarray]:
-    """``{entry: ascending cells}`` that the boxes ``needs`` (``(entry, offsets, sizes)`` each) touch."""
+    """``{entry: ascending cells}`` that the boxes ``needs`` (``(entry, offsets, sizes)`` each) touch.
+
+    Entries sharing a split (:attr:`~dist_ckpt.manifest_v2.Index.split_classes`) and a box share the
+    lookup and its array: an FSDP rank's thousand boxes are a few dozen lookups.
+    """
+    memo: dict[tuple, np.ndarray] = {}
     found: dict[int, list[np.ndarray]] = {}
+    classes, splits = index.split_classes
     for e, off, siz in needs:
-        found.setdefault(e, []).append(cells_for_box(index.entries[e][2].split, off, siz))
-    return {e: np.unique(np.concatenate(c)) for e, c in found.items()}
+        key = (int(classes[e]), tuple(np.asarray(off, np.int64).reshape(-1).tolist()), tuple(np.asarray(siz, np.int64).reshape(-1).tolist()))
+        cells = memo.get(key)
+        if cells is None:
+            cells = memo[key] = cells_for_box(splits[key[0]], key[1], key[2])
+        found.setdefault(e, []).append(cells)
+    return {e: c[0] if len(c) == 1 else np.unique(np.concatenate(c)) for e, c in found.items()}  # cells_for_box's ascend already
 
 
 def needed_manifest(storage: Storage, root: str, index: v2.Index, cells: Mapping[int, np.ndarray]) -> tuple[Manifest, int]:
@@ -113,7 +123,11 @@ def needed_manifest(storage: Storage, root: str, index: v2.Index, cells: Mapping
         ``(manifest, fragments read)``.
     """
     owners: set[int] = set()
+    classes, splits = index.split_classes
+    seen: set[tuple[int, int]] = set()  # (class, cells array): needed_cells shares both across tensors
     for e, c in cells.items():
-        owners.update(np.unique(index.entries[e][2].split.owner(c)).tolist())
+        if (int(classes[e]), id(c)) not in seen:
+            seen.add((int(classes[e]), id(c)))
+            owners.update(np.unique(splits[int(classes[e])].owner(c)).tolist())
     frags = read_fragments(storage, root, index, owners)
     return v2.materialize(index, frags, dict(cells)), len(frags)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import pickle
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -35,6 +36,7 @@ PICKLE_EXT = 1  # msgpack ExtType code of an opted-in pickled object
 _MAX_INT = 1 << 62  # offsets, sizes and byte counts stay far below int64 overflow
 _MAX_CREATED = float(1 << 34)  # Unix time, year ~2514: past it no clock or time_t of a reader can show it
 _RESERVED_NAMES = (DATA_DIR, MANIFEST)  # the data directory and the manifest itself are never data files
+_PLAIN_DATA_NAME = re.compile(r"data/r\d{5,12}(?:-t\d{1,3})?\.bin")  # what saves name their files: fully matched, plainly fine
 BLOCK_BYTES = 1 << 20
 """Bytes per block checksum: a read of part of a chunk reads and verifies the whole blocks it touches."""
 _MAX_BLOCK = 1 << 40
@@ -380,6 +382,8 @@ def decode_header(obj: Any, version: int, *required: str) -> dict[str, Any]:
 def _check_file_name(f: Any, index: int) -> None:
     """A data file name is a relative path of ordinary components: no NUL, no ``.``/``..``/empty part,
     not the data directory or the MANIFEST (opening those would fail without naming the file)."""
+    if type(f) is str and _PLAIN_DATA_NAME.fullmatch(f):  # the common name, one C call: 16k of them in a 16k-rank MANIFEST
+        return
     parts = f.split("/") if isinstance(f, str) else []
     if not parts or "\x00" in f or len(f) > 4096 or any(p in ("", ".", "..") for p in parts) or f in _RESERVED_NAMES:
         raise ManifestError(

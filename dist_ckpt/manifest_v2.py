@@ -125,14 +125,46 @@ class Index:
         return {(r, k): i for i, (r, k, _) in enumerate(self.entries)}
 
     @functools.cached_property
+    def split_classes(self) -> tuple[np.ndarray, list[Split]]:
+        """``(class of each entry, split of each class)``: entries that share one decoded :class:`Split`
+        (:func:`decode_index` decodes equal splits of equal shapes once) share a class, so per-cell work
+        runs once per class (an FSDP model has a few) rather than once per tensor."""
+        first: dict[int, int] = {}
+        splits: list[Split] = []
+        cls = np.empty(len(self.entries), np.int64)
+        for i, (_, _, e) in enumerate(self.entries):
+            k = first.setdefault(id(e.split), len(splits))
+            if k == len(splits):
+                splits.append(e.split)
+            cls[i] = k
+        return cls, splits
+
+    @functools.cached_property
+    def entry_itemsize(self) -> np.ndarray:
+        """int64 bytes per element of each entry's dtype."""
+        return np.array([itemsize(e.dtype) for _, _, e in self.entries], np.int64)
+
+    @functools.cached_property
     def file_rank(self) -> np.ndarray:
         """int64 rank that wrote each of ``files`` (-1 for a name that does not say)."""
-        return np.array([_rank_or(f, -1) for f in self.files], np.int64)
+        return self._file_names[0]
 
     @functools.cached_property
     def file_position(self) -> dict[str, int]:
         """Position in ``files`` of each data file by its plain name (``data/r00003.bin``: what its rank calls it)."""
-        return {plain_name(f): i for i, f in enumerate(self.files) if STORED_RE.match(f)}
+        return self._file_names[1]
+
+    @functools.cached_property
+    def _file_names(self) -> tuple[np.ndarray, dict[str, int]]:
+        ranks, position = np.empty(len(self.files), np.int64), {}
+        for i, f in enumerate(self.files):
+            if f == f"data/r{i:05d}.bin":  # rank i's one plain file at place i (a local save of one file per rank): no parse
+                ranks[i], position[f] = i, i
+                continue
+            ranks[i] = _rank_or(f, -1)
+            if STORED_RE.match(f):
+                position[plain_name(f)] = i
+        return ranks, position
 
     def to_msgpack(self) -> bytes:
         """Encode (docs/format.md "Version 2")."""
@@ -234,14 +266,15 @@ def decode_index(data: bytes) -> Index:
         raise ManifestError(f"MANIFEST is not valid msgpack ({type(e).__name__}: {e})") from e
     head = decode_header(obj, VERSION, "tensors", "fragments")
     ws = head["world_size"]
+    splits: dict[Any, Split] = {}  # equal split objects of equal shapes: decoded once, one Split shared (Index.split_classes)
     local = {}
     for r, sec in head["local"].items():
-        local[r] = (_decode_entries(sec.get("tensors", {}), ws, f"local[{r}]"), _decode_objects(sec.get("objects", {}), f"local[{r}]"))
+        local[r] = (_decode_entries(sec.get("tensors", {}), ws, f"local[{r}]", splits), _decode_objects(sec.get("objects", {}), f"local[{r}]"))
     return Index(
         world_size=ws,
         files=head["files"],
         fragments=_decode_refs(obj["fragments"], ws),
-        tensors=_decode_entries(obj["tensors"], ws, "tensors"),
+        tensors=_decode_entries(obj["tensors"], ws, "tensors", splits),
         objects=head["objects"],
         structure=head["structure"],
         local=local,
@@ -262,24 +295,41 @@ def _decode_refs(refs: Any, ws: int) -> tuple[FragmentRef | None, ...]:
         if type(ref) is not list or len(ref) != 3 or type(ref[0]) is not str or type(ref[1]) is not int or type(ref[2]) is not int:
             raise ManifestError(f"fragments[{r}] must be nil or [name, nbytes, xxh3], got {ref!r:.80}")
         name, nbytes, digest = ref
-        m = STORED_RE.match(name)
-        if not m or m.group("kind") != "frag" or int(m.group("rank")) != r or m.group("thread"):
-            raise ManifestError(f"fragments[{r}]: {name!r:.80} is not the name of rank {r}'s fragment ({fragment_name(r)})")
+        if name != f"data/r{r:05d}.frag":  # rank r's plain fragment name (what local saves write) needs no parse
+            m = STORED_RE.match(name)
+            if not m or m.group("kind") != "frag" or int(m.group("rank")) != r or m.group("thread"):
+                raise ManifestError(f"fragments[{r}]: {name!r:.80} is not the name of rank {r}'s fragment ({fragment_name(r)})")
         if not 0 <= nbytes <= MAX_FRAGMENT_BYTES or not 0 <= digest < 1 << 64:
             raise ManifestError(f"fragments[{r}] ({name}): nbytes {nbytes} or xxh3 out of range")
         out.append(FragmentRef(name, nbytes, digest))
     return tuple(out)
 
 
-def _decode_entries(tensors: Any, ws: int, where: str) -> dict[KeyPath, IndexEntry]:
+def _decode_entries(tensors: Any, ws: int, where: str, splits: dict[Any, Split]) -> dict[KeyPath, IndexEntry]:
     _expect(tensors, dict, where)
     out = {}
     for k, e in tensors.items():
         key = _key(k, where)
         at = f"{where}[{list(key)!r:.120}]"
         dtype, shape = parse_dtype_shape(e, at)
-        out[key] = IndexEntry(dtype, shape, split_from_obj(e.get("split"), shape, ws, at))
+        obj = e.get("split")
+        frozen = _frozen(obj)
+        if frozen is None:  # not of a split's form: split_from_obj says what is wrong
+            out[key] = IndexEntry(dtype, shape, split_from_obj(obj, shape, ws, at))
+            continue
+        split = splits.get((shape, frozen))
+        if split is None:  # decoding is deterministic in (object, shape, world_size): an equal one decodes (or fails) alike
+            split = splits[(shape, frozen)] = split_from_obj(obj, shape, ws, at)
+        out[key] = IndexEntry(dtype, shape, split)
     return out
+
+
+def _frozen(obj: Any) -> bytes | None:
+    """A hashable form of a split object (its msgpack bytes, the same for equal objects), or None if it has none."""
+    try:
+        return msgpack.packb(obj, use_bin_type=True)
+    except Exception:  # e.g. an extension type: split_from_obj refuses it by name
+        return None
 
 
 # -- fragments -------------------------------------------------------------------------
@@ -386,14 +436,37 @@ def _records_problem(f: Fragment, index: Index) -> str | None:
     dup = np.flatnonzero((ent[1:] == ent[:-1]) & (cell[1:] == cell[:-1]))
     if len(dup):
         return f"cell {int(cell[dup[0]])} of {_entry_name(index, int(ent[dup[0]]))} appears twice"
-    starts = np.flatnonzero(np.concatenate([[True], ent[1:] != ent[:-1]]))
-    for a, b in zip(starts.tolist(), starts[1:].tolist() + [len(ent)]):
-        problem = _entry_records_problem(index, int(ent[a]), cell[a:b], f.nbytes[order[a:b]], f.rank)
-        if problem:
-            return problem
+    nbytes = f.nbytes[order]
+    worst = _first_bad_entry(index, ent, cell, nbytes, f.rank)
+    if worst is not None:  # that entry's records, checked one by one for the message
+        a, b = np.searchsorted(ent, [worst, worst + 1]).tolist()
+        return _entry_records_problem(index, worst, cell[a:b], nbytes[a:b], f.rank) or f"records of {_entry_name(index, worst)} are inconsistent"
     if f.blocks is not None and len(f.blocks) != int(block_counts(f.nbytes, f.block_bytes).sum()):
         return f"{len(f.blocks)} block sums for records of {int(block_counts(f.nbytes, f.block_bytes).sum())} blocks"
     return None
+
+
+def _first_bad_entry(index: Index, ent: np.ndarray, cell: np.ndarray, nbytes: np.ndarray, rank: int) -> int | None:
+    """The lowest entry with a record whose cell is out of range, not ``rank``'s or of the wrong byte count, or None.
+
+    One pass per split class (:attr:`Index.split_classes`) over all its entries' records, not one per tensor.
+    """
+    classes, splits = index.split_classes
+    cls = classes[ent]
+    ok = np.ones(len(ent), bool)
+    by_class = np.argsort(cls, kind="stable")
+    bounds = np.flatnonzero(np.concatenate([[True], cls[by_class][1:] != cls[by_class][:-1], [True]]))
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        rows = by_class[a:b]
+        split, c = splits[int(cls[rows[0]])], cell[rows]
+        n = split.ncells
+        inside = (c >= 0) & (c < n) if n < 1 << 63 else c >= 0
+        ok[rows[~inside]] = False
+        rows, c = rows[inside], c[inside]
+        if len(rows):
+            wrong = (split.owner(c) != rank) | (split.volumes(c) * index.entry_itemsize[ent[rows]] != nbytes[rows])
+            ok[rows[wrong]] = False
+    return None if ok.all() else int(ent[int(np.argmin(ok))])  # ``ent`` ascends: the first bad record has the lowest entry
 
 
 def _entry_records_problem(index: Index, e: int, cells: np.ndarray, nbytes: np.ndarray, rank: int) -> str | None:
@@ -457,14 +530,39 @@ class _Records:
         cols = {k: v[order] for k, v in cols.items()}
         return _Records(**cols, blocks=blocks, block_start=None if start is None else start[order], block_bytes=sizes.pop() if blocks is not None else 0)
 
-    def table(self, split: Split, rows: np.ndarray) -> ChunkTable:
-        """The chunk table of records ``rows`` (one entry's, ascending cell)."""
-        off, siz = split.cell_boxes(self.cell[rows])
-        blocks: tuple[Any, int] = (None, 0)
+    def tables(self, index: Index, rows: np.ndarray, seg: np.ndarray) -> list[ChunkTable]:
+        """Every entry's chunk table: entry ``e``'s are records ``rows[seg[e]:seg[e + 1]]`` (ascending cell).
+
+        The boxes are computed once per split class and the columns gathered once, then sliced per
+        entry: the per-tensor work is a few slices, not a few numpy calls.
+        """
+        classes, splits = index.split_classes
+        cls = classes[self.entry[rows]]
+        pos = np.empty(len(rows), np.int64)  # each row's place among its class's rows
+        boxes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        by_class = np.argsort(cls, kind="stable")
+        bounds = np.flatnonzero(np.concatenate([[True], cls[by_class][1:] != cls[by_class][:-1], [True]])) if len(rows) else np.zeros(1, np.int64)
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            k = by_class[a:b]
+            pos[k] = np.arange(b - a)
+            boxes[int(cls[k[0]])] = splits[int(cls[k[0]])].cell_boxes(self.cell[rows[k]])
+        file, offset, nbytes, xxh3 = self.file[rows], self.offset[rows], self.nbytes[rows], self.xxh3[rows]
+        blocks = bcum = None
         if self.blocks is not None and self.block_start is not None:
-            counts = block_counts(self.nbytes[rows], self.block_bytes)
-            blocks = (self.blocks[segment_index(self.block_start[rows], counts)], self.block_bytes)
-        return ChunkTable(off, siz, self.file[rows], self.offset[rows], self.nbytes[rows], self.xxh3[rows], *blocks)
+            counts = block_counts(nbytes, self.block_bytes)
+            blocks, bcum = self.blocks[segment_index(self.block_start[rows], counts)], np.concatenate([[0], np.cumsum(counts)]).tolist()
+        seg_l, first = seg.tolist(), pos[np.minimum(seg[:-1], max(len(rows) - 1, 0))].tolist() if len(rows) else [0] * (len(seg) - 1)
+        out = []
+        for e, (_, _, entry) in enumerate(index.entries):
+            a, b = seg_l[e], seg_l[e + 1]
+            if a == b:
+                out.append(ChunkTable.empty(len(entry.shape)))
+                continue
+            off, siz = boxes[int(classes[e])]
+            p, q = first[e], first[e] + b - a
+            extra: tuple[Any, int] = (None, 0) if blocks is None or bcum is None else (blocks[bcum[a] : bcum[b]], self.block_bytes)
+            out.append(ChunkTable(off[p:q], siz[p:q], file[a:b], offset[a:b], nbytes[a:b], xxh3[a:b], *extra))
+        return out
 
 
 def materialize(index: Index, fragments: Mapping[int, Fragment], cells: Mapping[int, np.ndarray] | None = None) -> Manifest:
@@ -480,26 +578,38 @@ def materialize(index: Index, fragments: Mapping[int, Fragment], cells: Mapping[
     """
     rec = _Records.of(fragments)
     starts = np.searchsorted(rec.entry, np.arange(len(index.entries) + 1))
-    tables: list[ChunkTable] = []
-    for e, (_, _, entry) in enumerate(index.entries):
-        split, (a, b) = entry.split, starts[e : e + 2].tolist()
-        if cells is None:  # every cell: the records' cells are sorted, unique and below ncells, so all iff as many
+    if cells is None:  # every cell: the records' cells are sorted, unique and below ncells, so all iff as many
+        bounds = starts.tolist()
+        for e, (_, _, entry) in enumerate(index.entries):
+            a, b, split = bounds[e], bounds[e + 1], entry.split
             if b - a != split.ncells:  # (never allocates per cell: a crafted split may claim 2**40 of them)
                 gap = np.flatnonzero(rec.cell[a:b] != np.arange(b - a))
                 _missing(index, e, split, np.array([gap[0] if len(gap) else b - a]))
-            tables.append(rec.table(split, np.arange(a, b)) if b > a else ChunkTable.empty(len(entry.shape)))
-            continue
-        want = cells.get(e, np.zeros(0, np.int64))
-        if not len(want):
-            tables.append(ChunkTable.empty(len(entry.shape)))
-            continue
-        at = a + np.searchsorted(rec.cell[a:b], want)
-        found = at < b
-        found[found] &= rec.cell[at[found]] == want[found]
-        if not found.all():
-            _missing(index, e, split, want[~found])
-        tables.append(rec.table(split, at))
-    return _assemble(index, tables)
+        return _assemble(index, rec.tables(index, np.arange(len(rec.entry)), starts))
+    ents = np.array(sorted(e for e, c in cells.items() if len(c)), np.int64)
+    want_e = np.repeat(ents, [len(cells[e]) for e in ents.tolist()])
+    want = np.concatenate([np.zeros(0, np.int64)] + [np.asarray(cells[e], np.int64) for e in ents.tolist()])
+    at = _lower_bound(rec.cell, starts[want_e], starts[want_e + 1], want)
+    found = at < starts[want_e + 1]
+    found[found] &= rec.cell[at[found]] == want[found]
+    if not found.all():  # the lowest entry with a missing cell, as the first entry its loop would meet
+        e = int(want_e[int(np.argmin(found))])
+        _missing(index, e, index.entries[e][2].split, want[(want_e == e) & ~found])
+    return _assemble(index, rec.tables(index, at, np.searchsorted(want_e, np.arange(len(index.entries) + 1))))
+
+
+def _lower_bound(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Per query ``i``, the first position in ``values[lo[i]:hi[i]]`` (ascending) not below ``x[i]``: all queries at once."""
+    lo, hi = lo.astype(np.int64), hi.astype(np.int64)
+    last = max(len(values) - 1, 0)
+    while True:
+        live = lo < hi
+        if not live.any():
+            return lo
+        mid = (lo + hi) // 2
+        below = live & (values[np.minimum(mid, last)] < x) if len(values) else np.zeros(len(lo), bool)
+        lo = np.where(below, mid + 1, lo)
+        hi = np.where(live & ~below, mid, hi)
 
 
 def _missing(index: Index, e: int, split: Split, cells: np.ndarray) -> NoReturn:

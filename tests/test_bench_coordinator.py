@@ -80,3 +80,25 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_bench_coordinator_in_process_smoke(tmp_path):
+    """``--in-process``: the coordinator's own handlers, no sockets; the same fields (``mode`` says which) and real checkpoints."""
+    png, jsonl = tmp_path / "scale.png", tmp_path / "runs.jsonl"
+    plot = _has_matplotlib()
+    results = run_bench(tmp_path, "--in-process", "--format", "both", "--out", str(jsonl), *(["--plot", str(png)] if plot else []))
+    assert [(r["format"], r["mode"]) for r in results] == [(1, "in-process"), (2, "in-process")]
+    for result in results:
+        for name in FIELDS + ("plan_us_per_rank", "commit_us_per_rank", "coordinator_kb_per_rank"):
+            assert name in result, name
+        assert (result["ranks"], result["chunks"], result["dropped"]) == (8, expected_chunks(8, 5), {})
+        assert set(result["coordinator_peak_mb_by_phase"]) == {"plan0", "commit0", "plan1", "commit1"}
+        steps = {name for name, _, _ in result["coordinator_steps_s"]}  # the coordinator's own planning and commit ran
+        assert {"plan_save", "write_manifest_fsync", "rename_dir_fsync"} <= steps
+        assert ({"plan_cells (v2 splits)", "build_index (v2)"} if result["format"] == 2 else {"build_manifest"}) <= steps
+        manifest, _, _ = read_manifest(str(tmp_path / "runs" / f"inproc-v{result['format']}-8" / "ckpt-1"))
+        assert manifest.version == result["format"] and sum(len(e.chunks) for e in manifest.tensors.values()) == result["chunks"]
+    v2 = results[1]
+    assert v2["fragments_mb"] > 0 and 1 <= v2["load_plan_fragments"] < 8 and v2["load_plan_records"] < v2["chunks"]
+    if plot:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

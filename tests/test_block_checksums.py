@@ -9,6 +9,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+import xxhash
 from dist_helpers import CountingStorage, as_v1, dtensor
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,9 +18,10 @@ from test_planner import commit, mixed_jobs, records_of
 
 import dist_ckpt as dc
 from dist_ckpt.commit import RecordTable, decode_records, encode_record_columns
-from dist_ckpt.errors import ChecksumError
+from dist_ckpt.errors import ChecksumError, FragmentError
 from dist_ckpt.loader import read_manifest
 from dist_ckpt.manifest import BLOCK_BYTES, Manifest, block_counts
+from dist_ckpt.manifest_v2 import FragmentRef, decode_index
 from dist_ckpt.reader import ReadTask, read_tensors
 from dist_ckpt.save_planner import plan_save
 from dist_ckpt.verify import CHECKSUM_MISMATCH, verify
@@ -190,3 +192,70 @@ def test_block_sums_land_with_their_chunks_in_manifest_order(descs, seed, shuffl
         if len(c):
             assert c.blocks is not None and c.block_bytes == BLOCK_BYTES
             assert np.array_equal(c.blocks, np.repeat(c.xxh3, block_counts(c.nbytes, BLOCK_BYTES)))
+
+
+# -- version 2: the block sums live in the writer's fragment, whose size and xxh3 the index states ---------
+
+
+def _saved_v2(tmp_path, monkeypatch, t: torch.Tensor) -> tuple[str, str]:
+    monkeypatch.setenv("DIST_CKPT_FORMAT_VERSION", "2")
+    path, data = _saved(tmp_path, t)
+    assert read_manifest(path)[0].version == 2
+    return path, data
+
+
+def _spoil_fragment_block_sum(path: str, block: int, fix_index: bool) -> str:
+    """Change one block sum of tensor w in rank 0's fragment (the data stays intact); returns the fragment's path.
+
+    ``fix_index``: also restate the fragment's size and xxh3 in the index, as a writer of a
+    consistent-but-wrong checkpoint would; otherwise the index still names the old bytes.
+    """
+    with open(f"{path}/MANIFEST", "rb") as f:
+        index = decode_index(f.read())
+    ref = index.fragments[0]
+    frag_path = f"{path}/{ref.name}"
+    with open(frag_path, "rb") as f:
+        obj = msgpack.unpackb(f.read(), raw=False)
+    blocks = np.frombuffer(obj["blocks"], "<u8").copy()
+    blocks[block] ^= 1
+    obj["blocks"] = blocks.tobytes()
+    data = msgpack.packb(obj, use_bin_type=True)
+    assert len(data) == ref.nbytes  # same size: only the xxh3 can tell
+    with open(frag_path, "wb") as f:
+        f.write(data)
+    if fix_index:
+        refs = (FragmentRef(ref.name, len(data), xxhash.xxh3_64_intdigest(data)),) + index.fragments[1:]
+        with open(f"{path}/MANIFEST", "wb") as f:
+            f.write(dataclasses.replace(index, fragments=refs).to_msgpack())
+    return frag_path
+
+
+def test_verify_checks_every_block_sum_v2(tmp_path, monkeypatch):
+    path, _ = _saved_v2(tmp_path, monkeypatch, torch.zeros(5, 1 << 20, dtype=torch.uint8))
+    assert verify(path).ok
+    _spoil_fragment_block_sum(path, 3, fix_index=True)
+    report = verify(path)
+    assert [(b.key, b.reason) for b in report.bad] == [(("w",), CHECKSUM_MISMATCH)]
+    assert report.bad[0].detail.startswith(f"block 3 at offset {3 * BLOCK_BYTES}: ")
+    big, _ = _saved_v2(tmp_path / "big", monkeypatch, torch.zeros(20, 1 << 20, dtype=torch.uint8))
+    _spoil_fragment_block_sum(big, 17, fix_index=True)
+    assert verify(big).bad[0].detail.startswith(f"block 17 at offset {17 * BLOCK_BYTES}: ")
+
+
+def test_a_spoiled_block_sum_in_a_v2_fragment_fails_the_resharded_load_that_reads_it(tmp_path, monkeypatch):
+    path, data = _saved_v2(tmp_path, monkeypatch, V)
+    _spoil_fragment_block_sum(path, 2, fix_index=True)  # block 2: rows 512 on, which only rank 1 (rows 300..599) reads
+    got = run_ranks(_load_shard0, 2, path, env=FAST)
+    assert got[0] is True
+    assert got[1].startswith("ChecksumError") and "w chunk 0 block 2 in" in got[1] and data in got[1], got[1]
+
+
+def test_a_v2_fragment_whose_xxh3_no_longer_matches_is_refused_before_any_block_sum(tmp_path, monkeypatch):
+    path, _ = _saved_v2(tmp_path, monkeypatch, V)
+    frag = _spoil_fragment_block_sum(path, 2, fix_index=False)
+    with pytest.raises(FragmentError, match=f"fragment {frag}: xxh3 .* does not match the MANIFEST's"):
+        verify(path)
+    out = {"w": torch.zeros(600, 1024)}
+    with pytest.raises(FragmentError, match=f"fragment {frag}: xxh3"):
+        dc.load(out, path)
+    assert not out["w"].any()  # refused before any data was read

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from dist_ckpt import manifest_v2 as v2
 from dist_ckpt.errors import FragmentError, ManifestError
+from dist_ckpt.fragments import needed_cells
 from dist_ckpt.manifest import ChunkTable, LocalSection, Manifest, TensorEntry
 from dist_ckpt.split import cells_for_box, detect_split
 
@@ -306,6 +307,54 @@ def test_selective_materialisation_builds_only_needed_rows():
     m = v2.materialize(index, {r: frags[r] for r in owners}, {w: cells})
     assert len(m.tensors[("w",)].chunks) == 1 and m.tensors[("w",)].chunks.offsets.tolist() == [[3, 0]]
     assert all(len(e.chunks) == 0 for k, e in m.tensors.items() if k != ("w",))
+
+
+def fsdp_model() -> Manifest:
+    """Twelve FSDP tensors of three shapes (two dtypes for one of them) over 4 ranks: three distinct splits."""
+    tensors = {}
+    for i in range(12):
+        shape = [(10, 3), (8, 3), (6,)][i % 3]
+        dtype = "int64" if i % 6 == 0 else "float32"
+        boxes = fsdp(*shape, blocks=True) if len(shape) == 2 else chunk_table([((a,), (min(2, 6 - a),)) for a in range(0, 6, 2)], [0, 1, 2], blocks=True)
+        if dtype == "int64":
+            boxes = chunk_table(list(zip(boxes.offsets.tolist(), boxes.sizes.tolist())), boxes.file.tolist(), itemsize=8, blocks=True)
+        tensors[(f"t{i}",)] = TensorEntry(dtype, shape, boxes)
+    return Manifest(4, FILES, tensors, {}, ["d", [f"t{i}" for i in range(12)], [0] * 12], created=1.5e9)
+
+
+def test_tensors_with_equal_splits_share_one_split_and_their_lookups():
+    m = fsdp_model()
+    index, frags = decoded(m)  # every fragment checked: per-entry dtypes apply within a shared split
+    classes, splits = index.split_classes
+    assert len(splits) == 3 and classes.tolist() == [0, 1, 2] * 4
+    assert index.tensors[("t0",)].split is index.tensors[("t3",)].split is index.tensors[("t9",)].split
+    box = {2: ((3, 0), (4, 3)), 1: ((3,), (2,))}  # rows 3..6 of every 2-D tensor, 3..4 of every 1-D one
+    cells = needed_cells(index, [(index.number[(None, k)], *box[len(e.shape)]) for k, e in index.tensors.items()])
+    assert cells[0] is cells[3] and [cells[i].tolist() for i in range(3)] == [[1, 2], [1, 2, 3], [1, 2]]
+    got = v2.materialize(index, frags, cells)
+    for k, e in m.tensors.items():  # the rows built are exactly the v1 table's rows whose boxes meet the target's
+        (lo,), (n,) = box[len(e.shape)][0][:1], box[len(e.shape)][1][:1]
+        want = [row for row in _rows(e.chunks) if row[0][0] < lo + n and lo < row[0][0] + row[1][0]]
+        assert _rows(got.tensors[k].chunks) == want, k
+
+
+def test_the_lowest_bad_entry_is_named_whatever_its_split():
+    index, _ = decoded(fsdp_model())
+    data, frags = encode(fsdp_model())
+    obj = msgpack.unpackb(frags[1])
+    entry, nbytes = np.frombuffer(obj["entry"], "<i4"), np.frombuffer(obj["nbytes"], "<i8").copy()
+    first, later = int(np.flatnonzero(entry == 4)[0]), int(np.flatnonzero(entry == 9)[0])  # t4: (8, 3) split; t9: (10, 3)
+    nbytes[[first, later]] += 4096
+    obj["nbytes"] = nbytes.tobytes()
+    with pytest.raises(FragmentError, match=r"cell 1 of key \['t4'\] has nbytes"):
+        v2.decode_fragment(msgpack.packb(obj), 1, index)
+
+
+def test_selective_materialisation_names_the_lowest_entry_missing_a_cell():
+    index, frags = decoded(fsdp_model())
+    cells = {e: np.array([1], np.int64) for e in (7, 5)}  # rank 1's cells; its fragment is not given
+    with pytest.raises(FragmentError, match=r"cell 1 of key \['t5'\] is missing: its writer rank 1's fragment data/r00001.frag"):
+        v2.materialize(index, {0: frags[0]}, cells)
 
 
 # -- checkpoints on disk ---------------------------------------------------------------------
