@@ -28,7 +28,8 @@ from .layout_names import DATA_FILE_RE
 from .layout_names import MANIFEST as MANIFEST  # re-exported for its importers
 from .logs import RankStats
 from .manifest import ALIGN, BLOCK_BYTES, ChunkTable, LocalSection, Manifest, TensorEntry, _ext_hook, _pack_default, block_counts
-from .manifest_v2 import Index, segment_index
+from .manifest_v2 import Index
+from .materialize import segment_index
 from .plan import ChunkLayout, SavePlan
 from .storage import SaveTarget, Storage
 from .writer import WriteRecord

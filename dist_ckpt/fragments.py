@@ -21,6 +21,7 @@ from .dtypes import itemsize
 from .errors import FragmentError, ManifestError, UnsafeFileError
 from .layout_names import MANIFEST
 from .manifest import Manifest
+from .materialize import materialize
 from .split import cells_for_box
 from .storage import Storage
 
@@ -95,7 +96,7 @@ def whole_manifest(storage: Storage, root: str, index: v2.Index) -> Manifest:
     Raises:
         FragmentError: a fragment is missing or bad, or a cell is in none.
     """
-    return v2.materialize(index, read_fragments(storage, root, index, range(index.world_size)))
+    return materialize(index, read_fragments(storage, root, index, range(index.world_size)))
 
 
 def needed_cells(index: v2.Index, needs: Sequence[tuple[int, Sequence[int], Sequence[int]]]) -> dict[int, np.ndarray]:
@@ -130,4 +131,4 @@ def needed_manifest(storage: Storage, root: str, index: v2.Index, cells: Mapping
             seen.add((int(classes[e]), id(c)))
             owners.update(np.unique(splits[int(classes[e])].owner(c)).tolist())
     frags = read_fragments(storage, root, index, owners)
-    return v2.materialize(index, frags, dict(cells)), len(frags)
+    return materialize(index, frags, dict(cells)), len(frags)

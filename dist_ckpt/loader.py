@@ -49,6 +49,7 @@ from .fragments import needed_cells, needed_manifest, read_metadata, whole_manif
 from .layout_names import MANIFEST, OLD, TMP, is_sibling_of
 from .logs import get_logger
 from .manifest import Manifest, TensorEntry, unpickle_if_allowed
+from .materialize import skeleton
 from .reader import ReadTask, read_tensors
 from .storage import Storage, get_storage
 
@@ -451,7 +452,7 @@ def load_into(state_dict: Any, path: str, rank: int, config: Config, strict: boo
             every missing and unexpected key).
     """
     meta, root, storage = read_metadata_at(path, storage)
-    manifest = v2.skeleton(meta) if isinstance(meta, v2.Index) else meta  # v2: chunk rows come once the targets are known
+    manifest = skeleton(meta) if isinstance(meta, v2.Index) else meta  # v2: chunk rows come once the targets are known
     info = info if info is not None else LoadInfo()
     info.path, info.saved_world_size = root, manifest.world_size
     expanded, stateful = expand_stateful(state_dict)

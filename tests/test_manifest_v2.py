@@ -15,6 +15,7 @@ from dist_ckpt import manifest_v2 as v2
 from dist_ckpt.errors import FragmentError, ManifestError
 from dist_ckpt.fragments import needed_cells
 from dist_ckpt.manifest import ChunkTable, LocalSection, Manifest, TensorEntry
+from dist_ckpt.materialize import from_manifest, materialize
 from dist_ckpt.split import cells_for_box, detect_split
 
 # -- helpers -------------------------------------------------------------------------
@@ -45,7 +46,7 @@ def sample_manifest(blocks=True) -> Manifest:
 
 
 def encode(m: Manifest):
-    index, frags = v2.from_manifest(m)
+    index, frags = from_manifest(m)
     return index.to_msgpack(), frags
 
 
@@ -91,7 +92,7 @@ def test_round_trip_equals_the_v1_manifest(blocks):
     m = sample_manifest(blocks)
     index, frags = decoded(m)
     assert v2.peek_version(index.to_msgpack()) == 2 and v2.peek_version(m.to_msgpack()) == 1
-    back = v2.materialize(index, frags)
+    back = materialize(index, frags)
     assert back.version == 2 and len(back.fragments) == 4
     assert_same(m, back)
     # and the materialised manifest re-encodes as a valid v1 one (v2 -> v1 conversion)
@@ -196,7 +197,7 @@ def test_missing_fragment_names_it():
     index, frags = decoded(sample_manifest())
     del frags[3]
     with pytest.raises(FragmentError, match=r"rank 3's fragment data/r00003\.frag"):
-        v2.materialize(index, frags)
+        materialize(index, frags)
 
 
 def _crafted(rank, **change):
@@ -304,7 +305,7 @@ def test_selective_materialisation_builds_only_needed_rows():
     cells = cells_for_box(index.tensors[("w",)].split, (3, 0), (2, 3))  # rows 3-4: cells 1 only
     assert cells.tolist() == [1]
     owners = set(index.tensors[("w",)].split.owner(cells).tolist())
-    m = v2.materialize(index, {r: frags[r] for r in owners}, {w: cells})
+    m = materialize(index, {r: frags[r] for r in owners}, {w: cells})
     assert len(m.tensors[("w",)].chunks) == 1 and m.tensors[("w",)].chunks.offsets.tolist() == [[3, 0]]
     assert all(len(e.chunks) == 0 for k, e in m.tensors.items() if k != ("w",))
 
@@ -331,7 +332,7 @@ def test_tensors_with_equal_splits_share_one_split_and_their_lookups():
     box = {2: ((3, 0), (4, 3)), 1: ((3,), (2,))}  # rows 3..6 of every 2-D tensor, 3..4 of every 1-D one
     cells = needed_cells(index, [(index.number[(None, k)], *box[len(e.shape)]) for k, e in index.tensors.items()])
     assert cells[0] is cells[3] and [cells[i].tolist() for i in range(3)] == [[1, 2], [1, 2, 3], [1, 2]]
-    got = v2.materialize(index, frags, cells)
+    got = materialize(index, frags, cells)
     for k, e in m.tensors.items():  # the rows built are exactly the v1 table's rows whose boxes meet the target's
         (lo,), (n,) = box[len(e.shape)][0][:1], box[len(e.shape)][1][:1]
         want = [row for row in _rows(e.chunks) if row[0][0] < lo + n and lo < row[0][0] + row[1][0]]
@@ -354,7 +355,7 @@ def test_selective_materialisation_names_the_lowest_entry_missing_a_cell():
     index, frags = decoded(fsdp_model())
     cells = {e: np.array([1], np.int64) for e in (7, 5)}  # rank 1's cells; its fragment is not given
     with pytest.raises(FragmentError, match=r"cell 1 of key \['t5'\] is missing: its writer rank 1's fragment data/r00001.frag"):
-        v2.materialize(index, {0: frags[0]}, cells)
+        materialize(index, {0: frags[0]}, cells)
 
 
 # -- checkpoints on disk ---------------------------------------------------------------------
@@ -510,7 +511,7 @@ def test_index_claiming_2_40_cells_is_refused_before_allocating():
     _, frags = encode(sample_manifest())
     frag0 = v2.decode_fragment(frags[0], 0, index)  # its record of w is cell 0 (rows 0-2): consistent
     with pytest.raises(FragmentError, match=r"cell 1 of key \['w'\] is missing: .*rank 0's fragment data/r00000\.frag"):
-        v2.materialize(index, {0: frag0})  # a per-cell array would be 8 TiB
+        materialize(index, {0: frag0})  # a per-cell array would be 8 TiB
 
 
 def test_s3_v2_fragments_are_kept_by_gc_and_an_aborted_saves_are_collected(s3_bucket):

@@ -32,6 +32,7 @@ from dist_ckpt import manifest_v2 as v2
 from dist_ckpt.dtypes import itemsize
 from dist_ckpt.errors import ManifestError
 from dist_ckpt.manifest import ALIGN, ChunkTable, LocalSection, Manifest, TensorEntry, block_counts
+from dist_ckpt.materialize import from_manifest, materialize
 from dist_ckpt.split import cells_for_box
 
 N_INPUTS = 10_000
@@ -85,7 +86,7 @@ def _hashable(k: Any) -> Any:
 
 BASES = []  # (index bytes, index object, decoded index, {rank: fragment bytes}, {rank: fragment object})
 for _m in _manifests():
-    _index, _frags = v2.from_manifest(_m)
+    _index, _frags = from_manifest(_m)
     _data = _index.to_msgpack()
     BASES.append((_data, _loose(_data), v2.decode_index(_data), _frags, {r: _loose(f) for r, f in _frags.items()}))
 
@@ -414,9 +415,9 @@ def use_fragment(index: v2.Index, rank: int, f: v2.Fragment, others: dict[int, v
         cells[e].append(c)
     assert (index.file_rank[f.file] == rank).all() and (f.offset % ALIGN == 0).all()
     wanted = {e: np.array(sorted(c), np.int64) for e, c in cells.items()}
-    m = v2.materialize(index, {rank: f}, wanted)  # only its own cells: must not fail
+    m = materialize(index, {rank: f}, wanted)  # only its own cells: must not fail
     assert sum(len(t.chunks) for t in m.tensors.values()) + sum(len(t.chunks) for s in m.local.values() for t in s.tensors.values()) == len(f)
-    v2.materialize(index, {**others, rank: f})  # every cell: may miss ones the mutation dropped (a FragmentError)
+    materialize(index, {**others, rank: f})  # every cell: may miss ones the mutation dropped (a FragmentError)
 
 
 DECODED = [{r: v2.decode_fragment(b, r, base[2]) for r, b in base[3].items()} for base in BASES]

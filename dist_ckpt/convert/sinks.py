@@ -23,7 +23,8 @@ from ..fragments import read_metadata
 from ..layout_names import TMP, fragment_name, sibling
 from ..logs import get_logger
 from ..manifest import BLOCK_BYTES, ChunkTable, Manifest, Pickled, TensorEntry, unpickle_if_allowed
-from ..manifest_v2 import decode_fragment, decode_index, from_manifest
+from ..manifest_v2 import decode_fragment, decode_index
+from ..materialize import from_manifest
 from ..storage import SaveTarget, Storage, get_storage
 from ..writer import WriteItem, write_items
 from ._common import _ST_DTYPES, _WEIGHTS_ONLY_LEAVES, ConvertError, LazyTensor, Meter, Options, local_path
