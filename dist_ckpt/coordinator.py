@@ -354,7 +354,7 @@ class Coordinator:
         cells = self._plan_cells(plan) if self._config.format_version == 2 else None
         save.cells = cells
         for r in range(self.world_size):
-            reply = plan.to_msgpack_for(r) if cells is None else plan.to_msgpack_for(r, *cells.for_rank(plan, r))
+            reply = plan.to_msgpack_for(r) if cells is None else cells.reply(plan, r)
             self._send(r, wire.PlanReply(self.job, save.ckpt, r, target.location, same, reply))
         t2 = time.perf_counter()
         # While the ranks write: place their chunks in the manifest (once per plan), free the boxes.
