@@ -68,7 +68,8 @@ class GroupSpec:
         except zlib.error as e:
             raise WireError(f"rank {rank}: plan reply's group spec is not zlib data ({e})") from e
         if len(raw) != want or not complete:
-            raise WireError(f"rank {rank}: plan reply's group spec holds {len(raw)}+ bytes, its schema needs {want}")
+            got = f"more than {want}" if len(raw) > want else str(len(raw))
+            raise WireError(f"rank {rank}: plan reply's group spec inflates to {got} bytes, its schema needs {want}")
         cols = np.cumsum(np.frombuffer(raw, _I8), dtype=np.int64)  # wraps like the encoder's diff: exact
         t = n_tensors
         return GroupSpec(cols[:t], cols[t : 2 * t], cols[2 * t : 3 * t], cols[3 * t : 4 * t], cols[4 * t :])
