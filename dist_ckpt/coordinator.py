@@ -54,6 +54,7 @@ from .transport import ConnectionGate, ZapGate, pending_cap, raise_fd_limit, req
 from .wire import Phase
 
 log = get_logger(__name__)
+_SNDMORE = int(zmq.SNDMORE)
 
 _malloc_trim: Callable[[int], int] | None
 try:
@@ -269,7 +270,13 @@ class Coordinator:
     def _send(self, rank: int, msg: wire.Message) -> None:
         identity = self._identity.get(rank)
         if identity is not None:
-            self._sock.send_multipart([identity, *wire.encode(msg, self._secret)], copy=False)
+            # Frame by frame with int flags: send_multipart's enum arithmetic cost ~16 us a message,
+            # a third of a Committed's cost; the coordinator sends three messages per rank per save.
+            frames = wire.encode(msg, self._secret)
+            self._sock.send(identity, _SNDMORE, copy=False)
+            for f in frames[:-1]:
+                self._sock.send(f, _SNDMORE, copy=False)
+            self._sock.send(frames[-1], 0, copy=False)
 
     def _save_for(self, msg: Any) -> _Save | None:
         save = self._saves.get(msg.ckpt)
