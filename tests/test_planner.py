@@ -731,3 +731,18 @@ def test_description_boxes_travel_compressed_and_are_inflated_bounded():
     ):
         with pytest.raises(WireError, match=match):
             decode_description(msgpack.packb([version, schema, bad]), 2)
+
+
+def test_description_schema_travels_compressed_and_is_inflated_once_per_distinct_schema():
+    descs = describe({("w", i): ((64, 8), [0]) for i in range(200)}, (4,))
+    version, schema, boxes = msgpack.unpackb(descs[0].to_msgpack())
+    assert schema.code == 1 and len(schema.data) < len(descs[0].columns().schema.blob) // 5
+    cache = SchemaCache()
+    cols = [decode_description(d.to_msgpack(), d.rank, cache) for d in descs]
+    assert len({id(c.schema) for c in cols}) == 1 and cols[0].schema.blob == descs[0].columns().schema.blob
+    raw = msgpack.packb([version, descs[0].columns().schema.blob, boxes])  # a raw schema is still read, and is another cache entry
+    assert decode_description(raw, 0, cache).schema.keys == cols[0].schema.keys
+    bomb = zlib.compress(bytes(1 << 26))  # 64 MiB of zeros: inflated at most 1032x its size (deflate's own limit), then refused
+    for bad, match in ((bomb, "rank 1: description schema"), (b"not zlib", "description schema: not zlib data"), (schema.data[:-4], "not one complete stream")):
+        with pytest.raises(WireError, match=match):
+            decode_description(msgpack.packb([version, msgpack.ExtType(1, bad), boxes]), 1, cache)
