@@ -3,8 +3,9 @@
 Three steps, each on its side of the wire:
 
 1. (coordinator, once per plan) :func:`plan_cells`: per manifest entry the
-   :class:`~dist_ckpt.split.Split` of the boxes the plan assigns, and per written
-   chunk its (entry, cell); each rank's share goes out in its plan reply.
+   :class:`~dist_ckpt.split.Split` of the boxes the plan assigns, and per group the
+   spec its ranks derive their (entry, cell)s from (:mod:`dist_ckpt.reply_v2`; nothing
+   per chunk travels or is kept, but the cells of splits no rank can derive).
 2. (each rank, after its data is written) :func:`write_fragment`: its records as
    a fragment through the same storage stream as its data (fsync'd), and the
    Done payload naming it (:func:`encode_fragment_report`, checked by
