@@ -713,7 +713,7 @@ def test_plan_cache_hit_and_miss():
 
 def test_description_boxes_travel_compressed_and_are_inflated_bounded():
     """Boxes go as a zlib'd msgpack ext (an FSDP rank's 28 KB are a few hundred bytes); the inflate stops at the schema's size."""
-    descs = describe({("w", i): ((4096 * 4 - i % 5, 64 * (1 + i % 4)), [0]) for i in range(300)}, (4096,))[:3]
+    descs = describe({("w", i): ((256 * 4 - i % 5, 64 * (1 + i % 4)), [0]) for i in range(300)}, (256,))[:3]
     wire = descs[2].to_msgpack()
     raw_bytes = 16 * descs[2].columns().schema.width
     assert len(wire) < len(descs[2].columns().schema.blob) + raw_bytes // 20
