@@ -107,7 +107,7 @@ from dist_ckpt import wire
 from dist_ckpt.commit import MANIFEST, encode_objects, encode_record_columns
 from dist_ckpt.config import Config
 from dist_ckpt.coordinator import Coordinator
-from dist_ckpt.description import Schema, encode_description
+from dist_ckpt.description import RankColumns, Schema, encode_description
 from dist_ckpt.flatten import flatten
 from dist_ckpt.fragments import needed_cells, needed_manifest
 from dist_ckpt.index_build import write_fragment
@@ -354,7 +354,10 @@ class Ranks:
     def recv_plans(self) -> float:
         t, replies = self.recv(wire.PlanReply)
         n = len(self.layout.schema)
-        parsed = [SavePlan.parse_rank_plan_v2(m.plan, n) for m in replies]  # type: ignore[attr-defined]
+        off, siz = self.layout.boxes(self.ranks)  # each rank derives its cells from its own boxes, as a real rank does
+        sch = self.layout.schema
+        own = [RankColumns(int(r), sch, np.concatenate([off[i], siz[i]])) for i, r in enumerate(self.ranks.tolist())]
+        parsed = [SavePlan.parse_rank_plan_v2(m.plan, n, c) for m, c in zip(replies, own)]  # type: ignore[attr-defined]
         self.plans, self.cells = [p for p, _ in parsed], [c for _, c in parsed]
         if any((c is None) != (self.fmt == 1) for c in self.cells):
             raise RuntimeError(f"format {self.fmt} save, but the plan replies {'carry' if self.fmt == 1 else 'lack'} cells")

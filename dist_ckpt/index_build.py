@@ -3,8 +3,9 @@
 Three steps, each on its side of the wire:
 
 1. (coordinator, once per plan) :func:`plan_cells`: per manifest entry the
-   :class:`~dist_ckpt.split.Split` of the boxes the plan assigns, and per written
-   chunk its (entry, cell); each rank's share goes out in its plan reply.
+   :class:`~dist_ckpt.split.Split` of the boxes the plan assigns, and per group the
+   spec its ranks derive their (entry, cell)s from (:mod:`dist_ckpt.reply_v2`; nothing
+   per chunk travels or is kept, but the cells of splits no rank can derive).
 2. (each rank, after its data is written) :func:`write_fragment`: its records as
    a fragment through the same storage stream as its data (fsync'd), and the
    Done payload naming it (:func:`encode_fragment_report`, checked by
@@ -16,7 +17,7 @@ Three steps, each on its side of the wire:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import msgpack
 import numpy as np
@@ -26,8 +27,9 @@ from .errors import CheckpointError, WireError
 from .layout_names import DATA_FILE_RE, FRAGMENT_RE, fragment_name
 from .manifest import BLOCK_BYTES
 from .manifest_v2 import MAX_FRAGMENT_BYTES, Fragment, FragmentRef, Index, IndexEntry
-from .plan import PlanGroup, SavePlan
-from .split import Split, detect_split
+from .plan import PlanGroup, SavePlan, blocks
+from .reply_v2 import GroupSpec, group_spec, spec_kind
+from .split import Split, detect_columns, detect_split
 from .storage import SaveTarget, Storage
 from .writer import WriteRecord
 
@@ -36,23 +38,55 @@ __all__ = ["FragmentReport", "PlanCells", "build_index", "decode_fragment_report
 
 @dataclass(frozen=True, eq=False)
 class PlanCells:
-    """Per manifest entry its split; per plan group the cell of each written (row, tensor), row-major (-1: an empty box)."""
+    """Per manifest entry its split; per plan group the spec its ranks derive their (entry, cell)s from.
+
+    Nothing per chunk: a rank finds its cells from its own boxes and its group's
+    :class:`~dist_ckpt.reply_v2.GroupSpec` (packed once per group, the same bytes
+    in every reply of the group); only the cells of splits a rank cannot derive
+    (kind 1: uneven boundaries, explicit boxes, owners that are no formula) are
+    kept here, one int per written chunk of those.
+    """
 
     splits: list[Split]
-    cells: tuple[np.ndarray, ...]  # per group, int32: the plan's write order (row-major over ``writes``)
-    # Per group, int32, the entry of each of those chunks, computed with the cells: a reply is then
-    # two slices (per rank, np.flatnonzero + entries took ~0.3 s per save at 4096 ranks x 1000 tensors).
-    entries: tuple[np.ndarray, ...]
-    row_start: tuple[np.ndarray, ...]  # per group, (R + 1,): where each row's cells start
+    specs: tuple[GroupSpec, ...]  # per group
+    blobs: tuple[bytes, ...]  # per group: its spec's wire form
+    explicit_cols: tuple[np.ndarray, ...]  # per group: its kind-1 columns, ascending
+    explicit: tuple[np.ndarray, ...]  # per group: (R, len(explicit_cols)) int64, the cell of each written kind-1 box (-1 elsewhere)
 
     def for_rank(self, plan: SavePlan, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(entries, cells)`` of the tensors ``rank`` writes, ascending tensor order (empty if it took no part)."""
+        """``(entries, cells)`` of the tensors ``rank`` writes, ascending tensor order (empty if it took no part).
+
+        What the rank derives from its reply (:func:`dist_ckpt.reply_v2.derive_cells`), computed here from the
+        owners' formula instead of the rank's boxes.
+        """
         where = plan.where(rank)
         if where is None:
-            return np.zeros(0, np.int32), np.zeros(0, np.int32)
+            return np.zeros(0, np.int32), np.zeros(0, np.int64)
         gi, row = where
-        a, b = self.row_start[gi][row], self.row_start[gi][row + 1]
-        return self.entries[gi][a:b], self.cells[gi][a:b]
+        g, spec = plan.groups[gi], self.specs[gi]
+        cols = np.flatnonzero(g.writes[row])
+        code, kind, a, b = spec.code[cols], spec.kind[cols], spec.a[cols], spec.b[cols]
+        entries = np.where(code >= 0, code, self.local_first(g, row) - 1 - code).astype(np.int32)
+        cells = np.where((code >= 0) & (b != 0), (rank - a) // np.where(b != 0, b, 1), 0)
+        cells[kind == 1] = self._explicit(gi, row, g)
+        return entries, cells.astype(np.int64)
+
+    @staticmethod
+    def local_first(g: PlanGroup, row: int) -> int:
+        """The entry of row ``row``'s first rank-local tensor."""
+        return g.local_base + row * len(g.local_keys)
+
+    def _explicit(self, gi: int, row: int, g: PlanGroup) -> np.ndarray:
+        return self.explicit[gi][row, g.writes[row, self.explicit_cols[gi]]]
+
+    def reply(self, plan: SavePlan, rank: int) -> bytes:
+        """The PlanReply payload of ``rank``: :meth:`SavePlan.to_msgpack_for` with its group's spec."""
+        where = plan.where(rank)
+        if where is None:
+            return plan.to_msgpack_for(rank, spec=(0, b"", b""))
+        gi, row = where
+        g = plan.groups[gi]
+        return plan.to_msgpack_for(rank, spec=(self.local_first(g, row), self._explicit(gi, row, g).astype("<i8").tobytes(), self.blobs[gi]))
 
 
 def plan_cells(plan: SavePlan) -> PlanCells:
@@ -61,43 +95,104 @@ def plan_cells(plan: SavePlan) -> PlanCells:
     No :class:`~dist_ckpt.plan.ChunkLayout` is built: an entry's boxes are gathered
     from the boxes matrix of each group that writes it (group, then row order, as the
     layout orders them), and the plan's boxes are released afterwards, as building
-    the layout does (format version 2 needs neither again).
+    the layout does (format version 2 needs neither again). Per group, the spec of
+    its replies (:func:`~dist_ckpt.reply_v2.group_spec`).
     """
     from .commit import entry_names  # commit imports this module for the commit itself
 
     assert plan.boxes is not None, "a plan's splits need the boxes it was made from"
     parts = _entry_parts(plan)
-    dense = [np.full(g.writes.shape, -1, np.int32) for g in plan.groups]  # cell per (row, tensor), while filling
-    splits: list[Split] = []
+    col_split: list[list[Split | None]] = [[None] * g.writes.shape[1] for g in plan.groups]
+    mixed: set[tuple[int, int]] = set()  # rank-local columns whose entries' splits are not all one kind-0 grid
+    explicit: list[dict[int, np.ndarray]] = [{} for _ in plan.groups]
+    found: list[Split | None] = [None] * len(parts)
+    for gi in range(len(plan.groups)):
+        _fast_splits(plan, gi, parts, found, col_split, explicit)
     seen: dict[tuple, tuple[Split, np.ndarray]] = {}
-    for (_, _, _, shape), where in zip(entry_names(plan), parts):
+    for e, ((owner, _, _, shape), where) in enumerate(zip(entry_names(plan), parts)):
+        if found[e] is not None:
+            continue
         off, siz, own = _entry_boxes(plan, plan.boxes, where, len(shape))
         key = (tuple(shape), xxhash.xxh3_128_intdigest(off.tobytes() + siz.tobytes() + own.tobytes()))
         if key not in seen:  # tensors of one shape in one schema share their boxes and writers: split them once
             seen[key] = detect_split(shape, off, siz, own)
         split, cells = seen[key]
-        splits.append(split)
-        a = 0
-        for gi, col, rows in where:
-            dense[gi][rows, col] = cells[a : a + len(rows)]
-            a += len(rows)
+        found[e] = split
+        _note_columns(plan, where, split, cells, owner is not None, col_split, mixed, explicit)
     plan.boxes = None
-    row_start = tuple(np.concatenate([[0], np.cumsum(g.writes.sum(axis=1))]) for g in plan.groups)
-    entries = tuple(_written_entries(g, starts) for g, starts in zip(plan.groups, row_start))
-    return PlanCells(splits, tuple(d[g.writes] for d, g in zip(dense, plan.groups)), entries, row_start)
+    splits = cast(list[Split], found)  # every entry has its split now
+    specs, blobs, ecols, edense = [], [], [], []
+    for gi, g in enumerate(plan.groups):
+        code = np.where(g.col_entry >= 0, g.col_entry, -1 - g.local_pos)
+        per_col = [None if (gi, c) in mixed else sp for c, sp in enumerate(col_split[gi])]
+        spec = group_spec(code, per_col, g.schema.start, g.schema.ndim, g.schema.width)
+        cols = np.flatnonzero(spec.kind == 1)
+        dense = np.full((len(g.ranks), len(cols)), -1, np.int64)
+        for j, c in enumerate(cols.tolist()):
+            if c in explicit[gi]:
+                dense[:, j] = explicit[gi][c]
+        specs.append(spec)
+        blobs.append(spec.to_bytes())
+        ecols.append(cols)
+        edense.append(dense)
+    return PlanCells(splits, tuple(specs), tuple(blobs), tuple(ecols), tuple(edense))
 
 
-def _written_entries(g: PlanGroup, row_start: np.ndarray, rows_per_pass: int = 256) -> np.ndarray:
-    """int32, the entry of each chunk ``g`` writes, row-major over ``g.writes`` (the order of the cells).
+def _fast_splits(
+    plan: SavePlan,
+    gi: int,
+    parts: list[list[tuple[int, int, np.ndarray]]],
+    found: list[Split | None],
+    col_split: list[list[Split | None]],
+    explicit: list[dict[int, np.ndarray]],
+) -> None:
+    """The splits of group ``gi``'s global columns that only it writes, in the common layouts, a block of
+    columns at a time (:func:`~dist_ckpt.split.detect_columns`); the others are left to :func:`detect_split`."""
+    assert plan.boxes is not None
+    g, sch = plan.groups[gi], plan.groups[gi].schema
+    ent = g.col_entry.tolist()
+    cand = np.array([c for c, e in enumerate(ent) if e >= 0 and len(parts[e]) == 1 and sch.numel[c] > 0 and sch.ndim[c] > 0], np.int64)
+    for blk in blocks(len(cand)):
+        cols = cand[blk]
+        got = detect_columns([sch.shapes[c] for c in cols.tolist()], sch.start[cols], sch.width, plan.boxes[gi], g.writes[:, cols], g.ranks)
+        for c, split in zip(cols.tolist(), got):
+            if split is None:
+                continue
+            found[ent[c]] = col_split[gi][c] = split
+            if spec_kind(split):  # the writers, in row order, are the cells
+                rows = parts[ent[c]][0][2]
+                explicit[gi].setdefault(c, np.full(len(g.ranks), -1, np.int64))[rows] = np.arange(len(rows))
 
-    A few hundred rows per pass: the int64 temporaries of a 16,384-rank group
-    at once would be ~400 MB on top of the plan.
+
+def _note_columns(
+    plan: SavePlan,
+    where: list[tuple[int, int, np.ndarray]],
+    split: Split,
+    cells: np.ndarray,
+    local: bool,
+    col_split: list[list[Split | None]],
+    mixed: set[tuple[int, int]],
+    explicit: list[dict[int, np.ndarray]],
+) -> None:
+    """Record an entry's split for each group column that writes it, and the cells its ranks cannot derive.
+
+    A rank-local column has one entry per rank: their cells are kept too (one per rank), in case
+    the column's entries turn out not to share one kind-0 grid (the spec then sends them explicitly).
     """
-    out = np.empty(int(row_start[-1]), np.int32)
-    for a in range(0, len(g.ranks), rows_per_pass):
-        rows, cols = np.nonzero(g.writes[a : a + rows_per_pass])
-        out[row_start[a] : row_start[min(a + rows_per_pass, len(g.ranks))]] = g.entries(cols, rows + a)
-    return out
+    a = 0
+    for gi, col, rows in where:
+        first = col_split[gi][col]
+        if first is None:
+            col_split[gi][col] = first = split
+        elif spec_kind(split) or first.dims is None or split.dims is None or not _same_dims(first.dims, split.dims):
+            mixed.add((gi, col))
+        if spec_kind(split) or local:
+            explicit[gi].setdefault(col, np.full(len(plan.groups[gi].ranks), -1, np.int64))[rows] = cells[a : a + len(rows)]
+        a += len(rows)
+
+
+def _same_dims(x: tuple, y: tuple) -> bool:
+    return len(x) == len(y) and all(isinstance(p, int) and isinstance(q, int) and p == q for p, q in zip(x, y))
 
 
 def _entry_parts(plan: SavePlan) -> list[list[tuple[int, int, np.ndarray]]]:

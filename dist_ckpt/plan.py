@@ -23,9 +23,10 @@ from typing import Iterable, Iterator, Mapping
 import msgpack
 import numpy as np
 
-from .description import Schema
+from .description import RankColumns, Schema
 from .errors import WireError
 from .flatten import KeyPath
+from .reply_v2 import GroupSpec, derive_cells
 
 __all__ = ["BLOCK", "ChunkLayout", "PlanCache", "PlanGroup", "SavePlan", "blocks", "chunk_layout"]
 
@@ -128,21 +129,25 @@ class SavePlan:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SavePlan) and self.writes == other.writes and self.bytes_per_rank == other.bytes_per_rank
 
-    def to_msgpack_for(self, rank: int, entry: np.ndarray | None = None, cell: np.ndarray | None = None) -> bytes:
+    def to_msgpack_for(self, rank: int, entry: np.ndarray | None = None, cell: np.ndarray | None = None, spec: tuple[int, bytes, bytes] | None = None) -> bytes:
         """The plan of one rank, as sent in the coordinator's reply: ``[n_tensors, bitmap]``.
 
-        Format version 2 (``entry``/``cell``: this rank's, in ascending tensor order, from
-        :meth:`dist_ckpt.index_build.PlanCells.for_rank`) appends the (entry, cell) of each
-        tensor the rank writes: ``[n, bitmap, entries int32, cells int64]``.
+        Format version 2 appends what the rank needs to name its records: ``spec``
+        (``local_first, explicit cells, group spec``, from :meth:`dist_ckpt.index_build.PlanCells.reply`)
+        gives ``[n, bitmap, local_first, explicit int64, group spec]``, from which the rank derives
+        them (:func:`dist_ckpt.reply_v2.derive_cells`); ``entry``/``cell`` (this rank's, in ascending
+        tensor order) give the explicit form ``[n, bitmap, entries int32, cells int64]`` (tests, tools).
         """
         where = self._row_of.get(rank)
+        tail: list = []
+        if spec is not None:
+            tail = list(spec)
+        elif entry is not None and cell is not None:
+            tail = [entry.astype("<i4").tobytes(), cell.astype("<i8").tobytes()]
         if where is None:
-            return msgpack.packb([0, b""] if entry is None else [0, b"", b"", b""], use_bin_type=True)
+            return msgpack.packb([0, b"", *tail], use_bin_type=True)
         gi, row = where
-        head = [self.groups[gi].writes.shape[1], self._bits[gi][row].tobytes()]
-        if entry is not None and cell is not None:
-            head += [entry.astype("<i4").tobytes(), cell.astype("<i8").tobytes()]
-        return msgpack.packb(head, use_bin_type=True)
+        return msgpack.packb([self.groups[gi].writes.shape[1], self._bits[gi][row].tobytes(), *tail], use_bin_type=True)
 
     @staticmethod
     def parse_rank_plan(data: bytes, n_tensors: int) -> tuple[int, ...]:
@@ -154,24 +159,48 @@ class SavePlan:
         return SavePlan.parse_rank_plan_v2(data, n_tensors)[0]
 
     @staticmethod
-    def parse_rank_plan_v2(data: bytes, n_tensors: int) -> tuple[tuple[int, ...], tuple[np.ndarray, np.ndarray] | None]:
+    def parse_rank_plan_v2(data: bytes, n_tensors: int, cols: RankColumns | None = None) -> tuple[tuple[int, ...], tuple[np.ndarray, np.ndarray] | None]:
         """:meth:`parse_rank_plan`, and for format version 2 the (entries, cells) of the tensors written (else None).
 
+        Args:
+            cols: this rank's description (its own boxes): a reply with a group spec needs it to derive its cells.
+
         Raises:
-            WireError: on anything that is not a plan for ``n_tensors`` tensors, or cells not one per tensor written.
+            WireError: on anything that is not a plan for ``n_tensors`` tensors, or cells not one per tensor written,
+                or (group spec) cells that do not fit this rank's boxes; names the rank.
         """
         try:
-            obj = msgpack.unpackb(data, raw=False, use_list=True, max_str_len=0, max_array_len=4, max_map_len=0, max_ext_len=0)
+            obj = msgpack.unpackb(data, raw=False, use_list=True, max_str_len=0, max_array_len=5, max_map_len=0, max_ext_len=0)
         except Exception as e:
             raise WireError(f"save plan is not valid msgpack ({type(e).__name__}: {e})") from e
-        if type(obj) is not list or len(obj) not in (2, 4) or type(obj[0]) is not int or not all(type(b) is bytes for b in obj[1:]):
-            raise WireError("save plan must be [n_tensors, bitmap] or [n_tensors, bitmap, entries, cells]")
+        if type(obj) is not list or len(obj) not in (2, 4, 5) or type(obj[0]) is not int:
+            raise WireError("save plan must be [n_tensors, bitmap], [n_tensors, bitmap, entries, cells] or [n_tensors, bitmap, local_first, cells, spec]")
+        if len(obj) == 5:
+            return SavePlan._parse_spec_form(obj, n_tensors, cols)
+        if not all(type(b) is bytes for b in obj[1:]):
+            raise WireError("save plan's bitmap, entries and cells must be binary")
         assigned = SavePlan._assigned(obj[0], obj[1], n_tensors)
         if len(obj) == 2:
             return assigned, None
         if len(obj[2]) != 4 * len(assigned) or len(obj[3]) != 8 * len(assigned):
             raise WireError(f"save plan's cells are not one per tensor written ({len(assigned)})")
         return assigned, (np.frombuffer(obj[2], "<i4").astype(np.int32), np.frombuffer(obj[3], "<i8").astype(np.int64))
+
+    @staticmethod
+    def _parse_spec_form(obj: list, n_tensors: int, cols: RankColumns | None) -> tuple[tuple[int, ...], tuple[np.ndarray, np.ndarray]]:
+        """``[n, bitmap, local_first, explicit cells, group spec]``: the rank's (entries, cells) derived from its own boxes."""
+        n, bits, local_first, explicit, blob = obj
+        if type(bits) is not bytes or type(local_first) is not int or type(explicit) is not bytes or type(blob) is not bytes or len(explicit) % 8:
+            raise WireError("save plan [n, bitmap, local_first, cells, spec]: bitmap, cells and spec binary, local_first an int")
+        assigned = SavePlan._assigned(n, bits, n_tensors)
+        if cols is None:
+            raise WireError("save plan carries a group spec: its cells are derived from this rank's boxes, which were not given")
+        if not assigned:
+            return assigned, (np.zeros(0, np.int32), np.zeros(0, np.int64))
+        if not 0 <= local_first < 1 << 31:
+            raise WireError(f"rank {cols.rank}: save plan's local_first {local_first} is outside [0, 2**31)")
+        spec = GroupSpec.from_bytes(blob, len(cols.schema), cols.schema.width, cols.rank)
+        return assigned, derive_cells(spec, cols, np.asarray(assigned, np.int64), local_first, np.frombuffer(explicit, "<i8").astype(np.int64))
 
     @staticmethod
     def _assigned(n: int, bits: bytes, n_tensors: int) -> tuple[int, ...]:

@@ -195,7 +195,7 @@ def _request_plan(
     desc = described.desc
     session.agent.send(wire.PlanRequest(session.job, ckpt, session.rank, path, session.world_size, wire.UInt64(desc.digest()), desc.to_msgpack(), overwrite))
     reply = session.agent.wait(ckpt, wire.PlanReply, Phase.PLAN, _backstop(session))
-    assigned, cells = SavePlan.parse_rank_plan_v2(reply.plan, len(desc.tensors))
+    assigned, cells = SavePlan.parse_rank_plan_v2(reply.plan, len(desc.tensors), desc.columns())  # v2: cells derived from its own boxes
     log.debug("[rank %d] save %s: %s plan, %d of %d tensors to write", session.rank, ckpt, "cached" if reply.same else "new", len(assigned), len(desc.tensors))
     return reply.tmp_path, assigned, cells
 

@@ -23,7 +23,7 @@ import numpy as np
 from . import boxes
 from .errors import ManifestError
 
-__all__ = ["Split", "cells_for_box", "detect_split", "split_from_obj"]
+__all__ = ["Split", "cells_for_box", "detect_columns", "detect_split", "split_from_obj"]
 
 _MAX_INT = 1 << 62
 _I8, _I4 = np.dtype("<i8"), np.dtype("<i4")
@@ -298,3 +298,63 @@ def _boxes_from_obj(obj: Any, shape: tuple[int, ...], where: str) -> Split:
     if problem:
         raise ManifestError(f"{where}.split.boxes: {problem}")
     return Split(shape, offsets=off, sizes=siz)
+
+
+# -- detection over many tensors at once -------------------------------------------
+
+
+def detect_columns(
+    shapes: Sequence[tuple[int, ...]], start: np.ndarray, width: int, boxes: np.ndarray, writes: np.ndarray, ranks: np.ndarray
+) -> list[Split | None]:
+    """:func:`detect_split` of many tensors (columns) of one boxes matrix at once, for the common layouts.
+
+    A column qualifies when its writers' boxes (rows ``writes[:, col]``) span every dim
+    but at most one whole, and tile that one in row order (FSDP, ``Shard(d)`` on a 1-D
+    mesh; a tensor written once). Its split is then what :func:`detect_split` finds for
+    those boxes and writers, and its cells are the writers in row order. Column by column
+    the boxes would be gathered one strided element at a time; here a block of columns is
+    one pass over the rows.
+
+    Args:
+        shapes: per column, the tensor's shape (non-empty, at least one dim).
+        start: per column, where its dims start in each half of ``boxes``'s rows (``width`` values each).
+        boxes: ``(R, 2 * width)`` offsets then sizes, one row per rank.
+        writes: ``(R, len(shapes))`` bool, the rows that write each column.
+        ranks: ``(R,)`` the rank of each row.
+
+    Returns:
+        Per column its split, or None where the column does not qualify (:func:`detect_split` decides).
+    """
+    nd = np.fromiter(map(len, shapes), np.int64, len(shapes))
+    lo, hi = int(start.min()), int((start + nd).max())
+    # The block's dims, one contiguous row each: a copy of whole row segments, then a transpose in cache.
+    off_t = np.ascontiguousarray(boxes[:, lo:hi]).T.copy()
+    siz_t = np.ascontiguousarray(boxes[:, width + lo : width + hi]).T.copy()
+    writers = np.ascontiguousarray(writes.T)
+    out: list[Split | None] = []
+    for j, shape in enumerate(shapes):
+        rows = np.flatnonzero(writers[j])
+        k = slice(int(start[j]) - lo, int(start[j]) - lo + len(shape))
+        at: slice | np.ndarray = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) and rows[-1] - rows[0] + 1 == len(rows) else rows
+        o, z = off_t[k, at], siz_t[k, at]  # FSDP's writers are a run of rows: views, no gather
+        split_dims = np.flatnonzero(~((o == 0) & (z == np.array(shape, np.int64)[:, None])).all(axis=1))
+        if len(split_dims) > 1 or not len(rows):
+            out.append(None)
+            continue
+        d = int(split_dims[0]) if len(split_dims) else -1
+        out.append(_tiled_split(shape, rows, ranks, o[d] if d >= 0 else None, z[d] if d >= 0 else None, d))
+    return out
+
+
+def _tiled_split(shape: tuple[int, ...], rows: np.ndarray, ranks: np.ndarray, o: np.ndarray | None, z: np.ndarray | None, d: int) -> Split | None:
+    """The split of writers ``rows`` (their boxes ``o``/``z`` along dim ``d``, whole along the others; ``d`` -1: whole
+    along every dim), if they tile the tensor in row order."""
+    if d < 0:  # every writer spans the tensor: a grid of one cell if there is one writer
+        return Split(shape, dims=tuple(shape), **_owner_form(ranks[rows].astype(np.int64))) if len(rows) == 1 else None
+    assert o is not None and z is not None
+    L = shape[d]
+    if not len(rows) or o[0] != 0 or (o[1:] != o[:-1] + z[:-1]).any() or o[-1] + z[-1] != L:
+        return None
+    dims: list[int | np.ndarray] = list(shape)
+    dims[d] = _compact_dim(np.append(o, L), L)
+    return Split(shape, dims=tuple(dims), **_owner_form(ranks[rows].astype(np.int64)))

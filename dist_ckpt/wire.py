@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
 import hmac
 import struct
@@ -296,8 +297,14 @@ def _check_secret(secret: bytes) -> None:
         raise ValueError(f"secret must be bytes of at least {MIN_SECRET} bytes")
 
 
+@functools.lru_cache(maxsize=8)
+def _keyed(secret: bytes) -> hmac.HMAC:
+    """The HMAC keyed with ``secret``, copied per message (keying it costs more than a short message's MAC)."""
+    return hmac.new(secret, digestmod=hashlib.sha256)
+
+
 def _mac(secret: bytes, parts: Sequence[memoryview]) -> bytes:
-    h = hmac.new(secret, digestmod=hashlib.sha256)
+    h = _keyed(secret).copy()
     for part in parts:
         h.update(struct.pack("<Q", part.nbytes))
         h.update(part)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import zlib
 
 import msgpack
 import numpy as np
@@ -708,3 +709,40 @@ def test_plan_cache_hit_and_miss():
     new = plan_save(descs[:1] + [RankDescription(1, descs[1].tensors)])
     cache.store({0: 1, 1: 2}, new)
     assert cache.lookup(digests) is None and cache.lookup({0: 1, 1: 2}) is new
+
+
+def test_description_boxes_travel_compressed_and_are_inflated_bounded():
+    """Boxes go as a zlib'd msgpack ext (an FSDP rank's 28 KB are a few hundred bytes); the inflate stops at the schema's size."""
+    descs = describe({("w", i): ((256 * 4 - i % 5, 64 * (1 + i % 4)), [0]) for i in range(300)}, (256,))[:3]
+    wire = descs[2].to_msgpack()
+    raw_bytes = 16 * descs[2].columns().schema.width
+    assert len(wire) < len(descs[2].columns().schema.blob) + raw_bytes // 20
+    assert decode_description(wire, 2).boxes.tolist() == descs[2].columns().boxes.tolist()
+    version, schema, boxes = msgpack.unpackb(wire)
+    assert boxes.code == 1
+    bomb = zlib.compress(bytes(1 << 26))
+    for bad, match in (
+        (msgpack.ExtType(1, zlib.compress(bytes(raw_bytes - 8))), f"inflate to {raw_bytes - 8} bytes, its schema needs {raw_bytes}"),
+        (msgpack.ExtType(1, zlib.compress(bytes(raw_bytes + 8))), f"inflate to more than {raw_bytes} bytes"),
+        (msgpack.ExtType(1, bomb), f"inflate to more than {raw_bytes} bytes"),
+        (msgpack.ExtType(1, b"not zlib"), "not zlib data"),
+        (msgpack.ExtType(1, boxes.data + b"tail"), "inflate to"),
+        (msgpack.ExtType(2, boxes.data), "schema and boxes must be binary"),
+    ):
+        with pytest.raises(WireError, match=match):
+            decode_description(msgpack.packb([version, schema, bad]), 2)
+
+
+def test_description_schema_travels_compressed_and_is_inflated_once_per_distinct_schema():
+    descs = describe({("w", i): ((64, 8), [0]) for i in range(200)}, (4,))
+    version, schema, boxes = msgpack.unpackb(descs[0].to_msgpack())
+    assert schema.code == 1 and len(schema.data) < len(descs[0].columns().schema.blob) // 5
+    cache = SchemaCache()
+    cols = [decode_description(d.to_msgpack(), d.rank, cache) for d in descs]
+    assert len({id(c.schema) for c in cols}) == 1 and cols[0].schema.blob == descs[0].columns().schema.blob
+    raw = msgpack.packb([version, descs[0].columns().schema.blob, boxes])  # a raw schema is still read, and is another cache entry
+    assert decode_description(raw, 0, cache).schema.keys == cols[0].schema.keys
+    bomb = zlib.compress(bytes(1 << 26))  # 64 MiB of zeros: inflated at most 1032x its size (deflate's own limit), then refused
+    for bad, match in ((bomb, "rank 1: description schema"), (b"not zlib", "description schema: not zlib data"), (schema.data[:-4], "not one complete stream")):
+        with pytest.raises(WireError, match=match):
+            decode_description(msgpack.packb([version, msgpack.ExtType(1, bad), boxes]), 1, cache)
