@@ -24,6 +24,7 @@ the slowest rank). Throughput = the state's logical bytes / that time.
 from __future__ import annotations
 
 import argparse
+import bisect
 import functools
 import gc
 import glob
@@ -61,7 +62,16 @@ LOG = logging.getLogger("bench")
 # so the library, which writes two files per rank and reads with several
 # threads, is never measured against a narrower pipe than its own.
 WRITERS = {"disk": 1, "disk_2w": 2, "disk_4w": 4}
+# The read ceilings: each rank's share read into the load target's own local
+# tensors (the pages every load writes into, zeroed before each step as before
+# each load), so the ceiling does the same task as a load minus its format and
+# checksums.
 READERS = {"disk": 1, "disk_2r": 2, "disk_4r": 4}
+# The same reads into one reused IO_PIECE buffer per reader thread: the bytes
+# never leave the CPU's cache, a task no load can do (every load writes its
+# share into memory the share's size). Reported for information, not a ceiling.
+REUSED_READERS = {"reuse": 1, "reuse_2r": 2, "reuse_4r": 4}
+RAW_READERS = {**READERS, **REUSED_READERS}
 
 
 @functools.lru_cache(maxsize=1)
@@ -133,8 +143,64 @@ def prime_read_buffers() -> None:
         _read_buffer(slot)
 
 
-def _read_span(files: list[tuple[str, int]], lo: int, hi: int, view: memoryview) -> int:
-    """Read bytes ``[lo, hi)`` of the files taken end to end, in ``IO_PIECE`` reads into ``view``."""
+IOV_MAX = 1024  # most buffers one preadv takes (Linux UIO_MAXIOV)
+
+
+class Destinations:
+    """The read ceiling's destinations: the load target's local bytes, end to end.
+
+    On CPU these are the target's own local tensors, so the raw reads write
+    the same pages a load writes (faulted in and zeroed the same way, by
+    :meth:`zero` before each step). On CUDA the target is on the device: the
+    reads go into one host buffer of the rank's local bytes, touched once,
+    which leaves the host-to-device copy out (still a bound). A share larger
+    than the local bytes (an uneven split) wraps around them.
+    """
+
+    def __init__(self, target: dict[str, Any], device: str) -> None:
+        self.target = target
+        local = [(t.to_local() if isinstance(t, DTensor) else t) for t in tensors(target)]
+        assert all(t.is_contiguous() for t in local), "a load target's local tensors are contiguous"
+        flat = [t.reshape(-1).view(torch.uint8) for t in local if t.numel()]
+        self.host: torch.Tensor | None = None
+        if device != "cpu":
+            self.host = torch.zeros(sum(t.numel() for t in flat), dtype=torch.uint8)
+            flat = [self.host]
+        self.views = [memoryview(t.numpy()).cast("B") for t in flat]
+        self.starts = [0]
+        for v in self.views:
+            self.starts.append(self.starts[-1] + len(v))
+        self.total = self.starts[-1]
+
+    def zero(self) -> None:
+        """Reset the destinations before a timed read, as the loads' target is reset before each load."""
+        if self.host is not None:
+            self.host.zero_()
+        else:
+            zero_state(self.target)
+
+    def iov(self, pos: int, n: int) -> list[memoryview]:
+        """Up to ``n`` destination bytes from ``pos`` (modulo their total), as at most :data:`IOV_MAX` views."""
+        out: list[memoryview] = []
+        while n > 0 and len(out) < IOV_MAX:
+            p = pos % self.total
+            i = bisect.bisect_right(self.starts, p) - 1
+            take = min(n, self.starts[i + 1] - p)
+            out.append(self.views[i][p - self.starts[i] : p - self.starts[i] + take])
+            pos, n = pos + take, n - take
+        return out
+
+
+# Where a raw read's bytes go: (position within the rank's share, bytes) -> buffers for preadv.
+Sink = Callable[[int, int], list[memoryview]]
+
+
+def _reused(view: memoryview) -> Sink:
+    return lambda pos, n: [view[:n]]
+
+
+def _read_span(files: list[tuple[str, int]], lo: int, hi: int, sink: Sink, share_lo: int) -> int:
+    """Read bytes ``[lo, hi)`` of the files taken end to end, in ``IO_PIECE`` reads into ``sink`` (share offsets from ``share_lo``)."""
     done = base = 0
     for path, size in files:
         start, end = max(lo, base), min(hi, base + size)
@@ -142,7 +208,7 @@ def _read_span(files: list[tuple[str, int]], lo: int, hi: int, view: memoryview)
             with open(path, "rb", buffering=0) as f:
                 pos = start - base
                 while pos < end - base:
-                    n = os.preadv(f.fileno(), [view[: min(IO_PIECE, end - base - pos)]], pos)
+                    n = os.preadv(f.fileno(), sink(base + pos - share_lo, min(IO_PIECE, end - base - pos)), pos)
                     if n <= 0:
                         break
                     pos += n
@@ -151,23 +217,26 @@ def _read_span(files: list[tuple[str, int]], lo: int, hi: int, view: memoryview)
     return done
 
 
-def raw_read_share(directory: str, rank: int, world: int, readers: int = 1) -> int:
+def raw_read_share(directory: str, rank: int, world: int, readers: int = 1, dests: Destinations | None = None) -> int:
     """Read this rank's 1/``world`` of the raw files' bytes (taken in name order) with ``readers`` threads.
 
     With as many ranks as files each rank reads its own file; with fewer or
     more, the bytes are split evenly across ranks, as a resharded load splits
     them. Each reader takes a contiguous 1/``readers`` of the rank's share.
+    The bytes go into ``dests`` (the share laid over the load target's
+    bytes), or without it into one reused ``IO_PIECE`` buffer per reader.
     Returns bytes read.
     """
     files = [(p, os.path.getsize(p)) for p in sorted(glob.glob(f"{directory}/rank*.bin"))]
     total = sum(size for _, size in files)
     lo, hi = total * rank // world, total * (rank + 1) // world
-    if readers == 1:
-        return _read_span(files, lo, hi, _read_buffer(0))
     cuts = [lo + (hi - lo) * i // readers for i in range(readers + 1)]
-    views = [_read_buffer(i) for i in range(readers)]  # here, not in the threads: the cache is not thread-safe
+    # The buffers are taken here, not in the threads: the cache is not thread-safe.
+    sinks = [dests.iov if dests is not None else _reused(_read_buffer(i)) for i in range(readers)]
+    if readers == 1:
+        return _read_span(files, lo, hi, sinks[0], lo)
     with ThreadPoolExecutor(readers, thread_name_prefix="bench-read") as pool:
-        parts = [pool.submit(_read_span, files, cuts[i], cuts[i + 1], views[i]) for i in range(readers)]
+        parts = [pool.submit(_read_span, files, cuts[i], cuts[i + 1], sinks[i], lo) for i in range(readers)]
         return sum(f.result() for f in parts)
 
 
@@ -279,8 +348,8 @@ def staging_ceiling(local_bytes: int) -> dict[str, float]:
 
 SYNC_SAVES = ["dist_ckpt", "dcp", "torch_save", *WRITERS, "disk_direct"]
 ASYNC_SAVES = ["dist_ckpt", "dcp", "dcp_stager"]
-LOADS = ["dist_ckpt", "dcp", "torch_load", *READERS]
-RESHARD_LOADS = ["dist_ckpt", "dcp", *READERS]
+LOADS = ["dist_ckpt", "dcp", "torch_load", *RAW_READERS]
+RESHARD_LOADS = ["dist_ckpt", "dcp", *RAW_READERS]
 
 
 class SavePhase:
@@ -429,8 +498,8 @@ def run_main(b: Bench) -> dict[str, Any]:
     return res
 
 
-def load_once(b: Bench, target: dict[str, Any], name: str) -> dict[str, float] | None:
-    """Load the ``<dir>/src`` checkpoint of contender ``name`` into ``target``."""
+def load_once(b: Bench, target: dict[str, Any], name: str, dests: Destinations) -> dict[str, float] | None:
+    """Load the ``<dir>/src`` checkpoint of contender ``name`` into ``target`` (the read ceilings: into ``dests``)."""
     src = f"{b.args.dir}/src"
     if name == "dist_ckpt":
         dc.load(target, f"{src}/dist_ckpt")
@@ -438,8 +507,9 @@ def load_once(b: Bench, target: dict[str, Any], name: str) -> dict[str, float] |
         dcp.load(target, checkpoint_id=f"{src}/dcp")
     elif name == "torch_load":
         copy_into(target, torch.load(f"{src}/torch_save/rank{b.rank:05d}.pt", weights_only=True, map_location=b.device))
-    else:  # the read ceilings' variants
-        return {"bytes": raw_read_share(f"{src}/disk", b.rank, b.world, READERS[name])}
+    else:  # the read ceilings' variants, and the reused-buffer reads
+        into = dests if name in READERS else None
+        return {"bytes": raw_read_share(f"{src}/disk", b.rank, b.world, RAW_READERS[name], into)}
     return None
 
 
@@ -456,15 +526,18 @@ def run_loads(b: Bench, target: dict[str, Any], names: list[str], reps: int) -> 
     cold: dict[str, list[dict[str, float]]] = {}
     warm: dict[str, list[dict[str, float]]] = {}
     prime_read_buffers()
+    dests = Destinations(target, b.device)
     for rep in range(reps):
         for name in rotate(names, rep):
-            raw = name in READERS
+            raw = name in RAW_READERS
             for out, label in ((cold, "cold"), (warm, "warm")):
                 if not raw:
                     zero_state(target)
+                elif name in READERS:
+                    dests.zero()  # the ceiling's destinations start as a load's target does
                 if out is cold:
                     b.drop_caches()
-                r = b.timed(lambda: load_once(b, target, name))
+                r = b.timed(lambda: load_once(b, target, name, dests))
                 if raw:
                     r["bytes"] *= b.world
                 else:

@@ -18,7 +18,9 @@ repetition (the first contender rotates), with medians over repetitions:
   resharded at ``--reshard-world`` (a fresh job of that size; dist_ckpt, DCP),
   with the page cache dropped before every cold load when running as root,
   then warm; the cold and warm read ceilings are the best of 1, 2 and 4 raw
-  reader threads per rank over each rank's share;
+  reader threads per rank over each rank's share, read into the load
+  target's own tensors (the same reads into one reused 16 MiB buffer, which
+  stays in the CPU cache, are printed as information, not as a ceiling);
 * peak RSS per rank of every save and load.
 
 With ``--storage s3`` it starts a local S3-API server (moto, as the tests do)

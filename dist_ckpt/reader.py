@@ -230,12 +230,13 @@ def _check_block(files: _Files, task: ReadTask, op: ReadOp, block: int, want: in
 
 
 def _read_run_blocks(seg: _Segment, task: ReadTask, op: ReadOp, target: memoryview) -> None:
-    """One run straight into ``target``, block by block, each touched block verified as soon as it is read.
+    """One run straight into ``target``, the blocks it touches (only those) verified as soon as they are read.
 
     The run's part of a block goes into ``target``; the head of the first
     block and the tail of the last (outside the run) into the segment's
-    scratch, read by the same ``preadv``. Each block is hashed while its
-    bytes are still in the CPU cache.
+    scratch, read by the same ``preadv``. Consecutive blocks are read
+    :data:`READ_PIECE` at a time (one call for several small blocks) and
+    each is hashed while its bytes are still in the CPU cache.
     """
     files, c = seg.files, task.entry.chunks
     bsz, base, size = c.block_bytes, int(c.offset[op.chunk]), int(c.nbytes[op.chunk])
@@ -245,15 +246,23 @@ def _read_run_blocks(seg: _Segment, task: ReadTask, op: ReadOp, target: memoryvi
     first, last = lo // bsz, (hi - 1) // bsz
     head, tail = lo - first * bsz, min((last + 1) * bsz, size) - hi  # bytes of the edge blocks outside the run
     scratch = seg.scratch(head + tail)
-    for b in range(first, last + 1):
-        b_lo, b_hi = b * bsz, min((b + 1) * bsz, size)
-        parts = [target[max(b_lo, lo) - lo : min(b_hi, hi) - lo]]
-        if b == first and head:
-            parts.insert(0, scratch[:head])
-        if b == last and tail:
-            parts.append(scratch[head:])
-        _pread(files, task, op, parts[0], base + b_lo, parts[1:])
-        _check_block(files, task, op, b, sums[b], parts)
+    per = max(1, READ_PIECE // bsz)
+    for b0 in range(first, last + 1, per):
+        b1 = min(b0 + per, last + 1)
+        bufs = [target[max(b0 * bsz, lo) - lo : min(b1 * bsz, hi) - lo]]
+        if b0 == first and head:
+            bufs.insert(0, scratch[:head])
+        if b1 == last + 1 and tail:
+            bufs.append(scratch[head:])
+        _pread(files, task, op, bufs[0], base + b0 * bsz, bufs[1:])
+        for b in range(b0, b1):
+            b_lo, b_hi = b * bsz, min((b + 1) * bsz, size)
+            parts = [target[max(b_lo, lo) - lo : min(b_hi, hi) - lo]]
+            if b == first and head:
+                parts.insert(0, scratch[:head])
+            if b == last and tail:
+                parts.append(scratch[head:])
+            _check_block(files, task, op, b, sums[b], parts)
 
 
 def _copy_runs(target: memoryview, span: memoryview, s_lo: int, rel: np.ndarray, j0: int, j1: int, n: int) -> None:

@@ -31,10 +31,15 @@ from .layout_names import data_file_name
 from .manifest import ALIGN, BLOCK_BYTES
 from .storage import STREAM_ALIGN, WRITE_PIECE, SaveTarget, Storage, WriteStream
 
-# Blocks are hashed piece by piece, so no block may straddle two pieces.
-assert WRITE_PIECE % BLOCK_BYTES == 0, "WRITE_PIECE must be a multiple of BLOCK_BYTES"
-# Chunks start at ALIGN multiples, blocks at BLOCK_BYTES multiples past them: every append is stream-aligned.
-assert ALIGN % STREAM_ALIGN == 0 and BLOCK_BYTES % STREAM_ALIGN == 0
+# Bytes hashed, then appended, at a time: small enough to stay in the CPU's cache between the
+# hashes and the copy into the file, large enough that a small block size does not cost one
+# append (a syscall) per block.
+APPEND_BYTES = 1 << 20
+
+# Blocks are hashed append by append, so no block may straddle two appends (nor two pieces).
+assert WRITE_PIECE % APPEND_BYTES == 0 and APPEND_BYTES % BLOCK_BYTES == 0, "BLOCK_BYTES must divide APPEND_BYTES, which must divide WRITE_PIECE"
+# Chunks start at ALIGN multiples, appends at APPEND_BYTES multiples past them: every append is stream-aligned.
+assert ALIGN % STREAM_ALIGN == 0 and APPEND_BYTES % STREAM_ALIGN == 0
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +164,13 @@ def _write_file(storage: Storage, target: SaveTarget, name: str, items: list[Wri
 def _write_chunk(handle: WriteStream, name: str, item: WriteItem, offset: int, writeback: _Writeback) -> WriteRecord:
     """Append one chunk at ``offset``, hashed whole and per block, the writeback of its pieces started as they are written.
 
-    Block by block: both hashes, then the append, so the second hash and the
-    copy into the file (the page cache) find the block in the CPU cache; a
-    whole piece is larger than the cache, and hashing a piece before writing
-    it read every byte from memory twice (64 MiB per rank: 28-30 -> 24 ms of
-    CPU before the fsync). A chunk of a piece or more starts the writeback of
-    the small chunks before it, then of each of its pieces.
+    :data:`APPEND_BYTES` at a time: the whole-chunk hash, the sums of its
+    blocks, then the append, so the block hashes and the copy into the file
+    (the page cache) find the bytes in the CPU cache; a whole piece is larger
+    than the cache, and hashing a piece before writing it read every byte
+    from memory twice (64 MiB per rank: 28-30 -> 24 ms of CPU before the
+    fsync). A chunk of a piece or more starts the writeback of the small
+    chunks before it, then of each of its pieces.
     """
     data = memoryview(item.data).cast("B")
     large = len(data) >= WRITE_PIECE
@@ -174,11 +180,11 @@ def _write_chunk(handle: WriteStream, name: str, item: WriteItem, offset: int, w
     blocks: list[int] = []
     for start in range(0, len(data), WRITE_PIECE):
         piece = data[start : start + WRITE_PIECE]
-        for b in range(0, len(piece), BLOCK_BYTES):
-            block = piece[b : b + BLOCK_BYTES]
-            h.update(block)
-            blocks.append(xxhash.xxh3_64_intdigest(block))
-            handle.append(block, offset + start + b)
+        for a in range(0, len(piece), APPEND_BYTES):
+            unit = piece[a : a + APPEND_BYTES]
+            h.update(unit)
+            blocks.extend(xxhash.xxh3_64_intdigest(unit[b : b + BLOCK_BYTES]) for b in range(0, len(unit), BLOCK_BYTES))
+            handle.append(unit, offset + start + a)
         writeback.wrote(offset + start, len(piece))
         if large:
             writeback.flush()

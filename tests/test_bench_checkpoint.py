@@ -75,6 +75,30 @@ def test_raw_read_shares_with_several_readers_cover_every_byte_once(worker, tmp_
     assert sum(got) == sum(sizes)
 
 
+@pytest.mark.parametrize("readers", [1, 2, 4])
+def test_read_ceiling_reads_each_share_into_the_load_targets_own_tensors(worker, tmp_path, readers, monkeypatch):
+    """The read ceiling writes the share into the target's tensors (the pages a load fills), not into a reused buffer."""
+    monkeypatch.setattr(worker, "IO_PIECE", 1000)  # pieces that straddle the tensors and the files
+    data = os.urandom(9000)
+    for i, cut in enumerate((0, 4000, 9000)[:-1]):
+        (tmp_path / f"rank{i:05d}.bin").write_bytes(data[cut : (4000, 9000)[i]])
+    for rank, lo, hi in ((0, 0, 4500), (1, 4500, 9000)):
+        target = {"a": torch.zeros(1700, dtype=torch.uint8), "b": {"c": torch.zeros(1400, dtype=torch.bfloat16)}, "empty": torch.zeros(0)}
+        dests = worker.Destinations(target, "cpu")
+        assert worker.raw_read_share(str(tmp_path), rank, 2, readers, dests) == hi - lo
+        got = target["a"].numpy().tobytes() + target["b"]["c"].view(torch.uint8).numpy().tobytes()
+        assert got == data[lo:hi][: len(got)]  # 4500 bytes of share, 4500 of tensors: every byte once, in order
+
+
+def test_read_ceiling_wraps_a_share_larger_than_the_target(worker, tmp_path, monkeypatch):
+    monkeypatch.setattr(worker, "IO_PIECE", 700)
+    data = os.urandom(2500)
+    (tmp_path / "rank00000.bin").write_bytes(data)
+    target = {"a": torch.zeros(1000, dtype=torch.uint8)}
+    assert worker.raw_read_share(str(tmp_path), 0, 1, 1, worker.Destinations(target, "cpu")) == 2500
+    assert target["a"].numpy().tobytes() == data[2000:] + data[1500:2000]  # the last pass over the target wins
+
+
 @pytest.mark.parametrize("writers", [1, 2, 4])
 def test_raw_write_share_writes_the_share_once_over_its_files(worker, tmp_path, writers, monkeypatch):
     monkeypatch.setattr(worker, "IO_PIECE", 4096)  # several pieces per file, with a short last one
@@ -155,6 +179,28 @@ def test_summary_ceilings_are_the_best_variant_and_targets_follow_the_ratios(sum
     assert r["paired_ratios"]["save_vs_write_ceiling"] == pytest.approx(0.5)  # each repetition's best variant: 2 GB/s
     assert r["design_targets_met"]["load_vs_dcp"] is False  # DESIGN §7 still asks 1.5x DCP
     assert r["targets"] == ISSUE_18_TARGETS
+
+
+def test_summary_reports_the_reused_buffer_reads_beside_the_read_ceiling_not_as_it(summary):
+    """The cache-resident reads (one reused buffer) are in the JSON with their ratios; the ratios to the ceiling use the reads into the tensors."""
+    sync = {"dist_ckpt": [1.0], "dcp": [2.0], "torch_save": [1.5], "disk": [1.0]}
+    load = {"dist_ckpt": [0.5], "dcp": [0.5], "torch_load": [1.0], "disk": [0.5], "disk_2r": [0.4], "reuse": [0.45], "reuse_2r": [0.25]}
+    warm = {"dist_ckpt": [0.2], "dcp": [0.4], "torch_load": [0.4], "disk": [0.1], "disk_2r": [0.1], "reuse": [0.05], "reuse_2r": [0.04]}
+    resh_load = {"dist_ckpt": [0.5], "dcp": [0.4], "disk": [0.5], "reuse": [0.25]}
+    resh_warm = {"dist_ckpt": [0.1], "dcp": [0.2], "disk": [0.1], "reuse": [0.02]}
+    r = summary.summarize(
+        {"device": "cpu", "world": 4, "reshard_worlds": [2], "reps": 1, "dir": "d", "no_async": True},
+        _job(sync, load, warm),
+        {2: _job({}, resh_load, resh_warm)},
+    )
+    c, q = r["ceilings"], r["ratios"]
+    assert c["read_cold_GBps"] == pytest.approx(2.5) and c["read_warm_GBps"] == pytest.approx(10.0)
+    assert c["read_cold_reused_buffer_GBps"] == pytest.approx(4.0) and c["read_warm_reused_buffer_GBps"] == pytest.approx(25.0)
+    assert q["load_warm_vs_warm_ceiling"] == pytest.approx(0.5) and q["load_warm_vs_reused_buffer"] == pytest.approx(0.2)
+    assert c["reshard"]["4to2"]["read_warm_GBps"] == pytest.approx(10.0) and c["reshard"]["4to2"]["read_warm_reused_buffer_GBps"] == pytest.approx(50.0)
+    assert q["reshard_load_warm_vs_warm_ceiling_4to2"] == pytest.approx(1.0) and q["reshard_load_warm_vs_reused_buffer_4to2"] == pytest.approx(0.2)
+    assert c["variants"]["read"] == ["disk", "disk_2r"]
+    assert "reuse" not in r["figures"]["peak_rss_mb"]["load"]  # raw reads are not libraries
 
 
 @pytest.mark.timeout(300)

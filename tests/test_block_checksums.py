@@ -22,7 +22,7 @@ from dist_ckpt.errors import ChecksumError, FragmentError
 from dist_ckpt.loader import read_manifest
 from dist_ckpt.manifest import BLOCK_BYTES, Manifest, block_counts
 from dist_ckpt.manifest_v2 import FragmentRef, decode_index
-from dist_ckpt.reader import ReadTask, read_tensors
+from dist_ckpt.reader import READ_PIECE, ReadTask, read_tensors
 from dist_ckpt.save_planner import plan_save
 from dist_ckpt.verify import CHECKSUM_MISMATCH, verify
 
@@ -259,3 +259,94 @@ def test_a_v2_fragment_whose_xxh3_no_longer_matches_is_refused_before_any_block_
     with pytest.raises(FragmentError, match=f"fragment {frag}: xxh3"):
         dc.load(out, path)
     assert not out["w"].any()  # refused before any data was read
+
+
+# -- block sizes other than 1 MiB: the size is recorded per chunk table (fragment), and loads honour it ----
+
+
+def _with_block_sums_of(path: str, bsz: int) -> str:
+    """Rewrite the checkpoint's MANIFEST (version 1) with ``bsz``-byte block sums of its data, as a save with that block size records them.
+
+    Returns the data file of tensor ``w``.
+    """
+    as_v1(path)
+    manifest, root, _ = read_manifest(path)
+    tensors = {}
+    for key, entry in manifest.tensors.items():
+        c, sums = entry.chunks, []
+        for f, off, n in zip(c.file.tolist(), c.offset.tolist(), c.nbytes.tolist()):
+            with open(f"{root}/{manifest.files[f]}", "rb") as fh:
+                fh.seek(off)
+                data = fh.read(n)
+            sums += [xxhash.xxh3_64_intdigest(data[b : b + bsz]) for b in range(0, n, bsz)]
+        tensors[key] = dataclasses.replace(entry, chunks=dataclasses.replace(c, blocks=np.array(sums, np.uint64), block_bytes=bsz))
+    with open(f"{root}/MANIFEST", "wb") as fh:
+        fh.write(dataclasses.replace(manifest, tensors=tensors).to_msgpack())
+    return f"{root}/{manifest.files[int(manifest.tensors[('w',)].chunks.file[0])]}"
+
+
+SMALL = 128 << 10
+
+
+def _load_shard0_counting(rank, world, path):
+    """One rank of a 1 -> ``world`` load into Shard(0): (bytes its reads returned, preadv calls, values right) or the ChecksumError."""
+    storage = CountingStorage()
+    calls = [0]
+    open_read = storage.open_read
+
+    def counting_open(p):
+        h = open_read(p)
+        inner = h.preadv
+
+        def preadv(buffers, offset):
+            calls[0] += 1
+            return inner(buffers, offset)
+
+        h.preadv = preadv
+        return h
+
+    storage.open_read = counting_open
+    sd = {"w": dtensor(torch.zeros(600, 1024), world, "shard0")}
+    try:
+        dc.load(sd, path, storage=storage)
+    except ChecksumError as e:
+        return f"ChecksumError: {e}"
+    lo = rank * 600 // world
+    return storage.counted[0], calls[0], bool(torch.equal(sd["w"].to_local(), V[lo : lo + 600 // world]))
+
+
+def test_a_resharded_load_of_small_blocks_reads_only_the_blocks_it_touches_a_piece_at_a_time(tmp_path):
+    """Rows 0..299 / 300..599 of a 2.3 MiB chunk: each rank reads its rows plus the rest of its 128 KiB edge blocks, not of 1 MiB ones."""
+    path, _ = _saved(tmp_path, V)
+    _with_block_sums_of(path, SMALL)
+    got = run_ranks(_load_shard0_counting, 2, path, env=FAST)
+    for rank, (lo, hi) in enumerate(((0, 300 * ROW), (300 * ROW, 600 * ROW))):
+        touched = min(-(-hi // SMALL) * SMALL, 600 * ROW) - lo // SMALL * SMALL
+        nbytes, calls, right = got[rank]
+        assert right and nbytes == touched, (rank, got)  # 1.25 MiB each; with 1 MiB blocks: 2 MiB (rank 0), 1.3 MiB (rank 1)
+        assert calls == -(-touched // READ_PIECE), (rank, got)  # a READ_PIECE of blocks per call, not one call per 128 KiB block
+
+
+def test_a_flipped_byte_in_a_small_block_is_caught_naming_key_block_and_file(tmp_path):
+    path, _ = _saved(tmp_path, V)
+    data = _with_block_sums_of(path, SMALL)
+    pos = 450 * ROW + 12  # rank 1's rows; block 14 of 128 KiB
+    _flip(data, pos)
+    got = run_ranks(_load_shard0_counting, 2, path, env=FAST)
+    assert got[0][2] is True  # rank 0 reads blocks 0..9 only
+    block = pos // SMALL
+    assert got[1].startswith("ChecksumError") and f"w chunk 0 block {block} in {data} at offset {block * SMALL} ({SMALL} bytes)" in got[1], got[1]
+
+
+def test_old_1mib_and_small_block_checkpoints_both_verify_whole(tmp_path):
+    """`dist-ckpt verify` and a full load honour the recorded block size of either."""
+    for bsz in (1 << 20, SMALL):
+        path, data = _saved(tmp_path / str(bsz), V)
+        _with_block_sums_of(path, bsz)
+        assert read_manifest(path)[0].tensors[("w",)].chunks.block_bytes == bsz
+        assert verify(path).ok
+        out = {"w": torch.zeros(600, 1024)}
+        dc.load(out, path)
+        assert torch.equal(out["w"], V)
+        _spoil_block_sum(path, 2)
+        assert verify(path).bad[0].detail.startswith(f"block 2 at offset {2 * bsz}: ")
