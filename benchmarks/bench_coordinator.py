@@ -29,7 +29,9 @@ the cached plan. Measured:
 * ``manifest_mb`` (= ``manifest_index_mb``): size of ``MANIFEST`` on disk (version 2: the index);
   ``fragments_mb``: all fragments together (version 1: 0);
 * ``coordinator_peak_mb``: peak RSS of the coordinator's process (it imports
-  torch, like rank 0: ``coordinator_base_mb`` is its RSS before the first save);
+  torch, like rank 0: ``coordinator_base_mb`` is its RSS before any rank connects,
+  ``coordinator_idle_mb`` with every rank connected and idle before the first save,
+  so ``coordinator_growth_mb`` = peak - idle is what the saves add; in-process: idle = base);
 * ``load_plan_s``: one rank (a fresh process) reads and validates the manifest
   and plans the reads of its shard of every tensor (``load_planner.plan_reads``).
   Version 1: ``loader.read_manifest``. Version 2: the load's selective path
@@ -488,6 +490,8 @@ class Driver:
         for _, c in self.workers:
             assert c.recv() == "ready"
         self.wait_connected(int(endpoint.rsplit(":", 1)[1]))
+        self.wait_idle()  # every handshake done: what the connections alone cost
+        self.coord_idle = psutil.Process(self.coord.pid).memory_info().rss
 
     def wait_connected(self, port: int, timeout: float = 300.0) -> None:
         """Until the coordinator holds one TCP connection per rank."""
@@ -622,7 +626,7 @@ def run_one(args: argparse.Namespace, ranks: int, fmt: int) -> dict:
             shutil.rmtree(root, ignore_errors=True)
     figures = {"plan_s": plan_s, "plan_cached_s": plan_cached_s, "commit_s": commit_s, "commit_cached_s": commit_cached_s}
     figures.update(plan_cpu_s=drv.cpu[0], commit_cpu_s=drv.cpu[1])
-    out = result_fields(ranks, args.tensors, fmt, figures, manifest_bytes, fragment_bytes, report["peak"], drv.coord_base, load)
+    out = result_fields(ranks, args.tensors, fmt, figures, manifest_bytes, fragment_bytes, report["peak"], drv.coord_base, load, drv.coord_idle)
     out.update(
         mode="sockets",
         coordinator_peak_mb_by_phase=drv.peaks(report["rss"]),
@@ -637,8 +641,14 @@ def run_one(args: argparse.Namespace, ranks: int, fmt: int) -> dict:
     return out
 
 
-def result_fields(ranks: int, tensors: int, fmt: int, t: dict[str, float], manifest_bytes: int, fragment_bytes: int, peak: int, base: int, load: dict) -> dict:
-    """The JSON fields both modes share (``t``: the phases' seconds and CPU seconds), per rank too."""
+def result_fields(
+    ranks: int, tensors: int, fmt: int, t: dict[str, float], manifest_bytes: int, fragment_bytes: int, peak: int, base: int, load: dict, idle: int | None = None
+) -> dict:
+    """The JSON fields both modes share (``t``: the phases' seconds and CPU seconds), per rank too.
+
+    ``idle``: the coordinator's RSS with every rank connected, before the first save (default ``base``: no connections).
+    """
+    idle = base if idle is None else idle
     layout = Layout.make(ranks, tensors)
     mb = lambda n: round(n / 2**20, 3)  # noqa: E731
     return {
@@ -667,6 +677,9 @@ def result_fields(ranks: int, tensors: int, fmt: int, t: dict[str, float], manif
         "plan_us_per_rank": round(1e6 * t["plan_s"] / ranks, 3),
         "commit_us_per_rank": round(1e6 * t["commit_s"] / ranks, 3),
         "coordinator_kb_per_rank": round((peak - base) / 1024 / ranks, 3),
+        # what the saves themselves add: the peak over the idle coordinator with every rank connected
+        "coordinator_idle_mb": round(idle / 2**20, 1),
+        "coordinator_growth_mb": round((peak - idle) / 2**20, 1),
         "read_manifest_s": round(load["read_manifest_s"], 4),
         "plan_reads_s": round(load["plan_reads_s"], 4),
     }

@@ -30,6 +30,24 @@ def box_volume(sizes: np.ndarray) -> np.ndarray:
     return np.prod(sizes, axis=1, dtype=np.int64) if sizes.shape[1] else np.ones(len(sizes), np.int64)
 
 
+def columns_t(matrix: np.ndarray, cols: np.ndarray, rows_per_pass: int = 512) -> np.ndarray:
+    """Columns ``cols`` of a row-major ``(R, W)`` boxes matrix (int32 or int64) as C-ordered int64 ``(len(cols), R)``.
+
+    A plain ``matrix[:, cols]`` reads one strided value per (row, column) and leaves each
+    column strided for the passes along the rows that follow; transposing it whole reads
+    down columns of a matrix far bigger than the cache. Instead ``rows_per_pass`` rows at
+    a time are gathered and transposed in cache. int64 because a boxes matrix may be int32
+    (:class:`~dist_ckpt.description.BoxStore`) and ends, volumes and byte counts are computed
+    from the result.
+    """
+    out = np.empty((len(cols), len(matrix)), np.int64)
+    run = len(cols) > 0 and int(cols[-1]) - int(cols[0]) + 1 == len(cols) and bool((np.diff(cols) == 1).all())
+    at: slice | np.ndarray = slice(int(cols[0]), int(cols[-1]) + 1) if run else cols  # a run of columns: a view, no gather
+    for a in range(0, len(matrix), rows_per_pass):
+        out[:, a : a + rows_per_pass] = matrix[a : a + rows_per_pass, at].T
+    return out
+
+
 CORNER_LIMIT = 1 << 22
 """Most box corners (chunks x 2**split dims) the exact-cover check examines before it refuses the table."""
 

@@ -53,6 +53,7 @@ ZLIB = 1  # msgpack ext type of a compressed schema or boxes
 MAX_NDIM = 64
 MAX_INT = 2**62  # dims, offsets and byte counts stay far from int64 overflow
 MAX_TENSORS = 1 << 24
+INT32_LIMIT = 2**31  # a boxes matrix whose every value is below this is stored as int32
 
 
 @contextmanager
@@ -264,6 +265,13 @@ class BoxStore:
     memory (the matrices are zero-filled lazily by the OS). For an FSDP job
     this is the one ``(ranks, 2S)`` matrix that planning works on, filled as
     requests arrive, with no per-rank copy kept and none made at planning.
+
+    A matrix is int32 (half the memory: 233 MB instead of 466 at 16,384 ranks x 1000
+    tensors) when its schema's every dim is below 2**31, so that every *valid* box
+    fits; a row with a value outside ``[0, 2**31)`` is invalid then, and rather than
+    narrowing it (2**32 would become 0, a valid-looking offset) the matrix is widened
+    to int64 once, so that :func:`box_problem` sees and names the real value.
+    Whoever computes ends, volumes or byte counts from a matrix widens first.
     """
 
     def __init__(self, world_size: int) -> None:
@@ -271,15 +279,20 @@ class BoxStore:
         self._matrices: dict[Schema, np.ndarray] = {}
 
     def matrix(self, schema: Schema) -> np.ndarray:
+        """The ``(world_size, 2S)`` boxes of ``schema`` (int32 or int64, see the class)."""
         m = self._matrices.get(schema)
         if m is None:
-            m = self._matrices[schema] = np.zeros((self.world_size, 2 * schema.width), np.int64)
+            narrow = not schema.width or int(schema.shape_flat.max()) < INT32_LIMIT
+            m = self._matrices[schema] = np.zeros((self.world_size, 2 * schema.width), np.int32 if narrow else np.int64)
         return m
 
     def put(self, cols: RankColumns) -> RankColumns:
         """Keep ``cols``'s boxes here; returns the same description, its boxes a row of the store."""
         m = self.matrix(cols.schema)
-        m[cols.rank] = cols.boxes
+        b = cols.boxes
+        if m.dtype != b.dtype and len(b) and not (int(b.min()) >= 0 and int(b.max()) < INT32_LIMIT):
+            m = self._matrices[cols.schema] = m.astype(np.int64)  # an invalid box: keep its value for box_problem
+        m[cols.rank] = b
         return RankColumns(cols.rank, cols.schema, m[cols.rank], self)
 
 
@@ -356,7 +369,7 @@ def box_problem(schema: Schema, boxes: np.ndarray) -> tuple[int, int, str] | Non
     """Check the boxes of every rank that shares ``schema`` at once.
 
     Args:
-        boxes: ``(n_ranks, 2 * schema.width)`` int64, one row per rank.
+        boxes: ``(n_ranks, 2 * schema.width)`` int64 or int32 (a :class:`BoxStore`'s), one row per rank.
 
     Returns:
         ``None`` when every box lies inside its global shape, else
@@ -365,7 +378,8 @@ def box_problem(schema: Schema, boxes: np.ndarray) -> tuple[int, int, str] | Non
     s = schema.width
     shape = schema.shape_flat.view(np.uint64)
     for a in range(0, len(boxes), 256):  # blocks of rows bound the temporaries
-        off, siz = boxes[a : a + 256, :s], boxes[a : a + 256, s:]
+        blk = np.asarray(boxes[a : a + 256], np.int64)  # int32 offset + size can wrap: widen first
+        off, siz = blk[:, :s], blk[:, s:]
         negative = (off | siz) < 0
         # Both halves are non-negative int64 here, so their sum is exact as uint64.
         bad = negative | (off.view(np.uint64) + siz.view(np.uint64) > shape)

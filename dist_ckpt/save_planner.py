@@ -18,7 +18,8 @@ Call order and who runs each step:
    manifest's chunk table into byte runs to read.
 
 Planning is vectorised over every rank's boxes: ranks that share a schema are
-one ``(ranks, boxes)`` int64 matrix, and the common layouts are recognised
+one ``(ranks, boxes)`` matrix (int32 when every dim of the schema fits, see
+:class:`~dist_ckpt.description.BoxStore`; widened before any sum or product), and the common layouts are recognised
 per tensor column without sorting — a tensor every rank holds whole
 (replicated), and a tensor split along one dimension in rank order (FSDP's
 ``Shard(0)``: rank order is offset order). Anything else (HSDP replicas,
@@ -35,7 +36,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .boxes import box_volume, cover_problem
+from .boxes import box_volume, columns_t, cover_problem
 from .description import (
     PlanError,
     RankColumns,
@@ -276,17 +277,17 @@ class _Planner:
         rank. (``Shard(d)`` on a 1-D mesh, FSDP.)
         """
         sch, s = g.schema, g.schema.width
-        o, z = boxes[:, d], boxes[:, s + d]
+        o, z = columns_t(boxes, d), columns_t(boxes, s + d)  # (column, row): each column contiguous
         held = z > 0  # the other dims are whole and non-zero
-        reach = np.maximum.accumulate(np.where(held, o + z, 0), axis=0)
+        reach = np.maximum.accumulate(np.where(held, o + z, 0), axis=1)
         starts_ok = np.empty_like(held)
-        starts_ok[0] = o[0] == 0
-        starts_ok[1:] = o[1:] == reach[:-1]
-        tiled = (starts_ok | ~held).all(axis=0) & (reach[-1] == sch.shape_flat[d])
+        starts_ok[:, 0] = o[:, 0] == 0
+        starts_ok[:, 1:] = o[:, 1:] == reach[:, :-1]
+        tiled = (starts_ok | ~held).all(axis=1) & (reach[:, -1] == sch.shape_flat[d])
         c = cols[tiled]
-        g.writes[:, c] = held[:, tiled]
+        g.writes[:, c] = held[tiled].T
         row_bytes = sch.itemsize[c] * (sch.numel[c] // sch.shape_flat[d[tiled]])
-        self.loads[pos] += z[:, tiled] @ row_bytes
+        self.loads[pos] += row_bytes @ z[tiled]
         return tiled
 
     def _tiled_sorted(self, g: PlanGroup, pos: np.ndarray, boxes: np.ndarray, cols: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -294,29 +295,29 @@ class _Planner:
         boxes (replicas: HSDP) are adjacent: the distinct boxes must tile the dim.
         """
         sch, s = g.schema, g.schema.width
-        o, z = boxes[:, d], boxes[:, s + d]
-        order = np.argsort(np.where(z > 0, o, np.iinfo(np.int64).max), axis=0, kind="stable")  # empty boxes last; ties in rank order
-        o, z = np.take_along_axis(o, order, 0), np.take_along_axis(z, order, 0)
+        o, z = columns_t(boxes, d), columns_t(boxes, s + d)
+        order = np.argsort(np.where(z > 0, o, np.iinfo(np.int64).max), axis=1, kind="stable")  # empty boxes last; ties in rank order
+        o, z = np.take_along_axis(o, order, 1), np.take_along_axis(z, order, 1)
         held = z > 0
         same = np.zeros_like(held)
-        same[1:] = held[1:] & (o[1:] == o[:-1]) & (z[1:] == z[:-1])  # the previous row's box again
+        same[:, 1:] = held[:, 1:] & (o[:, 1:] == o[:, :-1]) & (z[:, 1:] == z[:, :-1])  # the previous row's box again
         new = held & ~same
-        reach = np.maximum.accumulate(np.where(held, o + z, 0), axis=0)
+        reach = np.maximum.accumulate(np.where(held, o + z, 0), axis=1)
         starts_ok = np.empty_like(held)
-        starts_ok[0] = o[0] == 0
-        starts_ok[1:] = o[1:] == reach[:-1]
-        ok = (starts_ok | ~new).all(axis=0) & held[0] & (reach[-1] == sch.shape_flat[d])
+        starts_ok[:, 0] = o[:, 0] == 0
+        starts_ok[:, 1:] = o[:, 1:] == reach[:, :-1]
+        ok = (starts_ok | ~new).all(axis=1) & held[:, 0] & (reach[:, -1] == sch.shape_flat[d])
         if ok.any():
-            self._plan_sorted(g, pos, cols[ok], d[ok], order[:, ok], z[:, ok], new[:, ok], held[:, ok])
+            self._plan_sorted(g, pos, cols[ok], d[ok], order[ok], z[ok], new[ok], held[ok])
         return ok
 
     def _plan_sorted(
         self, g: PlanGroup, pos: np.ndarray, cols: np.ndarray, d: np.ndarray, order: np.ndarray, z: np.ndarray, new: np.ndarray, held: np.ndarray
     ) -> None:
-        """Writers of sorted, valid columns: a box held once is its rank's; the others are shared."""
+        """Writers of sorted, valid columns (``(column, sorted row)`` arrays): a box held once is its rank's; the others are shared."""
         sch = g.schema
-        # Column by column (transposed), runs of equal boxes are consecutive, holders in rank order.
-        new_t, held_t, order_t, z_t = (a.T.reshape(-1) for a in (new, held, order, z))
+        # Column by column, runs of equal boxes are consecutive, holders in rank order.
+        new_t, held_t, order_t, z_t = (a.reshape(-1) for a in (new, held, order, z))
         rows = np.flatnonzero(held_t)  # every held box, as a flat (column, sorted row)
         first = np.flatnonzero(new_t[rows])  # where each distinct box's holders start in ``rows``
         count = np.diff(np.append(first, len(rows)))
@@ -343,8 +344,8 @@ class _Planner:
             rows.entry.append(g.entries(cc, rr))
             rows.pos.append(pos[rr])
             rows.idx.append(cc)
-            rows.off.append(boxes[:, dims].reshape(len(rr), nd))
-            rows.siz.append(boxes[:, s + dims].reshape(len(rr), nd))
+            rows.off.append(_widened(boxes, dims).reshape(len(rr), nd))  # volumes and ends of int32 boxes would wrap
+            rows.siz.append(_widened(boxes, s + dims).reshape(len(rr), nd))
             rows.isz.append(sch.itemsize[cc])
 
     # -- the general path ------------------------------------------------------
@@ -482,6 +483,12 @@ def _runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Concatenation of ``arange(starts[i], starts[i] + counts[i])``."""
     offsets = np.cumsum(counts) - counts
     return np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()), dtype=np.int64)
+
+
+def _widened(boxes: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Columns ``cols`` of a boxes matrix as int64 (a :class:`~dist_ckpt.description.BoxStore`'s may be int32,
+    whose ends, volumes and byte counts would wrap past 2**31)."""
+    return np.take(boxes, cols, axis=1).astype(np.int64, copy=False)
 
 
 def _stacked(cols: list[RankColumns]) -> np.ndarray:

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import boxes
+from .boxes import columns_t
 from .errors import ManifestError
 
 __all__ = ["Split", "cells_for_box", "detect_columns", "detect_split", "split_from_obj"]
@@ -327,9 +328,9 @@ def detect_columns(
     """
     nd = np.fromiter(map(len, shapes), np.int64, len(shapes))
     lo, hi = int(start.min()), int((start + nd).max())
-    # The block's dims, one contiguous row each: a copy of whole row segments, then a transpose in cache.
-    off_t = np.ascontiguousarray(boxes[:, lo:hi]).T.copy()
-    siz_t = np.ascontiguousarray(boxes[:, width + lo : width + hi]).T.copy()
+    # The block's dims, one contiguous int64 row each (a BoxStore's matrix may be int32; ends are computed below).
+    off_t = columns_t(boxes, np.arange(lo, hi))
+    siz_t = columns_t(boxes, np.arange(width + lo, width + hi))
     writers = np.ascontiguousarray(writes.T)
     out: list[Split | None] = []
     for j, shape in enumerate(shapes):

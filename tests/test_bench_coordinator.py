@@ -55,6 +55,9 @@ def test_bench_coordinator_smoke(arrival, formats, tmp_path):
         assert result["chunks"] == expected_chunks(8, 5)
         assert result["dropped"] == {}
         assert sorted(os.listdir(tmp_path / "runs" / f"v{result['format']}-8")) == ["ckpt-0", "ckpt-1"]
+        # the saves' growth over the idle, connected coordinator, beside the absolute peak
+        assert result["coordinator_base_mb"] <= result["coordinator_idle_mb"] <= result["coordinator_peak_mb"]
+        assert abs(result["coordinator_growth_mb"] - (result["coordinator_peak_mb"] - result["coordinator_idle_mb"])) <= 0.11
     v1 = next((r for r in results if r["format"] == 1), None)
     if v1 is not None:  # one MANIFEST read whole: every record
         assert v1["load_plan_records"] == v1["chunks"] and v1["fragments_mb"] == 0 and v1["load_plan_read_mb"] == v1["manifest_mb"]
@@ -93,6 +96,8 @@ def test_bench_coordinator_in_process_smoke(tmp_path):
             assert name in result, name
         assert (result["ranks"], result["chunks"], result["dropped"]) == (8, expected_chunks(8, 5), {})
         assert set(result["coordinator_peak_mb_by_phase"]) == {"plan0", "commit0", "plan1", "commit1"}
+        assert result["coordinator_idle_mb"] == result["coordinator_base_mb"]  # no connections in-process
+        assert abs(result["coordinator_growth_mb"] - (result["coordinator_peak_mb"] - result["coordinator_base_mb"])) <= 0.11
         steps = {name for name, _, _ in result["coordinator_steps_s"]}  # the coordinator's own planning and commit ran
         assert {"plan_save", "write_manifest_fsync", "rename_dir_fsync"} <= steps
         assert ({"plan_cells (v2 splits)", "build_index (v2)"} if result["format"] == 2 else {"build_manifest"}) <= steps
