@@ -31,7 +31,14 @@ _MSGPACK_BYTES = bytes([0xC0, 0xC1, 0xC2, 0xC3, 0xC4, 0xC5, 0xC6, 0xD9, 0xDA, 0x
 
 
 class Gen(random.Random):
-    """A seeded source of fuzz inputs (the kinds of values the hypothesis strategies drew)."""
+    """A seeded source of fuzz inputs (the kinds of values the hypothesis strategies drew).
+
+    A fuzzer of another format subclasses it and sets its own integer edges and odds.
+    """
+
+    INT_EDGES = _INT_EDGES
+    INT_ODDS = (0.3, 0.6)  # below the first: an edge (+-1); below the second: a small int; else any bit length
+    SMALL_INTS = (-20, 20)
 
     def size(self, max_size: int) -> int:
         """A length in ``0..max_size``, small ones (and the limit itself) more often, as hypothesis draws them."""
@@ -45,10 +52,10 @@ class Gen(random.Random):
     def integer(self, lo: int = -(2**63), hi: int = 2**64 - 1) -> int:
         """An integer in ``lo..hi``: msgpack's encoding edges, small ones, or any bit length."""
         r = self.random()
-        if r < 0.3:
-            v = self.choice(_INT_EDGES) + self.randint(-1, 1)
-        elif r < 0.6:
-            v = self.randint(-20, 20)
+        if r < self.INT_ODDS[0]:
+            v = self.choice(self.INT_EDGES) + self.randint(-1, 1)
+        elif r < self.INT_ODDS[1]:
+            v = self.randint(*self.SMALL_INTS)
         else:
             v = self.getrandbits(self.randint(1, 64)) * self.choice((1, -1))
         return min(hi, max(lo, v))

@@ -20,9 +20,9 @@ materialisable. Set ``DIST_CKPT_FUZZ_SEED`` to explore other inputs.
 from __future__ import annotations
 
 import os
-import random
 from typing import Any, Callable
 
+import fuzz_gen
 import msgpack
 import numpy as np
 import pytest
@@ -99,19 +99,12 @@ _NAMES = ["data/r00000.frag", "data/r00001.frag", "data/r00001.bin", "data/r0000
 _NAMES += ["data", "../x", "data/r00002-t7.bin", "data/abcd.s3-name.r00003.frag", "", "data/r\u0661\u0662\u0663\u0664\u0665.bin", "float32", "grid", "boxes"]
 
 
-class Gen(random.Random):
-    """Seeded fuzz values."""
+class Gen(fuzz_gen.Gen):
+    """Seeded fuzz values: integers around this format's edges (offsets past 2**62, cells past 2**40)."""
 
-    def integer(self) -> int:
-        """An int in msgpack's range: an edge (+-1), a small one, or any bit length."""
-        r = self.random()
-        if r < 0.5:
-            v = self.choice(_INT_EDGES) + self.randint(-1, 1)
-        elif r < 0.8:
-            v = self.randint(-10, 40)
-        else:
-            v = self.getrandbits(self.randint(1, 64)) * self.choice((1, -1))
-        return max(-(2**63), min(2**64 - 1, v))
+    INT_EDGES = _INT_EDGES
+    INT_ODDS = (0.5, 0.8)
+    SMALL_INTS = (-10, 40)
 
     def blob(self, n: int) -> bytes:
         data = bytearray(self.getrandbits(8 * n).to_bytes(n, "little")) if n else bytearray()
