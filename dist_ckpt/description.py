@@ -221,7 +221,7 @@ class SchemaCache:
             for was_packed, wire, schema in known:
                 if was_packed == packed and wire == blob:
                     return schema
-        raw = _inflate(blob, None, "description schema", rank) if packed else blob
+        raw = inflate_bounded(blob, None, "description schema", rank) if packed else blob
         schema = Schema.from_msgpack(raw, rank)
         self._by_digest.setdefault(digest, []).append((packed, bytes(blob), schema))
         while len(self._by_digest) > self._capacity:
@@ -339,13 +339,13 @@ def decode_description(data: Any, rank: int, schemas: SchemaCache | None = None)
     schemas = schemas if schemas is not None else SchemaCache(capacity=1)
     schema = schemas.get(blob, rank, packed_schema)
     if packed:
-        boxes = _inflate(boxes.data, 16 * schema.width, "description boxes", rank)
+        boxes = inflate_bounded(boxes.data, 16 * schema.width, "description boxes", rank)
     if len(boxes) != 16 * schema.width:
         raise WireError(f"rank {rank}: description has {len(boxes)} bytes of boxes, its schema needs {16 * schema.width}")
     return RankColumns(rank, schema, np.frombuffer(boxes, "<i8").astype(np.int64, copy=False))
 
 
-def _inflate(data: bytes, want: int | None, what: str, rank: int) -> bytes:
+def inflate_bounded(data: bytes, want: int | None, what: str, rank: int) -> bytes:
     """Inflate a zlib stream of the wire, bounded: exactly ``want`` bytes, or (``None``) at most what
     deflate's ratio allows for ``data`` (1032:1), so a message never inflates further than its own size implies.
 

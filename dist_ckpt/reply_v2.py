@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .description import RankColumns
+from .description import RankColumns, inflate_bounded
 from .errors import WireError
 from .flatten import format_path
 from .split import Split
@@ -60,16 +60,7 @@ class GroupSpec:
         Raises:
             WireError: not a spec of exactly that size; names the rank.
         """
-        want = 8 * (4 * n_tensors + width)
-        try:
-            inflate = zlib.decompressobj()
-            raw = inflate.decompress(data, want + 1)
-            complete = inflate.eof and not inflate.unconsumed_tail and not inflate.unused_data
-        except zlib.error as e:
-            raise WireError(f"rank {rank}: plan reply's group spec is not zlib data ({e})") from e
-        if len(raw) != want or not complete:
-            got = f"more than {want}" if len(raw) > want else str(len(raw))
-            raise WireError(f"rank {rank}: plan reply's group spec inflates to {got} bytes, its schema needs {want}")
+        raw = inflate_bounded(data, 8 * (4 * n_tensors + width), "plan reply's group spec", rank)
         cols = np.cumsum(np.frombuffer(raw, _I8), dtype=np.int64)  # wraps like the encoder's diff: exact
         t = n_tensors
         return GroupSpec(cols[:t], cols[t : 2 * t], cols[2 * t : 3 * t], cols[3 * t : 4 * t], cols[4 * t :])
