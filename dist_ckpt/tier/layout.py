@@ -46,6 +46,7 @@ __all__ = [
     "recycle_step",
     "reuse_file",
     "zero_stale",
+    "cut_stale",
     "clear_incomplete",
 ]
 
@@ -312,6 +313,17 @@ def zero_stale(fd: int, start: int, stop: int, old_size: int) -> None:
     stop = min(stop, old_size)
     while start < stop:
         start += os.pwrite(fd, memoryview(_ZEROS)[: min(len(_ZEROS), stop - start)], start)
+
+
+def cut_stale(fd: int, end: int, old_size: int) -> int:
+    """Cut a reused file at ``end``, what its writer wrote, if its old content ran further; returns its size now.
+
+    Called at ``sync``: past ``end`` the file must end, not hold the old step's bytes.
+    """
+    if old_size > end:
+        os.ftruncate(fd, end)
+        return end
+    return old_size
 
 
 def _is_dir(path: str) -> bool:

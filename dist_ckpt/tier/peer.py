@@ -333,9 +333,7 @@ class PeerService:
 
     def _op_sync(self, req: dict, owner: bytes, data: list[zmq.Frame]) -> tuple[dict, Any]:
         f = self._open_file(req, owner)
-        if f.old > f.end:  # a reused file that was longer
-            os.ftruncate(f.fd, f.end)
-            f.old = f.end
+        f.old = layout.cut_stale(f.fd, f.end, f.old)
         os.fsync(f.fd)
         return {}, None
 

@@ -128,9 +128,7 @@ class ReusedWriteStream(LocalWriteStream):
 
     def sync(self) -> None:
         assert self._fd is not None
-        if self._old > self.end:  # the old file was longer
-            os.ftruncate(self._fd, self.end)
-            self._old = self.end
+        self._old = layout.cut_stale(self._fd, self.end, self._old)
         super().sync()
 
 
