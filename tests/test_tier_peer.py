@@ -697,16 +697,23 @@ def test_unauthenticated_plaintext_peers_sending_big_frames_do_not_grow_the_serv
         raw = socket.create_connection((host, int(port)))
         greeting = b"\xff" + bytes(8) + b"\x7f\x03\x00" + b"PLAIN".ljust(20, b"\0") + bytes(32)
 
+        cut: list[OSError] = []
+
         def stream() -> None:
-            with contextlib.suppress(OSError):  # cut off by the service: expected
+            try:
                 raw.sendall(greeting + b"\x06" + (128 * MiB).to_bytes(8, "big"))
                 for _ in range(8):
                     raw.sendall(frame)
+            except OSError as e:  # cut off by the service: expected
+                cut.append(e)
 
         sender = threading.Thread(target=stream, daemon=True)
         sender.start()
         sender.join(30)
         assert not sender.is_alive(), "the service never cut the raw peer off"
+        # libzmq drops the raw peer at its HELLO's size (over ZMQ_MAXMSGSIZE) with no handshake event, or the
+        # gate cuts it past 4 KiB: either way it never got its 128 MiB in
+        assert cut, "the raw peer sent its whole 128 MiB handshake frame"
         deadline = time.monotonic() + 20  # the zmq peers' refusals are counted by the service thread as it gets to them
 
         def ask() -> dict:
@@ -714,14 +721,15 @@ def test_unauthenticated_plaintext_peers_sending_big_frames_do_not_grow_the_serv
             proc.stdin.flush()
             return json.loads(proc.stdout.readline())
 
-        while _handshake_refusals(report := ask()) < 3 and time.monotonic() < deadline:
+        while _handshake_refusals(report := ask()) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         for s in peers:
             s.close(0)
         raw.close()
         print(f"peer service peak RSS growth under 2 x 64 MiB of plaintext messages and a 128 MiB handshake frame: {report['growth'] / MiB:.1f} MiB")
-        # each refused at the handshake (PLAIN's ZAP check; the raw one by libzmq or the gate's 4 KiB cut): nothing is queued as a message
-        assert _handshake_refusals(report) >= 3, report
+        # the NULL and PLAIN peers each refused at the handshake (mechanism, PLAIN's ZAP check), at least once: a DEALER
+        # may reconnect and be refused again, so more is fine; nothing is queued as a message
+        assert _handshake_refusals(report) >= 2, report
         assert report["growth"] < 48 * MiB, report
     finally:
         ctx.destroy(linger=0)
