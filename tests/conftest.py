@@ -29,7 +29,7 @@ def _closes_what_it_opens(request: pytest.FixtureRequest):
 
     dist_ckpt.api._close_defaults()
     started = [t for t in threading.enumerate() if t not in before and t.name.startswith(SERVICE_THREADS)]
-    deadline = time.monotonic() + 5.0  # a closed service's thread may still be on its way out: a leaked one never is
+    deadline = time.monotonic() + 30.0  # a closed service's thread may still be on its way out (slowly, on a loaded machine): a leaked one never is
     for t in started:
         t.join(max(0.0, deadline - time.monotonic()))
     left = sorted(t.name for t in started if t.is_alive())
