@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -139,6 +140,17 @@ def test_failed_rank_aborts_the_save_on_every_rank(job, tmp_path):
     assert not os.path.exists(path) and os.listdir(tmp_path) == []
 
 
+def _wait_until(condition, seconds: float = 30.0) -> None:
+    """Poll ``condition()`` until it holds or ``seconds`` pass (the caller's assertions then say what was missing).
+
+    The coordinator counts what it hears on its own thread, and a CURVE handshake comes first:
+    a fixed sleep can end before either happened on a loaded machine.
+    """
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _catch(fn):
     try:
         return fn()
@@ -152,7 +164,8 @@ def test_silent_rank_aborts_after_heartbeat_timeout(job, tmp_path):
     d1 = described(1, 2, shards(2)[1])
     # rank 1 asks for a plan, then dies: its agent stops (no heartbeats, no Done)
     j.ranks[1].agent.send(wire.PlanRequest("job1", "0", 1, path, 2, d1.desc.digest(), d1.desc.to_msgpack(), False))
-    time.sleep(0.3)
+    # close drops what the agent has not sent yet (LINGER 0): only once the request arrived is rank 1 "dead mid-save"
+    _wait_until(lambda: "0" in j.coordinator._saves and 1 in j.coordinator._saves["0"].last_seen)
     j.ranks[1].agent.close()
     j.ranks = j.ranks[:1]
     d0 = described(0, 2, shards(2)[0])
@@ -210,10 +223,12 @@ def test_hostile_peers_are_dropped_and_counted_and_the_save_succeeds(job, tmp_pa
     # a second process claiming rank 0 (authenticated: it knows the secret)
     impostor = _raw_peer(coord.endpoint, b"impostor")
     impostor.send_multipart(wire.encode(wire.PlanRequest("job1", "1", 0, path, 2, d.desc.digest(), d.desc.to_msgpack(), False), SECRET))
-    time.sleep(0.5)
+    reasons = ("mac", "frames", "size", "stale", "unknown-save", "job", "identity", "rank")
+    # every attack heard (its own socket's handshake first) before the save they must not disturb
+    _wait_until(lambda: sum(coord.dropped.values()) >= 10 and all(any(reason in k for k in coord.dropped) for reason in reasons))
     assert save_all(j, path, "1", shards(2)) == [path, path]
     dropped = dict(coord.dropped)
-    for reason in ("mac", "frames", "size", "stale", "unknown-save", "job", "identity", "rank"):
+    for reason in reasons:
         assert any(reason in k for k in dropped), (reason, dropped)
     assert sum(dropped.values()) >= 10
     evil.close()
@@ -256,7 +271,9 @@ class SlowStorage(LocalStorage):
 
 def test_commit_slower_than_the_heartbeat_timeout_still_commits_and_no_rank_is_dead(job, tmp_path):
     slow = SlowStorage(CFG.heartbeat_timeout_s + 0.7)
-    j = job(2, storage_for=lambda p: (slow, p))
+    # The prepare's delay counts against timeout_s (the whole save's deadline), which this test is not about: 30 s, not
+    # CFG's 5 s, which left a loaded machine under 3 s for the plan and the writes.
+    j = job(2, config=dataclasses.replace(CFG, timeout_s=30.0), storage_for=lambda p: (slow, p))
     path = str(tmp_path / "ck")
     assert save_all(j, path, "0", shards(2)) == [path, path]  # no CoordinatorTimeout, no rank presumed dead
     assert torch.equal(load_full(path, 0, CFG)["rep"], torch.arange(5.0))
@@ -324,15 +341,12 @@ def test_a_peer_speaks_only_for_the_rank_of_its_key_and_a_second_socket_with_it_
     try:
         # Before rank 0 ever spoke: rank 1's key must not let a socket pin rank 0.
         holder_of_1.send_multipart(wire.encode(wire.Heartbeat("job1", "0", 0, "plan"), SECRET))
-        deadline = time.monotonic() + 10
-        while coord.dropped["identity"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_until(lambda: coord.dropped["identity"] >= 1)
         first = str(tmp_path / "first")
         assert save_all(j, first, "0", shards(2)) == [first, first]
         # rank 0's key on a second socket: the first socket keeps the rank
         second_0.send_multipart(wire.encode(wire.Heartbeat("job1", "1", 0, "plan"), SECRET))
-        while coord.dropped["identity"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_until(lambda: coord.dropped["identity"] >= 2)  # a deadline of its own: the first wait and save may have used up a shared one
         path = str(tmp_path / "ck")
         assert save_all(j, path, "1", shards(2)) == [path, path]
         assert coord.dropped["identity"] == 2, dict(coord.dropped)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -90,19 +91,27 @@ def test_load_reads_only_the_needed_bytes(tmp_path):
 
 def _late_loader(rank, world, path):
     sd = _zeroed(world)  # building the device mesh synchronises the ranks; the load must not
+    loaded = os.path.join(os.path.dirname(path), "rank-0-loaded")
     if rank == 1:
-        time.sleep(3)
+        # Starts only once rank 0 has loaded (or after 45 s, so a load that waits for this rank fails the assertion, not
+        # the run): a fixed 3 s head start was shorter than rank 0's load on a loaded machine.
+        deadline = time.monotonic() + 45
+        while not os.path.exists(loaded) and time.monotonic() < deadline:
+            time.sleep(0.05)
     t0 = time.monotonic()
     dc.load(sd, path)
     assert sd["step"] == 11
-    return time.monotonic(), time.monotonic() - t0
+    end = time.monotonic()  # before the mark: rank 1 starts after both
+    if rank == 0:
+        open(loaded, "w").close()
+    return end, end - t0
 
 
 def test_ranks_load_at_different_times_without_waiting(tmp_path):
     path = str(tmp_path / "ck")
     run_ranks(_save, 2, path, env=FAST)
-    out = run_ranks(_late_loader, 2, path, env=FAST)
-    # rank 0 finished its load before rank 1 even started (rank 1 slept 3 s first)
+    out = run_ranks(_late_loader, 2, path, env=FAST, timeout=120)
+    # rank 0 finished its load before rank 1 even started (rank 1 waited for it first)
     assert out[0][0] < out[1][0] - out[1][1]
 
 

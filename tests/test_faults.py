@@ -219,8 +219,10 @@ def test_checkpoint_with_pickle_payload_does_not_execute_code(saved):
 
 def _freeze_self(seconds: float) -> None:
     """SIGSTOP this process now and SIGCONT it ``seconds`` later (a helper process does both)."""
-    subprocess.Popen(["sh", "-c", f"kill -STOP {os.getpid()}; sleep {seconds}; kill -CONT {os.getpid()}"])
-    time.sleep(1.0)  # stopped within this sleep; it resumes after the CONT
+    helper = subprocess.Popen(["sh", "-c", f"kill -STOP {os.getpid()}; sleep {seconds}; kill -CONT {os.getpid()}"])
+    # Stopped within this wait, and resumed by the CONT just before the helper exits: a fixed sleep here
+    # was over before a starved helper even started, and the rank then froze at some later point instead.
+    helper.wait(timeout=seconds + 60)
 
 
 def _freeze_after_write(rank, world, path, victim):

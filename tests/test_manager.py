@@ -94,10 +94,13 @@ def test_async_save_returns_futures_and_next_save_waits_for_it(tmp_path):
     mgr = CheckpointManager(str(tmp_path), keep_last=5, config=CONFIG)
     events: list[str] = []
     write = mgr._ckpt.writer.write
+    # The first write is held until the test lets it go, 0.5 s after t0: a fixed 0.5 s sleep in the writer started
+    # with the write, so a loaded machine could use it up before the test's own checks ran.
+    release = threading.Event()
 
     def slow_write(path, staged, **kw):
         events.append(f"start {os.path.basename(path)}")
-        time.sleep(0.5)
+        release.wait(60)
         write(path, staged, **kw)
         events.append(f"end {os.path.basename(path)}")
 
@@ -106,6 +109,7 @@ def test_async_save_returns_futures_and_next_save_waits_for_it(tmp_path):
     stage1.result()
     assert not write1.done()  # save() did not wait for the write
     t0 = time.monotonic()
+    threading.Timer(0.5, release.set).start()
     stage2, write2 = mgr.save(2, state(2))
     assert write1.done() and time.monotonic() - t0 > 0.2  # ... but the next save did
     write2.result()

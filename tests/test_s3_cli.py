@@ -142,6 +142,9 @@ def test_gc_on_s3_retention_and_unreferenced_objects(s3_bucket, client, capsys):
     assert "nothing to remove" in capsys.readouterr().out
 
 
+MIN_AGE = 6.0  # gc --min-age of the test below
+
+
 def test_gc_min_age_on_s3_spares_a_save_in_flight(s3_bucket, client, capsys):
     root = f"s3://{s3_bucket}/run"
     dc.save(_state(1), f"{root}/step-00000001")
@@ -150,16 +153,18 @@ def test_gc_min_age_on_s3_spares_a_save_in_flight(s3_bucket, client, capsys):
     dead_key = "run/step-00000001/" + object_name("killedsave", "data/r00002.bin")
     dead_upload = client.raw.create_multipart_upload(Bucket=s3_bucket, Key=dead_key)["UploadId"]
     client.raw.upload_part(Bucket=s3_bucket, Key=dead_key, UploadId=dead_upload, PartNumber=1, Body=b"p" * 100)
-    time.sleep(4)
+    # The store's LastModified is in whole seconds (up to 1 s early), so the save in flight below must be written, given
+    # its part and listed within MIN_AGE - 1 s: 1.5 s (with 2.5) was too little for a loaded machine; the dead one is older.
+    time.sleep(MIN_AGE + 0.5)
     young = "run/step-00000002/" + object_name("inflight", "data/r00000.bin")  # a save in flight: done object, no MANIFEST yet
     client.put(young, b"z" * 64)
     young_key = "run/step-00000002/" + object_name("inflight", "data/r00001.bin")
     young_upload = client.raw.create_multipart_upload(Bucket=s3_bucket, Key=young_key)["UploadId"]
     client.raw.upload_part(Bucket=s3_bucket, Key=young_key, UploadId=young_upload, PartNumber=1, Body=b"p" * 100)  # its writer is uploading
-    assert main(["gc", root, "--min-age", "2.5"]) == 0
+    assert main(["gc", root, "--min-age", str(MIN_AGE)]) == 0
     out = capsys.readouterr().out
     assert f"removed s3://{s3_bucket}/{dead}" in out and dead_upload in out
-    assert young not in out and young_upload not in out and "younger than 2.5 s: not collected" in out
+    assert young not in out and young_upload not in out and f"younger than {MIN_AGE:g} s: not collected" in out
     assert client.head(dead) is None and client.head(young) is not None
     assert [u for _, u in client.list_uploads("run/")] == [young_upload]
     assert dc.load(_target(), f"{root}/step-00000001")["step"] == 1

@@ -497,7 +497,9 @@ def _save_killed(rank, world, path):
 
 def test_rank_killed_mid_upload_commits_nothing_and_gc_collects_it(s3_bucket, env, client):
     path = f"s3://{s3_bucket}/killed/ck"
-    out = run_ranks(_save_killed, 2, path, timeout=RANKS_TIMEOUT, env={**env, "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "2"}, expect_fail={0})
+    # 4 s, not FAST's 5, for a quicker give-up; 2 s allowed rank 0's coordinator, uploading to moto on a loaded machine,
+    # a stall of only 1.6 s before it aborts the save itself, which rank 1 would report instead of the coordinator's death
+    out = run_ranks(_save_killed, 2, path, timeout=RANKS_TIMEOUT, env={**env, "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "4"}, expect_fail={0})
     assert "died" in out[0] and "Coordinator" in out[1], out
     left = keys(client, "killed/")
     uploads = list(client.list_uploads("killed/"))

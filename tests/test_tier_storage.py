@@ -74,7 +74,8 @@ def _start(rank: int, world: int, tmp: str, node_of_rank: tuple[int, ...]):
     service = PeerService(root, secret, rank, world, "127.0.0.1")
     addresses: list = [None] * world
     dist.all_gather_object(addresses, service.address)
-    clients = {r: PeerClient(addresses[r], secret, rank, timeout_s=5, peer=r) for r in range(world) if r != rank}
+    # timeout_s bounds one reply, here from a peer among 4 ranks on a loaded machine
+    clients = {r: PeerClient(addresses[r], secret, rank, timeout_s=15, peer=r) for r in range(world) if r != rank}
     return ck, root, service, clients
 
 
@@ -168,7 +169,8 @@ def _partner_killed(rank, world, tmp):
         address = service.address
     addresses: list = [None] * world
     dist.all_gather_object(addresses, address)
-    clients = {r: PeerClient(addresses[r], secret, rank, timeout_s=2, peer=r) for r in range(world) if r != rank}
+    # the dead peer fails at once (a lost or refused connection): the 10 s (was 2) are for the live one's replies under load
+    clients = {r: PeerClient(addresses[r], secret, rank, timeout_s=10, peer=r) for r in range(world) if r != rank}
     storage = LocalTierStorage(root, Nodes(rank, (0, 1)), 1, clients)
     ck.save(f"{KEY}/step-00000001", _state(rank, world), storage=storage)
     dist.barrier()

@@ -178,7 +178,7 @@ def _read_the_store_and_forge_rank_1(coord) -> list[bytes]:
             except zmq.Again:
                 pass
             socks.append(s)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # ends as soon as they are seen: the bound is for a loaded machine
     while sum(coord.dropped.values()) < len(socks) and time.monotonic() < deadline:
         time.sleep(0.05)  # until the coordinator has seen every forger (drops or refused handshakes)
     for s in socks:
