@@ -11,7 +11,6 @@ cells some target boxes touch (a load).
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -19,6 +18,7 @@ import numpy as np
 from . import manifest_v2 as v2
 from .dtypes import itemsize
 from .errors import FragmentError, ManifestError, UnsafeFileError
+from .kept_pool import spread
 from .layout_names import MANIFEST
 from .manifest import Manifest
 from .materialize import materialize
@@ -68,10 +68,11 @@ def read_fragments(storage: Storage, root: str, index: v2.Index, ranks: Iterable
     todo = sorted({r for r in ranks if 0 <= r < len(index.fragments) and index.fragments[r] is not None})
     if not todo:
         return {}
-    if len(todo) == 1:
-        return {todo[0]: _read_one(storage, root, index, todo[0])}
-    with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="dist_ckpt-fragments") as pool:
-        return dict(zip(todo, pool.map(lambda r: _read_one(storage, root, index, r), todo)))
+    # ``threads`` interleaved shares, the first read by the calling thread, the others on the reader
+    # threads kept between loads: a load reading two fragments starts no thread (see kept_pool).
+    shares = [todo[i :: min(threads, len(todo))] for i in range(min(threads, len(todo)))]
+    read = spread(lambda share: [_read_one(storage, root, index, r) for r in share], shares)
+    return {r: frag for share, frags in zip(shares, read) for r, frag in zip(share, frags)}
 
 
 def _read_one(storage: Storage, root: str, index: v2.Index, rank: int) -> v2.Fragment:

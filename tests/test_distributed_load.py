@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -278,3 +279,31 @@ def test_fresh_fsdp2_optimizer_loads_directly_on_another_world_size(tmp_path):
     path = str(tmp_path / "ck")
     moments = run_ranks(_fsdp_save_stateful, 2, path, env=FAST, timeout=120)[0]
     run_ranks(_fsdp_load_fresh, 4, path, moments, env=FAST, timeout=120)
+
+
+def _threads_started_by(fn) -> int:
+    """Threads started (by ``threading``) while ``fn`` runs: each new thread calls the trace hook once."""
+    started = []
+
+    def hook(frame, event, arg):
+        started.append(1)  # in the new thread, before its run(); no tracing: returns None
+
+    threading.settrace(hook)
+    try:
+        fn()
+    finally:
+        threading.settrace(None)
+    return len(started)
+
+
+def test_a_second_load_of_several_fragments_starts_no_thread(tmp_path):
+    """A load reads the fragments (and the data) on reader threads kept between loads: a thread start waits until it runs."""
+    path = str(tmp_path / "ck")
+    run_ranks(_save, 2, path, env=FAST)
+    sd = {name: torch.zeros(shape) for name, shape in SHAPES.items()} | {"step": 0}
+    info = dc.LoadInfo()
+    dc.load(sd, path, info=info)  # whole tensors: every rank's fragment, the data on the default 2 reader threads
+    assert info.fragments_read == 2
+    assert _threads_started_by(lambda: dc.load(sd, path)) == 0
+    for name, shape in SHAPES.items():
+        assert torch.equal(sd[name], global_tensor(name, shape)), name
