@@ -18,7 +18,7 @@ import numpy as np
 from . import manifest_v2 as v2
 from .dtypes import itemsize
 from .errors import FragmentError, ManifestError, UnsafeFileError
-from .kept_pool import spread
+from .kept_pool import drain
 from .layout_names import MANIFEST
 from .manifest import Manifest
 from .materialize import materialize
@@ -68,11 +68,9 @@ def read_fragments(storage: Storage, root: str, index: v2.Index, ranks: Iterable
     todo = sorted({r for r in ranks if 0 <= r < len(index.fragments) and index.fragments[r] is not None})
     if not todo:
         return {}
-    # ``threads`` interleaved shares, the first read by the calling thread, the others on the reader
-    # threads kept between loads: a load reading two fragments starts no thread (see kept_pool).
-    shares = [todo[i :: min(threads, len(todo))] for i in range(min(threads, len(todo)))]
-    read = spread(lambda share: [_read_one(storage, root, index, r) for r in share], shares)
-    return {r: frag for share, frags in zip(shares, read) for r, frag in zip(share, frags)}
+    # On the calling thread and up to ``threads - 1`` reader threads kept between loads, each taking the
+    # next fragment left: a load starts no thread and never waits for one to be scheduled (see kept_pool).
+    return dict(zip(todo, drain(lambda r: _read_one(storage, root, index, r), todo, threads)))
 
 
 def _read_one(storage: Storage, root: str, index: v2.Index, rank: int) -> v2.Fragment:

@@ -4,6 +4,9 @@ Starting a thread waits until it runs: on cores shared by several ranks that
 was ~8 ms of a ~70 ms warm load (4 ranks on 2 vCPUs), and a v2 load that
 started its own pool for two fragments waited ~12 ms more. Every parallel read
 of a load therefore runs on one process-wide pool whose threads outlive it.
+Even a kept thread has to be woken and scheduled, so :func:`drain` runs work
+of many small items (fragments): the calling thread takes items until none is
+left and waits only for those a pool thread took, never for a thread to run.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Sequence, TypeVar
 
 _T = TypeVar("_T")
+_MISSING = object()
 _R = TypeVar("_R")
 
 _lock = threading.Lock()
@@ -69,3 +73,70 @@ def spread(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
     finally:
         wait(futs)
     return [first, *(f.result() for f in futs)]
+
+
+class _Drain:
+    """Items taken one at a time by whichever thread asks next; counts the items in flight on other threads."""
+
+    def __init__(self, fn: Callable[[_T], _R], items: Sequence[_T]) -> None:
+        self.fn, self.items = fn, items
+        self.results: list[object] = [_MISSING] * len(items)
+        self.errors: list[BaseException | None] = [None] * len(items)
+        self.next, self.busy = 0, 0
+        self.cond = threading.Condition()
+
+    def work(self, caller: bool = False) -> None:
+        while True:
+            with self.cond:
+                i = self.next
+                if i >= len(self.items):
+                    return
+                self.next += 1
+                self.busy += not caller
+            try:
+                self.results[i] = self.fn(self.items[i])
+            except BaseException as e:  # noqa: BLE001 - kept per item and raised by drain() on the calling thread
+                self.errors[i] = e
+            finally:
+                if not caller:
+                    with self.cond:
+                        self.busy -= 1
+                        self.cond.notify_all()
+
+
+def drain(fn: Callable[[_T], _R], items: Sequence[_T], workers: int) -> list[_R]:
+    """``[fn(item) for item in items]`` by the calling thread and up to ``workers - 1`` kept threads, each taking the next item left.
+
+    The calling thread works too and waits only for items a pool thread has
+    taken: a pool thread not yet scheduled when the items run out finds none
+    and returns, so under load (or with every kept thread busy) the caller does
+    them all itself instead of waiting for a thread to run. Suits many small
+    items whose order does not matter (fragment reads); each item is done by
+    exactly one thread.
+
+    Args:
+        fn: the work of one item; may raise.
+        items: the items.
+        workers: threads at most, the calling one included.
+
+    Returns:
+        The results in the order of ``items``.
+
+    Raises:
+        BaseException: the exception of the first item (in order) that raised, once every taken item is done.
+    """
+    d = _Drain(fn, items)
+    helpers = min(workers, len(items)) - 1
+    if helpers > 0:
+        pool = kept_pool(helpers)
+        futs = [pool.submit(d.work) for _ in range(helpers)]
+    d.work(caller=True)
+    with d.cond:
+        d.cond.wait_for(lambda: d.busy == 0)
+    if helpers > 0:
+        for f in futs:
+            f.cancel()  # not started yet: it would find nothing left
+    for e in d.errors:
+        if e is not None:
+            raise e
+    return d.results  # type: ignore[return-value]
