@@ -11,7 +11,6 @@ cells some target boxes touch (a load).
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -19,6 +18,7 @@ import numpy as np
 from . import manifest_v2 as v2
 from .dtypes import itemsize
 from .errors import FragmentError, ManifestError, UnsafeFileError
+from .kept_pool import drain
 from .layout_names import MANIFEST
 from .manifest import Manifest
 from .materialize import materialize
@@ -68,10 +68,9 @@ def read_fragments(storage: Storage, root: str, index: v2.Index, ranks: Iterable
     todo = sorted({r for r in ranks if 0 <= r < len(index.fragments) and index.fragments[r] is not None})
     if not todo:
         return {}
-    if len(todo) == 1:
-        return {todo[0]: _read_one(storage, root, index, todo[0])}
-    with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="dist_ckpt-fragments") as pool:
-        return dict(zip(todo, pool.map(lambda r: _read_one(storage, root, index, r), todo)))
+    # On the calling thread and up to ``threads - 1`` reader threads kept between loads, each taking the
+    # next fragment left: a load starts no thread and never waits for one to be scheduled (see kept_pool).
+    return dict(zip(todo, drain(lambda r: _read_one(storage, root, index, r), todo, threads)))
 
 
 def _read_one(storage: Storage, root: str, index: v2.Index, rank: int) -> v2.Fragment:

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -37,6 +35,7 @@ from .buffers import tensor_memoryview
 from .commit import segment_index
 from .errors import ChecksumError, DataFileError
 from .flatten import KeyPath, format_path
+from .kept_pool import spread
 from .load_planner import ReadOp, plan_reads
 from .manifest import TensorEntry
 from .storage import WRITE_PIECE, ReadHandle, Storage
@@ -314,27 +313,6 @@ def _read_blocks(seg: _Segment, task: ReadTask, op: ReadOp, target: memoryview) 
             _copy_runs(target, span, s_lo, rel, j0, j1, n)
 
 
-_pool_lock = threading.Lock()
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
-
-
-def _reader_pool(workers: int) -> ThreadPoolExecutor:
-    """This process's reader threads, at least ``workers`` of them, kept between loads.
-
-    Starting a thread waits until it runs: on cores shared by several ranks
-    that was ~8 ms of a ~70 ms warm load (4 ranks on 2 vCPUs). Idle readers
-    wait on their queue and end with the interpreter. A forked child (which
-    inherits no threads) makes its own. A smaller pool replaced by a larger
-    one is only dropped: a load still holding it finishes on it, and its
-    threads end once it is collected (the executor's own weakref callback).
-    """
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid() or _pool[1] < workers:
-            _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="dist_ckpt-reader"))
-        return _pool[2]
-
-
 def _sequential_segments(jobs: list[tuple[ReadTask, ReadOp]], threads: int) -> list[list[tuple[ReadTask, ReadOp]]]:
     """Split reads into ``threads`` runs of similar size, each in file and offset order.
 
@@ -407,16 +385,10 @@ def read_tensors(
 
     try:
         # The calling thread reads the first segment itself, the others go to
-        # reader threads kept between loads (see _reader_pool).
-        pool = _reader_pool(len(segments) - 1) if len(segments) > 1 else None
-        futs = [pool.submit(run, seg) for seg in segments[1:]] if pool else []
-        try:
-            total = sum(run(seg) for seg in segments[:1])
-        finally:
-            wait(futs)  # no reader may still use the files when they are closed
-        total += sum(f.result() for f in futs)
+        # reader threads kept between loads (see kept_pool).
+        total = sum(spread(run, segments))
     finally:
-        files.close()
+        files.close()  # spread returns or raises only once every reader is done with the files
     dt = time.perf_counter() - t0
     log.debug("[rank %d] read %d tensors, %.1f MB in %.3f s (%.2f GB/s) from %s", rank, len(tasks), total / 1e6, dt, total / max(dt, 1e-9) / 1e9, root)
     return total

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import threading
 import time
+from concurrent.futures import wait
 
 import pytest
 import torch
@@ -11,6 +14,9 @@ from dist_helpers import CountingStorage, dtensor, global_tensor
 from launcher import run_ranks
 
 import dist_ckpt as dc
+from dist_ckpt.errors import FragmentError
+from dist_ckpt.fragments import FRAGMENT_READERS
+from dist_ckpt.kept_pool import kept_pool
 
 FAST = {"DIST_CKPT_HEARTBEAT_INTERVAL_S": "0.2", "DIST_CKPT_HEARTBEAT_TIMEOUT_S": "5", "DIST_CKPT_TIMEOUT_S": "20"}
 SHAPES = {"w": (37, 12), "v": (16, 9), "b": (23,)}
@@ -287,3 +293,75 @@ def test_fresh_fsdp2_optimizer_loads_directly_on_another_world_size(tmp_path):
     path = str(tmp_path / "ck")
     moments = run_ranks(_fsdp_save_stateful, 2, path, env=FAST, timeout=120)[0]
     run_ranks(_fsdp_load_fresh, 4, path, moments, env=FAST, timeout=120)
+
+
+def _threads_started_by(fn) -> int:
+    """Threads started (by ``threading``) while ``fn`` runs: each new thread calls the trace hook once."""
+    started = []
+
+    def hook(frame, event, arg):
+        started.append(1)  # in the new thread, before its run(); no tracing: returns None
+
+    threading.settrace(hook)
+    try:
+        fn()
+    finally:
+        threading.settrace(None)
+    return len(started)
+
+
+@pytest.fixture(scope="module")
+def two_fragments(tmp_path_factory):
+    """A v2 checkpoint saved by 2 ranks: a whole-tensor load reads both fragments."""
+    path = str(tmp_path_factory.mktemp("two_fragments") / "ck")
+    run_ranks(_save, 2, path, env=FAST)
+    return path
+
+
+def _whole_target():
+    return {name: torch.zeros(shape) for name, shape in SHAPES.items()} | {"step": 0}
+
+
+def _check_whole(sd):
+    for name, shape in SHAPES.items():
+        assert torch.equal(sd[name], global_tensor(name, shape)), name
+    assert sd["step"] == 11
+
+
+def test_a_second_load_of_several_fragments_starts_no_thread(two_fragments):
+    """A load reads the fragments (and the data) on reader threads kept between loads: a thread start waits until it runs."""
+    sd, info = _whole_target(), dc.LoadInfo()
+    dc.load(sd, two_fragments, info=info)  # whole tensors: every rank's fragment, the data on the default 2 reader threads
+    assert info.fragments_read == 2
+    sd = _whole_target()
+    assert _threads_started_by(lambda: dc.load(sd, two_fragments)) == 0
+    _check_whole(sd)
+
+
+def test_fragments_are_read_by_the_calling_thread_while_every_kept_reader_is_busy(two_fragments, monkeypatch):
+    """The calling thread takes fragments until none is left: it never waits for a reader thread to be scheduled."""
+    monkeypatch.setenv("DIST_CKPT_READER_THREADS", "1")  # the data on the calling thread: only the fragments could use the pool
+    dc.load(_whole_target(), two_fragments)  # the kept pool exists, at the size loads use
+    gate = threading.Event()
+    pool = kept_pool(FRAGMENT_READERS)
+    blockers = [pool.submit(gate.wait) for _ in range(4 * FRAGMENT_READERS)]  # more than it has threads: all of them wait
+    release = threading.Timer(30, gate.set)  # without the fix the load waits for the pool, i.e. for this
+    release.start()
+    try:
+        sd, info = _whole_target(), dc.LoadInfo()
+        dc.load(sd, two_fragments, info=info)
+        finished_while_busy = not gate.is_set()
+    finally:
+        gate.set()
+        release.cancel()
+        wait(blockers)
+    assert finished_while_busy and info.fragments_read == 2
+    _check_whole(sd)
+
+
+def test_a_missing_fragment_among_several_is_named_whichever_thread_reads_it(two_fragments, tmp_path):
+    path = str(tmp_path / "ck")
+    shutil.copytree(two_fragments, path)
+    os.remove(f"{path}/data/r00001.frag")
+    with pytest.raises(FragmentError, match=r"r00001\.frag of rank 1.*is missing"):
+        dc.load(_whole_target(), path)
