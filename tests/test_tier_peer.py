@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import msgpack
@@ -27,6 +28,8 @@ from dist_ckpt.errors import PeerError, UnsafeFileError
 from dist_ckpt.layout_names import MANIFEST
 from dist_ckpt.tier import layout
 from dist_ckpt.tier.peer import MAX_FRAME, PIECE_BYTES, WINDOW, WRITE_FRAMES, PeerClient, PeerService, peer_secret, seal, sealed_ok
+from dist_ckpt.tier.peer_read import READ_AHEAD_BYTES, PeerReadHandle
+from dist_ckpt.tier.storage import TieredReadStorage
 from dist_ckpt.transport import secure_client
 
 pytestmark = pytest.mark.timeout(60)
@@ -785,3 +788,82 @@ def test_dist_ckpt_peer_encryption_keeps_a_managers_replicas_and_peer_restore_on
         assert all(o["bulk_address"] is None and o["bulk_requests"] == 0 and o["reads"] == 0 for o in out.values()), out
     else:
         assert all(o["bulk_address"] and o["bulk_requests"] > 0 for o in out.values()) and out[0]["reads"] > 0, out
+
+
+# -- a restore's reads: asked for ahead, connections opened ahead ------------------------------
+
+
+def _read_in_pieces(handle: PeerReadHandle, size: int, piece: int = 1 << 20) -> bytes:
+    """Read ``size`` bytes as the reader does a whole chunk: ``piece`` at a time, front to back."""
+    out = bytearray(size)
+    view = memoryview(out)
+    for at in range(0, size, piece):
+        n = min(piece, size - at)
+        assert handle.preadv([view[at : at + n]], at) == n
+    return bytes(out)
+
+
+def test_announced_reads_are_asked_for_in_windows_ahead(service, closing):
+    client = closing(PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1))
+    data = os.urandom(3 * READ_AHEAD_BYTES + 12345)
+    _committed(client, 5, {"data/r00000.bin": data})
+    handle = closing(PeerReadHandle(client, 5, "data/r00000.bin"))
+    before = service.served["read"]
+    handle.will_read([(0, len(data))])
+    assert _read_in_pieces(handle, len(data)) == data
+    assert service.served["read"] - before == 4  # 4 windows for 13 reads of 1 MiB (it was one request per read)
+    # Not announced (this thread's plan is spent): asked for directly, the bytes the same.
+    assert _read_in_pieces(handle, 3 << 20) == data[: 3 << 20]
+    assert service.served["read"] - before == 4 + 3
+
+
+def test_announced_reads_past_the_end_are_short_and_a_lost_peer_fails_them(service, closing, tmp_path):
+    client = closing(PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1))
+    data = os.urandom(READ_AHEAD_BYTES + 100)
+    _committed(client, 5, {"data/r00000.bin": data, "data/r00000-t1.bin": os.urandom(8 * READ_AHEAD_BYTES)})
+    short = closing(PeerReadHandle(client, 5, "data/r00000.bin"))
+    short.will_read([(0, 3 * READ_AHEAD_BYTES)])  # the manifest said more than the file holds
+    out = bytearray(2 * READ_AHEAD_BYTES)
+    assert short.preadv([memoryview(out)], 0) == len(data)
+    assert bytes(out[: len(data)]) == data
+    handle = closing(PeerReadHandle(client, 5, "data/r00000-t1.bin"))
+    handle.will_read([(0, 8 * READ_AHEAD_BYTES)])  # the first windows are asked for now
+    service.close()  # the peer goes away: the windows not yet answered are lost
+    with pytest.raises(PeerError, match=r"data/r00000-t1\.bin"):
+        _read_in_pieces(handle, 8 * READ_AHEAD_BYTES)
+
+
+def test_connections_opened_ahead_are_the_ones_requests_use(service, closing):
+    client = closing(PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1))
+    _committed(client, 5, {"data/r00000.bin": b"x" * 1000})
+    client.close()
+    client = closing(PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1))
+    before = service.served["bulk"]
+    client.warm(2)  # returns at once: two connections (each a bulk session) being opened in parallel
+    errors: list[BaseException] = []
+
+    def size() -> None:
+        try:
+            assert client.size(5, "data/r00000.bin") == 1000
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=size) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert service.served["bulk"] - before == 2  # the two requests took the connections opened ahead, none of their own
+
+
+def test_a_whole_file_from_a_peer_is_one_request_and_a_too_large_one_is_refused(service, closing, tmp_path):
+    client = closing(PeerClient(service.address, SECRET, rank=0, timeout_s=10, peer=1))
+    manifest = os.urandom(5000)
+    _committed(client, 6, {"data/r00000.bin": b"d" * 10}, manifest)
+    reader = TieredReadStorage(6, str(tmp_path / "node0" / "job"), {"data/r00000.bin": [("peer", 1)]}, {1: client}, None)  # this node holds nothing
+    read, size = service.served["read"], service.served["size"]
+    assert reader.read_bytes("job/step-00000006/MANIFEST") == manifest
+    assert (service.served["read"] - read, service.served["size"] - size) == (1, 0)  # it was a size, then a read
+    with pytest.raises(UnsafeFileError, match="more than the 4999"):
+        reader.read_bytes("job/step-00000006/MANIFEST", max_bytes=4999)

@@ -163,8 +163,9 @@ class _Plan:
             self._drop()
 
 
-def _coalesce(ranges: Sequence[tuple[int, int]], size: int) -> list[_Window]:
-    """Windows covering ``ranges`` (clipped to ``size``): runs at most COALESCE_GAP apart share a span, cut in WINDOW_BYTES windows."""
+def _coalesce(ranges: Sequence[tuple[int, int]], size: int, window: int = WINDOW_BYTES) -> list[_Window]:
+    """Windows covering ``ranges`` (clipped to ``size``): runs at most COALESCE_GAP apart share a span, cut in ``window``-byte windows
+    (the node-local tier's peer reads take them too, smaller)."""
     arr = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
     lo, hi = np.clip(arr[:, 0], 0, size), np.clip(arr[:, 0] + arr[:, 1], 0, size)
     keep = hi > lo
@@ -176,7 +177,7 @@ def _coalesce(ranges: Sequence[tuple[int, int]], size: int) -> list[_Window]:
     first = np.flatnonzero(np.concatenate(([True], lo[1:] - reach[:-1] > COALESCE_GAP)))
     spans = zip(lo[first].tolist(), np.maximum.reduceat(hi, first).tolist())
     # Every window of a span holds needed bytes: its gaps are at most COALESCE_GAP, less than a window.
-    return [_Window(a, min(a + WINDOW_BYTES, b)) for a0, b in spans for a in range(a0, b, WINDOW_BYTES)]
+    return [_Window(a, min(a + window, b)) for a0, b in spans for a in range(a0, b, window)]
 
 
 class S3ReadHandle(ReadHandle):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -52,7 +53,7 @@ from .counting import CountingReads
 from .peer import PeerClient, PeerService
 from .restore import Candidate, NodeInventory, RestoreInfo, StepCopy, candidates, decode_inventory, encode_inventory, file_named_in, sources
 from .storage import LocalTierStorage, TieredReadStorage
-from .topology import Topology, check_tier_args, node_id_from_env
+from .topology import Topology, check_tier_args, first_on_node_from_env, node_id_from_env
 
 if TYPE_CHECKING:
     from ..manager import CheckpointManager
@@ -100,7 +101,10 @@ class LocalTier:
             self._exchange("hello", {"error": f"{type(e).__name__}: {e}"[:2000]}, wait=False)
             raise
         try:
-            hello = self._exchange("hello", {"node": node_id_from_env(), "address": self.service.address})
+            # A node's first local rank (its leader, as launchers number ranks) sends the node's inventory with its
+            # hello: a restart's first load then needs no round of its own for it (see inventories()).
+            inventory = encode_inventory(self.node_inventory()) if first_on_node_from_env() else None
+            hello = self._exchange("hello", {"node": node_id_from_env(), "address": self.service.address, "inventory": inventory})
             ids, addresses = self._check_hello(hello)
             self.topology = Topology.from_ids(self.rank, ids)
             self.topology.check_replicas(replicas)
@@ -109,6 +113,8 @@ class LocalTier:
             self.service.close()
             raise
         self.is_leader = self.topology.leader(self.topology.node) == self.rank
+        leaders = self.topology.leaders()
+        self._start_inventories = [hello[r].get("inventory") for r in leaders] if all(hello[r].get("inventory") is not None for r in leaders) else None
         if self.is_leader:  # before this rank's first plan request: no save of this job can be writing here yet
             layout.clear_incomplete(self.local_root)
         self.save_storage = LocalTierStorage(self.local_root, self.topology, replicas, self.clients)  # type: ignore[arg-type]  # until TopologyLike.rank is a property
@@ -328,9 +334,18 @@ class LocalTier:
         return out
 
     def inventories(self, tag: int) -> dict[int, NodeInventory]:
-        """Every node's inventory, by node (its leader's report; a malformed one counts as empty)."""
-        mine = encode_inventory(self.node_inventory()) if self.is_leader else None
-        values = self._exchange(f"inventory/{tag}", mine)
+        """Every node's inventory, by node (its leader's report; a malformed one counts as empty).
+
+        Until this manager's first save, the inventories every leader sent with its hello (when every
+        leader sent one: each node's first local rank was its leader): the same on every rank, and
+        nothing since changed a node's committed steps (only a save does: its retention, its commit).
+        Otherwise, or after a save, a round through the store (``tag`` names its keys).
+        """
+        if self._saves == 0 and self._start_inventories is not None:
+            values = dict(zip(self.topology.leaders(), self._start_inventories))
+        else:
+            mine = encode_inventory(self.node_inventory()) if self.is_leader else None
+            values = dict(enumerate(self._exchange(f"inventory/{tag}", mine)))
         out: dict[int, NodeInventory] = {}
         for node in range(self.topology.nodes):
             leader = self.topology.leader(node)
@@ -374,6 +389,7 @@ class LocalTier:
     def _try_local(self, mgr: CheckpointManager, tag: int, attempt: int, cand: Candidate, state_dict: Any, strict: bool, t0: float) -> RestoreInfo | None:
         """Load local ``cand`` on every rank: the RestoreInfo when all ranks did, None when any could not."""
         srcs = sources(cand, self.topology)
+        self._connect_ahead(cand.step, srcs)
         durable = (mgr._storage, f"{mgr._root}/{step_dir_name(cand.step)}") if cand.durable else None
         reader = TieredReadStorage(cand.step, self.local_root, srcs, self.clients, durable)
         error = self._load_with_retries(mgr, cand.step, reader, state_dict, strict, sum(len(s) for s in srcs.values()))
@@ -390,6 +406,21 @@ class LocalTier:
         why = "; ".join(f"rank {r}: {t[len('damaged: ') :]}" for r, t in sorted(failures.items()))
         log.warning("[rank %d] resume: local step %d cannot be loaded (%s); trying the next candidate", self.rank, cand.step, why)
         return None
+
+    def _connect_ahead(self, step: int, srcs: Mapping[str, list[Any]]) -> None:
+        """Start opening the connections this rank's load of ``step`` will read peers over, in parallel, before it needs them.
+
+        One per reader thread (at most one per file) to each peer that is a file's first source,
+        and one more to the first peer when this node has no copy of the MANIFEST (it is read first).
+        """
+        want = Counter(s[0][1] for s in srcs.values() if s and isinstance(s[0], tuple))  # peer rank -> files it serves first
+        threads = self.session.config.reader_threads
+        ahead = {rank: min(threads, files) for rank, files in want.items()}
+        peers = list(dict.fromkeys(s[1] for ss in srcs.values() for s in ss if isinstance(s, tuple)))  # the MANIFEST's order
+        if peers and not os.path.isfile(f"{layout.step_dir(self.local_root, step)}/{MANIFEST}"):
+            ahead[peers[0]] = ahead.get(peers[0], 0) + 1
+        for rank, n in ahead.items():
+            self.clients[rank].warm(n)
 
     def _load_with_retries(
         self, mgr: CheckpointManager, step: int, reader: TieredReadStorage, state_dict: Any, strict: bool, tries: int

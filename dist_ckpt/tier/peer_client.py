@@ -18,6 +18,7 @@ import operator
 import os
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any, Callable, Iterator
 
 import msgpack
@@ -53,6 +54,20 @@ def _client_context() -> zmq.Context:
         if _CTX is None or _CTX.closed or _CTX_PID != os.getpid():
             _CTX, _CTX_PID = zmq.Context(io_threads=IO_THREADS), os.getpid()
         return _CTX
+
+
+def _in_thread(fn: Callable[[], _Conn], name: str) -> Future[_Conn]:
+    """Run ``fn`` in a thread of its own (it ends with ``fn``); its result or exception on the future."""
+    fut: Future[_Conn] = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # delivered on the future (and logged by its done callback)
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut
 
 
 # Connection events that lose every request in flight: the waiting side fails at once instead of at its timeout.
@@ -201,6 +216,7 @@ class PeerClient:
         self.address, self.rank, self.peer, self.timeout_s, self.encryption = address, rank, peer, timeout_s, encryption
         self._key = peer_secret(secret)
         self._idle: list[_Conn] = []
+        self._warming: list[Future[_Conn]] = []  # connections being opened ahead (warm), taken before a new one is made
         self._pid = os.getpid()  # a forked child never reuses the parent's connections
         self._lock = threading.Lock()
         self._closed = False
@@ -218,12 +234,48 @@ class PeerClient:
             if self._closed:
                 raise PeerError(self.peer, "", f"the client of {self.address} is closed")
             if self._pid != os.getpid():
-                self._idle, self._pid = [], os.getpid()  # the parent's sockets: left alone, never used here
+                self._idle, self._warming, self._pid = [], [], os.getpid()  # the parent's sockets: left alone, never used here
             conn = self._idle.pop() if self._idle else None
+            ahead = self._warming.pop(0) if conn is None and self._warming else None
+        if ahead is not None:
+            try:
+                conn = ahead.result()  # being opened already: waiting for it is sooner than starting another
+            except Exception:  # noqa: BLE001 (logged by _warmed when it failed; this request connects anew and raises its own error)
+                conn = None
         if conn is None:
             return self._connect(op, file)
         conn.forget_events()
         return conn
+
+    def warm(self, n: int) -> None:
+        """Start opening connections ahead, in parallel, so that ``n`` concurrent requests find one (at most the pool's size).
+
+        Returns at once. A connection costs two handshakes and a round trip (CURVE, the bulk
+        session, PLAIN): opened one after another by the threads that need them, a restore's
+        first reads waited for each in turn. A failure is logged; the request that would have
+        used that connection makes its own (and raises its own error).
+        """
+        with self._lock:
+            if self._closed or self._pid != os.getpid():
+                return
+            need = min(n, _MAX_IDLE) - len(self._idle) - len(self._warming)
+            futs = [_in_thread(functools.partial(self._connect, "connect", ""), f"dist_ckpt-peer-connect-{self.peer}") for _ in range(max(0, need))]
+            self._warming.extend(futs)
+        for f in futs:
+            f.add_done_callback(self._warmed)
+
+    def _warmed(self, fut: Future[_Conn]) -> None:
+        """(a connection opened ahead is done) Log a failure; close it if the client was closed meanwhile."""
+        e = fut.exception()
+        if e is not None:
+            log.warning("[rank %d] connecting ahead to rank %d (%s) failed: %s", self.rank, self.peer, self.address, e)
+            return
+        with self._lock:
+            orphan = self._closed and fut in self._warming
+            if orphan:
+                self._warming.remove(fut)
+        if orphan:
+            fut.result().close()
 
     def _connect(self, op: str, file: str) -> _Conn:
         """A new connection: CURVE, or (unless ``encryption``) a bulk one whose session a CURVE request asks for."""
@@ -378,28 +430,47 @@ class PeerClient:
         while pending or (pos < len(view) and not eof):
             while len(pending) < WINDOW and pos < len(view) and not eof:
                 length = min(PIECE_BYTES, len(view) - pos)
-                rid = conn.send({"op": "read", "step": step, "name": name, "offset": offset + pos, "length": length})
-                pending.append((rid, pos, length))
+                pending.append((self.ask_read(conn, step, name, offset + pos, length), pos, length))
                 pos += length
             rid, at, length = pending.popleft()
-            header, data = self.reply(conn, rid, "read", name)
-            n = header.get("n")
-            if type(n) is not int or not 0 <= n <= length or len(data or b"") != n:
-                raise self.error(name, f"read: malformed reply ({bounded_repr(n)} bytes for a {length}-byte piece)")
-            if not eof and n:
-                assert data is not None  # n > 0: a view of n bytes
-                view[at : at + n] = data
-                got = at + n
-            eof = eof or n < length
+            data = self.read_reply(conn, rid, name, length)
+            if not eof and data:
+                view[at : at + len(data)] = data
+                got = at + len(data)
+            eof = eof or len(data) < length
         return got
+
+    def ask_read(self, conn: _Conn, step: int, name: str, offset: int, length: int) -> int:
+        """Send one ``read`` of ``length`` (at most PIECE_BYTES) bytes at ``offset`` on ``conn``; returns its request id."""
+        return conn.send({"op": "read", "step": step, "name": name, "offset": offset, "length": length})
+
+    def read_reply(self, conn: _Conn, rid: int, name: str, length: int) -> memoryview:
+        """The bytes answering read ``rid`` of ``length`` bytes (fewer: the file ends there), a view of the received frame.
+
+        Raises:
+            PeerError: an error reply, a malformed one, none in time, or the connection lost.
+        """
+        header, data = self.reply(conn, rid, "read", name)
+        n = header.get("n")
+        if type(n) is not int or not 0 <= n <= length or len(data or b"") != n:
+            raise self.error(name, f"read: malformed reply ({bounded_repr(n)} bytes for a {length}-byte piece)")
+        return data if data is not None else memoryview(b"")
 
     def close(self) -> None:
         """Close every idle connection; idempotent (streams still open close their own)."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            ahead, self._warming = self._warming, []
         for conn in idle:
             conn.close()
+        for f in ahead:  # closed here once opened (a failed one has nothing to close)
+            f.add_done_callback(_close_opened)
+
+
+def _close_opened(fut: Future[_Conn]) -> None:
+    if fut.exception() is None:
+        fut.result().close()
 
 
 def _client_with_key(address: str, key: bytes, rank: int, timeout_s: float, peer: int, encryption: bool = False) -> PeerClient:

@@ -35,6 +35,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Protocol, Sequence
 
+import numpy as np
+
 from ..errors import PeerError, UnsafeFileError
 from ..layout_names import DATA_DIR, MANIFEST, STEP_RE, TMP, sibling
 from ..logs import get_logger
@@ -43,6 +45,8 @@ from ..storage.local import LocalStorage, LocalWriteStream
 from . import layout
 from .counting import CountedHandle
 from .peer import PeerClient
+from .peer_protocol import PIECE_BYTES
+from .peer_read import PeerReadHandle
 
 log = get_logger(__name__)
 
@@ -293,29 +297,6 @@ class LocalTierStorage(Storage):
 Source = Any  # "local" | ("peer", rank) | "durable"
 
 
-class _PeerReadHandle(ReadHandle):
-    """A committed file on a peer's node, read piece by piece over its service."""
-
-    def __init__(self, client: PeerClient, step: int, name: str) -> None:
-        self._client, self._step, self.name = client, step, name
-
-    def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
-        total = 0
-        for b in buffers:
-            view = memoryview(b).cast("B")
-            n = self._client.read(self._step, self.name, offset + total, view)
-            total += n
-            if n < len(view):
-                break
-        return total
-
-    def size(self) -> int:
-        return self._client.size(self._step, self.name)
-
-    def close(self) -> None:
-        pass
-
-
 class TieredReadStorage(Storage):
     """The ``storage=`` of a restore of local step ``step``: each file from the first of its sources.
 
@@ -388,7 +369,7 @@ class TieredReadStorage(Storage):
             assert self.durable is not None
             storage, path = self.durable
             return storage.open_in(path, name), "durable"
-        return _PeerReadHandle(self.clients[source[1]], self.step, name), "peer"
+        return PeerReadHandle(self.clients[source[1]], self.step, name), "peer"
 
     def open_in(self, root: str, name: str) -> ReadHandle:
         """Open ``name`` at its first source.
@@ -434,17 +415,29 @@ class TieredReadStorage(Storage):
             assert self.durable is not None
             storage, path = self.durable
             return storage.read_bytes(f"{path}/{name}", max_bytes), "durable"
-        client = self.clients[source[1]]
-        size = client.size(self.step, name)
+        return self._whole_from_peer(source[1], name, max_bytes), "peer"
+
+    def _whole_from_peer(self, rank: int, name: str, max_bytes: int) -> bytes:
+        """A whole file from ``rank``'s node: one read of a piece (a MANIFEST is smaller), else its size, then all of it.
+
+        Raises:
+            UnsafeFileError: (EFBIG) it is larger than ``max_bytes``.
+            PeerError: the peer failed, or the file changed while read.
+        """
+        client = self.clients[rank]
+        ask = min(max_bytes + 1, PIECE_BYTES)  # a full answer: the file may go on (or, at max_bytes + 1, is too large)
+        buf = np.empty(ask, np.uint8)  # not zeroed: only the bytes read are kept
+        n = client.read(self.step, name, 0, buf.data)
+        if n < ask:
+            return bytes(buf.data[:n])  # the whole file in one request
+        size = client.size(self.step, name) if ask <= max_bytes else ask
         if size > max_bytes:
-            raise UnsafeFileError(
-                errno.EFBIG, f"{name} of local step {self.step} on rank {source[1]} is {size} bytes, more than the {max_bytes} a reader accepts"
-            )
-        buf = bytearray(size)
-        n = client.read(self.step, name, 0, memoryview(buf)) if size else 0
+            raise UnsafeFileError(errno.EFBIG, f"{name} of local step {self.step} on rank {rank} is {size} bytes, more than the {max_bytes} a reader accepts")
+        whole = bytearray(size)
+        n = client.read(self.step, name, 0, memoryview(whole))
         if n != size:
-            raise PeerError(source[1], name, f"read {n} of its {size} bytes (changed while read)")
-        return bytes(buf), "peer"
+            raise PeerError(rank, name, f"read {n} of its {size} bytes (changed while read)")
+        return bytes(whole)
 
     def exists(self, path: str) -> bool:
         """Whether the step (or a file of it) can be read: locally, or (``MANIFEST``) from any other source."""

@@ -33,6 +33,25 @@ def node_id_from_env(env: dict[str, str] | None = None) -> str:
     return "0"
 
 
+LOCAL_RANK_ENV = ("LOCAL_RANK", "SLURM_LOCALID")
+"""Where the launcher says a process's index on its node (torchrun, then Slurm)."""
+
+
+def first_on_node_from_env(env: dict[str, str] | None = None) -> bool:
+    """Whether the launcher says this process is the first of its node (local rank 0): its node's leader, if the
+    node's ranks are numbered in order (torchrun and Slurm number them so). False when no launcher says.
+
+    Args:
+        env: the environment to read (default ``os.environ``).
+    """
+    env = dict(os.environ) if env is None else env
+    for name in LOCAL_RANK_ENV:
+        value = env.get(name, "").strip()
+        if value:
+            return value == "0"
+    return False
+
+
 @dataclass(frozen=True)
 class Topology:
     """This rank and the node of every rank (nodes numbered 0..n-1 in order of their first rank).
