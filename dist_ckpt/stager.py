@@ -51,12 +51,15 @@ class StagingArena:
         self._arena = torch.empty(0, dtype=torch.uint8)
         self._stream: torch.cuda.Stream | None = None
         self.allocations = 0  # how many times the arena was (re)allocated, for tests and logs
+        # (layout, allocation, views) of the last call to views(): valid while the arena is that allocation
+        self._views: tuple[tuple, int, tuple[torch.Tensor, ...]] | None = None
 
     @property
     def capacity(self) -> int:
         return self._arena.numel()
 
     def _release_shm(self) -> None:
+        self._views = None  # they export the shared buffer, which cannot be closed while they live
         if self.shm is not None:
             self._arena = torch.empty(0, dtype=torch.uint8)
             if self._registered is not None:  # CUDA must let go of the pages before they are unmapped
@@ -88,7 +91,8 @@ class StagingArena:
             return
         t0 = time.perf_counter()
         size = int(total * 1.125) if self.capacity else total  # headroom once the state has grown
-        self._arena = torch.empty(0, dtype=torch.uint8)  # free the old arena before allocating
+        self._views = None
+        self._arena = torch.empty(0, dtype=torch.uint8)  # free the old arena (nothing here keeps a view of it) before allocating
         if self.shared:
             self._release_shm()
             # Named POSIX shared memory: a CheckpointProcess attaches by name, so
@@ -113,13 +117,22 @@ class StagingArena:
         self._registered = ptr
 
     def views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Contiguous host tensors in the arena shaped like ``tensors`` (grows the arena if needed)."""
+        """Contiguous host tensors in the arena shaped like ``tensors`` (grows the arena if needed).
+
+        The views of the last layout are kept: saves of an unchanged state (every save of a
+        training job) get the same ones back without cutting them again (three tensor ops per
+        tensor, ~0.6 ms of the training thread's wait for 61 tensors).
+        """
+        layout = tuple((t.dtype, t.shape) for t in tensors)
+        if self._views is not None and self._views[0] == layout and self._views[1] == self.allocations:
+            return list(self._views[2])
         offsets, total = _layout(tensors)
         self._ensure(total)
         out = []
         for t, off in zip(tensors, offsets):
             n = t.numel() * t.element_size()
             out.append(self._arena[off : off + n].view(t.dtype).view(t.shape))
+        self._views = (layout, self.allocations, tuple(out))
         return out
 
     def stage(self, tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], Future]:

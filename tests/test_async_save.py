@@ -261,3 +261,23 @@ def test_staging_copy_failure_surfaces_on_the_stage_future():
         assert fut.done() and "meta" in str(fut.exception())
     finally:
         arena.close()
+
+
+def test_arena_views_are_reused_for_an_unchanged_layout_and_recut_after_growth():
+    from dist_ckpt.stager import StagingArena
+
+    arena = StagingArena(pin_memory=False)
+    try:
+        state = [torch.arange(6.0).reshape(2, 3), torch.ones(5, dtype=torch.int64)]
+        first, _ = arena.stage(state)
+        again, fut = arena.stage([t + 1 for t in state])  # same dtypes and shapes, new values
+        assert all(a is b for a, b in zip(first, again)) and fut.exception() is None
+        assert torch.equal(again[0], state[0] + 1) and torch.equal(again[1], state[1] + 1)
+        arena.stage([torch.zeros(1 << 16)])  # grows the arena: every view is cut anew in the new buffer
+        assert arena.allocations == 2
+        after, _ = arena.stage(state)
+        base, end = arena.buffer.data_ptr(), arena.buffer.data_ptr() + arena.capacity
+        assert all(base <= v.data_ptr() < end for v in after) and not any(a is b for a, b in zip(first, after))
+        assert torch.equal(after[0], state[0]) and torch.equal(after[1], state[1])
+    finally:
+        arena.close()
