@@ -9,8 +9,8 @@ arena, save steps (:mod:`dist_ckpt.saver`), coordinator and reader.
 
 Which thread runs what (per rank)::
 
-    caller thread      expand Stateful → describe → launch staging copies      (no I/O)
-    stager thread      CPU copies / wait for the CUDA event → stage future done
+    caller thread      expand Stateful → describe → launch device copies, CPU copies   (no I/O)
+    stager thread      (device tensors) wait for the CUDA event → stage future done
     save thread        plan request → writer writes own files → Done → wait Committed → write future done
     agent thread       ZeroMQ I/O and heartbeats
     coordinator thread (rank 0) plan, merge, commit
@@ -58,7 +58,7 @@ class StagedState:
 
 
 class CheckpointStager(abc.ABC):
-    """Copies a state dict off the device; ``stage`` returns at once with a future."""
+    """Copies a state dict off the device; ``stage`` returns with a future (done once every copy is)."""
 
     @abc.abstractmethod
     def stage(self, state_dict: STATE_DICT, *, allow_pickle: bool | None = None) -> StagedState: ...
@@ -92,7 +92,7 @@ class DefaultStager(CheckpointStager):
         self.arena.prepare(self.describe(state_dict).tensors)
 
     def stage(self, state_dict: STATE_DICT, *, allow_pickle: bool | None = None) -> StagedState:
-        """Describe ``state_dict`` and start copying its tensors into the arena; returns at once.
+        """Describe ``state_dict`` and stage its tensors into the arena (CPU copies done, device copies launched).
 
         Raises:
             StateDictError: a value cannot be stored (names its key path).
@@ -369,7 +369,7 @@ class SyncCheckpointer(Checkpointer):
 
 
 class AsyncCheckpointer(Checkpointer):
-    """Background saves: ``save`` returns ``(stage_future, write_future)`` at once.
+    """Background saves: ``save`` returns ``(stage_future, write_future)`` once the CPU copies are made (device copies: launched).
 
     ``stage_future`` completes once the state is copied off the device (the caller may then
     mutate it); ``write_future`` once the checkpoint is committed for all ranks, or fails on
@@ -400,6 +400,8 @@ class AsyncCheckpointer(Checkpointer):
         storage: Storage | None = None,
     ) -> tuple[Future, Future]:
         """Stage and start the save; returns ``(stage_future, write_future)`` (arguments: :meth:`CheckpointWriter.write`).
+
+        A CPU state is copied before this returns (``stage_future`` is then done); device copies are only launched.
 
         Raises:
             UnsupportedScheme, StateDictError: refused before anything is staged (on every rank alike).

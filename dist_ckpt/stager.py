@@ -6,8 +6,13 @@ first save, or ahead of it by :meth:`StagingArena.prepare`, and reused by every
 later save; it grows only when the state grows. Device tensors are copied with
 ``non_blocking=True`` on a side CUDA stream that first waits on the current
 stream, so the copies see every kernel queued before the save; the stage
-future completes on the stream's event. CPU tensors are copied by a
-background thread, so the caller's thread only launches work.
+future completes on the stream's event (a thread waits on it). CPU tensors
+are copied on the caller's thread, after the device copies are launched: a
+CPU copy is one memcpy per tensor that keeps a core busy either way, and
+handing it to a thread only added the hand-off (starting the thread, then
+the caller waiting for the GIL and a CPU to come back) to the time the
+training thread is blocked: 4 ranks on 2 vCPUs, 256 MiB, the thread's start
+alone took 4-5 ms of a 15-25 ms stage.
 """
 
 from __future__ import annotations
@@ -46,12 +51,15 @@ class StagingArena:
         self._arena = torch.empty(0, dtype=torch.uint8)
         self._stream: torch.cuda.Stream | None = None
         self.allocations = 0  # how many times the arena was (re)allocated, for tests and logs
+        # (layout, allocation, views) of the last call to views(): valid while the arena is that allocation
+        self._views: tuple[tuple, int, tuple[torch.Tensor, ...]] | None = None
 
     @property
     def capacity(self) -> int:
         return self._arena.numel()
 
     def _release_shm(self) -> None:
+        self._views = None  # they export the shared buffer, which cannot be closed while they live
         if self.shm is not None:
             self._arena = torch.empty(0, dtype=torch.uint8)
             if self._registered is not None:  # CUDA must let go of the pages before they are unmapped
@@ -83,7 +91,8 @@ class StagingArena:
             return
         t0 = time.perf_counter()
         size = int(total * 1.125) if self.capacity else total  # headroom once the state has grown
-        self._arena = torch.empty(0, dtype=torch.uint8)  # free the old arena before allocating
+        self._views = None
+        self._arena = torch.empty(0, dtype=torch.uint8)  # free the old arena (nothing here keeps a view of it) before allocating
         if self.shared:
             self._release_shm()
             # Named POSIX shared memory: a CheckpointProcess attaches by name, so
@@ -108,45 +117,70 @@ class StagingArena:
         self._registered = ptr
 
     def views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Contiguous host tensors in the arena shaped like ``tensors`` (grows the arena if needed)."""
+        """Contiguous host tensors in the arena shaped like ``tensors`` (grows the arena if needed).
+
+        The views of the last layout are kept: saves of an unchanged state (every save of a
+        training job) get the same ones back without cutting them again (three tensor ops per
+        tensor, ~0.6 ms of the training thread's wait for 61 tensors).
+        """
+        layout = tuple((t.dtype, t.shape) for t in tensors)
+        if self._views is not None and self._views[0] == layout and self._views[1] == self.allocations:
+            return list(self._views[2])
         offsets, total = _layout(tensors)
         self._ensure(total)
         out = []
         for t, off in zip(tensors, offsets):
             n = t.numel() * t.element_size()
             out.append(self._arena[off : off + n].view(t.dtype).view(t.shape))
+        self._views = (layout, self.allocations, tuple(out))
         return out
 
     def stage(self, tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], Future]:
-        """Start copying ``tensors`` into the arena.
+        """Copy ``tensors`` into the arena: device copies launched, CPU copies done, before it returns.
 
         Returns:
             ``(host copies, future)``: the future completes (or fails) once every
-            copy is done; after that the caller may modify the originals.
+            copy is done; after that the caller may modify the originals. With
+            CPU tensors only it is already complete on return.
         """
         dst = self.views(tensors)
         fut: Future = Future()
-        cuda_pairs = [(d, s) for d, s in zip(dst, tensors) if s.device.type == "cuda"]
-        cpu_pairs = [(d, s) for d, s in zip(dst, tensors) if s.device.type != "cuda"]
-        event = self._launch_cuda(cuda_pairs) if cuda_pairs else None
         t0 = time.perf_counter()
-        nbytes = sum(d.numel() * d.element_size() for d in dst)
-
-        def finish() -> None:
-            try:
-                for d, s in cpu_pairs:
+        try:
+            cuda_pairs = [(d, s) for d, s in zip(dst, tensors) if s.device.type == "cuda"]
+            event = self._launch_cuda(cuda_pairs) if cuda_pairs else None
+            for d, s in zip(dst, tensors):  # while the device copies run
+                if s.device.type != "cuda":
                     d.copy_(s)
-                if event is not None:
-                    event.synchronize()
-                dt = time.perf_counter() - t0
-                log.debug("staged %.1f MB in %.3f s (%.2f GB/s)", nbytes / 1e6, dt, nbytes / max(dt, 1e-9) / 1e9)
-                fut.set_result(None)
-            except BaseException as e:  # surface on the future, never lost in the thread
-                log.error("staging failed: %s", e)
-                fut.set_exception(e)
-
-        threading.Thread(target=finish, name="dist_ckpt-stager", daemon=True).start()
+        except Exception as e:  # on the future, as a device copy's failure is
+            self._failed(fut, e)
+            return dst, fut
+        nbytes = sum(d.numel() * d.element_size() for d in dst)
+        if event is None:
+            self._done(fut, nbytes, t0)
+        else:
+            threading.Thread(target=self._wait_device, args=(event, fut, nbytes, t0), name="dist_ckpt-stager", daemon=True).start()
         return dst, fut
+
+    @staticmethod
+    def _done(fut: Future, nbytes: int, t0: float) -> None:
+        dt = time.perf_counter() - t0
+        log.debug("staged %.1f MB in %.3f s (%.2f GB/s)", nbytes / 1e6, dt, nbytes / max(dt, 1e-9) / 1e9)
+        fut.set_result(None)
+
+    @staticmethod
+    def _failed(fut: Future, error: BaseException) -> None:
+        log.error("staging failed: %s", error)
+        fut.set_exception(error)
+
+    def _wait_device(self, event: "torch.cuda.Event", fut: Future, nbytes: int, t0: float) -> None:
+        """(stager thread) Complete ``fut`` once the device copies are done; never lose their failure."""
+        try:
+            event.synchronize()
+        except BaseException as e:  # surface on the future, never lost in the thread
+            self._failed(fut, e)
+            return
+        self._done(fut, nbytes, t0)
 
     def _launch_cuda(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> "torch.cuda.Event":
         if self._stream is None:

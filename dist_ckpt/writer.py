@@ -99,9 +99,12 @@ def write_items(storage: Storage, target: SaveTarget, rank: int, items: Sequence
     if len(groups) <= 1:
         results = [_write_file(storage, target, data_file_name(rank, None), g) for g in groups]
     else:
-        with ThreadPoolExecutor(len(groups), thread_name_prefix=f"dist_ckpt-w{rank}") as pool:
-            futs = [pool.submit(_write_file, storage, target, data_file_name(rank, t), g) for t, g in enumerate(groups)]
-            results = [f.result() for f in futs]
+        # The calling thread writes the first file itself: it would only wait, and each thread
+        # started is one more wait for the scheduler before its file's first byte is written.
+        with ThreadPoolExecutor(len(groups) - 1, thread_name_prefix=f"dist_ckpt-w{rank}") as pool:
+            futs = [pool.submit(_write_file, storage, target, data_file_name(rank, t), g) for t, g in enumerate(groups) if t]
+            first = _write_file(storage, target, data_file_name(rank, 0), groups[0])  # on failure, the pool's exit waits for the others
+            results = [first] + [f.result() for f in futs]
     by_tag = {r.tag: r for rs in results for r in rs}
     dt = time.perf_counter() - t0
     log.debug(

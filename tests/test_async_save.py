@@ -232,3 +232,52 @@ def test_single_process_async_functional_api(tmp_path):
     dc.save({"t": t}, str(tmp_path / "ck2"))  # a sync save after an async one in the same process
     assert torch.equal(dc.load({"t": torch.empty(10)}, str(tmp_path / "ck"))["t"], torch.arange(10.0))
     assert torch.equal(dc.load({"t": torch.empty(10)}, str(tmp_path / "ck2"))["t"], torch.zeros(10))
+
+
+def test_cpu_state_is_staged_before_save_returns(tmp_path):
+    """A CPU state is copied on the caller's thread: the stage future is done on return, so the
+    caller may mutate at once, and the checkpoint still holds the values of the save call."""
+    big = torch.arange(16 << 20, dtype=torch.float32)  # 64 MiB: a copy handed to a thread is still running on return
+    small = global_tensor("s", (33,))
+    with dc.make_async_checkpointer() as ck:
+        stage_f, write_f = ck.save(str(tmp_path / "ck"), {"big": big, "small": small})
+        done_on_return = stage_f.done()
+        big.fill_(-1.0)  # mutate before anything waits on the stage future
+        small.zero_()
+        write_f.result(timeout=60)
+        assert done_on_return and stage_f.exception() is None
+        full = ck.load(str(tmp_path / "ck"))
+    assert torch.equal(full["big"], torch.arange(16 << 20, dtype=torch.float32)) and torch.equal(full["small"], global_tensor("s", (33,)))
+
+
+def test_staging_copy_failure_surfaces_on_the_stage_future():
+    """A copy made on the caller's thread that fails (a meta tensor has no bytes) fails the stage future,
+    as a failure in the stager thread did, instead of escaping from ``stage``."""
+    from dist_ckpt.stager import StagingArena
+
+    arena = StagingArena(pin_memory=False)
+    try:
+        _, fut = arena.stage([torch.ones(4), torch.empty(4, device="meta")])
+        assert fut.done() and "meta" in str(fut.exception())
+    finally:
+        arena.close()
+
+
+def test_arena_views_are_reused_for_an_unchanged_layout_and_recut_after_growth():
+    from dist_ckpt.stager import StagingArena
+
+    arena = StagingArena(pin_memory=False)
+    try:
+        state = [torch.arange(6.0).reshape(2, 3), torch.ones(5, dtype=torch.int64)]
+        first, _ = arena.stage(state)
+        again, fut = arena.stage([t + 1 for t in state])  # same dtypes and shapes, new values
+        assert all(a is b for a, b in zip(first, again)) and fut.exception() is None
+        assert torch.equal(again[0], state[0] + 1) and torch.equal(again[1], state[1] + 1)
+        arena.stage([torch.zeros(1 << 16)])  # grows the arena: every view is cut anew in the new buffer
+        assert arena.allocations == 2
+        after, _ = arena.stage(state)
+        base, end = arena.buffer.data_ptr(), arena.buffer.data_ptr() + arena.capacity
+        assert all(base <= v.data_ptr() < end for v in after) and not any(a is b for a, b in zip(first, after))
+        assert torch.equal(after[0], state[0]) and torch.equal(after[1], state[1])
+    finally:
+        arena.close()

@@ -327,3 +327,69 @@ def test_checkpointers_left_open_are_closed_at_interpreter_exit(tmp_path):
     out = subprocess.run([sys.executable, "-c", _LEFT_OPEN, str(tmp_path / "ck")], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "LEFT []" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+def _noting_storage(fail_name: str | None = None):
+    """A local storage that notes which thread opened each data file, and fails the writes of ``fail_name``."""
+    import threading
+
+    from dist_ckpt.storage.local import LocalStorage, LocalWriteStream
+
+    class Failing(LocalWriteStream):
+        def _write(self, data, offset):
+            raise OSError(28, "No space left on device (injected)")
+
+    class Noting(LocalStorage):
+        opened: dict[str, str] = {}
+
+        def open_stream(self, target, name):
+            self.opened[name] = threading.current_thread().name
+            path = f"{target.location}/{name}"
+            return Failing(path) if name == fail_name else LocalWriteStream(path)
+
+    return Noting()
+
+
+def _two_file_items():
+    from dist_ckpt.buffers import tensor_memoryview
+    from dist_ckpt.writer import WriteItem
+
+    tensors = [torch.full((17 << 18,), float(i)) for i in range(2)]  # 2 x 17 MiB: two files (MIN_PER_THREAD is 32 MiB)
+    return tensors, [WriteItem(i, tensor_memoryview(t)) for i, t in enumerate(tensors)]
+
+
+def test_writer_calling_thread_writes_the_first_file(tmp_path):
+    """With two files, the calling thread writes one itself and starts one thread, not two."""
+    import threading
+
+    from dist_ckpt.storage import SaveTarget
+    from dist_ckpt.writer import write_items
+
+    (tmp_path / "data").mkdir()
+    storage = _noting_storage()
+    tensors, items = _two_file_items()
+    records = write_items(storage, SaveTarget(str(tmp_path), str(tmp_path)), 5, items, threads=2)
+    assert sorted(storage.opened) == ["data/r00005-t0.bin", "data/r00005-t1.bin"], storage.opened
+    assert storage.opened["data/r00005-t0.bin"] == threading.current_thread().name
+    assert storage.opened["data/r00005-t1.bin"].startswith("dist_ckpt-w5")
+    for r, t in zip(records, tensors):
+        with open(tmp_path / r.file, "rb") as f:
+            f.seek(r.offset)
+            assert f.read(r.nbytes) == t.numpy().tobytes()
+
+
+def test_writer_failure_on_the_calling_thread_waits_for_the_other_file(tmp_path):
+    """The calling thread's file fails: the error names it, and no writer thread is left running."""
+    import threading
+
+    from dist_ckpt.errors import StorageError
+    from dist_ckpt.storage import SaveTarget
+    from dist_ckpt.writer import write_items
+
+    (tmp_path / "data").mkdir()
+    storage = _noting_storage(fail_name="data/r00005-t0.bin")
+    _, items = _two_file_items()
+    with pytest.raises(StorageError, match=r"r00005-t0\.bin.*No space left"):
+        write_items(storage, SaveTarget(str(tmp_path), str(tmp_path)), 5, items, threads=2)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("dist_ckpt-w5")]
+    assert os.path.getsize(tmp_path / "data" / "r00005-t1.bin") == 17 << 20  # the other file was written to its end
