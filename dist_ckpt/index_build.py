@@ -79,6 +79,17 @@ class PlanCells:
     def _explicit(self, gi: int, row: int, g: PlanGroup) -> np.ndarray:
         return self.explicit[gi][row, g.writes[row, self.explicit_cols[gi]]]
 
+    def reply_key(self, plan: SavePlan, rank: int) -> tuple[int, bytes, int, bytes] | None:
+        """What :meth:`reply` ``(plan, rank)`` depends on: ranks with equal keys get the same bytes (an FSDP
+        group's ranks, whose bitmaps agree and who have no rank-local or explicit cells). ``None``: no part."""
+        where, base = plan.where(rank), plan.reply_key(rank)
+        if where is None or base is None:
+            return None
+        gi, row = where
+        g = plan.groups[gi]
+        explicit = self._explicit(gi, row, g).tobytes() if len(self.explicit_cols[gi]) else b""
+        return gi, base[1], self.local_first(g, row) if g.local_keys else 0, explicit
+
     def reply(self, plan: SavePlan, rank: int) -> bytes:
         """The PlanReply payload of ``rank``: :meth:`SavePlan.to_msgpack_for` with its group's spec."""
         where = plan.where(rank)

@@ -198,3 +198,31 @@ def test_detect_columns_leaves_what_is_no_tiling_in_row_order_to_detect_split():
     assert got[("g",)] is None and got[("m",)] is None  # no tiling, and split along two dims
     assert got[("rng",)] is None  # four writers of the whole tensor (rank-local: an entry each) are no one split
     assert got[("w",)] is not None and got[("w",)].to_obj()["grid"][1] == 3
+
+
+# -- replies packed once per distinct key (the coordinator's _send_replies) ---------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(mixed_jobs())
+def test_ranks_with_equal_reply_keys_get_equal_replies(descs):
+    """The coordinator packs one reply per key: a key must hold everything the reply depends on (v1 and v2),
+    rank-local entries, explicit cells and bitmaps included."""
+    plan = plan_save(descs)
+    cells = plan_cells(plan)
+    ranks = [d.rank for d in descs] + [max(d.rank for d in descs) + 1]  # and a rank that took no part
+    for key_of, reply_of in ((plan.reply_key, plan.to_msgpack_for), (lambda r: cells.reply_key(plan, r), lambda r: cells.reply(plan, r))):
+        by_key: dict = {}
+        for r in ranks:
+            by_key.setdefault(key_of(r), set()).add(reply_of(r))
+        assert all(len(replies) == 1 for replies in by_key.values())
+
+
+def test_an_fsdp_groups_ranks_share_a_handful_of_reply_keys():
+    world = 64
+    tensors = {("t", i): ((world * 4 - i % 5, 8) if i % 4 else (world * 2 - i % 3,), [0]) for i in range(40)}
+    plan = plan_save(describe(tensors, (world,)))
+    cells = plan_cells(plan)
+    assert len({plan.reply_key(r) for r in range(world)}) <= 3  # the last ranks' shorter shares differ
+    assert len({cells.reply_key(plan, r) for r in range(world)}) <= 3
+    assert cells.reply(plan, 0) == cells.reply(plan, 1)
