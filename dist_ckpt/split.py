@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import xxhash
 
 from . import boxes
 from .boxes import columns_t
@@ -333,18 +334,36 @@ def detect_columns(
     siz_t = columns_t(boxes, np.arange(width + lo, width + hi))
     writers = np.ascontiguousarray(writes.T)
     out: list[Split | None] = []
+    seen: dict[tuple, tuple[int, Split | None]] = {}  # tensors of one shape, boxes and writers (FSDP's layers): split once
     for j, shape in enumerate(shapes):
-        rows = np.flatnonzero(writers[j])
         k = slice(int(start[j]) - lo, int(start[j]) - lo + len(shape))
-        at: slice | np.ndarray = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) and rows[-1] - rows[0] + 1 == len(rows) else rows
-        o, z = off_t[k, at], siz_t[k, at]  # FSDP's writers are a run of rows: views, no gather
-        split_dims = np.flatnonzero(~((o == 0) & (z == np.array(shape, np.int64)[:, None])).all(axis=1))
-        if len(split_dims) > 1 or not len(rows):
-            out.append(None)
+        key = (tuple(shape), xxhash.xxh3_128_intdigest(writers[j]), xxhash.xxh3_128_intdigest(off_t[k]), xxhash.xxh3_128_intdigest(siz_t[k]))
+        if (hit := seen.get(key)) is not None and _same_column(hit[0], j, start, lo, len(shape), writers, off_t, siz_t):
+            out.append(hit[1])
             continue
-        d = int(split_dims[0]) if len(split_dims) else -1
-        out.append(_tiled_split(shape, rows, ranks, o[d] if d >= 0 else None, z[d] if d >= 0 else None, d))
+        out.append(_column_split(shape, writers[j], off_t[k], siz_t[k], ranks))
+        seen.setdefault(key, (j, out[-1]))
     return out
+
+
+def _same_column(i: int, j: int, start: np.ndarray, lo: int, nd: int, writers: np.ndarray, off_t: np.ndarray, siz_t: np.ndarray) -> bool:
+    """Whether columns ``i`` and ``j`` (of ``nd`` dims each) have the same writers and boxes (a digest match, made exact)."""
+    a, b = int(start[i]) - lo, int(start[j]) - lo
+    return (
+        np.array_equal(writers[i], writers[j]) and np.array_equal(off_t[a : a + nd], off_t[b : b + nd]) and np.array_equal(siz_t[a : a + nd], siz_t[b : b + nd])
+    )
+
+
+def _column_split(shape: tuple[int, ...], writer: np.ndarray, off: np.ndarray, siz: np.ndarray, ranks: np.ndarray) -> Split | None:
+    """:func:`detect_columns` for one column: ``writer`` ``(R,)`` bool, ``off``/``siz`` ``(nd, R)`` its dims' rows."""
+    rows = np.flatnonzero(writer)
+    at: slice | np.ndarray = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) and rows[-1] - rows[0] + 1 == len(rows) else rows
+    o, z = off[:, at], siz[:, at]  # FSDP's writers are a run of rows: views, no gather
+    split_dims = np.flatnonzero(~((o == 0) & (z == np.array(shape, np.int64)[:, None])).all(axis=1))
+    if len(split_dims) > 1 or not len(rows):
+        return None
+    d = int(split_dims[0]) if len(split_dims) else -1
+    return _tiled_split(shape, rows, ranks, o[d] if d >= 0 else None, z[d] if d >= 0 else None, d)
 
 
 def _tiled_split(shape: tuple[int, ...], rows: np.ndarray, ranks: np.ndarray, o: np.ndarray | None, z: np.ndarray | None, d: int) -> Split | None:

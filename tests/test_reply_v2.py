@@ -226,3 +226,21 @@ def test_an_fsdp_groups_ranks_share_a_handful_of_reply_keys():
     assert len({plan.reply_key(r) for r in range(world)}) <= 3  # the last ranks' shorter shares differ
     assert len({cells.reply_key(plan, r) for r in range(world)}) <= 3
     assert cells.reply(plan, 0) == cells.reply(plan, 1)
+
+
+def test_detect_columns_splits_equal_columns_once_and_tells_apart_their_writers():
+    """Columns of one shape, boxes and writers (an FSDP model's layers) share one split; the same boxes with
+    other writers (a replicated tensor each rank writes one of) do not."""
+    ranks = np.arange(4)
+    sharded = [(r * 2, 2) for r in range(4)]  # (8,) split in row order
+    boxes = np.array([[o, o, 0, 0, z, z, 8, 8] for o, z in sharded], np.int64)  # tensors a, b sharded; c, d replicated
+    writes = np.zeros((4, 4), bool)
+    writes[:, :2] = True
+    writes[0, 2] = writes[1, 3] = True
+    a, b, c, d = detect_columns([(8,)] * 4, np.arange(4), 4, boxes, writes, ranks)
+    assert a is b and a.to_obj() == {"grid": [2], "owner": [0, 1]}
+    assert c.to_obj() == {"grid": [8], "owner": [0, 0]} and d.to_obj() == {"grid": [8], "owner": [1, 0]}
+    for got, col in zip((a, b, c, d), range(4)):
+        rows = np.flatnonzero(writes[:, col])
+        want, _ = detect_split((8,), boxes[rows, col : col + 1], boxes[rows, 4 + col : 5 + col], ranks[rows])
+        assert got.to_obj() == want.to_obj()
