@@ -337,7 +337,7 @@ def detect_columns(
     seen: dict[tuple, tuple[int, Split | None]] = {}  # tensors of one shape, boxes and writers (FSDP's layers): split once
     for j, shape in enumerate(shapes):
         k = slice(int(start[j]) - lo, int(start[j]) - lo + len(shape))
-        key = (tuple(shape), *(xxhash.xxh3_128_intdigest(memoryview(a)) for a in (writers[j], off_t[k], siz_t[k])))  # contiguous rows: no copy
+        key = (tuple(shape), *(xxhash.xxh3_128_intdigest(a.data) for a in (writers[j], off_t[k], siz_t[k])))  # contiguous rows: no copy
         if (hit := seen.get(key)) is not None and _same_column(hit[0], j, start, lo, len(shape), writers, off_t, siz_t):
             out.append(hit[1])
             continue
