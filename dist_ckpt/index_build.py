@@ -29,7 +29,7 @@ from .manifest import BLOCK_BYTES
 from .manifest_v2 import MAX_FRAGMENT_BYTES, Fragment, FragmentRef, Index, IndexEntry
 from .plan import PlanGroup, SavePlan, blocks
 from .reply_v2 import GroupSpec, group_spec, spec_kind
-from .split import Split, detect_columns, detect_split
+from .split import ColumnMemo, Split, detect_columns, detect_split
 from .storage import SaveTarget, Storage
 from .writer import WriteRecord
 
@@ -163,9 +163,10 @@ def _fast_splits(
     g, sch = plan.groups[gi], plan.groups[gi].schema
     ent = g.col_entry.tolist()
     cand = np.array([c for c, e in enumerate(ent) if e >= 0 and len(parts[e]) == 1 and sch.numel[c] > 0 and sch.ndim[c] > 0], np.int64)
+    memo = ColumnMemo()  # one group's rows: equal columns of later blocks are split once too
     for blk in blocks(len(cand)):
         cols = cand[blk]
-        got = detect_columns([sch.shapes[c] for c in cols.tolist()], sch.start[cols], sch.width, plan.boxes[gi], g.writes[:, cols], g.ranks)
+        got = detect_columns([sch.shapes[c] for c in cols.tolist()], sch.start[cols], sch.width, plan.boxes[gi], g.writes[:, cols], g.ranks, memo)
         for c, split in zip(cols.tolist(), got):
             if split is None:
                 continue
@@ -211,8 +212,9 @@ def _entry_parts(plan: SavePlan) -> list[list[tuple[int, int, np.ndarray]]]:
     n_entries = len(plan.keys) + sum(len(g.ranks) * len(g.local_keys) for g in plan.groups)
     parts: list[list[tuple[int, int, np.ndarray]]] = [[] for _ in range(n_entries)]
     for gi, g in enumerate(plan.groups):
+        writers = np.ascontiguousarray(g.writes.T)  # each column's rows contiguous: not a strided walk per column
         for col in range(g.writes.shape[1]):
-            rows = np.flatnonzero(g.writes[:, col])
+            rows = np.flatnonzero(writers[col])
             if g.col_entry[col] >= 0:
                 parts[int(g.col_entry[col])].append((gi, col, rows))
                 continue

@@ -25,7 +25,7 @@ from . import boxes
 from .boxes import columns_t
 from .errors import ManifestError
 
-__all__ = ["Split", "cells_for_box", "detect_columns", "detect_split", "split_from_obj"]
+__all__ = ["ColumnMemo", "Split", "cells_for_box", "detect_columns", "detect_split", "split_from_obj"]
 
 _MAX_INT = 1 << 62
 _I8, _I4 = np.dtype("<i8"), np.dtype("<i4")
@@ -305,8 +305,39 @@ def _boxes_from_obj(obj: Any, shape: tuple[int, ...], where: str) -> Split:
 # -- detection over many tensors at once -------------------------------------------
 
 
+class ColumnMemo:
+    """Splits already found by :func:`detect_columns` for columns of one shape, writers and boxes, across calls (blocks).
+
+    A digest of the column finds a candidate; the column's rows, kept here, make the match exact. At most
+    ``limit`` columns are kept (an FSDP model has a few dozen distinct ones; a job whose every tensor is
+    laid out differently gains nothing from more, and each kept column is ``R * (1 + 16 * ndim)`` bytes).
+    """
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self._kept: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray, Split | None]] = {}
+
+    def find(self, shape: tuple[int, ...], writer: np.ndarray, off: np.ndarray, siz: np.ndarray) -> tuple[tuple, tuple[Split | None] | None]:
+        """``(key, (split,))`` of a column seen before (``split`` may be None: it did not qualify), else ``(key, None)``."""
+        key = (shape, *(xxhash.xxh3_128_intdigest(a.data) for a in (writer, off, siz)))  # contiguous rows: no copy
+        hit = self._kept.get(key)
+        if hit is not None and np.array_equal(hit[0], writer) and np.array_equal(hit[1], off) and np.array_equal(hit[2], siz):
+            return key, (hit[3],)
+        return key, None
+
+    def keep(self, key: tuple, writer: np.ndarray, off: np.ndarray, siz: np.ndarray, split: Split | None) -> None:
+        if len(self._kept) < self.limit and key not in self._kept:
+            self._kept[key] = (writer.copy(), off.copy(), siz.copy(), split)
+
+
 def detect_columns(
-    shapes: Sequence[tuple[int, ...]], start: np.ndarray, width: int, boxes: np.ndarray, writes: np.ndarray, ranks: np.ndarray
+    shapes: Sequence[tuple[int, ...]],
+    start: np.ndarray,
+    width: int,
+    boxes: np.ndarray,
+    writes: np.ndarray,
+    ranks: np.ndarray,
+    memo: ColumnMemo | None = None,
 ) -> list[Split | None]:
     """:func:`detect_split` of many tensors (columns) of one boxes matrix at once, for the common layouts.
 
@@ -315,7 +346,8 @@ def detect_columns(
     mesh; a tensor written once). Its split is then what :func:`detect_split` finds for
     those boxes and writers, and its cells are the writers in row order. Column by column
     the boxes would be gathered one strided element at a time; here a block of columns is
-    one pass over the rows.
+    one pass over the rows. Columns with the same shape, writers and boxes (an FSDP model's
+    layers) are split once and share the :class:`Split`.
 
     Args:
         shapes: per column, the tensor's shape (non-empty, at least one dim).
@@ -323,6 +355,7 @@ def detect_columns(
         boxes: ``(R, 2 * width)`` offsets then sizes, one row per rank.
         writes: ``(R, len(shapes))`` bool, the rows that write each column.
         ranks: ``(R,)`` the rank of each row.
+        memo: the splits of earlier calls over the same ``boxes`` rows and ``ranks`` (one per group); default: this call's.
 
     Returns:
         Per column its split, or None where the column does not qualify (:func:`detect_split` decides).
@@ -333,25 +366,16 @@ def detect_columns(
     off_t = columns_t(boxes, np.arange(lo, hi))
     siz_t = columns_t(boxes, np.arange(width + lo, width + hi))
     writers = np.ascontiguousarray(writes.T)
+    memo = memo if memo is not None else ColumnMemo()
     out: list[Split | None] = []
-    seen: dict[tuple, tuple[int, Split | None]] = {}  # tensors of one shape, boxes and writers (FSDP's layers): split once
     for j, shape in enumerate(shapes):
         k = slice(int(start[j]) - lo, int(start[j]) - lo + len(shape))
-        key = (tuple(shape), *(xxhash.xxh3_128_intdigest(a.data) for a in (writers[j], off_t[k], siz_t[k])))  # contiguous rows: no copy
-        if (hit := seen.get(key)) is not None and _same_column(hit[0], j, start, lo, len(shape), writers, off_t, siz_t):
-            out.append(hit[1])
-            continue
-        out.append(_column_split(shape, writers[j], off_t[k], siz_t[k], ranks))
-        seen.setdefault(key, (j, out[-1]))
+        key, hit = memo.find(tuple(shape), writers[j], off_t[k], siz_t[k])
+        if hit is None:
+            hit = (_column_split(shape, writers[j], off_t[k], siz_t[k], ranks),)
+            memo.keep(key, writers[j], off_t[k], siz_t[k], hit[0])
+        out.append(hit[0])
     return out
-
-
-def _same_column(i: int, j: int, start: np.ndarray, lo: int, nd: int, writers: np.ndarray, off_t: np.ndarray, siz_t: np.ndarray) -> bool:
-    """Whether columns ``i`` and ``j`` (of ``nd`` dims each) have the same writers and boxes (a digest match, made exact)."""
-    a, b = int(start[i]) - lo, int(start[j]) - lo
-    return (
-        np.array_equal(writers[i], writers[j]) and np.array_equal(off_t[a : a + nd], off_t[b : b + nd]) and np.array_equal(siz_t[a : a + nd], siz_t[b : b + nd])
-    )
 
 
 def _column_split(shape: tuple[int, ...], writer: np.ndarray, off: np.ndarray, siz: np.ndarray, ranks: np.ndarray) -> Split | None:

@@ -17,7 +17,7 @@ from dist_ckpt.index_build import plan_cells
 from dist_ckpt.plan import SavePlan
 from dist_ckpt.reply_v2 import GroupSpec
 from dist_ckpt.save_planner import RankDescription, TensorDescription, plan_save
-from dist_ckpt.split import detect_columns, detect_split
+from dist_ckpt.split import ColumnMemo, detect_columns, detect_split
 
 
 def brute_force(plan, cells, d):
@@ -244,3 +244,9 @@ def test_detect_columns_splits_equal_columns_once_and_tells_apart_their_writers(
         rows = np.flatnonzero(writes[:, col])
         want, _ = detect_split((8,), boxes[rows, col : col + 1], boxes[rows, 4 + col : 5 + col], ranks[rows])
         assert got.to_obj() == want.to_obj()
+    memo = ColumnMemo()  # the blocks of one group: a later block's equal column gets the earlier split
+    (first,) = detect_columns([(8,)], np.array([0]), 4, boxes, writes[:, :1], ranks, memo)
+    later = detect_columns([(8,)] * 2, np.array([1, 3]), 4, boxes, writes[:, [1, 3]], ranks, memo)
+    assert later[0] is first and later[1].to_obj() == d.to_obj()
+    (unkept,) = detect_columns([(8,)], np.array([1]), 4, boxes, writes[:, 1:2], ranks, ColumnMemo(limit=0))
+    assert unkept is not first and unkept.to_obj() == first.to_obj()
