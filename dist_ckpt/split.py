@@ -309,11 +309,11 @@ class ColumnMemo:
     """Splits already found by :func:`detect_columns` for columns of one shape, writers and boxes, across calls (blocks).
 
     A digest of the column finds a candidate; the column's rows, kept here, make the match exact. At most
-    ``limit`` columns are kept (an FSDP model has a few dozen distinct ones; a job whose every tensor is
+    ``limit`` columns are kept (the bench's FSDP model has 25 distinct ones; a job whose every tensor is
     laid out differently gains nothing from more, and each kept column is ``R * (1 + 16 * ndim)`` bytes).
     """
 
-    def __init__(self, limit: int = 64) -> None:
+    def __init__(self, limit: int = 32) -> None:
         self.limit = limit
         self._kept: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray, Split | None]] = {}
 
