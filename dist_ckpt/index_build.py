@@ -212,9 +212,8 @@ def _entry_parts(plan: SavePlan) -> list[list[tuple[int, int, np.ndarray]]]:
     n_entries = len(plan.keys) + sum(len(g.ranks) * len(g.local_keys) for g in plan.groups)
     parts: list[list[tuple[int, int, np.ndarray]]] = [[] for _ in range(n_entries)]
     for gi, g in enumerate(plan.groups):
-        writers = np.ascontiguousarray(g.writes.T)  # each column's rows contiguous: not a strided walk per column
         for col in range(g.writes.shape[1]):
-            rows = np.flatnonzero(writers[col])
+            rows = np.flatnonzero(g.writes[:, col])
             if g.col_entry[col] >= 0:
                 parts[int(g.col_entry[col])].append((gi, col, rows))
                 continue
