@@ -10,7 +10,7 @@ loop: each simulated rank's real wire message (``wire.encode``, as the socket
 mode's ranks send it) is decoded (``wire.decode``) and handed to the
 coordinator's own handler for its type, which decodes the description or the
 fragment report, plans (``plan_save``, ``plan_cells``), encodes every reply
-(the coordinator's ``_send``, here collecting the encoded frames instead of
+(the coordinator's own encoding, its ``_send_frames`` here collecting the frames instead of
 writing them to a socket) and commits (``commit_checkpoint``: ``build_index``,
 the index written with fsync, the directory renamed) on its I/O thread, whose
 results this loop runs as the event loop would.
@@ -77,7 +77,8 @@ def coordinator_main(conn: Any, world: int, fmt: int, prefault_gib: float) -> No
     coord._stop.set()  # its socket loop ends: from here on this function is its event loop
     coord._thread.join()
     sent: list[tuple[int, list[bytes]]] = []
-    coord._send = lambda rank, msg: sent.append((rank, [bytes(f) for f in wire.encode(msg, bc.SECRET)]))  # type: ignore[method-assign]
+    coord._identity = dict.fromkeys(range(world), b"")  # every rank "connected": the coordinator encodes for each as it would
+    coord._send_frames = lambda rank, frames: sent.append((rank, [bytes(f) for f in frames]))  # type: ignore[method-assign]
     pending = _count_io(coord)
     proc = psutil.Process()
     conn.send(proc.memory_info().rss)

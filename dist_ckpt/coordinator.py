@@ -35,7 +35,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, cast
+from typing import Any, Callable, Hashable, Iterable, cast
 
 import xxhash
 import zmq
@@ -56,6 +56,7 @@ from .wire import Phase
 
 log = get_logger(__name__)
 _SNDMORE = int(zmq.SNDMORE)
+_SHARED_REPLIES = 256  # distinct plan replies packed once per pass; more (every rank's own rank-local entries) are packed per rank
 
 _malloc_trim: Callable[[int], int] | None
 try:
@@ -272,11 +273,21 @@ class Coordinator:
                 self._abort(save, {0: f"coordinator error while handling {type(msg).__name__} from rank {msg.rank}: {type(e).__name__}: {e}"})
 
     def _send(self, rank: int, msg: wire.Message) -> None:
+        if rank in self._identity:
+            self._send_frames(rank, wire.encode(msg, self._secret))
+
+    def _send_each(self, ranks: Iterable[int], msg: wire.Message) -> None:
+        """``msg`` to each of ``ranks``, its ``rank`` replaced: checked and packed once, signed per rank (:class:`wire.RankFrames`)."""
+        frames = wire.RankFrames(msg, self._secret)
+        for r in ranks:
+            self._send_frames(r, frames.frames(r))
+
+    def _send_frames(self, rank: int, frames: list) -> None:
+        """Encoded frames to ``rank``'s connection (none yet: nothing to send to)."""
         identity = self._identity.get(rank)
         if identity is not None:
             # Frame by frame with int flags: send_multipart's enum arithmetic cost ~16 us a message,
             # a third of a Committed's cost; the coordinator sends three messages per rank per save.
-            frames = wire.encode(msg, self._secret)
             self._sock.send(identity, _SNDMORE, copy=False)
             for f in frames[:-1]:
                 self._sock.send(f, _SNDMORE, copy=False)
@@ -364,9 +375,7 @@ class Coordinator:
         t1 = time.perf_counter()
         cells = self._plan_cells(plan) if self._config.format_version == 2 else None
         save.cells = cells
-        for r in range(self.world_size):
-            reply = plan.to_msgpack_for(r) if cells is None else cells.reply(plan, r)
-            self._send(r, wire.PlanReply(self.job, save.ckpt, r, target.location, same, reply))
+        self._send_replies(save, plan, cells, target.location, same)
         t2 = time.perf_counter()
         # While the ranks write: place their chunks in the manifest (once per plan), free the boxes.
         save.records = RecordTable(plan) if cells is None else None
@@ -381,6 +390,20 @@ class Coordinator:
             time.perf_counter() - t2,
             plan.loads.sum() / 1e6,
         )
+
+    def _send_replies(self, save: _Save, plan: SavePlan, cells: PlanCells | None, location: str, same: bool) -> None:
+        """Every rank's PlanReply. Ranks whose replies are the same bytes (an FSDP group's: its rows' bitmaps and
+        group spec) share one packed reply and header (:class:`wire.RankFrames`); each is still signed for its rank."""
+        shared: dict[Hashable, wire.RankFrames] = {}
+        for r in range(self.world_size):
+            key = plan.reply_key(r) if cells is None else cells.reply_key(plan, r)
+            frames = shared.get(key)
+            if frames is None:
+                reply = plan.to_msgpack_for(r) if cells is None else cells.reply(plan, r)
+                frames = wire.RankFrames(wire.PlanReply(self.job, save.ckpt, r, location, same, reply), self._secret)
+                if len(shared) < _SHARED_REPLIES:
+                    shared[key] = frames
+            self._send_frames(r, frames.frames(r))
 
     def _plan_cells(self, plan: SavePlan) -> PlanCells:
         """The splits of ``plan`` (format version 2), computed once per plan and kept with it."""
@@ -438,8 +461,7 @@ class Coordinator:
             # joined step + 1's collectives, which it does only after every rank acked.
             self._stop_at = msg.step + 1
             log.warning("[rank 0] rank %d asked to stop at step %d: every rank stops at step %d", msg.rank, msg.step, self._stop_at)
-            for r in sorted(self._identity):
-                self._send(r, wire.StopAt(self.job, "", r, self._stop_at))
+            self._send_each(sorted(self._identity), wire.StopAt(self.job, "", 0, self._stop_at))
         else:  # a later request (or a resend) gets the same answer
             self._send(msg.rank, wire.StopAt(self.job, "", msg.rank, self._stop_at))
         if len(self._stop_acks) == self.world_size:
@@ -451,8 +473,7 @@ class Coordinator:
         self._stop_acks.add(msg.rank)
         if len(self._stop_acks) == self.world_size:
             log.info("[rank 0] every rank knows it stops at step %d", self._stop_at)
-            for r in range(self.world_size):
-                self._send(r, wire.StopReady(self.job, "", r, self._stop_at))
+            self._send_each(range(self.world_size), wire.StopReady(self.job, "", 0, self._stop_at))
 
     _HANDLERS: dict[type, Callable[["Coordinator", Any], None]] = {
         wire.PlanRequest: _on_plan_request,
@@ -474,8 +495,8 @@ class Coordinator:
         if save.stalled:
             return self._abort(save, {0: self._stall_reason(save)})
         save.phase = Phase.COMMIT
-        for r in range(self.world_size):  # from here on a rank that loses the coordinator cannot say the save failed
-            self._send(r, wire.CommitInProgress(self.job, save.ckpt, r))
+        # From here on a rank that loses the coordinator cannot say the save failed.
+        self._send_each(range(self.world_size), wire.CommitInProgress(self.job, save.ckpt, 0))
         release_free_memory()  # the Done messages' buffers, before the manifest is built: the coordinator's peak
         storage, target = save.storage, save.target
         assert storage is not None and target is not None  # set when the plan was replied
@@ -492,7 +513,7 @@ class Coordinator:
             error = "CheckpointExists" if isinstance(out, CheckpointExists) else ""
             return self._abort(save, {0: f"commit failed: {_text(out)}"}, error=error)
         self._remember_summary(save, time.perf_counter() - t_commit)
-        self._end(save, lambda r: wire.Committed(self.job, save.ckpt, r, path))
+        self._end(save, wire.Committed(self.job, save.ckpt, 0, path))
 
     def summary(self, ckpt: str) -> SaveSummary | None:
         """The figures of committed save ``ckpt`` (kept for the last 64 saves), for rank 0's log line."""
@@ -517,17 +538,17 @@ class Coordinator:
         )
         if save.target is not None and save.storage is not None:
             self._remove_tmp(save.storage, save.target)
-        self._end(save, lambda r: wire.Aborted(self.job, save.ckpt, r, reasons, error))
+        self._end(save, wire.Aborted(self.job, save.ckpt, 0, reasons, error))
 
-    def _end(self, save: _Save, make: Callable[[int], wire.Message]) -> None:
+    def _end(self, save: _Save, outcome: wire.Message) -> None:
+        """Tell every rank that took part ``outcome`` (Committed or Aborted, for rank 0: each rank gets its own) and forget the save."""
         del self._saves[save.ckpt]
-        self._finished[save.ckpt] = make(0)
+        self._finished[save.ckpt] = outcome
         while len(self._finished) > 64:
             self._finished.popitem(last=False)
         # Every rank that took part hears the outcome, including one that failed
         # before its PlanRequest (e.g. while staging) and waits for the Aborted.
-        for r in sorted(set(save.descs) | set(save.failed)):
-            self._send(r, make(r))
+        self._send_each(sorted(set(save.descs) | set(save.failed)), outcome)
         save.records, save.reports = None, {}
         release_free_memory()
 

@@ -376,13 +376,18 @@ def box_problem(schema: Schema, boxes: np.ndarray) -> tuple[int, int, str] | Non
         ``(row, tensor index, sentence)`` for the first bad box.
     """
     s = schema.width
-    shape = schema.shape_flat.view(np.uint64)
+    # Where both halves are non-negative their sum is exact as the unsigned type of the same width (below 2**32
+    # for int32, 2**64 for int64), so an int32 matrix (a 16,384-rank one is 233 MB) is read as it is, not widened.
+    narrow = boxes.dtype == np.int32 and (not s or int(schema.shape_flat.max()) < 1 << 32)
+    unsigned = np.uint32 if narrow else np.uint64
+    shape = schema.shape_flat.astype(unsigned)
     for a in range(0, len(boxes), 256):  # blocks of rows bound the temporaries
-        blk = np.asarray(boxes[a : a + 256], np.int64)  # int32 offset + size can wrap: widen first
+        blk = boxes[a : a + 256]
+        if not narrow and blk.dtype != np.int64:
+            blk = np.asarray(blk, np.int64)  # int32 offset + size could pass an int32 shape's 2**32: widen first
         off, siz = blk[:, :s], blk[:, s:]
         negative = (off | siz) < 0
-        # Both halves are non-negative int64 here, so their sum is exact as uint64.
-        bad = negative | (off.view(np.uint64) + siz.view(np.uint64) > shape)
+        bad = negative | (off.view(unsigned) + siz.view(unsigned) > shape)
         if bad.any():
             row, dim = (int(x[0]) for x in np.nonzero(bad))
             return _describe_box(schema, boxes, a + row, dim, bool(negative[row].any()))

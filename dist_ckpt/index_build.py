@@ -29,7 +29,7 @@ from .manifest import BLOCK_BYTES
 from .manifest_v2 import MAX_FRAGMENT_BYTES, Fragment, FragmentRef, Index, IndexEntry
 from .plan import PlanGroup, SavePlan, blocks
 from .reply_v2 import GroupSpec, group_spec, spec_kind
-from .split import Split, detect_columns, detect_split
+from .split import ColumnMemo, Split, detect_columns, detect_split
 from .storage import SaveTarget, Storage
 from .writer import WriteRecord
 
@@ -78,6 +78,17 @@ class PlanCells:
 
     def _explicit(self, gi: int, row: int, g: PlanGroup) -> np.ndarray:
         return self.explicit[gi][row, g.writes[row, self.explicit_cols[gi]]]
+
+    def reply_key(self, plan: SavePlan, rank: int) -> tuple[int, bytes, int, bytes] | None:
+        """What :meth:`reply` ``(plan, rank)`` depends on: ranks with equal keys get the same bytes (an FSDP
+        group's ranks, whose bitmaps agree and who have no rank-local or explicit cells). ``None``: no part."""
+        where, base = plan.where(rank), plan.reply_key(rank)
+        if where is None or base is None:
+            return None
+        gi, row = where
+        g = plan.groups[gi]
+        explicit = self._explicit(gi, row, g).tobytes() if len(self.explicit_cols[gi]) else b""
+        return gi, base[1], self.local_first(g, row) if g.local_keys else 0, explicit
 
     def reply(self, plan: SavePlan, rank: int) -> bytes:
         """The PlanReply payload of ``rank``: :meth:`SavePlan.to_msgpack_for` with its group's spec."""
@@ -152,9 +163,10 @@ def _fast_splits(
     g, sch = plan.groups[gi], plan.groups[gi].schema
     ent = g.col_entry.tolist()
     cand = np.array([c for c, e in enumerate(ent) if e >= 0 and len(parts[e]) == 1 and sch.numel[c] > 0 and sch.ndim[c] > 0], np.int64)
+    memo = ColumnMemo()  # one group's rows: equal columns of later blocks are split once too
     for blk in blocks(len(cand)):
         cols = cand[blk]
-        got = detect_columns([sch.shapes[c] for c in cols.tolist()], sch.start[cols], sch.width, plan.boxes[gi], g.writes[:, cols], g.ranks)
+        got = detect_columns([sch.shapes[c] for c in cols.tolist()], sch.start[cols], sch.width, plan.boxes[gi], g.writes[:, cols], g.ranks, memo)
         for c, split in zip(cols.tolist(), got):
             if split is None:
                 continue

@@ -149,6 +149,15 @@ class SavePlan:
         gi, row = where
         return msgpack.packb([self.groups[gi].writes.shape[1], self._bits[gi][row].tobytes(), *tail], use_bin_type=True)
 
+    def reply_key(self, rank: int) -> tuple[int, bytes] | None:
+        """What :meth:`to_msgpack_for` ``(rank)`` depends on: ranks with equal keys get the same bytes
+        (one reply packed for a whole FSDP group). ``None``: the rank took no part."""
+        where = self._row_of.get(rank)
+        if where is None:
+            return None
+        gi, row = where
+        return gi, self._bits[gi][row].tobytes()
+
     @staticmethod
     def parse_rank_plan(data: bytes, n_tensors: int) -> tuple[int, ...]:
         """Decode one rank's plan: the indices (below ``n_tensors``) it writes, ascending.

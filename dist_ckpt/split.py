@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import xxhash
 
 from . import boxes
 from .boxes import columns_t
 from .errors import ManifestError
 
-__all__ = ["Split", "cells_for_box", "detect_columns", "detect_split", "split_from_obj"]
+__all__ = ["ColumnMemo", "Split", "cells_for_box", "detect_columns", "detect_split", "split_from_obj"]
 
 _MAX_INT = 1 << 62
 _I8, _I4 = np.dtype("<i8"), np.dtype("<i4")
@@ -304,8 +305,39 @@ def _boxes_from_obj(obj: Any, shape: tuple[int, ...], where: str) -> Split:
 # -- detection over many tensors at once -------------------------------------------
 
 
+class ColumnMemo:
+    """Splits already found by :func:`detect_columns` for columns of one shape, writers and boxes, across calls (blocks).
+
+    A digest of the column finds a candidate; the column's rows, kept here, make the match exact. At most
+    ``limit`` columns are kept (the bench's FSDP model has 25 distinct ones; a job whose every tensor is
+    laid out differently gains nothing from more, and each kept column is ``R * (1 + 16 * ndim)`` bytes).
+    """
+
+    def __init__(self, limit: int = 32) -> None:
+        self.limit = limit
+        self._kept: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray, Split | None]] = {}
+
+    def find(self, shape: tuple[int, ...], writer: np.ndarray, off: np.ndarray, siz: np.ndarray) -> tuple[tuple, tuple[Split | None] | None]:
+        """``(key, (split,))`` of a column seen before (``split`` may be None: it did not qualify), else ``(key, None)``."""
+        key = (shape, *(xxhash.xxh3_128_intdigest(a.data) for a in (writer, off, siz)))  # contiguous rows: no copy
+        hit = self._kept.get(key)
+        if hit is not None and np.array_equal(hit[0], writer) and np.array_equal(hit[1], off) and np.array_equal(hit[2], siz):
+            return key, (hit[3],)
+        return key, None
+
+    def keep(self, key: tuple, writer: np.ndarray, off: np.ndarray, siz: np.ndarray, split: Split | None) -> None:
+        if len(self._kept) < self.limit and key not in self._kept:
+            self._kept[key] = (writer.copy(), off.copy(), siz.copy(), split)
+
+
 def detect_columns(
-    shapes: Sequence[tuple[int, ...]], start: np.ndarray, width: int, boxes: np.ndarray, writes: np.ndarray, ranks: np.ndarray
+    shapes: Sequence[tuple[int, ...]],
+    start: np.ndarray,
+    width: int,
+    boxes: np.ndarray,
+    writes: np.ndarray,
+    ranks: np.ndarray,
+    memo: ColumnMemo | None = None,
 ) -> list[Split | None]:
     """:func:`detect_split` of many tensors (columns) of one boxes matrix at once, for the common layouts.
 
@@ -314,7 +346,8 @@ def detect_columns(
     mesh; a tensor written once). Its split is then what :func:`detect_split` finds for
     those boxes and writers, and its cells are the writers in row order. Column by column
     the boxes would be gathered one strided element at a time; here a block of columns is
-    one pass over the rows.
+    one pass over the rows. Columns with the same shape, writers and boxes (an FSDP model's
+    layers) are split once and share the :class:`Split`.
 
     Args:
         shapes: per column, the tensor's shape (non-empty, at least one dim).
@@ -322,6 +355,7 @@ def detect_columns(
         boxes: ``(R, 2 * width)`` offsets then sizes, one row per rank.
         writes: ``(R, len(shapes))`` bool, the rows that write each column.
         ranks: ``(R,)`` the rank of each row.
+        memo: the splits of earlier calls over the same ``boxes`` rows and ``ranks`` (one per group); default: this call's.
 
     Returns:
         Per column its split, or None where the column does not qualify (:func:`detect_split` decides).
@@ -332,19 +366,28 @@ def detect_columns(
     off_t = columns_t(boxes, np.arange(lo, hi))
     siz_t = columns_t(boxes, np.arange(width + lo, width + hi))
     writers = np.ascontiguousarray(writes.T)
+    memo = memo if memo is not None else ColumnMemo()
     out: list[Split | None] = []
     for j, shape in enumerate(shapes):
-        rows = np.flatnonzero(writers[j])
         k = slice(int(start[j]) - lo, int(start[j]) - lo + len(shape))
-        at: slice | np.ndarray = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) and rows[-1] - rows[0] + 1 == len(rows) else rows
-        o, z = off_t[k, at], siz_t[k, at]  # FSDP's writers are a run of rows: views, no gather
-        split_dims = np.flatnonzero(~((o == 0) & (z == np.array(shape, np.int64)[:, None])).all(axis=1))
-        if len(split_dims) > 1 or not len(rows):
-            out.append(None)
-            continue
-        d = int(split_dims[0]) if len(split_dims) else -1
-        out.append(_tiled_split(shape, rows, ranks, o[d] if d >= 0 else None, z[d] if d >= 0 else None, d))
+        key, hit = memo.find(tuple(shape), writers[j], off_t[k], siz_t[k])
+        if hit is None:
+            hit = (_column_split(shape, writers[j], off_t[k], siz_t[k], ranks),)
+            memo.keep(key, writers[j], off_t[k], siz_t[k], hit[0])
+        out.append(hit[0])
     return out
+
+
+def _column_split(shape: tuple[int, ...], writer: np.ndarray, off: np.ndarray, siz: np.ndarray, ranks: np.ndarray) -> Split | None:
+    """:func:`detect_columns` for one column: ``writer`` ``(R,)`` bool, ``off``/``siz`` ``(nd, R)`` its dims' rows."""
+    rows = np.flatnonzero(writer)
+    at: slice | np.ndarray = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) and rows[-1] - rows[0] + 1 == len(rows) else rows
+    o, z = off[:, at], siz[:, at]  # FSDP's writers are a run of rows: views, no gather
+    split_dims = np.flatnonzero(~((o == 0) & (z == np.array(shape, np.int64)[:, None])).all(axis=1))
+    if len(split_dims) > 1 or not len(rows):
+        return None
+    d = int(split_dims[0]) if len(split_dims) else -1
+    return _tiled_split(shape, rows, ranks, o[d] if d >= 0 else None, z[d] if d >= 0 else None, d)
 
 
 def _tiled_split(shape: tuple[int, ...], rows: np.ndarray, ranks: np.ndarray, o: np.ndarray | None, z: np.ndarray | None, d: int) -> Split | None:

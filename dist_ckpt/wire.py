@@ -56,6 +56,7 @@ __all__ = [
     "Committed",
     "Aborted",
     "encode",
+    "RankFrames",
     "decode",
 ]
 
@@ -388,6 +389,58 @@ def encode(msg: Message, secret: bytes, limits: Limits = Limits()) -> list[bytes
     mac = _mac(secret, [views[0], *views[2:]])
     frames = [p if isinstance(p, bytes) else v for p, v in zip(payload, views[2:])]
     return [packed, mac, *frames]
+
+
+class RankFrames:
+    """One message's frames for many ranks: :func:`encode` of ``msg`` with ``rank`` replaced, byte for byte.
+
+    The coordinator sends the same message (a plan reply shared by a group,
+    CommitInProgress, Committed, Aborted) to thousands of ranks; only the header's
+    ``rank`` differs. Every field, frame and size is checked once, here (the rank's
+    digits allowed for); :meth:`frames` packs the rank between the header's other
+    bytes and signs each rank's message with its own HMAC, as :func:`encode` would.
+    The payload frames are the same objects in every rank's frames.
+
+    Args:
+        msg: the message, for any rank (its own ``rank`` is checked, then replaced).
+        secret: the per-job HMAC key.
+        limits: the sizes the receivers enforce.
+
+    Raises:
+        BadMessage, TypeError, ValueError: as :func:`encode` for ``msg``; BadMessage also when
+            the header would pass ``limits.max_header`` for some rank.
+    """
+
+    _RANK_BYTES = 9  # the longest msgpack int (uint64/int64)
+
+    def __init__(self, msg: Message, secret: bytes, limits: Limits = Limits()) -> None:
+        packed, _, *self._payload = encode(msg, secret, limits)  # every check, once
+        fields = [("v", PROTOCOL_VERSION), ("t", msg.TAG), *((name, getattr(msg, name)) for name in msg.HEADER)]  # encode's order
+        at = [k for k, _ in fields].index("rank")
+        packer = msgpack.Packer(use_bin_type=True)  # a map packs as its header, then key and value in order
+        self._prefix = packer.pack_map_header(len(fields)) + b"".join(packer.pack(k) + packer.pack(v) for k, v in fields[:at]) + packer.pack("rank")
+        self._suffix = b"".join(packer.pack(k) + packer.pack(v) for k, v in fields[at + 1 :])
+        if self._prefix + msgpack.packb(msg.rank) + self._suffix != packed:  # the split is exact or nothing is sent
+            raise AssertionError(f"{type(msg).__name__}: the header's pieces do not pack as encode packs it")
+        worst = len(self._prefix) + self._RANK_BYTES + len(self._suffix)
+        if worst > limits.max_header or worst + MAC_SIZE + sum(map(len, self._payload)) > limits.max_total:
+            raise BadMessage("size", f"{type(msg).__name__} header of {worst} B for some ranks is over the limits")
+        self._tail = b"".join(struct.pack("<Q", _as_view(p, "payload").nbytes) + p for p in self._payload)
+        self._keyed = _keyed(secret)
+
+    def frames(self, rank: int) -> list[bytes | memoryview]:
+        """``encode(dataclasses.replace(msg, rank=rank), secret)``.
+
+        Raises:
+            BadMessage: ``rank`` is not a non-negative int.
+        """
+        if type(rank) is not int or rank < 0:
+            raise BadMessage("field", f"rank {bounded_repr(rank)} is not a non-negative int")
+        header = self._prefix + msgpack.packb(rank) + self._suffix
+        h = self._keyed.copy()
+        h.update(struct.pack("<Q", len(header)) + header)
+        h.update(self._tail)
+        return [header, h.digest(), *self._payload]
 
 
 def decode(

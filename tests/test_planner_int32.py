@@ -103,3 +103,15 @@ def test_columns_t_widens_and_transposes():
     assert (got[:, :1] + got[:, :1] > 2**31).all()  # sums do not wrap
     run = columns_t(m, np.array([1, 2, 3]), rows_per_pass=2)  # a run of columns (sliced, not gathered)
     assert run.dtype == np.int64 and (run == m[:, 1:4].T).all()
+
+
+def test_box_problem_reads_an_int32_matrix_as_it_is_at_every_edge():
+    """Sums up to 2**32 - 2 (both halves at the int32 maximum) and negative values, in an int32 matrix, without widening it."""
+    from dist_ckpt.description import box_problem
+
+    schema = one_tensor([((0,), (BIG,))], (BIG,))[0].columns().schema
+    ok = np.array([[0, BIG], [BIG, 0], [BIG - 1, 1], [HALF, BIG - HALF]], np.int32)
+    assert box_problem(schema, ok) is None
+    for off, siz, why in ((BIG, BIG, "outside"), (BIG, 1, "outside"), (1, BIG, "outside"), (-1, 1, "negative"), (0, -(2**31), "negative")):
+        got = box_problem(schema, np.vstack([ok, np.array([[off, siz]], np.int32)]))
+        assert got is not None and got[0] == len(ok) and why in got[2], (off, siz, got)

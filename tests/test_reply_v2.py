@@ -17,7 +17,7 @@ from dist_ckpt.index_build import plan_cells
 from dist_ckpt.plan import SavePlan
 from dist_ckpt.reply_v2 import GroupSpec
 from dist_ckpt.save_planner import RankDescription, TensorDescription, plan_save
-from dist_ckpt.split import detect_columns, detect_split
+from dist_ckpt.split import ColumnMemo, detect_columns, detect_split
 
 
 def brute_force(plan, cells, d):
@@ -198,3 +198,55 @@ def test_detect_columns_leaves_what_is_no_tiling_in_row_order_to_detect_split():
     assert got[("g",)] is None and got[("m",)] is None  # no tiling, and split along two dims
     assert got[("rng",)] is None  # four writers of the whole tensor (rank-local: an entry each) are no one split
     assert got[("w",)] is not None and got[("w",)].to_obj()["grid"][1] == 3
+
+
+# -- replies packed once per distinct key (the coordinator's _send_replies) ---------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(mixed_jobs())
+def test_ranks_with_equal_reply_keys_get_equal_replies(descs):
+    """The coordinator packs one reply per key: a key must hold everything the reply depends on (v1 and v2),
+    rank-local entries, explicit cells and bitmaps included."""
+    plan = plan_save(descs)
+    cells = plan_cells(plan)
+    ranks = [d.rank for d in descs] + [max(d.rank for d in descs) + 1]  # and a rank that took no part
+    for key_of, reply_of in ((plan.reply_key, plan.to_msgpack_for), (lambda r: cells.reply_key(plan, r), lambda r: cells.reply(plan, r))):
+        by_key: dict = {}
+        for r in ranks:
+            by_key.setdefault(key_of(r), set()).add(reply_of(r))
+        assert all(len(replies) == 1 for replies in by_key.values())
+
+
+def test_an_fsdp_groups_ranks_share_a_handful_of_reply_keys():
+    world = 64
+    tensors = {("t", i): ((world * 4 - i % 5, 8) if i % 4 else (world * 2 - i % 3,), [0]) for i in range(40)}
+    plan = plan_save(describe(tensors, (world,)))
+    cells = plan_cells(plan)
+    assert len({plan.reply_key(r) for r in range(world)}) <= 3  # the last ranks' shorter shares differ
+    assert len({cells.reply_key(plan, r) for r in range(world)}) <= 3
+    assert cells.reply(plan, 0) == cells.reply(plan, 1)
+
+
+def test_detect_columns_splits_equal_columns_once_and_tells_apart_their_writers():
+    """Columns of one shape, boxes and writers (an FSDP model's layers) share one split; the same boxes with
+    other writers (a replicated tensor each rank writes one of) do not."""
+    ranks = np.arange(4)
+    sharded = [(r * 2, 2) for r in range(4)]  # (8,) split in row order
+    boxes = np.array([[o, o, 0, 0, z, z, 8, 8] for o, z in sharded], np.int64)  # tensors a, b sharded; c, d replicated
+    writes = np.zeros((4, 4), bool)
+    writes[:, :2] = True
+    writes[0, 2] = writes[1, 3] = True
+    a, b, c, d = detect_columns([(8,)] * 4, np.arange(4), 4, boxes, writes, ranks)
+    assert a is b and a.to_obj() == {"grid": [2], "owner": [0, 1]}
+    assert c.to_obj() == {"grid": [8], "owner": [0, 0]} and d.to_obj() == {"grid": [8], "owner": [1, 0]}
+    for got, col in zip((a, b, c, d), range(4)):
+        rows = np.flatnonzero(writes[:, col])
+        want, _ = detect_split((8,), boxes[rows, col : col + 1], boxes[rows, 4 + col : 5 + col], ranks[rows])
+        assert got.to_obj() == want.to_obj()
+    memo = ColumnMemo()  # the blocks of one group: a later block's equal column gets the earlier split
+    (first,) = detect_columns([(8,)], np.array([0]), 4, boxes, writes[:, :1], ranks, memo)
+    later = detect_columns([(8,)] * 2, np.array([1, 3]), 4, boxes, writes[:, [1, 3]], ranks, memo)
+    assert later[0] is first and later[1].to_obj() == d.to_obj()
+    (unkept,) = detect_columns([(8,)], np.array([1]), 4, boxes, writes[:, 1:2], ranks, ColumnMemo(limit=0))
+    assert unkept is not first and unkept.to_obj() == first.to_obj()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import struct
@@ -415,3 +416,46 @@ def test_through_zmq_dealer_router(copy: bool) -> None:
         dealer.close(linger=0)
         router.close(linger=0)
         ctx.term()
+
+
+# -- one message for many ranks (the coordinator's broadcasts) ----------------------------------------------------
+
+RANK_EDGES = (0, 1, 127, 128, 255, 256, 65535, 65536, 2**31, 2**32, 2**63 - 1)
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        CommitInProgress("job", "c1", 7),
+        Committed("job", "c1", 0, "/ckpt/step-10"),
+        Aborted("job", "c1", 3, {0: "commit failed", 70000: "rank 70000 died"}, "CheckpointExists"),
+        PlanReply("job", "c1", 5, "/ckpt/step-10.tmp-job-1/data", True, b"\x93\x01\xc4\x00" * 100),
+        StopAt("job", "", 2, 41),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_rank_frames_are_encode_of_each_ranks_message_byte_for_byte(msg):
+    """Packed and checked once, signed per rank: what decode sees is exactly encode's message for that rank."""
+    shared = wire.RankFrames(msg, SECRET)
+    payloads = None
+    for r in RANK_EDGES:
+        got = shared.frames(r)
+        assert [bytes(f) for f in got] == [bytes(f) for f in encode(dataclasses.replace(msg, rank=r), SECRET)]
+        assert decode(got, SECRET) == dataclasses.replace(msg, rank=r)
+        payloads = payloads or got[2:]
+        assert all(a is b for a, b in zip(got[2:], payloads))  # one payload object for every rank
+    with pytest.raises(BadMessage, match="mac"):  # each rank's MAC is its own: another rank's header fails it
+        decode([shared.frames(1)[0], shared.frames(2)[1], *shared.frames(1)[2:]], SECRET)
+
+
+def test_rank_frames_check_the_message_once_and_every_rank():
+    with pytest.raises(BadMessage, match="field"):
+        wire.RankFrames(Committed("job", "c1", 0, 5), SECRET)  # type: ignore[arg-type]
+    fits = len(encode(Committed("job", "c1", 0, "p" * 90), SECRET, Limits(max_header=140))[0])  # 135 bytes for rank 0
+    with pytest.raises(BadMessage, match="size"):  # a header that fits for rank 0 but not for every rank (2**63 - 1: 8 more bytes)
+        wire.RankFrames(Committed("job", "c1", 0, "p" * 90), SECRET, Limits(max_header=fits + 7))
+    wire.RankFrames(Committed("job", "c1", 0, "p" * 90), SECRET, Limits(max_header=fits + 8)).frames(2**63 - 1)
+    shared = wire.RankFrames(CommitInProgress("job", "c1", 0), SECRET)
+    for bad in (-1, True, 1.0, "3"):
+        with pytest.raises(BadMessage, match="rank"):
+            shared.frames(bad)  # type: ignore[arg-type]
