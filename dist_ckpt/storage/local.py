@@ -296,8 +296,19 @@ class LocalStorage(Storage):
         """Atomically rename directory ``src`` to ``dst`` (which must not exist) and fsync the parent."""
         if os.path.lexists(dst):
             raise FileExistsError(f"refusing to replace existing {dst!r}")
-        os.rename(src, dst)
+        try:
+            self._rename(src, dst)
+        except OSError as e:
+            # Another save's directory renamed to dst after the check: rename(2) refuses a non-empty one with
+            # ENOTEMPTY (or EEXIST), which is the same "dst exists" the check reports, and callers handle as such.
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise FileExistsError(e.errno, f"{dst!r} appeared while {src!r} was renamed to it") from e
+            raise
         fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+    def _rename(self, src: str, dst: str) -> None:
+        """``rename(2)`` (the one call :meth:`_rename_dir` races other saves on)."""
+        os.rename(src, dst)
 
     def remove_tree(self, path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
