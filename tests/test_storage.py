@@ -110,40 +110,25 @@ class CommitsFirst(LocalStorage):
         super()._rename_dir(src, dst)
 
 
-@pytest.mark.parametrize("overwrite", [False, True])
-def test_a_save_committed_between_check_and_rename_wins_and_the_loser_is_told(tmp_path, overwrite):
-    from dist_ckpt.errors import CheckpointError, CheckpointExists
+class CommitsInsideTheRename(CommitsFirst):
+    """Another save commits at ``target.path`` after ``_rename_dir``'s own check, just before its ``rename(2)``.
 
-    storage = LocalStorage()
-    path = str(tmp_path / "ck")
-    theirs = storage.save_target(path, "theirs", overwrite)
-    storage.begin_save(theirs)
-    mine = storage.save_target(path, "mine", overwrite)
-    racing = CommitsFirst(theirs)
-    racing.begin_save(mine)
-    with pytest.raises(CheckpointError if overwrite else CheckpointExists, match="another save" if overwrite else "appeared during the save"):
-        racing.publish(mine, b"mine")
-    racing.abort(mine)
-    assert (tmp_path / "ck" / "MANIFEST").read_bytes() == b"theirs"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    The kernel then refuses with ENOTEMPTY, which must mean what the check means (CI once saw it raw).
+    """
 
-
-class CommitsInsideTheRename(LocalStorage):
-    """Another save commits at ``target.path`` after ``_rename_dir``'s own check, just before its ``rename(2)``."""
-
-    def __init__(self, other) -> None:
-        self.other = other
+    def _rename_dir(self, src, dst):
+        LocalStorage._rename_dir(self, src, dst)
 
     def _rename(self, src, dst):
         if self.other is not None and src.endswith(".tmp-mine"):
             other, self.other = self.other, None
             LocalStorage().publish(other, b"theirs")
-        super()._rename(src, dst)  # onto their non-empty directory: ENOTEMPTY from the kernel
+        super()._rename(src, dst)  # onto their non-empty directory
 
 
+@pytest.mark.parametrize("racing_storage", [CommitsFirst, CommitsInsideTheRename])
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_a_save_committed_inside_the_rename_wins_and_the_loser_is_told(tmp_path, overwrite):
-    """The kernel's ENOTEMPTY for a directory that appeared after the check means what the check means (CI saw it raw)."""
+def test_a_save_committed_between_check_and_rename_wins_and_the_loser_is_told(tmp_path, overwrite, racing_storage):
     from dist_ckpt.errors import CheckpointError, CheckpointExists
 
     storage = LocalStorage()
@@ -151,7 +136,7 @@ def test_a_save_committed_inside_the_rename_wins_and_the_loser_is_told(tmp_path,
     theirs = storage.save_target(path, "theirs", overwrite)
     storage.begin_save(theirs)
     mine = storage.save_target(path, "mine", overwrite)
-    racing = CommitsInsideTheRename(theirs)
+    racing = racing_storage(theirs)
     racing.begin_save(mine)
     with pytest.raises(CheckpointError if overwrite else CheckpointExists, match="another save" if overwrite else "appeared during the save"):
         racing.publish(mine, b"mine")
